@@ -1,0 +1,115 @@
+//! The maps every program shares, and small helpers around them.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+};
+use ztunnel_common::{
+    IpKey, config,
+    fast_path::{self, SockKey},
+    orig_dst::{self, OrigDst, TupleKey},
+    pod_addrs::{self, PodAddr},
+    stats,
+};
+
+#[map]
+pub static ORIG_DST_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+
+#[map]
+pub static ORIG_DST_TUPLE: LruHashMap<TupleKey, OrigDst> =
+    LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+
+#[map]
+pub static POD_ADDRS: HashMap<IpKey, PodAddr> = HashMap::pinned(pod_addrs::MAX_ENTRIES, 0);
+
+#[map]
+pub static FAST_PATH_SOCKS: SockHash<SockKey> = SockHash::pinned(fast_path::MAX_ENTRIES, 0);
+
+#[map]
+pub static CAPTURE_CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
+
+#[map]
+pub static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::SLOTS, 0);
+
+// The names above must equal the shared constants; a mismatch fails the build.
+const _: () = {
+    assert!(eq(orig_dst::BY_COOKIE, "ORIG_DST_COOKIE"));
+    assert!(eq(orig_dst::BY_TUPLE, "ORIG_DST_TUPLE"));
+    assert!(eq(pod_addrs::NAME, "POD_ADDRS"));
+    assert!(eq(fast_path::SOCKHASH, "FAST_PATH_SOCKS"));
+    assert!(eq(config::NAME, "CAPTURE_CONFIG"));
+    assert!(eq(stats::NAME, "CAPTURE_STATS"));
+};
+
+const fn eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(v) = CAPTURE_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn switch_on(slot: u32) -> bool {
+    matches!(CAPTURE_CONFIG.get(slot), Some(v) if *v != 0)
+}
+
+pub const AF_INET: u32 = ztunnel_common::AF_INET as u32;
+pub const AF_INET6: u32 = ztunnel_common::AF_INET6 as u32;
+
+#[inline(always)]
+pub fn ip4(addr: u32) -> IpKey {
+    IpKey {
+        addr: [addr, 0, 0, 0],
+        family: AF_INET,
+    }
+}
+
+/// An IPv6 address as a key; IPv4-mapped addresses (`::ffff:a.b.c.d`) become IPv4 keys so
+/// that a dual-stack socket and an IPv4 socket to the same peer agree.
+#[inline(always)]
+pub fn ip6(addr: [u32; 4]) -> IpKey {
+    if is_v4_mapped(&addr) {
+        ip4(addr[3])
+    } else {
+        IpKey {
+            addr,
+            family: AF_INET6,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::to_be(0xffff)
+}
+
+/// 127.0.0.0/8 or ::1 (IPv4 form already normalised by [`ip6`]).
+#[inline(always)]
+pub fn is_loopback(ip: &IpKey) -> bool {
+    if ip.family == AF_INET {
+        (u32::from_be(ip.addr[0]) >> 24) == 127
+    } else {
+        ip.addr[0] == 0 && ip.addr[1] == 0 && ip.addr[2] == 0 && ip.addr[3] == u32::to_be(1)
+    }
+}
+
+#[inline(always)]
+pub fn is_unspecified(ip: &IpKey) -> bool {
+    ip.addr[0] == 0 && ip.addr[1] == 0 && ip.addr[2] == 0 && ip.addr[3] == 0
+}

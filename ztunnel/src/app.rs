@@ -1,0 +1,201 @@
+//! The composition root: loads capture, follows the workload file, enrols and unenrols
+//! this node's pods, serves the admin API, and takes everything down on SIGTERM/SIGINT.
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+
+use crate::{
+    admin,
+    config::Config,
+    ebpf::{self, Capture, PodCapture},
+    netns::Netns,
+    proxy::{PodListeners, PodNet, Proxy},
+    state::{self, LocalConfig, LocalPod},
+};
+
+/// An enrolled pod as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolledPodInfo {
+    pub name: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub addresses: Vec<IpAddr>,
+    pub netns_cookie: u64,
+    pub attached_programs: Vec<String>,
+}
+
+struct Enrolled {
+    spec: LocalPod,
+    capture: Option<PodCapture>,
+    _listeners: PodListeners,
+}
+
+/// State the admin API reads.
+pub struct Shared {
+    pub capture: Capture,
+    pub proxy: Arc<Proxy>,
+    pods: Mutex<BTreeMap<String, Enrolled>>,
+}
+
+impl Shared {
+    fn pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Enrolled>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn enrolled_info(&self) -> Vec<EnrolledPodInfo> {
+        self.pods()
+            .values()
+            .filter_map(|e| {
+                let c = e.capture.as_ref()?;
+                Some(EnrolledPodInfo {
+                    name: e.spec.key.clone(),
+                    netns: e.spec.netns.clone(),
+                    cgroup: e.spec.cgroup.clone(),
+                    addresses: e.spec.addresses.clone(),
+                    netns_cookie: c.netns_cookie(),
+                    attached_programs: c.attached.iter().map(|s| (*s).to_owned()).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Brings the enrolled set to `desired`. Returns whether every pod succeeded.
+    fn reconcile(&self, desired: &BTreeMap<String, LocalPod>) -> bool {
+        let mut pods = self.pods();
+        let stale: Vec<String> = pods
+            .iter()
+            .filter(|(k, e)| desired.get(*k) != Some(&e.spec))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(mut e) = pods.remove(&key) {
+                // Capture first, so new connections go direct before the listeners close.
+                if let Some(c) = e.capture.take() {
+                    self.capture.unenrol(c);
+                }
+                tracing::info!(pod = %key, "pod unenrolled");
+            }
+        }
+        let mut ok = true;
+        for (key, spec) in desired {
+            if pods.contains_key(key) {
+                continue;
+            }
+            match self.enrol(spec) {
+                Ok(e) => {
+                    tracing::info!(pod = %key, netns = %spec.netns.display(), "pod enrolled");
+                    pods.insert(key.clone(), e);
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::error!(pod = %key, error = format!("{e:#}"), "failed to enrol pod; will retry");
+                }
+            }
+        }
+        ok
+    }
+
+    fn enrol(&self, spec: &LocalPod) -> anyhow::Result<Enrolled> {
+        let pod = Arc::new(PodNet {
+            name: spec.key.clone(),
+            netns: Netns::open(&spec.netns)?,
+            addrs: spec.addresses.clone(),
+        });
+        // Listeners first: a connect captured before they exist would be refused.
+        let listeners = self.proxy.start_pod(pod)?;
+        let capture = self
+            .capture
+            .enrol(&spec.key, &spec.netns, &spec.cgroup, &spec.addresses)?;
+        Ok(Enrolled {
+            spec: spec.clone(),
+            capture: Some(capture),
+            _listeners: listeners,
+        })
+    }
+
+    fn unenrol_all(&self) {
+        let mut pods = self.pods();
+        for (key, mut e) in std::mem::take(&mut *pods) {
+            if let Some(c) = e.capture.take() {
+                self.capture.unenrol(c);
+            }
+            tracing::info!(pod = %key, "pod unenrolled");
+        }
+    }
+}
+
+/// Moves this process into `cgroup` (created if missing).
+fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(cgroup)
+        .with_context(|| format!("failed to create cgroup {}", cgroup.display()))?;
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("failed to move ztunnel into cgroup {}", cgroup.display()))
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    cfg.validate()?;
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
+    if let Some(cg) = &cfg.cgroup {
+        join_cgroup(cg)?;
+    }
+    let cgroup_root = ebpf::mount_point("cgroup2")
+        .context("no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)")?;
+    let own_cgroup = ebpf::own_cgroup().context("failed to find ztunnel's cgroup v2 directory")?;
+    if own_cgroup == cgroup_root {
+        anyhow::bail!(
+            "ztunnel runs in the root cgroup ({}); its programs would cover every pod. Start it in its own cgroup or pass --cgroup",
+            cgroup_root.display()
+        );
+    }
+
+    let initial = LocalConfig::load(&cfg.workloads, &cfg.node)?;
+    let capture = Capture::load(&ebpf::Options {
+        pin_dir: cfg.bpf_pin_dir.clone(),
+        own_cgroup,
+        fast_path: cfg.fast_path,
+    })?;
+    let shared = Arc::new(Shared {
+        capture,
+        proxy: Proxy::new()?,
+        pods: Mutex::default(),
+    });
+    let cfg = Arc::new(cfg);
+
+    let admin = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("failed to bind the admin API to {}", cfg.admin_addr))?;
+    tokio::spawn(admin::serve(admin, cfg.clone(), shared.clone()));
+
+    let (tx, mut rx) = watch::channel(initial);
+    let _watcher = state::watch(cfg.workloads.clone(), cfg.node.clone(), tx)
+        .with_context(|| format!("failed to watch {}", cfg.workloads.display()))?;
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut retry = tokio::time::interval(Duration::from_secs(2));
+    tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
+    loop {
+        let desired = rx.borrow_and_update().local_enrolled(&cfg.node);
+        let s = shared.clone();
+        let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = retry.tick(), if !all_ok => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: detaching capture from every pod");
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || s.unenrol_all()).await?;
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! ztunnel's configuration: flags and environment, parsed once at start-up (clap),
+//! validated, logged, and shown on the admin port.
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// The local workload file (the embedded control plane): namespaces, workloads and
+    /// this node's pods with their netns and cgroup. Watched for changes.
+    #[arg(long, env = "ZTUNNEL_WORKLOADS")]
+    pub workloads: PathBuf,
+
+    /// This node's name; only workloads with this `node` are captured.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+
+    /// Where the eBPF programs and maps are pinned (a directory on bpffs).
+    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR", default_value = "/sys/fs/bpf/ztunnel")]
+    pub bpf_pin_dir: PathBuf,
+
+    /// Move ztunnel into this cgroup v2 directory at start-up (created if missing). It
+    /// must not be an ancestor of any pod's cgroup. Without it ztunnel stays where it is
+    /// started, which must not be the root cgroup.
+    #[arg(long, env = "ZTUNNEL_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Start with the same-node sk_msg fast path on (switchable at runtime on the admin port).
+    #[arg(long, env = "ZTUNNEL_FAST_PATH", default_value_t = false)]
+    pub fast_path: bool,
+
+    /// The admin API's address; it must be a loopback address.
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration:\n{}", .problems.join("\n"))]
+    Invalid { problems: Vec<String> },
+}
+
+impl Config {
+    /// Checks every field and reports all problems together.
+    pub fn validate(&self) -> Result<(), Error> {
+        let mut problems = Vec::new();
+        if !self.admin_addr.ip().is_loopback() {
+            problems.push(format!(
+                "--admin-addr {}: the admin API serves only loopback addresses",
+                self.admin_addr
+            ));
+        }
+        if self.node.trim().is_empty() {
+            problems.push("--node: must not be empty".to_owned());
+        }
+        if !self.bpf_pin_dir.is_absolute() {
+            problems.push(format!(
+                "--bpf-pin-dir {}: must be an absolute path",
+                self.bpf_pin_dir.display()
+            ));
+        }
+        if let Some(cg) = &self.cgroup {
+            if !cg.is_absolute() {
+                problems.push(format!("--cgroup {}: must be an absolute path", cg.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid { problems })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        Cli::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied()))
+            .expect("flags parse")
+            .config
+    }
+
+    #[test]
+    fn defaults_are_istio_ports_and_pins() {
+        let c = parse(&["--workloads", "/w.yaml", "--node", "n1"]);
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().expect("addr"));
+        assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/ztunnel"));
+        assert!(!c.fast_path);
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported_together() {
+        let c = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            " ",
+            "--admin-addr",
+            "0.0.0.0:15000",
+            "--bpf-pin-dir",
+            "relative",
+        ]);
+        let err = c.validate().expect_err("invalid").to_string();
+        for needle in ["--admin-addr 0.0.0.0:15000", "--node", "--bpf-pin-dir relative"] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! The only module that uses aya. Loads the kernel object once, pins its programs and
+//! maps under the pin directory, probes kernel features, and offers typed operations:
+//! enrol a pod (attach capture to its cgroup and its `eth0`) and unenrol it.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
+        TcAttachType, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
+        sk_msg::SkMsgLink, sock_ops::SockOpsLink, tc::SchedClassifierLink,
+    },
+    util::KernelVersion,
+};
+use serde::Serialize;
+use ztunnel_common::{
+    IpKey, config,
+    fast_path::{self, SockKey},
+    orig_dst::{self, OrigDst, TupleKey},
+    pod_addrs::{self, PodAddr},
+    program, stats,
+};
+
+use crate::netns::{self, Netns};
+
+/// The kernel object built by `build.rs` from `ztunnel-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel"));
+
+/// `statfs` magic of bpffs (include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("eBPF capture needs Linux >= 5.15 (netns cookies in sockops); this kernel is {kernel}")]
+    KernelTooOld { kernel: String },
+    #[error("failed to read the kernel version")]
+    KernelVersion {
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a bpffs mount; mount one there (`cargo xtask setup` does) or pass another --bpf-pin-dir")]
+    NotBpffs { path: PathBuf },
+    #[error("failed to prepare pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load the eBPF object (a pinned map under {pin_dir} from an incompatible build? remove it)")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("failed to load program {name} into the kernel")]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to pin program {name} at {path}")]
+    PinProgram {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("failed to attach {name} to {target}")]
+    Attach {
+        name: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to add the clsact qdisc to eth0 in {netns}")]
+    Clsact {
+        netns: PathBuf,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
+    #[error("failed to open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to use map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+}
+
+/// What the start-up probe found, and so which paths are in use.
+#[derive(Debug, Clone, Serialize)]
+pub struct Features {
+    pub kernel: String,
+    /// tc programs attach through TCX links (Linux >= 6.6); otherwise clsact + netlink.
+    pub tcx: bool,
+    /// `bpf_get_netns_cookie` in sockops, sk_msg and sockopt programs (Linux >= 5.15).
+    pub netns_cookie_in_sockops: bool,
+}
+
+impl Features {
+    pub fn probe() -> Result<Self, Error> {
+        let v = KernelVersion::current().map_err(|e| Error::KernelVersion {
+            source: io::Error::other(e.to_string()),
+        })?;
+        let at_least = |maj, min| v >= KernelVersion::new(maj, min, 0);
+        Ok(Self {
+            kernel: format!("{v:?}"),
+            tcx: at_least(6, 6),
+            netns_cookie_in_sockops: at_least(5, 15),
+        })
+    }
+}
+
+/// Options for [`Capture::load`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where programs and maps are pinned (on a bpffs).
+    pub pin_dir: PathBuf,
+    /// ztunnel's own cgroup: `sockops` and `getsockopt` attach here.
+    pub own_cgroup: PathBuf,
+    /// Start with the same-node fast path on.
+    pub fast_path: bool,
+}
+
+enum Link {
+    SockAddr(#[expect(dead_code, reason = "held for its Drop, which detaches")] CgroupSockAddrLink),
+    SockOps(#[expect(dead_code, reason = "held for its Drop, which detaches")] SockOpsLink),
+    Sockopt(#[expect(dead_code, reason = "held for its Drop, which detaches")] CgroupSockoptLink),
+    SkMsg(#[expect(dead_code, reason = "held for its Drop, which detaches")] SkMsgLink),
+    Tc(#[expect(dead_code, reason = "held for its Drop, which detaches")] SchedClassifierLink),
+}
+
+struct Maps {
+    pod_addrs: HashMap<MapData, IpKey, PodAddr>,
+    by_cookie: HashMap<MapData, u64, OrigDst>,
+    by_tuple: HashMap<MapData, TupleKey, OrigDst>,
+    fast_path: SockHash<MapData, SockKey>,
+    config: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    maps: Maps,
+    _own_links: Vec<Link>,
+}
+
+/// The loaded capture programs.
+pub struct Capture {
+    inner: Mutex<Inner>,
+    features: Features,
+    pin_dir: PathBuf,
+    home: Netns,
+}
+
+/// Capture attached to one pod; [`Capture::unenrol`] takes it apart.
+pub struct PodCapture {
+    pub name: String,
+    netns: Netns,
+    netns_cookie: u64,
+    addrs: Vec<IpKey>,
+    links: Vec<Link>,
+    /// Program names attached for this pod, for the admin port.
+    pub attached: Vec<&'static str>,
+}
+
+impl PodCapture {
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+}
+
+/// Entries in each map, for metrics and for the bounded-occupancy test.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Occupancy {
+    pub orig_dst_by_cookie: usize,
+    pub orig_dst_by_tuple: usize,
+    pub pod_addrs: usize,
+    pub fast_path_sockets: usize,
+}
+
+fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(v4) => IpKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: u32::from(ztunnel_common::AF_INET),
+        },
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => ip_key(IpAddr::V4(v4)),
+            None => {
+                let o = v6.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                IpKey {
+                    addr: [w(0), w(4), w(8), w(12)],
+                    family: u32::from(ztunnel_common::AF_INET6),
+                }
+            }
+        },
+    }
+}
+
+fn map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    T::try_from(m).map_err(|source| Error::Map { name, source })
+}
+
+fn open_cgroup(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+impl Capture {
+    /// Loads and pins every program, attaches ztunnel's own-cgroup programs, and sets
+    /// the fast-path switch.
+    pub fn load(opts: &Options) -> Result<Self, Error> {
+        let features = Features::probe()?;
+        if !features.netns_cookie_in_sockops {
+            return Err(Error::KernelTooOld {
+                kernel: features.kernel,
+            });
+        }
+        let maps_dir = opts.pin_dir.join("maps");
+        let progs_dir = opts.pin_dir.join("progs");
+        for dir in [&opts.pin_dir, &maps_dir, &progs_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        if !is_bpffs(&opts.pin_dir) {
+            return Err(Error::NotBpffs {
+                path: opts.pin_dir.clone(),
+            });
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .map_err(|source| Error::Load {
+                pin_dir: opts.pin_dir.clone(),
+                source,
+            })?;
+        for name in program::ALL {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram { name })?;
+            load_program(prog).map_err(|source| Error::LoadProgram { name, source })?;
+            let path = progs_dir.join(name);
+            // A previous ztunnel's pin is replaced: this process now owns the programs.
+            let _ = std::fs::remove_file(&path);
+            prog.pin(&path).map_err(|source| Error::PinProgram { name, path, source })?;
+        }
+        let mut maps = Maps {
+            pod_addrs: map(&mut ebpf, pod_addrs::NAME)?,
+            by_cookie: map(&mut ebpf, orig_dst::BY_COOKIE)?,
+            by_tuple: map(&mut ebpf, orig_dst::BY_TUPLE)?,
+            fast_path: map(&mut ebpf, fast_path::SOCKHASH)?,
+            config: map(&mut ebpf, config::NAME)?,
+            stats: map(&mut ebpf, stats::NAME)?,
+        };
+        maps.config
+            .set(config::FAST_PATH, u32::from(opts.fast_path), 0)
+            .map_err(|source| Error::Map {
+                name: config::NAME,
+                source,
+            })?;
+
+        let mut own_links = Vec::new();
+        let sk_msg: &mut SkMsg = program_mut(&mut ebpf, program::SK_MSG)?;
+        let id = sk_msg
+            .attach(maps.fast_path.fd())
+            .map_err(|source| attach_err(program::SK_MSG, fast_path::SOCKHASH, source))?;
+        own_links.push(Link::SkMsg(sk_msg.take_link(id).map_err(|source| {
+            attach_err(program::SK_MSG, fast_path::SOCKHASH, source)
+        })?));
+
+        let cgroup = open_cgroup(&opts.own_cgroup)?;
+        let target = opts.own_cgroup.display().to_string();
+        own_links.push(attach_sockops(&mut ebpf, &cgroup, &target)?);
+        let sockopt: &mut CgroupSockopt = program_mut(&mut ebpf, program::GETSOCKOPT)?;
+        let id = sockopt
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| attach_err(program::GETSOCKOPT, &target, source))?;
+        own_links.push(Link::Sockopt(
+            sockopt
+                .take_link(id)
+                .map_err(|source| attach_err(program::GETSOCKOPT, &target, source))?,
+        ));
+
+        tracing::info!(
+            kernel = %features.kernel,
+            tcx = features.tcx,
+            tc_mode = if features.tcx { "tcx" } else { "clsact (netlink)" },
+            fast_path = opts.fast_path,
+            pin_dir = %opts.pin_dir.display(),
+            own_cgroup = %opts.own_cgroup.display(),
+            "eBPF capture loaded"
+        );
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                ebpf,
+                maps,
+                _own_links: own_links,
+            }),
+            features,
+            pin_dir: opts.pin_dir.clone(),
+            home: Netns::current()?,
+        })
+    }
+
+    pub fn features(&self) -> &Features {
+        &self.features
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep going with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches capture to a pod: the connect, getpeername and sockops programs to its
+    /// cgroup, tc ingress to `eth0` inside its netns, and its addresses to the map.
+    /// ztunnel's listeners in the pod must already be open.
+    pub fn enrol(
+        &self,
+        name: &str,
+        netns_path: &Path,
+        cgroup_path: &Path,
+        addrs: &[IpAddr],
+    ) -> Result<PodCapture, Error> {
+        let netns = Netns::open(netns_path)?;
+        let netns_cookie = netns.cookie(&self.home)?;
+        let cgroup = open_cgroup(cgroup_path)?;
+        let target = cgroup_path.display().to_string();
+        let mut pod = PodCapture {
+            name: name.to_owned(),
+            netns,
+            netns_cookie,
+            addrs: addrs.iter().map(|a| ip_key(*a)).collect(),
+            links: Vec::new(),
+            attached: Vec::new(),
+        };
+        // On any error below, dropping `pod` detaches what was attached so far; the
+        // address entries are removed explicitly.
+        let result = self.attach_pod(&mut pod, &cgroup, &target);
+        if let Err(e) = result {
+            self.unenrol(pod);
+            return Err(e);
+        }
+        Ok(pod)
+    }
+
+    fn attach_pod(&self, pod: &mut PodCapture, cgroup: &File, target: &str) -> Result<(), Error> {
+        let mut inner = self.lock();
+        let Inner { ebpf, maps, .. } = &mut *inner;
+        for key in &pod.addrs {
+            maps.pod_addrs
+                .insert(
+                    key,
+                    PodAddr {
+                        netns_cookie: pod.netns_cookie,
+                    },
+                    0,
+                )
+                .map_err(|source| Error::Map {
+                    name: pod_addrs::NAME,
+                    source,
+                })?;
+        }
+        for name in [
+            program::CONNECT4,
+            program::CONNECT6,
+            program::GETPEERNAME4,
+            program::GETPEERNAME6,
+        ] {
+            let prog: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|source| attach_err(name, target, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| attach_err(name, target, source))?;
+            pod.links.push(Link::SockAddr(link));
+            pod.attached.push(name);
+        }
+        pod.links.push(attach_sockops(ebpf, cgroup, target)?);
+        pod.attached.push(program::SOCKOPS);
+
+        let tc: &mut SchedClassifier = program_mut(ebpf, program::TC_INGRESS)?;
+        let tcx = self.features.tcx;
+        let netns_path = pod.netns.path().to_owned();
+        let link = pod.netns.run_on_thread(|| {
+            if !tcx {
+                // EEXIST just means the qdisc is there already.
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact("eth0") {
+                    let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+                        if n.raw_os_error() == Some(libc::EEXIST));
+                    if !exists {
+                        return Err(Error::Clsact {
+                            netns: netns_path.clone(),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            let target = format!("eth0 in {}", netns_path.display());
+            let id = tc
+                .attach("eth0", TcAttachType::Ingress)
+                .map_err(|source| attach_err(program::TC_INGRESS, &target, source))?;
+            tc.take_link(id)
+                .map_err(|source| attach_err(program::TC_INGRESS, &target, source))
+        })??;
+        pod.links.push(Link::Tc(link));
+        pod.attached.push(program::TC_INGRESS);
+        Ok(())
+    }
+
+    /// Detaches everything attached for the pod and deletes its map entries. Connections
+    /// already established keep flowing; only new ones take the direct path.
+    pub fn unenrol(&self, mut pod: PodCapture) {
+        // Netlink tc filters are found by ifindex, which is per netns: detach them from
+        // inside the pod's netns. TCX and cgroup links detach from anywhere.
+        let tc_links: Vec<Link> = {
+            let (tc, rest): (Vec<_>, Vec<_>) =
+                pod.links.drain(..).partition(|l| matches!(l, Link::Tc(_)));
+            pod.links = rest;
+            tc
+        };
+        if !tc_links.is_empty() {
+            if let Err(e) = pod.netns.run_on_thread(move || drop(tc_links)) {
+                // The netns is gone, and its interfaces and filters with it.
+                tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol");
+            }
+        }
+        pod.links.clear();
+        let mut inner = self.lock();
+        let maps = &mut inner.maps;
+        for key in &pod.addrs {
+            let _ = maps.pod_addrs.remove(key);
+        }
+        let cookie = pod.netns_cookie;
+        let stale: Vec<u64> = maps
+            .by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.netns_cookie == cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = maps.by_cookie.remove(&k);
+        }
+        let stale: Vec<TupleKey> = maps
+            .by_tuple
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == cookie)
+            .collect();
+        for k in stale {
+            let _ = maps.by_tuple.remove(&k);
+        }
+        tracing::info!(pod = %pod.name, "capture detached");
+    }
+
+    /// Turns the same-node fast path on or off for new connections.
+    pub fn set_fast_path(&self, on: bool) -> Result<(), Error> {
+        self.lock()
+            .maps
+            .config
+            .set(config::FAST_PATH, u32::from(on), 0)
+            .map_err(|source| Error::Map {
+                name: config::NAME,
+                source,
+            })
+    }
+
+    pub fn fast_path(&self) -> bool {
+        matches!(self.lock().maps.config.get(&config::FAST_PATH, 0), Ok(v) if v != 0)
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        let inner = self.lock();
+        let m = &inner.maps;
+        Occupancy {
+            orig_dst_by_cookie: m.by_cookie.keys().filter(Result::is_ok).count(),
+            orig_dst_by_tuple: m.by_tuple.keys().filter(Result::is_ok).count(),
+            pod_addrs: m.pod_addrs.keys().filter(Result::is_ok).count(),
+            fast_path_sockets: m.fast_path.keys().filter(Result::is_ok).count(),
+        }
+    }
+
+    /// The programs' counters, summed over CPUs, by name.
+    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+        let inner = self.lock();
+        stats::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let total = inner
+                    .maps
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (*name, total)
+            })
+            .collect()
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?;
+    prog.try_into().map_err(|_| Error::MissingProgram { name })
+}
+
+fn load_program(prog: &mut aya::programs::Program) -> Result<(), aya::programs::ProgramError> {
+    use aya::programs::Program as P;
+    match prog {
+        P::CgroupSockAddr(p) => p.load(),
+        P::CgroupSockopt(p) => p.load(),
+        P::SockOps(p) => p.load(),
+        P::SkMsg(p) => p.load(),
+        P::SchedClassifier(p) => p.load(),
+        _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+    }
+}
+
+fn attach_err(name: &'static str, target: &str, source: aya::programs::ProgramError) -> Error {
+    Error::Attach {
+        name,
+        target: target.to_owned(),
+        source,
+    }
+}
+
+fn attach_sockops(ebpf: &mut Ebpf, cgroup: &File, target: &str) -> Result<Link, Error> {
+    let prog: &mut SockOps = program_mut(ebpf, program::SOCKOPS)?;
+    let id = prog
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|source| attach_err(program::SOCKOPS, target, source))?;
+    Ok(Link::SockOps(prog.take_link(id).map_err(|source| {
+        attach_err(program::SOCKOPS, target, source)
+    })?))
+}
+
+/// Where a filesystem type is mounted, from `/proc/self/mountinfo` (first match).
+pub fn mount_point(fstype: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <fstype> <source> <super opts>"
+        let (left, right) = line.split_once(" - ")?;
+        let ty = right.split_whitespace().next()?;
+        let point = left.split_whitespace().nth(4)?;
+        (ty == fstype).then(|| PathBuf::from(point))
+    })
+}
+
+/// The cgroup v2 directory of this process.
+pub fn own_cgroup() -> Option<PathBuf> {
+    let root = mount_point("cgroup2")?;
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(rel.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_keys_use_network_byte_order_and_fold_v4_mapped() {
+        let k = ip_key("10.0.0.1".parse().expect("valid"));
+        assert_eq!(k.addr[0].to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(k.family, 2);
+        assert_eq!(ip_key("::ffff:10.0.0.1".parse().expect("valid")), k);
+        let k6 = ip_key("fd00::1".parse().expect("valid"));
+        assert_eq!(k6.family, 10);
+        assert_eq!(k6.addr[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(k6.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn mountinfo_finds_cgroup2() {
+        // Every Linux test machine has procfs mounted.
+        assert_eq!(mount_point("proc"), Some(PathBuf::from("/proc")));
+    }
+}

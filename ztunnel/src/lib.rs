@@ -1,0 +1,10 @@
+//! ztunnel: a node proxy that captures enrolled pods' traffic with eBPF and carries it
+//! between pods. `main.rs` only parses arguments and calls [`app::run`].
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod ebpf;
+pub mod netns;
+pub mod proxy;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,29 @@
+//! ztunnel's command line: `ztunnel run …` starts the node proxy.
+use clap::{Parser, Subcommand};
+use ztunnel::{app, config::Config, telemetry};
+
+#[derive(Parser)]
+#[command(name = "ztunnel", version, about = "eBPF-accelerated zero-trust node proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node proxy.
+    Run(Box<Config>),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(cfg) => {
+            telemetry::init(cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(app::run(*cfg))
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Network namespaces: opening a pod's netns, running a closure inside it on the current
+//! thread (for sockets that must live there), and its cookie.
+use std::{
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to open network namespace {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to enter network namespace {path}")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("failed to read the cookie of network namespace {path}")]
+    Cookie {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An open network namespace. Holding it keeps the namespace alive.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let file = File::open(path).map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The namespace the calling thread is in now.
+    pub fn current() -> Result<Self, Error> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` inside this namespace on the current thread, then returns the thread to
+    /// `home`. Sockets created by `f` stay in this namespace for their whole life.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, Error> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Enter {
+            path: self.path.clone(),
+            source,
+        })?;
+        let out = f();
+        // Failing to return would leave this thread serving the wrong namespace; nothing
+        // can recover from that, so stop loudly.
+        #[expect(clippy::expect_used, reason = "a thread stuck in a pod netns is unrecoverable")]
+        setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .expect("failed to return the thread to ztunnel's own network namespace");
+        Ok(out)
+    }
+
+    /// Runs `f` inside this namespace on a new thread that never leaves it.
+    pub fn run_on_thread<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                    Error::Enter {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// The kernel's cookie for this namespace (`SO_NETNS_COOKIE`, Linux >= 5.14); the
+    /// eBPF programs key per-pod state by it.
+    pub fn cookie(&self, home: &Netns) -> Result<u64, Error> {
+        let cookie_err = |source| Error::Cookie {
+            path: self.path.clone(),
+            source,
+        };
+        let sock = self
+            .run(home, || {
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            })?
+            .map_err(cookie_err)?;
+        let mut cookie: u64 = 0;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid socket fd, and a buffer of the size we pass.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(cookie_err(std::io::Error::last_os_error()));
+        }
+        Ok(cookie)
+    }
+}

@@ -1,0 +1,65 @@
+//! :15006 — connections tc steered to ztunnel. The accepted socket's local address is
+//! the original destination (the pod's address and the app's port).
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
+
+use super::{Direction, PodNet, Proxy, relay};
+
+pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
+    loop {
+        let (stream, src) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %e, "inbound accept failed");
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let dst = match stream.local_addr() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name, %src, error = %e, "inbound socket has no local address");
+                    return;
+                }
+            };
+            let span = tracing::info_span!("inbound", pod = %pod.name, %src, %dst);
+            handle(&proxy, &pod, stream, src, dst).instrument(span).await;
+        });
+    }
+}
+
+async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let started = Instant::now();
+    let id = proxy.connections.open(Direction::Inbound, &pod.name, src, dst);
+    if ztunnel_common::ports::NEVER_CAPTURED.contains(&dst.port()) {
+        // Forwarding to one of ztunnel's own ports would loop back into ztunnel.
+        proxy.connections.close(
+            id,
+            0,
+            0,
+            started.elapsed(),
+            format!("refused: port {} belongs to ztunnel", dst.port()),
+        );
+        return;
+    }
+    if !pod.addrs.contains(&dst.ip()) {
+        proxy.connections.close(
+            id,
+            0,
+            0,
+            started.elapsed(),
+            format!("refused: {} is not an address of this pod", dst.ip()),
+        );
+        return;
+    }
+    match proxy.connect_from_pod(pod, dst).await {
+        Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
+        Err(e) => proxy
+            .connections
+            .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}")),
+    }
+}
