@@ -1,1 +1,75 @@
-fn main(){}
+//! `cargo xtask <command>`: the one task runner for the workspace. Every command but
+//! `setup` prepares the machine first, so a fresh checkout needs nothing else.
+#![forbid(unsafe_code)]
+
+mod build_ebpf;
+mod exec;
+mod lint;
+mod setup;
+mod test;
+mod workspace;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ztunnel's task runner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the toolchain pieces and packages the build and tests need (idempotent)
+    Setup(setup::Options),
+    /// Check formatting and run clippy on the host crates and on the eBPF crate
+    Lint(lint::Options),
+    /// Lint, build the binaries and run unit and privileged integration tests
+    Test(test::Options),
+    /// Build the eBPF object (through ztunnel's build script) and show where it is
+    BuildEbpf(build_ebpf::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Setup(options) = &cli.command {
+        return setup::run(options);
+    }
+    setup::run(&setup::Options::default())?;
+    match &cli.command {
+        Command::Setup(_) => Ok(()),
+        Command::Lint(options) => lint::run(options),
+        Command::Test(options) => test::run(options),
+        Command::BuildEbpf(options) => build_ebpf::run(options),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_what_follows_the_separator_to_the_test_binaries() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--no-lint",
+            "--",
+            "enrolled",
+            "--nocapture",
+        ])
+        .expect("valid command line");
+        let Command::Test(options) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert!(options.no_lint);
+        assert_eq!(options.args, ["enrolled", "--nocapture"]);
+    }
+}

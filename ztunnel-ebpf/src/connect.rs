@@ -27,25 +27,37 @@ const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
 #[cgroup_sock_addr(connect4)]
 pub fn connect4_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
-    unsafe { try_connect(&ctx, false) }.unwrap_or(ALLOW)
+    let _ = unsafe { try_connect(&ctx, false) };
+    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
+    // never break the app's connect.
+    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { try_connect(&ctx, true) }.unwrap_or(ALLOW)
+    let _ = unsafe { try_connect(&ctx, true) };
+    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
+    // never break the app's connect.
+    ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { try_getpeername(&ctx, false) }.unwrap_or(ALLOW)
+    let _ = unsafe { try_getpeername(&ctx, false) };
+    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
+    // never break the app's connect.
+    ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { try_getpeername(&ctx, true) }.unwrap_or(ALLOW)
+    let _ = unsafe { try_getpeername(&ctx, true) };
+    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
+    // never break the app's connect.
+    ALLOW
 }
 
 /// The destination the syscall names, normalised (v4-mapped → IPv4).

@@ -47,36 +47,37 @@ struct Ends {
 /// # Safety
 /// `ops` must be the program's context.
 unsafe fn ends(ops: *mut bpf_sock_ops) -> Option<Ends> {
-    // SAFETY: context reads, one field each.
+    // SAFETY: context reads, one field each. Every field is read on every path: when
+    // the loads sit in branches, LLVM merges them into one load at a computed context
+    // offset, which the verifier rejects ("dereference of modified ctx ptr").
     unsafe {
         let family = read_volatile(addr_of_mut!((*ops).family));
+        let l4 = read_volatile(addr_of_mut!((*ops).local_ip4));
+        let r4 = read_volatile(addr_of_mut!((*ops).remote_ip4));
+        let l6 = [
+            read_volatile(addr_of_mut!((*ops).local_ip6[0])),
+            read_volatile(addr_of_mut!((*ops).local_ip6[1])),
+            read_volatile(addr_of_mut!((*ops).local_ip6[2])),
+            read_volatile(addr_of_mut!((*ops).local_ip6[3])),
+        ];
+        let r6 = [
+            read_volatile(addr_of_mut!((*ops).remote_ip6[0])),
+            read_volatile(addr_of_mut!((*ops).remote_ip6[1])),
+            read_volatile(addr_of_mut!((*ops).remote_ip6[2])),
+            read_volatile(addr_of_mut!((*ops).remote_ip6[3])),
+        ];
         let (local, remote) = if family == AF_INET {
-            (
-                ip4(read_volatile(addr_of_mut!((*ops).local_ip4))),
-                ip4(read_volatile(addr_of_mut!((*ops).remote_ip4))),
-            )
+            (ip4(l4), ip4(r4))
         } else if family == AF_INET6 {
-            (
-                ip6([
-                    read_volatile(addr_of_mut!((*ops).local_ip6[0])),
-                    read_volatile(addr_of_mut!((*ops).local_ip6[1])),
-                    read_volatile(addr_of_mut!((*ops).local_ip6[2])),
-                    read_volatile(addr_of_mut!((*ops).local_ip6[3])),
-                ]),
-                ip6([
-                    read_volatile(addr_of_mut!((*ops).remote_ip6[0])),
-                    read_volatile(addr_of_mut!((*ops).remote_ip6[1])),
-                    read_volatile(addr_of_mut!((*ops).remote_ip6[2])),
-                    read_volatile(addr_of_mut!((*ops).remote_ip6[3])),
-                ]),
-            )
+            (ip6(l6), ip6(r6))
         } else {
             return None;
         };
-        // sock_ops: local_port is in host byte order, remote_port in network byte order
-        // (include/uapi/linux/bpf.h, struct bpf_sock_ops).
+        // sock_ops: local_port is in host byte order; remote_port is the network-order
+        // port shifted into the upper half (net/core/filter.c, sock_ops_convert_ctx_access),
+        // so a 32-bit byte swap yields it.
         let local_port = read_volatile(addr_of_mut!((*ops).local_port)) as u16;
-        let remote_port = u16::from_be(read_volatile(addr_of_mut!((*ops).remote_port)) as u16);
+        let remote_port = u32::from_be(read_volatile(addr_of_mut!((*ops).remote_port))) as u16;
         Some(Ends {
             local,
             remote,

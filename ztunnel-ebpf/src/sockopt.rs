@@ -50,15 +50,18 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
         // access every kernel accepts (the field was a u32 before 5.17).
         let raw = read_volatile(addr_of_mut!((*sk).dst_port).cast::<u32>());
         let port = u16::from_be(raw as u16);
+        // All fields on every path (see sockops.rs on merged loads).
+        let d4 = read_volatile(addr_of_mut!((*sk).dst_ip4));
+        let d6 = [
+            read_volatile(addr_of_mut!((*sk).dst_ip6[0])),
+            read_volatile(addr_of_mut!((*sk).dst_ip6[1])),
+            read_volatile(addr_of_mut!((*sk).dst_ip6[2])),
+            read_volatile(addr_of_mut!((*sk).dst_ip6[3])),
+        ];
         let ip = if family == AF_INET {
-            ip4(read_volatile(addr_of_mut!((*sk).dst_ip4)))
+            ip4(d4)
         } else if family == AF_INET6 {
-            ip6([
-                read_volatile(addr_of_mut!((*sk).dst_ip6[0])),
-                read_volatile(addr_of_mut!((*sk).dst_ip6[1])),
-                read_volatile(addr_of_mut!((*sk).dst_ip6[2])),
-                read_volatile(addr_of_mut!((*sk).dst_ip6[3])),
-            ])
+            ip6(d6)
         } else {
             return;
         };

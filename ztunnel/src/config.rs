@@ -34,7 +34,7 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
 
     /// Start with the same-node sk_msg fast path on (switchable at runtime on the admin port).
-    #[arg(long, env = "ZTUNNEL_FAST_PATH", default_value_t = false)]
+    #[arg(long, env = "ZTUNNEL_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     pub fast_path: bool,
 
     /// The admin API's address; it must be a loopback address.

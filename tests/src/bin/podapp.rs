@@ -1,0 +1,212 @@
+//! A small app for the privileged tests to run inside "pods": an echo server and
+//! clients that check what comes back byte for byte.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use rand::{RngCore as _, SeedableRng as _, rngs::StdRng};
+use sha2::{Digest as _, Sha256};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo every connection's bytes back, then half-close.
+    Serve { addr: SocketAddr },
+    /// Send `bytes` pseudo-random bytes in `chunk`-sized writes, half-close, read the echo
+    /// and compare checksums. Prints `peer=…` and `sent=… received=… match=true`.
+    Call {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        #[arg(long, default_value_t = 65536)]
+        chunk: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Half-duplex: write a chunk, read its echo, repeat; half-close only after the
+        /// last echo, so no read is blocked while the socket shuts down for writing.
+        #[arg(long)]
+        lockstep: bool,
+    },
+    /// Keep one connection and ping through it every 50 ms for `secs` seconds.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// Open `count` short connections one after another, one byte each way.
+    Many {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { addr } => serve(addr),
+        Cmd::Call {
+            addr,
+            bytes,
+            chunk,
+            seed,
+            lockstep,
+        } => {
+            if lockstep {
+                call_lockstep(addr, bytes, chunk, seed)
+            } else {
+                call(addr, bytes, chunk, seed)
+            }
+        }
+        Cmd::Hold { addr, secs } => hold(addr, secs),
+        Cmd::Many { addr, count } => many(addr, count),
+    }
+}
+
+fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("failed to bind {addr}"))?;
+    println!("ready {addr}");
+    std::io::stdout().flush()?;
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        });
+    }
+    Ok(())
+}
+
+fn call(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
+    let s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> anyhow::Result<String> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; chunk.max(1)];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rng.fill_bytes(&mut buf[..n]);
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n])
+                .with_context(|| format!("write failed after {} bytes", bytes - left))?;
+            left -= n;
+        }
+        w.shutdown(Shutdown::Write)?;
+        Ok(format!("{:x}", h.finalize()))
+    });
+    let mut r = s;
+    let mut h = Sha256::new();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .with_context(|| format!("read failed after {got} bytes"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    let received = format!("{:x}", h.finalize());
+    let ok = sent == received && got == bytes;
+    println!("sent={bytes} received={got} match={ok}");
+    if !ok {
+        bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
+    }
+    Ok(())
+}
+
+fn call_lockstep(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (mut sent_h, mut got_h) = (Sha256::new(), Sha256::new());
+    let mut out = vec![0u8; chunk.max(1)];
+    let mut back = vec![0u8; chunk.max(1)];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(out.len());
+        rng.fill_bytes(&mut out[..n]);
+        sent_h.update(&out[..n]);
+        s.write_all(&out[..n])
+            .with_context(|| format!("write failed after {} bytes", bytes - left))?;
+        s.read_exact(&mut back[..n])
+            .with_context(|| format!("read failed after {} bytes", bytes - left))?;
+        got_h.update(&back[..n]);
+        left -= n;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    let (sent, received) = (format!("{:x}", sent_h.finalize()), format!("{:x}", got_h.finalize()));
+    let ok = sent == received && rest.is_empty();
+    println!("sent={bytes} received={bytes} match={ok}");
+    if !ok {
+        bail!("echo differs ({sent} vs {received}, {} extra bytes)", rest.len());
+    }
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    println!("connected peer={}", s.peer_addr()?);
+    std::io::stdout().flush()?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut pings = 0u64;
+    while Instant::now() < end {
+        let msg = format!("ping {pings}\n");
+        s.write_all(msg.as_bytes())?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)
+            .with_context(|| format!("ping {pings} got no echo"))?;
+        if back != msg.as_bytes() {
+            bail!("ping {pings}: wrong echo");
+        }
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("pings={pings}");
+    Ok(())
+}
+
+fn many(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    for i in 0..count {
+        let mut s = TcpStream::connect(addr)
+            .with_context(|| format!("connection {i} to {addr} failed"))?;
+        s.write_all(b"x")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        if back != b"x" {
+            bail!("connection {i}: wrong echo {back:?}");
+        }
+    }
+    println!("ok={count}");
+    Ok(())
+}
