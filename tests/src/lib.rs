@@ -190,10 +190,10 @@ impl Ztunnel {
     ) -> anyhow::Result<ConfigDump> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(d) = self.dump() {
-                if cond(&d) {
-                    return Ok(d);
-                }
+            if let Ok(d) = self.dump()
+                && cond(&d)
+            {
+                return Ok(d);
             }
             if !self.alive() {
                 bail!(
@@ -231,7 +231,10 @@ impl Ztunnel {
     pub fn alive(&self) -> bool {
         std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
             .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_owned()))
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().to_owned())
+            })
             .is_some_and(|rest| !rest.starts_with('Z'))
     }
 
@@ -256,7 +259,11 @@ impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.stop();
         // The harness shows a test's output only when it fails: then this log is there.
-        println!("---- ztunnel log ({}) ----\n{}", self.log.display(), self.log_text());
+        println!(
+            "---- ztunnel log ({}) ----\n{}",
+            self.log.display(),
+            self.log_text()
+        );
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
@@ -339,17 +346,36 @@ impl Topology {
         let host_if = format!("v{}{k}", &self.id[2..].replace('x', ""));
         let host_if: String = host_if.chars().take(15).collect();
         ip(&[
-            "link", "add", &host_if, "netns", &self.node_ns, "type", "veth", "peer", "name",
-            "eth0", "netns", &netns,
+            "link",
+            "add",
+            &host_if,
+            "netns",
+            &self.node_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
         ])?;
         self.veths.push(host_if.clone());
-        ip_in(&self.node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
+        ip_in(
+            &self.node_ns,
+            &["link", "set", &host_if, "master", "br0", "up"],
+        )?;
         let ip4 = Ipv4Addr::new(10, self.subnet, 0, k);
         ip_in(&netns, &["link", "set", "lo", "up"])?;
-        ip_in(&netns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        ip_in(
+            &netns,
+            &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"],
+        )?;
         let ip6 = if dual_stack {
             let a: Ipv6Addr = format!("fd00:{}::{k}", self.subnet).parse()?;
-            ip_in(&netns, &["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
+            ip_in(
+                &netns,
+                &["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"],
+            )?;
             Some(a)
         } else {
             None
@@ -395,7 +421,9 @@ impl Topology {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("failed to spawn {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to spawn {cmd:?}"))?;
         self.procs.push(child.id());
         drop((netns, procs));
         Ok(PodProcess {
@@ -553,13 +581,16 @@ fn remove_cgroup_tree(dir: &Path) {
 
 /// `bpftool` output for a cgroup: the programs attached there (empty when none).
 pub fn cgroup_programs(cgroup: &Path) -> anyhow::Result<String> {
-    let out = run(Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup))?;
+    let out = run(Command::new("bpftool")
+        .arg("cgroup")
+        .arg("show")
+        .arg(cgroup))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// tc/TCX programs on the pod's interfaces, as `bpftool net show` reports them.
 pub fn pod_net_programs(pod: &Pod) -> anyhow::Result<String> {
-    let out = run(Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "bpftool", "net", "show"]))?;
+    let out =
+        run(Command::new("ip").args(["netns", "exec", &pod.netns, "bpftool", "net", "show"]))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

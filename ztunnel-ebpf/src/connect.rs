@@ -13,8 +13,7 @@ use aya_ebpf::{
 use ztunnel_common::{IpKey, orig_dst::OrigDst, ports, stats};
 
 use crate::maps::{
-    AF_INET, AF_INET6, ORIG_DST_COOKIE, POD_ADDRS, count, ip4, ip6, is_loopback,
-    is_unspecified,
+    AF_INET, AF_INET6, ORIG_DST_COOKIE, POD_ADDRS, count, ip4, ip6, is_loopback, is_unspecified,
 };
 
 /// Let the syscall proceed (cgroup sock_addr programs return 1 to allow).
@@ -105,11 +104,11 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     // SAFETY: helper valid for cgroup sock_addr programs (Linux >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only look-up; the value is copied out at once.
-    if let Some(own) = unsafe { POD_ADDRS.get(&dst) } {
-        if own.netns_cookie == netns {
-            // The pod talking to itself stays local.
-            return Ok(ALLOW);
-        }
+    if let Some(own) = unsafe { POD_ADDRS.get(dst) }
+        && own.netns_cookie == netns
+    {
+        // The pod talking to itself stays local.
+        return Ok(ALLOW);
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -119,7 +118,7 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         port,
         _pad: 0,
     };
-    ORIG_DST_COOKIE.insert(&cookie, &orig, 0)?;
+    ORIG_DST_COOKIE.insert(cookie, orig, 0)?;
 
     let listener_port = u32::from(u16::to_be(ports::OUTBOUND));
     // SAFETY: context writes, one field per store: the verifier rejects merged stores.
@@ -156,7 +155,7 @@ unsafe fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_DST_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_COOKIE.get(cookie) }).copied() else {
         return Ok(ALLOW);
     };
     let port = u32::from(u16::to_be(orig.port));

@@ -12,8 +12,7 @@ use ztunnel_common::{
 };
 
 #[map]
-pub static ORIG_DST_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+pub static ORIG_DST_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
 
 #[map]
 pub static ORIG_DST_TUPLE: LruHashMap<TupleKey, OrigDst> =

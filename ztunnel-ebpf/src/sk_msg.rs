@@ -53,7 +53,8 @@ unsafe fn try_sk_msg(ctx: &SkMsgContext) {
         // sk_msg_md: local_port host byte order; remote_port network order shifted into
         // the upper half, as in sock_ops (net/core/filter.c, sk_msg_convert_ctx_access).
         let local_port = read_volatile(addr_of_mut!((*md).local_port));
-        let remote_port = u32::from(u32::from_be(read_volatile(addr_of_mut!((*md).remote_port))) as u16);
+        let remote_port =
+            u32::from(u32::from_be(read_volatile(addr_of_mut!((*md).remote_port))) as u16);
         // Only the app's writes are spliced. Splicing ztunnel's writes into the app's
         // socket makes a blocking app read fail with EAGAIN when the FIN overtakes the
         // spliced tail (seen on 6.18); the app must only ever see plain TCP semantics.

@@ -16,9 +16,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use ztunnel_common::{
-    IpKey, config, fast_path::SockKey, orig_dst::TupleKey, ports, stats,
-};
+use ztunnel_common::{IpKey, config, fast_path::SockKey, orig_dst::TupleKey, ports, stats};
 
 use crate::maps::{
     AF_INET, AF_INET6, FAST_PATH_SOCKS, ORIG_DST_COOKIE, ORIG_DST_TUPLE, count, ip4, ip6,
@@ -99,7 +97,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             // SAFETY: helper valid for sockops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: presence check only.
-            if unsafe { ORIG_DST_COOKIE.get(&cookie) }.is_some() {
+            if unsafe { ORIG_DST_COOKIE.get(cookie) }.is_some() {
                 ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
             }
         }
@@ -114,7 +112,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             // SAFETY: helper valid for sockops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             // SAFETY: the value is copied out at once.
-            let Some(orig) = (unsafe { ORIG_DST_COOKIE.get(&cookie) }).copied() else {
+            let Some(orig) = (unsafe { ORIG_DST_COOKIE.get(cookie) }).copied() else {
                 return Ok(());
             };
             // SAFETY: helper valid for sockops (Linux >= 5.15).
@@ -125,7 +123,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
                 port: e.local_port,
                 _pad: 0,
             };
-            ORIG_DST_TUPLE.insert(&key, &orig, 0)?;
+            ORIG_DST_TUPLE.insert(key, orig, 0)?;
             count(stats::TUPLE_RECORDED);
             ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
             // SAFETY: `ops` is the context.
@@ -152,7 +150,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             }
             // SAFETY: helper valid for sockops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = ORIG_DST_COOKIE.remove(&cookie);
+            let _ = ORIG_DST_COOKIE.remove(cookie);
             // SAFETY: `ops` is the context.
             if let Some(e) = unsafe { ends(ops) } {
                 // SAFETY: helper valid for sockops (Linux >= 5.15).
@@ -163,7 +161,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
                     port: e.local_port,
                     _pad: 0,
                 };
-                let _ = ORIG_DST_TUPLE.remove(&key);
+                let _ = ORIG_DST_TUPLE.remove(key);
             }
         }
         _ => {}

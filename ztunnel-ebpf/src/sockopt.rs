@@ -4,8 +4,8 @@
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie,
-    macros::cgroup_sockopt, programs::SockoptContext,
+    EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
 };
 use ztunnel_common::{orig_dst::TupleKey, stats};
 
@@ -76,7 +76,7 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_DST_TUPLE.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_TUPLE.get(key) }).copied() else {
         count(stats::ORIG_DST_MISS);
         return;
     };

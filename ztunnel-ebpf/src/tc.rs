@@ -48,7 +48,7 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
             }
             let daddr = ctx.load::<u32>(ETH_HLEN + 16)?;
             // SAFETY: presence check only.
-            if unsafe { POD_ADDRS.get(&ip4(daddr)) }.is_none() {
+            if unsafe { POD_ADDRS.get(ip4(daddr)) }.is_none() {
                 return Ok(TC_ACT_OK);
             }
             let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
@@ -74,7 +74,7 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
                 daddr[i] = ctx.load::<u32>(ETH_HLEN + 24 + i * 4)?;
             }
             // SAFETY: presence check only.
-            if unsafe { POD_ADDRS.get(&ip6(daddr)) }.is_none() {
+            if unsafe { POD_ADDRS.get(ip6(daddr)) }.is_none() {
                 return Ok(TC_ACT_OK);
             }
             let l4 = ETH_HLEN + IPV6_HLEN;
@@ -101,9 +101,8 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     }
     let skb = ctx.as_ptr();
     // SAFETY: helper valid for tc; the tuple and its length match the family.
-    let existing = unsafe {
-        bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0)
-    };
+    let existing =
+        unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
     if !existing.is_null() {
         // SAFETY: non-null socket from the lookup; released right after.
         let state = unsafe { (*existing).state };
@@ -122,9 +121,8 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         tuple.__bindgen_anon_1.ipv6.dport = u16::to_be(ports::INBOUND_PLAINTEXT);
     }
     // SAFETY: as above.
-    let listener: *mut bpf_sock = unsafe {
-        bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0)
-    };
+    let listener: *mut bpf_sock =
+        unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
     if listener.is_null() {
         // ztunnel is not listening in this pod: fail closed, never leak plaintext.
         count(stats::INBOUND_NO_LISTENER);

@@ -147,8 +147,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(cg) = &cfg.cgroup {
         join_cgroup(cg)?;
     }
-    let cgroup_root = ebpf::mount_point("cgroup2")
-        .context("no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)")?;
+    let cgroup_root = ebpf::mount_point("cgroup2").context(
+        "no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)",
+    )?;
     let own_cgroup = ebpf::own_cgroup().context("failed to find ztunnel's cgroup v2 directory")?;
     if own_cgroup == cgroup_root {
         anyhow::bail!(

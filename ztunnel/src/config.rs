@@ -24,7 +24,11 @@ pub struct Config {
     pub node: String,
 
     /// Where the eBPF programs and maps are pinned (a directory on bpffs).
-    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR", default_value = "/sys/fs/bpf/ztunnel")]
+    #[arg(
+        long,
+        env = "ZTUNNEL_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/ztunnel"
+    )]
     pub bpf_pin_dir: PathBuf,
 
     /// Move ztunnel into this cgroup v2 directory at start-up (created if missing). It
@@ -71,10 +75,13 @@ impl Config {
                 self.bpf_pin_dir.display()
             ));
         }
-        if let Some(cg) = &self.cgroup {
-            if !cg.is_absolute() {
-                problems.push(format!("--cgroup {}: must be an absolute path", cg.display()));
-            }
+        if let Some(cg) = &self.cgroup
+            && !cg.is_absolute()
+        {
+            problems.push(format!(
+                "--cgroup {}: must be an absolute path",
+                cg.display()
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -124,7 +131,11 @@ mod tests {
             "relative",
         ]);
         let err = c.validate().expect_err("invalid").to_string();
-        for needle in ["--admin-addr 0.0.0.0:15000", "--node", "--bpf-pin-dir relative"] {
+        for needle in [
+            "--admin-addr 0.0.0.0:15000",
+            "--node",
+            "--bpf-pin-dir relative",
+        ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
     }

@@ -46,7 +46,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is not a bpffs mount; mount one there (`cargo xtask setup` does) or pass another --bpf-pin-dir")]
+    #[error(
+        "{path} is not a bpffs mount; mount one there (`cargo xtask setup` does) or pass another --bpf-pin-dir"
+    )]
     NotBpffs { path: PathBuf },
     #[error("failed to prepare pin directory {path}")]
     PinDir {
@@ -54,11 +56,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("failed to load the eBPF object (a pinned map under {pin_dir} from an incompatible build? remove it)")]
+    #[error(
+        "failed to load the eBPF object (a pinned map under {pin_dir} from an incompatible build? remove it)"
+    )]
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no program {name}")]
     MissingProgram { name: &'static str },
@@ -218,10 +222,7 @@ fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
-fn map<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, Error>
+fn map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -238,7 +239,7 @@ fn open_cgroup(path: &Path) -> Result<File, Error> {
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -270,7 +271,7 @@ impl Capture {
             .load(OBJECT)
             .map_err(|source| Error::Load {
                 pin_dir: opts.pin_dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
         for name in program::ALL {
             let prog = ebpf
@@ -280,7 +281,8 @@ impl Capture {
             let path = progs_dir.join(name);
             // A previous ztunnel's pin is replaced: this process now owns the programs.
             let _ = std::fs::remove_file(&path);
-            prog.pin(&path).map_err(|source| Error::PinProgram { name, path, source })?;
+            prog.pin(&path)
+                .map_err(|source| Error::PinProgram { name, path, source })?;
         }
         let mut maps = Maps {
             pod_addrs: map(&mut ebpf, pod_addrs::NAME)?,
@@ -461,11 +463,11 @@ impl Capture {
             pod.links = rest;
             tc
         };
-        if !tc_links.is_empty() {
-            if let Err(e) = pod.netns.run_on_thread(move || drop(tc_links)) {
-                // The netns is gone, and its interfaces and filters with it.
-                tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol");
-            }
+        if !tc_links.is_empty()
+            && let Err(e) = pod.netns.run_on_thread(move || drop(tc_links))
+        {
+            // The netns is gone, and its interfaces and filters with it.
+            tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol");
         }
         pod.links.clear();
         let mut inner = self.lock();

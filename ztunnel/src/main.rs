@@ -3,7 +3,11 @@ use clap::{Parser, Subcommand};
 use ztunnel::{app, config::Config, telemetry};
 
 #[derive(Parser)]
-#[command(name = "ztunnel", version, about = "eBPF-accelerated zero-trust node proxy")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "eBPF-accelerated zero-trust node proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

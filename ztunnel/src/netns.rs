@@ -68,7 +68,10 @@ impl Netns {
         let out = f();
         // Failing to return would leave this thread serving the wrong namespace; nothing
         // can recover from that, so stop loudly.
-        #[expect(clippy::expect_used, reason = "a thread stuck in a pod netns is unrecoverable")]
+        #[expect(
+            clippy::expect_used,
+            reason = "a thread stuck in a pod netns is unrecoverable"
+        )]
         setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET)
             .expect("failed to return the thread to ztunnel's own network namespace");
         Ok(out)

@@ -175,10 +175,16 @@ impl Proxy {
     pub fn start_pod(self: &Arc<Self>, pod: Arc<PodNet>) -> Result<PodListeners, Error> {
         let mut tasks = Vec::new();
         let mut outbound = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND))];
-        let mut inbound = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT))];
+        let mut inbound = vec![SocketAddr::from((
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_PLAINTEXT,
+        ))];
         if pod.has_v6() {
             outbound.push(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)));
-            inbound.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::INBOUND_PLAINTEXT)));
+            inbound.push(SocketAddr::from((
+                Ipv6Addr::UNSPECIFIED,
+                ports::INBOUND_PLAINTEXT,
+            )));
         }
         for addr in outbound {
             let l = self.listen(&pod, addr)?;
@@ -253,9 +259,13 @@ async fn relay(
     mut upstream: TcpStream,
 ) {
     let _ = downstream.set_nodelay(true);
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, 64 << 10, 64 << 10)
-            .await;
+    let result = tokio::io::copy_bidirectional_with_sizes(
+        &mut downstream,
+        &mut upstream,
+        64 << 10,
+        64 << 10,
+    )
+    .await;
     let (sent, received, outcome) = match result {
         Ok((from_down, from_up)) => (from_down, from_up, "ok".to_owned()),
         Err(e) => (0, 0, format!("error: {e}")),

@@ -138,14 +138,20 @@ impl LocalConfig {
         for (i, w) in self.workloads.iter().enumerate() {
             let object = format!("workloads[{i}] ({})", w.key());
             if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(invalid(object, "name and namespace must not be empty".into()));
+                return Err(invalid(
+                    object,
+                    "name and namespace must not be empty".into(),
+                ));
             }
             if !keys.insert(w.key()) {
                 return Err(invalid(object, "duplicate workload".into()));
             }
             for a in &w.addresses {
                 if let Some(other) = addrs.insert(*a, w.key()) {
-                    return Err(invalid(object, format!("address {a} is also used by {other}")));
+                    return Err(invalid(
+                        object,
+                        format!("address {a} is also used by {other}"),
+                    ));
                 }
             }
             if w.node == node && (w.netns.is_none() || w.cgroup.is_none()) {
@@ -223,7 +229,11 @@ pub fn watch(
     let watched = path.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         let Ok(ev) = ev else { return };
-        if !ev.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
+        if !ev
+            .paths
+            .iter()
+            .any(|p| p.file_name() == file_name.as_deref())
+        {
             return;
         }
         if matches!(ev.kind, notify::EventKind::Access(_)) {
@@ -242,7 +252,9 @@ pub fn watch(
                 });
             }
             // A file being rewritten can be seen half-written; the next event re-reads it.
-            Err(e) => tracing::error!(error = %e, "workload file rejected; keeping the last good version"),
+            Err(e) => {
+                tracing::error!(error = %e, "workload file rejected; keeping the last good version")
+            }
         }
     })?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
@@ -301,7 +313,8 @@ workloads:
 
     #[test]
     fn syntax_errors_name_line_and_field() {
-        let text = "workloads:\n  - name: a\n    namespace: x\n    node: n\n    addresses: [not-an-ip]\n";
+        let text =
+            "workloads:\n  - name: a\n    namespace: x\n    node: n\n    addresses: [not-an-ip]\n";
         let err = parse(text).expect_err("bad address").to_string();
         assert!(err.contains("w.yaml"), "{err}");
         assert!(err.contains("line 5"), "{err}");
@@ -319,7 +332,10 @@ workloads:
     fn semantic_errors_name_the_object() {
         let dup = BASE.replace("10.0.0.2", "10.0.0.1");
         let err = parse(&dup).expect_err("duplicate address").to_string();
-        assert!(err.contains("workloads[1] (mesh/b)") && err.contains("10.0.0.1"), "{err}");
+        assert!(
+            err.contains("workloads[1] (mesh/b)") && err.contains("10.0.0.1"),
+            "{err}"
+        );
 
         let missing = "workloads:\n  - name: a\n    namespace: x\n    node: node1\n    addresses: [10.0.0.9]\n";
         let err = parse(missing).expect_err("no netns").to_string();

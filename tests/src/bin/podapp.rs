@@ -163,11 +163,17 @@ fn call_lockstep(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> any
     s.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
     s.read_to_end(&mut rest)?;
-    let (sent, received) = (format!("{:x}", sent_h.finalize()), format!("{:x}", got_h.finalize()));
+    let (sent, received) = (
+        format!("{:x}", sent_h.finalize()),
+        format!("{:x}", got_h.finalize()),
+    );
     let ok = sent == received && rest.is_empty();
     println!("sent={bytes} received={bytes} match={ok}");
     if !ok {
-        bail!("echo differs ({sent} vs {received}, {} extra bytes)", rest.len());
+        bail!(
+            "echo differs ({sent} vs {received}, {} extra bytes)",
+            rest.len()
+        );
     }
     Ok(())
 }
@@ -197,8 +203,8 @@ fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
 
 fn many(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     for i in 0..count {
-        let mut s = TcpStream::connect(addr)
-            .with_context(|| format!("connection {i} to {addr} failed"))?;
+        let mut s =
+            TcpStream::connect(addr).with_context(|| format!("connection {i} to {addr} failed"))?;
         s.write_all(b"x")?;
         s.shutdown(Shutdown::Write)?;
         let mut back = Vec::new();

@@ -18,14 +18,25 @@ fn enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing() -> anyh
     t.set_ambient("a", true)?;
     let d = z.wait_enrolled(&[&a])?;
     let programs = &d.enrolled_pods[0].attached_programs;
-    for p in ["connect4_capture", "connect6_capture", "getpeername4_capture", "sockops_capture", "tc_ingress_capture"] {
-        assert!(programs.iter().any(|x| x == p), "{p} missing from {programs:?}");
+    for p in [
+        "connect4_capture",
+        "connect6_capture",
+        "getpeername4_capture",
+        "sockops_capture",
+        "tc_ingress_capture",
+    ] {
+        assert!(
+            programs.iter().any(|x| x == p),
+            "{p} missing from {programs:?}"
+        );
     }
 
     // The next connection is captured ...
     let out = t.call(&a, b.addr(8080), &[])?;
     assert!(out.contains("match=true"), "{out}");
-    let d = z.wait_for("the captured connection", |d| d.connections.opened_total == 1)?;
+    let d = z.wait_for("the captured connection", |d| {
+        d.connections.opened_total == 1
+    })?;
     assert_eq!(d.connections.list[0].pod, a.key());
     // ... and the one opened before kept flowing throughout.
     let held = hold.wait_ok()?;
@@ -36,9 +47,16 @@ fn enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing() -> anyh
     assert_eq!(d.capture.occupancy.pod_addrs, 0);
     assert_eq!(d.capture.occupancy.orig_dst_by_cookie, 0);
     assert_eq!(d.capture.occupancy.orig_dst_by_tuple, 0);
-    assert_eq!(cgroup_programs(&a.cgroup)?, "", "programs left on the pod cgroup");
+    assert_eq!(
+        cgroup_programs(&a.cgroup)?,
+        "",
+        "programs left on the pod cgroup"
+    );
     let net = pod_net_programs(&a)?;
-    assert!(!net.contains("tc_ingress"), "tc program left in the pod: {net}");
+    assert!(
+        !net.contains("tc_ingress"),
+        "tc program left in the pod: {net}"
+    );
 
     // New connections go direct again.
     let out = t.call(&a, b.addr(8080), &[])?;

@@ -18,7 +18,11 @@ fn inbound_to_enrolled_pod_arrives_on_15006_with_original_destination() -> anyho
     let rec = &d.connections.list[0];
     assert_eq!(rec.direction, Direction::Inbound);
     assert_eq!(rec.pod, a.key());
-    assert_eq!(rec.dst, a.addr(8080), "local address of the accepted socket");
+    assert_eq!(
+        rec.dst,
+        a.addr(8080),
+        "local address of the accepted socket"
+    );
     assert_eq!(rec.src.ip(), c.addr(0).ip());
     assert_eq!(rec.bytes_sent, 10000);
     assert_eq!(d.capture.counters["inbound_steered"], 1);

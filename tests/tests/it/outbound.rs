@@ -27,7 +27,11 @@ fn enrolled_pod_outbound_is_captured_and_app_view_is_unchanged() -> anyhow::Resu
     // Exactly one: ztunnel's own connect to B was not captured again (no loop).
     assert_eq!(outbound.len(), 1, "{outbound:?}");
     assert_eq!(outbound[0].pod, a.key());
-    assert_eq!(outbound[0].dst, b.addr(8080), "ztunnel learned the original destination");
+    assert_eq!(
+        outbound[0].dst,
+        b.addr(8080),
+        "ztunnel learned the original destination"
+    );
     assert_eq!(outbound[0].bytes_sent, 4096);
     assert_eq!(outbound[0].bytes_received, 4096);
     assert_eq!(d.capture.counters["connect_captured"], 1);

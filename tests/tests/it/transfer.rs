@@ -42,7 +42,10 @@ fn byte_exact_transfers_with_and_without_fast_path() -> anyhow::Result<()> {
         let after = z.dump()?.capture.counters;
         let redirects = after["fast_path_redirects"] - before["fast_path_redirects"];
         if fast_path {
-            assert!(redirects > 0, "fast path on but nothing redirected: {after:?}");
+            assert!(
+                redirects > 0,
+                "fast path on but nothing redirected: {after:?}"
+            );
         } else {
             assert_eq!(redirects, 0, "fast path off but messages redirected");
         }
@@ -64,7 +67,12 @@ fn ipv6_capture_on_dual_stack_pod() -> anyhow::Result<()> {
     assert!(out.contains(&format!("peer={}", b.addr6(8080))), "{out}");
     assert!(out.contains("match=true"), "{out}");
     let d = z.wait_for("both records", |d| {
-        d.connections.list.iter().filter(|c| c.outcome.is_some()).count() == 2
+        d.connections
+            .list
+            .iter()
+            .filter(|c| c.outcome.is_some())
+            .count()
+            == 2
     })?;
     for rec in &d.connections.list {
         assert_eq!(rec.dst, b.addr6(8080), "{rec:?}");

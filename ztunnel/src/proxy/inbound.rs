@@ -27,14 +27,18 @@ pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpList
                 }
             };
             let span = tracing::info_span!("inbound", pod = %pod.name, %src, %dst);
-            handle(&proxy, &pod, stream, src, dst).instrument(span).await;
+            handle(&proxy, &pod, stream, src, dst)
+                .instrument(span)
+                .await;
         });
     }
 }
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let started = Instant::now();
-    let id = proxy.connections.open(Direction::Inbound, &pod.name, src, dst);
+    let id = proxy
+        .connections
+        .open(Direction::Inbound, &pod.name, src, dst);
     if ztunnel_common::ports::NEVER_CAPTURED.contains(&dst.port()) {
         // Forwarding to one of ztunnel's own ports would loop back into ztunnel.
         proxy.connections.close(
@@ -58,8 +62,10 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
     }
     match proxy.connect_from_pod(pod, dst).await {
         Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
-        Err(e) => proxy
-            .connections
-            .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}")),
+        Err(e) => {
+            proxy
+                .connections
+                .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}"))
+        }
     }
 }

@@ -34,14 +34,18 @@ pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpList
                 }
             };
             let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
-            handle(&proxy, &pod, stream, src, dst).instrument(span).await;
+            handle(&proxy, &pod, stream, src, dst)
+                .instrument(span)
+                .await;
         });
     }
 }
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let started = Instant::now();
-    let id = proxy.connections.open(Direction::Outbound, &pod.name, src, dst);
+    let id = proxy
+        .connections
+        .open(Direction::Outbound, &pod.name, src, dst);
     match proxy.connect_from_pod(pod, dst).await {
         Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
         Err(e) => {
@@ -64,7 +68,13 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         // SAFETY: valid fd, buffer and its length.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_IP,
+                SO_ORIGINAL_DST,
+                (&raw mut sa).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -77,7 +87,13 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         // SAFETY: valid fd, buffer and its length.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_IPV6,
+                SO_ORIGINAL_DST,
+                (&raw mut sa).cast(),
+                &mut len,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
