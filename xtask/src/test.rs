@@ -1,9 +1,14 @@
 //! `cargo xtask test`: lint, build the daemon and the test pods' binary, then run the unit
 //! tests and the privileged integration tests (root: network namespaces, eBPF, cgroups).
-//! Nothing is printed after cargo test's own summary, which CI reads.
-use anyhow::{bail, ensure};
+//! The last line is the total over every test binary, `N passed, N failed`.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
 
-use crate::exec::exec;
+use anyhow::{Context as _, bail, ensure};
+
+use crate::exec::{command_line, exec};
 use crate::lint;
 use crate::workspace::{self, EBPF_CRATE, cargo};
 
@@ -38,12 +43,89 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
     // The integration tests share kernel state (bpffs pins, cgroups, iptables), so they
     // run one at a time.
-    exec(
-        cargo()
-            .env("ZTUNNEL_BIN", &ztunnel)
-            .env("PODAPP_BIN", &podapp)
-            .args(["test", "--workspace", "--exclude", EBPF_CRATE])
-            .args(["--", "--test-threads=1"])
-            .args(&options.args),
-    )
+    let mut cmd = cargo();
+    cmd.env("ZTUNNEL_BIN", &ztunnel)
+        .env("PODAPP_BIN", &podapp)
+        .args(["test", "--workspace", "--exclude", EBPF_CRATE])
+        .args(["--", "--test-threads=1"])
+        .args(&options.args)
+        .stdout(Stdio::piped());
+    let line = command_line(&cmd);
+    eprintln!("$ {line}");
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to run {line}"))?;
+    let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let mut totals = Totals::default();
+    for l in BufReader::new(stdout).lines() {
+        let l = l.with_context(|| format!("failed to read the output of {line}"))?;
+        println!("{l}");
+        totals.add(&l);
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("failed to wait for {line}"))?;
+    println!("{}", totals.summary());
+    ensure!(status.success(), "{line} failed: {status}");
+    ensure!(totals.passed > 0, "no test ran");
+    Ok(())
+}
+
+/// Sums libtest's `test result:` lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+
+    fn summary(&self) -> String {
+        let mut s = format!("{} passed, {} failed", self.passed, self.failed);
+        if self.ignored > 0 {
+            s += &format!(", {} skipped", self.ignored);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_libtest_result_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 7 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add("test result: FAILED. 8 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 3.1s");
+        t.add("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 15,
+                failed: 1,
+                ignored: 2
+            }
+        );
+        assert_eq!(t.summary(), "15 passed, 1 failed, 2 skipped");
+    }
 }
