@@ -90,9 +90,11 @@ impl Shared {
             if pods.contains_key(key) {
                 continue;
             }
+            let started = std::time::Instant::now();
             match self.enrol(spec) {
                 Ok(e) => {
-                    tracing::info!(pod = %key, netns = %spec.netns.display(), "pod enrolled");
+                    let elapsed_us = started.elapsed().as_micros() as u64;
+                    tracing::info!(pod = %key, netns = %spec.netns.display(), elapsed_us, "pod enrolled");
                     pods.insert(key.clone(), e);
                 }
                 Err(e) => {

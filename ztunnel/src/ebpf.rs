@@ -127,7 +127,7 @@ impl Features {
         })?;
         let at_least = |maj, min| v >= KernelVersion::new(maj, min, 0);
         Ok(Self {
-            kernel: format!("{v:?}"),
+            kernel: v.to_string(),
             tcx: at_least(6, 6),
             netns_cookie_in_sockops: at_least(5, 15),
         })
@@ -247,6 +247,7 @@ impl Capture {
     /// Loads and pins every program, attaches ztunnel's own-cgroup programs, and sets
     /// the fast-path switch.
     pub fn load(opts: &Options) -> Result<Self, Error> {
+        let started = std::time::Instant::now();
         let features = Features::probe()?;
         if !features.netns_cookie_in_sockops {
             return Err(Error::KernelTooOld {
@@ -328,6 +329,7 @@ impl Capture {
             fast_path = opts.fast_path,
             pin_dir = %opts.pin_dir.display(),
             own_cgroup = %opts.own_cgroup.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "eBPF capture loaded"
         );
         Ok(Self {
