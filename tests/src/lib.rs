@@ -166,6 +166,7 @@ pub struct Ztunnel {
     pub log: PathBuf,
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
+    keep_pins: bool,
 }
 
 impl Ztunnel {
@@ -223,6 +224,15 @@ impl Ztunnel {
         })
     }
 
+    /// SIGKILL, as a crash would: nothing is detached or unpinned.
+    pub fn crash(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.keep_pins = true;
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -264,7 +274,9 @@ impl Drop for Ztunnel {
             self.log.display(),
             self.log_text()
         );
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if !self.keep_pins {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
     }
 }
 
@@ -305,6 +317,7 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     veths: Vec<String>,
     procs: Vec<u32>,
+    starts: u32,
 }
 
 impl Topology {
@@ -324,6 +337,7 @@ impl Topology {
             pods: Vec::new(),
             veths: Vec::new(),
             procs: Vec::new(),
+            starts: 0,
         };
         ip(&["netns", "add", &topo.node_ns])?;
         let ns = topo.node_ns.as_str();
@@ -476,6 +490,10 @@ impl Topology {
         out
     }
 
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.id)
+    }
+
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.path().join("workloads.yaml")
     }
@@ -509,9 +527,10 @@ impl Topology {
         self.write_workloads()?;
         let n: u16 = 16000 + (self.subnet as u16 % 100) * 10;
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, n));
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&self.id);
+        let pin_dir = self.pin_dir();
         let cgroup = self.cgroup_base.join("ztunnel");
-        let log = self.dir.path().join("ztunnel.log");
+        let log = self.dir.path().join(format!("ztunnel-{}.log", self.starts));
+        self.starts += 1;
         let logf = File::create(&log)?;
         let child = Command::new(ztunnel_bin())
             .arg("run")
@@ -537,6 +556,7 @@ impl Topology {
             log,
             pin_dir,
             cgroup,
+            keep_pins: false,
         };
         let want: Vec<&Pod> = self.pods.iter().filter(|p| p.ambient).collect();
         z.wait_enrolled(&want)?;
@@ -556,6 +576,8 @@ impl Drop for Topology {
         let _ = ip(&["netns", "del", &self.node_ns]);
         // Leaves first: pods, ztunnel, then the base.
         remove_cgroup_tree(&self.cgroup_base);
+        // Pins a crashed ztunnel left behind.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
     }
 }
 

@@ -124,14 +124,23 @@ impl Shared {
         })
     }
 
-    fn unenrol_all(&self) {
+    /// On exit, capture stays attached and pinned for the next ztunnel (an upgrade or a
+    /// restart): meanwhile the pods' connections fail closed instead of leaking plaintext.
+    fn leave_all(&self) {
         let mut pods = self.pods();
         for (key, mut e) in std::mem::take(&mut *pods) {
             if let Some(c) = e.capture.take() {
-                self.capture.unenrol(c);
+                self.capture.leave_attached(c);
             }
-            tracing::info!(pod = %key, "pod unenrolled");
+            tracing::info!(pod = %key, "capture left attached for the next ztunnel");
         }
+    }
+
+    fn netns_cookies(&self) -> Vec<u64> {
+        self.pods()
+            .values()
+            .filter_map(|e| e.capture.as_ref().map(PodCapture::netns_cookie))
+            .collect()
     }
 }
 
@@ -186,10 +195,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
+    let mut first = true;
     loop {
         let desired = rx.borrow_and_update().local_enrolled(&cfg.node);
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
+        if first {
+            // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
+            shared.capture.release_unclaimed(&shared.netns_cookies());
+            first = false;
+        }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
             _ = retry.tick(), if !all_ok => {}
@@ -197,8 +212,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down: detaching capture from every pod");
+    tracing::info!("shutting down");
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || s.unenrol_all()).await?;
+    tokio::task::spawn_blocking(move || s.leave_all()).await?;
     Ok(())
 }

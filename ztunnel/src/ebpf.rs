@@ -15,8 +15,11 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
-        TcAttachType, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
-        sk_msg::SkMsgLink, sock_ops::SockOpsLink, tc::SchedClassifierLink,
+        TcAttachType, cgroup_sockopt::CgroupSockoptLink,
+        links::{FdLink, PinnedLink},
+        sk_msg::SkMsgLink,
+        sock_ops::SockOpsLink,
+        tc::SchedClassifierLink,
     },
     util::KernelVersion,
 };
@@ -76,6 +79,13 @@ pub enum Error {
     },
     #[error("failed to pin program {name} at {path}")]
     PinProgram {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("failed to pin link of {name} at {path}")]
+    PinLink {
         name: &'static str,
         path: PathBuf,
         #[source]
@@ -145,12 +155,32 @@ pub struct Options {
     pub fast_path: bool,
 }
 
+/// An attachment we hold. Dropping it detaches, except [`Link::Pinned`]: a pinned link
+/// stays attached until [`Link::release`] removes its pin, so capture survives a crash
+/// or an upgrade of ztunnel (and fails closed meanwhile: nothing listens on the ports the
+/// programs redirect to).
 enum Link {
-    SockAddr(#[expect(dead_code, reason = "held for its Drop, which detaches")] CgroupSockAddrLink),
+    Pinned(PinnedLink),
     SockOps(#[expect(dead_code, reason = "held for its Drop, which detaches")] SockOpsLink),
     Sockopt(#[expect(dead_code, reason = "held for its Drop, which detaches")] CgroupSockoptLink),
     SkMsg(#[expect(dead_code, reason = "held for its Drop, which detaches")] SkMsgLink),
-    Tc(#[expect(dead_code, reason = "held for its Drop, which detaches")] SchedClassifierLink),
+    /// clsact + netlink (kernels without TCX): not pinnable; the filter itself outlives
+    /// the process unless detached.
+    TcNetlink(SchedClassifierLink),
+}
+
+impl Link {
+    /// Detaches for good: unpins a pinned link so the kernel lets it go.
+    fn release(self) {
+        match self {
+            Link::Pinned(p) => {
+                if let Err(e) = p.unpin() {
+                    tracing::warn!(error = %e, "failed to unpin a link");
+                }
+            }
+            other => drop(other),
+        }
+    }
 }
 
 struct Maps {
@@ -166,6 +196,8 @@ struct Inner {
     ebpf: Ebpf,
     maps: Maps,
     _own_links: Vec<Link>,
+    /// Pinned pod links left by a previous ztunnel, by pod key, until re-enrolled or released.
+    adopted: BTreeMap<String, Vec<PinnedLink>>,
 }
 
 /// The loaded capture programs.
@@ -179,10 +211,13 @@ pub struct Capture {
 /// Capture attached to one pod; [`Capture::unenrol`] takes it apart.
 pub struct PodCapture {
     pub name: String,
+    pin_dir: PathBuf,
     netns: Netns,
     netns_cookie: u64,
     addrs: Vec<IpKey>,
     links: Vec<Link>,
+    /// Attached but not yet pinned (between attach and [`Capture::pin_pod`]).
+    new_links: Vec<(&'static str, FdLink)>,
     /// Program names attached for this pod, for the admin port.
     pub attached: Vec<&'static str>,
 }
@@ -267,6 +302,10 @@ impl Capture {
                 path: opts.pin_dir.clone(),
             });
         }
+        let adopted = adopt_pod_links(&opts.pin_dir.join("pods"));
+        if !adopted.is_empty() {
+            tracing::info!(pods = ?adopted.keys().collect::<Vec<_>>(), "found capture pinned by a previous ztunnel; it stays attached until each pod is re-enrolled");
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
@@ -337,6 +376,7 @@ impl Capture {
                 ebpf,
                 maps,
                 _own_links: own_links,
+                adopted,
             }),
             features,
             pin_dir: opts.pin_dir.clone(),
@@ -373,15 +413,19 @@ impl Capture {
         let target = cgroup_path.display().to_string();
         let mut pod = PodCapture {
             name: name.to_owned(),
+            pin_dir: self.pin_dir.join("pods").join(name),
             netns,
             netns_cookie,
             addrs: addrs.iter().map(|a| ip_key(*a)).collect(),
             links: Vec::new(),
+            new_links: Vec::new(),
             attached: Vec::new(),
         };
         // On any error below, dropping `pod` detaches what was attached so far; the
         // address entries are removed explicitly.
-        let result = self.attach_pod(&mut pod, &cgroup, &target);
+        let result = self
+            .attach_pod(&mut pod, &cgroup, &target)
+            .and_then(|()| self.pin_pod(&mut pod));
         if let Err(e) = result {
             self.unenrol(pod);
             return Err(e);
@@ -419,10 +463,18 @@ impl Capture {
             let link = prog
                 .take_link(id)
                 .map_err(|source| attach_err(name, target, source))?;
-            pod.links.push(Link::SockAddr(link));
+            pod.new_links.push((name, fd_link(name, target, link)?));
             pod.attached.push(name);
         }
-        pod.links.push(attach_sockops(ebpf, cgroup, target)?);
+        let prog: &mut SockOps = program_mut(ebpf, program::SOCKOPS)?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| attach_err(program::SOCKOPS, target, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_err(program::SOCKOPS, target, source))?;
+        pod.new_links
+            .push((program::SOCKOPS, fd_link(program::SOCKOPS, target, link)?));
         pod.attached.push(program::SOCKOPS);
 
         let tc: &mut SchedClassifier = program_mut(ebpf, program::TC_INGRESS)?;
@@ -430,6 +482,12 @@ impl Capture {
         let netns_path = pod.netns.path().to_owned();
         let link = pod.netns.run_on_thread(|| {
             if !tcx {
+                // A previous ztunnel's filter (netlink filters outlive their process).
+                let _ = aya::programs::tc::qdisc_detach_program(
+                    "eth0",
+                    TcAttachType::Ingress,
+                    program::TC_INGRESS,
+                );
                 // EEXIST just means the qdisc is there already.
                 if let Err(e) = aya::programs::tc::qdisc_add_clsact("eth0") {
                     let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
@@ -449,9 +507,65 @@ impl Capture {
             tc.take_link(id)
                 .map_err(|source| attach_err(program::TC_INGRESS, &target, source))
         })??;
-        pod.links.push(Link::Tc(link));
+        if tcx {
+            let target = format!("eth0 in {}", pod.netns.path().display());
+            pod.new_links.push((
+                program::TC_INGRESS,
+                fd_link(program::TC_INGRESS, &target, link)?,
+            ));
+        } else {
+            pod.links.push(Link::TcNetlink(link));
+        }
         pod.attached.push(program::TC_INGRESS);
         Ok(())
+    }
+
+    /// Hands over from a previous ztunnel's pinned links (the new ones are attached
+    /// already, so there is no gap), then pins the new links.
+    fn pin_pod(&self, pod: &mut PodCapture) -> Result<(), Error> {
+        let old = self.lock().adopted.remove(&pod.name);
+        for link in old.into_iter().flatten() {
+            Link::Pinned(link).release();
+        }
+        std::fs::create_dir_all(&pod.pin_dir).map_err(|source| Error::PinDir {
+            path: pod.pin_dir.clone(),
+            source,
+        })?;
+        for (name, link) in pod.new_links.drain(..) {
+            let path = pod.pin_dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            let pinned = link.pin(&path).map_err(|source| Error::PinLink {
+                name,
+                path: path.clone(),
+                source,
+            })?;
+            pod.links.push(Link::Pinned(pinned));
+        }
+        Ok(())
+    }
+
+    /// Detaches pinned capture of pods a previous ztunnel enrolled that this one does
+    /// not, and deletes address entries of pods no longer enrolled.
+    pub fn release_unclaimed(&self, live_netns_cookies: &[u64]) {
+        let mut inner = self.lock();
+        for (pod, links) in std::mem::take(&mut inner.adopted) {
+            for link in links {
+                Link::Pinned(link).release();
+            }
+            let _ = std::fs::remove_dir(self.pin_dir.join("pods").join(&pod));
+            tracing::info!(pod = %pod, "released capture left by a previous ztunnel");
+        }
+        let stale: Vec<IpKey> = inner
+            .maps
+            .pod_addrs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| !live_netns_cookies.contains(&v.netns_cookie))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = inner.maps.pod_addrs.remove(&k);
+        }
     }
 
     /// Detaches everything attached for the pod and deletes its map entries. Connections
@@ -460,8 +574,10 @@ impl Capture {
         // Netlink tc filters are found by ifindex, which is per netns: detach them from
         // inside the pod's netns. TCX and cgroup links detach from anywhere.
         let tc_links: Vec<Link> = {
-            let (tc, rest): (Vec<_>, Vec<_>) =
-                pod.links.drain(..).partition(|l| matches!(l, Link::Tc(_)));
+            let (tc, rest): (Vec<_>, Vec<_>) = pod
+                .links
+                .drain(..)
+                .partition(|l| matches!(l, Link::TcNetlink(_)));
             pod.links = rest;
             tc
         };
@@ -471,7 +587,11 @@ impl Capture {
             // The netns is gone, and its interfaces and filters with it.
             tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol");
         }
-        pod.links.clear();
+        for link in pod.links.drain(..) {
+            link.release();
+        }
+        pod.new_links.clear();
+        let _ = std::fs::remove_dir(&pod.pin_dir);
         let mut inner = self.lock();
         let maps = &mut inner.maps;
         for key in &pod.addrs {
@@ -498,6 +618,16 @@ impl Capture {
             let _ = maps.by_tuple.remove(&k);
         }
         tracing::info!(pod = %pod.name, "capture detached");
+    }
+
+    /// Leaves the pod captured after ztunnel exits: pinned links stay, netlink tc filters
+    /// are not detached. The next ztunnel adopts them; until then the pod fails closed.
+    pub fn leave_attached(&self, pod: PodCapture) {
+        for link in pod.links {
+            if let Link::TcNetlink(l) = link {
+                std::mem::forget(l);
+            }
+        }
     }
 
     /// Turns the same-node fast path on or off for new connections.
@@ -574,6 +704,51 @@ fn attach_err(name: &'static str, target: &str, source: aya::programs::ProgramEr
         target: target.to_owned(),
         source,
     }
+}
+
+fn fd_link<L>(name: &'static str, target: &str, link: L) -> Result<FdLink, Error>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|e| Error::Attach {
+        name,
+        target: target.to_owned(),
+        source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
+    })
+}
+
+/// Pinned pod links under `<pin dir>/pods/<namespace>/<name>/<program>`.
+fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<PinnedLink>> {
+    let mut out = BTreeMap::new();
+    let Ok(namespaces) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for ns in namespaces.flatten() {
+        let Ok(pods) = std::fs::read_dir(ns.path()) else {
+            continue;
+        };
+        for pod in pods.flatten() {
+            let key = format!(
+                "{}/{}",
+                ns.file_name().to_string_lossy(),
+                pod.file_name().to_string_lossy()
+            );
+            let links: Vec<PinnedLink> = std::fs::read_dir(pod.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| match PinnedLink::from_pin(f.path()) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(path = %f.path().display(), error = %e, "ignoring an unreadable pinned link");
+                        None
+                    }
+                })
+                .collect();
+            out.insert(key, links);
+        }
+    }
+    out
 }
 
 fn attach_sockops(ebpf: &mut Ebpf, cgroup: &File, target: &str) -> Result<Link, Error> {

@@ -64,3 +64,31 @@ fn enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing() -> anyh
     assert_eq!(z.dump()?.connections.opened_total, 1);
     Ok(())
 }
+
+#[test]
+fn crashed_ztunnel_fails_closed_and_its_successor_takes_over() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", false, false)?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let z = t.start_ztunnel(false)?;
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    z.crash();
+
+    // Capture stays attached: the connect still goes to :15001, where nothing listens.
+    let res = t.call(&a, b.addr(8080), &[]);
+    let err = format!("{:?}", res.expect_err("no plaintext while ztunnel is down"));
+    assert!(err.contains("Connection refused"), "{err}");
+
+    // A new ztunnel adopts the pinned capture: one set of programs, traffic flows.
+    let z = t.start_ztunnel(false)?;
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    let d = z.wait_for("the captured connection", |d| d.connections.opened_total == 1)?;
+    assert_eq!(d.connections.list[0].pod, a.key());
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    assert_eq!(progs.matches("sockops_capture").count(), 1, "{progs}");
+    Ok(())
+}
