@@ -31,10 +31,10 @@ enum Cmd {
         chunk: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Half-duplex: write a chunk, read its echo, repeat; half-close only after the
-        /// last echo, so no read is blocked while the socket shuts down for writing.
+        /// Run as an event-loop app (non-blocking socket, tokio) instead of a blocking
+        /// writer thread plus a blocking reader.
         #[arg(long)]
-        lockstep: bool,
+        event_loop: bool,
     },
     /// Keep one connection and ping through it every 50 ms for `secs` seconds.
     Hold {
@@ -58,10 +58,10 @@ fn main() -> anyhow::Result<()> {
             bytes,
             chunk,
             seed,
-            lockstep,
+            event_loop,
         } => {
-            if lockstep {
-                call_lockstep(addr, bytes, chunk, seed)
+            if event_loop {
+                call_event_loop(addr, bytes, chunk, seed)
             } else {
                 call(addr, bytes, chunk, seed)
             }
@@ -141,41 +141,57 @@ fn call(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Resu
     Ok(())
 }
 
-fn call_lockstep(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
-    println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (mut sent_h, mut got_h) = (Sha256::new(), Sha256::new());
-    let mut out = vec![0u8; chunk.max(1)];
-    let mut back = vec![0u8; chunk.max(1)];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(out.len());
-        rng.fill_bytes(&mut out[..n]);
-        sent_h.update(&out[..n]);
-        s.write_all(&out[..n])
-            .with_context(|| format!("write failed after {} bytes", bytes - left))?;
-        s.read_exact(&mut back[..n])
-            .with_context(|| format!("read failed after {} bytes", bytes - left))?;
-        got_h.update(&back[..n]);
-        left -= n;
-    }
-    s.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest)?;
-    let (sent, received) = (
-        format!("{:x}", sent_h.finalize()),
-        format!("{:x}", got_h.finalize()),
-    );
-    let ok = sent == received && rest.is_empty();
-    println!("sent={bytes} received={bytes} match={ok}");
-    if !ok {
-        bail!(
-            "echo differs ({sent} vs {received}, {} extra bytes)",
-            rest.len()
-        );
-    }
-    Ok(())
+fn call_event_loop(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("failed to connect to {addr}"))?;
+        println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; chunk.max(1)];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len());
+                rng.fill_bytes(&mut buf[..n]);
+                h.update(&buf[..n]);
+                w.write_all(&buf[..n])
+                    .await
+                    .with_context(|| format!("write failed after {} bytes", bytes - left))?;
+                left -= n;
+            }
+            w.shutdown().await?;
+            anyhow::Ok(format!("{:x}", h.finalize()))
+        });
+        let mut h = Sha256::new();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = r
+                .read(&mut buf)
+                .await
+                .with_context(|| format!("read failed after {got} bytes"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            got += n;
+        }
+        let sent = writer.await??;
+        let received = format!("{:x}", h.finalize());
+        let ok = sent == received && got == bytes;
+        println!("sent={bytes} received={got} match={ok}");
+        if !ok {
+            bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
+        }
+        Ok(())
+    })
 }
 
 fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
