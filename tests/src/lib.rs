@@ -525,8 +525,8 @@ impl Topology {
     /// Starts ztunnel for this node in its own cgroup, with its own pin dir and admin port.
     pub fn start_ztunnel(&mut self, fast_path: bool) -> anyhow::Result<Ztunnel> {
         self.write_workloads()?;
-        let n: u16 = 16000 + (self.subnet as u16 % 100) * 10;
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, n));
+        // A port free right now; other test runs on the machine use others.
+        let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
         let pin_dir = self.pin_dir();
         let cgroup = self.cgroup_base.join("ztunnel");
         let log = self.dir.path().join(format!("ztunnel-{}.log", self.starts));
