@@ -94,6 +94,9 @@ pub struct Pod {
     pub ip6: Option<Ipv6Addr>,
     /// Enrolled in the workload file (label `istio.io/dataplane-mode=ambient`).
     pub ambient: bool,
+    /// The node it runs on (`node1`, `node2`).
+    pub node: String,
+    pub service_account: String,
 }
 
 impl Pod {
@@ -307,10 +310,13 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String
     })
 }
 
-/// One node: a netns with a bridge, pods attached to it, and their cgroups.
+/// One or two nodes: each a netns with a bridge (`10.<s>.<node>.1/24`) and pods attached
+/// to it; two nodes are joined by a veth "wire" and route between each other (forwarding
+/// is switched on inside the node namespaces only).
 pub struct Topology {
     pub id: String,
-    pub node_ns: String,
+    /// Node netns names, `node1` first.
+    pub nodes: Vec<String>,
     pub dir: tempfile::TempDir,
     cgroup_base: PathBuf,
     subnet: u8,
@@ -325,12 +331,12 @@ impl Topology {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = format!("zt{}x{n}", std::process::id() % 100_000);
-        let node_ns = format!("{id}-node");
+        let node_ns = format!("{id}-node1");
         let cgroup_base = cgroup2_root().join(format!("{id}-test"));
         let subnet = 100 + (n % 100) as u8;
         let topo = Self {
             id,
-            node_ns,
+            nodes: vec![node_ns.clone()],
             dir: tempfile::tempdir()?,
             cgroup_base,
             subnet,
@@ -339,46 +345,102 @@ impl Topology {
             procs: Vec::new(),
             starts: 0,
         };
-        ip(&["netns", "add", &topo.node_ns])?;
-        let ns = topo.node_ns.as_str();
-        ip_in(ns, &["link", "set", "lo", "up"])?;
-        ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
-        ip_in(ns, &["link", "set", "br0", "up"])?;
         std::fs::create_dir_all(topo.cgroup_base.join("pods"))?;
+        topo.make_node(1)?;
         Ok(topo)
     }
 
-    pub fn gateway4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.subnet, 0, 1)
+    fn make_node(&self, n: u8) -> anyhow::Result<()> {
+        let ns = self.nodes[usize::from(n - 1)].as_str();
+        ip(&["netns", "add", ns])?;
+        ip_in(ns, &["link", "set", "lo", "up"])?;
+        ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.gateway4(n)),
+                "dev",
+                "br0",
+            ],
+        )?;
+        ip_in(ns, &["link", "set", "br0", "up"])?;
+        Ok(())
     }
 
-    /// Adds a pod with an IPv4 address (and IPv6 when `dual_stack`).
+    /// The bridge address of node `n`: the default gateway of its pods.
+    pub fn gateway4(&self, n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, n, 1)
+    }
+
+    /// Adds node2, wired to node1, with routes both ways.
+    pub fn add_node(&mut self) -> anyhow::Result<String> {
+        assert_eq!(self.nodes.len(), 1, "the fixture builds at most two nodes");
+        let ns = format!("{}-node2", self.id);
+        self.nodes.push(ns.clone());
+        self.make_node(2)?;
+        let (n1, n2) = (self.nodes[0].clone(), ns.clone());
+        ip(&[
+            "link", "add", "wire", "netns", &n1, "type", "veth", "peer", "name", "wire", "netns",
+            &n2,
+        ])?;
+        let s = self.subnet;
+        for (node, me, peer, other) in [(&n1, 1u8, 2u8, 2u8), (&n2, 2, 1, 1)] {
+            ip_in(
+                node,
+                &["addr", "add", &format!("10.{s}.255.{me}/24"), "dev", "wire"],
+            )?;
+            ip_in(node, &["link", "set", "wire", "up"])?;
+            ip_in(
+                node,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.{s}.{other}.0/24"),
+                    "via",
+                    &format!("10.{s}.255.{peer}"),
+                ],
+            )?;
+            // Forwarding inside the node namespace only; the host keeps its own setting.
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]))?;
+        }
+        Ok("node2".to_owned())
+    }
+
+    /// Adds a pod on node1 with an IPv4 address (and IPv6 when `dual_stack`).
     pub fn add_pod(&mut self, name: &str, ambient: bool, dual_stack: bool) -> anyhow::Result<Pod> {
+        self.add_pod_on(1, name, ambient, dual_stack)
+    }
+
+    /// Adds a pod on node `node` (1 or 2).
+    pub fn add_pod_on(
+        &mut self,
+        node: u8,
+        name: &str,
+        ambient: bool,
+        dual_stack: bool,
+    ) -> anyhow::Result<Pod> {
+        let node_ns = self.nodes[usize::from(node - 1)].clone();
         let k = self.pods.len() as u8 + 10;
         let netns = format!("{}-{name}", self.id);
         ip(&["netns", "add", &netns])?;
         let host_if = format!("v{}{k}", &self.id[2..].replace('x', ""));
         let host_if: String = host_if.chars().take(15).collect();
         ip(&[
-            "link",
-            "add",
-            &host_if,
-            "netns",
-            &self.node_ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
+            "link", "add", &host_if, "netns", &node_ns, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
         ])?;
         self.veths.push(host_if.clone());
-        ip_in(
-            &self.node_ns,
-            &["link", "set", &host_if, "master", "br0", "up"],
-        )?;
-        let ip4 = Ipv4Addr::new(10, self.subnet, 0, k);
+        ip_in(&node_ns, &["link", "set", &host_if, "master", "br0", "up"])?;
+        let ip4 = Ipv4Addr::new(10, self.subnet, node, k);
         ip_in(&netns, &["link", "set", "lo", "up"])?;
         ip_in(
             &netns,
@@ -395,6 +457,8 @@ impl Topology {
             None
         };
         ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        let gw = self.gateway4(node).to_string();
+        ip_in(&netns, &["route", "add", "default", "via", &gw])?;
         let cgroup = self.cgroup_base.join("pods").join(name);
         std::fs::create_dir_all(&cgroup)?;
         let pod = Pod {
@@ -405,6 +469,8 @@ impl Topology {
             ip4,
             ip6,
             ambient,
+            node: format!("node{node}"),
+            service_account: name.to_owned(),
         };
         self.pods.push(pod.clone());
         Ok(pod)
@@ -464,7 +530,7 @@ impl Topology {
         self.spawn(pod, &args)?.wait_ok()
     }
 
-    /// The workload file for the current pods (all on node "node1").
+    /// The workload file for the current pods (service account = pod name).
     pub fn workloads_yaml(&self) -> String {
         let mut out = String::from("namespaces:\n  - name: default\nworkloads:\n");
         for p in &self.pods {
@@ -479,8 +545,10 @@ impl Topology {
             }
             let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             out += &format!(
-                "  - name: {}\n    namespace: default\n    node: node1\n    addresses: [{}]\n    labels: {{ {} }}\n    netns: {}\n    cgroup: {}\n",
+                "  - name: {}\n    namespace: default\n    node: {}\n    serviceAccount: {}\n    addresses: [{}]\n    labels: {{ {} }}\n    netns: {}\n    cgroup: {}\n",
                 p.name,
+                p.node,
+                p.service_account,
                 addrs.join(", "),
                 labels.join(", "),
                 p.netns_path.display(),
@@ -490,8 +558,8 @@ impl Topology {
         out
     }
 
-    pub fn pin_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/bpf").join(&self.id)
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("{}-{node}", self.id))
     }
 
     pub fn workloads_path(&self) -> PathBuf {
@@ -522,21 +590,30 @@ impl Topology {
         self.write_workloads()
     }
 
-    /// Starts ztunnel for this node in its own cgroup, with its own pin dir and admin port.
+    /// Starts node1's ztunnel.
     pub fn start_ztunnel(&mut self, fast_path: bool) -> anyhow::Result<Ztunnel> {
+        self.start_ztunnel_on("node1", fast_path)
+    }
+
+    /// Starts a node's ztunnel in its own cgroup, with its own pin dir and admin port; all
+    /// nodes share the built-in CA's directory, so they trust each other.
+    pub fn start_ztunnel_on(&mut self, node: &str, fast_path: bool) -> anyhow::Result<Ztunnel> {
         self.write_workloads()?;
         // A port free right now; other test runs on the machine use others.
         let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
-        let pin_dir = self.pin_dir();
-        let cgroup = self.cgroup_base.join("ztunnel");
-        let log = self.dir.path().join(format!("ztunnel-{}.log", self.starts));
+        let pin_dir = self.pin_dir(node);
+        let cgroup = self.cgroup_base.join(format!("ztunnel-{node}"));
+        let log = self
+            .dir
+            .path()
+            .join(format!("ztunnel-{node}-{}.log", self.starts));
         self.starts += 1;
         let logf = File::create(&log)?;
         let child = Command::new(ztunnel_bin())
             .arg("run")
             .arg("--workloads")
             .arg(self.workloads_path())
-            .args(["--node", "node1"])
+            .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)
             .arg("--cgroup")
@@ -558,7 +635,11 @@ impl Topology {
             cgroup,
             keep_pins: false,
         };
-        let want: Vec<&Pod> = self.pods.iter().filter(|p| p.ambient).collect();
+        let want: Vec<&Pod> = self
+            .pods
+            .iter()
+            .filter(|p| p.ambient && p.node == node)
+            .collect();
         z.wait_enrolled(&want)?;
         Ok(z)
     }
@@ -573,11 +654,15 @@ impl Drop for Topology {
         for p in &self.pods {
             let _ = ip(&["netns", "del", &p.netns]);
         }
-        let _ = ip(&["netns", "del", &self.node_ns]);
+        for n in &self.nodes {
+            let _ = ip(&["netns", "del", n]);
+        }
         // Leaves first: pods, ztunnel, then the base.
         remove_cgroup_tree(&self.cgroup_base);
         // Pins a crashed ztunnel left behind.
-        let _ = std::fs::remove_dir_all(self.pin_dir());
+        for n in 1..=self.nodes.len() {
+            let _ = std::fs::remove_dir_all(self.pin_dir(&format!("node{n}")));
+        }
     }
 }
 
