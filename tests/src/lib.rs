@@ -374,6 +374,12 @@ impl Topology {
         Ipv4Addr::new(10, self.subnet, n, 1)
     }
 
+    /// Captures TCP on node1's side of the wire between the nodes.
+    pub fn tcpdump_wire(&self) -> anyhow::Result<Tcpdump> {
+        let file = self.dir.path().join(format!("wire-{}.pcap", self.starts));
+        Tcpdump::start(&self.nodes[0], "wire", file)
+    }
+
     /// Adds node2, wired to node1, with routes both ways.
     pub fn add_node(&mut self) -> anyhow::Result<String> {
         assert_eq!(self.nodes.len(), 1, "the fixture builds at most two nodes");
@@ -683,6 +689,72 @@ fn remove_cgroup_tree(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A packet capture (tcpdump) on an interface of a test namespace.
+pub struct Tcpdump {
+    child: Option<Child>,
+    file: PathBuf,
+}
+
+impl Tcpdump {
+    /// Starts capturing TCP on `iface` inside netns `ns` and waits until tcpdump listens.
+    pub fn start(ns: &str, iface: &str, file: PathBuf) -> anyhow::Result<Self> {
+        let mut child = Command::new("ip")
+            // Debian's tcpdump drops to its own user, which cannot write into our 0700
+            // temp dir; without immediate mode packets of a short capture stay buffered.
+            .args(["netns", "exec", ns, "tcpdump", "-Z", "root", "--immediate-mode"])
+            .args(["-i", iface, "-U", "-n", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start tcpdump")?;
+        // tcpdump says "listening on …" once the capture is open.
+        let mut err = child.stderr.take().context("tcpdump stderr")?;
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        use std::io::Read as _;
+        while err.read(&mut b)? == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        if !line.contains("listening") {
+            bail!("tcpdump did not start: {line}");
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Ok(Self {
+            child: Some(child),
+            file,
+        })
+    }
+
+    /// Stops the capture and returns `tcpdump -nn -A` of what it saw: one header line per
+    /// packet followed by its payload as ASCII.
+    pub fn finish(mut self) -> anyhow::Result<String> {
+        if let Some(mut c) = self.child.take() {
+            // `ip netns exec` passes the signal on; tcpdump flushes and exits on SIGINT.
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            c.wait()?;
+        }
+        let out = run(Command::new("tcpdump")
+            .args(["-nn", "-A", "-r"])
+            .arg(&self.file))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Tcpdump {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

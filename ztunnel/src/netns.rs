@@ -22,6 +22,12 @@ pub enum Error {
         #[source]
         source: nix::Error,
     },
+    #[error("failed to run `{command}` in network namespace {path}: {detail}")]
+    Command {
+        path: PathBuf,
+        command: String,
+        detail: String,
+    },
     #[error("failed to read the cookie of network namespace {path}")]
     Cookie {
         path: PathBuf,
@@ -92,6 +98,54 @@ impl Netns {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Runs a command (e.g. `ip rule …`) with this namespace as its network namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, Error> {
+        use std::os::unix::process::CommandExt as _;
+        let command = format!("{program} {}", args.join(" "));
+        let fd = self.file.as_raw_fd();
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        // SAFETY: only setns (async-signal-safe) on a descriptor opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().map_err(|e| Error::Command {
+            path: self.path.clone(),
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                path: self.path.clone(),
+                command,
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a per-namespace sysctl such as `net/ipv4/tcp_fwmark_accept`, returning the
+    /// previous value. `/proc/sys/net` shows the namespace of the thread that opens it.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<String, Error> {
+        let path = PathBuf::from("/proc/sys").join(key);
+        let err = |e: std::io::Error| Error::Command {
+            path: self.path.clone(),
+            command: format!("sysctl {key}={value}"),
+            detail: e.to_string(),
+        };
+        self.run_on_thread(|| -> std::io::Result<String> {
+            let old = std::fs::read_to_string(&path)?;
+            std::fs::write(&path, value)?;
+            Ok(old.trim().to_owned())
+        })?
+        .map_err(err)
     }
 
     /// The kernel's cookie for this namespace (`SO_NETNS_COOKIE`, Linux >= 5.14); the

@@ -31,6 +31,9 @@ enum Cmd {
         chunk: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Send this text repeated instead of random bytes (to look for it on the wire).
+        #[arg(long)]
+        pattern: Option<String>,
         /// Run as an event-loop app (non-blocking socket, tokio) instead of a blocking
         /// writer thread plus a blocking reader.
         #[arg(long)]
@@ -58,9 +61,12 @@ fn main() -> anyhow::Result<()> {
             bytes,
             chunk,
             seed,
+            pattern,
             event_loop,
         } => {
-            if event_loop {
+            if let Some(p) = pattern {
+                call_pattern(addr, bytes, &p)
+            } else if event_loop {
                 call_event_loop(addr, bytes, chunk, seed)
             } else {
                 call(addr, bytes, chunk, seed)
@@ -137,6 +143,22 @@ fn call(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Resu
     println!("sent={bytes} received={got} match={ok}");
     if !ok {
         bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
+    }
+    Ok(())
+}
+
+fn call_pattern(addr: SocketAddr, bytes: usize, pattern: &str) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
+    let data: Vec<u8> = pattern.bytes().cycle().take(bytes).collect();
+    s.write_all(&data)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    let ok = back == data;
+    println!("sent={bytes} received={} match={ok}", back.len());
+    if !ok {
+        bail!("echo differs");
     }
     Ok(())
 }

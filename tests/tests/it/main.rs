@@ -5,3 +5,4 @@ mod inbound;
 mod occupancy;
 mod outbound;
 mod transfer;
+mod tunnel;
