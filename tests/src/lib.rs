@@ -627,6 +627,8 @@ impl Topology {
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg(format!("--fast-path={fast_path}"))
+            .arg("--ca-dir")
+            .arg(self.dir.path().join("ca"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -704,7 +706,15 @@ impl Tcpdump {
         let mut child = Command::new("ip")
             // Debian's tcpdump drops to its own user, which cannot write into our 0700
             // temp dir; without immediate mode packets of a short capture stay buffered.
-            .args(["netns", "exec", ns, "tcpdump", "-Z", "root", "--immediate-mode"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "-Z",
+                "root",
+                "--immediate-mode",
+            ])
             .args(["-i", iface, "-U", "-n", "-w"])
             .arg(&file)
             .arg("tcp")

@@ -16,9 +16,10 @@ use crate::{
     admin,
     config::Config,
     ebpf::{self, Capture, PodCapture},
+    identity::{BuiltinCa, CertificateManager, Identity},
     netns::Netns,
     proxy::{PodListeners, PodNet, Proxy},
-    state::{self, LocalConfig, LocalPod},
+    state::{self, LocalConfig, LocalPod, Store},
 };
 
 /// An enrolled pod as the admin API shows it.
@@ -107,10 +108,14 @@ impl Shared {
     }
 
     fn enrol(&self, spec: &LocalPod) -> anyhow::Result<Enrolled> {
+        let identity: Identity = spec.identity.parse()?;
+        // The certificate first: the pod's HBONE listener serves it from the first connection.
+        tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
         let pod = Arc::new(PodNet {
             name: spec.key.clone(),
             netns: Netns::open(&spec.netns)?,
             addrs: spec.addresses.clone(),
+            identity,
         });
         // Listeners first: a connect captured before they exist would be refused.
         let listeners = self.proxy.start_pod(pod)?;
@@ -170,6 +175,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let initial = LocalConfig::load(&cfg.workloads, &cfg.node)?;
+    let ca = BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?;
+    let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
     let capture = Capture::load(&ebpf::Options {
         pin_dir: cfg.bpf_pin_dir.clone(),
         own_cgroup,
@@ -177,7 +184,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })?;
     let shared = Arc::new(Shared {
         capture,
-        proxy: Proxy::new()?,
+        proxy: Proxy::new(Store::new(initial.clone()), certs)?,
         pods: Mutex::default(),
     });
     let cfg = Arc::new(cfg);
@@ -197,7 +204,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
     let mut first = true;
     loop {
-        let desired = rx.borrow_and_update().local_enrolled(&cfg.node);
+        let current = rx.borrow_and_update().clone();
+        let desired = current.local_enrolled(&cfg.node);
+        shared.proxy.set_store(Store::new(current));
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
         if first {

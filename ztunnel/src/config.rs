@@ -37,6 +37,16 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_CGROUP")]
     pub cgroup: Option<PathBuf>,
 
+    /// Where the built-in CA keeps its root key and certificate (created on first run;
+    /// every node that should trust each other must share the same root).
+    #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
+    pub ca_dir: PathBuf,
+
+    /// Lifetime of workload certificates (renewed at half of it), e.g. `24h`, `90m`.
+    #[arg(long, env = "ZTUNNEL_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub cert_lifetime: std::time::Duration,
+
     /// Start with the same-node sk_msg fast path on (switchable at runtime on the admin port).
     #[arg(long, env = "ZTUNNEL_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     pub fast_path: bool,

@@ -15,7 +15,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
-        TcAttachType, cgroup_sockopt::CgroupSockoptLink,
+        TcAttachType,
+        cgroup_sockopt::CgroupSockoptLink,
         links::{FdLink, PinnedLink},
         sk_msg::SkMsgLink,
         sock_ops::SockOpsLink,

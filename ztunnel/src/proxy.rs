@@ -1,27 +1,37 @@
 //! The userspace data path inside each enrolled pod's netns: listeners on :15001
-//! (outbound, captured connects) and :15006 (inbound, steered by tc), and the copy
-//! between the captured connection and its destination. Until the HBONE tunnel lands,
-//! both directions forward plain TCP from inside the pod's netns.
+//! (outbound, captured connects), :15006 (inbound plaintext, steered by tc) and :15008
+//! (HBONE), the HBONE client pool, and the copy between a captured connection and its
+//! destination.
+mod hbone_inbound;
 mod inbound;
 mod outbound;
+pub mod return_path;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
+    future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use ztunnel_common::{ZTUNNEL_MARK, ports};
 
-use crate::netns::{self, Netns};
+use crate::{
+    hbone,
+    identity::{CertificateManager, Identity},
+    netns::{self, Netns},
+    state::Store,
+    tls,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,18 +53,50 @@ pub struct PodNet {
     pub name: String,
     pub netns: Netns,
     pub addrs: Vec<IpAddr>,
+    /// The pod's SPIFFE identity (its certificate's).
+    pub identity: Identity,
 }
 
 impl PodNet {
     fn has_v6(&self) -> bool {
         self.addrs.iter().any(IpAddr::is_ipv6)
     }
+
+    /// The pod's address of the same family as `peer`, to dial from.
+    fn addr_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        self.addrs
+            .iter()
+            .find(|a| a.is_ipv4() == peer.is_ipv4())
+            .copied()
+    }
 }
+
+/// HBONE connections are pooled per (source pod, source identity, acceptable
+/// destination identities, next hop): streams to the same pod share one connection
+/// whether it was dialled directly or through a service VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_pod: String,
+    pub src_identity: Identity,
+    pub dst_identities: Vec<Identity>,
+    pub next_hop: SocketAddr,
+    pub src_ip: IpAddr,
+}
+
+type HboneIo = tokio_rustls::client::TlsStream<TcpStream>;
+type DialFuture = Pin<Box<dyn Future<Output = io::Result<HboneIo>> + Send>>;
+type Connector = Box<dyn Fn(&PoolKey) -> DialFuture + Send + Sync>;
 
 /// Shared by every pod's listeners.
 pub struct Proxy {
     home: Netns,
     pub connections: ConnectionLog,
+    store: RwLock<Arc<Store>>,
+    pub certs: Arc<CertificateManager>,
+    pods: RwLock<HashMap<String, Arc<PodNet>>>,
+    pool: hbone::Pool<PoolKey, Connector>,
+    /// `true` tells every HBONE server connection to drain (GOAWAY).
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -75,6 +117,15 @@ pub struct ConnectionRecord {
     pub src: SocketAddr,
     /// The original destination.
     pub dst: SocketAddr,
+    /// The client's SPIFFE identity (mTLS), when known.
+    #[serde(default)]
+    pub src_identity: Option<String>,
+    /// The server's SPIFFE identity (mTLS), when known.
+    #[serde(default)]
+    pub dst_identity: Option<String>,
+    /// `mutual_tls` for HBONE, `unknown` for plain TCP (Istio's label values).
+    #[serde(default)]
+    pub security_policy: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Unix time in milliseconds.
@@ -105,6 +156,18 @@ impl ConnectionLog {
     }
 
     fn open(&self, direction: Direction, pod: &str, src: SocketAddr, dst: SocketAddr) -> u64 {
+        self.open_with(direction, pod, src, dst, None, None)
+    }
+
+    fn open_with(
+        &self,
+        direction: Direction,
+        pod: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<String>,
+        dst_identity: Option<String>,
+    ) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let opened_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -118,6 +181,13 @@ impl ConnectionLog {
             pod: pod.to_owned(),
             src,
             dst,
+            security_policy: if src_identity.is_some() || dst_identity.is_some() {
+                "mutual_tls".to_owned()
+            } else {
+                "unknown".to_owned()
+            },
+            src_identity,
+            dst_identity,
             bytes_sent: 0,
             bytes_received: 0,
             opened_ms,
@@ -141,6 +211,9 @@ impl ConnectionLog {
                 pod = %rec.pod,
                 src = %rec.src,
                 dst = %rec.dst,
+                src_identity = rec.src_identity.as_deref().unwrap_or("-"),
+                dst_identity = rec.dst_identity.as_deref().unwrap_or("-"),
+                security = %rec.security_policy,
                 bytes_sent = rec.bytes_sent,
                 bytes_received = rec.bytes_received,
                 duration_ms = rec.duration_ms,
@@ -163,17 +236,97 @@ impl ConnectionLog {
 }
 
 impl Proxy {
-    pub fn new() -> Result<Arc<Self>, Error> {
-        Ok(Arc::new(Self {
-            home: Netns::current()?,
-            connections: ConnectionLog::default(),
+    pub fn new(store: Store, certs: Arc<CertificateManager>) -> Result<Arc<Self>, Error> {
+        let home = Netns::current()?;
+        Ok(Arc::new_cyclic(|me: &Weak<Proxy>| {
+            let me = me.clone();
+            let connector: Connector = Box::new(move |key: &PoolKey| {
+                let (me, key) = (me.clone(), key.clone());
+                Box::pin(async move {
+                    let proxy = me
+                        .upgrade()
+                        .ok_or_else(|| io::Error::other("ztunnel is shutting down"))?;
+                    proxy.dial_hbone(&key).await
+                })
+            });
+            Self {
+                home,
+                connections: ConnectionLog::default(),
+                store: RwLock::new(Arc::new(store)),
+                certs,
+                pods: RwLock::default(),
+                pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
+                drain: tokio::sync::watch::Sender::new(false),
+            }
         }))
     }
 
+    /// The current workload store.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_store(&self, store: Store) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(store);
+    }
+
+    pub fn pool_stats(&self) -> hbone::PoolStats {
+        self.pool.stats()
+    }
+
+    /// Dials an HBONE connection for `key`: TCP from the source pod's netns to the next
+    /// hop's :15008, then mTLS as the source identity, accepting only the expected
+    /// destination identities.
+    async fn dial_hbone(&self, key: &PoolKey) -> io::Result<HboneIo> {
+        let pod = self
+            .pods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key.src_pod)
+            .cloned()
+            .ok_or_else(|| io::Error::other(format!("pod {} is not enrolled", key.src_pod)))?;
+        let cert = self
+            .certs
+            .get(&key.src_identity)
+            .await
+            .map_err(io::Error::other)?;
+        let config =
+            tls::client_config(&cert, key.dst_identities.clone()).map_err(io::Error::other)?;
+        let tcp = self
+            .connect_from_pod(&pod, Some(key.src_ip), key.next_hop, ZTUNNEL_MARK)
+            .await?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(tls::server_name(key.next_hop.ip()), tcp)
+            .await
+    }
+
     /// Opens the pod's listeners and spawns their accept loops. The returned handle
-    /// closes them when dropped.
+    /// closes them (and takes the pod's return path out) when dropped.
     pub fn start_pod(self: &Arc<Self>, pod: Arc<PodNet>) -> Result<PodListeners, Error> {
-        let mut tasks = Vec::new();
+        let return_path = return_path::install(&pod.netns, pod.has_v6())?;
+        let mut listeners = PodListeners {
+            tasks: Vec::new(),
+            pod: pod.clone(),
+            return_path: Some(return_path),
+            proxy: Arc::downgrade(self),
+        };
+        self.pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pod.name.clone(), pod.clone());
+        let mut hbone = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE))];
+        if pod.has_v6() {
+            hbone.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)));
+        }
+        for addr in hbone {
+            let l = self.listen(&pod, addr)?;
+            listeners.tasks.push(tokio::spawn(hbone_inbound::serve(
+                self.clone(),
+                pod.clone(),
+                l,
+            )));
+        }
+        let tasks = &mut listeners.tasks;
         let mut outbound = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND))];
         let mut inbound = vec![SocketAddr::from((
             Ipv4Addr::UNSPECIFIED,
@@ -194,7 +347,7 @@ impl Proxy {
             let l = self.listen(&pod, addr)?;
             tasks.push(tokio::spawn(inbound::serve(self.clone(), pod.clone(), l)));
         }
-        Ok(PodListeners { tasks })
+        Ok(listeners)
     }
 
     fn listen(&self, pod: &PodNet, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -220,14 +373,34 @@ impl Proxy {
         TcpListener::from_std(std).map_err(err)
     }
 
-    /// A TCP connection to `dst` from inside the pod's netns, marked as ztunnel's.
-    async fn connect_from_pod(&self, pod: &PodNet, dst: SocketAddr) -> io::Result<TcpStream> {
+    /// A TCP connection to `dst` from inside the pod's netns with `mark`. With `src` it
+    /// is bound to that address first; an address that is not the pod's own (the
+    /// original client's, for source preservation) needs `IP_TRANSPARENT`.
+    async fn connect_from_pod(
+        &self,
+        pod: &PodNet,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        mark: u32,
+    ) -> io::Result<TcpStream> {
+        let transparent = src.is_some_and(|ip| !pod.addrs.contains(&ip));
         let sock = pod
             .netns
             .run(&self.home, || -> io::Result<Socket> {
                 let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-                s.set_mark(ZTUNNEL_MARK)?;
+                s.set_mark(mark)?;
                 s.set_tcp_nodelay(true)?;
+                s.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(180)))?;
+                if let Some(ip) = src {
+                    if transparent {
+                        if ip.is_ipv4() {
+                            s.set_ip_transparent_v4(true)?;
+                        } else {
+                            set_ipv6_transparent(&s)?;
+                        }
+                    }
+                    s.bind(&SocketAddr::new(ip, 0).into())?;
+                }
                 s.set_nonblocking(true)?;
                 Ok(s)
             })
@@ -236,15 +409,50 @@ impl Proxy {
     }
 }
 
-/// A pod's listeners; dropping it stops accepting (connections already accepted go on).
+/// `IPV6_TRANSPARENT` (socket2 only wraps the IPv4 option).
+fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: valid socket and an int-sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A pod's listeners; dropping it stops accepting (connections already accepted go on)
+/// and removes the pod's return path.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    pod: Arc<PodNet>,
+    return_path: Option<return_path::ReturnPath>,
+    proxy: Weak<Proxy>,
 }
 
 impl Drop for PodListeners {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(rp) = self.return_path.take() {
+            return_path::remove(&self.pod.netns, rp);
+        }
+        if let Some(proxy) = self.proxy.upgrade() {
+            proxy
+                .pods
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.pod.name);
         }
     }
 }

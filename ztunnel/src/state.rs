@@ -236,6 +236,8 @@ impl Workload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalPod {
     pub key: String,
+    /// The pod's SPIFFE identity.
+    pub identity: String,
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub addresses: Vec<IpAddr>,
@@ -364,6 +366,12 @@ impl LocalConfig {
                     w.key(),
                     LocalPod {
                         key: w.key(),
+                        identity: format!(
+                            "spiffe://{}/ns/{}/sa/{}",
+                            w.trust_domain.as_deref().unwrap_or(&self.trust_domain),
+                            w.namespace,
+                            w.service_account
+                        ),
                         netns: w.netns.clone()?,
                         cgroup: w.cgroup.clone()?,
                         addresses: w.addresses.clone(),

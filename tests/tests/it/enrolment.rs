@@ -85,7 +85,9 @@ fn crashed_ztunnel_fails_closed_and_its_successor_takes_over() -> anyhow::Result
     let z = t.start_ztunnel(false)?;
     let out = t.call(&a, b.addr(8080), &[])?;
     assert!(out.contains("match=true"), "{out}");
-    let d = z.wait_for("the captured connection", |d| d.connections.opened_total == 1)?;
+    let d = z.wait_for("the captured connection", |d| {
+        d.connections.opened_total == 1
+    })?;
     assert_eq!(d.connections.list[0].pod, a.key());
     let progs = cgroup_programs(&a.cgroup)?;
     assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");

@@ -51,7 +51,8 @@ fn byte_exact_transfers_with_and_without_fast_path() -> anyhow::Result<()> {
             assert_eq!(redirects, 0, "fast path off but messages redirected");
         }
         assert_eq!(after["connect_captured"] - before["connect_captured"], 2);
-        assert_eq!(after["inbound_steered"] - before["inbound_steered"], 2);
+        // B is in the mesh too: the tunnel goes to its :15008, which tc leaves alone.
+        assert_eq!(after["inbound_steered"] - before["inbound_steered"], 0);
     }
     Ok(())
 }
@@ -77,8 +78,8 @@ fn ipv6_capture_on_dual_stack_pod() -> anyhow::Result<()> {
     })?;
     for rec in &d.connections.list {
         assert_eq!(rec.dst, b.addr6(8080), "{rec:?}");
+        assert_eq!(rec.security_policy, "mutual_tls", "{rec:?}");
     }
     assert_eq!(d.capture.counters["connect_captured"], 1);
-    assert_eq!(d.capture.counters["inbound_steered"], 1);
     Ok(())
 }

@@ -19,7 +19,10 @@ fn non_mesh_pod_is_reached_in_plain_tcp() -> anyhow::Result<()> {
     assert!(out.contains("match=true"), "{out}");
     let wire = cap.finish()?;
     // Captured by A's ztunnel, but C is outside the mesh: plain TCP to C:8080.
-    assert!(wire.contains(MARKER), "expected plaintext on the wire:\n{wire}");
+    assert!(
+        wire.contains(MARKER),
+        "expected plaintext on the wire:\n{wire}"
+    );
     assert!(wire.contains(&format!("> {}.8080:", c.ip4)), "{wire}");
     let d = z1.wait_for("the outbound record", |d| {
         d.connections.list.iter().any(|r| r.outcome.is_some())

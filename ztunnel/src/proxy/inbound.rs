@@ -60,7 +60,11 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         );
         return;
     }
-    match proxy.connect_from_pod(pod, dst).await {
+    // From the client's own address, so the app sees who called (see return_path.rs).
+    match proxy
+        .connect_from_pod(pod, Some(src.ip()), dst, super::return_path::MARK)
+        .await
+    {
         Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
         Err(e) => {
             proxy

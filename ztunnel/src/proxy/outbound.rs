@@ -12,7 +12,12 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::{Direction, PodNet, Proxy, relay};
+use super::{Direction, PodNet, PoolKey, Proxy, relay};
+use crate::{
+    hbone::{self, Baggage, ConnectRequest},
+    identity::Identity,
+    state::Route,
+};
 
 pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
     loop {
@@ -43,16 +48,104 @@ pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpList
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let started = Instant::now();
-    let id = proxy
-        .connections
-        .open(Direction::Outbound, &pod.name, src, dst);
-    match proxy.connect_from_pod(pod, dst).await {
-        Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
-        Err(e) => {
-            tracing::info!(error = %e, "upstream connect failed");
-            proxy
+    let store = proxy.store();
+    match store.route(dst) {
+        Route::Passthrough { dst } => {
+            let id = proxy
                 .connections
-                .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}"));
+                .open(Direction::Outbound, &pod.name, src, dst);
+            match proxy
+                .connect_from_pod(pod, None, dst, ztunnel_common::ZTUNNEL_MARK)
+                .await
+            {
+                Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
+                Err(e) => {
+                    tracing::info!(error = %e, "upstream connect failed");
+                    proxy.connections.close(
+                        id,
+                        0,
+                        0,
+                        started.elapsed(),
+                        format!("connect failed: {e}"),
+                    );
+                }
+            }
+        }
+        Route::NoEndpoint { service, port } => {
+            let id = proxy
+                .connections
+                .open(Direction::Outbound, &pod.name, src, dst);
+            proxy.connections.close(
+                id,
+                0,
+                0,
+                started.elapsed(),
+                format!("refused: service {service} has no endpoint for port {port}"),
+            );
+        }
+        Route::Hbone {
+            endpoint,
+            workload: _,
+            identities,
+            service,
+        } => {
+            let dst_identities: Vec<Identity> =
+                identities.iter().filter_map(|i| i.parse().ok()).collect();
+            let Some(src_ip) = pod.addr_for(endpoint.ip()) else {
+                tracing::warn!(%endpoint, "pod has no address of the endpoint's family");
+                return;
+            };
+            let id = proxy.connections.open_with(
+                Direction::Outbound,
+                &pod.name,
+                src,
+                dst,
+                Some(pod.identity.to_string()),
+                identities.first().cloned(),
+            );
+            let key = PoolKey {
+                src_pod: pod.name.clone(),
+                src_identity: pod.identity.clone(),
+                dst_identities,
+                next_hop: SocketAddr::new(endpoint.ip(), ztunnel_common::ports::HBONE),
+                src_ip,
+            };
+            let mut req =
+                ConnectRequest::new(endpoint.to_string(), SocketAddr::new(src_ip, src.port()));
+            req.forwarded_host = service;
+            if let Some(w) = store.workload(&pod.name) {
+                req.baggage = Baggage {
+                    cluster: store.cfg.cluster.clone(),
+                    namespace: w.namespace.clone(),
+                    workload_type: w.workload_type(),
+                    workload_name: w.workload_name(),
+                    service: w.canonical_name(),
+                    revision: w.canonical_revision(),
+                };
+            }
+            match proxy.pool.connect(&key, req).await {
+                Ok(mut tunnel) => {
+                    let _ = stream.set_nodelay(true);
+                    let (sent, received, outcome) =
+                        match hbone::copy_bidirectional(&mut tunnel, stream).await {
+                            Ok(t) => (t.socket_to_tunnel, t.tunnel_to_socket, "ok".to_owned()),
+                            Err(e) => (0, 0, format!("error: {e}")),
+                        };
+                    proxy
+                        .connections
+                        .close(id, sent, received, started.elapsed(), outcome);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "HBONE connect failed");
+                    proxy.connections.close(
+                        id,
+                        0,
+                        0,
+                        started.elapsed(),
+                        format!("hbone failed: {e}"),
+                    );
+                }
+            }
         }
     }
 }

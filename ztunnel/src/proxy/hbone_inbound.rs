@@ -1,0 +1,208 @@
+//! :15008 — HBONE into an enrolled pod: mTLS with the pod's certificate (the client must
+//! chain to our roots and share our trust domain), then one HTTP/2 CONNECT stream per
+//! connection to the app, which is dialled inside the pod from the client's address.
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tracing::Instrument as _;
+use ztunnel_common::ports;
+
+use super::{Direction, PodNet, Proxy, return_path};
+use crate::{
+    hbone::{self, Accepted, Rejection, Target, TargetAddr},
+    identity::Identity,
+    tls,
+};
+
+pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name, error = %e, "HBONE accept failed");
+                continue;
+            }
+        };
+        let (proxy, pod) = (proxy.clone(), pod.clone());
+        let span = tracing::info_span!("hbone", pod = %pod.name, %peer);
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(proxy, pod, stream, peer).await {
+                    tracing::info!(error = %e, "HBONE connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connection(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> io::Result<()> {
+    let arrived_on = stream.local_addr()?.ip();
+    let _ = stream.set_nodelay(true);
+    let cert = proxy
+        .certs
+        .get(&pod.identity)
+        .await
+        .map_err(io::Error::other)?;
+    let config = tls::server_config(&cert).map_err(io::Error::other)?;
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(stream)
+        .await?;
+    let client = tls::peer_identity(tls.get_ref().1)
+        .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
+    let drain = proxy.drain.subscribe();
+    let handler_proxy = proxy.clone();
+    hbone::serve(
+        tls,
+        hbone::ServerSettings::default(),
+        arrived_on,
+        (client, peer),
+        drain,
+        move |target: Target, (client, peer): (Identity, SocketAddr)| {
+            let (proxy, pod) = (handler_proxy.clone(), pod.clone());
+            async move { open_stream(proxy, pod, target, client, peer).await }
+        },
+    )
+    .await
+    .map_err(io::Error::other)
+}
+
+async fn open_stream(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    target: Target,
+    client: Identity,
+    peer: SocketAddr,
+) -> Result<Accepted<Counted>, Rejection> {
+    let TargetAddr::Ip(dst) = target.addr else {
+        return Err(Rejection::unavailable(format!(
+            "unknown service {:?}",
+            target.addr
+        )));
+    };
+    if ports::NEVER_CAPTURED.contains(&dst.port()) {
+        return Err(Rejection::unavailable(format!(
+            "port {} belongs to ztunnel",
+            dst.port()
+        )));
+    }
+    // The client as the app should see it: the tunnel's source (the calling pod).
+    let src = SocketAddr::new(peer.ip(), target.forwarded_for.map_or(0, |f| f.port()));
+    let started = Instant::now();
+    let id = proxy.connections.open_with(
+        Direction::Inbound,
+        &pod.name,
+        src,
+        dst,
+        Some(client.to_string()),
+        Some(pod.identity.to_string()),
+    );
+    let upstream = match proxy
+        .connect_from_pod(&pod, Some(peer.ip()), dst, return_path::MARK)
+        .await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            proxy
+                .connections
+                .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}"));
+            return Err(Rejection::unavailable(format!(
+                "connect to {dst} failed: {e}"
+            )));
+        }
+    };
+    let store = proxy.store();
+    let baggage = store.workload(&pod.name).map(|w| hbone::Baggage {
+        cluster: store.cfg.cluster.clone(),
+        namespace: w.namespace.clone(),
+        workload_type: w.workload_type(),
+        workload_name: w.workload_name(),
+        service: w.canonical_name(),
+        revision: w.canonical_revision(),
+    });
+    let counted = Counted {
+        inner: upstream,
+        proxy,
+        id,
+        started,
+        to_app: 0,
+        from_app: 0,
+    };
+    Ok(match baggage {
+        Some(b) => Accepted::new(counted).with_baggage(b),
+        None => Accepted::new(counted),
+    })
+}
+
+/// The app-side socket of a tunnelled stream, counting bytes each way; its drop closes
+/// the connection record (and writes the access log line).
+pub(super) struct Counted {
+    inner: TcpStream,
+    proxy: Arc<Proxy>,
+    id: u64,
+    started: Instant,
+    to_app: u64,
+    from_app: u64,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.from_app += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.to_app += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.proxy.connections.close(
+            self.id,
+            self.to_app,
+            self.from_app,
+            self.started.elapsed(),
+            "ok".to_owned(),
+        );
+    }
+}

@@ -1,0 +1,574 @@
+//! HBONE mTLS: the rustls configs a workload uses to accept and open tunnels, matching Istio's
+//! ztunnel on the wire (`src/tls/lib.rs`, `src/tls/certificate.rs`, `src/tls/workload.rs`):
+//! TLS 1.3 only, AES-GCM suites, x25519 first, ALPN `h2`, mandatory client certificates, no
+//! SNI, no resumption, and SPIFFE identities checked in place of host names.
+//!
+//! Configs are built per certificate: when the [`crate::identity::CertificateManager`] renews
+//! one, callers build new configs for new connections and existing connections keep theirs.
+
+mod verifier;
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::aws_lc_rs::{self, cipher_suite, kx_group};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig};
+use rustls_pki_types::ServerName;
+
+use crate::identity::{Identity, WorkloadCertificate};
+use verifier::{IdentityVerifier, TrustDomainVerifier};
+
+/// The only ALPN protocol HBONE speaks.
+pub const ALPN_H2: &[u8] = b"h2";
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// Errors building TLS configs, and the reasons the verifiers reject a peer (carried inside
+/// `rustls::Error::InvalidCertificate(CertificateError::Other(_))`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("workload certificate for {identity} has no root certificates to verify peers with")]
+    NoRoots { identity: Box<Identity> },
+
+    #[error("workload certificate for {identity} has an unusable root certificate")]
+    Roots {
+        identity: Box<Identity>,
+        #[source]
+        source: rustls::Error,
+    },
+
+    #[error("failed to build the client certificate verifier for {identity}")]
+    ClientVerifier {
+        identity: Box<Identity>,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+
+    #[error("failed to build the tls {side} config for {identity}")]
+    Config {
+        side: &'static str,
+        identity: Box<Identity>,
+        #[source]
+        source: rustls::Error,
+    },
+
+    #[error(
+        "client config for {identity} has no expected server identities: it would reject every server"
+    )]
+    NoExpectedIdentities { identity: Box<Identity> },
+
+    #[error(
+        "server certificate identity {} is not one of [{}]",
+        join(.presented),
+        join(.expected)
+    )]
+    ServerIdentityMismatch {
+        presented: Vec<Identity>,
+        expected: Vec<Identity>,
+    },
+
+    #[error("client trust domain {} does not match {expected}", join(.client))]
+    TrustDomainMismatch {
+        client: Vec<String>,
+        expected: String,
+    },
+
+    #[error("{peer} certificate has no spiffe identity")]
+    NoPeerIdentity { peer: &'static str },
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "{item}");
+    }
+    out
+}
+
+/// The aws-lc-rs provider narrowed to what Istio's ztunnel offers, in its order. Built
+/// explicitly so nothing depends on a process-wide default provider being installed.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                ],
+                // x25519 first: the client sends a key share for the first group only, and
+                // this is the share Istio's ztunnel sends.
+                kx_groups: vec![
+                    kx_group::X25519,
+                    kx_group::SECP256R1,
+                    kx_group::SECP384R1,
+                    kx_group::X25519MLKEM768,
+                ],
+                ..aws_lc_rs::default_provider()
+            })
+        })
+        .clone()
+}
+
+fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, Error> {
+    if cert.roots.is_empty() {
+        return Err(Error::NoRoots {
+            identity: Box::new(cert.identity.clone()),
+        });
+    }
+    let mut roots = RootCertStore::empty();
+    for root in &cert.roots {
+        roots.add(root.clone()).map_err(|source| Error::Roots {
+            identity: Box::new(cert.identity.clone()),
+            source,
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The config for accepting HBONE connections as `cert`'s workload: clients must present a
+/// certificate chaining to `cert`'s roots with an identity in `cert`'s trust domain.
+pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, Error> {
+    let provider = provider();
+    let config_error = |source| Error::Config {
+        side: "server",
+        identity: Box::new(cert.identity.clone()),
+        source,
+    };
+    let webpki = WebPkiClientVerifier::builder_with_provider(root_store(cert)?, provider.clone())
+        .build()
+        .map_err(|source| Error::ClientVerifier {
+            identity: Box::new(cert.identity.clone()),
+            source,
+        })?;
+    let verifier = TrustDomainVerifier::new(webpki, cert.identity.trust_domain.clone());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)
+        .map_err(config_error)?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())
+        .map_err(config_error)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HBONE clients never resume, so tickets and a session cache would be pure overhead.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// The config for opening HBONE connections as `cert`'s workload to a server that must hold
+/// one of `expected`: the destination workload's identity, the service's SANs, or the
+/// waypoint's identity. Pass any `ServerName` (see [`server_name`]): it is neither sent nor
+/// checked.
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, Error> {
+    if expected.is_empty() {
+        return Err(Error::NoExpectedIdentities {
+            identity: Box::new(cert.identity.clone()),
+        });
+    }
+    let provider = provider();
+    let config_error = |source| Error::Config {
+        side: "client",
+        identity: Box::new(cert.identity.clone()),
+        source,
+    };
+    let verifier = IdentityVerifier::new(root_store(cert)?, expected, provider.clone());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)
+        .map_err(config_error)?
+        .dangerous()
+        // Not actually dangerous: the verifier does full path validation, then checks the
+        // SPIFFE identity where the default verifier would check a DNS name.
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
+        .map_err(config_error)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// A `ServerName` for connecting to `ip`. Only satisfies the rustls API: with SNI disabled
+/// it is not sent, and the verifier checks identities, not names.
+pub fn server_name(ip: IpAddr) -> ServerName<'static> {
+    ServerName::IpAddress(ip.into())
+}
+
+/// The SPIFFE identity of the peer's leaf certificate, once the handshake has verified it.
+/// Accepts a client or server connection (both deref to `CommonState`).
+pub fn peer_identity(conn: &CommonState) -> Option<Identity> {
+    conn.peer_certificates()?
+        .first()
+        .and_then(|leaf| Identity::from_cert_der(leaf))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use rustls::{CipherSuite, NamedGroup, ProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::timeout;
+    use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+    use super::*;
+    use crate::identity::{BuiltinCa, CertificateManager, CertificateState};
+
+    const TD: &str = "cluster.local";
+
+    fn id(td: &str, sa: &str) -> Identity {
+        Identity::new(td, "default", sa)
+    }
+
+    fn ca(dir: &Path, td: &str) -> BuiltinCa {
+        BuiltinCa::load_or_create(dir, td, Duration::from_secs(3600)).expect("built-in ca")
+    }
+
+    fn issue(ca: &BuiltinCa, td: &str, sa: &str) -> WorkloadCertificate {
+        let now = SystemTime::now();
+        ca.issue_with_validity(
+            &id(td, sa),
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .expect("issue")
+    }
+
+    struct Pki {
+        _dir: tempfile::TempDir,
+        ca: BuiltinCa,
+        other_ca: BuiltinCa,
+    }
+
+    /// Two unrelated roots; `other_ca` uses the same trust domain so only the root differs.
+    fn pki() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Pki {
+            ca: ca(&dir.path().join("a"), TD),
+            other_ca: ca(&dir.path().join("b"), TD),
+            _dir: dir,
+        }
+    }
+
+    type Handshake = (
+        io::Result<server::TlsStream<DuplexStream>>,
+        io::Result<client::TlsStream<DuplexStream>>,
+    );
+
+    async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Handshake {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let accept = TlsAcceptor::from(server).accept(server_io);
+        // Any name works: it is neither sent nor checked.
+        let connect =
+            TlsConnector::from(client).connect(server_name([192, 0, 2, 7].into()), client_io);
+        timeout(Duration::from_secs(10), async {
+            tokio::join!(accept, connect)
+        })
+        .await
+        .expect("handshake finished in time")
+    }
+
+    /// One round trip, proving both sides accepted each other (with TLS 1.3 the client can
+    /// finish its handshake before the server has checked the client certificate).
+    async fn round_trip(
+        server: &mut server::TlsStream<DuplexStream>,
+        client: &mut client::TlsStream<DuplexStream>,
+    ) -> io::Result<()> {
+        client.write_all(b"ping").await?;
+        client.flush().await?;
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await?;
+        assert_eq!(&buf, b"ping");
+        server.write_all(b"pong").await?;
+        server.flush().await?;
+        client.read_exact(&mut buf).await?;
+        assert_eq!(&buf, b"pong");
+        Ok(())
+    }
+
+    fn configs(
+        server_cert: &WorkloadCertificate,
+        client_cert: &WorkloadCertificate,
+        expected: Vec<Identity>,
+    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        (
+            server_config(server_cert).expect("server config"),
+            client_config(client_cert, expected).expect("client config"),
+        )
+    }
+
+    fn server_error(result: Handshake) -> String {
+        match result.0 {
+            Ok(_) => panic!("server accepted the client"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn client_error(result: Handshake) -> String {
+        match result.1 {
+            Ok(_) => panic!("client accepted the server"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn provider_offers_istio_suites_and_groups_in_order() {
+        let p = provider();
+        let suites: Vec<CipherSuite> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            vec![
+                CipherSuite::TLS13_AES_256_GCM_SHA384,
+                CipherSuite::TLS13_AES_128_GCM_SHA256
+            ]
+        );
+        let groups: Vec<NamedGroup> = p.kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            groups,
+            vec![
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1,
+                NamedGroup::X25519MLKEM768
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn good_pair_negotiates_tls13_h2_and_learns_identities() {
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        let client_cert = issue(&pki.ca, TD, "client");
+        // Any member of the expected list is enough (destination, service SANs, waypoint).
+        let expected = vec![id(TD, "someone-else"), id(TD, "server")];
+        let (server_cfg, client_cfg) = configs(&server_cert, &client_cert, expected);
+        assert!(!client_cfg.enable_sni);
+
+        let (server, client) = handshake(server_cfg, client_cfg).await;
+        let mut server = server.expect("server handshake");
+        let mut client = client.expect("client handshake");
+        round_trip(&mut server, &mut client)
+            .await
+            .expect("round trip");
+
+        let (_, conn) = server.get_ref();
+        assert_eq!(conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(
+            conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(CipherSuite::TLS13_AES_256_GCM_SHA384)
+        );
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(NamedGroup::X25519)
+        );
+        assert_eq!(conn.server_name(), None, "the client must not send sni");
+        assert_eq!(peer_identity(conn), Some(id(TD, "client")));
+
+        let (_, conn) = client.get_ref();
+        assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(peer_identity(conn), Some(id(TD, "server")));
+    }
+
+    #[tokio::test]
+    async fn server_with_unexpected_identity_is_rejected() {
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        let client_cert = issue(&pki.ca, TD, "client");
+        let (server_cfg, client_cfg) = configs(&server_cert, &client_cert, vec![id(TD, "db")]);
+        let err = client_error(handshake(server_cfg, client_cfg).await);
+        assert!(
+            err.contains(
+                "server certificate identity spiffe://cluster.local/ns/default/sa/server \
+                 is not one of [spiffe://cluster.local/ns/default/sa/db]"
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn same_root_client_from_another_trust_domain_is_rejected() {
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        // Chains to the server's root, so only the trust domain rule can reject it.
+        let client_cert = issue(&pki.ca, "other.domain", "client");
+        let (server_cfg, client_cfg) = configs(&server_cert, &client_cert, vec![id(TD, "server")]);
+        let err = server_error(handshake(server_cfg, client_cfg).await);
+        assert!(
+            err.contains("client trust domain other.domain does not match cluster.local"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_from_another_ca_and_trust_domain_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server_ca = ca(&dir.path().join("a"), TD);
+        let client_ca = ca(&dir.path().join("b"), "other.domain");
+        let server_cert = issue(&server_ca, TD, "server");
+        let client_cert = issue(&client_ca, "other.domain", "client");
+        // The client trusts the server's root too, so the server is the one that says no.
+        let client_cert = WorkloadCertificate {
+            roots: vec![server_ca.root().clone(), client_ca.root().clone()],
+            ..client_cert
+        };
+        let (server_cfg, client_cfg) = configs(&server_cert, &client_cert, vec![id(TD, "server")]);
+        let err = server_error(handshake(server_cfg, client_cfg).await);
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn server_from_unknown_root_is_rejected() {
+        let pki = pki();
+        let server_cert = issue(&pki.other_ca, TD, "server");
+        let client_cert = issue(&pki.ca, TD, "client");
+        let (server_cfg, client_cfg) = configs(&server_cert, &client_cert, vec![id(TD, "server")]);
+        let err = client_error(handshake(server_cfg, client_cfg).await);
+        // Both roots have the same subject (the trust domain names it), so webpki finds the
+        // "issuer" by name and then fails on its signature.
+        assert!(
+            err.contains("BadSignature") || err.contains("UnknownIssuer"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_certificates_are_rejected_both_ways() {
+        let pki = pki();
+        let now = SystemTime::now();
+        let expired = |sa| {
+            pki.ca
+                .issue_with_validity(
+                    &id(TD, sa),
+                    now - Duration::from_secs(7200),
+                    now - Duration::from_secs(3600),
+                )
+                .expect("issue expired")
+        };
+        let good_server = issue(&pki.ca, TD, "server");
+        let good_client = issue(&pki.ca, TD, "client");
+
+        let (server_cfg, client_cfg) =
+            configs(&expired("server"), &good_client, vec![id(TD, "server")]);
+        let err = client_error(handshake(server_cfg, client_cfg).await);
+        assert!(err.contains("expired"), "{err}");
+
+        let (server_cfg, client_cfg) =
+            configs(&good_server, &expired("client"), vec![id(TD, "server")]);
+        let err = server_error(handshake(server_cfg, client_cfg).await);
+        assert!(err.contains("expired"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_rejected() {
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        let verifier = IdentityVerifier::new(
+            root_store(&server_cert).expect("roots"),
+            vec![id(TD, "server")],
+            provider(),
+        );
+        let mut client_cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(TLS13_ONLY)
+            .expect("tls 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        client_cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+        client_cfg.enable_sni = false;
+
+        let server_cfg = server_config(&server_cert).expect("server config");
+        let (server, client) = handshake(server_cfg, Arc::new(client_cfg)).await;
+        let err = match server {
+            Ok(_) => panic!("server accepted a client without a certificate"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("no certificates"), "{err}");
+        // The client learns it from the alert at the latest when it reads.
+        if let Ok(mut client) = client {
+            let mut buf = [0u8; 1];
+            assert!(client.read(&mut buf).await.is_err());
+        }
+    }
+
+    #[test]
+    fn client_config_needs_expected_identities_and_roots() {
+        let pki = pki();
+        let cert = issue(&pki.ca, TD, "client");
+        let err = client_config(&cert, Vec::new()).expect_err("empty expected list");
+        assert!(matches!(err, Error::NoExpectedIdentities { .. }), "{err}");
+
+        let cert = WorkloadCertificate {
+            roots: Vec::new(),
+            ..cert
+        };
+        let err = client_config(&cert, vec![id(TD, "server")]).expect_err("no roots");
+        assert!(matches!(err, Error::NoRoots { .. }), "{err}");
+
+        let cert = WorkloadCertificate {
+            roots: vec![b"not a certificate".to_vec().into()],
+            ..cert
+        };
+        let err = server_config(&cert).expect_err("bad root");
+        assert!(
+            err.to_string().contains("unusable root certificate"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn renewal_leaves_established_connections_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(
+            BuiltinCa::load_or_create(dir.path(), TD, Duration::from_secs(2)).expect("ca"),
+        );
+        let manager = CertificateManager::new(ca.clone());
+        let server_id = id(TD, "server");
+        let old_server = manager.get(&server_id).await.expect("server cert");
+        // Long-lived, so only the server side renews during the test.
+        let client_cert = issue(&ca, TD, "client");
+        let mut updates = manager.subscribe(&server_id).await;
+        updates.borrow_and_update();
+
+        let (server_cfg, client_cfg) = configs(&old_server, &client_cert, vec![server_id.clone()]);
+        let (server, client) = handshake(server_cfg, client_cfg.clone()).await;
+        let (mut old_conn_server, mut old_conn_client) = (
+            server.expect("server handshake"),
+            client.expect("client handshake"),
+        );
+
+        timeout(Duration::from_secs(3), updates.changed())
+            .await
+            .expect("renewed in time")
+            .expect("subscribed");
+        let CertificateState::Available(new_server) = updates.borrow().clone() else {
+            panic!("renewal published no certificate");
+        };
+        assert_ne!(new_server.chain, old_server.chain);
+
+        // The connection made with the old certificate keeps working...
+        round_trip(&mut old_conn_server, &mut old_conn_client)
+            .await
+            .expect("old connection survives renewal");
+        // ...and new connections use the new one.
+        let (server, client) =
+            handshake(server_config(&new_server).expect("config"), client_cfg).await;
+        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        round_trip(&mut server, &mut client)
+            .await
+            .expect("new connection");
+        let leaf = client.get_ref().1.peer_certificates().expect("peer certs")[0].clone();
+        assert_eq!(leaf, new_server.chain[0]);
+    }
+}
