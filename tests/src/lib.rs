@@ -369,6 +369,11 @@ impl Topology {
         Ok(())
     }
 
+    /// The second octet of every address in this topology.
+    pub fn subnet(&self) -> u8 {
+        self.subnet
+    }
+
     /// The bridge address of node `n`: the default gateway of its pods.
     pub fn gateway4(&self, n: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, self.subnet, n, 1)
@@ -520,7 +525,20 @@ impl Topology {
 
     /// Starts an echo server in the pod and waits until it listens.
     pub fn serve(&mut self, pod: &Pod, addr: SocketAddr) -> anyhow::Result<PodProcess> {
-        let mut p = self.spawn(pod, &["serve", &addr.to_string()])?;
+        self.serve_with(pod, addr, &[])
+    }
+
+    /// [`Self::serve`] with extra flags (`--log-peers`).
+    pub fn serve_with(
+        &mut self,
+        pod: &Pod,
+        addr: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<PodProcess> {
+        let addr = addr.to_string();
+        let mut args = vec!["serve", addr.as_str()];
+        args.extend_from_slice(extra);
+        let mut p = self.spawn(pod, &args)?;
         let line = p.read_line()?;
         if !line.starts_with("ready") {
             bail!("server in {} did not start: {line:?}", pod.name);
@@ -605,6 +623,18 @@ impl Topology {
     /// nodes share the built-in CA's directory, so they trust each other.
     pub fn start_ztunnel_on(&mut self, node: &str, fast_path: bool) -> anyhow::Result<Ztunnel> {
         self.write_workloads()?;
+        let file = self.workloads_path();
+        self.start_ztunnel_with_file(node, fast_path, &file)
+    }
+
+    /// Starts a node's ztunnel reading its own workload file, for tests where the nodes
+    /// must disagree (e.g. about an identity).
+    pub fn start_ztunnel_with_file(
+        &mut self,
+        node: &str,
+        fast_path: bool,
+        file: &Path,
+    ) -> anyhow::Result<Ztunnel> {
         // A port free right now; other test runs on the machine use others.
         let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
         let pin_dir = self.pin_dir(node);
@@ -618,7 +648,7 @@ impl Topology {
         let child = Command::new(ztunnel_bin())
             .arg("run")
             .arg("--workloads")
-            .arg(self.workloads_path())
+            .arg(file)
             .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)

@@ -41,6 +41,9 @@ pub struct CaptureDump {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionsDump {
     pub opened_total: u64,
+    /// Pooled outbound HBONE connections and the streams open on them.
+    pub hbone_pool_connections: usize,
+    pub hbone_pool_streams: usize,
     pub list: Vec<ConnectionRecord>,
 }
 
@@ -63,7 +66,15 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
         },
-        connections: ConnectionsDump { opened_total, list },
+        connections: {
+            let pool = shared.proxy.pool_stats();
+            ConnectionsDump {
+                opened_total,
+                hbone_pool_connections: pool.connections,
+                hbone_pool_streams: pool.active_streams,
+                list,
+            }
+        },
     }
 }
 

@@ -409,6 +409,21 @@ impl Proxy {
     }
 }
 
+/// An error and its causes on one line (`a: b: c`), for logs and connection outcomes.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 /// `IPV6_TRANSPARENT` (socket2 only wraps the IPv4 option).
 fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;

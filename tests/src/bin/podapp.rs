@@ -20,7 +20,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Echo every connection's bytes back, then half-close.
-    Serve { addr: SocketAddr },
+    Serve {
+        addr: SocketAddr,
+        /// Print `conn from <peer>` for each accepted connection.
+        #[arg(long)]
+        log_peers: bool,
+    },
     /// Send `bytes` pseudo-random bytes in `chunk`-sized writes, half-close, read the echo
     /// and compare checksums. Prints `peer=…` and `sent=… received=… match=true`.
     Call {
@@ -45,6 +50,15 @@ enum Cmd {
         #[arg(long)]
         secs: u64,
     },
+    /// Open `count` connections at once, echo one byte on each, print `open=<count>`, and
+    /// keep them open for `secs` seconds.
+    Parallel {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        secs: u64,
+    },
     /// Open `count` short connections one after another, one byte each way.
     Many {
         addr: SocketAddr,
@@ -55,7 +69,8 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { addr } => serve(addr),
+        Cmd::Serve { addr, log_peers } => serve(addr, log_peers),
+        Cmd::Parallel { addr, count, secs } => parallel(addr, count, secs),
         Cmd::Call {
             addr,
             bytes,
@@ -77,12 +92,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+fn serve(addr: SocketAddr, log_peers: bool) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr).with_context(|| format!("failed to bind {addr}"))?;
     println!("ready {addr}");
     std::io::stdout().flush()?;
     for s in l.incoming() {
         let Ok(mut s) = s else { continue };
+        if log_peers {
+            println!("conn from {}", s.peer_addr()?);
+            std::io::stdout().flush()?;
+        }
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
             loop {
@@ -236,6 +255,25 @@ fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("pings={pings}");
+    Ok(())
+}
+
+fn parallel(addr: SocketAddr, count: usize, secs: u64) -> anyhow::Result<()> {
+    let mut conns = Vec::with_capacity(count);
+    for i in 0..count {
+        conns.push(
+            TcpStream::connect(addr).with_context(|| format!("connection {i} to {addr} failed"))?,
+        );
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .with_context(|| format!("connection {i}: no echo"))?;
+    }
+    println!("open={count}");
+    std::io::stdout().flush()?;
+    std::thread::sleep(Duration::from_secs(secs));
     Ok(())
 }
 

@@ -31,3 +31,178 @@ fn non_mesh_pod_is_reached_in_plain_tcp() -> anyhow::Result<()> {
     assert_eq!(d.connections.list[0].dst, c.addr(8080));
     Ok(())
 }
+
+/// Two nodes, A on node1 and B on node2, both enrolled, B serving :8080 (logging peers).
+fn two_nodes() -> anyhow::Result<(Topology, ztunnel_tests::Pod, ztunnel_tests::Pod)> {
+    let mut t = Topology::new()?;
+    t.add_node()?;
+    let a = t.add_pod_on(1, "a", true, false)?;
+    let b = t.add_pod_on(2, "b", true, false)?;
+    Ok((t, a, b))
+}
+
+#[test]
+fn pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let mut srv = t.serve_with(&b, b.addr(8080), &["--log-peers"])?;
+    let z1 = t.start_ztunnel_on("node1", false)?;
+    let z2 = t.start_ztunnel_on("node2", false)?;
+
+    let cap = t.tcpdump_wire()?;
+    let out = t.call(&a, b.addr(8080), &["--bytes", "20000", "--pattern", MARKER])?;
+    assert!(out.contains(&format!("peer={}", b.addr(8080))), "{out}");
+    assert!(out.contains("match=true"), "{out}");
+    let wire = cap.finish()?;
+
+    // Only TLS to B's :15008 crossed the wire: every packet is to or from port 15008,
+    // and the payload never shows in clear.
+    let headers: Vec<&str> = wire.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(!headers.is_empty(), "nothing captured");
+    let hbone = format!("{}.15008", b.ip4);
+    for h in &headers {
+        assert!(h.contains(&hbone), "packet not on the HBONE port: {h}");
+    }
+    assert!(!wire.contains(MARKER), "plaintext on the wire");
+    // The app in B sees A's address as the client.
+    let peer = srv.read_line()?;
+    assert!(peer.starts_with(&format!("conn from {}:", a.ip4)), "{peer}");
+
+    // Both sides log both SPIFFE identities.
+    let (ida, idb) = (
+        "spiffe://cluster.local/ns/default/sa/a",
+        "spiffe://cluster.local/ns/default/sa/b",
+    );
+    for z in [&z1, &z2] {
+        let d = z.wait_for("the closed connection", |d| {
+            d.connections.list.iter().any(|r| r.outcome.is_some())
+        })?;
+        let rec = &d.connections.list[0];
+        assert_eq!(rec.src_identity.as_deref(), Some(ida), "{rec:?}");
+        assert_eq!(rec.dst_identity.as_deref(), Some(idb), "{rec:?}");
+        assert_eq!(rec.security_policy, "mutual_tls");
+        assert_eq!(rec.dst, b.addr(8080));
+        let log = z.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("access") && l.contains("connection closed"))
+            .unwrap_or_default();
+        assert!(
+            line.contains(ida) && line.contains(idb),
+            "access log: {line}"
+        );
+    }
+    let d2 = z2.dump()?;
+    assert_eq!(d2.connections.list[0].direction, Direction::Inbound);
+    assert_eq!(d2.connections.list[0].src.ip(), a.addr(0).ip());
+    Ok(())
+}
+
+#[test]
+fn large_transfers_and_200_concurrent_connections_share_the_pool() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let z1 = t.start_ztunnel_on("node1", false)?;
+    let _z2 = t.start_ztunnel_on("node2", false)?;
+
+    let big = (64usize << 20).to_string();
+    let out = t.call(&a, b.addr(8080), &["--bytes", &big, "--seed", "3"])?;
+    assert!(out.contains(&format!("received={big} match=true")), "{out}");
+
+    let dst = b.addr(8080).to_string();
+    let mut many = t.spawn(&a, &["parallel", &dst, "--count", "200", "--secs", "2"])?;
+    let line = many.read_line()?;
+    assert_eq!(line, "open=200");
+    let d = z1.dump()?;
+    // 100 streams per connection at most: 200 open streams need exactly two.
+    assert_eq!(d.connections.hbone_pool_streams, 200, "{:?}", d.connections);
+    assert_eq!(
+        d.connections.hbone_pool_connections, 2,
+        "{:?}",
+        d.connections
+    );
+    many.wait_ok()?;
+    Ok(())
+}
+
+#[test]
+fn service_vip_reaches_an_endpoint_on_the_other_node() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let vip = format!("10.{}.250.10", t.subnet());
+    let mut yaml = t.workloads_yaml();
+    yaml += &format!(
+        "services:\n  - name: web\n    namespace: default\n    addresses: [{vip}]\n    ports: [{{port: 80, targetPort: 8080}}]\n    selector: {{ app: b }}\n"
+    );
+    let file = t.dir.path().join("with-service.yaml");
+    std::fs::write(&file, &yaml)?;
+    let z1 = t.start_ztunnel_with_file("node1", false, &file)?;
+    let _z2 = t.start_ztunnel_with_file("node2", false, &file)?;
+
+    let out = t.call(&a, format!("{vip}:80").parse()?, &["--bytes", "5000"])?;
+    assert!(out.contains(&format!("peer={vip}:80")), "{out}");
+    assert!(out.contains("match=true"), "{out}");
+    let d = z1.wait_for("the closed connection", |d| {
+        d.connections.list.iter().any(|r| r.outcome.is_some())
+    })?;
+    let rec = &d.connections.list[0];
+    assert_eq!(rec.dst, format!("{vip}:80").parse()?);
+    assert_eq!(
+        rec.dst_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/b")
+    );
+    assert_eq!(rec.outcome.as_deref(), Some("ok"));
+    Ok(())
+}
+
+#[test]
+fn a_server_with_the_wrong_identity_is_refused() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    // node2 believes B runs as `imposter`; node1 expects `b`.
+    let lie = t
+        .workloads_yaml()
+        .replace("serviceAccount: b\n", "serviceAccount: imposter\n");
+    let file2 = t.dir.path().join("node2.yaml");
+    std::fs::write(&file2, lie)?;
+    let z1 = t.start_ztunnel_on("node1", false)?;
+    let _z2 = t.start_ztunnel_with_file("node2", false, &file2)?;
+
+    let res = t.call(&a, b.addr(8080), &[]);
+    assert!(res.is_err(), "the call must fail: {res:?}");
+    let d = z1.wait_for("the refused connection", |d| {
+        d.connections.list.iter().any(|r| r.outcome.is_some())
+    })?;
+    let outcome = d.connections.list[0].outcome.clone().unwrap_or_default();
+    assert!(
+        outcome.contains("spiffe://cluster.local/ns/default/sa/imposter is not one of"),
+        "outcome: {outcome}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_client_from_another_trust_domain_is_refused() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    // node1 puts A in trust domain other.local (same root); B stays in cluster.local.
+    let yaml = t.workloads_yaml().replace(
+        "serviceAccount: b\n",
+        "serviceAccount: b\n    trustDomain: cluster.local\n",
+    );
+    let file1 = t.dir.path().join("node1.yaml");
+    std::fs::write(&file1, format!("trustDomain: other.local\n{yaml}"))?;
+    let _z1 = t.start_ztunnel_with_file("node1", false, &file1)?;
+    let z2 = t.start_ztunnel_on("node2", false)?;
+
+    let res = t.call(&a, b.addr(8080), &[]);
+    assert!(res.is_err(), "the call must fail: {res:?}");
+    // B's ztunnel refused the handshake on the trust-domain rule; no stream was opened.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !z2.log_text().contains("other.local") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = z2.log_text();
+    assert!(log.contains("other.local"), "node2's log:\n{log}");
+    assert_eq!(z2.dump()?.connections.opened_total, 0);
+    Ok(())
+}

@@ -38,7 +38,8 @@ pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpList
         tokio::spawn(
             async move {
                 if let Err(e) = connection(proxy, pod, stream, peer).await {
-                    tracing::info!(error = %e, "HBONE connection ended with an error");
+                    let why = super::error_chain(&e);
+                    tracing::info!(error = %why, "HBONE connection ended with an error");
                 }
             }
             .instrument(span),

@@ -136,13 +136,14 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                         .close(id, sent, received, started.elapsed(), outcome);
                 }
                 Err(e) => {
-                    tracing::info!(error = %e, "HBONE connect failed");
+                    let why = super::error_chain(&e);
+                    tracing::info!(error = %why, "HBONE connect failed");
                     proxy.connections.close(
                         id,
                         0,
                         0,
                         started.elapsed(),
-                        format!("hbone failed: {e}"),
+                        format!("hbone failed: {why}"),
                     );
                 }
             }
