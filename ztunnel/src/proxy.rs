@@ -320,10 +320,12 @@ impl Proxy {
         }
         for addr in hbone {
             let l = self.listen(&pod, addr)?;
-            listeners.tasks.push(tokio::spawn(hbone_inbound::serve(
+            listeners.tasks.push(tokio::spawn(accept_loop(
                 self.clone(),
                 pod.clone(),
                 l,
+                "hbone",
+                hbone_inbound::accept,
             )));
         }
         let tasks = &mut listeners.tasks;
@@ -341,11 +343,23 @@ impl Proxy {
         }
         for addr in outbound {
             let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(outbound::serve(self.clone(), pod.clone(), l)));
+            tasks.push(tokio::spawn(accept_loop(
+                self.clone(),
+                pod.clone(),
+                l,
+                "outbound",
+                outbound::accept,
+            )));
         }
         for addr in inbound {
             let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(inbound::serve(self.clone(), pod.clone(), l)));
+            tasks.push(tokio::spawn(accept_loop(
+                self.clone(),
+                pod.clone(),
+                l,
+                "inbound",
+                inbound::accept,
+            )));
         }
         Ok(listeners)
     }
@@ -407,6 +421,41 @@ impl Proxy {
             .map_err(io::Error::other)??;
         TcpSocket::from_std_stream(sock.into()).connect(dst).await
     }
+}
+
+/// Accepts on a pod's listener forever, handing each connection to `handle` on its own
+/// task.
+async fn accept_loop<H, F>(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: H,
+) where
+    H: Fn(Arc<Proxy>, Arc<PodNet>, TcpStream, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(proxy.clone(), pod.clone(), stream, peer));
+            }
+            Err(e) => tracing::warn!(pod = %pod.name, listener = what, error = %e, "accept failed"),
+        }
+    }
+}
+
+/// The baggage describing a workload (HBONE.md, "The CONNECT request").
+fn workload_baggage(store: &Store, key: &str) -> Option<hbone::Baggage> {
+    let w = store.workload(key)?;
+    Some(hbone::Baggage {
+        cluster: store.cfg.cluster.clone(),
+        namespace: w.namespace.clone(),
+        workload_type: w.workload_type(),
+        workload_name: w.workload_name(),
+        service: w.canonical_name(),
+        revision: w.canonical_revision(),
+    })
 }
 
 /// An error and its causes on one line (`a: b: c`), for logs and connection outcomes.

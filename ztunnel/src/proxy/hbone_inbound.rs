@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use tracing::Instrument as _;
 use ztunnel_common::ports;
@@ -24,27 +24,21 @@ use crate::{
     tls,
 };
 
-pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "HBONE accept failed");
-                continue;
-            }
-        };
-        let (proxy, pod) = (proxy.clone(), pod.clone());
-        let span = tracing::info_span!("hbone", pod = %pod.name, %peer);
-        tokio::spawn(
-            async move {
-                if let Err(e) = connection(proxy, pod, stream, peer).await {
-                    let why = super::error_chain(&e);
-                    tracing::info!(error = %why, "HBONE connection ended with an error");
-                }
-            }
-            .instrument(span),
-        );
+pub(super) async fn accept(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let span = tracing::info_span!("hbone", pod = %pod.name, %peer);
+    async move {
+        if let Err(e) = connection(proxy, pod, stream, peer).await {
+            let why = super::error_chain(&e);
+            tracing::info!(error = %why, "HBONE connection ended with an error");
+        }
     }
+    .instrument(span)
+    .await;
 }
 
 async fn connection(
@@ -127,15 +121,7 @@ async fn open_stream(
             )));
         }
     };
-    let store = proxy.store();
-    let baggage = store.workload(&pod.name).map(|w| hbone::Baggage {
-        cluster: store.cfg.cluster.clone(),
-        namespace: w.namespace.clone(),
-        workload_type: w.workload_type(),
-        workload_name: w.workload_name(),
-        service: w.canonical_name(),
-        revision: w.canonical_revision(),
-    });
+    let baggage = super::workload_baggage(&proxy.store(), &pod.name);
     let counted = Counted {
         inner: upstream,
         proxy,

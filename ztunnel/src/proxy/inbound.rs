@@ -2,36 +2,28 @@
 //! the original destination (the pod's address and the app's port).
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::{Direction, PodNet, Proxy, relay};
 
-pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
-    loop {
-        let (stream, src) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "inbound accept failed");
-                continue;
-            }
-        };
-        let proxy = proxy.clone();
-        let pod = pod.clone();
-        tokio::spawn(async move {
-            let dst = match stream.local_addr() {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.name, %src, error = %e, "inbound socket has no local address");
-                    return;
-                }
-            };
-            let span = tracing::info_span!("inbound", pod = %pod.name, %src, %dst);
-            handle(&proxy, &pod, stream, src, dst)
-                .instrument(span)
-                .await;
-        });
-    }
+pub(super) async fn accept(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    stream: TcpStream,
+    src: SocketAddr,
+) {
+    let dst = match stream.local_addr() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(pod = %pod.name, %src, error = %e, "inbound socket has no local address");
+            return;
+        }
+    };
+    let span = tracing::info_span!("inbound", pod = %pod.name, %src, %dst);
+    handle(&proxy, &pod, stream, src, dst)
+        .instrument(span)
+        .await;
 }
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {

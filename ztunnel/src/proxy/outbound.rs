@@ -9,41 +9,33 @@ use std::{
     time::Instant,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::{Direction, PodNet, PoolKey, Proxy, relay};
 use crate::{
-    hbone::{self, Baggage, ConnectRequest},
+    hbone::{self, ConnectRequest},
     identity::Identity,
     state::Route,
 };
 
-pub(super) async fn serve(proxy: Arc<Proxy>, pod: Arc<PodNet>, listener: TcpListener) {
-    loop {
-        let (stream, src) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "outbound accept failed");
-                continue;
-            }
-        };
-        let proxy = proxy.clone();
-        let pod = pod.clone();
-        tokio::spawn(async move {
-            let dst = match original_dst(&stream) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(pod = %pod.name, %src, error = %e, "no original destination for a captured connection; closing it");
-                    return;
-                }
-            };
-            let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
-            handle(&proxy, &pod, stream, src, dst)
-                .instrument(span)
-                .await;
-        });
-    }
+pub(super) async fn accept(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    stream: TcpStream,
+    src: SocketAddr,
+) {
+    let dst = match original_dst(&stream) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(pod = %pod.name, %src, error = %e, "no original destination for a captured connection; closing it");
+            return;
+        }
+    };
+    let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
+    handle(&proxy, &pod, stream, src, dst)
+        .instrument(span)
+        .await;
 }
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
@@ -113,15 +105,8 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
             let mut req =
                 ConnectRequest::new(endpoint.to_string(), SocketAddr::new(src_ip, src.port()));
             req.forwarded_host = service;
-            if let Some(w) = store.workload(&pod.name) {
-                req.baggage = Baggage {
-                    cluster: store.cfg.cluster.clone(),
-                    namespace: w.namespace.clone(),
-                    workload_type: w.workload_type(),
-                    workload_name: w.workload_name(),
-                    service: w.canonical_name(),
-                    revision: w.canonical_revision(),
-                };
+            if let Some(b) = super::workload_baggage(&store, &pod.name) {
+                req.baggage = b;
             }
             match proxy.pool.connect(&key, req).await {
                 Ok(mut tunnel) => {
