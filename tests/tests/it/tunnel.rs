@@ -206,3 +206,83 @@ fn a_client_from_another_trust_domain_is_refused() -> anyhow::Result<()> {
     assert_eq!(z2.dump()?.connections.opened_total, 0);
     Ok(())
 }
+
+#[test]
+fn malformed_connect_requests_get_their_codes_without_disturbing_other_streams()
+-> anyhow::Result<()> {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use ztunnel::{
+        hbone::ConnectRequest,
+        identity::{BuiltinCa, Identity},
+        netns::Netns,
+        tls,
+    };
+
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let _z1 = t.start_ztunnel_on("node1", false)?;
+    let _z2 = t.start_ztunnel_on("node2", false)?;
+
+    // A raw HBONE client holding A's identity from the nodes' shared root, dialling
+    // from A's netns (so its source address is A's, as a ztunnel's would be).
+    let ca = BuiltinCa::load_or_create(
+        &t.dir.path().join("ca"),
+        "cluster.local",
+        Duration::from_secs(3600),
+    )?;
+    let cert = ca.issue(&Identity::new("cluster.local", "default", "a"))?;
+    let config = tls::client_config(&cert, vec![Identity::new("cluster.local", "default", "b")])?;
+    let hbone = b.addr(15008);
+    let sock =
+        Netns::open(&a.netns_path)?.run_on_thread(|| std::net::TcpStream::connect(hbone))??;
+    sock.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(sock)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::server_name(hbone.ip()), tcp)
+            .await?;
+        let (mut client, conn) = h2::client::handshake(tls).await?;
+        tokio::spawn(conn);
+
+        // A good stream, kept open across the bad ones.
+        let good = ConnectRequest::new(b.addr(8080).to_string(), a.addr(40000)).to_http()?;
+        let (resp, mut body_out) = client.send_request(good, false)?;
+        let resp = resp.await?;
+        assert_eq!(resp.status(), 200);
+        let mut body_in = resp.into_body();
+
+        let other_ip = format!("10.{}.2.99:8080", t.subnet());
+        let cases: [(&str, String, u16); 5] = [
+            ("POST", format!("http://{}/", b.addr(8080)), 400),
+            ("CONNECT", "no-port-here".to_owned(), 400),
+            ("CONNECT", other_ip, 400),
+            ("CONNECT", b.addr(15001).to_string(), 503),
+            ("CONNECT", b.addr(9).to_string(), 503),
+        ];
+        for (method, uri, want) in cases {
+            let req = http::Request::builder().method(method).uri(&uri).body(())?;
+            let (resp, _) = client.send_request(req, true)?;
+            let resp = resp.await?;
+            assert_eq!(resp.status().as_u16(), want, "{method} {uri}");
+        }
+
+        // The good stream still echoes.
+        body_out.send_data(Bytes::from_static(b"still here"), false)?;
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let chunk = body_in
+                .data()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("stream ended early"))??;
+            let _ = body_in.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"still here");
+        anyhow::Ok(())
+    })
+}

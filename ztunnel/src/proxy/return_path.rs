@@ -3,8 +3,10 @@
 //! `net.ipv4.tcp_fwmark_accept=1` the app's accepted socket inherits the SYN's mark, and
 //! a policy rule sends everything carrying it to a table whose only route is `local
 //! default dev lo`: the app's replies to the (non-local) client address come back to
-//! ztunnel's socket instead of leaving through `eth0`. The numbers follow Istio's in-pod
-//! mode (mark 0x111/0xfff).
+//! ztunnel's socket instead of leaving through `eth0`. `fwmark_reflect=1` does the same
+//! for the kernel's own replies (a RST from a closed port), so a refused connect is seen
+//! at once instead of timing out. The numbers follow Istio's in-pod mode (mark
+//! 0x111/0xfff).
 use crate::netns::{self, Netns};
 
 /// Mark of ztunnel's connections to the app that carry the client's address.
@@ -16,9 +18,16 @@ const PREF: &str = "32764";
 /// What [`install`] changed, so [`remove`] can put it back.
 #[derive(Debug)]
 pub struct ReturnPath {
-    old_fwmark_accept: String,
+    /// (sysctl, value before install)
+    old_sysctls: Vec<(&'static str, String)>,
     v6: bool,
 }
+
+const SYSCTLS: [&str; 3] = [
+    "net/ipv4/tcp_fwmark_accept",
+    "net/ipv4/fwmark_reflect",
+    "net/ipv6/fwmark_reflect",
+];
 
 fn rule_args(v6: bool, op: &str) -> Vec<String> {
     let fam = if v6 { "-6" } else { "-4" };
@@ -45,7 +54,15 @@ fn ip(netns: &Netns, args: &[String]) -> Result<String, netns::Error> {
 
 /// Installs the sysctl, rule and route in the pod's netns (idempotent).
 pub fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
-    let old_fwmark_accept = netns.sysctl("net/ipv4/tcp_fwmark_accept", "1")?;
+    let mut old_sysctls = Vec::new();
+    for key in SYSCTLS {
+        // IPv6 may be disabled in the pod; its sysctl is then absent and not needed.
+        match netns.sysctl(key, "1") {
+            Ok(old) => old_sysctls.push((key, old)),
+            Err(e) if key.starts_with("net/ipv6") => tracing::debug!(error = %e, "no IPv6 sysctl"),
+            Err(e) => return Err(e),
+        }
+    }
     let mut families = vec![false];
     if v6 {
         families.push(true);
@@ -64,10 +81,7 @@ pub fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
             .map(str::to_owned),
         )?;
     }
-    Ok(ReturnPath {
-        old_fwmark_accept,
-        v6,
-    })
+    Ok(ReturnPath { old_sysctls, v6 })
 }
 
 /// Takes the rule, route and sysctl out again (errors are logged: the netns may be gone).
@@ -89,7 +103,9 @@ pub fn remove(netns: &Netns, rp: ReturnPath) {
             }
         }
     }
-    if let Err(e) = netns.sysctl("net/ipv4/tcp_fwmark_accept", &rp.old_fwmark_accept) {
-        tracing::debug!(error = %e, "return path cleanup");
+    for (key, old) in &rp.old_sysctls {
+        if let Err(e) = netns.sysctl(key, old) {
+            tracing::debug!(error = %e, "return path cleanup");
+        }
     }
 }
