@@ -7,6 +7,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

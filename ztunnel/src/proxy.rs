@@ -143,12 +143,22 @@ pub struct ConnectionLog {
 
 #[derive(Default)]
 struct ConnState {
-    active: Vec<ConnectionRecord>,
+    active: Vec<Active>,
     closed: VecDeque<ConnectionRecord>,
     opened_total: u64,
 }
 
 const CLOSED_KEPT: usize = 256;
+
+/// An open connection: its record, and the sockets to shut down to end it early.
+struct Active {
+    rec: ConnectionRecord,
+    /// Raw descriptors of the connection's sockets. They stay valid while the entry
+    /// exists: the owner removes it (under the lock) before dropping its sockets.
+    fds: Vec<std::os::fd::RawFd>,
+    /// Set when ztunnel ends the connection itself (e.g. a policy now denies it).
+    closing: Option<String>,
+}
 
 impl ConnectionLog {
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
@@ -175,7 +185,7 @@ impl ConnectionLog {
             .unwrap_or(0);
         let mut st = self.lock();
         st.opened_total += 1;
-        st.active.push(ConnectionRecord {
+        let rec = ConnectionRecord {
             id,
             direction,
             pod: pod.to_owned(),
@@ -193,18 +203,53 @@ impl ConnectionLog {
             opened_ms,
             duration_ms: None,
             outcome: None,
+        };
+        st.active.push(Active {
+            rec,
+            fds: Vec::new(),
+            closing: None,
         });
         id
     }
 
+    /// Registers the sockets that carry connection `id`, so [`Self::terminate`] can end it.
+    fn attach(&self, id: u64, fds: &[std::os::fd::RawFd]) {
+        let mut st = self.lock();
+        if let Some(a) = st.active.iter_mut().find(|a| a.rec.id == id) {
+            a.fds.extend_from_slice(fds);
+        }
+    }
+
+    /// Ends every active connection for which `why` gives a reason: its sockets are shut
+    /// down (the copy loops then finish) and the reason becomes its outcome. Returns how
+    /// many were ended.
+    pub fn terminate(&self, why: impl Fn(&ConnectionRecord) -> Option<String>) -> usize {
+        let mut st = self.lock();
+        let mut n = 0;
+        for a in st.active.iter_mut().filter(|a| a.closing.is_none()) {
+            let Some(reason) = why(&a.rec) else { continue };
+            for fd in &a.fds {
+                // SAFETY: the fd belongs to a live socket (see `Active::fds`); shutdown
+                // neither closes nor frees it.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            }
+            tracing::warn!(pod = %a.rec.pod, src = %a.rec.src, dst = %a.rec.dst, reason = %reason, "closing connection");
+            a.closing = Some(reason);
+            n += 1;
+        }
+        n
+    }
+
     fn close(&self, id: u64, sent: u64, received: u64, elapsed: Duration, outcome: String) {
         let mut st = self.lock();
-        if let Some(pos) = st.active.iter().position(|c| c.id == id) {
-            let mut rec = st.active.swap_remove(pos);
+        if let Some(pos) = st.active.iter().position(|a| a.rec.id == id) {
+            let Active {
+                mut rec, closing, ..
+            } = st.active.swap_remove(pos);
             rec.bytes_sent = sent;
             rec.bytes_received = received;
             rec.duration_ms = Some(elapsed.as_millis() as u64);
-            rec.outcome = Some(outcome);
+            rec.outcome = Some(closing.unwrap_or(outcome));
             tracing::info!(
                 target: "access",
                 direction = ?rec.direction,
@@ -230,7 +275,13 @@ impl ConnectionLog {
     /// Active connections first, then recently closed ones, oldest first.
     pub fn snapshot(&self) -> (u64, Vec<ConnectionRecord>) {
         let st = self.lock();
-        let list = st.active.iter().chain(st.closed.iter()).cloned().collect();
+        let list = st
+            .active
+            .iter()
+            .map(|a| &a.rec)
+            .chain(st.closed.iter())
+            .cloned()
+            .collect();
         (st.opened_total, list)
     }
 }
@@ -266,8 +317,47 @@ impl Proxy {
         self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Swaps in a new store; inbound connections the new policies deny are closed, as
+    /// Istio's ztunnel does.
     pub fn set_store(&self, store: Store) {
-        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(store);
+        let store = Arc::new(store);
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = store.clone();
+        let closed = self.connections.terminate(|rec| {
+            if rec.direction != Direction::Inbound {
+                return None;
+            }
+            let conn = crate::policy::Connection {
+                src_ip: rec.src.ip(),
+                src_identity: rec.src_identity.clone(),
+                dst: rec.dst,
+            };
+            match store.authorize(&rec.pod, &conn) {
+                crate::policy::Decision::Allow => None,
+                crate::policy::Decision::Deny { reason, .. } => {
+                    Some(format!("closed: policy changed: {reason}"))
+                }
+            }
+        });
+        if closed > 0 {
+            tracing::info!(closed, "closed connections the new policies deny");
+        }
+    }
+
+    /// Records a connection refused by policy (it never opened upstream).
+    fn record_denial(
+        &self,
+        pod: &str,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<String>,
+        reason: &str,
+    ) {
+        let id = self
+            .connections
+            .open_with(direction, pod, src, dst, src_identity, None);
+        self.connections
+            .close(id, 0, 0, Duration::ZERO, format!("denied: {reason}"));
     }
 
     pub fn pool_stats(&self) -> hbone::PoolStats {
@@ -531,6 +621,12 @@ async fn relay(
     mut upstream: TcpStream,
 ) {
     let _ = downstream.set_nodelay(true);
+    {
+        use std::os::fd::AsRawFd as _;
+        proxy
+            .connections
+            .attach(id, &[downstream.as_raw_fd(), upstream.as_raw_fd()]);
+    }
     let result = tokio::io::copy_bidirectional_with_sizes(
         &mut downstream,
         &mut upstream,

@@ -11,6 +11,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy;
+
 /// The label that enrols a pod or a namespace.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 pub const AMBIENT: &str = "ambient";
@@ -54,6 +56,15 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Where mesh-wide (GLOBAL) policies and peer authentications live.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// L4 authorization policies (Istio's `istio.security.Authorization`).
+    #[serde(default)]
+    pub policies: Vec<policy::Authorization>,
+    /// mTLS modes (Istio's PeerAuthentication; STRICT refuses plaintext).
+    #[serde(default)]
+    pub peer_authentications: Vec<policy::PeerAuthentication>,
 }
 
 impl Default for LocalConfig {
@@ -64,8 +75,15 @@ impl Default for LocalConfig {
             namespaces: Vec::new(),
             workloads: Vec::new(),
             services: Vec::new(),
+            root_namespace: default_root_namespace(),
+            policies: Vec::new(),
+            peer_authentications: Vec::new(),
         }
     }
+}
+
+fn default_root_namespace() -> String {
+    policy::DEFAULT_ROOT_NAMESPACE.to_owned()
 }
 
 fn default_trust_domain() -> String {
@@ -336,6 +354,16 @@ impl LocalConfig {
                 }
             }
         }
+        policy::validate_all(
+            &self.policies,
+            &self.peer_authentications,
+            &self.root_namespace,
+        )
+        .map_err(|e| Error::Invalid {
+            path: path.to_owned(),
+            object: "policies".to_owned(),
+            reason: e.to_string(),
+        })?;
         for (i, ns) in self.namespaces.iter().enumerate() {
             if let Some(mode) = ns.labels.get(DATAPLANE_MODE) {
                 check_mode(mode)
@@ -477,6 +505,39 @@ impl Store {
                 && !svc.selector.is_empty()
                 && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
         })
+    }
+
+    /// The authorization verdict for a connection into workload `key` (`namespace/name`).
+    /// Plaintext into a workload under STRICT mTLS is denied before any policy.
+    pub fn authorize(&self, key: &str, conn: &policy::Connection) -> policy::Decision {
+        let Some(w) = self.workload(key) else {
+            return policy::Decision::Deny {
+                policy: String::new(),
+                rule: None,
+                reason: format!("unknown workload {key}"),
+            };
+        };
+        if conn.src_identity.is_none()
+            && policy::requires_mtls(
+                &self.cfg.peer_authentications,
+                &self.cfg.root_namespace,
+                &w.namespace,
+                &w.labels,
+            )
+        {
+            return policy::Decision::Deny {
+                policy: String::new(),
+                rule: None,
+                reason: "STRICT mTLS refuses plaintext".to_owned(),
+            };
+        }
+        policy::evaluate(
+            &self.cfg.policies,
+            &self.cfg.root_namespace,
+            &w.namespace,
+            &w.labels,
+            conn,
+        )
     }
 
     /// Decides the path for a connection to `dst`.

@@ -4,5 +4,6 @@ mod enrolment;
 mod inbound;
 mod occupancy;
 mod outbound;
+mod policy;
 mod transfer;
 mod tunnel;

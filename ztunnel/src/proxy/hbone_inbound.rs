@@ -98,6 +98,28 @@ async fn open_stream(
     }
     // The client as the app should see it: the tunnel's source (the calling pod).
     let src = SocketAddr::new(peer.ip(), target.forwarded_for.map_or(0, |f| f.port()));
+    let conn = crate::policy::Connection {
+        src_ip: peer.ip(),
+        src_identity: Some(client.to_string()),
+        dst,
+    };
+    if let crate::policy::Decision::Deny {
+        policy,
+        rule,
+        reason,
+    } = proxy.store().authorize(&pod.name, &conn)
+    {
+        tracing::warn!(%src, %dst, client = %client, policy = %policy, rule, reason = %reason, "connection denied by policy");
+        proxy.record_denial(
+            &pod.name,
+            Direction::Inbound,
+            src,
+            dst,
+            Some(client.to_string()),
+            &reason,
+        );
+        return Err(Rejection::unauthorized(reason));
+    }
     let started = Instant::now();
     let id = proxy.connections.open_with(
         Direction::Inbound,
@@ -122,6 +144,10 @@ async fn open_stream(
         }
     };
     let baggage = super::workload_baggage(&proxy.store(), &pod.name);
+    {
+        use std::os::fd::AsRawFd as _;
+        proxy.connections.attach(id, &[upstream.as_raw_fd()]);
+    }
     let counted = Counted {
         inner: upstream,
         proxy,

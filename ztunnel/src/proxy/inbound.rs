@@ -42,6 +42,25 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         );
         return;
     }
+    let conn = crate::policy::Connection {
+        src_ip: src.ip(),
+        src_identity: None,
+        dst,
+    };
+    if let crate::policy::Decision::Deny {
+        policy,
+        rule,
+        reason,
+    } = proxy.store().authorize(&pod.name, &conn)
+    {
+        tracing::warn!(%src, %dst, policy = %policy, rule, reason = %reason, "plaintext connection denied");
+        // A reset, not a clean close: the client must not mistake it for an empty answer.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+        proxy
+            .connections
+            .close(id, 0, 0, started.elapsed(), format!("denied: {reason}"));
+        return;
+    }
     if !pod.addrs.contains(&dst.ip()) {
         proxy.connections.close(
             id,
