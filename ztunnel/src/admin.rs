@@ -21,9 +21,166 @@ use crate::{
 #[serde(rename_all = "camelCase")]
 pub struct ConfigDump {
     pub config: serde_json::Value,
+    /// Every workload the store knows, in the shape of Istio ztunnel's dump.
+    pub workloads: Vec<WorkloadDump>,
+    pub services: Vec<ServiceDump>,
+    pub policies: Vec<crate::policy::Authorization>,
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    pub certificates: Vec<CertificateDump>,
     pub enrolled_pods: Vec<EnrolledPodInfo>,
     pub capture: CaptureDump,
     pub connections: ConnectionsDump,
+}
+
+/// A workload, with Istio ztunnel's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadDump {
+    pub uid: String,
+    pub workload_ips: Vec<std::net::IpAddr>,
+    /// `HBONE` or `TCP`.
+    pub protocol: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub workload_name: String,
+    pub workload_type: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub node: String,
+    pub network: String,
+    pub cluster_id: String,
+    pub trust_domain: String,
+    /// The SPIFFE identity.
+    pub identity: String,
+    /// `Healthy` (the local file has no health).
+    pub status: String,
+}
+
+/// A service, with Istio ztunnel's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceDump {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<std::net::IpAddr>,
+    /// Service port → target port.
+    pub ports: std::collections::BTreeMap<u16, u16>,
+    /// Endpoint workload uids.
+    pub endpoints: Vec<String>,
+    pub subject_alt_names: Vec<String>,
+}
+
+/// A workload certificate, with Istio ztunnel's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateDump {
+    pub identity: String,
+    /// `Available`, `Pending` or `Unavailable`.
+    pub state: String,
+    pub cert_chain: Vec<CertDump>,
+    /// Seconds until the leaf expires (0 when expired or missing).
+    pub expiry_seconds: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertDump {
+    pub pem: String,
+    /// RFC 3339.
+    pub valid_from: String,
+    /// RFC 3339.
+    pub expiration_time: String,
+}
+
+fn rfc3339(t: Option<std::time::SystemTime>) -> String {
+    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_default()
+}
+
+fn state_dump(shared: &Shared) -> (Vec<WorkloadDump>, Vec<ServiceDump>, crate::state::Store) {
+    let store = (*shared.proxy.store()).clone();
+    let workloads = store
+        .cfg
+        .workloads
+        .iter()
+        .map(|w| WorkloadDump {
+            uid: store.uid(w),
+            workload_ips: w.addresses.clone(),
+            protocol: match store.protocol(w) {
+                crate::state::Protocol::Hbone => "HBONE",
+                crate::state::Protocol::Tcp => "TCP",
+            }
+            .to_owned(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.service_account.clone(),
+            workload_name: w.workload_name(),
+            workload_type: w.workload_type(),
+            canonical_name: w.canonical_name(),
+            canonical_revision: w.canonical_revision(),
+            node: w.node.clone(),
+            network: w.network.clone(),
+            cluster_id: store.cfg.cluster.clone(),
+            trust_domain: store.trust_domain(w).to_owned(),
+            identity: store.identity(w),
+            status: "Healthy".to_owned(),
+        })
+        .collect();
+    let services = store
+        .cfg
+        .services
+        .iter()
+        .map(|s| ServiceDump {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname(),
+            vips: s.addresses.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+                .collect(),
+            endpoints: store.endpoints(s).map(|w| store.uid(w)).collect(),
+            subject_alt_names: s.subject_alt_names.clone(),
+        })
+        .collect();
+    (workloads, services, store)
+}
+
+fn certificates(shared: &Shared) -> Vec<CertificateDump> {
+    let now = std::time::SystemTime::now();
+    shared
+        .proxy
+        .certs
+        .snapshot()
+        .into_iter()
+        .map(|c| CertificateDump {
+            identity: c.identity.to_string(),
+            state: match c.state {
+                "available" => "Available",
+                "pending" => "Pending",
+                _ => "Unavailable",
+            }
+            .to_owned(),
+            cert_chain: if c.chain_pem.is_empty() {
+                Vec::new()
+            } else {
+                vec![CertDump {
+                    pem: c.chain_pem.clone(),
+                    valid_from: rfc3339(c.not_before),
+                    expiration_time: rfc3339(c.not_after),
+                }]
+            },
+            expiry_seconds: c
+                .not_after
+                .and_then(|t| t.duration_since(now).ok())
+                .map_or(0, |d| d.as_secs()),
+            error: c.error,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,8 +207,14 @@ pub struct ConnectionsDump {
 pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
     let features: &Features = shared.capture.features();
     let (opened_total, list) = shared.proxy.connections.snapshot();
+    let (workloads, services, store) = state_dump(shared);
     ConfigDump {
         config: serde_json::to_value(cfg).unwrap_or_default(),
+        workloads,
+        services,
+        policies: store.cfg.policies.clone(),
+        peer_authentications: store.cfg.peer_authentications.clone(),
+        certificates: certificates(shared),
         enrolled_pods: shared.enrolled_info(),
         capture: CaptureDump {
             mode: "ebpf".to_owned(),
