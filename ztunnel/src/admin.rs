@@ -269,6 +269,7 @@ fn handle(
     shared: &Shared,
     _peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
+    tracing::debug!(method = %req.method(), uri = %req.uri(), "admin request");
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/config_dump") => json(StatusCode::OK, &dump(cfg, shared)),
         (&Method::GET, "/fast_path") => json(
@@ -295,9 +296,34 @@ fn handle(
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             }
         }
+        (&Method::GET, "/logging") => text(StatusCode::OK, &format!("{}\n", shared.log.level())),
+        (&Method::POST, "/logging") => {
+            let level = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .unwrap_or("");
+            if level.is_empty() {
+                return text(StatusCode::BAD_REQUEST, "expected ?level=<filter>\n");
+            }
+            match shared.log.set(level) {
+                Ok(()) => {
+                    tracing::info!(level, "log level changed");
+                    text(StatusCode::OK, &format!("{level}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            }
+        }
+        (&Method::POST, "/quitquitquit") => {
+            tracing::info!("drain requested on the admin port");
+            shared.quit.notify_one();
+            text(StatusCode::OK, "draining\n")
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, GET|POST /fast_path\n",
+            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /logging, POST /quitquitquit\n",
         ),
     }
 }

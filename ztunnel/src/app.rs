@@ -45,6 +45,9 @@ pub struct Shared {
     pub capture: Capture,
     pub proxy: Arc<Proxy>,
     pods: Mutex<BTreeMap<String, Enrolled>>,
+    pub log: crate::telemetry::LogControl,
+    /// Notified by the admin port's `/quitquitquit`.
+    pub quit: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -157,7 +160,7 @@ fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("failed to move ztunnel into cgroup {}", cgroup.display()))
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     if let Some(cg) = &cfg.cgroup {
@@ -186,6 +189,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         capture,
         proxy: Proxy::new(Store::new(initial.clone()), certs)?,
         pods: Mutex::default(),
+        log,
+        quit: tokio::sync::Notify::new(),
     });
     let cfg = Arc::new(cfg);
 
@@ -219,9 +224,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = retry.tick(), if !all_ok => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = shared.quit.notified() => break,
         }
     }
     tracing::info!("shutting down");
+    shared.proxy.drain();
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;
     Ok(())

@@ -23,11 +23,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(cfg) => {
-            telemetry::init(cfg.log_format);
+            let log = telemetry::init(cfg.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(app::run(*cfg))
+            rt.block_on(app::run(*cfg, log))
         }
     }
 }

@@ -360,6 +360,11 @@ impl Proxy {
             .close(id, 0, 0, Duration::ZERO, format!("denied: {reason}"));
     }
 
+    /// Tells every HBONE server connection to send GOAWAY and finish its streams.
+    pub fn drain(&self) {
+        self.drain.send_replace(true);
+    }
+
     pub fn pool_stats(&self) -> hbone::PoolStats {
         self.pool.stats()
     }

@@ -1,5 +1,6 @@
 //! Privileged integration tests: real network namespaces, cgroups, eBPF and ztunnel
 //! processes. They need root and fail loudly without it. One file per behaviour.
+mod admin;
 mod enrolment;
 mod inbound;
 mod occupancy;
