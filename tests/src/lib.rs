@@ -166,6 +166,8 @@ impl Drop for PodProcess {
 pub struct Ztunnel {
     child: Option<Child>,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
     pub log: PathBuf,
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
@@ -173,6 +175,16 @@ pub struct Ztunnel {
 }
 
 impl Ztunnel {
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        http(self.metrics, "GET", "/metrics")
+    }
+
+    /// `Ok(body)` when `/healthz/ready` answers 200, `Err` with the reason otherwise.
+    pub fn ready(&self) -> anyhow::Result<String> {
+        http(self.readiness, "GET", "/healthz/ready")
+    }
+
     pub fn dump(&self) -> anyhow::Result<ConfigDump> {
         let body = http(self.admin, "GET", "/config_dump")?;
         serde_json::from_str(&body).with_context(|| format!("bad /config_dump: {body}"))
@@ -635,8 +647,28 @@ impl Topology {
         fast_path: bool,
         file: &Path,
     ) -> anyhow::Result<Ztunnel> {
-        // A port free right now; other test runs on the machine use others.
-        let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+        let z = self.spawn_ztunnel(node, fast_path, file)?;
+        let want: Vec<&Pod> = self
+            .pods
+            .iter()
+            .filter(|p| p.ambient && p.node == node)
+            .collect();
+        z.wait_enrolled(&want)?;
+        Ok(z)
+    }
+
+    /// Starts a node's ztunnel without waiting for anything.
+    pub fn spawn_ztunnel(
+        &mut self,
+        node: &str,
+        fast_path: bool,
+        file: &Path,
+    ) -> anyhow::Result<Ztunnel> {
+        // Ports free right now; other test runs on the machine use others.
+        let free = || -> anyhow::Result<SocketAddr> {
+            Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
+        };
+        let (admin, metrics, readiness) = (free()?, free()?, free()?);
         let pin_dir = self.pin_dir(node);
         let cgroup = self.cgroup_base.join(format!("ztunnel-{node}"));
         let log = self
@@ -656,6 +688,10 @@ impl Topology {
             .arg(&cgroup)
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .arg("--readiness-addr")
+            .arg(readiness.to_string())
             .arg(format!("--fast-path={fast_path}"))
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))
@@ -668,17 +704,13 @@ impl Topology {
         let z = Ztunnel {
             child: Some(child),
             admin,
+            metrics,
+            readiness,
             log,
             pin_dir,
             cgroup,
             keep_pins: false,
         };
-        let want: Vec<&Pod> = self
-            .pods
-            .iter()
-            .filter(|p| p.ambient && p.node == node)
-            .collect();
-        z.wait_enrolled(&want)?;
         Ok(z)
     }
 }

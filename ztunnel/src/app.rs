@@ -45,6 +45,8 @@ pub struct Shared {
     pub capture: Capture,
     pub proxy: Arc<Proxy>,
     pods: Mutex<BTreeMap<String, Enrolled>>,
+    /// Pods that should be enrolled but are not (yet): readiness waits for them.
+    pending: Mutex<Vec<String>>,
     pub log: crate::telemetry::LogControl,
     /// Notified by the admin port's `/quitquitquit`.
     pub quit: tokio::sync::Notify,
@@ -90,6 +92,7 @@ impl Shared {
             }
         }
         let mut ok = true;
+        let mut pending = Vec::new();
         for (key, spec) in desired {
             if pods.contains_key(key) {
                 continue;
@@ -103,10 +106,12 @@ impl Shared {
                 }
                 Err(e) => {
                     ok = false;
+                    pending.push(key.clone());
                     tracing::error!(pod = %key, error = format!("{e:#}"), "failed to enrol pod; will retry");
                 }
             }
         }
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
         ok
     }
 
@@ -142,6 +147,70 @@ impl Shared {
             }
             tracing::info!(pod = %key, "capture left attached for the next ztunnel");
         }
+    }
+
+    /// Brings the gauges up to date before a scrape.
+    fn refresh_metrics(&self) {
+        let m = &self.proxy.metrics;
+        m.set_enrolled_pods(self.pods().values().filter(|e| e.capture.is_some()).count() as i64);
+        let (out, inb) = self.proxy.connections.active_counts();
+        m.set_active("outbound", out as i64);
+        m.set_active("inbound", inb as i64);
+        let pool = self.proxy.pool_stats();
+        m.set_pool(pool.connections as i64, pool.active_streams as i64);
+        let now = std::time::SystemTime::now();
+        for c in self.proxy.certs.snapshot() {
+            if let Some(t) = c.not_after {
+                let secs = match t.duration_since(now) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(e) => -(e.duration().as_secs() as i64),
+                };
+                m.set_certificate_expiry(&c.identity.to_string(), secs);
+            }
+        }
+        let occ = self.capture.occupancy();
+        let maps = std::collections::BTreeMap::from([
+            (
+                ztunnel_common::orig_dst::BY_COOKIE,
+                occ.orig_dst_by_cookie as u64,
+            ),
+            (
+                ztunnel_common::orig_dst::BY_TUPLE,
+                occ.orig_dst_by_tuple as u64,
+            ),
+            (ztunnel_common::pod_addrs::NAME, occ.pod_addrs as u64),
+            (
+                ztunnel_common::fast_path::SOCKHASH,
+                occ.fast_path_sockets as u64,
+            ),
+        ]);
+        m.set_capture(&self.capture.stats(), &maps);
+    }
+
+    /// Ready when the workload file is loaded (it is, once this runs), every pod that
+    /// should be enrolled is (capture attached), and each has its certificate.
+    pub fn readiness(&self) -> Result<(), String> {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !pending.is_empty() {
+            return Err(format!(
+                "capture not attached yet for: {}",
+                pending.join(", ")
+            ));
+        }
+        let certs = self.proxy.certs.snapshot();
+        for e in self.pods().values() {
+            let ok = certs
+                .iter()
+                .any(|c| c.identity.to_string() == e.spec.identity && c.state == "available");
+            if !ok {
+                return Err(format!("no certificate yet for {}", e.spec.identity));
+            }
+        }
+        Ok(())
     }
 
     fn netns_cookies(&self) -> Vec<u64> {
@@ -180,6 +249,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let initial = LocalConfig::load(&cfg.workloads, &cfg.node)?;
     let ca = BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?;
     let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let metrics = crate::metrics::Metrics::new();
     let capture = Capture::load(&ebpf::Options {
         pin_dir: cfg.bpf_pin_dir.clone(),
         own_cgroup,
@@ -187,8 +257,9 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     })?;
     let shared = Arc::new(Shared {
         capture,
-        proxy: Proxy::new(Store::new(initial.clone()), certs)?,
+        proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone())?,
         pods: Mutex::default(),
+        pending: Mutex::default(),
         log,
         quit: tokio::sync::Notify::new(),
     });
@@ -198,6 +269,27 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .await
         .with_context(|| format!("failed to bind the admin API to {}", cfg.admin_addr))?;
     tokio::spawn(admin::serve(admin, cfg.clone(), shared.clone()));
+    let listener = TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
+    let s = shared.clone();
+    tokio::spawn(crate::metrics::serve_metrics(
+        listener,
+        metrics,
+        move || s.refresh_metrics(),
+    ));
+    let listener = TcpListener::bind(cfg.readiness_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to bind the readiness port to {}",
+                cfg.readiness_addr
+            )
+        })?;
+    let s = shared.clone();
+    tokio::spawn(crate::metrics::serve_readiness(listener, move || {
+        s.readiness()
+    }));
 
     let (tx, mut rx) = watch::channel(initial);
     let _watcher = state::watch(cfg.workloads.clone(), cfg.node.clone(), tx)

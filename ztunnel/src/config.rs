@@ -55,6 +55,14 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// Where Prometheus scrapes `/metrics` (Istio's port 15020).
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Where the kubelet probes `/healthz/ready` (Istio's port 15021).
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
     /// Log format.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

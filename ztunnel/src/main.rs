@@ -1,6 +1,8 @@
-//! ztunnel's command line: `ztunnel run …` starts the node proxy.
+//! ztunnel's command line: `ztunnel run …` starts the node proxy; `ztunnel status`,
+//! `workloads`, `services`, `policies`, `certificates` and `connections` read a running
+//! one's admin port.
 use clap::{Parser, Subcommand};
-use ztunnel::{app, config::Config, telemetry};
+use ztunnel::{app, cli, config::Config, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -9,6 +11,8 @@ use ztunnel::{app, config::Config, telemetry};
     about = "eBPF-accelerated zero-trust node proxy"
 )]
 struct Cli {
+    #[command(flatten)]
+    inspect: cli::Options,
     #[command(subcommand)]
     command: Command,
 }
@@ -17,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the node proxy.
     Run(Box<Config>),
+    #[command(flatten)]
+    Inspect(cli::Command),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +35,6 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(app::run(*cfg, log))
         }
+        Command::Inspect(c) => cli::run(&c, &cli.inspect),
     }
 }

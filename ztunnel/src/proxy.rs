@@ -91,6 +91,7 @@ type Connector = Box<dyn Fn(&PoolKey) -> DialFuture + Send + Sync>;
 pub struct Proxy {
     home: Netns,
     pub connections: ConnectionLog,
+    pub metrics: Arc<crate::metrics::Metrics>,
     store: RwLock<Arc<Store>>,
     pub certs: Arc<CertificateManager>,
     pods: RwLock<HashMap<String, Arc<PodNet>>>,
@@ -134,11 +135,13 @@ pub struct ConnectionRecord {
     pub outcome: Option<String>,
 }
 
-/// Active connections and the most recent closed ones.
-#[derive(Default)]
+/// Active connections and the most recent closed ones; feeds Istio's TCP metrics.
 pub struct ConnectionLog {
     next: AtomicU64,
     inner: Mutex<ConnState>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The store the labels are computed from (the proxy's current one).
+    store: RwLock<Arc<Store>>,
 }
 
 #[derive(Default)]
@@ -158,9 +161,31 @@ struct Active {
     fds: Vec<std::os::fd::RawFd>,
     /// Set when ztunnel ends the connection itself (e.g. a policy now denies it).
     closing: Option<String>,
+    /// Istio's metric labels, fixed when the connection opens.
+    labels: crate::metrics::ConnLabels,
 }
 
 impl ConnectionLog {
+    fn new(metrics: Arc<crate::metrics::Metrics>, store: Arc<Store>) -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            inner: Mutex::default(),
+            metrics,
+            store: RwLock::new(store),
+        }
+    }
+
+    /// Active connections by direction (`outbound`, `inbound`).
+    pub fn active_counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        let out = st
+            .active
+            .iter()
+            .filter(|a| a.rec.direction == Direction::Outbound)
+            .count();
+        (out, st.active.len() - out)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -204,10 +229,14 @@ impl ConnectionLog {
             duration_ms: None,
             outcome: None,
         };
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let labels = metric_labels(&store, &rec);
+        self.metrics.connection_opened(&labels);
         st.active.push(Active {
             rec,
             fds: Vec::new(),
             closing: None,
+            labels,
         });
         id
     }
@@ -244,8 +273,14 @@ impl ConnectionLog {
         let mut st = self.lock();
         if let Some(pos) = st.active.iter().position(|a| a.rec.id == id) {
             let Active {
-                mut rec, closing, ..
+                mut rec,
+                closing,
+                labels,
+                ..
             } = st.active.swap_remove(pos);
+            // Istio counts "sent" from the destination back to the source and "received"
+            // from the source to the destination, whichever side reports.
+            self.metrics.connection_closed(&labels, received, sent);
             rec.bytes_sent = sent;
             rec.bytes_received = received;
             rec.duration_ms = Some(elapsed.as_millis() as u64);
@@ -287,8 +322,13 @@ impl ConnectionLog {
 }
 
 impl Proxy {
-    pub fn new(store: Store, certs: Arc<CertificateManager>) -> Result<Arc<Self>, Error> {
+    pub fn new(
+        store: Store,
+        certs: Arc<CertificateManager>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, Error> {
         let home = Netns::current()?;
+        let store = Arc::new(store);
         Ok(Arc::new_cyclic(|me: &Weak<Proxy>| {
             let me = me.clone();
             let connector: Connector = Box::new(move |key: &PoolKey| {
@@ -302,8 +342,9 @@ impl Proxy {
             });
             Self {
                 home,
-                connections: ConnectionLog::default(),
-                store: RwLock::new(Arc::new(store)),
+                connections: ConnectionLog::new(metrics.clone(), store.clone()),
+                metrics,
+                store: RwLock::new(store),
                 certs,
                 pods: RwLock::default(),
                 pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
@@ -322,6 +363,11 @@ impl Proxy {
     pub fn set_store(&self, store: Store) {
         let store = Arc::new(store);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = store.clone();
+        *self
+            .connections
+            .store
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = store.clone();
         let closed = self.connections.terminate(|rec| {
             if rec.direction != Direction::Inbound {
                 return None;
@@ -344,15 +390,25 @@ impl Proxy {
     }
 
     /// Records a connection refused by policy (it never opened upstream).
+    #[expect(clippy::too_many_arguments, reason = "one record's worth of fields")]
     fn record_denial(
         &self,
         pod: &str,
+        policy: &str,
         direction: Direction,
         src: SocketAddr,
         dst: SocketAddr,
         src_identity: Option<String>,
         reason: &str,
     ) {
+        let reason_label = if reason.contains("STRICT mTLS") {
+            crate::metrics::deny_reason::STRICT_MTLS
+        } else if reason.starts_with("unknown workload") {
+            crate::metrics::deny_reason::UNKNOWN_WORKLOAD
+        } else {
+            crate::metrics::deny_reason::POLICY
+        };
+        self.metrics.policy_denied(reason_label, policy);
         let id = self
             .connections
             .open_with(direction, pod, src, dst, src_identity, None);
@@ -538,6 +594,67 @@ async fn accept_loop<H, F>(
             Err(e) => tracing::warn!(pod = %pod.name, listener = what, error = %e, "accept failed"),
         }
     }
+}
+
+/// Istio's TCP metric labels for a connection, from the store: the reporter is the
+/// source for outbound and the destination for inbound; unknown values stay `unknown`.
+fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
+    use crate::metrics::{ConnLabels, REPORTER_DESTINATION, REPORTER_SOURCE};
+    let mut l = ConnLabels::default();
+    let (src_w, dst_w) = match rec.direction {
+        Direction::Outbound => {
+            l.reporter = REPORTER_SOURCE.to_owned();
+            (
+                store.workload(&rec.pod),
+                store.workload_by_addr(rec.dst.ip()),
+            )
+        }
+        Direction::Inbound => {
+            l.reporter = REPORTER_DESTINATION.to_owned();
+            (
+                store.workload_by_addr(rec.src.ip()),
+                store.workload(&rec.pod),
+            )
+        }
+    };
+    if let Some(w) = src_w {
+        l.source_workload = w.workload_name();
+        l.source_canonical_service = w.canonical_name();
+        l.source_canonical_revision = w.canonical_revision();
+        l.source_workload_namespace = w.namespace.clone();
+        l.source_app = w.canonical_name();
+        l.source_version = w.canonical_revision();
+        l.source_cluster = store.cfg.cluster.clone();
+    }
+    if let Some(w) = dst_w {
+        l.destination_workload = w.workload_name();
+        l.destination_canonical_service = w.canonical_name();
+        l.destination_canonical_revision = w.canonical_revision();
+        l.destination_workload_namespace = w.namespace.clone();
+        l.destination_app = w.canonical_name();
+        l.destination_version = w.canonical_revision();
+        l.destination_cluster = store.cfg.cluster.clone();
+        if let Some(svc) = store
+            .cfg
+            .services
+            .iter()
+            .find(|s| store.endpoints(s).any(|e| e.key() == w.key()))
+        {
+            l.destination_service = svc.hostname();
+            l.destination_service_name = svc.name.clone();
+            l.destination_service_namespace = svc.namespace.clone();
+        }
+    }
+    if let Some(p) = &rec.src_identity {
+        l.source_principal = p.clone();
+    }
+    if let Some(p) = &rec.dst_identity {
+        l.destination_principal = p.clone();
+    }
+    if rec.src_identity.is_some() || rec.dst_identity.is_some() {
+        l.connection_security_policy = crate::metrics::SECURITY_MUTUAL_TLS.to_owned();
+    }
+    l
 }
 
 /// The baggage describing a workload (HBONE.md, "The CONNECT request").

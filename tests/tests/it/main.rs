@@ -3,6 +3,7 @@
 mod admin;
 mod enrolment;
 mod inbound;
+mod metrics;
 mod occupancy;
 mod outbound;
 mod policy;

@@ -108,6 +108,13 @@ fn allow_by_principal_admits_only_that_principal() -> anyhow::Result<()> {
         denial.contains("no ALLOW policy matched") && denial.contains("default/allow-a"),
         "{denial}"
     );
+    let text = m.z2.metrics_text()?;
+    assert!(
+        text.contains(
+            "ztunnel_policy_denials_total{reason=\"policy\",policy=\"default/allow-a\"} 1"
+        ),
+        "{text}"
+    );
     Ok(())
 }
 

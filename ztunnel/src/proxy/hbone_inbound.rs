@@ -112,6 +112,7 @@ async fn open_stream(
         tracing::warn!(%src, %dst, client = %client, policy = %policy, rule, reason = %reason, "connection denied by policy");
         proxy.record_denial(
             &pod.name,
+            &policy,
             Direction::Inbound,
             src,
             dst,

@@ -1,0 +1,844 @@
+//! Owns the Prometheus registry: Istio's standard TCP metrics, ztunnel's own gauges and
+//! counters, and the `/metrics` and `/healthz/ready` HTTP servers (in [`server`]).
+//!
+//! Metric and label names follow the Istio Standard Metrics reference
+//! (istio.io/latest/docs/reference/config/metrics) and, where that page is silent (label order,
+//! defaults), istio/ztunnel `src/proxy/metrics.rs`, so Kiali and the Istio dashboards work
+//! unchanged.
+//!
+//! The exposition is OpenMetrics text (prometheus-client's only text encoder): counters are
+//! registered without `_total` and the encoder appends it to the sample name, so
+//! `istio_tcp_connections_opened` is scraped as `istio_tcp_connections_opened_total`.
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        gauge::Gauge,
+    },
+    registry::Registry,
+};
+
+mod server;
+
+pub use server::{
+    METRICS_CONTENT_TYPE, METRICS_PATH, READINESS_PATH, serve_metrics, serve_readiness,
+};
+
+/// The value Istio uses for a label it cannot fill.
+pub const UNKNOWN: &str = "unknown";
+
+/// `reporter` when the proxy on the client's side records the connection (outbound).
+pub const REPORTER_SOURCE: &str = "source";
+/// `reporter` when the proxy on the server's side records the connection (inbound).
+pub const REPORTER_DESTINATION: &str = "destination";
+/// `connection_security_policy` for a connection that arrived over mTLS (HBONE).
+pub const SECURITY_MUTUAL_TLS: &str = "mutual_tls";
+/// `response_flags` when nothing went wrong (Envoy's and ztunnel's "no flag").
+pub const NO_RESPONSE_FLAGS: &str = "-";
+
+/// `reason` values for [`Metrics::policy_denied`].
+pub mod deny_reason {
+    /// An AuthorizationPolicy denied the connection.
+    pub const POLICY: &str = "policy";
+    /// PeerAuthentication STRICT refused a plaintext connection.
+    pub const STRICT_MTLS: &str = "strict_mtls";
+    /// The destination (or a required source) is not a workload we know.
+    pub const UNKNOWN_WORKLOAD: &str = "unknown_workload";
+}
+
+/// The labels of Istio's standard TCP metrics, in the order istio/ztunnel encodes them
+/// (`CommonTrafficLabels` in `src/proxy/metrics.rs`), which is also the order of the Istio
+/// Standard Metrics page's label list where the two overlap.
+///
+/// Callers fill what they know; [`Default`] makes every value [`UNKNOWN`] except
+/// `request_protocol` (`tcp`) and `response_flags` (`-`). Values are escaped for the
+/// exposition by [`Metrics`], so they may hold any text.
+///
+/// Istio ztunnel's filling rules, for reference: `*_app` and `*_canonical_service` are the
+/// workload's canonical name, `*_version` and `*_canonical_revision` its canonical revision,
+/// `*_principal` the SPIFFE identity (`spiffe://td/ns/NS/sa/SA`; the source principal only
+/// from the peer's verified certificate), `destination_service` the service hostname.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// [`REPORTER_SOURCE`] (outbound) or [`REPORTER_DESTINATION`] (inbound). Left
+    /// [`UNKNOWN`] by default so a caller that forgets it shows up on the dashboard rather
+    /// than silently counting as one side.
+    pub reporter: String,
+
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+
+    /// Always `tcp` for ztunnel (it does not parse HTTP).
+    pub request_protocol: String,
+    /// [`NO_RESPONSE_FLAGS`], or a flag such as `DENY` (policy) or `CONNECT` (upstream
+    /// connect failed), as istio/ztunnel's `ResponseFlags` spells them.
+    pub response_flags: String,
+    /// [`SECURITY_MUTUAL_TLS`] when the connection was mTLS, else [`UNKNOWN`]; Istio also
+    /// reports `unknown` from the source side, where the policy cannot be known.
+    pub connection_security_policy: String,
+}
+
+impl Default for ConnLabels {
+    fn default() -> Self {
+        let u = || UNKNOWN.to_owned();
+        ConnLabels {
+            reporter: u(),
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+            request_protocol: "tcp".to_owned(),
+            response_flags: NO_RESPONSE_FLAGS.to_owned(),
+            connection_security_policy: u(),
+        }
+    }
+}
+
+impl ConnLabels {
+    /// Every value, in label order.
+    fn fields(&self) -> [&String; 23] {
+        [
+            &self.reporter,
+            &self.source_workload,
+            &self.source_canonical_service,
+            &self.source_canonical_revision,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            &self.source_app,
+            &self.source_version,
+            &self.source_cluster,
+            &self.destination_service,
+            &self.destination_service_namespace,
+            &self.destination_service_name,
+            &self.destination_workload,
+            &self.destination_canonical_service,
+            &self.destination_canonical_revision,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            &self.destination_app,
+            &self.destination_version,
+            &self.destination_cluster,
+            &self.request_protocol,
+            &self.response_flags,
+            &self.connection_security_policy,
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [&mut String; 23] {
+        [
+            &mut self.reporter,
+            &mut self.source_workload,
+            &mut self.source_canonical_service,
+            &mut self.source_canonical_revision,
+            &mut self.source_workload_namespace,
+            &mut self.source_principal,
+            &mut self.source_app,
+            &mut self.source_version,
+            &mut self.source_cluster,
+            &mut self.destination_service,
+            &mut self.destination_service_namespace,
+            &mut self.destination_service_name,
+            &mut self.destination_workload,
+            &mut self.destination_canonical_service,
+            &mut self.destination_canonical_revision,
+            &mut self.destination_workload_namespace,
+            &mut self.destination_principal,
+            &mut self.destination_app,
+            &mut self.destination_version,
+            &mut self.destination_cluster,
+            &mut self.request_protocol,
+            &mut self.response_flags,
+            &mut self.connection_security_policy,
+        ]
+    }
+
+    /// The labels as the exposition must carry them: borrowed when nothing needs escaping
+    /// (the usual case: Kubernetes names and SPIFFE ids hold no `\`, `"` or newline).
+    fn escaped(&self) -> Cow<'_, ConnLabels> {
+        if !self.fields().iter().any(|v| needs_escape(v)) {
+            return Cow::Borrowed(self);
+        }
+        let mut out = self.clone();
+        for v in out.fields_mut() {
+            if let Cow::Owned(e) = escape(v) {
+                *v = e;
+            }
+        }
+        Cow::Owned(out)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenyLabels {
+    reason: String,
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+/// Every metric ztunnel exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+
+    connections_opened: Family<ConnLabels, Counter>,
+    connections_closed: Family<ConnLabels, Counter>,
+    sent_bytes: Family<ConnLabels, Counter>,
+    received_bytes: Family<ConnLabels, Counter>,
+
+    enrolled_pods: Gauge,
+    active_connections: Family<DirectionLabels, Gauge>,
+    pool_connections: Gauge,
+    pool_streams: Gauge,
+    policy_denials: Family<DenyLabels, Counter>,
+    certificate_expiry: Family<IdentityLabels, Gauge>,
+    capture: Arc<CaptureCollector>,
+}
+
+// Registered names; the encoder appends `_total` to counters.
+const OPENED: &str = "istio_tcp_connections_opened";
+const CLOSED: &str = "istio_tcp_connections_closed";
+const SENT: &str = "istio_tcp_sent_bytes";
+const RECEIVED: &str = "istio_tcp_received_bytes";
+
+impl Metrics {
+    /// Builds the registry with every metric registered (gauges start at 0; the
+    /// `direction="inbound"|"outbound"` active-connection series exist from the start).
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+
+        let connections_opened = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            OPENED,
+            "The total number of TCP connections opened",
+            connections_opened.clone(),
+        );
+        let connections_closed = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            CLOSED,
+            "The total number of TCP connections closed",
+            connections_closed.clone(),
+        );
+        let sent_bytes = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            SENT,
+            "The size of total bytes sent during response in case of a TCP connection \
+             (destination to source)",
+            sent_bytes.clone(),
+        );
+        let received_bytes = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            RECEIVED,
+            "The size of total bytes received during request in case of a TCP connection \
+             (source to destination)",
+            received_bytes.clone(),
+        );
+
+        let enrolled_pods = Gauge::default();
+        registry.register(
+            "ztunnel_enrolled_pods",
+            "Pods on this node whose traffic ztunnel currently captures",
+            enrolled_pods.clone(),
+        );
+        let active_connections = Family::<DirectionLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_active_connections",
+            "Proxied connections currently open, by direction",
+            active_connections.clone(),
+        );
+        for direction in ["inbound", "outbound"] {
+            active_connections
+                .get_or_create(&DirectionLabels {
+                    direction: direction.to_owned(),
+                })
+                .set(0);
+        }
+        let pool_connections = Gauge::default();
+        registry.register(
+            "ztunnel_hbone_pool_connections",
+            "HTTP/2 connections in the outbound HBONE pool",
+            pool_connections.clone(),
+        );
+        let pool_streams = Gauge::default();
+        registry.register(
+            "ztunnel_hbone_pool_streams",
+            "CONNECT streams open on pooled HBONE connections",
+            pool_streams.clone(),
+        );
+        let policy_denials = Family::<DenyLabels, Counter>::default();
+        registry.register(
+            "ztunnel_policy_denials",
+            "Connections refused, by reason (policy, strict_mtls, unknown_workload) and \
+             the denying policy (namespace/name, empty when no policy applies)",
+            policy_denials.clone(),
+        );
+        let certificate_expiry = Family::<IdentityLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_certificate_expiry_seconds",
+            "Seconds until the workload certificate of an identity expires (negative once \
+             expired)",
+            certificate_expiry.clone(),
+        );
+        let capture = Arc::new(CaptureCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&capture)));
+
+        Arc::new(Metrics {
+            registry,
+            connections_opened,
+            connections_closed,
+            sent_bytes,
+            received_bytes,
+            enrolled_pods,
+            active_connections,
+            pool_connections,
+            pool_streams,
+            policy_denials,
+            certificate_expiry,
+            capture,
+        })
+    }
+
+    /// Counts a connection as opened (`istio_tcp_connections_opened_total`).
+    pub fn connection_opened(&self, labels: &ConnLabels) {
+        self.connections_opened
+            .get_or_create(&labels.escaped())
+            .inc();
+    }
+
+    /// Counts a connection as closed and adds its bytes.
+    ///
+    /// Directions are Istio's, which are Envoy's downstream view and the same for both
+    /// reporters (istio.io "Istio Standard Metrics"; istio/istio#32399, kiali/kiali#6760):
+    /// - `sent`: bytes from the **destination to the source**, the response direction
+    ///   (`istio_tcp_sent_bytes_total`, "bytes sent during response"). For an outbound
+    ///   (`reporter=source`) connection that is what ztunnel wrote back to the local app.
+    /// - `received`: bytes from the **source to the destination**, the request direction
+    ///   (`istio_tcp_received_bytes_total`, "bytes received during request").
+    ///
+    /// `labels` should be the labels given to [`Metrics::connection_opened`], except
+    /// `response_flags`, which may now carry the outcome (as istio/ztunnel does). If bytes
+    /// were already reported with [`Metrics::bytes_transferred`], pass only the rest.
+    pub fn connection_closed(&self, labels: &ConnLabels, sent: u64, received: u64) {
+        let labels = labels.escaped();
+        self.connections_closed.get_or_create(&labels).inc();
+        self.add_bytes(&labels, sent, received);
+    }
+
+    /// Adds bytes of a connection that is still open (same directions as
+    /// [`Metrics::connection_closed`]). Optional: without it a long-lived connection's bytes
+    /// appear only when it closes, while istio/ztunnel counts them as they flow.
+    pub fn bytes_transferred(&self, labels: &ConnLabels, sent: u64, received: u64) {
+        self.add_bytes(&labels.escaped(), sent, received);
+    }
+
+    /// Adds to both byte counters, creating the pair even for zero so every label set
+    /// that closed a connection also has its byte series.
+    fn add_bytes(&self, escaped: &ConnLabels, sent: u64, received: u64) {
+        self.sent_bytes.get_or_create(escaped).inc_by(sent);
+        self.received_bytes.get_or_create(escaped).inc_by(received);
+    }
+
+    /// Sets the number of open connections in one direction (`inbound` or `outbound`).
+    pub fn set_active(&self, direction: &str, n: i64) {
+        self.active_connections
+            .get_or_create(&DirectionLabels {
+                direction: escape(direction).into_owned(),
+            })
+            .set(n);
+    }
+
+    /// Counts a refused connection. `reason` is one of [`deny_reason`]; `policy` is the
+    /// denying policy as `namespace/name`, or `""` when the refusal is not a policy's.
+    pub fn policy_denied(&self, reason: &str, policy: &str) {
+        self.policy_denials
+            .get_or_create(&DenyLabels {
+                reason: escape(reason).into_owned(),
+                policy: escape(policy).into_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the number of pods whose traffic is captured on this node.
+    pub fn set_enrolled_pods(&self, n: i64) {
+        self.enrolled_pods.set(n);
+    }
+
+    /// Sets the outbound HBONE pool's connection and stream counts.
+    pub fn set_pool(&self, connections: i64, streams: i64) {
+        self.pool_connections.set(connections);
+        self.pool_streams.set(streams);
+    }
+
+    /// Sets the seconds left before `identity`'s certificate expires (`not_after - now`;
+    /// negative once it has).
+    pub fn set_certificate_expiry(&self, identity: &str, secs: i64) {
+        self.certificate_expiry
+            .get_or_create(&IdentityLabels {
+                identity: escape(identity).into_owned(),
+            })
+            .set(secs);
+    }
+
+    /// Drops `identity`'s expiry series, for when its certificate is no longer held (the
+    /// last pod with that identity left), so a stale countdown does not linger.
+    pub fn remove_certificate(&self, identity: &str) {
+        self.certificate_expiry.remove(&IdentityLabels {
+            identity: escape(identity).into_owned(),
+        });
+    }
+
+    /// Replaces the eBPF side's numbers with a new reading: `counters` are the programs'
+    /// running totals by event name (`ztunnel_capture_events_total{event}`), `map_entries`
+    /// the entries in each map (`ztunnel_map_entries{map}`). A name missing from a reading
+    /// is no longer exported.
+    pub fn set_capture(
+        &self,
+        counters: &BTreeMap<&'static str, u64>,
+        map_entries: &BTreeMap<&'static str, u64>,
+    ) {
+        let mut snap = self
+            .capture
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        snap.events.clone_from(counters);
+        snap.map_entries.clone_from(map_entries);
+    }
+
+    /// The whole exposition, OpenMetrics text ending in `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(fmt::Error) = prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        {
+            // Writing into a String cannot fail and our collector only forwards the
+            // writer's errors, so this is unreachable in practice; serve what we have.
+            tracing::error!("failed to encode metrics; the exposition is incomplete");
+        }
+        out
+    }
+
+    /// The current value of one of the four Istio TCP counters for `labels` (0 when the
+    /// series does not exist). `name` may be given with or without `_total`.
+    pub fn counter_value(&self, name: &str, labels: &ConnLabels) -> u64 {
+        let family = match name.strip_suffix("_total").unwrap_or(name) {
+            OPENED => &self.connections_opened,
+            CLOSED => &self.connections_closed,
+            SENT => &self.sent_bytes,
+            RECEIVED => &self.received_bytes,
+            _ => return 0,
+        };
+        family.get(&labels.escaped()).map_or(0, |c| c.get())
+    }
+}
+
+/// The eBPF side's last reading. A collector rather than `Family<_, Gauge>` so the totals
+/// are typed `counter` in the exposition (and named `_total`), which is what they are:
+/// `rate()` and `increase()` then handle a reset (maps recreated) correctly, and u64 totals
+/// need no cast to a gauge's i64. prometheus-client's `Counter` cannot be set, and keeping
+/// our own delta against the last reading would double-count across a map reset.
+#[derive(Debug, Default)]
+struct CaptureCollector {
+    snapshot: Mutex<CaptureSnapshot>,
+}
+
+#[derive(Debug, Default)]
+struct CaptureSnapshot {
+    events: BTreeMap<&'static str, u64>,
+    map_entries: BTreeMap<&'static str, u64>,
+}
+
+impl Collector for CaptureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snap = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut family = encoder.encode_descriptor(
+                "ztunnel_capture_events",
+                "Events counted by the eBPF programs since they were loaded, by event.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, total) in &snap.events {
+                let labels = [("event", escape(event))];
+                ConstCounter::new(*total).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "ztunnel_map_entries",
+            "Entries currently in each eBPF map, by map.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (map, entries) in &snap.map_entries {
+            let labels = [("map", escape(map))];
+            ConstGauge::new(*entries).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn needs_escape(v: &str) -> bool {
+    v.contains(['\\', '"', '\n'])
+}
+
+/// Escapes a label value as the OpenMetrics text format requires (`\\`, `\"`, `\n`);
+/// prometheus-client 0.24 writes label values verbatim, so an unescaped quote would cut
+/// the line and make the whole scrape fail.
+fn escape(v: &str) -> Cow<'_, str> {
+    if !needs_escape(v) {
+        return Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str(r"\\"),
+            '"' => out.push_str(r#"\""#),
+            '\n' => out.push_str(r"\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label names of Istio's TCP metrics, in istio/ztunnel's encoding order.
+    const ISTIO_LABELS: [&str; 23] = [
+        "reporter",
+        "source_workload",
+        "source_canonical_service",
+        "source_canonical_revision",
+        "source_workload_namespace",
+        "source_principal",
+        "source_app",
+        "source_version",
+        "source_cluster",
+        "destination_service",
+        "destination_service_namespace",
+        "destination_service_name",
+        "destination_workload",
+        "destination_canonical_service",
+        "destination_canonical_revision",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_app",
+        "destination_version",
+        "destination_cluster",
+        "request_protocol",
+        "response_flags",
+        "connection_security_policy",
+    ];
+
+    /// An inbound HBONE connection from sleep to echo, filled as ztunnel would.
+    fn inbound_sleep_to_echo() -> ConnLabels {
+        ConnLabels {
+            reporter: REPORTER_DESTINATION.into(),
+            source_workload: "sleep".into(),
+            source_canonical_service: "sleep".into(),
+            source_canonical_revision: "v1".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: "spiffe://cluster.local/ns/default/sa/sleep".into(),
+            source_app: "sleep".into(),
+            source_version: "v1".into(),
+            source_cluster: "Kubernetes".into(),
+            destination_service: "echo.test.svc.cluster.local".into(),
+            destination_service_namespace: "test".into(),
+            destination_service_name: "echo".into(),
+            destination_workload: "echo".into(),
+            destination_canonical_service: "echo".into(),
+            destination_canonical_revision: "latest".into(),
+            destination_workload_namespace: "test".into(),
+            destination_principal: "spiffe://cluster.local/ns/test/sa/echo".into(),
+            destination_app: "echo".into(),
+            destination_version: "latest".into(),
+            destination_cluster: "Kubernetes".into(),
+            connection_security_policy: SECURITY_MUTUAL_TLS.into(),
+            ..ConnLabels::default()
+        }
+    }
+
+    const SLEEP_TO_ECHO: &str = concat!(
+        r#"{reporter="destination",source_workload="sleep",source_canonical_service="sleep","#,
+        r#"source_canonical_revision="v1",source_workload_namespace="default","#,
+        r#"source_principal="spiffe://cluster.local/ns/default/sa/sleep",source_app="sleep","#,
+        r#"source_version="v1",source_cluster="Kubernetes","#,
+        r#"destination_service="echo.test.svc.cluster.local",destination_service_namespace="test","#,
+        r#"destination_service_name="echo",destination_workload="echo","#,
+        r#"destination_canonical_service="echo",destination_canonical_revision="latest","#,
+        r#"destination_workload_namespace="test","#,
+        r#"destination_principal="spiffe://cluster.local/ns/test/sa/echo",destination_app="echo","#,
+        r#"destination_version="latest",destination_cluster="Kubernetes",request_protocol="tcp","#,
+        r#"response_flags="-",connection_security_policy="mutual_tls"}"#,
+    );
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    fn assert_line(text: &str, line: &str) {
+        assert!(
+            lines(text).contains(&line),
+            "missing line\n  {line}\nin exposition:\n{text}"
+        );
+    }
+
+    #[test]
+    fn conn_labels_default_to_unknown() {
+        let l = ConnLabels::default();
+        assert_eq!(l.request_protocol, "tcp");
+        assert_eq!(l.response_flags, "-");
+        let others: Vec<&String> = l
+            .fields()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| ![20, 21].contains(i))
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(others.len(), 21);
+        assert!(others.iter().all(|v| *v == UNKNOWN), "{others:?}");
+    }
+
+    #[test]
+    fn default_labels_encode_in_istio_order() {
+        let m = Metrics::new();
+        m.connection_opened(&ConnLabels::default());
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .expect("opened series");
+        let inner = line
+            .trim_start_matches("istio_tcp_connections_opened_total{")
+            .rsplit_once("} ")
+            .expect("closing brace")
+            .0;
+        let pairs: Vec<(&str, &str)> = inner
+            .split(',')
+            .map(|kv| kv.split_once('=').expect("key=value"))
+            .collect();
+        let names: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, ISTIO_LABELS);
+        for (k, v) in pairs {
+            let want = match k {
+                "request_protocol" => "\"tcp\"",
+                "response_flags" => "\"-\"",
+                _ => "\"unknown\"",
+            };
+            assert_eq!(v, want, "label {k}");
+        }
+    }
+
+    #[test]
+    fn opened_and_closed_connections_are_exposed_with_istio_names() {
+        let m = Metrics::new();
+        let l = inbound_sleep_to_echo();
+        m.connection_opened(&l);
+        m.connection_opened(&l);
+        // sleep sent 9 bytes, echo answered 27: Istio counts the answer as "sent".
+        m.bytes_transferred(&l, 20, 4);
+        m.connection_closed(&l, 7, 5);
+        let text = m.encode();
+
+        assert_line(&text, "# TYPE istio_tcp_connections_opened counter");
+        assert_line(&text, "# TYPE istio_tcp_sent_bytes counter");
+        assert_line(
+            &text,
+            &format!("istio_tcp_connections_opened_total{SLEEP_TO_ECHO} 2"),
+        );
+        assert_line(
+            &text,
+            &format!("istio_tcp_connections_closed_total{SLEEP_TO_ECHO} 1"),
+        );
+        assert_line(
+            &text,
+            &format!("istio_tcp_sent_bytes_total{SLEEP_TO_ECHO} 27"),
+        );
+        assert_line(
+            &text,
+            &format!("istio_tcp_received_bytes_total{SLEEP_TO_ECHO} 9"),
+        );
+        assert_eq!(text.lines().last(), Some("# EOF"));
+
+        assert_eq!(m.counter_value("istio_tcp_connections_opened_total", &l), 2);
+        assert_eq!(m.counter_value("istio_tcp_connections_closed", &l), 1);
+        assert_eq!(m.counter_value("istio_tcp_sent_bytes_total", &l), 27);
+        assert_eq!(m.counter_value("istio_tcp_received_bytes_total", &l), 9);
+        assert_eq!(m.counter_value("istio_no_such_metric", &l), 0);
+        assert_eq!(
+            m.counter_value("istio_tcp_sent_bytes", &ConnLabels::default()),
+            0
+        );
+    }
+
+    #[test]
+    fn closing_with_a_flag_is_a_separate_series() {
+        let m = Metrics::new();
+        let l = inbound_sleep_to_echo();
+        m.connection_opened(&l);
+        let denied = ConnLabels {
+            response_flags: "DENY".into(),
+            ..l.clone()
+        };
+        m.connection_closed(&denied, 0, 0);
+        assert_eq!(m.counter_value("istio_tcp_connections_closed", &l), 0);
+        assert_eq!(m.counter_value("istio_tcp_connections_closed", &denied), 1);
+        assert_line(
+            &m.encode(),
+            &format!(
+                "istio_tcp_sent_bytes_total{} 0",
+                SLEEP_TO_ECHO.replace(r#"response_flags="-""#, r#"response_flags="DENY""#)
+            ),
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        let l = ConnLabels {
+            source_workload: "a\"b\\c\nd".into(),
+            ..ConnLabels::default()
+        };
+        m.connection_opened(&l);
+        assert_eq!(m.counter_value("istio_tcp_connections_opened", &l), 1);
+        let text = m.encode();
+        assert!(text.contains(r#",source_workload="a\"b\\c\nd","#), "{text}");
+        m.policy_denied(deny_reason::POLICY, "ns/\"quoted\"");
+        assert_line(
+            &m.encode(),
+            r#"ztunnel_policy_denials_total{reason="policy",policy="ns/\"quoted\""} 1"#,
+        );
+    }
+
+    #[test]
+    fn ztunnel_gauges_and_denials_are_exposed() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_line(&text, "ztunnel_enrolled_pods 0");
+        assert_line(
+            &text,
+            r#"ztunnel_active_connections{direction="inbound"} 0"#,
+        );
+        assert_line(
+            &text,
+            r#"ztunnel_active_connections{direction="outbound"} 0"#,
+        );
+
+        m.set_enrolled_pods(3);
+        m.set_active("outbound", 7);
+        m.set_pool(2, 5);
+        m.policy_denied(deny_reason::POLICY, "test/deny-sleep");
+        m.policy_denied(deny_reason::POLICY, "test/deny-sleep");
+        m.policy_denied(deny_reason::STRICT_MTLS, "");
+        m.set_certificate_expiry("spiffe://cluster.local/ns/test/sa/echo", 86_000);
+        m.set_certificate_expiry("spiffe://cluster.local/ns/old/sa/gone", -5);
+        m.remove_certificate("spiffe://cluster.local/ns/old/sa/gone");
+
+        let text = m.encode();
+        assert_line(&text, "# TYPE ztunnel_enrolled_pods gauge");
+        assert_line(&text, "ztunnel_enrolled_pods 3");
+        assert_line(
+            &text,
+            r#"ztunnel_active_connections{direction="outbound"} 7"#,
+        );
+        assert_line(&text, "ztunnel_hbone_pool_connections 2");
+        assert_line(&text, "ztunnel_hbone_pool_streams 5");
+        assert_line(&text, "# TYPE ztunnel_policy_denials counter");
+        assert_line(
+            &text,
+            r#"ztunnel_policy_denials_total{reason="policy",policy="test/deny-sleep"} 2"#,
+        );
+        assert_line(
+            &text,
+            r#"ztunnel_policy_denials_total{reason="strict_mtls",policy=""} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"ztunnel_certificate_expiry_seconds{identity="spiffe://cluster.local/ns/test/sa/echo"} 86000"#,
+        );
+        assert!(!text.contains("ns/old/sa/gone"), "{text}");
+    }
+
+    #[test]
+    fn capture_readings_replace_the_previous_one() {
+        let m = Metrics::new();
+        let counters = BTreeMap::from([("connect_captured", 10), ("orig_dst_hit", 4)]);
+        let maps = BTreeMap::from([("ORIG_DST_BY_COOKIE", 3), ("POD_ADDRS", 2)]);
+        m.set_capture(&counters, &maps);
+        let text = m.encode();
+        assert_line(&text, "# TYPE ztunnel_capture_events counter");
+        assert_line(
+            &text,
+            r#"ztunnel_capture_events_total{event="connect_captured"} 10"#,
+        );
+        assert_line(
+            &text,
+            r#"ztunnel_capture_events_total{event="orig_dst_hit"} 4"#,
+        );
+        assert_line(&text, "# TYPE ztunnel_map_entries gauge");
+        assert_line(&text, r#"ztunnel_map_entries{map="ORIG_DST_BY_COOKIE"} 3"#);
+        assert_line(&text, r#"ztunnel_map_entries{map="POD_ADDRS"} 2"#);
+
+        // Totals are set, not added; a name absent from the new reading disappears.
+        let counters = BTreeMap::from([("connect_captured", 12)]);
+        m.set_capture(&counters, &BTreeMap::new());
+        let text = m.encode();
+        assert_line(
+            &text,
+            r#"ztunnel_capture_events_total{event="connect_captured"} 12"#,
+        );
+        assert!(!text.contains("orig_dst_hit"), "{text}");
+        assert!(!text.contains("POD_ADDRS"), "{text}");
+        assert_eq!(text.lines().last(), Some("# EOF"));
+    }
+}
