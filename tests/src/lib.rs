@@ -17,6 +17,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use ztunnel::admin::ConfigDump;
 
+pub mod demo;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Fails the test loudly unless it runs as root: these tests need real netns and eBPF.
@@ -68,13 +70,17 @@ fn bin(env: &str, name: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         return p.into();
     }
-    // target/<profile>/deps/it-… → target/<profile>/<name>
-    let exe = std::env::current_exe().expect("test binary path");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join(name))
-        .expect("target dir");
+    // Next to this executable (target/<profile>/demo), or one level up from a test
+    // binary (target/<profile>/deps/it-…).
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable dir");
+    let p = [
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| dir.join(name));
     assert!(
         p.exists(),
         "{} not found; build it first (`cargo xtask test` does) or set {env}",
@@ -172,6 +178,8 @@ pub struct Ztunnel {
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     keep_pins: bool,
+    /// Print the log when dropped (for tests: the harness shows it only on failure).
+    pub print_log: bool,
 }
 
 impl Ztunnel {
@@ -284,11 +292,13 @@ impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.stop();
         // The harness shows a test's output only when it fails: then this log is there.
-        println!(
-            "---- ztunnel log ({}) ----\n{}",
-            self.log.display(),
-            self.log_text()
-        );
+        if self.print_log {
+            println!(
+                "---- ztunnel log ({}) ----\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
         if !self.keep_pins {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
@@ -343,9 +353,15 @@ impl Topology {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = format!("zt{}x{n}", std::process::id() % 100_000);
+        Self::named(&id, 100 + (n % 100) as u8)
+    }
+
+    /// A topology with a fixed name (all its namespaces start with `<id>-`) and address
+    /// block `10.<subnet>.0.0/16`, so that another process can find and remove it.
+    pub fn named(id: &str, subnet: u8) -> anyhow::Result<Self> {
+        let id = id.to_owned();
         let node_ns = format!("{id}-node1");
         let cgroup_base = cgroup2_root().join(format!("{id}-test"));
-        let subnet = 100 + (n % 100) as u8;
         let topo = Self {
             id,
             nodes: vec![node_ns.clone()],
@@ -710,9 +726,60 @@ impl Topology {
             pin_dir,
             cgroup,
             keep_pins: false,
+            print_log: true,
         };
         Ok(z)
     }
+}
+
+/// Removes what a [`Topology::named`] topology left running: every process in its
+/// cgroups (ztunnels and pod apps), its namespaces, cgroups and pins.
+pub fn teardown(id: &str) -> anyhow::Result<()> {
+    remove_cgroup_tree(&cgroup2_root().join(format!("{id}-test")));
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(&format!("{id}-")) {
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+    for entry in std::fs::read_dir("/sys/fs/bpf")?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{id}-"))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// What of a topology is still on the machine (namespaces, cgroup, pins), for checks
+/// that nothing was left behind.
+pub fn leftovers(id: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(&format!("{id}-")) {
+            out.push(format!("netns {name}"));
+        }
+    }
+    let cg = cgroup2_root().join(format!("{id}-test"));
+    if cg.exists() {
+        out.push(format!("cgroup {}", cg.display()));
+    }
+    for entry in std::fs::read_dir("/sys/fs/bpf")?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{id}-"))
+        {
+            out.push(format!("pins {}", entry.path().display()));
+        }
+    }
+    Ok(out)
 }
 
 impl Drop for Topology {

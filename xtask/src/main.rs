@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod build_ebpf;
+mod demo;
 mod exec;
 mod lint;
 mod setup;
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Build the eBPF object (through ztunnel's build script) and show where it is
     BuildEbpf(build_ebpf::Options),
+    /// Run the whole system on this machine: two nodes, four pods, mTLS and a policy
+    Demo(demo::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lint(options) => lint::run(options),
         Command::Test(options) => test::run(options),
         Command::BuildEbpf(options) => build_ebpf::run(options),
+        Command::Demo(options) => demo::run(options),
     }
 }
 

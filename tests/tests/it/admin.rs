@@ -88,3 +88,31 @@ fn quitquitquit_drains_and_exits() -> anyhow::Result<()> {
     assert!(z.log_text().contains("drain requested"));
     Ok(())
 }
+
+#[test]
+fn cli_reads_a_running_ztunnel() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let z = t.start_ztunnel(false)?;
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(ztunnel_tests::ztunnel_bin())
+            .args(args)
+            .args(["--admin", &z.admin.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let status = run(&["status"])?;
+    assert!(
+        status.contains("Enrolled pods:") && status.contains(&a.key()),
+        "{status}"
+    );
+    let workloads = run(&["workloads", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&workloads)?;
+    assert_eq!(v[0]["name"], "a", "{workloads}");
+    Ok(())
+}

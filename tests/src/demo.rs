@@ -1,0 +1,357 @@
+//! `cargo xtask demo`: the whole system on one machine. Two nodes, four pods, a ztunnel
+//! per node with the built-in CA; a call in plaintext, live enrolment without restarts,
+//! the same call as mTLS on the wire, a DENY policy, a summary, and a clean teardown.
+//! Every claim printed is checked first; a claim that does not hold is an error.
+use std::{
+    io::IsTerminal as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+
+use crate::{Pod, Topology, Ztunnel, leftovers, podapp_bin, teardown};
+
+/// Name prefix of everything the demo creates (namespaces, cgroups, pins).
+pub const ID: &str = "ztdemo";
+const SUBNET: u8 = 201;
+const MARKER: &str = "secret-order-4711 ";
+
+pub struct Options {
+    /// Leave the topology running and print how to explore it.
+    pub keep: bool,
+}
+
+/// What the demo showed, for the test that runs it.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub plaintext_before_enrolment: bool,
+    pub only_tls_after_enrolment: bool,
+    pub identities_in_access_log: bool,
+    pub long_lived_connection_survived: bool,
+    pub policy_refused: bool,
+    pub nothing_left_behind: bool,
+}
+
+struct Out {
+    colour: bool,
+}
+
+impl Out {
+    fn step(&self, s: &str) {
+        if self.colour {
+            println!("\x1b[1;34m▶\x1b[0m \x1b[1m{s}\x1b[0m");
+        } else {
+            println!("▶ {s}");
+        }
+    }
+
+    fn ok(&self, s: &str) {
+        if self.colour {
+            println!("  \x1b[32m✔\x1b[0m {s}");
+        } else {
+            println!("  ✔ {s}");
+        }
+    }
+
+    fn note(&self, s: &str) {
+        println!("    {s}");
+    }
+}
+
+fn enrolled_pods(t: &Topology, node: &str) -> Vec<Pod> {
+    t.pods
+        .iter()
+        .filter(|p| p.ambient && p.node == node)
+        .cloned()
+        .collect()
+}
+
+fn wait_enrolled(z: &Ztunnel, pods: &[Pod]) -> anyhow::Result<()> {
+    let refs: Vec<&Pod> = pods.iter().collect();
+    z.wait_enrolled(&refs).map(drop)
+}
+
+const DENY_DB: &str = "policies:
+  - name: db-only-from-backend
+    namespace: default
+    scope: WORKLOAD_SELECTOR
+    selector: { app: db }
+    action: DENY
+    rules:
+      - from:
+          - principals: [cluster.local/ns/default/sa/frontend]
+";
+
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let out = Out {
+        colour: std::io::stdout().is_terminal(),
+    };
+    let started = Instant::now();
+    let mut report = Report::default();
+    // A previous `--keep` run, or one that was killed, may have left things behind.
+    teardown(ID)?;
+
+    out.step("Creating two nodes and four pods (network namespaces, a bridge per node, cgroups)");
+    let mut t = Topology::named(ID, SUBNET)?;
+    t.add_node()?;
+    let frontend = t.add_pod_on(1, "frontend", false, false)?;
+    let batch = t.add_pod_on(1, "batch", false, false)?;
+    let backend = t.add_pod_on(2, "backend", false, false)?;
+    let db = t.add_pod_on(2, "db", false, false)?;
+    let mut servers = Vec::new();
+    for p in [&frontend, &batch, &backend, &db] {
+        servers.push(t.serve(p, p.addr(8080))?);
+        out.note(&format!(
+            "{:<9} {:<6} {}  serving :8080",
+            p.name, p.node, p.ip4
+        ));
+    }
+    out.step("Starting one ztunnel per node (built-in CA, workload file, eBPF capture)");
+    let mut z1 = t.start_ztunnel_on("node1", false)?;
+    let mut z2 = t.start_ztunnel_on("node2", false)?;
+    z1.print_log = false;
+    z2.print_log = false;
+    out.ok("both ztunnels ready; no pod enrolled yet");
+
+    out.step("Before enrolment: frontend calls backend");
+    let cap = t.tcpdump_wire()?;
+    let call = t.call(
+        &frontend,
+        backend.addr(8080),
+        &["--bytes", "3000", "--pattern", MARKER],
+    )?;
+    ensure!(call.contains("match=true"), "the call failed: {call}");
+    let wire = cap.finish()?;
+    report.plaintext_before_enrolment = wire.contains(MARKER.trim());
+    ensure!(
+        report.plaintext_before_enrolment,
+        "expected the payload in clear on the wire:\n{wire}"
+    );
+    out.ok(&format!(
+        "plaintext: the capture between the nodes shows {:?} and port 8080",
+        MARKER.trim()
+    ));
+
+    out.step("A long-running connection batch → db, opened before enrolment");
+    let db_addr = db.addr(8080).to_string();
+    let mut hold = t.spawn(&batch, &["hold", &db_addr, "--secs", "6"])?;
+    let first = hold.read_line()?;
+    ensure!(first.starts_with("connected"), "hold: {first}");
+    out.ok("pinging every 50 ms");
+
+    out.step("Enrolling every pod live: istio.io/dataplane-mode=ambient, no restart");
+    for name in ["frontend", "batch", "backend", "db"] {
+        t.set_ambient(name, true)?;
+    }
+    wait_enrolled(&z1, &enrolled_pods(&t, "node1"))?;
+    wait_enrolled(&z2, &enrolled_pods(&t, "node2"))?;
+    out.ok("capture attached to all four pods; their apps kept running");
+
+    out.step("After enrolment: the same call");
+    let cap = t.tcpdump_wire()?;
+    let call = t.call(
+        &frontend,
+        backend.addr(8080),
+        &["--bytes", "3000", "--pattern", MARKER],
+    )?;
+    ensure!(call.contains("match=true"), "the call failed: {call}");
+    let wire = cap.finish()?;
+    let hbone = format!("{}.15008", backend.ip4);
+    // Only frontend ↔ backend packets: batch → db's old connection still crosses the
+    // wire in plaintext, as it should (it was opened before enrolment).
+    let (fa, ba) = (format!(" {}.", frontend.ip4), format!(" {}.", backend.ip4));
+    let packets: Vec<&str> = wire
+        .lines()
+        .filter(|l| l.contains(" IP ") && l.contains(&fa) && l.contains(&ba))
+        .collect();
+    report.only_tls_after_enrolment = !packets.is_empty()
+        && packets.iter().all(|l| l.contains(&hbone))
+        && !wire.contains(MARKER.trim());
+    ensure!(
+        report.only_tls_after_enrolment,
+        "expected only TLS to {hbone} on the wire:\n{wire}"
+    );
+    out.ok(&format!(
+        "mTLS: {} packets, all to or from {}:15008 (HBONE), payload not visible",
+        packets.len(),
+        backend.ip4
+    ));
+    let ids = (
+        "spiffe://cluster.local/ns/default/sa/frontend",
+        "spiffe://cluster.local/ns/default/sa/backend",
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let log = z2.log_text();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("access") && l.contains(ids.0) && l.contains(ids.1))
+        {
+            break l.to_owned();
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no access log line with both identities:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    report.identities_in_access_log = true;
+    out.ok("backend's ztunnel logged the connection with both SPIFFE identities:");
+    out.note(&format!("src_identity={} dst_identity={}", ids.0, ids.1));
+    let _ = line;
+
+    out.step("Policy: DENY frontend → db");
+    t.write_workloads_text(&format!("{}{DENY_DB}", t.workloads_yaml()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if t.call(&frontend, db.addr(8080), &[]).is_err() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the DENY policy never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = z2.log_text();
+    report.policy_refused =
+        log.contains("connection denied by policy") && log.contains("default/db-only-from-backend");
+    ensure!(
+        report.policy_refused,
+        "no denial in db's ztunnel log:\n{log}"
+    );
+    out.ok(
+        "refused: db's ztunnel answered 401 (rule 0 of DENY policy default/db-only-from-backend)",
+    );
+    let call = t.call(&backend, db.addr(8080), &[])?;
+    ensure!(
+        call.contains("match=true"),
+        "backend → db must still work: {call}"
+    );
+    out.ok("backend → db still allowed");
+
+    let held = hold
+        .wait_ok()
+        .context("the long-running connection broke")?;
+    report.long_lived_connection_survived = held.contains("pings=");
+    out.ok(&format!(
+        "the long-running connection survived enrolment ({})",
+        held.trim()
+    ));
+
+    out.step("Summary");
+    summary(&out, &t, &[&z1, &z2])?;
+
+    if opts.keep {
+        keep(&out, &t, &z1, &z2, &frontend, &backend);
+        std::mem::forget(servers);
+        std::mem::forget(z1);
+        std::mem::forget(z2);
+        std::mem::forget(t);
+        return Ok(report);
+    }
+    drop(servers);
+    drop((z1, z2));
+    drop(t);
+    let left = leftovers(ID)?;
+    report.nothing_left_behind = left.is_empty();
+    ensure!(report.nothing_left_behind, "left behind: {left:?}");
+    out.ok(&format!(
+        "torn down: no namespace, cgroup, pinned program or process left ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(report)
+}
+
+fn summary(out: &Out, t: &Topology, zs: &[&Ztunnel]) -> anyhow::Result<()> {
+    let dumps = zs
+        .iter()
+        .map(|z| z.dump())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    println!(
+        "    {:<9} {:<6} {:<9} {:<46} {:>5} {:>9}",
+        "POD", "NODE", "ENROLLED", "IDENTITY", "CONNS", "BYTES"
+    );
+    for p in &t.pods {
+        let recs: Vec<_> = dumps
+            .iter()
+            .flat_map(|d| d.connections.list.iter())
+            .filter(|r| r.pod == p.key())
+            .collect();
+        let bytes: u64 = recs.iter().map(|r| r.bytes_sent + r.bytes_received).sum();
+        println!(
+            "    {:<9} {:<6} {:<9} {:<46} {:>5} {:>9}",
+            p.name,
+            p.node,
+            if p.ambient { "yes" } else { "no" },
+            format!("spiffe://cluster.local/ns/default/sa/{}", p.service_account),
+            recs.len(),
+            bytes
+        );
+    }
+    let mut pairs = std::collections::BTreeMap::new();
+    for d in &dumps {
+        for r in d
+            .connections
+            .list
+            .iter()
+            .filter(|r| r.direction == ztunnel::proxy::Direction::Outbound)
+        {
+            let from = r.pod.trim_start_matches("default/").to_owned();
+            let to = t
+                .pods
+                .iter()
+                .find(|p| p.addr(0).ip() == r.dst.ip())
+                .map_or_else(|| r.dst.ip().to_string(), |p| p.name.clone());
+            let status = if r.outcome.as_deref().is_some_and(|o| o.contains("401")) {
+                "denied by policy".to_owned()
+            } else if r.security_policy == "mutual_tls" {
+                "mutual_tls".to_owned()
+            } else {
+                "plaintext".to_owned()
+            };
+            pairs.insert((from, to), status);
+        }
+    }
+    println!("    {:<22} MTLS", "SERVICES");
+    println!(
+        "    {:<22} plaintext (before enrolment)",
+        "frontend → backend"
+    );
+    for ((from, to), status) in pairs {
+        println!("    {:<22} {status}", format!("{from} → {to}"));
+    }
+    let _ = out;
+    Ok(())
+}
+
+fn keep(out: &Out, t: &Topology, z1: &Ztunnel, z2: &Ztunnel, from: &Pod, to: &Pod) {
+    out.step("Left running (--keep). Explore:");
+    let cg = from.cgroup.join("cgroup.procs");
+    out.note(&format!(
+        "call from {} (inside its netns and cgroup, so it is captured):",
+        from.name
+    ));
+    out.note(&format!(
+        "  sh -c 'echo $$ > {}; exec ip netns exec {} {} call {}'",
+        cg.display(),
+        from.netns,
+        podapp_bin().display(),
+        to.addr(8080)
+    ));
+    out.note(&format!(
+        "node status:  {} status --admin {}   (node2: --admin {})",
+        crate::ztunnel_bin().display(),
+        z1.admin,
+        z2.admin
+    ));
+    out.note(&format!(
+        "metrics:      curl -s http://{}/metrics",
+        z1.metrics
+    ));
+    out.note(&format!(
+        "workload file: {} (edit it; both ztunnels follow)",
+        t.workloads_path().display()
+    ));
+    out.note("tear down:    cargo xtask demo --down");
+}

@@ -1,0 +1,16 @@
+//! `cargo xtask demo` runs inside the test command: every claim it prints is asserted.
+use ztunnel_tests::demo;
+
+#[test]
+fn the_demo_shows_plaintext_then_mtls_then_a_refusal_and_leaves_nothing() -> anyhow::Result<()> {
+    ztunnel_tests::require_root();
+    let r = demo::run(&demo::Options { keep: false })?;
+    assert!(r.plaintext_before_enrolment);
+    assert!(r.only_tls_after_enrolment);
+    assert!(r.identities_in_access_log);
+    assert!(r.long_lived_connection_survived);
+    assert!(r.policy_refused);
+    assert!(r.nothing_left_behind);
+    assert!(ztunnel_tests::leftovers(demo::ID)?.is_empty());
+    Ok(())
+}
