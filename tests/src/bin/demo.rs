@@ -21,5 +21,11 @@ fn main() -> anyhow::Result<()> {
         println!("demo torn down");
         return Ok(());
     }
+    // Ctrl-C (or SIGTERM) mid-demo: tear everything down before leaving.
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: tearing the demo down");
+        let _ = ztunnel_tests::teardown(ztunnel_tests::demo::ID);
+        std::process::exit(130);
+    })?;
     ztunnel_tests::demo::run(&ztunnel_tests::demo::Options { keep: cli.keep }).map(drop)
 }
