@@ -389,6 +389,19 @@ impl Proxy {
         }
     }
 
+    /// Counts a denial in `ztunnel_policy_denials_total`, by kind of reason.
+    fn count_denial(&self, policy: &str, reason: &str) {
+        use crate::metrics::deny_reason;
+        let kind = if reason.contains("STRICT mTLS") {
+            deny_reason::STRICT_MTLS
+        } else if reason.starts_with("unknown workload") {
+            deny_reason::UNKNOWN_WORKLOAD
+        } else {
+            deny_reason::POLICY
+        };
+        self.metrics.policy_denied(kind, policy);
+    }
+
     /// Records a connection refused by policy (it never opened upstream).
     #[expect(clippy::too_many_arguments, reason = "one record's worth of fields")]
     fn record_denial(
@@ -401,14 +414,7 @@ impl Proxy {
         src_identity: Option<String>,
         reason: &str,
     ) {
-        let reason_label = if reason.contains("STRICT mTLS") {
-            crate::metrics::deny_reason::STRICT_MTLS
-        } else if reason.starts_with("unknown workload") {
-            crate::metrics::deny_reason::UNKNOWN_WORKLOAD
-        } else {
-            crate::metrics::deny_reason::POLICY
-        };
-        self.metrics.policy_denied(reason_label, policy);
+        self.count_denial(policy, reason);
         let id = self
             .connections
             .open_with(direction, pod, src, dst, src_identity, None);

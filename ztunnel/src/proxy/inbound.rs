@@ -54,14 +54,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
     } = proxy.store().authorize(&pod.name, &conn)
     {
         tracing::warn!(%src, %dst, policy = %policy, rule, reason = %reason, "plaintext connection denied");
-        proxy.metrics.policy_denied(
-            if reason.contains("STRICT mTLS") {
-                crate::metrics::deny_reason::STRICT_MTLS
-            } else {
-                crate::metrics::deny_reason::POLICY
-            },
-            &policy,
-        );
+        proxy.count_denial(&policy, &reason);
         // A reset, not a clean close: the client must not mistake it for an empty answer.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         proxy
