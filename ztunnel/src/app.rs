@@ -124,6 +124,7 @@ impl Shared {
             netns: Netns::open(&spec.netns)?,
             addrs: spec.addresses.clone(),
             identity,
+            server_tls: Mutex::default(),
         });
         // Listeners first: a connect captured before they exist would be refused.
         let listeners = self.proxy.start_pod(pod)?;

@@ -55,9 +55,33 @@ pub struct PodNet {
     pub addrs: Vec<IpAddr>,
     /// The pod's SPIFFE identity (its certificate's).
     pub identity: Identity,
+    /// The HBONE server config built from the pod's current certificate; rebuilt when
+    /// the certificate is renewed, not per connection.
+    pub server_tls: Mutex<
+        Option<(
+            Arc<crate::identity::WorkloadCertificate>,
+            Arc<rustls::ServerConfig>,
+        )>,
+    >,
 }
 
 impl PodNet {
+    /// The server config for `cert`, from the cache when it was built for the same one.
+    fn server_config(
+        &self,
+        cert: &Arc<crate::identity::WorkloadCertificate>,
+    ) -> Result<Arc<rustls::ServerConfig>, tls::Error> {
+        let mut cached = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, config)) = cached.as_ref()
+            && Arc::ptr_eq(c, cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = tls::server_config(cert)?;
+        *cached = Some((cert.clone(), config.clone()));
+        Ok(config)
+    }
+
     fn has_v6(&self) -> bool {
         self.addrs.iter().any(IpAddr::is_ipv6)
     }

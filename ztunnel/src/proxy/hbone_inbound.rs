@@ -54,7 +54,7 @@ async fn connection(
         .get(&pod.identity)
         .await
         .map_err(io::Error::other)?;
-    let config = tls::server_config(&cert).map_err(io::Error::other)?;
+    let config = pod.server_config(&cert).map_err(io::Error::other)?;
     let tls = tokio_rustls::TlsAcceptor::from(config)
         .accept(stream)
         .await?;
