@@ -426,24 +426,36 @@ impl Proxy {
         self.metrics.policy_denied(kind, policy);
     }
 
-    /// Records a connection refused by policy (it never opened upstream).
-    #[expect(clippy::too_many_arguments, reason = "one record's worth of fields")]
-    fn record_denial(
+    /// Authorizes an inbound connection into `pod` from `src` (with the client's SPIFFE
+    /// identity for HBONE, none for plaintext). A denial is logged with the policy and
+    /// rule that decided it, counted, and returned as its reason.
+    fn authorize_inbound(
         &self,
         pod: &str,
-        policy: &str,
-        direction: Direction,
         src: SocketAddr,
+        src_identity: Option<&Identity>,
         dst: SocketAddr,
-        src_identity: Option<String>,
-        reason: &str,
-    ) {
-        self.count_denial(policy, reason);
-        let id = self
-            .connections
-            .open_with(direction, pod, src, dst, src_identity, None);
-        self.connections
-            .close(id, 0, 0, Duration::ZERO, format!("denied: {reason}"));
+    ) -> Result<(), String> {
+        let conn = crate::policy::Connection {
+            src_ip: src.ip(),
+            src_identity: src_identity.map(ToString::to_string),
+            dst,
+        };
+        match self.store().authorize(pod, &conn) {
+            crate::policy::Decision::Allow => Ok(()),
+            crate::policy::Decision::Deny {
+                policy,
+                rule,
+                reason,
+            } => {
+                tracing::warn!(
+                    pod, %src, %dst, client = conn.src_identity.as_deref().unwrap_or("-"),
+                    policy = %policy, rule, reason = %reason, "connection denied by policy"
+                );
+                self.count_denial(&policy, &reason);
+                Err(reason)
+            }
+        }
     }
 
     /// Tells every HBONE server connection to send GOAWAY and finish its streams.

@@ -98,26 +98,22 @@ async fn open_stream(
     }
     // The client as the app should see it: the tunnel's source (the calling pod).
     let src = SocketAddr::new(peer.ip(), target.forwarded_for.map_or(0, |f| f.port()));
-    let conn = crate::policy::Connection {
-        src_ip: peer.ip(),
-        src_identity: Some(client.to_string()),
-        dst,
-    };
-    if let crate::policy::Decision::Deny {
-        policy,
-        rule,
-        reason,
-    } = proxy.store().authorize(&pod.name, &conn)
-    {
-        tracing::warn!(%src, %dst, client = %client, policy = %policy, rule, reason = %reason, "connection denied by policy");
-        proxy.record_denial(
-            &pod.name,
-            &policy,
+    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, Some(&client), dst) {
+        // Recorded as a connection that never opened upstream.
+        let id = proxy.connections.open_with(
             Direction::Inbound,
+            &pod.name,
             src,
             dst,
             Some(client.to_string()),
-            &reason,
+            Some(pod.identity.to_string()),
+        );
+        proxy.connections.close(
+            id,
+            0,
+            0,
+            std::time::Duration::ZERO,
+            format!("denied: {reason}"),
         );
         return Err(Rejection::unauthorized(reason));
     }

@@ -42,19 +42,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         );
         return;
     }
-    let conn = crate::policy::Connection {
-        src_ip: src.ip(),
-        src_identity: None,
-        dst,
-    };
-    if let crate::policy::Decision::Deny {
-        policy,
-        rule,
-        reason,
-    } = proxy.store().authorize(&pod.name, &conn)
-    {
-        tracing::warn!(%src, %dst, policy = %policy, rule, reason = %reason, "plaintext connection denied");
-        proxy.count_denial(&policy, &reason);
+    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, None, dst) {
         // A reset, not a clean close: the client must not mistake it for an empty answer.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         proxy

@@ -157,7 +157,7 @@ impl ServerCertVerifier for IdentityVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        // Path validation only: no name check, since callers pass a placeholder ServerName.
+        // Path validation only: no name check, since callers pass an arbitrary ServerName.
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.roots,
