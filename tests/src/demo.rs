@@ -58,6 +58,18 @@ impl Out {
     }
 }
 
+/// frontend → backend with the marker payload, captured on the wire between the nodes.
+fn call_on_the_wire(t: &mut Topology, from: &Pod, to: &Pod) -> anyhow::Result<String> {
+    let cap = t.tcpdump_wire()?;
+    let call = t.call(
+        from,
+        to.addr(8080),
+        &["--bytes", "3000", "--pattern", MARKER],
+    )?;
+    ensure!(call.contains("match=true"), "the call failed: {call}");
+    cap.finish()
+}
+
 fn enrolled_pods(t: &Topology, node: &str) -> Vec<Pod> {
     t.pods
         .iter()
@@ -114,14 +126,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.ok("both ztunnels ready; no pod enrolled yet");
 
     out.step("Before enrolment: frontend calls backend");
-    let cap = t.tcpdump_wire()?;
-    let call = t.call(
-        &frontend,
-        backend.addr(8080),
-        &["--bytes", "3000", "--pattern", MARKER],
-    )?;
-    ensure!(call.contains("match=true"), "the call failed: {call}");
-    let wire = cap.finish()?;
+    let wire = call_on_the_wire(&mut t, &frontend, &backend)?;
     report.plaintext_before_enrolment = wire.contains(MARKER.trim());
     ensure!(
         report.plaintext_before_enrolment,
@@ -148,14 +153,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.ok("capture attached to all four pods; their apps kept running");
 
     out.step("After enrolment: the same call");
-    let cap = t.tcpdump_wire()?;
-    let call = t.call(
-        &frontend,
-        backend.addr(8080),
-        &["--bytes", "3000", "--pattern", MARKER],
-    )?;
-    ensure!(call.contains("match=true"), "the call failed: {call}");
-    let wire = cap.finish()?;
+    let wire = call_on_the_wire(&mut t, &frontend, &backend)?;
     let hbone = format!("{}.15008", backend.ip4);
     // Only frontend ↔ backend packets: batch → db's old connection still crosses the
     // wire in plaintext, as it should (it was opened before enrolment).
