@@ -346,6 +346,8 @@ pub struct Topology {
     veths: Vec<String>,
     procs: Vec<u32>,
     starts: u32,
+    /// `--capture` for the ztunnels this topology starts (default: ztunnel's own, auto).
+    pub capture: Option<String>,
 }
 
 impl Topology {
@@ -372,6 +374,7 @@ impl Topology {
             veths: Vec::new(),
             procs: Vec::new(),
             starts: 0,
+            capture: None,
         };
         std::fs::create_dir_all(topo.cgroup_base.join("pods"))?;
         topo.make_node(1)?;
@@ -693,7 +696,11 @@ impl Topology {
             .join(format!("ztunnel-{node}-{}.log", self.starts));
         self.starts += 1;
         let logf = File::create(&log)?;
-        let child = Command::new(ztunnel_bin())
+        let mut cmd = Command::new(ztunnel_bin());
+        if let Some(mode) = &self.capture {
+            cmd.env("ZTUNNEL_CAPTURE", mode);
+        }
+        let child = cmd
             .arg("run")
             .arg("--workloads")
             .arg(file)

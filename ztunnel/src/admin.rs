@@ -217,10 +217,14 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
         certificates: certificates(shared),
         enrolled_pods: shared.enrolled_info(),
         capture: CaptureDump {
-            mode: "ebpf".to_owned(),
+            mode: shared.capture.mode().to_owned(),
             features: serde_json::to_value(features).unwrap_or_default(),
             fast_path: shared.capture.fast_path(),
-            pin_dir: shared.capture.pin_dir().display().to_string(),
+            pin_dir: shared
+                .capture
+                .pin_dir()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             occupancy: shared.capture.occupancy(),
             counters: shared
                 .capture

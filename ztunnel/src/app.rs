@@ -14,8 +14,9 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 
 use crate::{
     admin,
+    capture::{Capture, PodCapture},
     config::Config,
-    ebpf::{self, Capture, PodCapture},
+    ebpf,
     identity::{BuiltinCa, CertificateManager, Identity},
     netns::Netns,
     proxy::{PodListeners, PodNet, Proxy},
@@ -67,8 +68,8 @@ impl Shared {
                     netns: e.spec.netns.clone(),
                     cgroup: e.spec.cgroup.clone(),
                     addresses: e.spec.addresses.clone(),
-                    netns_cookie: c.netns_cookie(),
-                    attached_programs: c.attached.iter().map(|s| (*s).to_owned()).collect(),
+                    netns_cookie: c.netns_cookie().unwrap_or(0),
+                    attached_programs: c.attached(),
                 })
             })
             .collect()
@@ -217,7 +218,7 @@ impl Shared {
     fn netns_cookies(&self) -> Vec<u64> {
         self.pods()
             .values()
-            .filter_map(|e| e.capture.as_ref().map(PodCapture::netns_cookie))
+            .filter_map(|e| e.capture.as_ref().and_then(PodCapture::netns_cookie))
             .collect()
     }
 }
@@ -251,11 +252,14 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let ca = BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?;
     let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
     let metrics = crate::metrics::Metrics::new();
-    let capture = Capture::load(&ebpf::Options {
-        pin_dir: cfg.bpf_pin_dir.clone(),
-        own_cgroup,
-        fast_path: cfg.fast_path,
-    })?;
+    let capture = Capture::load(
+        cfg.capture,
+        &ebpf::Options {
+            pin_dir: cfg.bpf_pin_dir.clone(),
+            own_cgroup,
+            fast_path: cfg.fast_path,
+        },
+    )?;
     let shared = Arc::new(Shared {
         capture,
         proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone())?,
@@ -264,6 +268,9 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         log,
         quit: tokio::sync::Notify::new(),
     });
+    shared
+        .proxy
+        .set_inbound_redirected(shared.capture.inbound_is_redirected());
     let cfg = Arc::new(cfg);
 
     let admin = TcpListener::bind(cfg.admin_addr)

@@ -23,6 +23,11 @@ pub struct Config {
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
 
+    /// How pod traffic is captured: `auto` picks eBPF when the kernel supports it
+    /// (Linux >= 5.15) and iptables otherwise.
+    #[arg(long, env = "ZTUNNEL_CAPTURE", value_enum, default_value = "auto")]
+    pub capture: crate::capture::Mode,
+
     /// Where the eBPF programs and maps are pinned (a directory on bpffs).
     #[arg(
         long,

@@ -2,11 +2,13 @@
 //! between pods. `main.rs` only parses arguments and calls [`app::run`].
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod iptables;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

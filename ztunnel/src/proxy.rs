@@ -122,6 +122,9 @@ pub struct Proxy {
     pool: hbone::Pool<PoolKey, Connector>,
     /// `true` tells every HBONE server connection to drain (GOAWAY).
     drain: tokio::sync::watch::Sender<bool>,
+    /// Inbound plaintext arrives NAT-redirected (iptables capture): its original
+    /// destination comes from `SO_ORIGINAL_DST`, not from the local address.
+    inbound_redirected: std::sync::atomic::AtomicBool,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -373,6 +376,7 @@ impl Proxy {
                 pods: RwLock::default(),
                 pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
                 drain: tokio::sync::watch::Sender::new(false),
+                inbound_redirected: std::sync::atomic::AtomicBool::new(false),
             }
         }))
     }
@@ -456,6 +460,11 @@ impl Proxy {
                 Err(reason)
             }
         }
+    }
+
+    /// Says whether inbound plaintext arrives NAT-redirected (iptables capture).
+    pub fn set_inbound_redirected(&self, on: bool) {
+        self.inbound_redirected.store(on, Ordering::Relaxed);
     }
 
     /// Tells every HBONE server connection to send GOAWAY and finish its streams.

@@ -4,6 +4,7 @@ mod admin;
 mod demo;
 mod enrolment;
 mod inbound;
+mod iptables;
 mod metrics;
 mod occupancy;
 mod outbound;

@@ -13,7 +13,17 @@ pub(super) async fn accept(
     stream: TcpStream,
     src: SocketAddr,
 ) {
-    let dst = match stream.local_addr() {
+    // eBPF capture hands the SYN over untouched (the local address is the original
+    // destination); iptables REDIRECT rewrites it and conntrack remembers the original.
+    let dst = if proxy
+        .inbound_redirected
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        super::outbound::original_dst(&stream)
+    } else {
+        stream.local_addr()
+    };
+    let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(pod = %pod.name, %src, error = %e, "inbound socket has no local address");

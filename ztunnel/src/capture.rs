@@ -1,0 +1,187 @@
+//! The capture backend in use: eBPF (the default) or iptables (the fallback for kernels
+//! without the eBPF features, or on request). The rest of ztunnel talks to this facade.
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ebpf::{self, Features, Occupancy},
+    iptables,
+    netns::{self, Netns},
+};
+
+/// Which capture to use (`--capture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// eBPF when the kernel has what it needs (Linux >= 5.15), iptables otherwise.
+    Auto,
+    Ebpf,
+    Iptables,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::Error),
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error("the same-node fast path needs eBPF capture; this ztunnel runs iptables capture")]
+    FastPathNeedsEbpf,
+}
+
+pub enum Capture {
+    // Boxed: the loaded object is large and there is one per process.
+    Ebpf(Box<ebpf::Capture>),
+    Iptables { features: Features },
+}
+
+/// What is attached for one pod.
+pub enum PodCapture {
+    Ebpf(ebpf::PodCapture),
+    Iptables(iptables::PodRules),
+}
+
+impl PodCapture {
+    /// The netns cookie the eBPF maps key this pod by (eBPF capture only).
+    pub fn netns_cookie(&self) -> Option<u64> {
+        match self {
+            PodCapture::Ebpf(p) => Some(p.netns_cookie()),
+            PodCapture::Iptables(_) => None,
+        }
+    }
+
+    pub fn attached(&self) -> Vec<String> {
+        match self {
+            PodCapture::Ebpf(p) => p.attached.iter().map(|s| (*s).to_owned()).collect(),
+            PodCapture::Iptables(r) => r.attached().into_iter().map(str::to_owned).collect(),
+        }
+    }
+}
+
+impl Capture {
+    /// Probes the kernel and loads the chosen backend, saying why.
+    pub fn load(mode: Mode, opts: &ebpf::Options) -> Result<Self, Error> {
+        let features = Features::probe()?;
+        let use_ebpf = match mode {
+            Mode::Ebpf => true,
+            Mode::Iptables => false,
+            Mode::Auto => {
+                if !features.netns_cookie_in_sockops {
+                    tracing::warn!(kernel = %features.kernel, "kernel lacks netns cookies in sockops (Linux >= 5.15): using iptables capture");
+                }
+                features.netns_cookie_in_sockops
+            }
+        };
+        if use_ebpf {
+            Ok(Capture::Ebpf(Box::new(ebpf::Capture::load(opts)?)))
+        } else {
+            tracing::info!(kernel = %features.kernel, "iptables capture");
+            Ok(Capture::Iptables { features })
+        }
+    }
+
+    /// `ebpf` or `iptables`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Capture::Ebpf(_) => "ebpf",
+            Capture::Iptables { .. } => "iptables",
+        }
+    }
+
+    /// Whether inbound connections arrive redirected (NAT), so their original
+    /// destination must be asked for rather than read from the local address.
+    pub fn inbound_is_redirected(&self) -> bool {
+        matches!(self, Capture::Iptables { .. })
+    }
+
+    pub fn enrol(
+        &self,
+        name: &str,
+        netns_path: &Path,
+        cgroup_path: &Path,
+        addrs: &[IpAddr],
+    ) -> Result<PodCapture, Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(PodCapture::Ebpf(c.enrol(
+                name,
+                netns_path,
+                cgroup_path,
+                addrs,
+            )?)),
+            Capture::Iptables { .. } => Ok(PodCapture::Iptables(iptables::install(
+                name,
+                Netns::open(netns_path)?,
+                addrs,
+            )?)),
+        }
+    }
+
+    pub fn unenrol(&self, pod: PodCapture) {
+        match (self, pod) {
+            (Capture::Ebpf(c), PodCapture::Ebpf(p)) => c.unenrol(p),
+            (_, PodCapture::Iptables(r)) => iptables::remove(r),
+            // Cannot happen: eBPF pod captures come only from eBPF capture.
+            (Capture::Iptables { .. }, PodCapture::Ebpf(p)) => {
+                tracing::error!(pod = %p.name, "eBPF pod capture without eBPF capture loaded");
+            }
+        }
+    }
+
+    /// On exit: eBPF capture stays pinned, iptables rules stay in the pod; either way the
+    /// pod fails closed until the next ztunnel takes over.
+    pub fn leave_attached(&self, pod: PodCapture) {
+        if let (Capture::Ebpf(c), PodCapture::Ebpf(p)) = (self, pod) {
+            c.leave_attached(p);
+        }
+    }
+
+    pub fn release_unclaimed(&self, live_netns_cookies: &[u64]) {
+        if let Capture::Ebpf(c) = self {
+            c.release_unclaimed(live_netns_cookies);
+        }
+    }
+
+    pub fn features(&self) -> &Features {
+        match self {
+            Capture::Ebpf(c) => c.features(),
+            Capture::Iptables { features } => features,
+        }
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        match self {
+            Capture::Ebpf(c) => Some(c.pin_dir()),
+            Capture::Iptables { .. } => None,
+        }
+    }
+
+    pub fn fast_path(&self) -> bool {
+        match self {
+            Capture::Ebpf(c) => c.fast_path(),
+            Capture::Iptables { .. } => false,
+        }
+    }
+
+    pub fn set_fast_path(&self, on: bool) -> Result<(), Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(c.set_fast_path(on)?),
+            Capture::Iptables { .. } if !on => Ok(()),
+            Capture::Iptables { .. } => Err(Error::FastPathNeedsEbpf),
+        }
+    }
+
+    pub fn occupancy(&self) -> Occupancy {
+        match self {
+            Capture::Ebpf(c) => c.occupancy(),
+            Capture::Iptables { .. } => Occupancy::default(),
+        }
+    }
+
+    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+        match self {
+            Capture::Ebpf(c) => c.stats(),
+            Capture::Iptables { .. } => BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The iptables capture fallback (`--capture=iptables`, or `auto` on kernels without the
+//! eBPF features): NAT REDIRECT rules inside the pod's netns send the pod's outbound TCP
+//! to ztunnel's :15001 and inbound TCP on `eth0` (but HBONE's :15008) to :15006; the
+//! original destination comes from conntrack through `SO_ORIGINAL_DST`, as with eBPF.
+//! ztunnel's own connections are skipped by their marks (0x539, and 0x111 for the
+//! source-preserving connections to the app and their replies).
+use std::net::IpAddr;
+
+use crate::netns::{self, Netns};
+
+const OUT: &str = "ZTUNNEL_OUTPUT";
+const PRE: &str = "ZTUNNEL_PREROUTING";
+
+/// The rules installed in one pod.
+#[derive(Debug)]
+pub struct PodRules {
+    pub name: String,
+    netns: Netns,
+    v6: bool,
+}
+
+impl PodRules {
+    /// What is attached, for the admin port.
+    pub fn attached(&self) -> Vec<&'static str> {
+        vec![
+            "iptables nat OUTPUT → :15001",
+            "iptables nat PREROUTING → :15006",
+        ]
+    }
+}
+
+fn run(netns: &Netns, v6: bool, args: &[&str]) -> Result<String, netns::Error> {
+    netns.exec(if v6 { "ip6tables" } else { "iptables" }, args)
+}
+
+/// The rules of one family, in order; each is appended with `-A`.
+fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
+    let loopback = if v6 { "::1/128" } else { "127.0.0.0/8" };
+    let mut r: Vec<Vec<&str>> = vec![
+        vec![OUT, "-m", "mark", "--mark", "0x539/0xfff", "-j", "RETURN"],
+        vec![OUT, "-m", "mark", "--mark", "0x111/0xfff", "-j", "RETURN"],
+        vec![OUT, "-d", loopback, "-j", "RETURN"],
+        vec![
+            OUT,
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--dports",
+            "15001,15006,15008,15053,15000,15020,15021",
+            "-j",
+            "RETURN",
+        ],
+    ];
+    let own: Vec<String> = addrs
+        .iter()
+        .filter(|a| a.is_ipv6() == v6)
+        .map(ToString::to_string)
+        .collect();
+    let mut out: Vec<Vec<String>> = r
+        .drain(..)
+        .map(|v| v.into_iter().map(str::to_owned).collect())
+        .collect();
+    for a in &own {
+        out.push([OUT, "-d", a, "-j", "RETURN"].map(str::to_owned).to_vec());
+    }
+    out.push(
+        [OUT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"]
+            .map(str::to_owned)
+            .to_vec(),
+    );
+    out.push(
+        [PRE, "-p", "tcp", "--dport", "15008", "-j", "RETURN"]
+            .map(str::to_owned)
+            .to_vec(),
+    );
+    for a in &own {
+        out.push(
+            [
+                PRE,
+                "-i",
+                "eth0",
+                "-p",
+                "tcp",
+                "-d",
+                a,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15006",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        );
+    }
+    out
+}
+
+/// Installs the chains and hooks them into OUTPUT and PREROUTING (replacing any left
+/// by a previous ztunnel).
+pub fn install(name: &str, netns: Netns, addrs: &[IpAddr]) -> Result<PodRules, netns::Error> {
+    let v6 = addrs.iter().any(IpAddr::is_ipv6);
+    let pod = PodRules {
+        name: name.to_owned(),
+        netns,
+        v6,
+    };
+    remove_rules(&pod);
+    let mut families = vec![false];
+    if v6 {
+        families.push(true);
+    }
+    for fam in families {
+        for chain in [OUT, PRE] {
+            run(&pod.netns, fam, &["-t", "nat", "-N", chain])?;
+        }
+        for rule in rules(addrs, fam) {
+            let mut args = vec!["-t", "nat", "-A"];
+            args.extend(rule.iter().map(String::as_str));
+            run(&pod.netns, fam, &args)?;
+        }
+        run(
+            &pod.netns,
+            fam,
+            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUT],
+        )?;
+        run(
+            &pod.netns,
+            fam,
+            &["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", PRE],
+        )?;
+    }
+    Ok(pod)
+}
+
+fn remove_rules(pod: &PodRules) {
+    let mut families = vec![false];
+    if pod.v6 {
+        families.push(true);
+    }
+    for fam in families {
+        // Each step may find nothing to remove (a fresh pod): errors are expected here.
+        let _ = run(
+            &pod.netns,
+            fam,
+            &["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", OUT],
+        );
+        let _ = run(
+            &pod.netns,
+            fam,
+            &["-t", "nat", "-D", "PREROUTING", "-p", "tcp", "-j", PRE],
+        );
+        for chain in [OUT, PRE] {
+            let _ = run(&pod.netns, fam, &["-t", "nat", "-F", chain]);
+            let _ = run(&pod.netns, fam, &["-t", "nat", "-X", chain]);
+        }
+    }
+}
+
+/// Takes the pod's rules out; connections already redirected keep flowing.
+pub fn remove(pod: PodRules) {
+    remove_rules(&pod);
+    tracing::info!(pod = %pod.name, "iptables capture removed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_skip_ztunnel_loopback_and_own_addresses_before_redirecting() {
+        let addrs: Vec<IpAddr> = vec![
+            "10.0.0.5".parse().expect("ip"),
+            "fd00::5".parse().expect("ip"),
+        ];
+        let v4 = rules(&addrs, false);
+        let redirect = v4
+            .iter()
+            .position(|r| r.contains(&"15001".to_owned()) && r.contains(&"REDIRECT".to_owned()))
+            .expect("outbound redirect");
+        for skip in ["0x539/0xfff", "0x111/0xfff", "127.0.0.0/8", "10.0.0.5"] {
+            let at = v4
+                .iter()
+                .position(|r| r.iter().any(|a| a == skip))
+                .expect("skip rule");
+            assert!(at < redirect, "{skip} must be skipped before the redirect");
+        }
+        assert!(v4.iter().all(|r| !r.iter().any(|a| a == "fd00::5")));
+        let v6 = rules(&addrs, true);
+        assert!(v6.iter().any(|r| r.iter().any(|a| a == "::1/128")));
+        assert!(
+            v6.iter()
+                .any(|r| r.iter().any(|a| a == "fd00::5") && r.iter().any(|a| a == "15006"))
+        );
+    }
+}
