@@ -364,10 +364,14 @@ impl Topology {
         let id = id.to_owned();
         let node_ns = format!("{id}-node1");
         let cgroup_base = cgroup2_root().join(format!("{id}-test"));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-files-"))
+            .tempdir()?;
         let topo = Self {
             id,
             nodes: vec![node_ns.clone()],
-            dir: tempfile::tempdir()?,
+            // Named after the topology so that `teardown` can find it too.
+            dir,
             cgroup_base,
             subnet,
             pods: Vec::new(),
@@ -755,6 +759,16 @@ pub fn teardown(id: &str) -> anyhow::Result<()> {
             .file_name()
             .to_string_lossy()
             .starts_with(&format!("{id}-"))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    // The files of a kept topology (its workload file, CA root, captures).
+    for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{id}-files-"))
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }
