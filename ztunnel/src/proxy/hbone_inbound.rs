@@ -98,25 +98,6 @@ async fn open_stream(
     }
     // The client as the app should see it: the tunnel's source (the calling pod).
     let src = SocketAddr::new(peer.ip(), target.forwarded_for.map_or(0, |f| f.port()));
-    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, Some(&client), dst) {
-        // Recorded as a connection that never opened upstream.
-        let id = proxy.connections.open_with(
-            Direction::Inbound,
-            &pod.name,
-            src,
-            dst,
-            Some(client.to_string()),
-            Some(pod.identity.to_string()),
-        );
-        proxy.connections.close(
-            id,
-            0,
-            0,
-            std::time::Duration::ZERO,
-            format!("denied: {reason}"),
-        );
-        return Err(Rejection::unauthorized(reason));
-    }
     let started = Instant::now();
     let id = proxy.connections.open_with(
         Direction::Inbound,
@@ -126,6 +107,12 @@ async fn open_stream(
         Some(client.to_string()),
         Some(pod.identity.to_string()),
     );
+    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, Some(&client), dst) {
+        proxy
+            .connections
+            .close(id, 0, 0, started.elapsed(), format!("denied: {reason}"));
+        return Err(Rejection::unauthorized(reason));
+    }
     let upstream = match proxy
         .connect_from_pod(&pod, Some(peer.ip()), dst, return_path::MARK)
         .await
