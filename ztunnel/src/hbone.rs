@@ -17,6 +17,8 @@ pub mod pool;
 pub mod request;
 pub mod server;
 pub mod stream;
+#[cfg(test)]
+mod test_wire;
 
 use std::time::Duration;
 

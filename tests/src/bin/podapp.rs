@@ -120,50 +120,106 @@ fn serve(addr: SocketAddr, log_peers: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pseudo-random payload a client sends, chunk by chunk, with its running checksum.
+struct Payload {
+    rng: StdRng,
+    hash: Sha256,
+    buf: Vec<u8>,
+    left: usize,
+    total: usize,
+}
+
+impl Payload {
+    fn new(bytes: usize, chunk: usize, seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            hash: Sha256::new(),
+            buf: vec![0u8; chunk.max(1)],
+            left: bytes,
+            total: bytes,
+        }
+    }
+
+    /// Bytes handed out so far.
+    fn sent(&self) -> usize {
+        self.total - self.left
+    }
+
+    /// The next chunk (already hashed), or `None` when all bytes are out.
+    fn next_chunk(&mut self) -> Option<&[u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let n = self.left.min(self.buf.len());
+        self.rng.fill_bytes(&mut self.buf[..n]);
+        self.hash.update(&self.buf[..n]);
+        self.left -= n;
+        Some(&self.buf[..n])
+    }
+
+    fn digest(self) -> String {
+        format!("{:x}", self.hash.finalize())
+    }
+}
+
+/// The echo as it comes back: its length and checksum.
+#[derive(Default)]
+struct Echo {
+    hash: Sha256,
+    got: usize,
+}
+
+impl Echo {
+    fn add(&mut self, data: &[u8]) {
+        self.hash.update(data);
+        self.got += data.len();
+    }
+
+    /// Prints the verdict line the tests read, and fails when the echo differs.
+    fn verdict(self, bytes: usize, sent: &str) -> anyhow::Result<()> {
+        let (got, received) = (self.got, format!("{:x}", self.hash.finalize()));
+        let ok = sent == received && got == bytes;
+        println!("sent={bytes} received={got} match={ok}");
+        if !ok {
+            bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
+        }
+        Ok(())
+    }
+}
+
 fn call(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
     let s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
     println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
     let mut w = s.try_clone()?;
     let writer = std::thread::spawn(move || -> anyhow::Result<String> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; chunk.max(1)];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len());
-            rng.fill_bytes(&mut buf[..n]);
-            h.update(&buf[..n]);
-            w.write_all(&buf[..n])
-                .with_context(|| format!("write failed after {} bytes", bytes - left))?;
-            left -= n;
+        let mut payload = Payload::new(bytes, chunk, seed);
+        loop {
+            let sent = payload.sent();
+            let Some(data) = payload.next_chunk() else {
+                break;
+            };
+            w.write_all(data)
+                .with_context(|| format!("write failed after {sent} bytes"))?;
         }
         w.shutdown(Shutdown::Write)?;
-        Ok(format!("{:x}", h.finalize()))
+        Ok(payload.digest())
     });
     let mut r = s;
-    let mut h = Sha256::new();
-    let mut got = 0usize;
+    let mut echo = Echo::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = r
             .read(&mut buf)
-            .with_context(|| format!("read failed after {got} bytes"))?;
+            .with_context(|| format!("read failed after {} bytes", echo.got))?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
-        got += n;
+        echo.add(&buf[..n]);
     }
     let sent = writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    let received = format!("{:x}", h.finalize());
-    let ok = sent == received && got == bytes;
-    println!("sent={bytes} received={got} match={ok}");
-    if !ok {
-        bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
-    }
-    Ok(())
+    echo.verdict(bytes, &sent)
 }
 
 fn call_pattern(addr: SocketAddr, bytes: usize, pattern: &str) -> anyhow::Result<()> {
@@ -194,44 +250,33 @@ fn call_event_loop(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> a
         println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
         let (mut r, mut w) = s.into_split();
         let writer = tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; chunk.max(1)];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(buf.len());
-                rng.fill_bytes(&mut buf[..n]);
-                h.update(&buf[..n]);
-                w.write_all(&buf[..n])
+            let mut payload = Payload::new(bytes, chunk, seed);
+            loop {
+                let sent = payload.sent();
+                let Some(data) = payload.next_chunk() else {
+                    break;
+                };
+                w.write_all(data)
                     .await
-                    .with_context(|| format!("write failed after {} bytes", bytes - left))?;
-                left -= n;
+                    .with_context(|| format!("write failed after {sent} bytes"))?;
             }
             w.shutdown().await?;
-            anyhow::Ok(format!("{:x}", h.finalize()))
+            anyhow::Ok(payload.digest())
         });
-        let mut h = Sha256::new();
-        let mut got = 0usize;
+        let mut echo = Echo::default();
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = r
                 .read(&mut buf)
                 .await
-                .with_context(|| format!("read failed after {got} bytes"))?;
+                .with_context(|| format!("read failed after {} bytes", echo.got))?;
             if n == 0 {
                 break;
             }
-            h.update(&buf[..n]);
-            got += n;
+            echo.add(&buf[..n]);
         }
         let sent = writer.await??;
-        let received = format!("{:x}", h.finalize());
-        let ok = sent == received && got == bytes;
-        println!("sent={bytes} received={got} match={ok}");
-        if !ok {
-            bail!("echo differs: sent {bytes} bytes ({sent}), received {got} ({received})");
-        }
-        Ok(())
+        echo.verdict(bytes, &sent)
     })
 }
 

@@ -604,6 +604,7 @@ mod tests {
     use super::*;
     use crate::hbone::request::{Rejection, Target, TargetAddr};
     use crate::hbone::server::{Accepted, ServerSettings, serve};
+    use crate::hbone::test_wire::{self, read_frame, window_increment};
     use std::net::SocketAddr;
     use std::pin::Pin;
     use std::sync::atomic::AtomicUsize;
@@ -957,17 +958,6 @@ mod tests {
         );
     }
 
-    /// Reads one HTTP/2 frame: (type, stream id, payload).
-    async fn read_frame<R: AsyncRead + Unpin>(io: &mut R) -> (u8, u32, Vec<u8>) {
-        let mut head = [0u8; 9];
-        io.read_exact(&mut head).await.expect("frame header");
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0; len];
-        io.read_exact(&mut payload).await.expect("frame payload");
-        (head[3], stream, payload)
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn announces_istio_settings_and_drops_a_silent_peer() {
         let (client_io, mut peer) = tokio::io::duplex(1 << 20);
@@ -993,23 +983,15 @@ mod tests {
         let mut preface = [0u8; 24];
         peer.read_exact(&mut preface).await.expect("preface");
         assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        let (kind, stream, payload) = read_frame(&mut peer).await;
+        let (kind, _, stream, payload) = read_frame(&mut peer).await;
         assert_eq!((kind, stream), (0x4, 0), "SETTINGS first");
-        let params: Vec<(u16, u32)> = payload
-            .chunks_exact(6)
-            .map(|p| {
-                (
-                    u16::from_be_bytes([p[0], p[1]]),
-                    u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
-                )
-            })
-            .collect();
+        let params = test_wire::settings(&payload);
         for want in [(0x2, 0), (0x4, 4 << 20), (0x5, 1 << 20), (0x6, 16 << 10)] {
             assert!(params.contains(&want), "{want:?} in {params:?}");
         }
-        let (kind, stream, payload) = read_frame(&mut peer).await;
+        let (kind, _, stream, payload) = read_frame(&mut peer).await;
         assert_eq!((kind, stream), (0x8, 0), "connection WINDOW_UPDATE");
-        let increment = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let increment = window_increment(&payload);
         assert_eq!(increment, (16 << 20) - 65_535);
 
         // Never answer anything, pings included, but keep reading.

@@ -256,6 +256,7 @@ fn reject(mut respond: SendResponse<Bytes>, rejection: Rejection) {
 mod tests {
     use super::*;
     use crate::hbone::request::ConnectRequest;
+    use crate::hbone::test_wire::{self, read_frame, window_increment};
     use http::Method;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::task::JoinHandle;
@@ -396,17 +397,6 @@ mod tests {
             .expect("clean shutdown");
     }
 
-    /// Reads one HTTP/2 frame: (type, flags, stream id, payload).
-    async fn read_frame(io: &mut DuplexStream) -> (u8, u8, u32, Vec<u8>) {
-        let mut head = [0u8; 9];
-        io.read_exact(&mut head).await.expect("frame header");
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0; len];
-        io.read_exact(&mut payload).await.expect("frame payload");
-        (head[3], head[4], stream, payload)
-    }
-
     #[tokio::test]
     async fn announces_istio_settings_and_drops_a_silent_client() {
         let settings = ServerSettings {
@@ -423,15 +413,7 @@ mod tests {
 
         let (kind, _, stream, payload) = read_frame(&mut io).await;
         assert_eq!((kind, stream), (0x4, 0), "SETTINGS first");
-        let params: Vec<(u16, u32)> = payload
-            .chunks_exact(6)
-            .map(|p| {
-                (
-                    u16::from_be_bytes([p[0], p[1]]),
-                    u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
-                )
-            })
-            .collect();
+        let params = test_wire::settings(&payload);
         for want in [(0x3, 200), (0x4, 4 << 20), (0x5, 1 << 20), (0x6, 64 << 10)] {
             assert!(params.contains(&want), "{want:?} in {params:?}");
         }
@@ -443,7 +425,7 @@ mod tests {
             }
         };
         assert_eq!((kind, stream), (0x8, 0), "connection WINDOW_UPDATE");
-        let increment = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let increment = window_increment(&payload);
         assert_eq!(increment, (16 << 20) - 65_535);
 
         // Keep reading (and ignoring) so the server is never blocked on writes.
