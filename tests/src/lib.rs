@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use ztunnel::admin::ConfigDump;
 
+pub mod bench;
 pub mod demo;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -524,11 +525,21 @@ impl Topology {
 
     /// Runs `podapp <args>` inside the pod's netns and cgroup.
     pub fn spawn(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<PodProcess> {
+        self.spawn_program(pod, &podapp_bin(), args)
+    }
+
+    /// Runs `program <args>` inside the pod's netns and cgroup.
+    pub fn spawn_program(
+        &mut self,
+        pod: &Pod,
+        program: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<PodProcess> {
         let netns = File::open(&pod.netns_path)?;
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(pod.cgroup.join("cgroup.procs"))?;
-        let mut cmd = Command::new(podapp_bin());
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -554,7 +565,7 @@ impl Topology {
         drop((netns, procs));
         Ok(PodProcess {
             child: Some(child),
-            what: format!("podapp {} in {}", args.join(" "), pod.name),
+            what: format!("{} {} in {}", program.display(), args.join(" "), pod.name),
         })
     }
 

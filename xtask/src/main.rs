@@ -2,6 +2,7 @@
 //! `setup` prepares the machine first, so a fresh checkout needs nothing else.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod exec;
@@ -31,6 +32,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run the whole system on this machine: two nodes, four pods, mTLS and a policy
     Demo(demo::Options),
+    /// Measure no mesh vs iptables capture vs eBPF capture vs fast path (release build)
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(options),
         Command::BuildEbpf(options) => build_ebpf::run(options),
         Command::Demo(options) => demo::run(options),
+        Command::Bench(options) => bench::run(options),
     }
 }
 

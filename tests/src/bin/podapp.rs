@@ -65,6 +65,27 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// Request/response latency on one connection: write `size` bytes, read the echo,
+    /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
+    /// latency counted from the request's scheduled time. Prints one JSON line.
+    Rr {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        rate: Option<u32>,
+    },
+    /// New connections per second: `threads` loops of connect, one byte each way, close,
+    /// for `secs` seconds. Prints one JSON line.
+    Conns {
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,6 +110,17 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Hold { addr, secs } => hold(addr, secs),
         Cmd::Many { addr, count } => many(addr, count),
+        Cmd::Rr {
+            addr,
+            size,
+            secs,
+            rate,
+        } => rr(addr, size, Duration::from_secs_f64(secs), rate),
+        Cmd::Conns {
+            addr,
+            secs,
+            threads,
+        } => conns(addr, Duration::from_secs_f64(secs), threads),
     }
 }
 
@@ -335,5 +367,79 @@ fn many(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
         }
     }
     println!("ok={count}");
+    Ok(())
+}
+
+fn rr(addr: SocketAddr, size: usize, secs: Duration, rate: Option<u32>) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    s.set_nodelay(true)?;
+    let msg = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    // Nanoseconds, 1 µs to 10 s at 3 significant digits.
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1_000, 10_000_000_000, 3)?;
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / f64::from(r.max(1))));
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < secs {
+        // At a fixed rate the clock starts at the scheduled time, so a stall counts
+        // against every request it delayed (no coordinated omission).
+        let t0 = match interval {
+            Some(i) => {
+                let due = start + i * u32::try_from(n)?;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                due
+            }
+            None => Instant::now(),
+        };
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)
+            .with_context(|| format!("request {n}: no echo"))?;
+        hist.saturating_record(u64::try_from(t0.elapsed().as_nanos())?.max(1_000));
+        n += 1;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1_000.0;
+    let out = serde_json::json!({
+        "requests": n,
+        "per_sec": n as f64 / elapsed,
+        "p50_us": us(0.50),
+        "p90_us": us(0.90),
+        "p99_us": us(0.99),
+        "max_us": hist.max() as f64 / 1_000.0,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn conns(addr: SocketAddr, secs: Duration, threads: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut n = 0u64;
+                while start.elapsed() < secs {
+                    let mut s = TcpStream::connect(addr)
+                        .with_context(|| format!("connection {n} to {addr} failed"))?;
+                    s.write_all(b"x")?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b)
+                        .with_context(|| format!("connection {n}: no echo"))?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("connection worker panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let out = serde_json::json!({ "connections": total, "per_sec": total as f64 / elapsed });
+    println!("{out}");
     Ok(())
 }

@@ -1,0 +1,923 @@
+//! The performance harness behind `cargo xtask bench`: the same two-node topology run
+//! as S0 (no mesh), S1 (our ztunnel, iptables capture), S2 (eBPF capture) and S3 (S2 plus
+//! the sk_msg fast path), alternating scenarios round by round so that machine drift
+//! spreads over all of them. Each figure is the median over the rounds.
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{Pod, Topology, Ztunnel, teardown};
+
+/// The echo port the latency and connection tests use, and iperf3's.
+const ECHO_PORT: u16 = 7000;
+const IPERF_PORT: u16 = 5201;
+/// Topology names: `ztbenchx<round><scenario>`, fixed so an interrupted run can be removed.
+const ID_PREFIX: &str = "ztbenchx";
+const MAX_ROUNDS: usize = 9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Scenario {
+    S0,
+    S1,
+    S2,
+    S3,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [Scenario::S0, Scenario::S1, Scenario::S2, Scenario::S3];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Scenario::S0 => "no mesh (pod to pod directly)",
+            Scenario::S1 => "ztunnel, iptables capture",
+            Scenario::S2 => "ztunnel, eBPF capture",
+            Scenario::S3 => "ztunnel, eBPF capture + sk_msg fast path",
+        }
+    }
+
+    fn mesh(self) -> bool {
+        self != Scenario::S0
+    }
+
+    fn capture(self) -> Option<&'static str> {
+        match self {
+            Scenario::S0 => None,
+            Scenario::S1 => Some("iptables"),
+            Scenario::S2 | Scenario::S3 => Some("ebpf"),
+        }
+    }
+
+    fn fast_path(self) -> bool {
+        self == Scenario::S3
+    }
+
+    /// Figures this scenario cannot measure, and why.
+    pub fn not_measured(self) -> &'static [(&'static str, &'static str)] {
+        const BULK: &str = "not measured: a bulk sender on the fast path gets ENOMEM from \
+            write() when ztunnel's socket has data queued (an sk_msg ingress redirect has no \
+            backpressure; seen on 6.18), so the fast path suits request/response traffic only";
+        match self {
+            Scenario::S3 => &[
+                ("tput_1_gbps", BULK),
+                ("tput_8_gbps", BULK),
+                ("cpu_s_per_gb", BULK),
+            ],
+            _ => &[],
+        }
+    }
+}
+
+/// What one figure measures: its key, its unit, and whether more is better.
+pub struct Figure {
+    pub key: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+    pub higher_is_better: bool,
+    /// Measured on ztunnel itself (none in S0).
+    pub ztunnel_only: bool,
+}
+
+const fn fig(
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+    ztunnel_only: bool,
+) -> Figure {
+    Figure {
+        key,
+        label,
+        unit,
+        higher_is_better,
+        ztunnel_only,
+    }
+}
+
+/// Every figure a run reports, in table order.
+pub const FIGURES: &[Figure] = &[
+    fig("tput_1_gbps", "throughput, 1 stream", "Gbit/s", true, false),
+    fig(
+        "tput_8_gbps",
+        "throughput, 8 streams",
+        "Gbit/s",
+        true,
+        false,
+    ),
+    fig(
+        "rr_fixed_p50_us",
+        "1 KiB RR at fixed rate, p50",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_fixed_p90_us",
+        "1 KiB RR at fixed rate, p90",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_fixed_p99_us",
+        "1 KiB RR at fixed rate, p99",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_max_p50_us",
+        "1 KiB RR at max rate, p50",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_max_p90_us",
+        "1 KiB RR at max rate, p90",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_max_p99_us",
+        "1 KiB RR at max rate, p99",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "rr_max_per_sec",
+        "1 KiB RR at max rate",
+        "req/s",
+        true,
+        false,
+    ),
+    fig("conn_per_sec", "new connections", "conn/s", true, false),
+    fig(
+        "cpu_s_per_gb",
+        "ztunnel CPU per GB moved",
+        "CPU s/GB",
+        false,
+        true,
+    ),
+    fig(
+        "cpu_s_per_1k_conn",
+        "ztunnel CPU per 1,000 connections",
+        "CPU s",
+        false,
+        true,
+    ),
+    fig("rss_idle_mib", "ztunnel RSS, idle", "MiB", false, true),
+    fig(
+        "rss_idle_conns_mib",
+        "ztunnel RSS, idle tunnelled connections",
+        "MiB",
+        false,
+        true,
+    ),
+    fig(
+        "kib_per_idle_conn",
+        "ztunnel memory per idle connection",
+        "KiB",
+        false,
+        true,
+    ),
+    fig("rss_peak_mib", "ztunnel RSS, peak", "MiB", false, true),
+];
+
+pub struct Options {
+    pub quick: bool,
+    /// Where the report files go (created if missing).
+    pub out_dir: PathBuf,
+}
+
+impl Options {
+    fn rounds(&self) -> usize {
+        if self.quick { 1 } else { 3 }
+    }
+
+    /// Seconds each timed measurement runs.
+    fn secs(&self) -> f64 {
+        if self.quick { 1.0 } else { 5.0 }
+    }
+
+    fn idle_conns(&self) -> usize {
+        if self.quick { 100 } else { 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Value {
+    pub value: f64,
+    /// value / S0's value for the same figure, from the same run.
+    pub ratio_to_s0: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    pub scenario: Scenario,
+    pub description: String,
+    pub figures: BTreeMap<String, Value>,
+    /// Figures deliberately not measured in this scenario, with the reason.
+    pub not_measured: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: String,
+    pub rounds: usize,
+    pub seconds_per_measurement: f64,
+    pub idle_connections: usize,
+    pub date: String,
+    pub commit: String,
+    pub machine: Machine,
+    pub scenarios: Vec<ScenarioResult>,
+    pub targets: Vec<Target>,
+}
+
+impl Report {
+    pub fn get(&self, s: Scenario, key: &str) -> Option<f64> {
+        self.scenarios
+            .iter()
+            .find(|r| r.scenario == s)
+            .and_then(|r| r.figures.get(key))
+            .map(|v| v.value)
+    }
+}
+
+/// Runs every scenario and writes `bench.md`, `bench.json` and `bench.svg` to `out_dir`.
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    crate::require_root();
+    remove_leftovers()?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("failed to create {}", opts.out_dir.display()))?;
+    let started = Instant::now();
+    let mut samples: BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>> = BTreeMap::new();
+    for round in 0..opts.rounds() {
+        // Alternate the order each round so that no scenario always runs first.
+        let mut order = Scenario::ALL.to_vec();
+        order.rotate_left(round % Scenario::ALL.len());
+        for s in order {
+            eprintln!(
+                "bench: round {}/{} {s:?} ({})",
+                round + 1,
+                opts.rounds(),
+                s.describe()
+            );
+            let id = format!("{ID_PREFIX}{round}{}", s as u8);
+            let subnet = 210 + (round * 4) as u8 + s as u8;
+            let figures = run_scenario(opts, s, &id, subnet).with_context(|| {
+                format!("scenario {s:?} ({}) round {}", s.describe(), round + 1)
+            })?;
+            samples.entry(s).or_default().push(figures);
+        }
+    }
+    let report = build_report(opts, &samples)?;
+    write_outputs(&report, &opts.out_dir)?;
+    eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+/// Removes what an interrupted run left (fixed names, like the demo's).
+pub fn remove_leftovers() -> anyhow::Result<()> {
+    for round in 0..MAX_ROUNDS {
+        for s in Scenario::ALL {
+            teardown(&format!("{ID_PREFIX}{round}{}", s as u8))?;
+        }
+    }
+    Ok(())
+}
+
+fn run_scenario(
+    opts: &Options,
+    s: Scenario,
+    id: &str,
+    subnet: u8,
+) -> anyhow::Result<BTreeMap<&'static str, f64>> {
+    let mut topo = Topology::named(id, subnet)?;
+    topo.capture = s.capture().map(str::to_owned);
+    topo.add_node()?;
+    let client = topo.add_pod_on(1, "client", s.mesh(), false)?;
+    let server = topo.add_pod_on(2, "server", s.mesh(), false)?;
+    for p in [&client, &server] {
+        tune_pod(p)?;
+    }
+    let ztunnels = if s.mesh() {
+        let mut z1 = topo.start_ztunnel_on("node1", s.fast_path())?;
+        let mut z2 = topo.start_ztunnel_on("node2", s.fast_path())?;
+        z1.print_log = false;
+        z2.print_log = false;
+        vec![z1, z2]
+    } else {
+        Vec::new()
+    };
+    let mut f = BTreeMap::new();
+    // Let start-up settle before the idle reading.
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = max_rss(&ztunnels)?;
+
+    let _echo = topo.serve(&server, server.addr(ECHO_PORT))?;
+    let iperf = Path::new("iperf3");
+    let port = IPERF_PORT.to_string();
+    let iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
+    wait_listening(&server, IPERF_PORT)?;
+    let secs = opts.secs();
+    let secs_arg = format!("{}", secs.ceil() as u64);
+    let dst = server.ip4.to_string();
+
+    let cpu0 = cpu_seconds(&ztunnels)?;
+    let mut bytes = 0.0;
+    let bulk: &[(u32, &str)] = if s.fast_path() {
+        &[]
+    } else {
+        &[(1, "tput_1_gbps"), (8, "tput_8_gbps")]
+    };
+    for &(streams, key) in bulk {
+        let out = topo
+            .spawn_program(
+                &client,
+                iperf,
+                &[
+                    "-c",
+                    &dst,
+                    "-p",
+                    &port,
+                    "-t",
+                    &secs_arg,
+                    "-P",
+                    &streams.to_string(),
+                    "-J",
+                ],
+            )?
+            .wait_ok()?;
+        let (bps, moved) = iperf_result(&out)?;
+        f.insert(key, bps / 1e9);
+        bytes += moved;
+    }
+    let cpu_tput = cpu_seconds(&ztunnels)? - cpu0;
+    drop(iperf_server);
+
+    let echo = server.addr(ECHO_PORT).to_string();
+    let secs_s = format!("{secs}");
+    for (rate, prefix) in [(Some("1000"), "rr_fixed"), (None, "rr_max")] {
+        let mut args = vec!["rr", echo.as_str(), "--size", "1024", "--secs", &secs_s];
+        if let Some(r) = rate {
+            args.extend(["--rate", r]);
+        }
+        let v = json_line(&topo.spawn(&client, &args)?.wait_ok()?)?;
+        for q in ["p50", "p90", "p99"] {
+            f.insert(static_key(prefix, q), num(&v, &format!("{q}_us"))?);
+        }
+        if rate.is_none() {
+            f.insert("rr_max_per_sec", num(&v, "per_sec")?);
+        }
+    }
+
+    let cpu0 = cpu_seconds(&ztunnels)?;
+    let v = json_line(
+        &topo
+            .spawn(
+                &client,
+                &["conns", &echo, "--secs", &secs_s, "--threads", "4"],
+            )?
+            .wait_ok()?,
+    )?;
+    let cpu_conns = cpu_seconds(&ztunnels)? - cpu0;
+    let conns = num(&v, "connections")?;
+    f.insert("conn_per_sec", num(&v, "per_sec")?);
+
+    let count = opts.idle_conns().to_string();
+    let mut holder = topo.spawn(
+        &client,
+        &["parallel", &echo, "--count", &count, "--secs", "600"],
+    )?;
+    let line = holder.read_line()?;
+    if line != format!("open={count}") {
+        bail!("idle connections did not open: {line:?}");
+    }
+    // The tunnels are all up once every connection echoed; give the allocator a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let with_conns = max_rss(&ztunnels)?;
+    drop(holder);
+
+    if s.mesh() {
+        if bytes > 0.0 {
+            f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
+        }
+        f.insert("cpu_s_per_1k_conn", cpu_conns / (conns / 1000.0));
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        f.insert("rss_idle_mib", mib(idle));
+        f.insert("rss_idle_conns_mib", mib(with_conns));
+        f.insert(
+            "kib_per_idle_conn",
+            with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
+        );
+        f.insert("rss_peak_mib", mib(max_status(&ztunnels, "VmHWM")?));
+    }
+    drop(ztunnels);
+    Ok(f)
+}
+
+fn static_key(prefix: &str, q: &str) -> &'static str {
+    FIGURES
+        .iter()
+        .map(|f| f.key)
+        .find(|k| k.starts_with(prefix) && k.contains(q))
+        .expect("every RR quantile has a figure")
+}
+
+/// A wide port range and TIME_WAIT reuse, so that the connection-rate test measures the
+/// proxy, not ephemeral-port exhaustion.
+fn tune_pod(p: &Pod) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &p.netns, "sysctl", "-qw"])
+        .args([
+            "net.ipv4.ip_local_port_range=1024 65000",
+            "net.ipv4.tcp_tw_reuse=1",
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "sysctl in {}: {}",
+            p.netns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn wait_listening(p: &Pod, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &p.netns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on port {port} in {}", p.name)
+}
+
+/// Received bits per second and bytes from iperf3's JSON.
+fn iperf_result(out: &str) -> anyhow::Result<(f64, f64)> {
+    let v: serde_json::Value =
+        serde_json::from_str(out).with_context(|| format!("iperf3 output is not JSON: {out}"))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3: {e}");
+    }
+    let sum = &v["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON has no end.sum_received.bits_per_second")?;
+    let bytes = sum["bytes"]
+        .as_f64()
+        .context("iperf3 JSON has no end.sum_received.bytes")?;
+    Ok((bps, bytes))
+}
+
+fn json_line(out: &str) -> anyhow::Result<serde_json::Value> {
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("expected a JSON line, got {out:?}"))
+}
+
+fn num(v: &serde_json::Value, key: &str) -> anyhow::Result<f64> {
+    v[key]
+        .as_f64()
+        .with_context(|| format!("no number {key:?} in {v}"))
+}
+
+/// User + system CPU seconds of the ztunnels so far.
+fn cpu_seconds(zs: &[Ztunnel]) -> anyhow::Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    for z in zs {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", z.pid()))?;
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After the command: state is field 3, utime 14 and stime 15 (proc(5)).
+        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+        total += (utime + stime) / tick;
+    }
+    Ok(total)
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// The larger of the ztunnels' values (the busier node decides what to provision).
+fn max_status(zs: &[Ztunnel], field: &str) -> anyhow::Result<u64> {
+    let mut m = 0;
+    for z in zs {
+        m = m.max(status_kib(z.pid(), field)?);
+    }
+    Ok(m)
+}
+
+fn max_rss(zs: &[Ztunnel]) -> anyhow::Result<u64> {
+    max_status(zs, "VmRSS")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn build_report(
+    opts: &Options,
+    samples: &BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>>,
+) -> anyhow::Result<Report> {
+    let medians: BTreeMap<Scenario, BTreeMap<&'static str, f64>> = samples
+        .iter()
+        .map(|(s, runs)| {
+            let m = FIGURES
+                .iter()
+                .filter_map(|f| {
+                    let vals: Vec<f64> =
+                        runs.iter().filter_map(|r| r.get(f.key).copied()).collect();
+                    (!vals.is_empty()).then(|| (f.key, median(vals)))
+                })
+                .collect();
+            (*s, m)
+        })
+        .collect();
+    let s0 = medians.get(&Scenario::S0).cloned().unwrap_or_default();
+    let scenarios = medians
+        .iter()
+        .map(|(s, m)| ScenarioResult {
+            scenario: *s,
+            description: s.describe().to_owned(),
+            figures: m
+                .iter()
+                .map(|(k, v)| {
+                    let ratio = s0.get(k).filter(|b| **b != 0.0).map(|b| v / b);
+                    (
+                        (*k).to_owned(),
+                        Value {
+                            value: *v,
+                            ratio_to_s0: ratio,
+                        },
+                    )
+                })
+                .collect(),
+            not_measured: s
+                .not_measured()
+                .iter()
+                .map(|(k, why)| ((*k).to_owned(), (*why).to_owned()))
+                .collect(),
+        })
+        .collect();
+    let mut report = Report {
+        mode: if opts.quick { "quick" } else { "full" }.to_owned(),
+        rounds: opts.rounds(),
+        seconds_per_measurement: opts.secs(),
+        idle_connections: opts.idle_conns(),
+        date: date(),
+        commit: commit(),
+        machine: machine()?,
+        scenarios,
+        targets: Vec::new(),
+    };
+    report.targets = targets(&report);
+    Ok(report)
+}
+
+fn targets(r: &Report) -> Vec<Target> {
+    use Scenario::*;
+    let g = |s, k| r.get(s, k).unwrap_or(f64::NAN);
+    let mut t = Vec::new();
+    let mut add = |name: &str, target: &str, measured: String, met: bool| {
+        t.push(Target {
+            name: name.to_owned(),
+            target: target.to_owned(),
+            measured,
+            met,
+        })
+    };
+    let tput = g(S2, "tput_1_gbps");
+    add(
+        "S2 single-stream throughput",
+        "≥ 8 Gbit/s",
+        format!("{tput:.2} Gbit/s"),
+        tput >= 8.0,
+    );
+    let added = g(S2, "rr_fixed_p50_us") - g(S0, "rr_fixed_p50_us");
+    add(
+        "S2 p50 round trip added over S0 (1 KiB, fixed rate)",
+        "≤ +50 µs",
+        format!("{added:+.1} µs"),
+        added <= 50.0,
+    );
+    let conn = g(S2, "conn_per_sec") / g(S1, "conn_per_sec");
+    add(
+        "S2 / S1 new connections per second",
+        "≥ 1.2×",
+        format!("{conn:.2}×"),
+        conn >= 1.2,
+    );
+    let (p1, p2, p3) = (
+        g(S1, "rr_fixed_p50_us"),
+        g(S2, "rr_fixed_p50_us"),
+        g(S3, "rr_fixed_p50_us"),
+    );
+    add(
+        "S2 p50 below S1 (fixed rate)",
+        "S2 < S1",
+        format!("{p2:.1} vs {p1:.1} µs"),
+        p2 < p1,
+    );
+    add(
+        "S3 p50 below S2 (fixed rate)",
+        "S3 < S2",
+        format!("{p3:.1} vs {p2:.1} µs"),
+        p3 < p2,
+    );
+    let idle = g(S2, "rss_idle_mib");
+    add(
+        "S2 idle RSS",
+        "≤ 15 MiB",
+        format!("{idle:.1} MiB"),
+        idle <= 15.0,
+    );
+    let per = g(S2, "kib_per_idle_conn");
+    add(
+        "S2 memory per idle tunnelled connection",
+        "≤ 30 KiB",
+        format!("{per:.1} KiB"),
+        per <= 30.0,
+    );
+    t
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The commit being measured (`ZTUNNEL_COMMIT`, else git's HEAD, `+dirty` when changed).
+fn commit() -> String {
+    if let Ok(c) = std::env::var("ZTUNNEL_COMMIT") {
+        return c;
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty { format!("{head}+dirty") } else { head }
+        }
+        None => "unknown".to_owned(),
+    }
+}
+
+fn machine() -> anyhow::Result<Machine> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Ok(Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        memory_gib: kib / (1024.0 * 1024.0),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned(),
+    })
+}
+
+fn write_outputs(r: &Report, dir: &Path) -> anyhow::Result<()> {
+    let write = |name: &str, text: &str| -> anyhow::Result<()> {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("failed to write {}", p.display()))
+    };
+    write("bench.json", &serde_json::to_string_pretty(r)?)?;
+    write("bench.md", &markdown(r))?;
+    write("bench.svg", &svg(r))?;
+    Ok(())
+}
+
+fn cell(v: Option<&Value>, not_measured: bool) -> String {
+    match v {
+        None if not_measured => "not measured¹".to_owned(),
+        None => "—".to_owned(),
+        Some(v) => {
+            let n = if v.value >= 100.0 {
+                format!("{:.0}", v.value)
+            } else {
+                format!("{:.2}", v.value)
+            };
+            match v.ratio_to_s0 {
+                Some(r) => format!("{n} ({r:.2}×)"),
+                None => n,
+            }
+        }
+    }
+}
+
+/// The table (figures × scenarios, each with its ratio to S0) and the targets.
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!(
+        "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n\n\
+         {} round(s), {} s per measurement, {} idle connections; each figure is the median \
+         over the rounds, with its ratio to S0 from the same run.\n\n",
+        r.mode,
+        r.date,
+        r.commit,
+        r.machine.kernel,
+        r.machine.cpus,
+        r.machine.cpu_model,
+        r.machine.memory_gib,
+        r.rounds,
+        r.seconds_per_measurement,
+        r.idle_connections,
+    );
+    s += "| figure | unit |";
+    for sc in &r.scenarios {
+        s += &format!(" {:?} {} |", sc.scenario, sc.description);
+    }
+    s += "\n|---|---|";
+    for _ in &r.scenarios {
+        s += "---|";
+    }
+    s += "\n";
+    for f in FIGURES {
+        s += &format!("| {} | {} |", f.label, f.unit);
+        for sc in &r.scenarios {
+            let nm = sc.not_measured.contains_key(f.key);
+            s += &format!(" {} |", cell(sc.figures.get(f.key), nm));
+        }
+        s += "\n";
+    }
+    let mut notes: Vec<String> = r
+        .scenarios
+        .iter()
+        .flat_map(|sc| {
+            sc.not_measured
+                .values()
+                .map(move |why| format!("{:?}: {why}", sc.scenario))
+        })
+        .collect();
+    notes.dedup();
+    for n in notes {
+        s += &format!("\n¹ {n}\n");
+    }
+    s += "\n## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|\n";
+    for t in &r.targets {
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            t.name,
+            t.target,
+            t.measured,
+            if t.met { "yes" } else { "no" }
+        );
+    }
+    s
+}
+
+/// Grouped bars: each figure as a ratio to S0 for S1–S3 (S0 is the 1.0 line).
+pub fn svg(r: &Report) -> String {
+    let keys: Vec<&Figure> = FIGURES.iter().filter(|f| !f.ztunnel_only).collect();
+    let colors = ["#9e9e9e", "#e07b39", "#3a7dc9", "#3aa35b"];
+    let (left, top, row, bar) = (260.0, 40.0, 56.0, 14.0);
+    let width = 900.0;
+    let plot_w = width - left - 80.0;
+    let max = r
+        .scenarios
+        .iter()
+        .flat_map(|s| s.figures.values().filter_map(|v| v.ratio_to_s0))
+        .fold(1.0f64, f64::max)
+        .max(1.0)
+        * 1.1;
+    let legend = 18.0 * r.scenarios.len() as f64;
+    let height = top + row * keys.len() as f64 + 20.0 + legend;
+    let x = |ratio: f64| left + plot_w * ratio / max;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">ztunnel bench: ratio to S0 (no mesh), commit {}, kernel {}</text>\n",
+        r.commit, r.machine.kernel
+    );
+    for (i, f) in keys.iter().enumerate() {
+        let y0 = top + row * i as f64;
+        let better = if f.higher_is_better {
+            "higher"
+        } else {
+            "lower"
+        };
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} ({better} is better)</text>\n",
+            left - 8.0,
+            y0 + row / 2.0,
+            f.label
+        );
+        for (j, sc) in r.scenarios.iter().enumerate() {
+            let Some(v) = sc.figures.get(f.key) else {
+                continue;
+            };
+            let ratio = v.ratio_to_s0.unwrap_or(1.0);
+            let y = y0 + 2.0 + bar * j as f64;
+            let c = colors[sc.scenario as usize % colors.len()];
+            s += &format!(
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{c}\"/>\
+                 <text x=\"{:.1}\" y=\"{}\" font-size=\"10\">{ratio:.2}</text>\n",
+                x(ratio) - left,
+                bar - 2.0,
+                x(ratio) + 3.0,
+                y + bar - 4.0
+            );
+        }
+    }
+    let base = x(1.0);
+    s += &format!(
+        "<line x1=\"{base:.1}\" y1=\"{top}\" x2=\"{base:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-dasharray=\"4 3\"/>\n",
+        height - legend - 15.0
+    );
+    for (j, sc) in r.scenarios.iter().enumerate() {
+        let ly = height - legend + 18.0 * j as f64 - 5.0;
+        let c = colors[sc.scenario as usize % colors.len()];
+        s += &format!(
+            "<rect x=\"{left}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{c}\"/>\
+             <text x=\"{}\" y=\"{:.1}\">{:?} {}</text>\n",
+            ly - 10.0,
+            left + 16.0,
+            ly,
+            sc.scenario,
+            sc.description
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+/// Whether every bench topology is gone (nothing in namespaces, cgroups or pins).
+pub fn leftovers_gone() -> anyhow::Result<bool> {
+    for round in 0..MAX_ROUNDS {
+        for s in Scenario::ALL {
+            if !crate::leftovers(&format!("{ID_PREFIX}{round}{}", s as u8))?.is_empty() {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}

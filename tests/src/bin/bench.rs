@@ -1,0 +1,36 @@
+//! Runs the performance harness (see `ztunnel_tests::bench`); `cargo xtask bench` builds
+//! it in release mode and runs it.
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "S0 no mesh vs S1 iptables vs S2 eBPF vs S3 fast path, side by side")]
+struct Cli {
+    /// One round of one-second measurements and 100 idle connections (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Where bench.md, bench.json and bench.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    ztunnel_tests::require_root();
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: tearing the bench topologies down");
+        let _ = ztunnel_tests::bench::remove_leftovers();
+        std::process::exit(130);
+    })?;
+    let report = ztunnel_tests::bench::run(&ztunnel_tests::bench::Options {
+        quick: cli.quick,
+        out_dir: cli.out.clone(),
+    })?;
+    print!("{}", ztunnel_tests::bench::markdown(&report));
+    println!(
+        "\nwritten: {0}/bench.md {0}/bench.json {0}/bench.svg",
+        cli.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `cargo xtask bench --quick` as a smoke test: the harness runs every scenario and
+//! reports every figure, with ratios, in all three formats. Timings are not judged here
+//! (that is what the bench is for).
+use ztunnel_tests::bench::{self, FIGURES, Report, Scenario};
+
+#[test]
+fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
+    ztunnel_tests::require_root();
+    let dir = tempfile::tempdir()?;
+    let report = bench::run(&bench::Options {
+        quick: true,
+        out_dir: dir.path().to_owned(),
+    })?;
+    for s in Scenario::ALL {
+        for f in FIGURES {
+            let v = report.get(s, f.key);
+            if f.ztunnel_only && s == Scenario::S0 {
+                assert_eq!(v, None, "{s:?} has no ztunnel, so no {}", f.key);
+                continue;
+            }
+            if s.not_measured().iter().any(|(k, _)| *k == f.key) {
+                assert_eq!(v, None, "{s:?} should not measure {}", f.key);
+                let sc = report
+                    .scenarios
+                    .iter()
+                    .find(|r| r.scenario == s)
+                    .expect("scenario");
+                assert!(sc.not_measured[f.key].contains("not measured"));
+                continue;
+            }
+            let v = v.unwrap_or_else(|| panic!("{s:?} lacks {}", f.key));
+            assert!(v.is_finite() && v >= 0.0, "{s:?} {}: {v}", f.key);
+            if !f.key.starts_with("kib_per") {
+                assert!(v > 0.0, "{s:?} {} is zero", f.key);
+            }
+        }
+    }
+    // Ratios to S0 from the same run, for every figure S0 has.
+    let s2 = report
+        .scenarios
+        .iter()
+        .find(|r| r.scenario == Scenario::S2)
+        .expect("S2");
+    let tput = &s2.figures["tput_1_gbps"];
+    let s0 = report
+        .get(Scenario::S0, "tput_1_gbps")
+        .expect("S0 throughput");
+    let ratio = tput.ratio_to_s0.expect("ratio to S0");
+    assert!((ratio - tput.value / s0).abs() < 1e-9);
+    assert_eq!(report.targets.len(), 7, "{:?}", report.targets);
+
+    let json: Report =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json"))?)?;
+    assert_eq!(json.scenarios.len(), 4);
+    assert!(!json.machine.kernel.is_empty() && !json.commit.is_empty());
+    let md = std::fs::read_to_string(dir.path().join("bench.md"))?;
+    for f in FIGURES {
+        assert!(md.contains(f.label), "bench.md lacks {}", f.label);
+    }
+    let svg = std::fs::read_to_string(dir.path().join("bench.svg"))?;
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Ten bars per scenario (S3 without its two throughput bars) plus the legend.
+    assert_eq!(svg.matches("<rect").count(), 4 * 10 - 2 + 4);
+    assert!(
+        bench::leftovers_gone()?,
+        "the bench left namespaces, cgroups or pins"
+    );
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `cargo xtask bench`: build ztunnel, podapp and the harness in release mode, then run
+//! S0–S3 side by side (as root). Reports go to `target/bench/` unless `--out` says else.
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure};
+
+use crate::exec::exec;
+use crate::workspace::{self, cargo};
+
+#[derive(clap::Args, Default)]
+pub struct Options {
+    /// One round of one-second measurements (a smoke run, under two minutes)
+    #[arg(long)]
+    pub quick: bool,
+    /// Where bench.md, bench.json and bench.svg go (default: target/bench)
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    if !workspace::is_root()? {
+        bail!("the bench creates network namespaces, cgroups and eBPF programs: run it as root");
+    }
+    exec(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "ztunnel",
+        "-p",
+        "ztunnel-tests",
+        "--bins",
+    ]))?;
+    let target = workspace::target_dir()?;
+    let release = target.join("release");
+    let (ztunnel, podapp, bench) = (
+        release.join("ztunnel"),
+        release.join("podapp"),
+        release.join("bench"),
+    );
+    for bin in [&ztunnel, &podapp, &bench] {
+        ensure!(bin.is_file(), "{} was not built", bin.display());
+    }
+    let out = options.out.clone().unwrap_or_else(|| target.join("bench"));
+    let mut cmd = std::process::Command::new(&bench);
+    cmd.env("ZTUNNEL_BIN", &ztunnel)
+        .env("PODAPP_BIN", &podapp)
+        .arg("--out")
+        .arg(&out);
+    if options.quick {
+        cmd.arg("--quick");
+    }
+    exec(&mut cmd)
+}
