@@ -22,7 +22,9 @@ const IPERF_PORT: u16 = 5201;
 const ID_PREFIX: &str = "ztbenchx";
 const MAX_ROUNDS: usize = 9;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
 pub enum Scenario {
     S0,
     S1,
@@ -194,6 +196,8 @@ pub const FIGURES: &[Figure] = &[
 
 pub struct Options {
     pub quick: bool,
+    /// Run only these scenarios (all when empty), e.g. to profile one.
+    pub only: Vec<Scenario>,
     /// Where the report files go (created if missing).
     pub out_dir: PathBuf,
 }
@@ -281,6 +285,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         let mut order = Scenario::ALL.to_vec();
         order.rotate_left(round % Scenario::ALL.len());
         for s in order {
+            if !opts.only.is_empty() && !opts.only.contains(&s) {
+                continue;
+            }
             eprintln!(
                 "bench: round {}/{} {s:?} ({})",
                 round + 1,
@@ -330,6 +337,7 @@ fn run_scenario(
         let mut z2 = topo.start_ztunnel_on("node2", s.fast_path())?;
         z1.print_log = false;
         z2.print_log = false;
+        eprintln!("bench: ztunnel pids {} {}", z1.pid(), z2.pid());
         vec![z1, z2]
     } else {
         Vec::new()
@@ -340,6 +348,21 @@ fn run_scenario(
     let idle = max_rss(&ztunnels)?;
 
     let _echo = topo.serve(&server, server.addr(ECHO_PORT))?;
+    // Idle connections first, before bulk transfers have grown the heap.
+    let echo = server.addr(ECHO_PORT).to_string();
+    let count = opts.idle_conns().to_string();
+    let mut holder = topo.spawn(
+        &client,
+        &["parallel", &echo, "--count", &count, "--secs", "600"],
+    )?;
+    let line = holder.read_line()?;
+    if line != format!("open={count}") {
+        bail!("idle connections did not open: {line:?}");
+    }
+    // The tunnels are all up once every connection echoed; give the allocator a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let with_conns = max_rss(&ztunnels)?;
+    drop(holder);
     let iperf = Path::new("iperf3");
     let port = IPERF_PORT.to_string();
     let iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
@@ -380,7 +403,6 @@ fn run_scenario(
     let cpu_tput = cpu_seconds(&ztunnels)? - cpu0;
     drop(iperf_server);
 
-    let echo = server.addr(ECHO_PORT).to_string();
     let secs_s = format!("{secs}");
     for (rate, prefix) in [(Some("1000"), "rr_fixed"), (None, "rr_max")] {
         let mut args = vec!["rr", echo.as_str(), "--size", "1024", "--secs", &secs_s];
@@ -408,20 +430,6 @@ fn run_scenario(
     let cpu_conns = cpu_seconds(&ztunnels)? - cpu0;
     let conns = num(&v, "connections")?;
     f.insert("conn_per_sec", num(&v, "per_sec")?);
-
-    let count = opts.idle_conns().to_string();
-    let mut holder = topo.spawn(
-        &client,
-        &["parallel", &echo, "--count", &count, "--secs", "600"],
-    )?;
-    let line = holder.read_line()?;
-    if line != format!("open={count}") {
-        bail!("idle connections did not open: {line:?}");
-    }
-    // The tunnels are all up once every connection echoed; give the allocator a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    let with_conns = max_rss(&ztunnels)?;
-    drop(holder);
 
     if s.mesh() {
         if bytes > 0.0 {

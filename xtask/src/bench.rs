@@ -15,6 +15,9 @@ pub struct Options {
     /// Where bench.md, bench.json and bench.svg go (default: target/bench)
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run only this scenario (s0, s1, s2, s3; repeatable), e.g. while profiling one
+    #[arg(long = "scenario")]
+    pub scenarios: Vec<String>,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -48,6 +51,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .arg(&out);
     if options.quick {
         cmd.arg("--quick");
+    }
+    for s in &options.scenarios {
+        cmd.arg("--scenario").arg(s);
     }
     exec(&mut cmd)
 }

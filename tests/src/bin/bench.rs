@@ -10,6 +10,9 @@ struct Cli {
     /// One round of one-second measurements and 100 idle connections (a smoke run).
     #[arg(long)]
     quick: bool,
+    /// Run only this scenario (repeat for several); ratios need S0 among them.
+    #[arg(long = "scenario", value_enum)]
+    only: Vec<ztunnel_tests::bench::Scenario>,
     /// Where bench.md, bench.json and bench.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -25,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     })?;
     let report = ztunnel_tests::bench::run(&ztunnel_tests::bench::Options {
         quick: cli.quick,
+        only: cli.only,
         out_dir: cli.out.clone(),
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));

@@ -9,6 +9,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let report = bench::run(&bench::Options {
         quick: true,
+        only: Vec::new(),
         out_dir: dir.path().to_owned(),
     })?;
     for s in Scenario::ALL {
