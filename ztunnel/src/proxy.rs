@@ -107,7 +107,7 @@ pub struct PoolKey {
     pub src_ip: IpAddr,
 }
 
-type HboneIo = tokio_rustls::client::TlsStream<TcpStream>;
+type HboneIo = tokio_rustls::client::TlsStream<tls::Transport>;
 type DialFuture = Pin<Box<dyn Future<Output = io::Result<HboneIo>> + Send>>;
 type Connector = Box<dyn Fn(&PoolKey) -> DialFuture + Send + Sync>;
 
@@ -498,7 +498,7 @@ impl Proxy {
             .connect_from_pod(&pod, Some(key.src_ip), key.next_hop, ZTUNNEL_MARK)
             .await?;
         tokio_rustls::TlsConnector::from(config)
-            .connect(tls::server_name(key.next_hop.ip()), tcp)
+            .connect(tls::server_name(key.next_hop.ip()), tls::transport(tcp))
             .await
     }
 

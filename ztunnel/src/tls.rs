@@ -197,6 +197,20 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// Read buffer under TLS on an HBONE connection. rustls asks its transport for at most
+/// 4 KiB at a time, so a 16 KiB record would cost four `recvfrom` calls; reading the
+/// socket into this buffer first turns a busy tunnel's ciphertext into one syscall per
+/// several records (`cargo xtask bench`, "throughput", and the note on issue 7).
+pub const READ_BUFFER: usize = 128 * 1024;
+
+/// The TCP connection an HBONE TLS session runs on, with [`READ_BUFFER`] under it.
+pub type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps a connected socket for TLS (see [`READ_BUFFER`]).
+pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+}
+
 /// A `ServerName` for connecting to `ip`. Only satisfies the rustls API: with SNI disabled
 /// it is not sent, and the verifier checks identities, not names.
 pub fn server_name(ip: IpAddr) -> ServerName<'static> {

@@ -56,7 +56,7 @@ async fn connection(
         .map_err(io::Error::other)?;
     let config = pod.server_config(&cert).map_err(io::Error::other)?;
     let tls = tokio_rustls::TlsAcceptor::from(config)
-        .accept(stream)
+        .accept(crate::tls::transport(stream))
         .await?;
     let client = tls::peer_identity(tls.get_ref().1)
         .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
