@@ -31,12 +31,20 @@ const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
 #[derive(clap::Args, Default)]
-pub struct Options {}
+pub struct Options {
+    /// Only what building needs (toolchain components, bpf-linker): for container image
+    /// builds, which neither need the test tools nor may mount filesystems.
+    #[arg(long)]
+    pub build_only: bool,
+}
 
-pub fn run(_options: &Options) -> anyhow::Result<()> {
+pub fn run(options: &Options) -> anyhow::Result<()> {
     nightly_components()?;
     stable_components()?;
     bpf_linker()?;
+    if options.build_only {
+        return Ok(());
+    }
     packages()?;
     kubernetes_validate()?;
     let mounts = Mounts::read()?;
