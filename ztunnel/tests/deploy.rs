@@ -196,7 +196,7 @@ fn daemonset_keeps_istio_chart_names_and_node_proxy_settings() {
         .collect();
     assert_eq!(
         caps,
-        BTreeSet::from(["BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"])
+        BTreeSet::from(["BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"])
     );
     assert_eq!(c["securityContext"]["privileged"], false);
     let host_paths: BTreeSet<&str> = spec["volumes"]

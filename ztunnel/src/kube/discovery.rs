@@ -38,13 +38,25 @@ pub struct Discovery {
 }
 
 impl Discovery {
+    /// The host's network namespace is taken from `<proc_root>/1/ns/net` (reading it needs
+    /// CAP_SYS_PTRACE, as every pod's does).
     pub fn new(cgroup_root: PathBuf, proc_root: PathBuf) -> Self {
-        let host_netns = ns_id(&proc_root.join("1/ns/net"));
+        let host = proc_root.join("1/ns/net");
+        let host_netns = ns_id(&host);
+        if host_netns.is_none() {
+            tracing::warn!(path = %host.display(), "cannot read the host's network namespace; processes on the host network in a pod's cgroup are not told apart");
+        }
         Self {
             cgroup_root,
             proc_root,
             host_netns,
         }
+    }
+
+    /// Uses `netns` (a namespace file) as the host network namespace instead.
+    pub fn with_host_netns(mut self, netns: &Path) -> Self {
+        self.host_netns = ns_id(netns);
+        self
     }
 
     /// Finds the pods with these UIDs; pods not found (yet) are reported as errors.
@@ -82,9 +94,11 @@ impl Discovery {
         else {
             return false;
         };
-        p.cgroup.is_dir()
-            && ns_id(&p.netns).is_some_and(|id| Some(id) != self.host_netns)
-            && pids_in(&p.cgroup).contains(&pid)
+        p.cgroup.is_dir() && ns_id(&p.netns).is_some_and(|id| Some(id) != self.host_netns) && {
+            let mut pids = BTreeSet::new();
+            collect_pids(&p.cgroup, 0, &mut pids);
+            pids.contains(&pid)
+        }
     }
 
     fn walk(
