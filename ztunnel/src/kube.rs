@@ -19,8 +19,8 @@ pub mod convert;
 pub mod discovery;
 pub mod watcher;
 
-#[cfg(test)]
-mod fake_api;
+#[cfg(any(test, feature = "fake-api"))]
+pub mod fake_api;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -9,7 +9,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ztunnel::kube::discovery::{Discovery, Error, cgroup_of};
+use serde_json::json;
+use ztunnel::kube::{
+    discovery::{Discovery, Error, cgroup_of},
+    fake_api::FakeApi,
+};
 use ztunnel_tests::{Pod, Topology};
 
 const UID_CGROUPFS: &str = "6f1d2c3b-1111-4a2b-9c3d-0123456789ab";
@@ -149,5 +153,145 @@ fn pods_are_found_by_uid_in_each_kubelet_cgroup_layout() -> anyhow::Result<()> {
         gone[UID_SYSTEMD]
     );
     assert!(!discovery.still_valid(&b_placement));
+    Ok(())
+}
+
+/// A pod object as the API server would hold it for a topology pod.
+fn pod_object(pod: &Pod, uid: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": pod.name, "namespace": "default", "uid": uid,
+            "labels": {"app": pod.name}},
+        "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+            "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "podIP": pod.ip4.to_string(),
+            "podIPs": [{"ip": pod.ip4.to_string()}]}
+    })
+}
+
+fn namespace_object(ambient: bool) -> serde_json::Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"metadata": {"name": "default", "labels": labels}})
+}
+
+#[test]
+fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let api = rt.block_on(FakeApi::start());
+    let mut t = Topology::new()?;
+    // UIDs unique to this run: ztunnel walks the machine's whole cgroup tree.
+    let uid = |n: u32| {
+        format!(
+            "{:08x}-5555-4a2b-9c3d-0123456789ab",
+            std::process::id() * 4 + n
+        )
+    };
+    let (uid_a, uid_b) = (uid(1), uid(2));
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let base = a
+        .cgroup
+        .parent()
+        .and_then(Path::parent)
+        .context("pod cgroup base")?
+        .to_owned();
+    let a = in_cgroup(
+        &a,
+        base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
+    )?;
+    let b = in_cgroup(
+        &b,
+        base.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-0b0b.scope",
+            uid_b.replace('-', "_")
+        )),
+    )?;
+    // The sandboxes' long-lived processes, which discovery finds the netns through.
+    let _a_app = t.serve(&a, a.addr(9090))?;
+    let _b_srv = t.serve(&b, b.addr(8080))?;
+
+    api.apply("namespaces", namespace_object(false));
+    api.apply("pods", pod_object(&a, &uid_a));
+    api.apply("pods", pod_object(&b, &uid_b));
+    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            api.addr
+        ),
+    )?;
+    let mut source = Command::new("");
+    source
+        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let z = t.spawn_ztunnel_from("node1", false, &source)?;
+    let d = z.wait_for("both pods in the store", |d| d.workloads.len() == 2)?;
+    assert!(
+        d.enrolled_pods.is_empty(),
+        "nothing is ambient yet: {:?}",
+        d.enrolled_pods
+    );
+    assert!(
+        api.secret("default/ztunnel-ca-root").is_some(),
+        "the first ztunnel creates the CA root secret"
+    );
+
+    // Labelling the namespace enrols both running pods, found on the node by UID.
+    api.apply("namespaces", namespace_object(true));
+    let d = z.wait_enrolled(&[&a, &b])?;
+    for e in &d.enrolled_pods {
+        let pod_dir = if e.name == a.key() {
+            a.cgroup.parent()
+        } else {
+            b.cgroup.parent()
+        };
+        assert_eq!(Some(e.cgroup.as_path()), pod_dir, "{e:?}");
+    }
+    z.wait_for("both certificates", |d| d.certificates.len() == 2)?;
+    // Traffic between them now goes through HBONE with both identities.
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    let d = z.wait_for("the closed connection", |d| {
+        d.connections.list.iter().any(|r| r.outcome.is_some())
+    })?;
+    let rec = d
+        .connections
+        .list
+        .iter()
+        .find(|r| r.outcome.is_some())
+        .context("a closed connection")?;
+    assert_eq!(
+        rec.src_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/a"),
+        "{rec:?}"
+    );
+    assert_eq!(
+        rec.dst_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/b"),
+        "{rec:?}"
+    );
+
+    // Deleting a pod unenrols it; the other stays.
+    api.delete("pods", "default/b", true);
+    z.wait_enrolled(&[&a])?;
+    let calls = api.calls();
+    for call in &calls {
+        assert!(
+            ztunnel::kube::API_ACCESS
+                .iter()
+                .any(|x| x.resource == call.resource
+                    && x.namespaced == call.namespaced
+                    && x.verbs.contains(&call.verb.as_str())),
+            "call not covered by the RBAC rules: {call:?}"
+        );
+    }
     Ok(())
 }
