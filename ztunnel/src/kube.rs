@@ -19,8 +19,9 @@ pub mod convert;
 pub mod discovery;
 pub mod watcher;
 
-#[cfg(any(test, feature = "fake-api"))]
-pub mod fake_api;
+// Test support, also compiled into the integration tests (tests/tests/it/kube.rs).
+#[cfg(test)]
+mod fake_api;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -10,11 +10,14 @@ use std::{
 
 use anyhow::Context as _;
 use serde_json::json;
-use ztunnel::kube::{
-    discovery::{Discovery, Error, cgroup_of},
-    fake_api::FakeApi,
-};
+use ztunnel::kube::discovery::{Discovery, Error, cgroup_of};
 use ztunnel_tests::{Pod, Topology};
+
+// The same in-process API server ztunnel's unit tests use.
+#[allow(dead_code)]
+#[path = "../../../ztunnel/src/kube/fake_api.rs"]
+mod fake_api;
+use fake_api::FakeApi;
 
 const UID_CGROUPFS: &str = "6f1d2c3b-1111-4a2b-9c3d-0123456789ab";
 const UID_SYSTEMD: &str = "6f1d2c3b-2222-4a2b-9c3d-0123456789ab";
