@@ -136,6 +136,14 @@ impl Config {
         if self.source == Source::File && self.workloads.is_none() {
             problems.push("--workloads: required with --source file".to_owned());
         }
+        if self.source == Source::Kube
+            && let Some(w) = &self.workloads
+        {
+            problems.push(format!(
+                "--workloads {}: only read with --source file",
+                w.display()
+            ));
+        }
         if self.source == Source::Kube {
             if self.trust_domain.trim().is_empty() || self.trust_domain.contains('/') {
                 problems.push(format!(
@@ -227,5 +235,10 @@ mod tests {
             .expect_err("bad secret ref")
             .to_string();
         assert!(err.contains("--ca-secret \"nons\""), "{err}");
+        let err = parse(&["--node", "n1", "--source", "kube", "--workloads", "/w.yaml"])
+            .validate()
+            .expect_err("a file the kube source would ignore")
+            .to_string();
+        assert!(err.contains("only read with --source file"), "{err}");
     }
 }
