@@ -698,6 +698,19 @@ impl Topology {
         fast_path: bool,
         file: &Path,
     ) -> anyhow::Result<Ztunnel> {
+        let mut source = Command::new("");
+        source.arg("--workloads").arg(file);
+        self.spawn_ztunnel_from(node, fast_path, &source)
+    }
+
+    /// Starts a node's ztunnel with its workload source given by `source`'s arguments and
+    /// environment (the program of `source` is ignored).
+    pub fn spawn_ztunnel_from(
+        &mut self,
+        node: &str,
+        fast_path: bool,
+        source: &Command,
+    ) -> anyhow::Result<Ztunnel> {
         // Ports free right now; other test runs on the machine use others.
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
@@ -715,10 +728,14 @@ impl Topology {
         if let Some(mode) = &self.capture {
             cmd.env("ZTUNNEL_CAPTURE", mode);
         }
+        for (k, v) in source.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
         let child = cmd
             .arg("run")
-            .arg("--workloads")
-            .arg(file)
+            .args(source.get_args())
             .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)

@@ -20,23 +20,73 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "protobuf-compiler",
+    "python3-venv",
 ];
+/// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
+/// manifest test checks them offline. Pinned; installed into a venv under the target dir.
+const KUBERNETES_VALIDATE: &str = "1.37.0";
 /// Installed when the release ships it; only debugging aids depend on it.
 const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
 /// Nightly components: rust-src for `-Z build-std=core`, clippy for the eBPF lint.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
 #[derive(clap::Args, Default)]
-pub struct Options {}
+pub struct Options {
+    /// Only what building needs (toolchain components, bpf-linker): for container image
+    /// builds, which neither need the test tools nor may mount filesystems.
+    #[arg(long)]
+    pub build_only: bool,
+}
 
-pub fn run(_options: &Options) -> anyhow::Result<()> {
+pub fn run(options: &Options) -> anyhow::Result<()> {
     nightly_components()?;
     stable_components()?;
     bpf_linker()?;
+    if options.build_only {
+        return Ok(());
+    }
     packages()?;
+    kubernetes_validate()?;
     let mounts = Mounts::read()?;
     bpffs(&mounts)?;
     cgroup2(&mounts)?;
+    Ok(())
+}
+
+/// Where `cargo xtask setup` installs kubernetes-validate; `cargo xtask test` passes it to
+/// the deploy/ test as `KUBERNETES_VALIDATE`.
+pub fn kubernetes_validate_bin() -> anyhow::Result<PathBuf> {
+    Ok(workspace::target_dir()?.join("kube-tools/venv/bin/kubernetes-validate"))
+}
+
+fn kubernetes_validate() -> anyhow::Result<()> {
+    let step = "kubernetes-validate";
+    let bin = kubernetes_validate_bin()?;
+    let installed = bin.is_file()
+        && capture(Command::new(&bin).arg("--version"))
+            .is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE);
+    if installed {
+        report(step, "ok");
+        return Ok(());
+    }
+    let venv = bin
+        .parent()
+        .and_then(Path::parent)
+        .context("kubernetes-validate's venv path has no parent")?;
+    exec(
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(venv),
+    )?;
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")),
+    )?;
+    report(
+        step,
+        &format!("installed {KUBERNETES_VALIDATE} in {}", venv.display()),
+    );
     Ok(())
 }
 

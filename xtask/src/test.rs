@@ -45,6 +45,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // run one at a time.
     let mut cmd = cargo();
     cmd.env("ZTUNNEL_BIN", &ztunnel)
+        .env(
+            "KUBERNETES_VALIDATE",
+            crate::setup::kubernetes_validate_bin()?,
+        )
         .env("PODAPP_BIN", &podapp)
         .args(["test", "--workspace", "--exclude", EBPF_CRATE])
         .args(["--", "--test-threads=1"])

@@ -15,7 +15,7 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use crate::{
     admin,
     capture::{Capture, PodCapture},
-    config::Config,
+    config::{Config, Source},
     ebpf,
     identity::{BuiltinCa, CertificateManager, Identity},
     netns::Netns,
@@ -240,7 +240,14 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let cgroup_root = ebpf::mount_point("cgroup2").context(
         "no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)",
     )?;
-    let own_cgroup = ebpf::own_cgroup().context("failed to find ztunnel's cgroup v2 directory")?;
+    let mut own_cgroup =
+        ebpf::own_cgroup().context("failed to find ztunnel's cgroup v2 directory")?;
+    if cfg.source == Source::Kube && own_cgroup == cgroup_root {
+        // In a pod's private cgroup namespace /proc/self/cgroup says "/": look ourselves up
+        // in the node's tree (mounted over the pod's view) instead.
+        own_cgroup = crate::kube::discovery::cgroup_of(&cgroup_root, std::process::id())
+            .unwrap_or(own_cgroup);
+    }
     if own_cgroup == cgroup_root {
         anyhow::bail!(
             "ztunnel runs in the root cgroup ({}); its programs would cover every pod. Start it in its own cgroup or pass --cgroup",
@@ -248,8 +255,40 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         );
     }
 
-    let initial = LocalConfig::load(&cfg.workloads, &cfg.node)?;
-    let ca = BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?;
+    // Where workloads and enrolment come from, the updates that follow, and what keeps the
+    // source running.
+    let (initial, mut rx, _source, kube_client): (_, _, Box<dyn std::any::Any>, _) =
+        match cfg.source {
+            Source::File => {
+                let path = cfg
+                    .workloads
+                    .clone()
+                    .context("--workloads is required with --source file")?;
+                let initial = LocalConfig::load(&path, &cfg.node)?;
+                let (tx, rx) = watch::channel(initial.clone());
+                let watcher = state::watch(path.clone(), cfg.node.clone(), tx)
+                    .with_context(|| format!("failed to watch {}", path.display()))?;
+                (initial, rx, Box::new(watcher), None)
+            }
+            Source::Kube => {
+                let opts = crate::kube::Options::from_config(&cfg, cgroup_root.clone());
+                let k = crate::kube::start(opts).await?;
+                let initial = k.updates.borrow().clone();
+                (initial, k.updates, Box::new(k.guard), Some(k.client))
+            }
+        };
+    let ca = match &kube_client {
+        None => BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?,
+        Some(client) => {
+            crate::kube::builtin_ca(
+                client,
+                &cfg.ca_secret,
+                &initial.trust_domain,
+                cfg.cert_lifetime,
+            )
+            .await?
+        }
+    };
     let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
     let metrics = crate::metrics::Metrics::new();
     let capture = Capture::load(
@@ -298,10 +337,6 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     tokio::spawn(crate::metrics::serve_readiness(listener, move || {
         s.readiness()
     }));
-
-    let (tx, mut rx) = watch::channel(initial);
-    let _watcher = state::watch(cfg.workloads.clone(), cfg.node.clone(), tx)
-        .with_context(|| format!("failed to watch {}", cfg.workloads.display()))?;
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;

@@ -11,13 +11,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where workloads, services, namespaces and enrolment come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The local workload file (`--workloads`), watched for changes.
+    File,
+    /// The Kubernetes API (Pods, Namespaces, Services), with each local pod's netns and
+    /// cgroup found under the node's /proc and cgroup tree.
+    Kube,
+}
+
 #[derive(Debug, Clone, clap::Args, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
+    /// Where workloads and enrolment come from: `file` (`--workloads`) or `kube` (the
+    /// Kubernetes API, in-cluster or through KUBECONFIG).
+    #[arg(long, env = "ZTUNNEL_SOURCE", value_enum, default_value = "file")]
+    pub source: Source,
+
     /// The local workload file (the embedded control plane): namespaces, workloads and
-    /// this node's pods with their netns and cgroup. Watched for changes.
+    /// this node's pods with their netns and cgroup. Watched for changes. Required with
+    /// `--source file`.
     #[arg(long, env = "ZTUNNEL_WORKLOADS")]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
+
+    /// `--source kube`: the SPIFFE trust domain of pod identities.
+    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// `--source kube`: the Secret (`namespace/name`) holding the built-in CA's root, shared
+    /// by every node; the first ztunnel creates it, nobody overwrites it.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CA_SECRET",
+        default_value = "istio-system/ztunnel-ca-root"
+    )]
+    pub ca_secret: String,
+
+    /// `--source kube`: the host's /proc, where each pod's network namespace is found from
+    /// a process in its cgroup (the DaemonSet runs with hostPID).
+    #[arg(long, env = "ZTUNNEL_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
 
     /// This node's name; only workloads with this `node` are captured.
     #[arg(long, env = "NODE_NAME")]
@@ -98,6 +133,31 @@ impl Config {
                 self.bpf_pin_dir.display()
             ));
         }
+        if self.source == Source::File && self.workloads.is_none() {
+            problems.push("--workloads: required with --source file".to_owned());
+        }
+        if self.source == Source::Kube
+            && let Some(w) = &self.workloads
+        {
+            problems.push(format!(
+                "--workloads {}: only read with --source file",
+                w.display()
+            ));
+        }
+        if self.source == Source::Kube {
+            if self.trust_domain.trim().is_empty() || self.trust_domain.contains('/') {
+                problems.push(format!(
+                    "--trust-domain {:?}: must be a non-empty name without '/'",
+                    self.trust_domain
+                ));
+            }
+            if crate::kube::split_secret_ref(&self.ca_secret).is_none() {
+                problems.push(format!(
+                    "--ca-secret {:?}: must be `namespace/name`",
+                    self.ca_secret
+                ));
+            }
+        }
         if let Some(cg) = &self.cgroup
             && !cg.is_absolute()
         {
@@ -161,5 +221,24 @@ mod tests {
         ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
+    }
+
+    #[test]
+    fn workloads_file_is_required_only_for_the_file_source() {
+        let err = parse(&["--node", "n1"]).validate().expect_err("no file");
+        assert!(err.to_string().contains("--workloads: required"), "{err}");
+        let c = parse(&["--node", "n1", "--source", "kube"]);
+        assert_eq!(c.source, Source::Kube);
+        c.validate().expect("kube needs no workload file");
+        let err = parse(&["--node", "n1", "--source", "kube", "--ca-secret", "nons"])
+            .validate()
+            .expect_err("bad secret ref")
+            .to_string();
+        assert!(err.contains("--ca-secret \"nons\""), "{err}");
+        let err = parse(&["--node", "n1", "--source", "kube", "--workloads", "/w.yaml"])
+            .validate()
+            .expect_err("a file the kube source would ignore")
+            .to_string();
+        assert!(err.contains("only read with --source file"), "{err}");
     }
 }

@@ -84,6 +84,40 @@ impl BuiltinCa {
         })
     }
 
+    /// A new root for `trust_domain` as PEM texts `(certificate, PKCS#8 key)`, for storing
+    /// elsewhere (a Kubernetes Secret) before [`BuiltinCa::from_pem`] loads it.
+    pub fn generate_root_pem(trust_domain: &str) -> Result<(String, String), Error> {
+        let (key, _, cert) = generate_root(trust_domain)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Loads a root kept outside a directory; `origin` names it in errors (for example
+    /// `secret istio-system/ztunnel-ca-root`), followed by the key's name.
+    pub fn from_pem(
+        origin: &str,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, Error> {
+        if lifetime < Duration::from_secs(1) || lifetime > ROOT_VALIDITY {
+            return Err(Error::InvalidLifetime { lifetime });
+        }
+        let (root, issuer) = root_from_pem(
+            cert_pem,
+            key_pem,
+            &Path::new(origin).join(ROOT_CERT_FILE),
+            &Path::new(origin).join(ROOT_KEY_FILE),
+            trust_domain,
+        )?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            lifetime,
+            root,
+            issuer,
+        })
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
@@ -212,6 +246,25 @@ fn create_root(
             path: dir.to_owned(),
             source,
         })?;
+    let (key, params, cert) = generate_root(trust_domain)?;
+
+    // The key goes first: a crash in between leaves a key without a certificate, which
+    // load_or_create reports instead of silently generating a second root.
+    write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
+    tracing::info!(
+        cert = %cert_path.display(),
+        trust_domain,
+        "generated a new built-in ca root"
+    );
+    Ok((cert.der().clone(), Issuer::new(params, key)))
+}
+
+/// A fresh self-signed root for `trust_domain`: its key, the parameters it was signed with
+/// (an [`Issuer`] needs them) and the certificate.
+fn generate_root(
+    trust_domain: &str,
+) -> Result<(KeyPair, CertificateParams, rcgen::Certificate), Error> {
     let generate = |action: &str| {
         let action = action.to_owned();
         move |source| Error::Generate { action, source }
@@ -227,17 +280,7 @@ fn create_root(
     let cert = params
         .self_signed(&key)
         .map_err(generate("self-sign the root certificate"))?;
-
-    // The key goes first: a crash in between leaves a key without a certificate, which
-    // load_or_create reports instead of silently generating a second root.
-    write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
-    tracing::info!(
-        cert = %cert_path.display(),
-        trust_domain,
-        "generated a new built-in ca root"
-    );
-    Ok((cert.der().clone(), Issuer::new(params, key)))
+    Ok((key, params, cert))
 }
 
 /// Writes a file that must not exist yet, created with `mode` so a key is never readable by
@@ -263,16 +306,33 @@ fn load_root(
     key_path: &Path,
     trust_domain: &str,
 ) -> Result<(CertificateDer<'static>, Issuer<'static, KeyPair>), Error> {
+    root_from_pem(
+        &read(cert_path)?,
+        &read(key_path)?,
+        cert_path,
+        key_path,
+        trust_domain,
+    )
+}
+
+/// Checks and loads a root from its PEM texts; `cert_path` and `key_path` name where they
+/// came from in errors and logs (files, or a Kubernetes Secret's keys).
+fn root_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+    trust_domain: &str,
+) -> Result<(CertificateDer<'static>, Issuer<'static, KeyPair>), Error> {
     let unusable = |path: &Path, reason: String| Error::RootUnusable {
         path: path.to_owned(),
         reason,
     };
-    let root =
-        CertificateDer::from_pem_slice(&read(cert_path)?).map_err(|source| Error::RootPem {
-            path: cert_path.to_owned(),
-            source,
-        })?;
-    let key_pem = String::from_utf8(read(key_path)?)
+    let root = CertificateDer::from_pem_slice(cert_pem).map_err(|source| Error::RootPem {
+        path: cert_path.to_owned(),
+        source,
+    })?;
+    let key_pem = String::from_utf8(key_pem.to_vec())
         .map_err(|_| unusable(key_path, "it is not utf-8 pem text".to_owned()))?;
     let key = KeyPair::from_pem(&key_pem).map_err(|source| Error::RootKey {
         path: key_path.to_owned(),

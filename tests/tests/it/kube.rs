@@ -1,0 +1,300 @@
+//! `--source kube` on the node: each pod's cgroup found by its UID in the kubelet's layouts
+//! (cgroupfs and systemd drivers; containerd and CRI-O scopes) and its network namespace
+//! through a process in that cgroup, against real processes in test namespaces and cgroups.
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::Context as _;
+use serde_json::json;
+use ztunnel::kube::discovery::{Discovery, Error, cgroup_of};
+use ztunnel_tests::{Pod, Topology};
+
+// The same in-process API server ztunnel's unit tests use.
+#[allow(dead_code)]
+#[path = "../../../ztunnel/src/kube/fake_api.rs"]
+mod fake_api;
+use fake_api::FakeApi;
+
+const UID_CGROUPFS: &str = "6f1d2c3b-1111-4a2b-9c3d-0123456789ab";
+const UID_SYSTEMD: &str = "6f1d2c3b-2222-4a2b-9c3d-0123456789ab";
+const UID_CRIO: &str = "6f1d2c3b-3333-4a2b-9c3d-0123456789ab";
+const UID_ABSENT: &str = "6f1d2c3b-4444-4a2b-9c3d-0123456789ab";
+
+/// A process in the host network namespace, moved into `cgroup`; killed on drop.
+struct HostProcess(Child);
+
+impl HostProcess {
+    fn start_in(cgroup: &Path) -> anyhow::Result<Self> {
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("failed to start sleep")?;
+        std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string())
+            .with_context(|| format!("failed to move sleep into {}", cgroup.display()))?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ns_id(path: &Path) -> (u64, u64) {
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (m.dev(), m.ino())
+}
+
+/// The pod with its cgroup moved to `dir` (created), so processes spawned in it land there.
+fn in_cgroup(pod: &Pod, dir: PathBuf) -> anyhow::Result<Pod> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    Ok(Pod {
+        cgroup: dir,
+        ..pod.clone()
+    })
+}
+
+#[test]
+fn pods_are_found_by_uid_in_each_kubelet_cgroup_layout() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let c = t.add_pod("c", true, false)?;
+    // The topology's cgroup base: `<base>/pods/<name>`.
+    let base = a
+        .cgroup
+        .parent()
+        .and_then(Path::parent)
+        .context("pod cgroup base")?
+        .to_owned();
+
+    // cgroupfs driver (containerd): kubepods/<qos>/pod<uid>/<container id>. A host-network
+    // process joins the pod cgroup first (lowest pid): it must not be taken for the pod.
+    let a_pod = base.join(format!("kubepods/burstable/pod{UID_CGROUPFS}"));
+    std::fs::create_dir_all(&a_pod)?;
+    let _a_host = HostProcess::start_in(&in_cgroup(&a, a_pod.join("0aa1host"))?.cgroup)?;
+    let a_ctr = in_cgroup(&a, a_pod.join("0123abcd"))?;
+    let _a_app = t.serve(&a_ctr, a.addr(8080))?;
+
+    // systemd driver (containerd): kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice.
+    let b_pod = base.join(format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        UID_SYSTEMD.replace('-', "_")
+    ));
+    let b_ctr = in_cgroup(&b, b_pod.join("cri-containerd-4567cdef.scope"))?;
+    let _b_app = t.serve(&b_ctr, b.addr(8080))?;
+
+    // systemd driver (CRI-O, guaranteed QoS): conmon's scope sits in the pod slice but on
+    // the host network.
+    let c_pod = base.join(format!(
+        "kubepods.slice/kubepods-pod{}.slice",
+        UID_CRIO.replace('-', "_")
+    ));
+    let _conmon =
+        HostProcess::start_in(&in_cgroup(&c, c_pod.join("crio-conmon-89ab.scope"))?.cgroup)?;
+    let c_ctr = in_cgroup(&c, c_pod.join("crio-89ab.scope"))?;
+    let _c_app = t.serve(&c_ctr, c.addr(8080))?;
+
+    // The test's own network namespace is the "host" its non-pod processes run in (this
+    // machine's pid 1 may not let us read its namespaces).
+    let discovery = Discovery::new(base.clone(), PathBuf::from("/proc"))
+        .with_host_netns(Path::new("/proc/self/ns/net"));
+    let uids: BTreeSet<String> = [UID_CGROUPFS, UID_SYSTEMD, UID_CRIO, UID_ABSENT]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let found = discovery.locate(&uids);
+    for (uid, pod, cgroup) in [
+        (UID_CGROUPFS, &a, &a_pod),
+        (UID_SYSTEMD, &b, &b_pod),
+        (UID_CRIO, &c, &c_pod),
+    ] {
+        let p = found[uid]
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("pod {} ({uid}) not found: {e}", pod.name))?;
+        assert_eq!(&p.cgroup, cgroup, "pod {}", pod.name);
+        assert_eq!(
+            ns_id(&p.netns),
+            ns_id(&pod.netns_path),
+            "pod {}: {} is not its network namespace",
+            pod.name,
+            p.netns.display()
+        );
+        assert!(discovery.still_valid(p), "pod {}", pod.name);
+    }
+    assert!(
+        matches!(found[UID_ABSENT], Err(Error::NoCgroup { .. })),
+        "{:?}",
+        found[UID_ABSENT]
+    );
+
+    // ztunnel finds its own cgroup the same way when its cgroup namespace hides the path.
+    let app_pid: u32 = std::fs::read_to_string(b_ctr.cgroup.join("cgroup.procs"))?
+        .lines()
+        .next()
+        .context("a process in b's container cgroup")?
+        .parse()?;
+    assert_eq!(cgroup_of(&base, app_pid), Some(b_ctr.cgroup.clone()));
+
+    // The pod's process gone: the placement is stale and the pod has no process to find.
+    let b_placement = found[UID_SYSTEMD]
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .clone();
+    drop(_b_app);
+    let gone = discovery.locate(&BTreeSet::from([UID_SYSTEMD.to_owned()]));
+    assert!(
+        matches!(gone[UID_SYSTEMD], Err(Error::NoProcess { .. })),
+        "{:?}",
+        gone[UID_SYSTEMD]
+    );
+    assert!(!discovery.still_valid(&b_placement));
+    Ok(())
+}
+
+/// A pod object as the API server would hold it for a topology pod.
+fn pod_object(pod: &Pod, uid: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": pod.name, "namespace": "default", "uid": uid,
+            "labels": {"app": pod.name}},
+        "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+            "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "podIP": pod.ip4.to_string(),
+            "podIPs": [{"ip": pod.ip4.to_string()}]}
+    })
+}
+
+fn namespace_object(ambient: bool) -> serde_json::Value {
+    let labels = if ambient {
+        json!({"istio.io/dataplane-mode": "ambient"})
+    } else {
+        json!({})
+    };
+    json!({"metadata": {"name": "default", "labels": labels}})
+}
+
+#[test]
+fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let api = rt.block_on(FakeApi::start());
+    let mut t = Topology::new()?;
+    // UIDs unique to this run: ztunnel walks the machine's whole cgroup tree.
+    let uid = |n: u32| {
+        format!(
+            "{:08x}-5555-4a2b-9c3d-0123456789ab",
+            std::process::id() * 4 + n
+        )
+    };
+    let (uid_a, uid_b) = (uid(1), uid(2));
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let base = a
+        .cgroup
+        .parent()
+        .and_then(Path::parent)
+        .context("pod cgroup base")?
+        .to_owned();
+    let a = in_cgroup(
+        &a,
+        base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
+    )?;
+    let b = in_cgroup(
+        &b,
+        base.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-0b0b.scope",
+            uid_b.replace('-', "_")
+        )),
+    )?;
+    // The sandboxes' long-lived processes, which discovery finds the netns through.
+    let _a_app = t.serve(&a, a.addr(9090))?;
+    let _b_srv = t.serve(&b, b.addr(8080))?;
+
+    api.apply("namespaces", namespace_object(false));
+    api.apply("pods", pod_object(&a, &uid_a));
+    api.apply("pods", pod_object(&b, &uid_b));
+    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            api.addr
+        ),
+    )?;
+    let mut source = Command::new("");
+    source
+        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let z = t.spawn_ztunnel_from("node1", false, &source)?;
+    let d = z.wait_for("both pods in the store", |d| d.workloads.len() == 2)?;
+    assert!(
+        d.enrolled_pods.is_empty(),
+        "nothing is ambient yet: {:?}",
+        d.enrolled_pods
+    );
+    assert!(
+        api.secret("default/ztunnel-ca-root").is_some(),
+        "the first ztunnel creates the CA root secret"
+    );
+
+    // Labelling the namespace enrols both running pods, found on the node by UID.
+    api.apply("namespaces", namespace_object(true));
+    let d = z.wait_enrolled(&[&a, &b])?;
+    for e in &d.enrolled_pods {
+        let pod_dir = if e.name == a.key() {
+            a.cgroup.parent()
+        } else {
+            b.cgroup.parent()
+        };
+        assert_eq!(Some(e.cgroup.as_path()), pod_dir, "{e:?}");
+    }
+    z.wait_for("both certificates", |d| d.certificates.len() == 2)?;
+    // Traffic between them now goes through HBONE with both identities.
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    let d = z.wait_for("the closed connection", |d| {
+        d.connections.list.iter().any(|r| r.outcome.is_some())
+    })?;
+    let rec = d
+        .connections
+        .list
+        .iter()
+        .find(|r| r.outcome.is_some())
+        .context("a closed connection")?;
+    assert_eq!(
+        rec.src_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/a"),
+        "{rec:?}"
+    );
+    assert_eq!(
+        rec.dst_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/b"),
+        "{rec:?}"
+    );
+
+    // Deleting a pod unenrols it; the other stays.
+    api.delete("pods", "default/b", true);
+    z.wait_enrolled(&[&a])?;
+    let calls = api.calls();
+    for call in &calls {
+        assert!(
+            ztunnel::kube::API_ACCESS
+                .iter()
+                .any(|x| x.resource == call.resource
+                    && x.namespaced == call.namespaced
+                    && x.verbs.contains(&call.verb.as_str())),
+            "call not covered by the RBAC rules: {call:?}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,529 @@
+//! The watch loop: one kube-runtime watcher per kind (list, then watch from the list's
+//! resource version, resumed from the last bookmark when a watch ends, re-listed on
+//! 410 Gone), mirrored into maps, rebuilt into a [`LocalConfig`] after each burst of events
+//! and published when it changed. Local pods that should be enrolled but have no netns yet
+//! are looked for again every second.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod, Service as KubeService};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt as _,
+        watcher::{self, Event},
+    },
+};
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    Error, Options,
+    convert::{self, Placement, PodRecord},
+    discovery::Discovery,
+};
+use crate::state::{LocalConfig, Namespace};
+
+/// How often pods waiting for their netns are looked for again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Stops the watchers when dropped.
+pub struct Guard(tokio::task::JoinHandle<()>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+enum Ev {
+    Pod(Box<Event<Pod>>),
+    Namespace(Box<Event<KubeNamespace>>),
+    Service(Box<Event<KubeService>>),
+}
+
+/// The objects of one kind, kept across relists: a relist builds a fresh map and swaps it
+/// in when complete, so objects deleted while the watch was down disappear.
+struct Mirror<T> {
+    items: BTreeMap<String, T>,
+    relisting: Option<BTreeMap<String, T>>,
+    synced: bool,
+}
+
+impl<T> Default for Mirror<T> {
+    fn default() -> Self {
+        Self {
+            items: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T> Mirror<T> {
+    /// `convert` gives the object's key and what to keep of it (`None`: drop it).
+    fn apply<K>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> (String, Option<T>)) {
+        match ev {
+            Event::Init => self.relisting = Some(BTreeMap::new()),
+            Event::InitApply(k) => {
+                let (key, v) = convert(&k);
+                if let (Some(map), Some(v)) = (self.relisting.as_mut(), v) {
+                    map.insert(key, v);
+                }
+            }
+            Event::InitDone => {
+                if let Some(map) = self.relisting.take() {
+                    self.items = map;
+                }
+                self.synced = true;
+            }
+            Event::Apply(k) => match convert(&k) {
+                (key, Some(v)) => {
+                    self.items.insert(key, v);
+                }
+                (key, None) => {
+                    self.items.remove(&key);
+                }
+            },
+            Event::Delete(k) => {
+                self.items.remove(&convert(&k).0);
+            }
+        }
+    }
+}
+
+struct State {
+    opts: Options,
+    discovery: Discovery,
+    pods: Mirror<PodRecord>,
+    namespaces: Mirror<Namespace>,
+    services: Mirror<KubeService>,
+    /// By pod UID: local enrolled pods found on the node.
+    placements: BTreeMap<String, Placement>,
+    /// Some local pod should be enrolled but was not found on the node yet.
+    unplaced: bool,
+}
+
+impl State {
+    fn apply(&mut self, ev: Ev) {
+        match ev {
+            Ev::Pod(e) => self
+                .pods
+                .apply(*e, |p| (convert::key(&p.metadata), convert::pod(p))),
+            Ev::Namespace(e) => self.namespaces.apply(*e, |n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    convert::namespace(n),
+                )
+            }),
+            Ev::Service(e) => self
+                .services
+                .apply(*e, |s| (convert::key(&s.metadata), Some(s.clone()))),
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.pods.synced && self.namespaces.synced && self.services.synced
+    }
+
+    fn build(&self) -> LocalConfig {
+        convert::local_config(
+            &self.opts.trust_domain,
+            &self.namespaces.items,
+            &self.pods.items,
+            &self.services.items,
+            &self.placements,
+        )
+    }
+
+    fn rebuild(&mut self) -> LocalConfig {
+        let cfg = self.build();
+        let wanted: BTreeSet<String> = self
+            .pods
+            .items
+            .values()
+            .filter(|p| {
+                p.workload.node == self.opts.node
+                    && !p.host_network
+                    && !p.workload.addresses.is_empty()
+                    && cfg.enrolled(&p.workload)
+            })
+            .map(|p| p.uid.clone())
+            .collect();
+        let discovery = &self.discovery;
+        self.placements
+            .retain(|uid, pl| wanted.contains(uid) && discovery.still_valid(pl));
+        let missing: BTreeSet<String> = wanted
+            .iter()
+            .filter(|uid| !self.placements.contains_key(*uid))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            self.unplaced = false;
+            return cfg;
+        }
+        for (uid, found) in self.discovery.locate(&missing) {
+            match found {
+                Ok(p) => {
+                    tracing::debug!(uid, netns = %p.netns.display(), cgroup = %p.cgroup.display(), "found pod on the node");
+                    self.placements.insert(uid, p);
+                }
+                Err(e) => tracing::debug!(uid, error = %e, "pod not found on the node yet"),
+            }
+        }
+        self.unplaced = self.placements.len() < wanted.len();
+        self.build()
+    }
+}
+
+/// Starts the watchers; returns once each has listed its kind.
+pub(super) async fn spawn(
+    client: Client,
+    opts: Options,
+) -> Result<(watch::Receiver<LocalConfig>, Guard), Error> {
+    let (tx, mut rx) = watch::channel(LocalConfig {
+        trust_domain: opts.trust_domain.clone(),
+        ..LocalConfig::default()
+    });
+    let (synced_tx, synced_rx) = oneshot::channel();
+    let guard = Guard(tokio::spawn(run(client, opts, tx, synced_tx)));
+    synced_rx.await.map_err(|_| Error::Stopped)?;
+    rx.mark_unchanged();
+    Ok((rx, guard))
+}
+
+fn stream<K>(
+    api: Api<K>,
+    wrap: fn(Event<K>) -> Ev,
+) -> BoxStream<'static, Result<Ev, watcher::Error>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |r| r.map(wrap))
+        .boxed()
+}
+
+async fn run(
+    client: Client,
+    opts: Options,
+    tx: watch::Sender<LocalConfig>,
+    synced: oneshot::Sender<()>,
+) {
+    let mut events = futures_util::stream::select_all([
+        stream(Api::<Pod>::all(client.clone()), |e| Ev::Pod(Box::new(e))),
+        stream(Api::<KubeNamespace>::all(client.clone()), |e| {
+            Ev::Namespace(Box::new(e))
+        }),
+        stream(Api::<KubeService>::all(client), |e| {
+            Ev::Service(Box::new(e))
+        }),
+    ]);
+    let mut state = State {
+        discovery: Discovery::new(opts.cgroup_root.clone(), opts.host_proc.clone()),
+        opts,
+        pods: Mirror::default(),
+        namespaces: Mirror::default(),
+        services: Mirror::default(),
+        placements: BTreeMap::new(),
+        unplaced: false,
+    };
+    let mut synced = Some(synced);
+    let mut retry = tokio::time::interval(RETRY);
+    loop {
+        let mut next = tokio::select! {
+            ev = events.next() => match ev {
+                Some(ev) => Some(ev),
+                None => break,
+            },
+            _ = retry.tick(), if state.unplaced => None,
+        };
+        // Take the whole burst (a relist, a namespace's pods) before rebuilding once.
+        while let Some(ev) = next {
+            match ev {
+                Ok(ev) => state.apply(ev),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kubernetes watch failed; retrying with backoff")
+                }
+            }
+            next = events.next().now_or_never().flatten();
+        }
+        if !state.synced() {
+            continue;
+        }
+        let cfg = state.rebuild();
+        tx.send_if_modified(|current| {
+            let changed = *current != cfg;
+            if changed {
+                *current = cfg;
+            }
+            changed
+        });
+        if let Some(s) = synced.take() {
+            tracing::info!(
+                pods = state.pods.items.len(),
+                namespaces = state.namespaces.items.len(),
+                services = state.services.items.len(),
+                "kubernetes objects listed"
+            );
+            let _ = s.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use serde_json::json;
+
+    use super::super::{API_ACCESS, Kube, fake_api::FakeApi};
+    use super::*;
+
+    const NODE: &str = "node1";
+    const WEB_UID: &str = "0a1b2c3d-0000-4000-8000-00000000000a";
+    const DB_UID: &str = "0a1b2c3d-0000-4000-8000-00000000000b";
+
+    fn pod(name: &str, uid: &str, node: &str, ip: &str) -> serde_json::Value {
+        json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        })
+    }
+
+    fn namespace(ambient: bool) -> serde_json::Value {
+        let labels = if ambient {
+            json!({"istio.io/dataplane-mode": "ambient"})
+        } else {
+            json!({})
+        };
+        json!({"metadata": {"name": "shop", "labels": labels}})
+    }
+
+    /// A node shaped like a systemd-driver kubelet's: `<root>/kubepods.slice/…-pod<uid>.slice`
+    /// with a container scope holding a (made-up) pid, and a procfs whose entries are plain
+    /// files, so each has its own inode like a real namespace.
+    struct FakeNode {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeNode {
+        fn new() -> Self {
+            let node = Self {
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            node.process(1);
+            node
+        }
+
+        fn cgroup_root(&self) -> PathBuf {
+            self.dir.path().join("cgroup")
+        }
+
+        fn proc_root(&self) -> PathBuf {
+            self.dir.path().join("proc")
+        }
+
+        fn process(&self, pid: u32) -> PathBuf {
+            let ns = self.proc_root().join(pid.to_string()).join("ns");
+            std::fs::create_dir_all(&ns).expect("proc dir");
+            std::fs::write(ns.join("net"), b"").expect("netns file");
+            ns.join("net")
+        }
+
+        fn pod(&self, uid: &str, pid: u32) -> PathBuf {
+            let pod = self
+                .cgroup_root()
+                .join("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ));
+            let scope = pod.join("cri-containerd-abc.scope");
+            std::fs::create_dir_all(&scope).expect("pod cgroup");
+            std::fs::write(scope.join("cgroup.procs"), format!("{pid}\n")).expect("procs");
+            self.process(pid);
+            pod
+        }
+    }
+
+    async fn start(api: &FakeApi, node: &FakeNode) -> Kube {
+        super::super::start_with(
+            api.client(),
+            Options {
+                node: NODE.to_owned(),
+                trust_domain: "cluster.local".to_owned(),
+                cgroup_root: node.cgroup_root(),
+                host_proc: node.proc_root(),
+            },
+        )
+        .await
+        .expect("watchers list and start")
+    }
+
+    /// Waits for a configuration that satisfies `want` (the bound only stops a broken
+    /// test from hanging).
+    async fn wait_for(
+        k: &mut Kube,
+        what: &str,
+        want: impl Fn(&LocalConfig) -> bool,
+    ) -> LocalConfig {
+        let wait = async {
+            loop {
+                {
+                    let cfg = k.updates.borrow_and_update();
+                    if want(&cfg) {
+                        return cfg.clone();
+                    }
+                }
+                k.updates.changed().await.expect("watch loop alive");
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(cfg) => cfg,
+            Err(_) => panic!("timed out waiting for {what}: {:?}", k.updates.borrow()),
+        }
+    }
+
+    fn enrolled(cfg: &LocalConfig) -> Vec<String> {
+        cfg.local_enrolled(NODE).into_keys().collect()
+    }
+
+    fn netns(p: &Path) -> String {
+        p.display().to_string()
+    }
+
+    #[tokio::test]
+    async fn namespace_label_enrols_and_pod_deletion_unenrols() {
+        let api = FakeApi::start().await;
+        let node = FakeNode::new();
+        api.apply("namespaces", namespace(false));
+        api.apply("pods", pod("web", WEB_UID, NODE, "10.1.0.11"));
+        api.apply(
+            "pods",
+            pod(
+                "remote",
+                "ffffffff-0000-4000-8000-000000000001",
+                "node2",
+                "10.1.1.11",
+            ),
+        );
+        api.apply(
+            "services",
+            json!({"metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.20", "ports": [{"port": 80, "targetPort": 8080}]}}),
+        );
+        let web_cgroup = node.pod(WEB_UID, 4242);
+        let mut k = start(&api, &node).await;
+
+        let first = k.updates.borrow().clone();
+        assert_eq!(first.workloads.len(), 2, "both nodes' pods are known");
+        assert_eq!(first.services.len(), 1);
+        assert!(enrolled(&first).is_empty(), "nothing is ambient yet");
+        let store = crate::state::Store::new(first.clone());
+        let remote = store.workload("shop/remote").expect("remote pod");
+        assert_eq!(
+            store.identity(remote),
+            "spiffe://cluster.local/ns/shop/sa/remote"
+        );
+
+        // The namespace label enrols its local pod, found on the node by UID.
+        api.apply("namespaces", namespace(true));
+        let cfg = wait_for(&mut k, "shop/web enrolled", |c| enrolled(c) == ["shop/web"]).await;
+        let web = &cfg.local_enrolled(NODE)["shop/web"];
+        assert_eq!(
+            netns(&web.netns),
+            netns(&node.proc_root().join("4242/ns/net"))
+        );
+        assert_eq!(web.cgroup, web_cgroup);
+        assert_eq!(web.identity, "spiffe://cluster.local/ns/shop/sa/web");
+
+        // A pod whose cgroup appears only after it is listed is found by the retry.
+        api.apply("pods", pod("db", DB_UID, NODE, "10.1.0.12"));
+        node.pod(DB_UID, 4343);
+        wait_for(&mut k, "shop/db enrolled", |c| {
+            enrolled(c) == ["shop/db", "shop/web"]
+        })
+        .await;
+
+        // Its own label opts one pod out.
+        let mut opted_out = pod("db", DB_UID, NODE, "10.1.0.12");
+        opted_out["metadata"]["labels"]["istio.io/dataplane-mode"] = json!("none");
+        api.apply("pods", opted_out);
+        wait_for(&mut k, "shop/db opted out", |c| enrolled(c) == ["shop/web"]).await;
+
+        // Deleting the pod unenrols it.
+        api.delete("pods", "shop/web", true);
+        wait_for(&mut k, "shop/web unenrolled", |c| enrolled(c).is_empty()).await;
+
+        // Every call is one the RBAC rules grant.
+        for call in api.calls() {
+            assert!(
+                API_ACCESS.iter().any(|a| a.resource == call.resource
+                    && a.namespaced == call.namespaced
+                    && a.verbs.contains(&call.verb.as_str())),
+                "call not covered by API_ACCESS: {call:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn watches_resume_from_bookmarks_and_relist_after_410() {
+        let api = FakeApi::start().await;
+        let node = FakeNode::new();
+        api.apply("namespaces", namespace(true));
+        api.apply("pods", pod("web", WEB_UID, NODE, "10.1.0.11"));
+        node.pod(WEB_UID, 4242);
+        let mut k = start(&api, &node).await;
+        wait_for(&mut k, "shop/web enrolled", |c| enrolled(c) == ["shop/web"]).await;
+
+        // A watch that ends resumes from the last bookmark, not from a new list.
+        let lists_before = api
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "pods")
+            .count();
+        let bookmark = api.bookmark("pods");
+        // The bookmark has no visible effect; an event after it proves it was consumed.
+        api.apply("pods", pod("db", DB_UID, NODE, "10.1.0.12"));
+        node.pod(DB_UID, 4343);
+        wait_for(&mut k, "shop/db enrolled", |c| enrolled(c).len() == 2).await;
+        let after_db = api.bookmark("pods");
+        api.close_watches("pods");
+        api.delete("pods", "shop/db", true);
+        wait_for(&mut k, "shop/db gone after the resumed watch", |c| {
+            enrolled(c) == ["shop/web"]
+        })
+        .await;
+        let calls = api.calls();
+        assert!(
+            calls.iter().any(|c| c.verb == "watch"
+                && c.resource == "pods"
+                && c.resource_version.as_deref() == Some(&after_db)),
+            "no watch resumed from bookmark {after_db} (first bookmark {bookmark}): {calls:?}"
+        );
+        let lists = calls
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "pods")
+            .count();
+        assert_eq!(lists, lists_before, "a resumed watch needs no relist");
+
+        // History compacted while a deletion was missed: 410 Gone, relist, the pod is gone.
+        api.delete("pods", "shop/web", false);
+        api.expire("pods");
+        wait_for(&mut k, "shop/web gone after the relist", |c| {
+            enrolled(c).is_empty()
+        })
+        .await;
+        let lists = api
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "pods")
+            .count();
+        assert_eq!(lists, lists_before + 1, "410 Gone relists once");
+    }
+}

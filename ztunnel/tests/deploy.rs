@@ -1,0 +1,310 @@
+//! deploy/: each kustomize overlay rendered (resources + JSON 6902 patches, the only
+//! kustomize features the overlays use; anything else fails the render) and validated
+//! offline against the Kubernetes OpenAPI schemas by PyPI's kubernetes-validate, which
+//! `cargo xtask setup` installs; and the standalone overlay's RBAC compared with the API
+//! calls the Kubernetes source declares it makes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::Value;
+
+/// The Kubernetes version the manifests must be valid for: the oldest one k8s-openapi's
+/// `v1_33` feature (ztunnel's client) supports.
+const KUBERNETES_VERSION: &str = "1.33.0";
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: invalid yaml: {e}", path.display()));
+            serde_json::to_value(v)
+                .unwrap_or_else(|e| panic!("{}: not json-compatible: {e}", path.display()))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Renders a kustomization directory the way `kustomize build` does for the features used.
+fn render(dir: &Path) -> Vec<Value> {
+    let path = dir.join("kustomization.yaml");
+    let [k] = &yaml_docs(&path)[..] else {
+        panic!("{}: expected one document", path.display());
+    };
+    let obj = k.as_object().expect("kustomization is a mapping");
+    for key in obj.keys() {
+        assert!(
+            ["apiVersion", "kind", "resources", "patches"].contains(&key.as_str()),
+            "{}: `{key}` is not supported by this test's renderer; keep overlays to resources and patches",
+            path.display()
+        );
+    }
+    let mut out = Vec::new();
+    for r in obj["resources"].as_array().expect("resources list") {
+        let p = dir.join(r.as_str().expect("resource path"));
+        if p.is_dir() {
+            out.extend(render(&p));
+        } else {
+            out.extend(yaml_docs(&p));
+        }
+    }
+    for patch in obj
+        .get("patches")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let file = dir.join(patch["path"].as_str().expect("patch path"));
+        let [ops] = &yaml_docs(&file)[..] else {
+            panic!("{}: expected one document", file.display());
+        };
+        let ops: json_patch::Patch = serde_json::from_value(ops.clone())
+            .unwrap_or_else(|e| panic!("{}: not a JSON 6902 patch: {e}", file.display()));
+        let (kind, name) = (&patch["target"]["kind"], &patch["target"]["name"]);
+        let mut hits = 0;
+        for doc in out
+            .iter_mut()
+            .filter(|d| &d["kind"] == kind && &d["metadata"]["name"] == name)
+        {
+            json_patch::patch(doc, &ops)
+                .unwrap_or_else(|e| panic!("{}: does not apply: {e}", file.display()));
+            hits += 1;
+        }
+        assert_eq!(
+            hits,
+            1,
+            "{}: target {kind}/{name} must match one object",
+            file.display()
+        );
+    }
+    out
+}
+
+fn validator() -> PathBuf {
+    let bin = std::env::var_os("KUBERNETES_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/kube-tools/venv/bin/kubernetes-validate")
+        });
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo xtask setup` (it installs kubernetes-validate)",
+        bin.display()
+    );
+    bin
+}
+
+fn env_of(daemonset: &Value) -> BTreeMap<String, String> {
+    daemonset["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env list")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn overlays_are_valid_kubernetes_objects() {
+    let bin = validator();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for overlay in ["standalone", "istio"] {
+        let docs = render(&deploy().join("overlays").join(overlay));
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        let text: String = docs
+            .iter()
+            .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+            .collect();
+        std::fs::write(&file, text).expect("write rendered overlay");
+        let out = Command::new(&bin)
+            .args([
+                "--strict",
+                "--quiet",
+                "--kubernetes-version",
+                KUBERNETES_VERSION,
+            ])
+            .arg(&file)
+            .output()
+            .expect("run kubernetes-validate");
+        assert!(
+            out.status.success(),
+            "overlay {overlay} is not valid for Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let [ds] = find(&docs, "DaemonSet")[..] else {
+            panic!("overlay {overlay}: expected one DaemonSet");
+        };
+        let env = env_of(ds);
+        assert_eq!(
+            env.get("ZTUNNEL_SOURCE").map(String::as_str),
+            Some(if overlay == "standalone" {
+                "kube"
+            } else {
+                "istio"
+            })
+        );
+    }
+}
+
+#[test]
+fn daemonset_keeps_istio_chart_names_and_node_proxy_settings() {
+    let docs = render(&deploy().join("base"));
+    let [ds] = find(&docs, "DaemonSet")[..] else {
+        panic!("expected one DaemonSet");
+    };
+    let pod = &ds["spec"]["template"];
+    let spec = &pod["spec"];
+    let c = &spec["containers"][0];
+    assert_eq!(ds["metadata"]["name"], "ztunnel");
+    assert_eq!(c["name"], "istio-proxy");
+    assert_eq!(spec["priorityClassName"], "system-node-critical");
+    assert_eq!(spec["hostPID"], true);
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/port"],
+        "15020"
+    );
+    assert_eq!(pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
+    let caps: BTreeSet<&str> = c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        caps,
+        BTreeSet::from(["BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"])
+    );
+    assert_eq!(c["securityContext"]["privileged"], false);
+    let host_paths: BTreeSet<&str> = spec["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert_eq!(
+        host_paths,
+        BTreeSet::from(["/sys/fs/bpf", "/sys/fs/cgroup", "/var/run/ztunnel"])
+    );
+}
+
+/// (namespaced, group, resource, verb) for every permission in a set of RBAC objects.
+fn grants(docs: &[&Value]) -> BTreeSet<(bool, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for role in docs {
+        let namespaced = role["kind"] == "Role";
+        for rule in role["rules"].as_array().expect("rules") {
+            let list = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("rule without {k}: {rule}"))
+                    .iter()
+                    .map(|v| v.as_str().expect("string").to_owned())
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        assert!(g != "*" && r != "*" && v != "*", "wildcard in {rule}");
+                        out.insert((namespaced, g.clone(), r.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
+    let docs = render(&deploy().join("overlays/standalone"));
+    let roles: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .collect();
+    let granted = grants(&roles);
+    let needed: BTreeSet<(bool, String, String, String)> = ztunnel::kube::API_ACCESS
+        .iter()
+        .flat_map(|a| {
+            a.verbs.iter().map(move |v| {
+                (
+                    a.namespaced,
+                    a.group.to_owned(),
+                    a.resource.to_owned(),
+                    (*v).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        granted, needed,
+        "deploy/overlays/standalone/rbac.yaml vs ztunnel::kube::API_ACCESS"
+    );
+
+    // Reading secrets is limited to the CA root the DaemonSet names.
+    let [ds] = find(&docs, "DaemonSet")[..] else {
+        panic!("expected one DaemonSet");
+    };
+    let secret = env_of(ds)["ZTUNNEL_CA_SECRET"].clone();
+    let (ns, name) = secret.split_once('/').expect("namespace/name");
+    for role in find(&docs, "Role") {
+        assert_eq!(
+            role["metadata"]["namespace"], ns,
+            "the Role lives beside the Secret"
+        );
+        for rule in role["rules"].as_array().expect("rules") {
+            if rule["verbs"]
+                .as_array()
+                .expect("verbs")
+                .iter()
+                .any(|v| v == "get")
+            {
+                assert_eq!(
+                    rule["resourceNames"],
+                    serde_json::json!([name]),
+                    "get limited to {secret}"
+                );
+            }
+        }
+    }
+    // Bindings name the DaemonSet's service account in its namespace.
+    let sa = &ds["spec"]["template"]["spec"]["serviceAccountName"];
+    for b in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        assert_eq!(&b["subjects"][0]["name"], sa);
+        assert_eq!(b["subjects"][0]["namespace"], ds["metadata"]["namespace"]);
+    }
+    // The istio overlay needs no Kubernetes API access beyond its service account token.
+    let istio = render(&deploy().join("overlays/istio"));
+    assert!(
+        istio
+            .iter()
+            .all(|d| !d["kind"].as_str().unwrap_or_default().contains("Role")),
+        "the istio overlay grants no RBAC"
+    );
+}
