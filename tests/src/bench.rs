@@ -198,6 +198,10 @@ pub struct Options {
     pub quick: bool,
     /// Run only these scenarios (all when empty), e.g. to profile one.
     pub only: Vec<Scenario>,
+    /// Sample the ztunnels with perf during the single-stream transfer and the
+    /// connection-rate test, and write a flame graph of each (`flame-<scenario>-<phase>.svg`).
+    /// The sampled figures are then perturbed by the profiler.
+    pub profile: bool,
     /// Where the report files go (created if missing).
     pub out_dir: PathBuf,
 }
@@ -379,6 +383,10 @@ fn run_scenario(
         &[(1, "tput_1_gbps"), (8, "tput_8_gbps")]
     };
     for &(streams, key) in bulk {
+        let perf = (streams == 1)
+            .then(|| Profiler::start(opts, s, "throughput", &ztunnels))
+            .transpose()?
+            .flatten();
         let out = topo
             .spawn_program(
                 &client,
@@ -396,6 +404,9 @@ fn run_scenario(
                 ],
             )?
             .wait_ok()?;
+        if let Some(p) = perf {
+            p.finish()?;
+        }
         let (bps, moved) = iperf_result(&out)?;
         f.insert(key, bps / 1e9);
         bytes += moved;
@@ -419,6 +430,7 @@ fn run_scenario(
     }
 
     let cpu0 = cpu_seconds(&ztunnels)?;
+    let perf = Profiler::start(opts, s, "connections", &ztunnels)?;
     let v = json_line(
         &topo
             .spawn(
@@ -428,6 +440,9 @@ fn run_scenario(
             .wait_ok()?,
     )?;
     let cpu_conns = cpu_seconds(&ztunnels)? - cpu0;
+    if let Some(p) = perf {
+        p.finish()?;
+    }
     let conns = num(&v, "connections")?;
     f.insert("conn_per_sec", num(&v, "per_sec")?);
 
@@ -447,6 +462,85 @@ fn run_scenario(
     }
     drop(ztunnels);
     Ok(f)
+}
+
+/// `perf record` on the ztunnels for one phase, then a flame graph of it.
+struct Profiler {
+    child: std::process::Child,
+    data: PathBuf,
+    svg: PathBuf,
+    title: String,
+}
+
+impl Profiler {
+    fn start(
+        opts: &Options,
+        s: Scenario,
+        phase: &str,
+        zs: &[Ztunnel],
+    ) -> anyhow::Result<Option<Self>> {
+        if !opts.profile || zs.is_empty() {
+            return Ok(None);
+        }
+        let pids: Vec<String> = zs.iter().map(|z| z.pid().to_string()).collect();
+        let name = format!("flame-{s:?}-{phase}").to_lowercase();
+        let data = opts.out_dir.join(format!("{name}.perf.data"));
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "--quiet",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-p",
+            ])
+            .arg(pids.join(","))
+            .arg("-o")
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context(
+                "failed to start perf (Debian's linux-perf; `cargo xtask setup` installs it)",
+            )?;
+        // perf attaches within a moment; samples before that are simply not taken.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Some(Self {
+            child,
+            data,
+            svg: opts.out_dir.join(format!("{name}.svg")),
+            title: format!("ztunnel, {s:?} ({}), {phase}", s.describe()),
+        }))
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        use inferno::collapse::Collapse as _;
+        // SAFETY: signalling our own child; SIGINT makes perf write its file and exit.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait()?;
+        let script = Command::new("perf")
+            .args(["script", "--no-inline", "-i"])
+            .arg(&self.data)
+            .output()
+            .context("perf script failed")?;
+        if !script.status.success() {
+            bail!("perf script: {}", String::from_utf8_lossy(&script.stderr));
+        }
+        let mut folded = Vec::new();
+        inferno::collapse::perf::Folder::default()
+            .collapse(&script.stdout[..], &mut folded)
+            .context("failed to fold perf's stacks")?;
+        let mut fg = inferno::flamegraph::Options::default();
+        fg.title = self.title.clone();
+        let svg = std::fs::File::create(&self.svg)
+            .with_context(|| format!("failed to create {}", self.svg.display()))?;
+        inferno::flamegraph::from_reader(&mut fg, &folded[..], svg)
+            .with_context(|| format!("failed to draw {}", self.svg.display()))?;
+        let _ = std::fs::remove_file(&self.data);
+        eprintln!("bench: flame graph {}", self.svg.display());
+        Ok(())
+    }
 }
 
 fn static_key(prefix: &str, q: &str) -> &'static str {

@@ -15,6 +15,9 @@ pub struct Options {
     /// Where bench.md, bench.json and bench.svg go (default: target/bench)
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Sample the ztunnels with perf and write flame graphs next to the report
+    #[arg(long)]
+    pub profile: bool,
     /// Run only this scenario (s0, s1, s2, s3; repeatable), e.g. while profiling one
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
@@ -51,6 +54,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .arg(&out);
     if options.quick {
         cmd.arg("--quick");
+    }
+    if options.profile {
+        cmd.arg("--profile");
     }
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);

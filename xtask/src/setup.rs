@@ -26,7 +26,7 @@ const PACKAGES: &[&str] = &[
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.
 const KUBERNETES_VALIDATE: &str = "1.37.0";
 /// Installed when the release ships it; only debugging aids depend on it.
-const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
+const OPTIONAL_PACKAGES: &[&str] = &["bpftool", "linux-perf"];
 /// Nightly components: rust-src for `-Z build-std=core`, clippy for the eBPF lint.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 

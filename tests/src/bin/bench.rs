@@ -13,6 +13,9 @@ struct Cli {
     /// Run only this scenario (repeat for several); ratios need S0 among them.
     #[arg(long = "scenario", value_enum)]
     only: Vec<ztunnel_tests::bench::Scenario>,
+    /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
+    #[arg(long)]
+    profile: bool,
     /// Where bench.md, bench.json and bench.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -29,6 +32,7 @@ fn main() -> anyhow::Result<()> {
     let report = ztunnel_tests::bench::run(&ztunnel_tests::bench::Options {
         quick: cli.quick,
         only: cli.only,
+        profile: cli.profile,
         out_dir: cli.out.clone(),
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));

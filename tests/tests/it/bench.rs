@@ -10,6 +10,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
     let report = bench::run(&bench::Options {
         quick: true,
         only: Vec::new(),
+        profile: false,
         out_dir: dir.path().to_owned(),
     })?;
     for s in Scenario::ALL {
