@@ -5,6 +5,7 @@ mod demo;
 mod enrolment;
 mod inbound;
 mod iptables;
+mod kernel;
 mod metrics;
 mod occupancy;
 mod outbound;
