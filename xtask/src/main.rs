@@ -8,6 +8,7 @@ mod exec;
 mod lint;
 mod setup;
 mod test;
+mod vm;
 mod workspace;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run the whole system on this machine: two nodes, four pods, mTLS and a policy
     Demo(demo::Options),
+    /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
+    VmTest(vm::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(options),
         Command::BuildEbpf(options) => build_ebpf::run(options),
         Command::Demo(options) => demo::run(options),
+        Command::VmTest(options) => vm::run(options),
     }
 }
 

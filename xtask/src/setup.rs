@@ -20,6 +20,13 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "protobuf-compiler",
+    // `cargo xtask vm-test`: the VMs, their initramfs, and unpacking kernel modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "kmod",
+    "binutils",
 ];
 /// Installed when the release ships it; only debugging aids depend on it.
 const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
