@@ -629,11 +629,20 @@ fn fetch_kernel(s: &Series, mirror: &str, dir: &Path) -> anyhow::Result<Kernel> 
         return Ok(cached);
     }
     let names = capture(apt_cmd("apt-cache").args(["search", "--names-only", "^linux-image-"]))?;
-    let package = newest_image(
+    let Some(package) = newest_image(
         s.version,
         names.lines().filter_map(|l| l.split(" - ").next()),
-    )
-    .with_context(|| format!("no linux-image-{}…-amd64 package in {}", s.version, s.suite))?;
+    ) else {
+        // The suite moved on (backports keep only recent kernels): the cache still has it.
+        if let Some(cached) = newest_cached(&kernels, s)? {
+            eprintln!(
+                "vm-test: {}: no longer in {}; using cached {}",
+                s.version, s.suite, cached.package
+            );
+            return Ok(cached);
+        }
+        bail!("no linux-image-{}…-amd64 package in {}", s.version, s.suite);
+    };
     let unpacked = kernels.join(&package);
     if let Some(k) = load_cached(&unpacked)? {
         return Ok(k);
@@ -1125,10 +1134,11 @@ fn report(series: &[&Series], vms: &[Vm], results: &BTreeMap<&str, Outcome>) -> 
             continue;
         };
         println!(
-            "{:>5}: {} ({}), {:.0?}{}",
+            "{:>5}: {} ({}), {}, {:.0?}{}",
             vm.series,
             o.release.as_deref().unwrap_or("did not boot"),
             vm.kernel.package,
+            capture_path(version(vm.series)),
             o.elapsed,
             o.error
                 .as_deref()
@@ -1164,6 +1174,17 @@ fn report(series: &[&Series], vms: &[Vm], results: &BTreeMap<&str, Outcome>) -> 
         }
     }
     summary
+}
+
+/// The capture path `--capture auto` must take on a kernel, as `kernel::` asserts.
+fn capture_path(kernel: (u32, u32)) -> &'static str {
+    if kernel < (5, 15) {
+        "iptables capture (no netns cookies in sockops)"
+    } else if kernel < (6, 6) {
+        "eBPF capture, tc on clsact (no TCX)"
+    } else {
+        "eBPF capture, tc on TCX"
+    }
 }
 
 fn find<'a>(series: &[&'a Series], version: &str) -> &'a Series {
