@@ -9,6 +9,7 @@ mod exec;
 mod lint;
 mod setup;
 mod test;
+mod vm;
 mod workspace;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Command {
     Demo(demo::Options),
     /// Measure no mesh vs iptables capture vs eBPF capture vs fast path (release build)
     Bench(bench::Options),
+    /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
+    VmTest(vm::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(options) => build_ebpf::run(options),
         Command::Demo(options) => demo::run(options),
         Command::Bench(options) => bench::run(options),
+        Command::VmTest(options) => vm::run(options),
     }
 }
 

@@ -21,6 +21,13 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "protobuf-compiler",
     "python3-venv",
+    // `cargo xtask vm-test`: the VMs, their initramfs, and unpacking kernel modules.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "kmod",
+    "binutils",
 ];
 /// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.

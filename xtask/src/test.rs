@@ -1,6 +1,8 @@
 //! `cargo xtask test`: lint, build the daemon and the test pods' binary, then run the unit
 //! tests and the privileged integration tests (root: network namespaces, eBPF, cgroups).
-//! The last line is the total over every test binary, `N passed, N failed`.
+//! Then the capture tests in VMs on the oldest and the newest kernel of the matrix
+//! (`cargo xtask vm-test` runs them all). The last line is the total over every test
+//! binary and VM, `N passed, N failed`.
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
@@ -10,6 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::exec::{command_line, exec};
 use crate::lint;
+use crate::vm;
 use crate::workspace::{self, EBPF_CRATE, cargo};
 
 #[derive(clap::Args)]
@@ -17,6 +20,9 @@ pub struct Options {
     /// Skip `cargo xtask lint` (for quick local runs)
     #[arg(long)]
     pub no_lint: bool,
+    /// Skip the VM tests on the oldest and newest kernels (for quick local runs)
+    #[arg(long)]
+    pub no_vm: bool,
     /// Passed to the test binaries after `--`, e.g. a test name filter
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -69,8 +75,26 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let status = child
         .wait()
         .with_context(|| format!("failed to wait for {line}"))?;
+    let mut vm_failed = 0;
+    if !options.no_vm {
+        let vms = vm::run_matrix(&vm::Options {
+            kernel: vm::EDGES.iter().map(|v| (*v).to_owned()).collect(),
+            accel: vm::Accel::Tcg,
+            jobs: None,
+        })?;
+        println!(
+            "VMs ({}): {} passed, {} failed",
+            vm::EDGES.join(", "),
+            vms.passed,
+            vms.failed
+        );
+        totals.passed += vms.passed;
+        totals.failed += vms.failed;
+        vm_failed = vms.failed;
+    }
     println!("{}", totals.summary());
     ensure!(status.success(), "{line} failed: {status}");
+    ensure!(vm_failed == 0, "{vm_failed} VM test(s) failed");
     ensure!(totals.passed > 0, "no test ran");
     Ok(())
 }

@@ -77,6 +77,21 @@ impl Shared {
 
     /// Brings the enrolled set to `desired`. Returns whether every pod succeeded.
     fn reconcile(&self, desired: &BTreeMap<String, LocalPod>) -> bool {
+        // Certificates first, without holding the pod table: issuing one needs a runtime
+        // worker, and an admin request may hold a worker while it waits for that table
+        // (with one worker, e.g. on a 1-CPU node, waiting under the lock deadlocked).
+        // Failures are reported by `enrol`, which asks again.
+        let identities: Vec<Identity> = {
+            let pods = self.pods();
+            desired
+                .iter()
+                .filter(|(key, spec)| pods.get(*key).map(|e| &e.spec) != Some(*spec))
+                .filter_map(|(_, spec)| spec.identity.parse().ok())
+                .collect()
+        };
+        for identity in &identities {
+            let _ = tokio::runtime::Handle::current().block_on(self.proxy.certs.get(identity));
+        }
         let mut pods = self.pods();
         let stale: Vec<String> = pods
             .iter()

@@ -1,0 +1,568 @@
+//! `cargo xtask vm-test`: the capture-relevant privileged integration tests inside
+//! short-lived qemu VMs, one per kernel series. Debian's kernels are fetched with
+//! `apt-get download` under a private APT configuration (never installed on the host)
+//! and cached under `target/vm/`; each VM boots its kernel with a busybox initramfs that
+//! holds the test binary, ztunnel, podapp, the tools the tests run and the kernel modules
+//! they need, runs the tests, prints a result line and powers off.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::exec::{capture, command_line, exec};
+use crate::workspace::{self, cargo};
+
+mod initramfs;
+mod kernel;
+
+use initramfs::{Bins, build_common, build_initrd};
+use kernel::{Kernel, fetch_kernel, mirror};
+
+/// A kernel series of the matrix and the Debian suite that carries it.
+struct Series {
+    version: &'static str,
+    /// Archive path on the mirror host: `debian` or `debian-security`.
+    archive: &'static str,
+    suite: &'static str,
+}
+
+const SERIES: &[Series] = &[
+    Series {
+        version: "5.10",
+        archive: "debian-security",
+        suite: "bullseye-security",
+    },
+    Series {
+        version: "6.1",
+        archive: "debian-security",
+        suite: "bookworm-security",
+    },
+    Series {
+        version: "6.12",
+        archive: "debian-security",
+        suite: "trixie-security",
+    },
+    Series {
+        version: "6.18",
+        archive: "debian",
+        suite: "trixie-backports",
+    },
+    Series {
+        version: "7.3",
+        archive: "debian",
+        suite: "trixie-backports",
+    },
+];
+
+/// The oldest and the newest series: what `cargo xtask test` runs.
+pub const EDGES: &[&str] = &["5.10", "7.3"];
+
+/// What a test needs from the kernel to be meaningful there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// Runs on every kernel: the capture path is whatever `--capture auto` picks.
+    Any,
+    /// Asserts eBPF capture itself (its programs, counters or pins): Linux >= 5.15, where
+    /// sockops has netns cookies. Below that `auto` picks iptables and `ebpf` is refused,
+    /// which the `kernel::` tests check instead.
+    EbpfCapture,
+}
+
+/// The VM subset: the tests whose outcome depends on the kernel's capture path, chosen
+/// to run in a few minutes under TCG. Policy, metrics, admin, transfer sizes and the
+/// HBONE protocol tests exercise userspace only and run on the host.
+const TESTS: &[(&str, Needs)] = &[
+    (
+        "kernel::auto_capture_takes_the_path_the_kernel_supports",
+        Needs::Any,
+    ),
+    (
+        "kernel::forced_ebpf_capture_is_refused_below_5_15_and_loads_above",
+        Needs::Any,
+    ),
+    (
+        "outbound::enrolled_pod_outbound_is_captured_and_app_view_is_unchanged",
+        Needs::EbpfCapture,
+    ),
+    (
+        "outbound::non_enrolled_pod_outbound_is_not_captured",
+        Needs::EbpfCapture,
+    ),
+    (
+        "outbound::pod_loopback_and_own_address_are_not_captured",
+        Needs::EbpfCapture,
+    ),
+    (
+        "inbound::inbound_to_enrolled_pod_arrives_on_15006_with_original_destination",
+        Needs::EbpfCapture,
+    ),
+    ("inbound::hbone_port_is_not_captured", Needs::EbpfCapture),
+    (
+        "enrolment::enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing",
+        Needs::EbpfCapture,
+    ),
+    (
+        "enrolment::crashed_ztunnel_fails_closed_and_its_successor_takes_over",
+        Needs::EbpfCapture,
+    ),
+    ("tunnel::non_mesh_pod_is_reached_in_plain_tcp", Needs::Any),
+    (
+        "tunnel::pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities",
+        Needs::Any,
+    ),
+    (
+        "iptables::iptables_capture_carries_outbound_inbound_and_hbone",
+        Needs::Any,
+    ),
+    (
+        "iptables::iptables_unenrolment_removes_the_rules",
+        Needs::Any,
+    ),
+];
+
+/// Printed by `/init` after the tests: `ZTUNNEL-VM-RESULT exit=<status>`.
+const RESULT_MARK: &str = "ZTUNNEL-VM-RESULT exit=";
+const RELEASE_MARK: &str = "ZTUNNEL-VM-KERNEL ";
+
+/// Under TCG one VM of the matrix takes a few minutes; this only catches a hung VM.
+const VM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Accel {
+    /// Emulation: works everywhere, slower
+    #[default]
+    Tcg,
+    /// Hardware virtualisation through /dev/kvm
+    Kvm,
+}
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Kernel series to boot, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = SERIES.iter().map(|s| s.version.to_owned()))]
+    pub kernel: Vec<String>,
+    /// qemu accelerator
+    #[arg(long, value_enum, default_value_t)]
+    pub accel: Accel,
+    /// VMs at once (default: the number of cores)
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+/// Tests counted over the whole matrix.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let summary = run_matrix(options)?;
+    println!(
+        "vm-test: {} passed, {} failed",
+        summary.passed, summary.failed
+    );
+    ensure!(summary.failed == 0, "{} VM test(s) failed", summary.failed);
+    Ok(())
+}
+
+/// Builds, fetches, boots and reports; the table and any failing test's log go to stdout.
+pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
+    let series: Vec<&Series> = options
+        .kernel
+        .iter()
+        .map(|v| {
+            SERIES.iter().find(|s| s.version == v).with_context(|| {
+                let known: Vec<&str> = SERIES.iter().map(|s| s.version).collect();
+                format!("unknown kernel series {v}; known: {}", known.join(", "))
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(!series.is_empty(), "no kernel series given");
+    if options.accel == Accel::Kvm {
+        ensure!(
+            Path::new("/dev/kvm").exists(),
+            "--accel kvm needs /dev/kvm; use --accel tcg"
+        );
+    }
+
+    let dir = workspace::target_dir()?.join("vm");
+    fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let bins = build()?;
+    let common = dir.join("common.cpio");
+    build_common(&bins, &dir.join("common"), &common)?;
+
+    let mirror = mirror()?;
+    let mut vms = Vec::new();
+    for s in &series {
+        let kernel = fetch_kernel(s, &mirror, &dir)?;
+        let tests: Vec<&str> = TESTS
+            .iter()
+            .filter(|(_, needs)| applies(s, *needs))
+            .map(|(name, _)| *name)
+            .collect();
+        let vm_dir = dir.join(format!("run-{}", s.version));
+        let initrd = build_initrd(&kernel, &common, &tests, &vm_dir)?;
+        vms.push(Vm {
+            series: s.version,
+            kernel,
+            initrd,
+            dir: vm_dir,
+        });
+    }
+
+    let jobs = options
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let queue = Mutex::new(vms.iter().collect::<Vec<_>>());
+    let results = Mutex::new(BTreeMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(vms.len()) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().expect("queue lock").pop();
+                    let Some(vm) = next else { break };
+                    let outcome = vm.boot(options.accel);
+                    results
+                        .lock()
+                        .expect("results lock")
+                        .insert(vm.series, outcome);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().expect("results lock");
+    Ok(report(&series, &vms, &results))
+}
+
+fn applies(series: &Series, needs: Needs) -> bool {
+    match needs {
+        Needs::Any => true,
+        Needs::EbpfCapture => version(series.version) >= (5, 15),
+    }
+}
+
+fn version(v: &str) -> (u32, u32) {
+    let mut parts = v.split('.').map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+fn build() -> anyhow::Result<Bins> {
+    exec(cargo().args(["build", "-p", "ztunnel", "-p", "ztunnel-tests", "--bins"]))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "ztunnel-tests", "--test", "it", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"]);
+    eprintln!("$ {}", command_line(&cmd));
+    let out = capture(&mut cmd)?;
+    let it = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "it")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the `it` test executable")?;
+    let debug = workspace::target_dir()?.join("debug");
+    Ok(Bins {
+        ztunnel: debug.join("ztunnel"),
+        podapp: debug.join("podapp"),
+        it,
+    })
+}
+
+fn mkdir(path: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("failed to create {}", path.display()))
+}
+
+fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = to.parent() {
+        mkdir(parent)?;
+    }
+    fs::copy(from, to)
+        .map(drop)
+        .with_context(|| format!("failed to copy {} to {}", from.display(), to.display()))
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))
+}
+
+struct Vm {
+    series: &'static str,
+    kernel: Kernel,
+    initrd: PathBuf,
+    dir: PathBuf,
+}
+
+/// What one VM reported.
+struct Outcome {
+    /// Test name → passed.
+    tests: BTreeMap<String, bool>,
+    /// `uname -r` inside the VM.
+    release: Option<String>,
+    /// The test binary's exit status; `None` when the VM never got that far.
+    exit: Option<i32>,
+    elapsed: Duration,
+    log: String,
+    console: PathBuf,
+    error: Option<String>,
+}
+
+impl Vm {
+    fn boot(&self, accel: Accel) -> Outcome {
+        let started = Instant::now();
+        let console = self.dir.join("console.log");
+        let tests_log = self.dir.join("tests.log");
+        eprintln!("vm-test: {}: booting {}", self.series, self.kernel.package);
+        let error = self
+            .qemu(accel, &console, &tests_log)
+            .err()
+            .map(|e| format!("{e:#}"));
+        let log = fs::read_to_string(&tests_log).unwrap_or_default();
+        let outcome = parse(&log, started.elapsed(), console, error);
+        eprintln!(
+            "vm-test: {}: done in {:.0?} ({} passed, {} failed)",
+            self.series,
+            outcome.elapsed,
+            outcome.tests.values().filter(|ok| **ok).count(),
+            outcome.tests.values().filter(|ok| !**ok).count()
+        );
+        outcome
+    }
+
+    fn qemu(&self, accel: Accel, console: &Path, tests_log: &Path) -> anyhow::Result<()> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        match accel {
+            Accel::Tcg => cmd.args(["-accel", "tcg", "-cpu", "max"]),
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+        };
+        cmd.args([
+            "-M",
+            "pc",
+            "-m",
+            "2048",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-no-reboot", "-kernel"])
+        .arg(&self.kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&self.initrd)
+        // The CPU's RNG seeds the kernel's at once: getrandom() does not wait for
+        // entropy on kernels that would (5.10).
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", tests_log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let line = command_line(&cmd);
+        eprintln!("$ {line}");
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {line}"))?;
+        let deadline = Instant::now() + VM_TIMEOUT;
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .with_context(|| format!("failed to wait for {line}"))?
+            {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = e.read_to_string(&mut stderr);
+                }
+                ensure!(
+                    status.success(),
+                    "qemu failed ({status}): {}",
+                    stderr.trim()
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the VM did not power off within {VM_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Reads libtest's `test <name> ... ok|FAILED` lines and `/init`'s marks.
+fn parse(log: &str, elapsed: Duration, console: PathBuf, error: Option<String>) -> Outcome {
+    let mut tests = BTreeMap::new();
+    let mut release = None;
+    let mut exit = None;
+    for line in log.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(r) = line.strip_prefix(RELEASE_MARK) {
+            release = Some(r.trim().to_owned());
+        } else if let Some(code) = line.strip_prefix(RESULT_MARK) {
+            exit = code.trim().parse().ok();
+        } else if let Some(rest) = line.strip_prefix("test ")
+            && let Some((name, result)) = rest.rsplit_once(" ... ")
+        {
+            match result.trim() {
+                "ok" => {
+                    tests.insert(name.to_owned(), true);
+                }
+                "FAILED" => {
+                    tests.insert(name.to_owned(), false);
+                }
+                _ => {}
+            }
+        }
+    }
+    Outcome {
+        tests,
+        release,
+        exit,
+        elapsed,
+        log: log.to_owned(),
+        console,
+        error,
+    }
+}
+
+/// Prints the kernel × test table, every failing VM's log, and returns the counts. A
+/// test the VM should have run but did not report counts as failed.
+fn report(series: &[&Series], vms: &[Vm], results: &BTreeMap<&str, Outcome>) -> Summary {
+    let mut summary = Summary::default();
+    let width = TESTS.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut header = format!("{:width$}", "test \\ kernel");
+    for s in series {
+        header += &format!(" {:>6}", s.version);
+    }
+    println!("\n{header}");
+    for (name, needs) in TESTS {
+        let mut row = format!("{name:width$}");
+        for s in series {
+            let cell = if !applies(s, *needs) {
+                "n/a"
+            } else {
+                match results.get(s.version).and_then(|o| o.tests.get(*name)) {
+                    Some(true) => {
+                        summary.passed += 1;
+                        "ok"
+                    }
+                    Some(false) => {
+                        summary.failed += 1;
+                        "FAIL"
+                    }
+                    None => {
+                        summary.failed += 1;
+                        "-"
+                    }
+                }
+            };
+            row += &format!(" {cell:>6}");
+        }
+        println!("{row}");
+    }
+    println!(
+        "n/a: asserts eBPF capture, which needs netns cookies in sockops (Linux >= 5.15); \
+         there --capture auto uses iptables and --capture ebpf is refused (kernel:: tests)"
+    );
+    println!("-: not reported (the VM failed before the test finished)");
+    for vm in vms {
+        let Some(o) = results.get(vm.series) else {
+            continue;
+        };
+        println!(
+            "{:>5}: {} ({}), {}, {:.0?}{}",
+            vm.series,
+            o.release.as_deref().unwrap_or("did not boot"),
+            vm.kernel.package,
+            capture_path(version(vm.series)),
+            o.elapsed,
+            o.error
+                .as_deref()
+                .map(|e| format!(", {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for vm in vms {
+        let Some(o) = results.get(vm.series) else {
+            continue;
+        };
+        let missing = TESTS.iter().any(|(n, needs)| {
+            applies(find(series, vm.series), *needs) && !o.tests.contains_key(*n)
+        });
+        if o.exit != Some(0) || o.tests.values().any(|ok| !ok) || missing {
+            println!(
+                "\n==== {} ({}): test output ====\n{}",
+                vm.series, vm.kernel.package, o.log
+            );
+            let console = fs::read_to_string(&o.console).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(40).collect();
+            println!(
+                "==== {}: last lines of the console ({}) ====",
+                vm.series,
+                o.console.display()
+            );
+            for l in tail.iter().rev() {
+                println!("{l}");
+            }
+            if o.exit.is_some_and(|c| c != 0) && !o.tests.values().any(|ok| !ok) {
+                summary.failed += 1;
+            }
+        }
+    }
+    summary
+}
+
+/// The capture path `--capture auto` must take on a kernel, as `kernel::` asserts.
+fn capture_path(kernel: (u32, u32)) -> &'static str {
+    if kernel < (5, 15) {
+        "iptables capture (no netns cookies in sockops)"
+    } else if kernel < (6, 6) {
+        "eBPF capture, tc on clsact (no TCX)"
+    } else {
+        "eBPF capture, tc on TCX"
+    }
+}
+
+fn find<'a>(series: &[&'a Series], version: &str) -> &'a Series {
+    series
+        .iter()
+        .find(|s| s.version == version)
+        .copied()
+        .expect("every VM comes from a series")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_lines_and_init_marks_are_read() {
+        let log = "ZTUNNEL-VM-KERNEL 5.10.0-46-amd64\r\nrunning 2 tests\r\ntest a::b ... ok\r\ntest a::c ... FAILED\r\nZTUNNEL-VM-RESULT exit=101\r\n";
+        let o = parse(log, Duration::ZERO, PathBuf::new(), None);
+        assert_eq!(o.release.as_deref(), Some("5.10.0-46-amd64"));
+        assert_eq!(o.exit, Some(101));
+        assert_eq!(o.tests.get("a::b"), Some(&true));
+        assert_eq!(o.tests.get("a::c"), Some(&false));
+    }
+
+    #[test]
+    fn ebpf_tests_apply_from_5_15() {
+        let old = &SERIES[0];
+        assert!(!applies(old, Needs::EbpfCapture));
+        assert!(applies(old, Needs::Any));
+        assert!(SERIES[1..].iter().all(|s| applies(s, Needs::EbpfCapture)));
+    }
+}
