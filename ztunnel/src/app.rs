@@ -15,9 +15,10 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use crate::{
     admin,
     capture::{Capture, PodCapture},
-    config::Config,
+    config::{Ca, Config, Source},
     ebpf,
-    identity::{BuiltinCa, CertificateManager, Identity},
+    identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
+    istio::{self, source::IstioSource},
     netns::Netns,
     proxy::{PodListeners, PodNet, Proxy},
     state::{self, LocalConfig, LocalPod, Store},
@@ -51,6 +52,8 @@ pub struct Shared {
     pub log: crate::telemetry::LogControl,
     /// Notified by the admin port's `/quitquitquit`.
     pub quit: tokio::sync::Notify,
+    /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
+    enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
 }
 
 impl Shared {
@@ -94,8 +97,10 @@ impl Shared {
         }
         let mut ok = true;
         let mut pending = Vec::new();
+        let mut results = BTreeMap::new();
         for (key, spec) in desired {
             if pods.contains_key(key) {
+                results.insert(key.clone(), Ok(()));
                 continue;
             }
             let started = std::time::Instant::now();
@@ -104,15 +109,21 @@ impl Shared {
                     let elapsed_us = started.elapsed().as_micros() as u64;
                     tracing::info!(pod = %key, netns = %spec.netns.display(), elapsed_us, "pod enrolled");
                     pods.insert(key.clone(), e);
+                    results.insert(key.clone(), Ok(()));
                 }
                 Err(e) => {
                     ok = false;
                     pending.push(key.clone());
+                    results.insert(
+                        key.clone(),
+                        Err(format!("failed to enrol pod {key}: {e:#}")),
+                    );
                     tracing::error!(pod = %key, error = format!("{e:#}"), "failed to enrol pod; will retry");
                 }
             }
         }
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
+        self.enrol_results.send_replace(results);
         ok
     }
 
@@ -248,9 +259,27 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         );
     }
 
-    let initial = LocalConfig::load(&cfg.workloads, &cfg.node)?;
-    let ca = BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?;
-    let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let initial = match (cfg.source, &cfg.workloads) {
+        (Source::File, Some(path)) => LocalConfig::load(path, &cfg.node)?,
+        (Source::File, None) => anyhow::bail!("--workloads: required with --source file"),
+        (Source::Istio, _) => IstioSource::empty(&cfg.istio.base(&cfg.node)),
+    };
+    let mut istio_health = istio::Health::default();
+    let ca: Arc<dyn CertificateSource> = match cfg.ca() {
+        Ca::Builtin => Arc::new(BuiltinCa::load_or_create(
+            &cfg.ca_dir,
+            &initial.trust_domain,
+            cfg.cert_lifetime,
+        )?),
+        Ca::Istio => {
+            let ca = cfg.istio.ca(cfg.cert_lifetime)?;
+            istio_health.ca = Some(ca.status());
+            Arc::new(ca)
+        }
+    };
+    let certs = Arc::new(CertificateManager::new(ca));
+    let (tx, mut rx) = watch::channel(initial.clone());
+    let (results_tx, results_rx) = watch::channel(Default::default());
     let metrics = crate::metrics::Metrics::new();
     let capture = Capture::load(
         cfg.capture,
@@ -267,7 +296,21 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         pending: Mutex::default(),
         log,
         quit: tokio::sync::Notify::new(),
+        enrol_results: results_tx,
     });
+    // Where the store's content comes from; dropping it stops following the source.
+    let _source: Box<dyn std::any::Any + Send> = match (cfg.source, &cfg.workloads) {
+        (Source::File, Some(path)) => Box::new(
+            state::watch(path.clone(), cfg.node.clone(), tx)
+                .with_context(|| format!("failed to watch {}", path.display()))?,
+        ),
+        (Source::File, None) => anyhow::bail!("--workloads: required with --source file"),
+        (Source::Istio, _) => {
+            let running = istio::start(&cfg.istio, &cfg.node, tx, results_rx)?;
+            istio_health.source = Some(running.source.clone());
+            Box::new(running)
+        }
+    };
     shared
         .proxy
         .set_inbound_redirected(shared.capture.inbound_is_redirected());
@@ -281,10 +324,14 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .await
         .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
     let s = shared.clone();
+    let health = istio_health.clone();
     tokio::spawn(crate::metrics::serve_metrics(
         listener,
-        metrics,
-        move || s.refresh_metrics(),
+        metrics.clone(),
+        move || {
+            s.refresh_metrics();
+            health.refresh_metrics(&metrics);
+        },
     ));
     let listener = TcpListener::bind(cfg.readiness_addr)
         .await
@@ -296,12 +343,9 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         })?;
     let s = shared.clone();
     tokio::spawn(crate::metrics::serve_readiness(listener, move || {
-        s.readiness()
+        s.readiness()?;
+        istio_health.readiness()
     }));
-
-    let (tx, mut rx) = watch::channel(initial);
-    let _watcher = state::watch(cfg.workloads.clone(), cfg.node.clone(), tx)
-        .with_context(|| format!("failed to watch {}", cfg.workloads.display()))?;
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;

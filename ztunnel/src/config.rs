@@ -11,13 +11,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where workloads, services, policies and this node's pods come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The local workload file (`--workloads`).
+    File,
+    /// istiod over delta xDS, and this node's pods from istio-cni over ZDS.
+    Istio,
+}
+
+/// Who signs workload certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ca {
+    /// ztunnel's own CA (`--ca-dir`).
+    Builtin,
+    /// Istio's CA (istiod's `IstioCertificateService`).
+    Istio,
+}
+
 #[derive(Debug, Clone, clap::Args, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
+    /// Where workloads and this node's pods come from.
+    #[arg(long, env = "ZTUNNEL_SOURCE", value_enum, default_value = "file")]
+    pub source: Source,
+
     /// The local workload file (the embedded control plane): namespaces, workloads and
-    /// this node's pods with their netns and cgroup. Watched for changes.
+    /// this node's pods with their netns and cgroup. Watched for changes. Required with
+    /// `--source file`.
     #[arg(long, env = "ZTUNNEL_WORKLOADS")]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
+
+    /// Who signs workload certificates; defaults to `istio` with `--source istio`, else
+    /// `builtin`.
+    #[arg(long, env = "ZTUNNEL_CA", value_enum)]
+    pub ca: Option<Ca>,
+
+    /// istiod, its CA and istio-cni.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub istio: crate::istio::IstioConfig,
 
     /// This node's name; only workloads with this `node` are captured.
     #[arg(long, env = "NODE_NAME")]
@@ -80,6 +115,14 @@ pub enum Error {
 }
 
 impl Config {
+    /// The CA in use (`--ca`, or the source's default).
+    pub fn ca(&self) -> Ca {
+        self.ca.unwrap_or(match self.source {
+            Source::Istio => Ca::Istio,
+            Source::File => Ca::Builtin,
+        })
+    }
+
     /// Checks every field and reports all problems together.
     pub fn validate(&self) -> Result<(), Error> {
         let mut problems = Vec::new();
@@ -88,6 +131,9 @@ impl Config {
                 "--admin-addr {}: the admin API serves only loopback addresses",
                 self.admin_addr
             ));
+        }
+        if self.source == Source::File && self.workloads.is_none() {
+            problems.push("--workloads: required with --source file".to_owned());
         }
         if self.node.trim().is_empty() {
             problems.push("--node: must not be empty".to_owned());
@@ -139,6 +185,24 @@ mod tests {
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/ztunnel"));
         assert!(!c.fast_path);
         c.validate().expect("defaults are valid");
+        assert_eq!(c.source, Source::File);
+        assert_eq!(c.ca(), Ca::Builtin);
+    }
+
+    #[test]
+    fn istio_source_needs_no_file_and_defaults_to_istio_ca() {
+        let c = parse(&["--source", "istio", "--node", "n1"]);
+        c.validate().expect("istio mode needs no workload file");
+        assert_eq!(c.ca(), Ca::Istio);
+        assert_eq!(
+            c.istio.zds_socket,
+            PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+        );
+        assert_eq!(c.istio.xds_address, "https://istiod.istio-system.svc:15012");
+        let mixed = parse(&["--workloads", "/w.yaml", "--node", "n1", "--ca", "istio"]);
+        assert_eq!(mixed.ca(), Ca::Istio);
+        let err = parse(&["--node", "n1"]).validate().expect_err("no file");
+        assert!(err.to_string().contains("--workloads"), "{err}");
     }
 
     #[test]
