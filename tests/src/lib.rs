@@ -18,6 +18,8 @@ use anyhow::{Context as _, bail};
 use ztunnel::admin::ConfigDump;
 
 pub mod demo;
+pub mod fake_cni;
+pub mod fake_istiod;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -687,6 +689,21 @@ impl Topology {
         fast_path: bool,
         file: &Path,
     ) -> anyhow::Result<Ztunnel> {
+        self.spawn_ztunnel_with(
+            node,
+            fast_path,
+            &["--workloads".into(), file.as_os_str().to_owned()],
+        )
+    }
+
+    /// Starts a node's ztunnel with these source arguments (`--workloads <file>`, or
+    /// `--source istio …`) without waiting for anything.
+    pub fn spawn_ztunnel_with(
+        &mut self,
+        node: &str,
+        fast_path: bool,
+        source_args: &[std::ffi::OsString],
+    ) -> anyhow::Result<Ztunnel> {
         // Ports free right now; other test runs on the machine use others.
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
@@ -706,8 +723,7 @@ impl Topology {
         }
         let child = cmd
             .arg("run")
-            .arg("--workloads")
-            .arg(file)
+            .args(source_args)
             .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)

@@ -5,6 +5,7 @@ mod demo;
 mod enrolment;
 mod inbound;
 mod iptables;
+mod istio;
 mod metrics;
 mod occupancy;
 mod outbound;
