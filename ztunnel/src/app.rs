@@ -325,6 +325,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
     let s = shared.clone();
     let health = istio_health.clone();
+    let synced = istio_health.clone();
     tokio::spawn(crate::metrics::serve_metrics(
         listener,
         metrics.clone(),
@@ -358,7 +359,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         shared.proxy.set_store(Store::new(current));
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
-        if first {
+        // With ZDS, the pods are known only once istio-cni's snapshot is in.
+        if first && synced.pods_known() {
             // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
             shared.capture.release_unclaimed(&shared.netns_cookies());
             first = false;

@@ -186,6 +186,12 @@ impl Health {
         Ok(())
     }
 
+    /// Whether every pod that should be enrolled is known: always with the file; with
+    /// ZDS once istio-cni's first snapshot has been reconciled.
+    pub fn pods_known(&self) -> bool {
+        self.source.as_ref().is_none_or(|s| s.status().zds_synced)
+    }
+
     pub fn refresh_metrics(&self, m: &crate::metrics::Metrics) {
         if let Some(s) = &self.source {
             let st = s.status();

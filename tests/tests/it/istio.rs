@@ -105,6 +105,7 @@ fn start_istio_ztunnel(
     t: &mut Topology,
     istiod: &FakeIstiod,
     cni: &FakeCni,
+    cert_lifetime: &str,
 ) -> anyhow::Result<Ztunnel> {
     let args: Vec<OsString> = vec![
         "--source".into(),
@@ -120,7 +121,7 @@ fn start_istio_ztunnel(
         "--cluster-id".into(),
         CLUSTER.into(),
         "--cert-lifetime".into(),
-        "1h".into(),
+        cert_lifetime.into(),
     ];
     t.spawn_ztunnel_with("node1", false, &args)
 }
@@ -154,7 +155,7 @@ fn istio_control_plane_drives_enrolment_routing_policy_and_certificates() -> any
         &web_service(),
     );
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
-    let z = start_istio_ztunnel(&mut t, &istiod, &cni)?;
+    let z = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
 
     // ZDS: ztunnel connects and says hello; each add is acked once the pod is enrolled.
     cni.accept()?;
@@ -299,5 +300,86 @@ fn istio_control_plane_drives_enrolment_routing_policy_and_certificates() -> any
     z.wait_enrolled(&[&a])?;
     let unknown = cni.del("uid-nobody")?;
     assert!(unknown.contains("unknown pod"), "{unknown}");
+    Ok(())
+}
+
+/// Polls until `cond` holds on the readiness answer (`Ok(body)` or the error text).
+fn wait_readiness(
+    z: &Ztunnel,
+    what: &str,
+    cond: impl Fn(&Result<String, String>) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let r = z.ready().map_err(|e| format!("{e:#}"));
+        if cond(&r) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last readiness: {r:?}\n{}",
+            z.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn unreachable_ca_keeps_current_certificates_and_says_so() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let _sa = t.serve(&a, a.addr(9000))?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let mut istiod = FakeIstiod::start(t.dir.path())?;
+    istiod.put_message(
+        ADDRESS_TYPE,
+        &xds_name(&a),
+        "1",
+        &workload_of(&a, false, &[]),
+    );
+    istiod.put_message(
+        ADDRESS_TYPE,
+        &xds_name(&b),
+        "1",
+        &workload_of(&b, false, &[]),
+    );
+    let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
+    // The fake CA backdates by a minute: 120 s asked → renewal due 30 s from issue,
+    // with 90 s left on the certificate when it is.
+    let z = start_istio_ztunnel(&mut t, &istiod, &cni, "120s")?;
+    cni.accept()?;
+    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
+    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
+    assert_eq!(cni.snapshot_sent()?, "");
+    z.wait_enrolled(&[&a, &b])?;
+    wait_readiness(&z, "readiness", |r| r.is_ok())?;
+    assert!(ok(&mut t, &a, b.addr(8080)), "a → b");
+
+    istiod.stop();
+    wait_readiness(
+        &z,
+        "the ca outage in readiness",
+        |r| matches!(r, Err(e) if e.contains("istio ca unreachable")),
+    )?;
+    let metrics = z.metrics_text()?;
+    assert!(
+        metrics.contains("ztunnel_control_plane_up{component=\"ca\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ztunnel_control_plane_up{component=\"xds\"} 0"),
+        "{metrics}"
+    );
+    // The certificates in hand still serve.
+    assert!(ok(&mut t, &a, b.addr(8080)), "a → b during the outage");
+
+    istiod.resume()?;
+    wait_readiness(&z, "readiness after the ca is back", |r| r.is_ok())?;
+    let metrics = z.metrics_text()?;
+    assert!(
+        metrics.contains("ztunnel_control_plane_up{component=\"ca\"} 1"),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -355,5 +355,8 @@ impl IstioSource {
             self.zds_del(&uid).await;
         }
         lock(&self.status).zds_synced = true;
+        // Wake the enrolment loop even if nothing changed: it releases capture a previous
+        // ztunnel left for pods no longer wanted once the pods are known.
+        self.tx.send_modify(|_| {});
     }
 }
