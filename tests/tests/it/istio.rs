@@ -13,7 +13,6 @@ use ztunnel_tests::{
     fake_istiod::{CLUSTER, FakeIstiod},
 };
 
-const VIP: [u8; 4] = [10, 96, 7, 7];
 const HOST: &str = "web.default.svc.cluster.local";
 
 fn xds_name(p: &Pod) -> String {
@@ -57,7 +56,13 @@ fn workload_of(p: &Pod, backs_web: bool, policies: &[&str]) -> workload::Address
     }
 }
 
-fn web_service() -> workload::Address {
+/// A VIP on the pods' own subnet that no pod has: once it no longer routes through
+/// ztunnel, a direct dial fails within seconds (no ARP answer) instead of timing out.
+fn vip(t: &Topology) -> [u8; 4] {
+    [10, t.subnet(), 1, 200]
+}
+
+fn web_service(vip: [u8; 4]) -> workload::Address {
     workload::Address {
         r#type: Some(workload::address::Type::Service(workload::Service {
             name: "web".into(),
@@ -65,7 +70,7 @@ fn web_service() -> workload::Address {
             hostname: HOST.into(),
             addresses: vec![workload::NetworkAddress {
                 network: String::new(),
-                address: VIP.to_vec(),
+                address: vip.to_vec(),
             }],
             ports: vec![workload::Port {
                 service_port: 80,
@@ -152,7 +157,7 @@ fn istio_control_plane_drives_enrolment_routing_policy_and_certificates() -> any
         ADDRESS_TYPE,
         &format!("default/{HOST}"),
         "1",
-        &web_service(),
+        &web_service(vip(&t)),
     );
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
     let z = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
@@ -202,7 +207,7 @@ fn istio_control_plane_drives_enrolment_routing_policy_and_certificates() -> any
         );
     }
     // The service VIP learned from xDS reaches b.
-    let vip = std::net::SocketAddr::from((VIP, 80));
+    let vip = std::net::SocketAddr::from((vip(&t), 80));
     assert!(ok(&mut t, &a, vip), "a → VIP");
 
     // A policy pushed over xDS is enforced; removed, it no longer is.
@@ -381,5 +386,41 @@ fn unreachable_ca_keeps_current_certificates_and_says_so() -> anyhow::Result<()>
         metrics.contains("ztunnel_control_plane_up{component=\"ca\"} 1"),
         "{metrics}"
     );
+    Ok(())
+}
+
+#[test]
+fn file_workloads_can_take_certificates_from_istios_ca() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let istiod = FakeIstiod::start(t.dir.path())?;
+    t.write_workloads()?;
+    let args: Vec<OsString> = vec![
+        "--workloads".into(),
+        t.workloads_path().into(),
+        "--ca".into(),
+        "istio".into(),
+        "--ca-address".into(),
+        istiod.url().into(),
+        "--istio-root-cert".into(),
+        istiod.root_cert.clone().into(),
+        "--istio-token".into(),
+        istiod.token.clone().into(),
+        "--cluster-id".into(),
+        CLUSTER.into(),
+    ];
+    let z = t.spawn_ztunnel_with("node1", false, &args)?;
+    z.wait_enrolled(&[&a, &b])?;
+    assert!(ok(&mut t, &a, b.addr(8080)), "a → b\n{}", z.log_text());
+    let issued = istiod.issued();
+    for sa in ["a", "b"] {
+        let id = format!("spiffe://cluster.local/ns/default/sa/{sa}");
+        assert!(
+            issued.contains(&id),
+            "{id} not issued by istio's ca: {issued:?}"
+        );
+    }
     Ok(())
 }

@@ -193,3 +193,63 @@ impl CertificateSource for IstioCa {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::identity::{BuiltinCa, certificate_pem};
+
+    fn issued(
+        id: &Identity,
+    ) -> (
+        String,
+        String,
+        PrivateKeyDer<'static>,
+        CertificateDer<'static>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = BuiltinCa::load_or_create(dir.path(), &id.trust_domain, Duration::from_secs(3600))
+            .expect("ca");
+        let cert = ca.issue(id).expect("issue");
+        (
+            certificate_pem(&cert.chain[0]),
+            certificate_pem(ca.root()),
+            cert.key.clone_key(),
+            ca.root().clone(),
+        )
+    }
+
+    #[test]
+    fn answer_is_leaf_then_intermediates_then_roots() {
+        let id: Identity = "spiffe://td/ns/shop/sa/web".parse().expect("id");
+        let (leaf, root, key, root_der) = issued(&id);
+        let cert = parse_answer(&[leaf.clone(), root], key.clone_key(), &id, &[]).expect("valid");
+        assert_eq!(cert.identity, id);
+        assert_eq!(cert.chain.len(), 1);
+        assert_eq!(cert.roots, vec![root_der.clone()]);
+        // The leaf alone: the roots come from what ztunnel already trusts.
+        let cert = parse_answer(&[leaf], key, &id, &[root_der.clone()]).expect("valid");
+        assert_eq!(cert.roots, vec![root_der]);
+    }
+
+    #[test]
+    fn answers_for_another_identity_or_without_certificates_are_refused() {
+        let id: Identity = "spiffe://td/ns/shop/sa/web".parse().expect("id");
+        let other: Identity = "spiffe://td/ns/shop/sa/db".parse().expect("id");
+        let (leaf, root, key, _) = issued(&other);
+        let err = parse_answer(&[leaf, root.clone()], key.clone_key(), &id, &[])
+            .expect_err("wrong identity")
+            .to_string();
+        assert!(err.contains("spiffe://td/ns/shop/sa/db"), "{err}");
+        assert!(matches!(
+            parse_answer(&[], key.clone_key(), &id, &[]),
+            Err(Error::EmptyAnswer)
+        ));
+        assert!(matches!(
+            parse_answer(&["not pem".into(), root], key, &id, &[]),
+            Err(Error::EmptyAnswer | Error::Pem { .. })
+        ));
+    }
+}
