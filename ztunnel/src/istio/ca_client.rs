@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(cert.chain.len(), 1);
         assert_eq!(cert.roots, vec![root_der.clone()]);
         // The leaf alone: the roots come from what ztunnel already trusts.
-        let cert = parse_answer(&[leaf], key, &id, &[root_der.clone()]).expect("valid");
+        let cert = parse_answer(&[leaf], key, &id, std::slice::from_ref(&root_der)).expect("valid");
         assert_eq!(cert.roots, vec![root_der]);
     }
 
