@@ -80,6 +80,14 @@ impl Shared {
 
     /// Brings the enrolled set to `desired`. Returns whether every pod succeeded.
     fn reconcile(&self, desired: &BTreeMap<String, LocalPod>) -> bool {
+        // Certificates first, outside the lock: a remote CA can take a while, and the
+        // admin API reads the enrolled pods under that lock (errors surface in `enrol`).
+        let handle = tokio::runtime::Handle::current();
+        for spec in desired.values() {
+            if let Ok(id) = spec.identity.parse::<Identity>() {
+                let _ = handle.block_on(self.proxy.certs.get(&id));
+            }
+        }
         let mut pods = self.pods();
         let stale: Vec<String> = pods
             .iter()

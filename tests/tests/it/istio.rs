@@ -424,3 +424,53 @@ fn file_workloads_can_take_certificates_from_istios_ca() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn restarted_ztunnel_keeps_pods_closed_until_istio_cni_hands_them_over_again() -> anyhow::Result<()>
+{
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let _sa = t.serve(&a, a.addr(9000))?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let istiod = FakeIstiod::start(t.dir.path())?;
+    istiod.put_message(
+        ADDRESS_TYPE,
+        &xds_name(&a),
+        "1",
+        &workload_of(&a, false, &[]),
+    );
+    istiod.put_message(
+        ADDRESS_TYPE,
+        &xds_name(&b),
+        "1",
+        &workload_of(&b, false, &[]),
+    );
+    let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
+    let z = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
+    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
+    assert_eq!(cni.snapshot_sent()?, "");
+    z.wait_enrolled(&[&a, &b])?;
+    assert!(ok(&mut t, &a, b.addr(8080)), "a → b");
+    z.crash();
+
+    // The successor is connected to istio-cni but has no snapshot yet: the pinned
+    // capture stays, so a's connects still fail closed.
+    let z = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    z.wait_for("the admin api", |_| true)?;
+    let res = t.call(&a, b.addr(8080), &[]);
+    let err = format!("{:?}", res.expect_err("no plaintext before the snapshot"));
+    assert!(err.contains("Connection refused"), "{err}");
+
+    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
+    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
+    assert_eq!(cni.snapshot_sent()?, "");
+    z.wait_enrolled(&[&a, &b])?;
+    assert!(ok(&mut t, &a, b.addr(8080)), "a → b after the takeover");
+    let progs = ztunnel_tests::cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    Ok(())
+}

@@ -21,6 +21,8 @@ use super::{
 };
 use crate::identity::{self, CertificateFuture, CertificateSource, Identity, WorkloadCertificate};
 
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The metadata key that names the identity ztunnel asks for on a pod's behalf.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
@@ -119,6 +121,9 @@ impl IstioCa {
                 )]),
             }),
         };
+        let mut req = tonic::Request::new(req);
+        // A CA that accepts the connection but never answers must not stall renewal.
+        req.set_timeout(REQUEST_TIMEOUT);
         let answer = self
             .client
             .clone()
