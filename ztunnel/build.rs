@@ -1,9 +1,11 @@
 //! Compiles the kernel programs (`ztunnel-ebpf`) with the nightly toolchain and
 //! bpf-linker, for `include_bytes_aligned!` in `src/ebpf.rs`. `cargo xtask setup`
-//! installs both.
+//! installs both. Also generates the Istio control-plane messages (prost/tonic) from
+//! `proto/` with protoc (Debian's protobuf-compiler, also installed by setup).
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     let ebpf = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-ebpf");
     let common = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-common");
     println!("cargo:rerun-if-changed={common}");
@@ -16,4 +18,23 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::default(),
     )
     .context("failed to build the eBPF programs; run `cargo xtask setup` first")
+}
+
+fn compile_protos() -> anyhow::Result<()> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    println!("cargo:rerun-if-changed={dir}");
+    let files = [
+        "google/rpc/status.proto",
+        "envoy/discovery.proto",
+        "istio/workload.proto",
+        "istio/authorization.proto",
+        "istio/zds.proto",
+        "istio/ca.proto",
+    ]
+    .map(|f| format!("{dir}/{f}"));
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&files, &[dir.to_owned()])
+        .context("failed to compile proto/ (is protoc installed? `cargo xtask setup` installs it)")
 }

@@ -19,6 +19,8 @@ use ztunnel::admin::ConfigDump;
 
 pub mod bench;
 pub mod demo;
+pub mod fake_cni;
+pub mod fake_istiod;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -700,6 +702,19 @@ impl Topology {
     ) -> anyhow::Result<Ztunnel> {
         let mut source = Command::new("");
         source.arg("--workloads").arg(file);
+        self.spawn_ztunnel_from(node, fast_path, &source)
+    }
+
+    /// Starts a node's ztunnel with these source arguments (`--workloads <file>`, or
+    /// `--source istio …`) without waiting for anything.
+    pub fn spawn_ztunnel_with(
+        &mut self,
+        node: &str,
+        fast_path: bool,
+        source_args: &[std::ffi::OsString],
+    ) -> anyhow::Result<Ztunnel> {
+        let mut source = Command::new("");
+        source.args(source_args);
         self.spawn_ztunnel_from(node, fast_path, &source)
     }
 

@@ -15,9 +15,10 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use crate::{
     admin,
     capture::{Capture, PodCapture},
-    config::{Config, Source},
+    config::{Ca, Config, Source},
     ebpf,
-    identity::{BuiltinCa, CertificateManager, Identity},
+    identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
+    istio::{self, source::IstioSource},
     netns::Netns,
     proxy::{PodListeners, PodNet, Proxy},
     state::{self, LocalConfig, LocalPod, Store},
@@ -51,6 +52,8 @@ pub struct Shared {
     pub log: crate::telemetry::LogControl,
     /// Notified by the admin port's `/quitquitquit`.
     pub quit: tokio::sync::Notify,
+    /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
+    enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
 }
 
 impl Shared {
@@ -109,8 +112,10 @@ impl Shared {
         }
         let mut ok = true;
         let mut pending = Vec::new();
+        let mut results = BTreeMap::new();
         for (key, spec) in desired {
             if pods.contains_key(key) {
+                results.insert(key.clone(), Ok(()));
                 continue;
             }
             let started = std::time::Instant::now();
@@ -119,15 +124,21 @@ impl Shared {
                     let elapsed_us = started.elapsed().as_micros() as u64;
                     tracing::info!(pod = %key, netns = %spec.netns.display(), elapsed_us, "pod enrolled");
                     pods.insert(key.clone(), e);
+                    results.insert(key.clone(), Ok(()));
                 }
                 Err(e) => {
                     ok = false;
                     pending.push(key.clone());
+                    results.insert(
+                        key.clone(),
+                        Err(format!("failed to enrol pod {key}: {e:#}")),
+                    );
                     tracing::error!(pod = %key, error = format!("{e:#}"), "failed to enrol pod; will retry");
                 }
             }
         }
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
+        self.enrol_results.send_replace(results);
         ok
     }
 
@@ -283,8 +294,9 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     }
 
     // Where workloads and enrolment come from, the updates that follow, and what keeps the
-    // source running.
-    let (initial, mut rx, _source, kube_client): (_, _, Box<dyn std::any::Any>, _) =
+    // source running (Istio's starts below, once enrolment can answer istio-cni).
+    let mut istio_tx = None;
+    let (initial, mut rx, mut source, kube_client): (_, _, Option<Box<dyn std::any::Any>>, _) =
         match cfg.source {
             Source::File => {
                 let path = cfg
@@ -295,28 +307,55 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
                 let (tx, rx) = watch::channel(initial.clone());
                 let watcher = state::watch(path.clone(), cfg.node.clone(), tx)
                     .with_context(|| format!("failed to watch {}", path.display()))?;
-                (initial, rx, Box::new(watcher), None)
+                (
+                    initial,
+                    rx,
+                    Some(Box::new(watcher) as Box<dyn std::any::Any>),
+                    None,
+                )
             }
             Source::Kube => {
                 let opts = crate::kube::Options::from_config(&cfg, cgroup_root.clone());
                 let k = crate::kube::start(opts).await?;
                 let initial = k.updates.borrow().clone();
-                (initial, k.updates, Box::new(k.guard), Some(k.client))
+                (
+                    initial,
+                    k.updates,
+                    Some(Box::new(k.guard) as Box<dyn std::any::Any>),
+                    Some(k.client),
+                )
+            }
+            Source::Istio => {
+                let initial = IstioSource::empty(&cfg.istio.base(&cfg.node, &cfg.trust_domain));
+                let (tx, rx) = watch::channel(initial.clone());
+                istio_tx = Some(tx);
+                (initial, rx, None, None)
             }
         };
-    let ca = match &kube_client {
-        None => BuiltinCa::load_or_create(&cfg.ca_dir, &initial.trust_domain, cfg.cert_lifetime)?,
-        Some(client) => {
+    let mut istio_health = istio::Health::default();
+    let ca: Arc<dyn CertificateSource> = match (cfg.ca(), &kube_client) {
+        (Ca::Builtin, None) => Arc::new(BuiltinCa::load_or_create(
+            &cfg.ca_dir,
+            &initial.trust_domain,
+            cfg.cert_lifetime,
+        )?),
+        (Ca::Builtin, Some(client)) => Arc::new(
             crate::kube::builtin_ca(
                 client,
                 &cfg.ca_secret,
                 &initial.trust_domain,
                 cfg.cert_lifetime,
             )
-            .await?
+            .await?,
+        ),
+        (Ca::Istio, _) => {
+            let ca = cfg.istio.ca(cfg.cert_lifetime)?;
+            istio_health.ca = Some(ca.status());
+            Arc::new(ca)
         }
     };
-    let certs = Arc::new(CertificateManager::new(Arc::new(ca)));
+    let certs = Arc::new(CertificateManager::new(ca));
+    let (results_tx, results_rx) = watch::channel(Default::default());
     let metrics = crate::metrics::Metrics::new();
     let capture = Capture::load(
         cfg.capture,
@@ -333,7 +372,15 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         pending: Mutex::default(),
         log,
         quit: tokio::sync::Notify::new(),
+        enrol_results: results_tx,
     });
+    if let Some(tx) = istio_tx {
+        let running = istio::start(&cfg.istio, &cfg.node, &cfg.trust_domain, tx, results_rx)?;
+        istio_health.source = Some(running.source.clone());
+        source = Some(Box::new(running));
+    }
+    // Dropping it stops following the source.
+    let _source = source;
     shared
         .proxy
         .set_inbound_redirected(shared.capture.inbound_is_redirected());
@@ -347,10 +394,15 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .await
         .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
     let s = shared.clone();
+    let health = istio_health.clone();
+    let synced = istio_health.clone();
     tokio::spawn(crate::metrics::serve_metrics(
         listener,
-        metrics,
-        move || s.refresh_metrics(),
+        metrics.clone(),
+        move || {
+            s.refresh_metrics();
+            health.refresh_metrics(&metrics);
+        },
     ));
     let listener = TcpListener::bind(cfg.readiness_addr)
         .await
@@ -362,7 +414,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         })?;
     let s = shared.clone();
     tokio::spawn(crate::metrics::serve_readiness(listener, move || {
-        s.readiness()
+        s.readiness()?;
+        istio_health.readiness()
     }));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -376,7 +429,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         shared.proxy.set_store(Store::new(current));
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
-        if first {
+        // With ZDS, the pods are known only once istio-cni's snapshot is in.
+        if first && synced.pods_known() {
             // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
             shared.capture.release_unclaimed(&shared.netns_cookies());
             first = false;

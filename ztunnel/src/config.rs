@@ -11,7 +11,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where workloads, services, namespaces and enrolment come from.
+/// Where workloads, services, policies and this node's pods come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
@@ -20,13 +20,25 @@ pub enum Source {
     /// The Kubernetes API (Pods, Namespaces, Services), with each local pod's netns and
     /// cgroup found under the node's /proc and cgroup tree.
     Kube,
+    /// istiod over delta xDS, and this node's pods from istio-cni over ZDS.
+    Istio,
+}
+
+/// Who signs workload certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ca {
+    /// ztunnel's own CA (`--ca-dir`, or the `--ca-secret` Secret with `--source kube`).
+    Builtin,
+    /// Istio's CA (istiod's `IstioCertificateService`).
+    Istio,
 }
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// Where workloads and enrolment come from: `file` (`--workloads`) or `kube` (the
-    /// Kubernetes API, in-cluster or through KUBECONFIG).
+    /// Where workloads and this node's pods come from: `file` (`--workloads`), `kube` (the
+    /// Kubernetes API, in-cluster or through KUBECONFIG) or `istio` (istiod and istio-cni).
     #[arg(long, env = "ZTUNNEL_SOURCE", value_enum, default_value = "file")]
     pub source: Source,
 
@@ -36,8 +48,9 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_WORKLOADS")]
     pub workloads: Option<PathBuf>,
 
-    /// `--source kube`: the SPIFFE trust domain of pod identities.
-    #[arg(long, env = "ZTUNNEL_TRUST_DOMAIN", default_value = "cluster.local")]
+    /// The SPIFFE trust domain of pod identities (`--source kube`, and pods istio-cni
+    /// hands over before istiod has described them).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
 
     /// `--source kube`: the Secret (`namespace/name`) holding the built-in CA's root, shared
@@ -53,6 +66,16 @@ pub struct Config {
     /// a process in its cgroup (the DaemonSet runs with hostPID).
     #[arg(long, env = "ZTUNNEL_HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
+
+    /// Who signs workload certificates; defaults to `istio` with `--source istio`, else
+    /// `builtin`.
+    #[arg(long, env = "ZTUNNEL_CA", value_enum)]
+    pub ca: Option<Ca>,
+
+    /// istiod, its CA and istio-cni.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub istio: crate::istio::IstioConfig,
 
     /// This node's name; only workloads with this `node` are captured.
     #[arg(long, env = "NODE_NAME")]
@@ -115,6 +138,14 @@ pub enum Error {
 }
 
 impl Config {
+    /// The CA in use (`--ca`, or the source's default).
+    pub fn ca(&self) -> Ca {
+        self.ca.unwrap_or(match self.source {
+            Source::Istio => Ca::Istio,
+            Source::File | Source::Kube => Ca::Builtin,
+        })
+    }
+
     /// Checks every field and reports all problems together.
     pub fn validate(&self) -> Result<(), Error> {
         let mut problems = Vec::new();
@@ -123,6 +154,9 @@ impl Config {
                 "--admin-addr {}: the admin API serves only loopback addresses",
                 self.admin_addr
             ));
+        }
+        if self.source == Source::File && self.workloads.is_none() {
+            problems.push("--workloads: required with --source file".to_owned());
         }
         if self.node.trim().is_empty() {
             problems.push("--node: must not be empty".to_owned());
@@ -133,9 +167,6 @@ impl Config {
                 self.bpf_pin_dir.display()
             ));
         }
-        if self.source == Source::File && self.workloads.is_none() {
-            problems.push("--workloads: required with --source file".to_owned());
-        }
         if self.source == Source::Kube
             && let Some(w) = &self.workloads
         {
@@ -144,13 +175,13 @@ impl Config {
                 w.display()
             ));
         }
+        if self.trust_domain.trim().is_empty() || self.trust_domain.contains('/') {
+            problems.push(format!(
+                "--trust-domain {:?}: must be a non-empty name without '/'",
+                self.trust_domain
+            ));
+        }
         if self.source == Source::Kube {
-            if self.trust_domain.trim().is_empty() || self.trust_domain.contains('/') {
-                problems.push(format!(
-                    "--trust-domain {:?}: must be a non-empty name without '/'",
-                    self.trust_domain
-                ));
-            }
             if crate::kube::split_secret_ref(&self.ca_secret).is_none() {
                 problems.push(format!(
                     "--ca-secret {:?}: must be `namespace/name`",
@@ -199,6 +230,24 @@ mod tests {
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/ztunnel"));
         assert!(!c.fast_path);
         c.validate().expect("defaults are valid");
+        assert_eq!(c.source, Source::File);
+        assert_eq!(c.ca(), Ca::Builtin);
+    }
+
+    #[test]
+    fn istio_source_needs_no_file_and_defaults_to_istio_ca() {
+        let c = parse(&["--source", "istio", "--node", "n1"]);
+        c.validate().expect("istio mode needs no workload file");
+        assert_eq!(c.ca(), Ca::Istio);
+        assert_eq!(
+            c.istio.zds_socket,
+            PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+        );
+        assert_eq!(c.istio.xds_address, "https://istiod.istio-system.svc:15012");
+        let mixed = parse(&["--workloads", "/w.yaml", "--node", "n1", "--ca", "istio"]);
+        assert_eq!(mixed.ca(), Ca::Istio);
+        let err = parse(&["--node", "n1"]).validate().expect_err("no file");
+        assert!(err.to_string().contains("--workloads"), "{err}");
     }
 
     #[test]

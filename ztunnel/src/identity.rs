@@ -132,6 +132,14 @@ pub enum Error {
         expired_for: Duration,
     },
 
+    #[error("ca at {address} failed to issue a certificate for {identity}")]
+    RemoteCa {
+        address: String,
+        identity: Identity,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     #[error(
         "certificate for {identity} was forgotten (or its fetcher stopped) while being fetched"
     )]

@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod iptables;
+pub mod istio;
 pub mod kube;
 pub mod metrics;
 pub mod netns;

@@ -211,6 +211,11 @@ impl ConnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComponentLabels {
+    component: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: String,
 }
@@ -242,6 +247,7 @@ pub struct Metrics {
     pool_streams: Gauge,
     policy_denials: Family<DenyLabels, Counter>,
     certificate_expiry: Family<IdentityLabels, Gauge>,
+    control_plane_up: Family<ComponentLabels, Gauge>,
     capture: Arc<CaptureCollector>,
 }
 
@@ -329,6 +335,13 @@ impl Metrics {
              expired)",
             certificate_expiry.clone(),
         );
+        let control_plane_up = Family::<ComponentLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_control_plane_up",
+            "1 while the control-plane interface works (xds: stream to istiod open; ca: last \
+             certificate request succeeded; zds: connected to istio-cni), else 0",
+            control_plane_up.clone(),
+        );
         let capture = Arc::new(CaptureCollector::default());
         registry.register_collector(Box::new(Arc::clone(&capture)));
 
@@ -344,6 +357,7 @@ impl Metrics {
             pool_streams,
             policy_denials,
             certificate_expiry,
+            control_plane_up,
             capture,
         })
     }
@@ -411,6 +425,15 @@ impl Metrics {
     /// Sets the number of pods whose traffic is captured on this node.
     pub fn set_enrolled_pods(&self, n: i64) {
         self.enrolled_pods.set(n);
+    }
+
+    /// Sets whether a control-plane interface (`xds`, `ca`, `zds`) works.
+    pub fn set_control_plane_up(&self, component: &str, up: bool) {
+        self.control_plane_up
+            .get_or_create(&ComponentLabels {
+                component: component.to_owned(),
+            })
+            .set(i64::from(up));
     }
 
     /// Sets the outbound HBONE pool's connection and stream counts.

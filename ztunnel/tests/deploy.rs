@@ -308,3 +308,36 @@ fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
         "the istio overlay grants no RBAC"
     );
 }
+
+/// Environment variables the manifests may set that ztunnel's flags do not read: the log
+/// filter, and a variable Istio's chart sets that we keep so values files carry over.
+const ENV_NOT_FLAGS: &[&str] = &["RUST_LOG", "SERVICE_ACCOUNT"];
+
+#[test]
+fn every_environment_variable_in_the_manifests_is_one_ztunnel_reads() {
+    use clap::Args as _;
+    let known: BTreeSet<String> = ztunnel::config::Config::augment_args(clap::Command::new("z"))
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for overlay in ["standalone", "istio"] {
+        let docs = render(&deploy().join("overlays").join(overlay));
+        let [ds] = find(&docs, "DaemonSet")[..] else {
+            panic!("expected one DaemonSet in {overlay}");
+        };
+        let names: Vec<&str> = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env list")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert!(names.contains(&"ZTUNNEL_SOURCE"), "{overlay}: {names:?}");
+        for name in names {
+            assert!(
+                known.contains(name) || ENV_NOT_FLAGS.contains(&name),
+                "{overlay}: the DaemonSet sets {name}, which no ztunnel flag reads (known: {known:?})"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod demo;
 mod enrolment;
 mod inbound;
 mod iptables;
+mod istio;
 mod kernel;
 mod kube;
 mod metrics;
