@@ -181,13 +181,11 @@ impl Config {
                 self.trust_domain
             ));
         }
-        if self.source == Source::Kube {
-            if crate::kube::split_secret_ref(&self.ca_secret).is_none() {
-                problems.push(format!(
-                    "--ca-secret {:?}: must be `namespace/name`",
-                    self.ca_secret
-                ));
-            }
+        if self.source == Source::Kube && crate::kube::split_secret_ref(&self.ca_secret).is_none() {
+            problems.push(format!(
+                "--ca-secret {:?}: must be `namespace/name`",
+                self.ca_secret
+            ));
         }
         if let Some(cg) = &self.cgroup
             && !cg.is_absolute()

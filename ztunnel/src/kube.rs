@@ -45,7 +45,7 @@ pub enum Error {
     SecretRoot {
         secret: String,
         #[source]
-        source: crate::identity::Error,
+        source: Box<crate::identity::Error>,
     },
     #[error("the kubernetes watchers stopped before their first full list")]
     Stopped,

@@ -42,7 +42,7 @@ pub async fn load_or_create(
             let (cert, key) =
                 BuiltinCa::generate_root_pem(trust_domain).map_err(|source| Error::SecretRoot {
                     secret: secret.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let new = Secret {
                 metadata: ObjectMeta {
@@ -103,7 +103,10 @@ pub async fn load_or_create(
         trust_domain,
         lifetime,
     )
-    .map_err(|source| Error::SecretRoot { secret, source })
+    .map_err(|source| Error::SecretRoot {
+        secret,
+        source: Box::new(source),
+    })
 }
 
 #[cfg(test)]
