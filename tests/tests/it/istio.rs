@@ -102,6 +102,23 @@ fn deny_from(principal: &str) -> security::Authorization {
     }
 }
 
+/// istiod describes each pod as a plain workload (version "1").
+fn describe(istiod: &FakeIstiod, pods: &[&Pod]) {
+    for p in pods {
+        istiod.put_message(ADDRESS_TYPE, &xds_name(p), "1", &workload_of(p, false, &[]));
+    }
+}
+
+/// istio-cni hands the pods over (each add must be acked without an error) and says its
+/// snapshot is complete.
+fn hand_over(cni: &mut FakeCni, pods: &[&Pod]) -> anyhow::Result<()> {
+    for p in pods {
+        assert_eq!(cni.add(&zds_uid(p), p)?, "", "add {}", p.name);
+    }
+    assert_eq!(cni.snapshot_sent()?, "", "snapshot");
+    Ok(())
+}
+
 fn ok(t: &mut Topology, from: &Pod, dst: std::net::SocketAddr) -> bool {
     matches!(t.call(from, dst, &[]), Ok(out) if out.contains("match=true"))
 }
@@ -337,26 +354,13 @@ fn unreachable_ca_keeps_current_certificates_and_says_so() -> anyhow::Result<()>
     let _sa = t.serve(&a, a.addr(9000))?;
     let _sb = t.serve(&b, b.addr(8080))?;
     let mut istiod = FakeIstiod::start(t.dir.path())?;
-    istiod.put_message(
-        ADDRESS_TYPE,
-        &xds_name(&a),
-        "1",
-        &workload_of(&a, false, &[]),
-    );
-    istiod.put_message(
-        ADDRESS_TYPE,
-        &xds_name(&b),
-        "1",
-        &workload_of(&b, false, &[]),
-    );
+    describe(&istiod, &[&a, &b]);
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
     // The fake CA backdates by a minute: 120 s asked → renewal due 30 s from issue,
     // with 90 s left on the certificate when it is.
     let z = start_istio_ztunnel(&mut t, &istiod, &cni, "120s")?;
     cni.accept()?;
-    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
-    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
-    assert_eq!(cni.snapshot_sent()?, "");
+    hand_over(&mut cni, &[&a, &b])?;
     z.wait_enrolled(&[&a, &b])?;
     wait_readiness(&z, "readiness", |r| r.is_ok())?;
     assert!(ok(&mut t, &a, b.addr(8080)), "a → b");
@@ -434,24 +438,11 @@ fn restarted_ztunnel_keeps_pods_closed_until_istio_cni_hands_them_over_again() -
     let _sa = t.serve(&a, a.addr(9000))?;
     let _sb = t.serve(&b, b.addr(8080))?;
     let istiod = FakeIstiod::start(t.dir.path())?;
-    istiod.put_message(
-        ADDRESS_TYPE,
-        &xds_name(&a),
-        "1",
-        &workload_of(&a, false, &[]),
-    );
-    istiod.put_message(
-        ADDRESS_TYPE,
-        &xds_name(&b),
-        "1",
-        &workload_of(&b, false, &[]),
-    );
+    describe(&istiod, &[&a, &b]);
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
     let z = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
     cni.accept()?;
-    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
-    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
-    assert_eq!(cni.snapshot_sent()?, "");
+    hand_over(&mut cni, &[&a, &b])?;
     z.wait_enrolled(&[&a, &b])?;
     assert!(ok(&mut t, &a, b.addr(8080)), "a → b");
     z.crash();
@@ -465,9 +456,7 @@ fn restarted_ztunnel_keeps_pods_closed_until_istio_cni_hands_them_over_again() -
     let err = format!("{:?}", res.expect_err("no plaintext before the snapshot"));
     assert!(err.contains("Connection refused"), "{err}");
 
-    assert_eq!(cni.add(&zds_uid(&a), &a)?, "");
-    assert_eq!(cni.add(&zds_uid(&b), &b)?, "");
-    assert_eq!(cni.snapshot_sent()?, "");
+    hand_over(&mut cni, &[&a, &b])?;
     z.wait_enrolled(&[&a, &b])?;
     assert!(ok(&mut t, &a, b.addr(8080)), "a → b after the takeover");
     let progs = ztunnel_tests::cgroup_programs(&a.cgroup)?;

@@ -61,19 +61,23 @@ fn in_cgroup(pod: &Pod, dir: PathBuf) -> anyhow::Result<Pod> {
     })
 }
 
+/// The topology's cgroup base (pods live in `<base>/pods/<name>`), where the tests build
+/// kubelet-shaped cgroup trees.
+fn cgroup_base(p: &Pod) -> anyhow::Result<std::path::PathBuf> {
+    Ok(p.cgroup
+        .parent()
+        .and_then(Path::parent)
+        .context("pod cgroup base")?
+        .to_owned())
+}
+
 #[test]
 fn pods_are_found_by_uid_in_each_kubelet_cgroup_layout() -> anyhow::Result<()> {
     let mut t = Topology::new()?;
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
     let c = t.add_pod("c", true, false)?;
-    // The topology's cgroup base: `<base>/pods/<name>`.
-    let base = a
-        .cgroup
-        .parent()
-        .and_then(Path::parent)
-        .context("pod cgroup base")?
-        .to_owned();
+    let base = cgroup_base(&a)?;
 
     // cgroupfs driver (containerd): kubepods/<qos>/pod<uid>/<container id>. A host-network
     // process joins the pod cgroup first (lowest pid): it must not be taken for the pod.
@@ -195,12 +199,7 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     let (uid_a, uid_b) = (uid(1), uid(2));
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
-    let base = a
-        .cgroup
-        .parent()
-        .and_then(Path::parent)
-        .context("pod cgroup base")?
-        .to_owned();
+    let base = cgroup_base(&a)?;
     let a = in_cgroup(
         &a,
         base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
