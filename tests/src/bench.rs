@@ -846,6 +846,17 @@ fn machine() -> anyhow::Result<Machine> {
     })
 }
 
+/// Draws `bench.md` and `bench.svg` again from a run's `bench.json` (e.g. after the chart
+/// changed), next to it.
+pub fn render(json: &Path) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(json)
+        .with_context(|| format!("failed to read {}", json.display()))?;
+    let r: Report = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a bench report", json.display()))?;
+    write_outputs(&r, json.parent().unwrap_or(Path::new(".")))?;
+    Ok(r)
+}
+
 fn write_outputs(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let write = |name: &str, text: &str| -> anyhow::Result<()> {
         let p = dir.join(name);
@@ -941,8 +952,9 @@ pub fn markdown(r: &Report) -> String {
 pub fn svg(r: &Report) -> String {
     let keys: Vec<&Figure> = FIGURES.iter().filter(|f| !f.ztunnel_only).collect();
     let colors = ["#9e9e9e", "#e07b39", "#3a7dc9", "#3aa35b"];
-    let (left, top, row, bar) = (260.0, 40.0, 56.0, 14.0);
-    let width = 900.0;
+    let bar = 14.0;
+    let (left, top, row) = (320.0, 40.0, bar * r.scenarios.len() as f64 + 16.0);
+    let width = 960.0;
     let plot_w = width - left - 80.0;
     let max = r
         .scenarios

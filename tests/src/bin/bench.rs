@@ -16,6 +16,9 @@ struct Cli {
     /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
     #[arg(long)]
     profile: bool,
+    /// Only draw bench.md and bench.svg again from this bench.json (no measuring).
+    #[arg(long, value_name = "BENCH_JSON")]
+    render: Option<PathBuf>,
     /// Where bench.md, bench.json and bench.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -23,6 +26,11 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(json) = &cli.render {
+        let report = ztunnel_tests::bench::render(json)?;
+        print!("{}", ztunnel_tests::bench::markdown(&report));
+        return Ok(());
+    }
     ztunnel_tests::require_root();
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: tearing the bench topologies down");
