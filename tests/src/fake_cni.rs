@@ -107,32 +107,12 @@ impl FakeCni {
     /// Sends `add` with the pod's netns; returns the ack's error text (empty = ok).
     pub fn add(&self, uid: &str, pod: &Pod) -> anyhow::Result<String> {
         let netns = File::open(&pod.netns_path)?;
-        self.request(
-            Payload::Add(AddWorkload {
-                uid: uid.to_owned(),
-                workload_info: Some(WorkloadInfo {
-                    name: pod.name.clone(),
-                    namespace: "default".to_owned(),
-                    service_account: pod.service_account.clone(),
-                }),
-            }),
-            Some(&netns),
-        )
+        self.request(add_payload(uid, pod), Some(&netns))
     }
 
     /// Sends `add` without any fd (a protocol error ztunnel must reject).
     pub fn add_without_fd(&self, uid: &str, pod: &Pod) -> anyhow::Result<String> {
-        self.request(
-            Payload::Add(AddWorkload {
-                uid: uid.to_owned(),
-                workload_info: Some(WorkloadInfo {
-                    name: pod.name.clone(),
-                    namespace: "default".to_owned(),
-                    service_account: pod.service_account.clone(),
-                }),
-            }),
-            None,
-        )
+        self.request(add_payload(uid, pod), None)
     }
 
     pub fn keep(&self, uid: &str) -> anyhow::Result<String> {
@@ -177,4 +157,16 @@ impl Drop for FakeCni {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// The `add` message for a pod in `default`.
+fn add_payload(uid: &str, pod: &Pod) -> Payload {
+    Payload::Add(AddWorkload {
+        uid: uid.to_owned(),
+        workload_info: Some(WorkloadInfo {
+            name: pod.name.clone(),
+            namespace: "default".to_owned(),
+            service_account: pod.service_account.clone(),
+        }),
+    })
 }

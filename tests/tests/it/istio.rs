@@ -8,7 +8,7 @@ use ztunnel::istio::proto::{
     workload,
 };
 use ztunnel_tests::{
-    Pod, Topology, Ztunnel,
+    Pod, PodProcess, Topology, Ztunnel,
     fake_cni::FakeCni,
     fake_istiod::{CLUSTER, FakeIstiod},
 };
@@ -102,6 +102,16 @@ fn deny_from(principal: &str) -> security::Authorization {
     }
 }
 
+/// Pods `a` (serving :9000) and `b` (serving :8080). A process in each pod matters: the
+/// pod's cgroup is found from its netns through them.
+fn two_serving_pods() -> anyhow::Result<(Topology, Pod, Pod, [PodProcess; 2])> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let servers = [t.serve(&a, a.addr(9000))?, t.serve(&b, b.addr(8080))?];
+    Ok((t, a, b, servers))
+}
+
 /// istiod describes each pod as a plain workload (version "1").
 fn describe(istiod: &FakeIstiod, pods: &[&Pod]) {
     for p in pods {
@@ -150,12 +160,7 @@ fn start_istio_ztunnel(
 
 #[test]
 fn istio_control_plane_drives_enrolment_routing_policy_and_certificates() -> anyhow::Result<()> {
-    let mut t = Topology::new()?;
-    let a = t.add_pod("a", true, false)?;
-    let b = t.add_pod("b", true, false)?;
-    // A process in each pod: its cgroup is found from the netns through them.
-    let _sa = t.serve(&a, a.addr(9000))?;
-    let _sb = t.serve(&b, b.addr(8080))?;
+    let (mut t, a, b, _servers) = two_serving_pods()?;
 
     let mut istiod = FakeIstiod::start(t.dir.path())?;
     istiod.put_message(
@@ -348,11 +353,7 @@ fn wait_readiness(
 
 #[test]
 fn unreachable_ca_keeps_current_certificates_and_says_so() -> anyhow::Result<()> {
-    let mut t = Topology::new()?;
-    let a = t.add_pod("a", true, false)?;
-    let b = t.add_pod("b", true, false)?;
-    let _sa = t.serve(&a, a.addr(9000))?;
-    let _sb = t.serve(&b, b.addr(8080))?;
+    let (mut t, a, b, _servers) = two_serving_pods()?;
     let mut istiod = FakeIstiod::start(t.dir.path())?;
     describe(&istiod, &[&a, &b]);
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
@@ -432,11 +433,7 @@ fn file_workloads_can_take_certificates_from_istios_ca() -> anyhow::Result<()> {
 #[test]
 fn restarted_ztunnel_keeps_pods_closed_until_istio_cni_hands_them_over_again() -> anyhow::Result<()>
 {
-    let mut t = Topology::new()?;
-    let a = t.add_pod("a", true, false)?;
-    let b = t.add_pod("b", true, false)?;
-    let _sa = t.serve(&a, a.addr(9000))?;
-    let _sb = t.serve(&b, b.addr(8080))?;
+    let (mut t, a, b, _servers) = two_serving_pods()?;
     let istiod = FakeIstiod::start(t.dir.path())?;
     describe(&istiod, &[&a, &b]);
     let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
