@@ -38,12 +38,8 @@ pub enum Error {
     )]
     InvalidIdentity { input: String, reason: &'static str },
 
-    #[error("failed to parse {what}")]
-    ParseCertificate {
-        what: String,
-        #[source]
-        source: X509Error,
-    },
+    #[error("failed to parse {what}: {problem}")]
+    ParseCertificate { what: String, problem: String },
 
     #[error("{what} has no spiffe uri san")]
     NoSpiffeIdentity { what: String },
@@ -65,19 +61,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("built-in ca file {} is not valid pem", path.display())]
-    RootPem {
-        path: PathBuf,
-        #[source]
-        source: rustls_pki_types::pem::Error,
-    },
+    #[error("built-in ca file {} is not usable pem: {problem}", path.display())]
+    RootPem { path: PathBuf, problem: String },
 
-    #[error("built-in ca file {} is invalid", path.display())]
-    RootCertificate {
-        path: PathBuf,
-        #[source]
-        source: X509Error,
-    },
+    #[error("built-in ca file {} is not a valid certificate: {problem}", path.display())]
+    RootCertificate { path: PathBuf, problem: String },
+
+    #[error(
+        "built-in ca key {} is accessible by others (mode {mode:04o}): a private key must be readable by its owner only, as ssh requires of its keys; fix it with `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
 
     #[error("built-in ca file {} holds an unusable key", path.display())]
     RootKey {
@@ -279,7 +274,7 @@ impl WorkloadCertificate {
         let what = || "workload leaf certificate".to_owned();
         let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| Error::ParseCertificate {
             what: what(),
-            source: nom_error(e),
+            problem: der_problem(e),
         })?;
         let identity = identities_of(&cert)
             .into_iter()
@@ -401,12 +396,72 @@ fn system_time(t: &ASN1Time) -> Option<SystemTime> {
     }
 }
 
-// x509-parser reports through nom; a whole DER buffer is never "incomplete", but map it anyway.
-fn nom_error(e: x509_parser::nom::Err<X509Error>) -> X509Error {
-    match e {
+/// What is wrong with a certificate's DER, in words (x509-parser's own texts are nom's:
+/// "nom error: Eof").
+pub fn der_problem(e: x509_parser::nom::Err<X509Error>) -> String {
+    use x509_parser::{der_parser::error::BerError, nom::error::ErrorKind};
+    let e = match e {
+        x509_parser::nom::Err::Incomplete(_) => return TRUNCATED_DER.to_owned(),
         x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
-        x509_parser::nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+    };
+    match e {
+        X509Error::NomError(ErrorKind::Eof) | X509Error::Der(BerError::Incomplete(_)) => {
+            TRUNCATED_DER.to_owned()
+        }
+        X509Error::NomError(kind) => {
+            format!("it is not an X.509 certificate (parse step {kind:?} failed)")
+        }
+        X509Error::Der(e) => format!("its DER encoding is invalid ({e})"),
+        e => format!("it is not a valid X.509 certificate ({e})"),
     }
+}
+
+const TRUNCATED_DER: &str = "it is cut short: the data ends inside the certificate";
+
+/// What is wrong with a PEM text, in words (the pem parser's own texts print the missing
+/// marker as a list of byte values). `label` is the section expected (`CERTIFICATE`).
+pub fn pem_problem(e: &rustls_pki_types::pem::Error, label: &str) -> String {
+    use rustls_pki_types::pem::Error as Pem;
+    match e {
+        Pem::MissingSectionEnd { end_marker } => format!(
+            "it is cut short: the \"-----END {}-----\" line is missing",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Pem::IllegalSectionStart { line } => format!(
+            "line {:?} is not a valid \"-----BEGIN …-----\" line",
+            String::from_utf8_lossy(line)
+        ),
+        Pem::Base64Decode(e) => format!("its base64 text is damaged ({e})"),
+        Pem::NoItemsFound => format!("it holds no \"-----BEGIN {label}-----\" section"),
+        Pem::SectionTooLarge => "a pem section is larger than 256 MB".to_owned(),
+        e => e.to_string(),
+    }
+}
+
+/// Every certificate of a PEM text, each checked to parse as X.509. Errors say which
+/// certificate (1-based) and what is wrong with it.
+pub fn certificates_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_problem(&e, "CERTIFICATE"))?;
+    if certs.is_empty() {
+        return Err(pem_problem(
+            &rustls_pki_types::pem::Error::NoItemsFound,
+            "CERTIFICATE",
+        ));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        X509Certificate::from_der(c).map_err(|e| {
+            format!(
+                "certificate {} of {}: {}",
+                i + 1,
+                certs.len(),
+                der_problem(e)
+            )
+        })?;
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -78,8 +78,8 @@ pub struct IstioConfig {
 pub enum Error {
     #[error(transparent)]
     Channel(#[from] channel::Error),
-    #[error("istiod root certificate {} holds no valid pem certificate", path.display())]
-    Roots { path: PathBuf },
+    #[error("istiod root certificate {} is unusable: {problem}", path.display())]
+    Roots { path: PathBuf, problem: String },
 }
 
 impl IstioConfig {
@@ -109,14 +109,13 @@ impl IstioConfig {
             .clone()
             .unwrap_or_else(|| self.xds_address.clone());
         let channel = channel::connect(&self.channel(&address))?;
-        let roots: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(&self.istio_root_cert)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .ok()
-                .filter(|r: &Vec<_>| !r.is_empty())
-                .ok_or_else(|| Error::Roots {
-                    path: self.istio_root_cert.clone(),
-                })?;
+        let roots: Vec<CertificateDer<'static>> = std::fs::read(&self.istio_root_cert)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| crate::identity::certificates_from_pem(&pem))
+            .map_err(|problem| Error::Roots {
+                path: self.istio_root_cert.clone(),
+                problem,
+            })?;
         Ok(ca_client::IstioCa::new(channel, address, lifetime, roots))
     }
 }

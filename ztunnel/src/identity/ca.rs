@@ -306,6 +306,7 @@ fn load_root(
     key_path: &Path,
     trust_domain: &str,
 ) -> Result<(CertificateDer<'static>, Issuer<'static, KeyPair>), Error> {
+    check_key_mode(key_path)?;
     root_from_pem(
         &read(cert_path)?,
         &read(key_path)?,
@@ -313,6 +314,28 @@ fn load_root(
         key_path,
         trust_domain,
     )
+}
+
+/// Refuses a key file that its group or others may read or write, as ssh does for
+/// private keys: the root key signs every identity in the mesh.
+fn check_key_mode(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = fs::metadata(path)
+        .map_err(|source| Error::Io {
+            action: "check the permissions of",
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(Error::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Checks and loads a root from its PEM texts; `cert_path` and `key_path` name where they
@@ -328,9 +351,14 @@ fn root_from_pem(
         path: path.to_owned(),
         reason,
     };
-    let root = CertificateDer::from_pem_slice(cert_pem).map_err(|source| Error::RootPem {
+    let root = CertificateDer::from_pem_slice(cert_pem).map_err(|e| Error::RootPem {
         path: cert_path.to_owned(),
-        source,
+        problem: super::pem_problem(&e, "CERTIFICATE"),
+    })?;
+    // rcgen's own pem errors say only "malformedframing": read the pem here first.
+    PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::RootPem {
+        path: key_path.to_owned(),
+        problem: super::pem_problem(&e, "PRIVATE KEY"),
     })?;
     let key_pem = String::from_utf8(key_pem.to_vec())
         .map_err(|_| unusable(key_path, "it is not utf-8 pem text".to_owned()))?;
@@ -341,7 +369,7 @@ fn root_from_pem(
 
     let (_, parsed) = X509Certificate::from_der(&root).map_err(|e| Error::RootCertificate {
         path: cert_path.to_owned(),
-        source: super::nom_error(e),
+        problem: super::der_problem(e),
     })?;
     if !parsed.is_ca() {
         return Err(unusable(
@@ -632,6 +660,117 @@ mod tests {
         assert!(
             !cert_path.exists(),
             "the missing root must not be regenerated"
+        );
+    }
+
+    #[test]
+    fn a_root_key_others_may_read_is_refused_as_ssh_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        new_ca(dir.path());
+        let key_path = dir.path().join(ROOT_KEY_FILE);
+        for mode in [0o640, 0o604, 0o644, 0o660, 0o602] {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = BuiltinCa::load_or_create(dir.path(), "cluster.local", DEFAULT_LIFETIME)
+                .err()
+                .expect("an open key must be refused")
+                .to_string();
+            let want = format!("mode {mode:04o}");
+            assert!(err.contains(&key_path.display().to_string()), "{err}");
+            assert!(err.contains(&want), "{want} missing: {err}");
+            assert!(
+                err.contains(&format!("chmod 600 {}", key_path.display())),
+                "{err}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(mode)).expect("chmod");
+            BuiltinCa::load_or_create(dir.path(), "cluster.local", DEFAULT_LIFETIME)
+                .expect("a key only its owner can read is fine");
+        }
+    }
+
+    /// Truncated certificates (a cut PEM text, a cut DER inside whole PEM) and keys are
+    /// reported naming the file and what is wrong, in words, never as byte lists.
+    #[test]
+    fn truncated_certificates_and_keys_are_reported_in_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let cert_path = dir.path().join(ROOT_CERT_FILE);
+        let key_path = dir.path().join(ROOT_KEY_FILE);
+        let (cert, key) = (
+            fs::read_to_string(&cert_path).expect("cert"),
+            fs::read_to_string(&key_path).expect("key"),
+        );
+        let der = ca.root().clone();
+        let cut_der = crate::identity::certificate_pem(&der[..der.len() / 2]);
+        let load = |cert: &str, key: &str| {
+            fs::write(&cert_path, cert).expect("write cert");
+            fs::write(&key_path, key).expect("write key");
+            let err = BuiltinCa::load_or_create(dir.path(), "cluster.local", DEFAULT_LIFETIME)
+                .err()
+                .expect("broken root must fail");
+            crate::proxy::error_chain(&err)
+        };
+        for (what, err, file, want) in [
+            (
+                "pem cut short",
+                load(&cert[..cert.len() / 2], &key),
+                &cert_path,
+                "it is cut short: the \"-----END CERTIFICATE-----\" line is missing",
+            ),
+            (
+                "der cut short",
+                load(&cut_der, &key),
+                &cert_path,
+                "is not a valid certificate: it is cut short: the data ends inside the certificate",
+            ),
+            (
+                "empty",
+                load("", &key),
+                &cert_path,
+                "it holds no \"-----BEGIN CERTIFICATE-----\" section",
+            ),
+            (
+                "key cut short",
+                load(&cert, &key[..key.len() / 2]),
+                &key_path,
+                "it is cut short: the \"-----END PRIVATE KEY-----\" line is missing",
+            ),
+        ] {
+            assert!(err.contains(&file.display().to_string()), "{what}: {err}");
+            assert!(err.contains(want), "{what}: want {want:?} in {err}");
+            assert!(
+                !err.contains("[45,") && !err.contains("nom error"),
+                "{what}: {err}"
+            );
+        }
+
+        // The same words for a CA answer and a leaf.
+        let err = crate::identity::certificates_from_pem(
+            format!("{cert}{}", &cert[..cert.len() - 40]).as_bytes(),
+        )
+        .expect_err("second certificate cut");
+        assert!(
+            err.contains("\"-----END CERTIFICATE-----\" line is missing"),
+            "{err}"
+        );
+        let err = crate::identity::certificates_from_pem(format!("{cert}{cut_der}").as_bytes())
+            .expect_err("second der cut");
+        assert_eq!(
+            err,
+            "certificate 2 of 2: it is cut short: the data ends inside the certificate"
+        );
+        let leaf = ca.issue(&id("cluster.local", "app")).expect("issue");
+        let err = crate::identity::WorkloadCertificate::new(
+            vec![CertificateDer::from(leaf.chain[0][..100].to_vec())],
+            leaf.key.clone_key(),
+            leaf.roots.clone(),
+        )
+        .expect_err("cut leaf")
+        .to_string();
+        assert_eq!(
+            err,
+            "failed to parse workload leaf certificate: it is cut short: the data ends inside the certificate"
         );
     }
 

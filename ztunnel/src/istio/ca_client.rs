@@ -11,7 +11,7 @@ use std::{
 };
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{
     channel::AuthChannel,
@@ -41,10 +41,11 @@ pub enum Error {
     },
     #[error("the ca answered with no certificates")]
     EmptyAnswer,
-    #[error("the ca's answer is not valid pem")]
+    #[error("the ca's answer is unusable: element {element} of {count}: {problem}")]
     Pem {
-        #[source]
-        source: rustls_pki_types::pem::Error,
+        element: usize,
+        count: usize,
+        problem: String,
     },
     #[error("the ca issued a certificate for {got:?}, not the identity asked for")]
     WrongIdentity { got: Option<String> },
@@ -145,19 +146,22 @@ pub fn parse_answer(
     id: &Identity,
     fallback_roots: &[CertificateDer<'static>],
 ) -> Result<WorkloadCertificate, Error> {
-    let certs = |pem: &str| {
-        CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Pem { source })
+    let count = elements.len();
+    let certs = |element: usize, pem: &str| {
+        identity::certificates_from_pem(pem.as_bytes()).map_err(|problem| Error::Pem {
+            element: element + 1,
+            count,
+            problem,
+        })
     };
     let (first, rest) = elements.split_first().ok_or(Error::EmptyAnswer)?;
-    let mut chain = certs(first)?;
+    let mut chain = certs(0, first)?;
     let roots = match rest.split_last() {
         Some((last, middle)) => {
-            for m in middle {
-                chain.extend(certs(m)?);
+            for (i, m) in middle.iter().enumerate() {
+                chain.extend(certs(i + 1, m)?);
             }
-            certs(last)?
+            certs(count - 1, last)?
         }
         None => fallback_roots.to_vec(),
     };
