@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,13 +15,14 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use crate::{
     admin,
     capture::{Capture, PodCapture},
+    cgroup,
     config::{Ca, Config, Source},
     ebpf,
     identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
     istio::{self, source::IstioSource},
     netns::Netns,
     proxy::{PodListeners, PodNet, Proxy},
-    state::{self, LocalConfig, LocalPod, Store},
+    state::{self, LocalPod, Store},
 };
 
 /// An enrolled pod as the admin API shows it.
@@ -38,8 +39,17 @@ pub struct EnrolledPodInfo {
 
 struct Enrolled {
     spec: LocalPod,
+    /// (device, inode) of the pod's netns: a new path to the same netns is the same pod.
+    netns_id: (u64, u64),
     capture: Option<PodCapture>,
     _listeners: PodListeners,
+}
+
+/// Where capture may attach, for the scope check every enrolment passes (eBPF capture
+/// only: iptables capture attaches nothing to cgroups).
+struct Scope {
+    root: PathBuf,
+    own: PathBuf,
 }
 
 /// State the admin API reads.
@@ -47,8 +57,10 @@ pub struct Shared {
     pub capture: Capture,
     pub proxy: Arc<Proxy>,
     pods: Mutex<BTreeMap<String, Enrolled>>,
-    /// Pods that should be enrolled but are not (yet): readiness waits for them.
-    pending: Mutex<Vec<String>>,
+    /// Pods that should be enrolled (or re-enrolled with a new spec) but are not (yet),
+    /// with the reason: readiness waits for them and says why.
+    pending: Mutex<Vec<(String, String)>>,
+    scope: Option<Scope>,
     pub log: crate::telemetry::LogControl,
     /// Notified by the admin port's `/quitquitquit`.
     pub quit: tokio::sync::Notify,
@@ -78,8 +90,10 @@ impl Shared {
             .collect()
     }
 
-    /// Brings the enrolled set to `desired`. Returns whether every pod succeeded.
-    fn reconcile(&self, desired: &BTreeMap<String, LocalPod>) -> bool {
+    /// Brings the enrolled set to `desired`. `known` lists every pod the config places on
+    /// a cgroup (enrolled or not), for the scope check. Returns whether every pod
+    /// succeeded.
+    fn reconcile(&self, desired: &BTreeMap<String, LocalPod>, known: &[(String, PathBuf)]) -> bool {
         // Certificates first, without holding the pod table: issuing one needs a runtime
         // worker, and an admin request may hold a worker while it waits for that table
         // (with one worker, e.g. on a 1-CPU node, waiting under the lock deadlocked).
@@ -96,12 +110,39 @@ impl Shared {
             let _ = tokio::runtime::Handle::current().block_on(self.proxy.certs.get(identity));
         }
         let mut pods = self.pods();
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
         let stale: Vec<String> = pods
             .iter()
             .filter(|(k, e)| desired.get(*k) != Some(&e.spec))
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
+            if let (Some(new), Some(e)) = (desired.get(&key), pods.get(&key)) {
+                // A new path to the same netns (another process of the pod found first)
+                // is the same pod: nothing to redo.
+                let same_pod = LocalPod {
+                    netns: new.netns.clone(),
+                    ..e.spec.clone()
+                } == *new
+                    && Netns::open(&new.netns)
+                        .and_then(|n| n.id())
+                        .is_ok_and(|id| id == e.netns_id);
+                if same_pod {
+                    if let Some(e) = pods.get_mut(&key) {
+                        e.spec = new.clone();
+                    }
+                    continue;
+                }
+                // A changed pod is re-enrolled only when the new spec can be: a
+                // half-written or wrong one must not take the working enrolment away.
+                if let Err(e) = self.check(new, &pods, known) {
+                    let reason = format!("{e:#}");
+                    tracing::error!(pod = %key, error = %reason, "new spec of an enrolled pod refused; keeping its current enrolment; will retry");
+                    self.count_failure(&e);
+                    failed.insert(key, format!("failed to re-enrol pod {}: {reason}", new.key));
+                    continue;
+                }
+            }
             if let Some(mut e) = pods.remove(&key) {
                 // Capture first, so new connections go direct before the listeners close.
                 if let Some(c) = e.capture.take() {
@@ -110,16 +151,19 @@ impl Shared {
                 tracing::info!(pod = %key, "pod unenrolled");
             }
         }
-        let mut ok = true;
-        let mut pending = Vec::new();
+        let mut ok = failed.is_empty();
         let mut results = BTreeMap::new();
         for (key, spec) in desired {
+            if let Some(reason) = failed.get(key) {
+                results.insert(key.clone(), Err(reason.clone()));
+                continue;
+            }
             if pods.contains_key(key) {
                 results.insert(key.clone(), Ok(()));
                 continue;
             }
             let started = std::time::Instant::now();
-            match self.enrol(spec) {
+            match self.enrol(spec, &pods, known) {
                 Ok(e) => {
                     let elapsed_us = started.elapsed().as_micros() as u64;
                     tracing::info!(pod = %key, netns = %spec.netns.display(), elapsed_us, "pod enrolled");
@@ -128,22 +172,80 @@ impl Shared {
                 }
                 Err(e) => {
                     ok = false;
-                    pending.push(key.clone());
-                    results.insert(
-                        key.clone(),
-                        Err(format!("failed to enrol pod {key}: {e:#}")),
-                    );
+                    self.count_failure(&e);
+                    let reason = format!("failed to enrol pod {key}: {e:#}");
+                    failed.insert(key.clone(), reason.clone());
+                    results.insert(key.clone(), Err(reason));
                     tracing::error!(pod = %key, error = format!("{e:#}"), "failed to enrol pod; will retry");
                 }
             }
         }
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = pending;
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = failed.into_iter().collect();
         self.enrol_results.send_replace(results);
         ok
     }
 
-    fn enrol(&self, spec: &LocalPod) -> anyhow::Result<Enrolled> {
+    fn count_failure(&self, e: &anyhow::Error) {
+        let scope = e
+            .chain()
+            .any(|c| matches!(c.downcast_ref(), Some(cgroup::Error::Broader { .. })));
+        self.proxy
+            .metrics
+            .enrolment_failed(if scope { "cgroup_scope" } else { "error" });
+    }
+
+    /// What must hold before `spec` is enrolled: its netns opens and is no other enrolled
+    /// pod's, and (eBPF capture) its cgroup is the pod's own, nothing broader. Returns the
+    /// netns's (device, inode).
+    fn check(
+        &self,
+        spec: &LocalPod,
+        pods: &BTreeMap<String, Enrolled>,
+        known: &[(String, PathBuf)],
+    ) -> anyhow::Result<(u64, u64)> {
+        let netns_id = Netns::open(&spec.netns)?.id()?;
+        if let Some((other, _)) = pods
+            .iter()
+            .find(|(k, e)| **k != spec.key && e.netns_id == netns_id)
+        {
+            anyhow::bail!(
+                "network namespace {} is pod {other}'s",
+                spec.netns.display()
+            );
+        }
+        if let Some(scope) = &self.scope {
+            let mut others: Vec<(String, PathBuf, bool)> = known
+                .iter()
+                .map(|(k, cg)| (k.clone(), cg.clone(), false))
+                .collect();
+            others.extend(
+                pods.values()
+                    .map(|e| (e.spec.key.clone(), e.spec.cgroup.clone(), true)),
+            );
+            let node = cgroup::Node {
+                root: scope.root.clone(),
+                own: scope.own.clone(),
+                pods: others,
+            };
+            cgroup::check_pod_scope(
+                &spec.key,
+                &spec.cgroup,
+                netns_id,
+                &node,
+                cgroup::process_netns,
+            )?;
+        }
+        Ok(netns_id)
+    }
+
+    fn enrol(
+        &self,
+        spec: &LocalPod,
+        pods: &BTreeMap<String, Enrolled>,
+        known: &[(String, PathBuf)],
+    ) -> anyhow::Result<Enrolled> {
         let identity: Identity = spec.identity.parse()?;
+        let netns_id = self.check(spec, pods, known)?;
         // The certificate first: the pod's HBONE listener serves it from the first connection.
         tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
         let pod = Arc::new(PodNet {
@@ -151,6 +253,7 @@ impl Shared {
             netns: Netns::open(&spec.netns)?,
             addrs: spec.addresses.clone(),
             identity,
+            return_path: Mutex::default(),
             server_tls: Mutex::default(),
         });
         // Listeners first: a connect captured before they exist would be refused.
@@ -160,6 +263,7 @@ impl Shared {
             .enrol(&spec.key, &spec.netns, &spec.cgroup, &spec.addresses)?;
         Ok(Enrolled {
             spec: spec.clone(),
+            netns_id,
             capture: Some(capture),
             _listeners: listeners,
         })
@@ -224,10 +328,11 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if !pending.is_empty() {
-            return Err(format!(
-                "capture not attached yet for: {}",
-                pending.join(", ")
-            ));
+            let pods: Vec<String> = pending
+                .iter()
+                .map(|(pod, why)| format!("{pod} ({why})"))
+                .collect();
+            return Err(format!("capture not attached yet for: {}", pods.join("; ")));
         }
         let certs = self.proxy.certs.snapshot();
         for e in self.pods().values() {
@@ -261,23 +366,15 @@ fn release_free_heap() {
     }
 }
 
-/// Moves this process into `cgroup` (created if missing).
-fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(cgroup)
-        .with_context(|| format!("failed to create cgroup {}", cgroup.display()))?;
-    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-        .with_context(|| format!("failed to move ztunnel into cgroup {}", cgroup.display()))
-}
-
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
-    if let Some(cg) = &cfg.cgroup {
-        join_cgroup(cg)?;
-    }
     let cgroup_root = ebpf::mount_point("cgroup2").context(
         "no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)",
     )?;
+    if let Some(cg) = &cfg.cgroup {
+        cgroup::join(cg, &cgroup_root)?;
+    }
     let mut own_cgroup =
         ebpf::own_cgroup().context("failed to find ztunnel's cgroup v2 directory")?;
     if cfg.source == Source::Kube && own_cgroup == cgroup_root {
@@ -295,6 +392,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
 
     // Where workloads and enrolment come from, the updates that follow, and what keeps the
     // source running (Istio's starts below, once enrolment can answer istio-cni).
+    let metrics = crate::metrics::Metrics::new();
     let mut istio_tx = None;
     let (initial, mut rx, mut source, kube_client): (_, _, Option<Box<dyn std::any::Any>>, _) =
         match cfg.source {
@@ -303,10 +401,11 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
                     .workloads
                     .clone()
                     .context("--workloads is required with --source file")?;
-                let initial = LocalConfig::load(&path, &cfg.node)?;
+                let initial = state::file::load_settled(&path, &cfg.node)?;
                 let (tx, rx) = watch::channel(initial.clone());
-                let watcher = state::watch(path.clone(), cfg.node.clone(), tx)
-                    .with_context(|| format!("failed to watch {}", path.display()))?;
+                let watcher =
+                    state::file::watch(path.clone(), cfg.node.clone(), tx, metrics.clone())
+                        .with_context(|| format!("failed to watch {}", path.display()))?;
                 (
                     initial,
                     rx,
@@ -356,20 +455,24 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     };
     let certs = Arc::new(CertificateManager::new(ca));
     let (results_tx, results_rx) = watch::channel(Default::default());
-    let metrics = crate::metrics::Metrics::new();
     let capture = Capture::load(
         cfg.capture,
         &ebpf::Options {
             pin_dir: cfg.bpf_pin_dir.clone(),
-            own_cgroup,
+            own_cgroup: own_cgroup.clone(),
             fast_path: cfg.fast_path,
         },
     )?;
+    let scope = (capture.mode() == "ebpf").then(|| Scope {
+        root: cgroup_root.clone(),
+        own: own_cgroup,
+    });
     let shared = Arc::new(Shared {
         capture,
         proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone())?,
         pods: Mutex::default(),
         pending: Mutex::default(),
+        scope,
         log,
         quit: tokio::sync::Notify::new(),
         enrol_results: results_tx,
@@ -396,12 +499,13 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let s = shared.clone();
     let health = istio_health.clone();
     let synced = istio_health.clone();
+    let m = metrics.clone();
     tokio::spawn(crate::metrics::serve_metrics(
         listener,
         metrics.clone(),
         move || {
             s.refresh_metrics();
-            health.refresh_metrics(&metrics);
+            health.refresh_metrics(&m);
         },
     ));
     let listener = TcpListener::bind(cfg.readiness_addr)
@@ -423,12 +527,27 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
     let mut first = true;
+    // istiod's and istio-cni's removals are explicit and final (a ZDS `del` waits for the
+    // unenrolment); the file and the Kubernetes API only ever show whole states, in
+    // which a removal may be a moment's gap.
+    let settle = match cfg.source {
+        Source::File | Source::Kube => cfg.config_settle,
+        Source::Istio => Duration::ZERO,
+    };
+    let mut settler = state::settle::Settler::new(initial, settle, &cfg.node);
     loop {
-        let current = rx.borrow_and_update().clone();
+        settler.update(rx.borrow_and_update().clone(), std::time::Instant::now());
+        metrics.set_config_held(settler.held().len() as i64);
+        let current = settler.effective().clone();
         let desired = current.local_enrolled(&cfg.node);
+        let known: Vec<(String, PathBuf)> = current
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.key(), w.cgroup.clone()?)))
+            .collect();
         shared.proxy.set_store(Store::new(current));
         let s = shared.clone();
-        let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired)).await?;
+        let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired, &known)).await?;
         // With ZDS, the pods are known only once istio-cni's snapshot is in.
         if first && synced.pods_known() {
             // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
@@ -436,9 +555,11 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
             first = false;
         }
         release_free_heap();
+        let settled = settler.next_deadline();
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
             _ = retry.tick(), if !all_ok => {}
+            _ = tokio::time::sleep_until(settled.unwrap_or_else(std::time::Instant::now).into()), if settled.is_some() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = shared.quit.notified() => break,

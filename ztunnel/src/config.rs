@@ -95,10 +95,21 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
 
     /// Move ztunnel into this cgroup v2 directory at start-up (created if missing). It
-    /// must not be an ancestor of any pod's cgroup. Without it ztunnel stays where it is
-    /// started, which must not be the root cgroup.
+    /// must be below the cgroup2 mount (not the mount itself) and must not be an ancestor
+    /// of any pod's cgroup. Without it ztunnel stays where it is started, which must not
+    /// be the root cgroup.
     #[arg(long, env = "ZTUNNEL_CGROUP")]
     pub cgroup: Option<PathBuf>,
+
+    /// How long a config change that takes something away (a workload, service,
+    /// namespace or policy missing from the new version, or a pod relabelled out of the
+    /// mesh) must hold before it takes effect, with `--source file` and `--source kube`.
+    /// A half-written file or a relist that briefly lacks a pod then unenrols nothing; a
+    /// real removal takes effect this much later. Additions and other changes apply at
+    /// once. At most 5m; `0s` applies removals at once.
+    #[arg(long, env = "ZTUNNEL_CONFIG_SETTLE", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub config_settle: std::time::Duration,
 
     /// Where the built-in CA keeps its root key and certificate (created on first run;
     /// every node that should trust each other must share the same root).
@@ -130,6 +141,9 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
+
+/// The longest `--config-settle`: removals must not wait without bound.
+const MAX_CONFIG_SETTLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -195,6 +209,13 @@ impl Config {
                 cg.display()
             ));
         }
+        if self.config_settle > MAX_CONFIG_SETTLE {
+            problems.push(format!(
+                "--config-settle {}: must be at most {}",
+                humantime::format_duration(self.config_settle),
+                humantime::format_duration(MAX_CONFIG_SETTLE)
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -230,6 +251,35 @@ mod tests {
         c.validate().expect("defaults are valid");
         assert_eq!(c.source, Source::File);
         assert_eq!(c.ca(), Ca::Builtin);
+        assert_eq!(c.config_settle, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn config_settle_is_bounded() {
+        let c = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--config-settle",
+            "0s",
+        ]);
+        c.validate().expect("zero applies removals at once");
+        let err = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--config-settle",
+            "1h",
+        ])
+        .validate()
+        .expect_err("too long")
+        .to_string();
+        assert!(
+            err.contains("--config-settle 1h: must be at most 5m"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod ebpf;

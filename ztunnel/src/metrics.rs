@@ -227,6 +227,17 @@ struct DenyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectedLabels {
+    source: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabels {
     identity: String,
 }
@@ -249,6 +260,47 @@ pub struct Metrics {
     certificate_expiry: Family<IdentityLabels, Gauge>,
     control_plane_up: Family<ComponentLabels, Gauge>,
     capture: Arc<CaptureCollector>,
+    config: ConfigMetrics,
+}
+
+/// Config versions and enrolment (issue 14: a config that is not completely written is
+/// not a config; capture never wider than the pod).
+#[derive(Debug)]
+struct ConfigMetrics {
+    rejected: Family<RejectedLabels, Counter>,
+    held: Gauge,
+    enrolment_failures: Family<ReasonLabels, Counter>,
+}
+
+impl ConfigMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let rejected = Family::<RejectedLabels, Counter>::default();
+        registry.register(
+            "ztunnel_config_rejected",
+            "Config versions not taken, by source and reason (empty, unreadable, invalid); \
+             the last good version stays in force",
+            rejected.clone(),
+        );
+        let held = Gauge::default();
+        registry.register(
+            "ztunnel_config_held_objects",
+            "Objects the latest config version takes away that stay in force until the \
+             change has held for --config-settle",
+            held.clone(),
+        );
+        let enrolment_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "ztunnel_enrolment_failures",
+            "Failed pod enrolments, by reason (cgroup_scope: the pod's cgroup is broader \
+             than the pod; error: anything else); each is retried",
+            enrolment_failures.clone(),
+        );
+        Self {
+            rejected,
+            held,
+            enrolment_failures,
+        }
+    }
 }
 
 // Registered names; the encoder appends `_total` to counters.
@@ -344,6 +396,7 @@ impl Metrics {
         );
         let capture = Arc::new(CaptureCollector::default());
         registry.register_collector(Box::new(Arc::clone(&capture)));
+        let config = ConfigMetrics::register(&mut registry);
 
         Arc::new(Metrics {
             registry,
@@ -359,7 +412,35 @@ impl Metrics {
             certificate_expiry,
             control_plane_up,
             capture,
+            config,
         })
+    }
+
+    /// Counts a config version not taken (`source`: `file`; `reason`: `empty`,
+    /// `unreadable`, `invalid`).
+    pub fn config_rejected(&self, source: &str, reason: &str) {
+        self.config
+            .rejected
+            .get_or_create(&RejectedLabels {
+                source: escape(source).into_owned(),
+                reason: escape(reason).into_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets how many removed objects are held in force while their removal settles.
+    pub fn set_config_held(&self, n: i64) {
+        self.config.held.set(n);
+    }
+
+    /// Counts a failed enrolment (`cgroup_scope` or `error`).
+    pub fn enrolment_failed(&self, reason: &str) {
+        self.config
+            .enrolment_failures
+            .get_or_create(&ReasonLabels {
+                reason: escape(reason).into_owned(),
+            })
+            .inc();
     }
 
     /// Counts a connection as opened (`istio_tcp_connections_opened_total`).

@@ -16,6 +16,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to stat network namespace {path}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to enter network namespace {path}")]
     Enter {
         path: PathBuf,
@@ -62,6 +68,27 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Another handle on the same namespace (the descriptor duplicated).
+    pub fn try_clone(&self) -> Result<Self, Error> {
+        Ok(Self {
+            file: self.file.try_clone().map_err(|source| Error::Open {
+                path: self.path.clone(),
+                source,
+            })?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// (device, inode) of the namespace: the same for every path that reaches it.
+    pub fn id(&self) -> Result<(u64, u64), Error> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = self.file.metadata().map_err(|source| Error::Stat {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok((m.dev(), m.ino()))
     }
 
     /// Runs `f` inside this namespace on the current thread, then returns the thread to

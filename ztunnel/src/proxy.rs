@@ -55,6 +55,9 @@ pub struct PodNet {
     pub addrs: Vec<IpAddr>,
     /// The pod's SPIFFE identity (its certificate's).
     pub identity: Identity,
+    /// The pod's return path while it is enrolled (`None` once its listeners are gone):
+    /// each inbound connection takes a lease and keeps it until it closes.
+    pub return_path: Mutex<Option<return_path::Lease>>,
     /// The HBONE server config built from the pod's current certificate; rebuilt when
     /// the certificate is renewed, not per connection.
     pub server_tls: Mutex<
@@ -80,6 +83,15 @@ impl PodNet {
         let config = tls::server_config(cert)?;
         *cached = Some((cert.clone(), config.clone()));
         Ok(config)
+    }
+
+    /// A lease on the pod's return path, for an inbound connection that dials the app from
+    /// the client's address; `None` once the pod is unenrolled.
+    fn return_path(&self) -> Option<return_path::Lease> {
+        self.return_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn has_v6(&self) -> bool {
@@ -125,6 +137,8 @@ pub struct Proxy {
     /// Inbound plaintext arrives NAT-redirected (iptables capture): its original
     /// destination comes from `SO_ORIGINAL_DST`, not from the local address.
     inbound_redirected: std::sync::atomic::AtomicBool,
+    /// Every pod netns's return path, shared by its listeners and inbound connections.
+    return_paths: Arc<return_path::Registry>,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -377,6 +391,7 @@ impl Proxy {
                 pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
                 drain: tokio::sync::watch::Sender::new(false),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
+                return_paths: Arc::default(),
             }
         }))
     }
@@ -397,7 +412,9 @@ impl Proxy {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = store.clone();
         let closed = self.connections.terminate(|rec| {
-            if rec.direction != Direction::Inbound {
+            // A pod gone from the config is unenrolled; its connections run until they
+            // close, as after any unenrolment.
+            if rec.direction != Direction::Inbound || store.workload(&rec.pod).is_none() {
                 return None;
             }
             let conn = crate::policy::Connection {
@@ -505,11 +522,11 @@ impl Proxy {
     /// Opens the pod's listeners and spawns their accept loops. The returned handle
     /// closes them (and takes the pod's return path out) when dropped.
     pub fn start_pod(self: &Arc<Self>, pod: Arc<PodNet>) -> Result<PodListeners, Error> {
-        let return_path = return_path::install(&pod.netns, pod.has_v6())?;
+        let lease = self.return_paths.lease(&pod.netns, pod.has_v6())?;
+        *pod.return_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let mut listeners = PodListeners {
             tasks: Vec::new(),
             pod: pod.clone(),
-            return_path: Some(return_path),
             proxy: Arc::downgrade(self),
         };
         self.pods
@@ -758,11 +775,11 @@ fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
 }
 
 /// A pod's listeners; dropping it stops accepting (connections already accepted go on)
-/// and removes the pod's return path.
+/// and gives up the listeners' lease on the pod's return path, which goes once the last
+/// inbound connection using it has closed.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pod: Arc<PodNet>,
-    return_path: Option<return_path::ReturnPath>,
     proxy: Weak<Proxy>,
 }
 
@@ -771,9 +788,13 @@ impl Drop for PodListeners {
         for t in &self.tasks {
             t.abort();
         }
-        if let Some(rp) = self.return_path.take() {
-            return_path::remove(&self.pod.netns, rp);
-        }
+        drop(
+            self.pod
+                .return_path
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         if let Some(proxy) = self.proxy.upgrade() {
             proxy
                 .pods

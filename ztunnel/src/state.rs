@@ -2,7 +2,13 @@
 //! workloads, including this node's pods with their netns and cgroup. Enrolment follows
 //! the `istio.io/dataplane-mode` label on the pod or its namespace (the pod's value wins;
 //! `none` opts out). The file is watched; an invalid file is reported with its path,
-//! line and field, and the last good state stays in force.
+//! line and field, and the last good state stays in force. An empty file is never a
+//! version (a file being rewritten in place is empty for a moment): an intended empty
+//! config is written explicitly, `workloads: []`. See [`file`] for how the file is
+//! watched and [`settle`] for how removals wait until a version is confirmed.
+pub mod file;
+pub mod settle;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -33,6 +39,10 @@ pub enum Error {
         field: String,
         message: String,
     },
+    #[error(
+        "workload file {path} is empty: a file being written looks like this, so it is not taken as a version; to run with no workloads write `workloads: []`"
+    )]
+    Empty { path: PathBuf },
     #[error("invalid workload file {path}: {object}: {reason}")]
     Invalid {
         path: PathBuf,
@@ -262,8 +272,17 @@ pub struct LocalPod {
 }
 
 impl LocalConfig {
-    /// Parses and validates the file's text.
+    /// Parses and validates the file's text. A text without any YAML content (empty,
+    /// blank or only comments) is [`Error::Empty`], never a config with no workloads.
     pub fn parse(path: &Path, text: &str, node: &str) -> Result<Self, Error> {
+        if matches!(
+            serde_yaml::from_str::<serde_yaml::Value>(text),
+            Ok(serde_yaml::Value::Null)
+        ) {
+            return Err(Error::Empty {
+                path: path.to_owned(),
+            });
+        }
         let de = serde_yaml::Deserializer::from_str(text);
         let cfg: LocalConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
@@ -384,11 +403,26 @@ impl LocalConfig {
         mode.is_some_and(|m| m == AMBIENT)
     }
 
+    /// How a workload receives traffic: its own `protocol`, else HBONE when enrolled.
+    pub fn protocol(&self, w: &Workload) -> Protocol {
+        w.protocol.unwrap_or(if self.enrolled(w) {
+            Protocol::Hbone
+        } else {
+            Protocol::Tcp
+        })
+    }
+
+    /// Whether `node`'s ztunnel captures the workload: it runs there, is enrolled, and its
+    /// netns and cgroup are known.
+    pub fn captured_on(&self, w: &Workload, node: &str) -> bool {
+        w.node == node && self.enrolled(w) && w.netns.is_some() && w.cgroup.is_some()
+    }
+
     /// This node's pods that should be captured now.
     pub fn local_enrolled(&self, node: &str) -> BTreeMap<String, LocalPod> {
         self.workloads
             .iter()
-            .filter(|w| w.node == node && self.enrolled(w))
+            .filter(|w| self.captured_on(w, node))
             .filter_map(|w| {
                 Some((
                     w.key(),
@@ -471,11 +505,7 @@ impl Store {
     }
 
     pub fn protocol(&self, w: &Workload) -> Protocol {
-        w.protocol.unwrap_or(if self.cfg.enrolled(w) {
-            Protocol::Hbone
-        } else {
-            Protocol::Tcp
-        })
+        self.cfg.protocol(w)
     }
 
     pub fn trust_domain<'a>(&'a self, w: &'a Workload) -> &'a str {
@@ -603,53 +633,6 @@ fn check_mode(mode: &str) -> Result<(), String> {
             "label {DATAPLANE_MODE}={mode:?} must be {AMBIENT:?} or {NONE:?}"
         ))
     }
-}
-
-/// Watches the file and sends each valid version; invalid versions are logged and skipped.
-pub fn watch(
-    path: PathBuf,
-    node: String,
-    tx: tokio::sync::watch::Sender<LocalConfig>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let dir = path
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let file_name = path.file_name().map(ToOwned::to_owned);
-    let watched = path.clone();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let Ok(ev) = ev else { return };
-        if !ev
-            .paths
-            .iter()
-            .any(|p| p.file_name() == file_name.as_deref())
-        {
-            return;
-        }
-        if matches!(ev.kind, notify::EventKind::Access(_)) {
-            return;
-        }
-        match LocalConfig::load(&watched, &node) {
-            Ok(cfg) => {
-                tx.send_if_modified(|cur| {
-                    if *cur == cfg {
-                        false
-                    } else {
-                        tracing::info!(path = %watched.display(), workloads = cfg.workloads.len(), "workload file reloaded");
-                        *cur = cfg;
-                        true
-                    }
-                });
-            }
-            // A file being rewritten can be seen half-written; the next event re-reads it.
-            Err(e) => {
-                tracing::error!(error = %e, "workload file rejected; keeping the last good version")
-            }
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
 }
 
 #[cfg(test)]

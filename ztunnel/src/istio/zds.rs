@@ -5,10 +5,12 @@
 //! unenrols; `snapshot_sent` unenrols every pod not named since the connection began.
 //! Reconnects with backoff; pods stay enrolled meanwhile, until the next snapshot.
 //!
-//! The pod's cgroup (where the connect hooks attach) is found from its netns: every
-//! process whose `/proc/<pid>/ns/net` is that netns, their cgroups from
-//! `/proc/<pid>/cgroup`, and the deepest directory containing all of them (a pod's
-//! containers sit in sub-cgroups of the pod's).
+//! The pod's cgroup (where the connect hooks attach) is the one the kubelet named after
+//! the pod's UID (`pod<uid>` with the cgroupfs driver, `kubepods[-<qos>]-pod<uid>.slice`
+//! with systemd), and it must hold a process of the netns istio-cni handed over. Nothing
+//! is derived from whatever processes share the netns: a stray `nsenter` or `ip netns
+//! exec` from a host shell would otherwise widen it to a `kubepods` cgroup or the root.
+//! The enrolment then checks the cgroup is no broader than the pod (`cgroup` module).
 use std::{
     collections::BTreeSet,
     io::IoSliceMut,
@@ -281,7 +283,7 @@ fn inspect(
     .map_err(|e| format!("pod {key}: stat netns fd: {e}"))?;
     let netns_id = (meta.dev(), meta.ino());
     let netns = PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()));
-    let cgroup = pod_cgroup(netns_id).map_err(|e| format!("pod {key}: {e}"))?;
+    let cgroup = pod_cgroup(&uid, netns_id).map_err(|e| format!("pod {key}: {e}"))?;
     let addresses = pod_addresses(&netns).map_err(|e| format!("pod {key}: {e}"))?;
     Ok(ZdsPod {
         uid,
@@ -300,53 +302,23 @@ fn inspect(
     })
 }
 
-/// The deepest cgroup holding every process (other than ztunnel) in the netns.
-fn pod_cgroup(netns_id: (u64, u64)) -> Result<PathBuf, String> {
+/// The kubelet's cgroup for pod `uid`, which must hold a process of the pod's netns.
+fn pod_cgroup(uid: &str, netns_id: (u64, u64)) -> Result<PathBuf, String> {
     let root = crate::ebpf::mount_point("cgroup2").ok_or("no cgroup2 mount found")?;
-    let me = std::process::id().to_string();
-    let mut common: Option<Vec<String>> = None;
-    let procs = std::fs::read_dir("/proc").map_err(|e| format!("read /proc: {e}"))?;
-    for entry in procs.flatten() {
-        let pid = entry.file_name();
-        let pid = pid.to_string_lossy();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        // Processes come and go during the scan; the ones gone are simply skipped.
-        let Ok(meta) = std::fs::metadata(entry.path().join("ns/net")) else {
-            continue;
-        };
-        if (meta.dev(), meta.ino()) != netns_id {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(entry.path().join("cgroup")) else {
-            continue;
-        };
-        let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
-            continue;
-        };
-        let parts: Vec<String> = path
-            .split('/')
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect();
-        common = Some(match common {
-            None => parts,
-            Some(c) => c
-                .iter()
-                .zip(&parts)
-                .take_while(|(a, b)| a == b)
-                .map(|(a, _)| a.clone())
-                .collect(),
-        });
+    let found = crate::kube::discovery::find_pod_cgroups(&root, &BTreeSet::from([uid.to_owned()]));
+    let cgroup = found.get(uid).ok_or_else(|| {
+        format!(
+            "no cgroup named after pod uid {uid} (pod<uid> or kubepods-…-pod<uid>.slice) under {}",
+            root.display()
+        )
+    })?;
+    if !crate::cgroup::holds_netns(cgroup, netns_id) {
+        return Err(format!(
+            "cgroup {} of pod uid {uid} holds no process of the network namespace istio-cni handed over",
+            cgroup.display()
+        ));
     }
-    match common {
-        None => Err("no process runs in the netns, so its cgroup is unknown".to_owned()),
-        Some(c) if c.is_empty() => {
-            Err("the netns's processes share no cgroup below the root".to_owned())
-        }
-        Some(c) => Ok(c.iter().fold(root, |p, part| p.join(part))),
-    }
+    Ok(cgroup.clone())
 }
 
 /// The netns's global addresses (loopback and IPv6 link-local left out).

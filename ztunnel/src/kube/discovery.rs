@@ -61,10 +61,7 @@ impl Discovery {
 
     /// Finds the pods with these UIDs; pods not found (yet) are reported as errors.
     pub fn locate(&self, uids: &BTreeSet<String>) -> BTreeMap<String, Result<Placement, Error>> {
-        let mut cgroups = BTreeMap::new();
-        if !uids.is_empty() {
-            self.walk(&self.cgroup_root, 0, uids, &mut cgroups);
-        }
+        let cgroups = find_pod_cgroups(&self.cgroup_root, uids);
         uids.iter()
             .map(|uid| {
                 let found = match cgroups.get(uid) {
@@ -101,35 +98,6 @@ impl Discovery {
         }
     }
 
-    fn walk(
-        &self,
-        dir: &Path,
-        depth: usize,
-        uids: &BTreeSet<String>,
-        found: &mut BTreeMap<String, PathBuf>,
-    ) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(uid) = pod_uid(name) {
-                if uids.contains(&uid) {
-                    found.insert(uid, e.path());
-                }
-                // A pod's own directory holds only its containers.
-                continue;
-            }
-            if depth + 1 < MAX_DEPTH {
-                self.walk(&e.path(), depth + 1, uids, found);
-            }
-        }
-    }
-
     /// `<proc>/<lowest pid>/ns/net` over the pod cgroup and its container cgroups.
     fn netns_in(&self, pod_cgroup: &Path) -> Result<PathBuf, Error> {
         let mut pids = BTreeSet::new();
@@ -140,6 +108,39 @@ impl Discovery {
             .ok_or_else(|| Error::NoProcess {
                 cgroup: pod_cgroup.to_owned(),
             })
+    }
+}
+
+/// The kubelet's pod cgroups (named after the pod UID, in either driver's layout) under
+/// `root`, for the UIDs asked for; a pod's own directory is not searched further.
+pub fn find_pod_cgroups(root: &Path, uids: &BTreeSet<String>) -> BTreeMap<String, PathBuf> {
+    let mut found = BTreeMap::new();
+    if !uids.is_empty() {
+        walk(root, 0, uids, &mut found);
+    }
+    found
+}
+
+fn walk(dir: &Path, depth: usize, uids: &BTreeSet<String>, found: &mut BTreeMap<String, PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(uid) = pod_uid(name) {
+            if uids.contains(&uid) {
+                found.insert(uid, e.path());
+            }
+            // A pod's own directory holds only its containers.
+            continue;
+        }
+        if depth + 1 < MAX_DEPTH {
+            walk(&e.path(), depth + 1, uids, found);
+        }
     }
 }
 

@@ -113,6 +113,16 @@ async fn open_stream(
             .close(id, 0, 0, started.elapsed(), format!("denied: {reason}"));
         return Err(Rejection::unauthorized(reason));
     }
+    // The app's replies to the client's address need the return path until this stream
+    // ends, also if the pod is unenrolled meanwhile; a pod already unenrolled takes no
+    // new streams.
+    let Some(lease) = pod.return_path() else {
+        let why = "the pod is no longer enrolled".to_owned();
+        proxy
+            .connections
+            .close(id, 0, 0, started.elapsed(), format!("refused: {why}"));
+        return Err(Rejection::unavailable(why));
+    };
     let upstream = match proxy
         .connect_from_pod(&pod, Some(peer.ip()), dst, return_path::MARK)
         .await
@@ -134,6 +144,7 @@ async fn open_stream(
     }
     let counted = Counted {
         inner: upstream,
+        _return_path: lease,
         proxy,
         id,
         started,
@@ -150,6 +161,7 @@ async fn open_stream(
 /// the connection record (and writes the access log line).
 pub(super) struct Counted {
     inner: TcpStream,
+    _return_path: return_path::Lease,
     proxy: Arc<Proxy>,
     id: u64,
     started: Instant,

@@ -70,6 +70,18 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         );
         return;
     }
+    // The app's replies to the client's address need the return path until this
+    // connection closes, also if the pod is unenrolled meanwhile.
+    let Some(_return_path) = pod.return_path() else {
+        proxy.connections.close(
+            id,
+            0,
+            0,
+            started.elapsed(),
+            "refused: the pod is no longer enrolled".to_owned(),
+        );
+        return;
+    };
     // From the client's own address, so the app sees who called (see return_path.rs).
     match proxy
         .connect_from_pod(pod, Some(src.ip()), dst, super::return_path::MARK)

@@ -7,6 +7,17 @@
 //! for the kernel's own replies (a RST from a closed port), so a refused connect is seen
 //! at once instead of timing out. The numbers follow Istio's in-pod mode (mark
 //! 0x111/0xfff).
+//!
+//! Every proxied inbound connection needs the return path for as long as it is open, also
+//! after its pod was unenrolled: each holds a [`Lease`], as do the pod's listeners, and
+//! the last lease to go takes the return path out. A pod enrolled again while a lease of
+//! its netns is held shares it; one enrolled while the removal runs waits for it.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
 use crate::netns::{self, Netns};
 
 /// Mark of ztunnel's connections to the app that carry the client's address.
@@ -14,6 +25,149 @@ pub const MARK: u32 = 0x111;
 const MASK: u32 = 0xfff;
 const TABLE: &str = "133";
 const PREF: &str = "32764";
+
+/// How long enrolling a pod waits for its netns's previous return path to be removed.
+const REMOVAL_WAIT: Duration = Duration::from_secs(30);
+
+/// The return paths in use, by netns (device, inode).
+#[derive(Default)]
+pub struct Registry {
+    paths: Mutex<HashMap<(u64, u64), Entry>>,
+    removed: Condvar,
+}
+
+enum Entry {
+    Active {
+        netns: Arc<Netns>,
+        path: ReturnPath,
+        leases: usize,
+    },
+    /// The last lease went; the removal runs on the blocking pool.
+    Removing,
+}
+
+/// Keeps a netns's return path installed while it lives.
+pub struct Lease {
+    registry: Arc<Registry>,
+    id: (u64, u64),
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("netns", &self.id).finish()
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u64), Entry>> {
+        self.paths.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A lease on `netns`'s return path, installing it unless it is installed already.
+    pub fn lease(self: &Arc<Self>, netns: &Netns, v6: bool) -> Result<Lease, netns::Error> {
+        let id = netns.id()?;
+        let deadline = Instant::now() + REMOVAL_WAIT;
+        let mut paths = self.lock();
+        while matches!(paths.get(&id), Some(Entry::Removing)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(netns::Error::Command {
+                    path: netns.path().to_owned(),
+                    command: "ip rule del (return path)".to_owned(),
+                    detail: format!(
+                        "the previous return path is still being removed after {REMOVAL_WAIT:?}"
+                    ),
+                });
+            }
+            paths = self
+                .removed
+                .wait_timeout(paths, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match paths.get_mut(&id) {
+            Some(Entry::Active {
+                netns: held,
+                path,
+                leases,
+            }) => {
+                if v6 && !path.v6 {
+                    install_family(held, true)?;
+                    path.v6 = true;
+                }
+                *leases += 1;
+            }
+            _ => {
+                let path = install(netns, v6)?;
+                paths.insert(
+                    id,
+                    Entry::Active {
+                        netns: Arc::new(netns.try_clone()?),
+                        path,
+                        leases: 1,
+                    },
+                );
+            }
+        }
+        Ok(Lease {
+            registry: self.clone(),
+            id,
+        })
+    }
+
+    /// How many netns have a return path installed (or being removed).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Clone for Lease {
+    fn clone(&self) -> Self {
+        if let Some(Entry::Active { leases, .. }) = self.registry.lock().get_mut(&self.id) {
+            *leases += 1;
+        }
+        Self {
+            registry: self.registry.clone(),
+            id: self.id,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut paths = self.registry.lock();
+        let last = match paths.get_mut(&self.id) {
+            Some(Entry::Active { leases, .. }) => {
+                *leases -= 1;
+                *leases == 0
+            }
+            _ => false,
+        };
+        if !last {
+            return;
+        }
+        let Some(Entry::Active { netns, path, .. }) = paths.insert(self.id, Entry::Removing) else {
+            return;
+        };
+        drop(paths);
+        let (registry, id) = (self.registry.clone(), self.id);
+        let done = move || {
+            remove(&netns, path);
+            registry.lock().remove(&id);
+            registry.removed.notify_all();
+        };
+        // `ip` and the sysctl writes block: not on a runtime worker, where the last
+        // connection usually ends.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(done)),
+            Err(_) => done(),
+        }
+    }
+}
 
 /// What [`install`] changed, so [`remove`] can put it back.
 #[derive(Debug)]
@@ -53,7 +207,7 @@ fn ip(netns: &Netns, args: &[String]) -> Result<String, netns::Error> {
 }
 
 /// Installs the sysctl, rule and route in the pod's netns (idempotent).
-pub fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
+fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
     let mut old_sysctls = Vec::new();
     for key in SYSCTLS {
         // IPv6 may be disabled in the pod; its sysctl is then absent and not needed.
@@ -63,29 +217,31 @@ pub fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
             Err(e) => return Err(e),
         }
     }
-    let mut families = vec![false];
+    install_family(netns, false)?;
     if v6 {
-        families.push(true);
-    }
-    for v6 in families {
-        // A rule left by a previous ztunnel would be duplicated: delete first.
-        let _ = ip(netns, &rule_args(v6, "del"));
-        ip(netns, &rule_args(v6, "add"))?;
-        let default = if v6 { "::/0" } else { "0.0.0.0/0" };
-        let fam = if v6 { "-6" } else { "-4" };
-        ip(
-            netns,
-            &[
-                fam, "route", "replace", "local", default, "dev", "lo", "table", TABLE,
-            ]
-            .map(str::to_owned),
-        )?;
+        install_family(netns, true)?;
     }
     Ok(ReturnPath { old_sysctls, v6 })
 }
 
+fn install_family(netns: &Netns, v6: bool) -> Result<(), netns::Error> {
+    // A rule left by a previous ztunnel would be duplicated: delete first.
+    let _ = ip(netns, &rule_args(v6, "del"));
+    ip(netns, &rule_args(v6, "add"))?;
+    let default = if v6 { "::/0" } else { "0.0.0.0/0" };
+    let fam = if v6 { "-6" } else { "-4" };
+    ip(
+        netns,
+        &[
+            fam, "route", "replace", "local", default, "dev", "lo", "table", TABLE,
+        ]
+        .map(str::to_owned),
+    )?;
+    Ok(())
+}
+
 /// Takes the rule, route and sysctl out again (errors are logged: the netns may be gone).
-pub fn remove(netns: &Netns, rp: ReturnPath) {
+fn remove(netns: &Netns, rp: ReturnPath) {
     let mut families = vec![false];
     if rp.v6 {
         families.push(true);
