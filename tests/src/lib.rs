@@ -92,10 +92,13 @@ fn bin(env: &str, name: &str) -> PathBuf {
     p
 }
 
-/// A pod: its own netns, a veth into the node's bridge, and a cgroup.
+/// A pod: its own netns, a veth into the node's bridge, and a cgroup named as the
+/// kubelet names it (cgroupfs driver: `…/kubepods/pod<uid>`).
 #[derive(Debug, Clone)]
 pub struct Pod {
     pub name: String,
+    /// A Kubernetes-shaped UID, unique on the machine (ZDS and cgroup names use it).
+    pub uid: String,
     pub netns: String,
     pub netns_path: PathBuf,
     pub cgroup: PathBuf,
@@ -383,7 +386,7 @@ impl Topology {
             starts: 0,
             capture: None,
         };
-        std::fs::create_dir_all(topo.cgroup_base.join("pods"))?;
+        std::fs::create_dir_all(topo.cgroup_base.join("kubepods"))?;
         topo.make_node(1)?;
         Ok(topo)
     }
@@ -508,10 +511,18 @@ impl Topology {
         ip_in(&netns, &["link", "set", "eth0", "up"])?;
         let gw = self.gateway4(node).to_string();
         ip_in(&netns, &["route", "add", "default", "via", &gw])?;
-        let cgroup = self.cgroup_base.join("pods").join(name);
+        // Unique on the machine: this process, this topology's subnet, the pod's number.
+        let uid = format!(
+            "{:08x}-{:04x}-4000-8000-{:012x}",
+            std::process::id(),
+            self.subnet,
+            k
+        );
+        let cgroup = self.cgroup_base.join("kubepods").join(format!("pod{uid}"));
         std::fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.to_owned(),
+            uid,
             netns_path: PathBuf::from("/var/run/netns").join(&netns),
             netns,
             cgroup,

@@ -43,6 +43,12 @@ enum Cmd {
         /// writer thread plus a blocking reader.
         #[arg(long)]
         event_loop: bool,
+        /// After sending this many bytes, print `paused` and stop writing until
+        /// `--resume-file` exists (the echo is still read meanwhile).
+        #[arg(long, requires = "resume_file")]
+        pause_at: Option<usize>,
+        #[arg(long)]
+        resume_file: Option<std::path::PathBuf>,
     },
     /// Keep one connection and ping through it every 50 ms for `secs` seconds.
     Hold {
@@ -99,13 +105,16 @@ fn main() -> anyhow::Result<()> {
             seed,
             pattern,
             event_loop,
+            pause_at,
+            resume_file,
         } => {
             if let Some(p) = pattern {
                 call_pattern(addr, bytes, &p)
             } else if event_loop {
                 call_event_loop(addr, bytes, chunk, seed)
             } else {
-                call(addr, bytes, chunk, seed)
+                let pause = pause_at.zip(resume_file);
+                call(addr, bytes, chunk, seed, pause)
             }
         }
         Cmd::Hold { addr, secs } => hold(addr, secs),
@@ -219,14 +228,38 @@ impl Echo {
     }
 }
 
-fn call(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> anyhow::Result<()> {
+/// Waits (at most two minutes) for `file` to exist.
+fn wait_for_file(file: &std::path::Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !file.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within 120 s", file.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn call(
+    addr: SocketAddr,
+    bytes: usize,
+    chunk: usize,
+    seed: u64,
+    mut pause: Option<(usize, std::path::PathBuf)>,
+) -> anyhow::Result<()> {
     let s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
     println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
+    std::io::stdout().flush()?;
     let mut w = s.try_clone()?;
     let writer = std::thread::spawn(move || -> anyhow::Result<String> {
         let mut payload = Payload::new(bytes, chunk, seed);
         loop {
             let sent = payload.sent();
+            if let Some((at, file)) = pause.take_if(|(at, _)| sent >= *at) {
+                println!("paused sent={sent} at={at}");
+                std::io::stdout().flush()?;
+                wait_for_file(&file)?;
+            }
             let Some(data) = payload.next_chunk() else {
                 break;
             };

@@ -15,12 +15,12 @@ use ztunnel_tests::{
 
 const HOST: &str = "web.default.svc.cluster.local";
 
-fn xds_name(p: &Pod) -> String {
+pub(crate) fn xds_name(p: &Pod) -> String {
     format!("{CLUSTER}//Pod/default/{}", p.name)
 }
 
-fn zds_uid(p: &Pod) -> String {
-    format!("uid-{}", p.name)
+pub(crate) fn zds_uid(p: &Pod) -> String {
+    p.uid.clone()
 }
 
 /// istiod's view of a pod: HBONE, on node1, backing `web` when `backs_web`, with the
@@ -104,7 +104,7 @@ fn deny_from(principal: &str) -> security::Authorization {
 
 /// Pods `a` (serving :9000) and `b` (serving :8080). A process in each pod matters: the
 /// pod's cgroup is found from its netns through them.
-fn two_serving_pods() -> anyhow::Result<(Topology, Pod, Pod, [PodProcess; 2])> {
+pub(crate) fn two_serving_pods() -> anyhow::Result<(Topology, Pod, Pod, [PodProcess; 2])> {
     let mut t = Topology::new()?;
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
@@ -113,7 +113,7 @@ fn two_serving_pods() -> anyhow::Result<(Topology, Pod, Pod, [PodProcess; 2])> {
 }
 
 /// istiod describes each pod as a plain workload (version "1").
-fn describe(istiod: &FakeIstiod, pods: &[&Pod]) {
+pub(crate) fn describe(istiod: &FakeIstiod, pods: &[&Pod]) {
     for p in pods {
         istiod.put_message(ADDRESS_TYPE, &xds_name(p), "1", &workload_of(p, false, &[]));
     }
@@ -121,7 +121,7 @@ fn describe(istiod: &FakeIstiod, pods: &[&Pod]) {
 
 /// istio-cni hands the pods over (each add must be acked without an error) and says its
 /// snapshot is complete.
-fn hand_over(cni: &mut FakeCni, pods: &[&Pod]) -> anyhow::Result<()> {
+pub(crate) fn hand_over(cni: &mut FakeCni, pods: &[&Pod]) -> anyhow::Result<()> {
     for p in pods {
         assert_eq!(cni.add(&zds_uid(p), p)?, "", "add {}", p.name);
     }
@@ -133,7 +133,7 @@ fn ok(t: &mut Topology, from: &Pod, dst: std::net::SocketAddr) -> bool {
     matches!(t.call(from, dst, &[]), Ok(out) if out.contains("match=true"))
 }
 
-fn start_istio_ztunnel(
+pub(crate) fn start_istio_ztunnel(
     t: &mut Topology,
     istiod: &FakeIstiod,
     cni: &FakeCni,

@@ -61,7 +61,7 @@ fn in_cgroup(pod: &Pod, dir: PathBuf) -> anyhow::Result<Pod> {
     })
 }
 
-/// The topology's cgroup base (pods live in `<base>/pods/<name>`), where the tests build
+/// The topology's cgroup base (pods live in `<base>/kubepods/pod<uid>`), where the tests build
 /// kubelet-shaped cgroup trees.
 fn cgroup_base(p: &Pod) -> anyhow::Result<std::path::PathBuf> {
     Ok(p.cgroup
