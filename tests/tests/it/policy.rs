@@ -163,6 +163,12 @@ fn deny_by_namespace_port_and_ip_block() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!m.ok(&m.d.clone(), 9090), "port 9090 is denied to everyone");
+    // New policies apply at once; the removed no-default stays in force until its removal
+    // has held for --config-settle (a half-written file must not drop a DENY).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !m.ok(&m.d.clone(), 8080) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(m.ok(&m.d.clone(), 8080), "D may use 8080");
     assert!(!m.ok(&m.a.clone(), 8080), "A's address is blocked on 8080");
     let log = m.z2.log_text();

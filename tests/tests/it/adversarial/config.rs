@@ -88,7 +88,7 @@ fn cgroup_base(p: &Pod) -> PathBuf {
 }
 
 /// `cp new.yaml workloads.yaml` (truncate, then write) with the same content over and
-/// over, every third time as a slow writer that stops mid-file for longer than ztunnel's
+/// over, every other time as a slow writer that stops mid-file for longer than ztunnel's
 /// quiet period (so a prefix of the file is read), while 200 calls run between enrolled
 /// pods on two nodes. Today's code took each empty or half file as a version: pods were
 /// unenrolled and re-enrolled, plaintext crossed the wire and calls failed.
@@ -118,7 +118,7 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
                     .write(true)
                     .truncate(true)
                     .open(&file)?;
-                if (fast + slow) % 3 == 2 {
+                if (fast + slow) % 2 == 1 {
                     // Cut at a different place each time: 1/8 … 7/8 of the file.
                     let cut = text.len() * (slow as usize % 7 + 1) / 8;
                     f.write_all(&text.as_bytes()[..cut])?;
@@ -131,7 +131,9 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
                     fast += 1;
                 }
                 drop(f);
-                std::thread::sleep(Duration::from_millis(80));
+                // The whole file stands for a while before the next rewrite, as between
+                // an operator's edits or a sync's updates.
+                std::thread::sleep(Duration::from_millis(400));
             }
             Ok((fast, slow))
         })
@@ -144,6 +146,8 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
             Ok(out) if out.contains("received=2000 match=true") => {}
             other => failed.push(format!("call {i}: {other:?}")),
         }
+        // Spread the calls over several seconds of rewrites (a call alone takes a few ms).
+        std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
     let wire = cap.finish()?;
@@ -167,13 +171,28 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
             assert!(l.contains(&hbone), "a ↔ b packet outside the tunnel: {l}");
         }
     }
+    let mut partial = 0;
     for z in [&z1, &z2] {
         let log = z.log_text();
         assert!(
             !log.contains("pod unenrolled"),
             "a rewrite unenrolled a pod:\n{log}"
         );
+        // Half files seen: rejected as invalid, removals held, or cut paths refused.
+        partial += log
+            .lines()
+            .filter(|l| {
+                l.contains("workload file rejected")
+                    || l.contains("stays in force until")
+                    || l.contains("keeping its current enrolment")
+            })
+            .count();
     }
+    println!("partial versions seen by the two ztunnels: {partial}");
+    assert!(
+        partial > 0,
+        "no ztunnel ever read a half-written file: the test proves nothing"
+    );
     z1.wait_enrolled(&[&a])?;
     z2.wait_enrolled(&[&b])?;
     Ok(())
