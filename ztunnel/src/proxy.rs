@@ -125,6 +125,8 @@ pub struct Proxy {
     /// Inbound plaintext arrives NAT-redirected (iptables capture): its original
     /// destination comes from `SO_ORIGINAL_DST`, not from the local address.
     inbound_redirected: std::sync::atomic::AtomicBool,
+    /// Sources of kubelet probes (`--probe-sources`).
+    pub probes: Arc<crate::probes::ProbeSources>,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -160,6 +162,10 @@ pub struct ConnectionRecord {
     pub opened_ms: u64,
     pub duration_ms: Option<u64>,
     pub outcome: Option<String>,
+    /// A kubelet probe (`--probe-sources`): carried without authorization and left out
+    /// of Istio's metrics, as Istio's probes bypass its ztunnel.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
 }
 
 /// Active connections and the most recent closed ones; feeds Istio's TCP metrics.
@@ -221,6 +227,11 @@ impl ConnectionLog {
         self.open_with(direction, pod, src, dst, None, None)
     }
 
+    /// Opens the record of a kubelet probe: no Istio metrics (see [`ConnectionRecord::probe`]).
+    fn open_probe(&self, pod: &str, src: SocketAddr, dst: SocketAddr) -> u64 {
+        self.open_record(Direction::Inbound, pod, src, dst, None, None, true)
+    }
+
     fn open_with(
         &self,
         direction: Direction,
@@ -229,6 +240,23 @@ impl ConnectionLog {
         dst: SocketAddr,
         src_identity: Option<String>,
         dst_identity: Option<String>,
+    ) -> u64 {
+        self.open_record(direction, pod, src, dst, src_identity, dst_identity, false)
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the record's fields, named at the callers"
+    )]
+    fn open_record(
+        &self,
+        direction: Direction,
+        pod: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<String>,
+        dst_identity: Option<String>,
+        probe: bool,
     ) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let opened_ms = SystemTime::now()
@@ -255,10 +283,13 @@ impl ConnectionLog {
             opened_ms,
             duration_ms: None,
             outcome: None,
+            probe,
         };
         let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
         let labels = metric_labels(&store, &rec);
-        self.metrics.connection_opened(&labels);
+        if !probe {
+            self.metrics.connection_opened(&labels);
+        }
         st.active.push(Active {
             rec,
             fds: Vec::new(),
@@ -307,7 +338,9 @@ impl ConnectionLog {
             } = st.active.swap_remove(pos);
             // Istio counts "sent" from the destination back to the source and "received"
             // from the source to the destination, whichever side reports.
-            self.metrics.connection_closed(&labels, received, sent);
+            if !rec.probe {
+                self.metrics.connection_closed(&labels, received, sent);
+            }
             rec.bytes_sent = sent;
             rec.bytes_received = received;
             rec.duration_ms = Some(elapsed.as_millis() as u64);
@@ -325,6 +358,7 @@ impl ConnectionLog {
                 bytes_received = rec.bytes_received,
                 duration_ms = rec.duration_ms,
                 outcome = rec.outcome.as_deref(),
+                probe = rec.probe,
                 "connection closed"
             );
             if st.closed.len() == CLOSED_KEPT {
@@ -353,6 +387,7 @@ impl Proxy {
         store: Store,
         certs: Arc<CertificateManager>,
         metrics: Arc<crate::metrics::Metrics>,
+        probes: Arc<crate::probes::ProbeSources>,
     ) -> Result<Arc<Self>, Error> {
         let home = Netns::current()?;
         let store = Arc::new(store);
@@ -377,6 +412,7 @@ impl Proxy {
                 pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
                 drain: tokio::sync::watch::Sender::new(false),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
+                probes,
             }
         }))
     }
