@@ -613,6 +613,17 @@ impl Topology {
         self.spawn(pod, &args)?.wait_ok()
     }
 
+    /// Runs `podapp call` from node `n`'s own network namespace (as the kubelet's probes
+    /// do) and returns its stdout.
+    pub fn call_from_node(&self, n: u8, dst: SocketAddr, extra: &[&str]) -> anyhow::Result<String> {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", &self.nodes[usize::from(n - 1)]])
+            .arg(podapp_bin())
+            .args(["call", &dst.to_string()])
+            .args(extra))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The workload file for the current pods (service account = pod name).
     pub fn workloads_yaml(&self) -> String {
         let mut out = String::from("namespaces:\n  - name: default\nworkloads:\n");

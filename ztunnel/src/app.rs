@@ -366,6 +366,31 @@ fn release_free_heap() {
     }
 }
 
+/// Keeps the node's addresses among the kubelet probe sources current (a node's
+/// addresses rarely change; 30 s bounds how long a new one is not recognised).
+async fn follow_node_addresses(probes: Arc<crate::probes::ProbeSources>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let p = probes.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let home = Netns::current()?;
+            p.refresh(&home)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => warned = false,
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                tracing::warn!(error = %crate::proxy::error_chain(&e), "cannot read the node's addresses; kubelet probes from them are policed like any plaintext until they can be read");
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::error!(error = %e, "probe source refresh panicked"),
+        }
+    }
+}
+
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
@@ -467,9 +492,16 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         root: cgroup_root.clone(),
         own: own_cgroup,
     });
+    let probes = Arc::new(crate::probes::ProbeSources::new(
+        &cfg.probe_sources(),
+        cfg.host_proc.join("1/ns/net"),
+    ));
+    if probes.follows_node() {
+        tokio::spawn(follow_node_addresses(probes.clone()));
+    }
     let shared = Arc::new(Shared {
         capture,
-        proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone())?,
+        proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone(), probes)?,
         pods: Mutex::default(),
         pending: Mutex::default(),
         scope,

@@ -67,6 +67,18 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
 
+    /// Sources whose plaintext connections are the node's kubelet probes: they reach
+    /// pods without authorization (STRICT mTLS included), as istio-cni's probe SNAT lets
+    /// them past ztunnel in Istio. IP addresses, or `node` for every address of the node's
+    /// network namespace (`<host proc>/1/ns/net`, re-read every 30 s). Empty (`""`) for none.
+    #[arg(
+        long,
+        env = "ZTUNNEL_PROBE_SOURCES",
+        value_delimiter = ',',
+        default_value = "169.254.7.127,fd16:9254:7127:1337:ffff:ffff:ffff:ffff,node"
+    )]
+    pub probe_sources: Vec<ProbeSourceArg>,
+
     /// Who signs workload certificates; defaults to `istio` with `--source istio`, else
     /// `builtin`.
     #[arg(long, env = "ZTUNNEL_CA", value_enum)]
@@ -145,6 +157,22 @@ pub struct Config {
 /// The longest `--config-settle`: removals must not wait without bound.
 const MAX_CONFIG_SETTLE: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// One `--probe-sources` entry; an empty one (`--probe-sources ""`) stands for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ProbeSourceArg(pub Option<crate::probes::ProbeSource>);
+
+impl std::str::FromStr for ProbeSourceArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Ok(Self(None));
+        }
+        s.parse().map(|p| Self(Some(p)))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid configuration:\n{}", .problems.join("\n"))]
@@ -158,6 +186,11 @@ impl Config {
             Source::Istio => Ca::Istio,
             Source::File | Source::Kube => Ca::Builtin,
         })
+    }
+
+    /// The `--probe-sources` entries that name something.
+    pub fn probe_sources(&self) -> Vec<crate::probes::ProbeSource> {
+        self.probe_sources.iter().filter_map(|p| p.0).collect()
     }
 
     /// Checks every field and reports all problems together.
@@ -296,6 +329,44 @@ mod tests {
         assert_eq!(mixed.ca(), Ca::Istio);
         let err = parse(&["--node", "n1"]).validate().expect_err("no file");
         assert!(err.to_string().contains("--workloads"), "{err}");
+    }
+
+    #[test]
+    fn probe_sources_default_to_istios_snat_addresses_and_the_node() {
+        use crate::probes::{ISTIO_PROBE_SNAT_V4, ISTIO_PROBE_SNAT_V6, ProbeSource};
+        let c = parse(&["--workloads", "/w.yaml", "--node", "n1"]);
+        assert_eq!(
+            c.probe_sources(),
+            vec![
+                ProbeSource::Addr(ISTIO_PROBE_SNAT_V4.into()),
+                ProbeSource::Addr(ISTIO_PROBE_SNAT_V6.into()),
+                ProbeSource::Node,
+            ]
+        );
+        let none = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--probe-sources",
+            "",
+        ]);
+        assert!(none.probe_sources().is_empty());
+        let one = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--probe-sources",
+            "10.1.1.1",
+        ]);
+        assert_eq!(
+            one.probe_sources(),
+            vec![ProbeSource::Addr("10.1.1.1".parse().expect("valid"))]
+        );
+        let cli = Cli::try_parse_from(["ztunnel", "--node", "n1", "--probe-sources", "kubelet"]);
+        let err = cli.err().expect("not an address").to_string();
+        assert!(err.contains("--probe-sources"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod kube;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod probes;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;

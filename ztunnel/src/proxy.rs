@@ -139,6 +139,8 @@ pub struct Proxy {
     inbound_redirected: std::sync::atomic::AtomicBool,
     /// Every pod netns's return path, shared by its listeners and inbound connections.
     return_paths: Arc<return_path::Registry>,
+    /// Sources of kubelet probes (`--probe-sources`).
+    pub probes: Arc<crate::probes::ProbeSources>,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -174,6 +176,10 @@ pub struct ConnectionRecord {
     pub opened_ms: u64,
     pub duration_ms: Option<u64>,
     pub outcome: Option<String>,
+    /// A kubelet probe (`--probe-sources`): carried without authorization and left out
+    /// of Istio's metrics, as Istio's probes bypass its ztunnel.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
 }
 
 /// Active connections and the most recent closed ones; feeds Istio's TCP metrics.
@@ -235,6 +241,11 @@ impl ConnectionLog {
         self.open_with(direction, pod, src, dst, None, None)
     }
 
+    /// Opens the record of a kubelet probe: no Istio metrics (see [`ConnectionRecord::probe`]).
+    fn open_probe(&self, pod: &str, src: SocketAddr, dst: SocketAddr) -> u64 {
+        self.open_record(Direction::Inbound, pod, src, dst, None, None, true)
+    }
+
     fn open_with(
         &self,
         direction: Direction,
@@ -243,6 +254,23 @@ impl ConnectionLog {
         dst: SocketAddr,
         src_identity: Option<String>,
         dst_identity: Option<String>,
+    ) -> u64 {
+        self.open_record(direction, pod, src, dst, src_identity, dst_identity, false)
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the record's fields, named at the callers"
+    )]
+    fn open_record(
+        &self,
+        direction: Direction,
+        pod: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<String>,
+        dst_identity: Option<String>,
+        probe: bool,
     ) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let opened_ms = SystemTime::now()
@@ -269,10 +297,13 @@ impl ConnectionLog {
             opened_ms,
             duration_ms: None,
             outcome: None,
+            probe,
         };
         let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
         let labels = metric_labels(&store, &rec);
-        self.metrics.connection_opened(&labels);
+        if !probe {
+            self.metrics.connection_opened(&labels);
+        }
         st.active.push(Active {
             rec,
             fds: Vec::new(),
@@ -321,7 +352,9 @@ impl ConnectionLog {
             } = st.active.swap_remove(pos);
             // Istio counts "sent" from the destination back to the source and "received"
             // from the source to the destination, whichever side reports.
-            self.metrics.connection_closed(&labels, received, sent);
+            if !rec.probe {
+                self.metrics.connection_closed(&labels, received, sent);
+            }
             rec.bytes_sent = sent;
             rec.bytes_received = received;
             rec.duration_ms = Some(elapsed.as_millis() as u64);
@@ -339,6 +372,7 @@ impl ConnectionLog {
                 bytes_received = rec.bytes_received,
                 duration_ms = rec.duration_ms,
                 outcome = rec.outcome.as_deref(),
+                probe = rec.probe,
                 "connection closed"
             );
             if st.closed.len() == CLOSED_KEPT {
@@ -367,6 +401,7 @@ impl Proxy {
         store: Store,
         certs: Arc<CertificateManager>,
         metrics: Arc<crate::metrics::Metrics>,
+        probes: Arc<crate::probes::ProbeSources>,
     ) -> Result<Arc<Self>, Error> {
         let home = Netns::current()?;
         let store = Arc::new(store);
@@ -392,6 +427,7 @@ impl Proxy {
                 drain: tokio::sync::watch::Sender::new(false),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
+                probes,
             }
         }))
     }

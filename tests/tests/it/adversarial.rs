@@ -1,3 +1,4 @@
 //! The adversarial suite (issue 14): what an attacker or a careless operator can do to a
 //! node, and proof that enrolled pods' traffic stays mTLS and policed, or does not flow.
 mod config;
+mod probes;

@@ -38,9 +38,14 @@ pub(super) async fn accept(
 
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let started = Instant::now();
-    let id = proxy
-        .connections
-        .open(Direction::Inbound, &pod.name, src, dst);
+    let probe = proxy.probes.contains(src.ip());
+    let id = if probe {
+        proxy.connections.open_probe(&pod.name, src, dst)
+    } else {
+        proxy
+            .connections
+            .open(Direction::Inbound, &pod.name, src, dst)
+    };
     if ztunnel_common::ports::NEVER_CAPTURED.contains(&dst.port()) {
         // Forwarding to one of ztunnel's own ports would loop back into ztunnel.
         proxy.connections.close(
@@ -52,7 +57,11 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         );
         return;
     }
-    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, None, dst) {
+    if probe {
+        // Istio lets probes past ztunnel entirely (istio-cni's SNAT address), so no
+        // policy applies to them there either.
+        tracing::debug!("kubelet probe: carried without authorization");
+    } else if let Err(reason) = proxy.authorize_inbound(&pod.name, src, None, dst) {
         // A reset, not a clean close: the client must not mistake it for an empty answer.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         proxy
