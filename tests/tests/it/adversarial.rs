@@ -1,0 +1,3 @@
+//! The adversarial suite: what an attacker or a careless operator tries against the
+//! fail-closed promise, one module per surface.
+mod packets;
