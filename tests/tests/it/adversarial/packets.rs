@@ -18,7 +18,7 @@ use anyhow::{Context as _, ensure};
 use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel,
     Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketHeaders, TcpHeader,
-    TransportHeader, UdpHeader,
+    TcpOptionElement, TransportHeader, UdpHeader,
 };
 use ztunnel::{admin::ConfigDump, netns::Netns, proxy::Direction};
 use ztunnel_tests::{Pod, Topology, Ztunnel};
@@ -561,22 +561,35 @@ fn ipv6_syn_behind_extension_headers_is_steered_to_ztunnel() -> anyhow::Result<(
 fn fragmented_ipv6_syn_is_dropped_under_strict() -> anyhow::Result<()> {
     let tg = target(STRICT, false)?;
     let mut atk = Attacker::new(&tg.c, &tg.a, tg.c.addr6(41300), tg.a.addr6(8080))?;
-    let seg = atk.segment(atk.syn(4000), &[])?;
+    // The kernel discards a first fragment without the whole TCP header (RFC 7112), so
+    // the SYN carries 12 bytes of options: the first fragment holds the header and
+    // four of them, the second the rest.
+    let mut syn = atk.syn(4000);
+    syn.set_options(&[
+        TcpOptionElement::MaximumSegmentSize(1400),
+        TcpOptionElement::SelectiveAcknowledgementPermitted,
+        TcpOptionElement::Noop,
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+        TcpOptionElement::Noop,
+    ])?;
+    let seg = atk.segment(syn, &[])?;
+    assert_eq!(seg.len(), 32);
     let first = atk.ipv6_frame(
         &[Ext::Fragment {
             offset: 0,
             more: true,
         }],
         IpNumber::TCP,
-        &seg[..8],
+        &seg[..24],
     )?;
     let rest = atk.ipv6_frame(
         &[Ext::Fragment {
-            offset: 1,
+            offset: 3,
             more: false,
         }],
         IpNumber::TCP,
-        &seg[8..],
+        &seg[24..],
     )?;
     let connected = atk.connect(
         &[first, rest],
