@@ -150,21 +150,33 @@ pub mod time_wait {
     //! with a TIME_WAIT socket's tuple (`inet_ehash_insert` finds the duplicate and the
     //! SYN is silently dropped). So tc lets the kernel's TIME_WAIT processing run — it
     //! retires the TIME_WAIT socket and then looks up a listener for the original port
-    //! — and the `sk_lookup` program answers that lookup with ztunnel's listener. tc
-    //! runs and the lookup happens on the same CPU in the same softirq, so one slot per
-    //! CPU carries the hand-over.
+    //! — and the `sk_lookup` program answers that lookup with ztunnel's listener. tc and
+    //! the lookup run on the same CPU in the same softirq, so a per-CPU slot says which
+    //! SYN was handed over; `sockops` puts each of ztunnel's `:15006` listeners into a
+    //! SOCKHASH by (netns cookie, family) when it starts listening, and `sk_lookup`
+    //! finds the pod's netns cookie through `POD_ADDRS`.
     use super::IpKey;
 
-    /// SOCKMAP, indexed by CPU: ztunnel's listener tc found for the SYN.
-    pub const LISTENER: &str = "TW_LISTENER";
-    /// Per-CPU array of one [`Pending`]: which SYN the listener is for.
+    /// SOCKHASH of [`ListenerKey`] → ztunnel's `:15006` listener in that netns.
+    pub const LISTENERS: &str = "TW_LISTENERS";
+    /// Two per pod (IPv4 and IPv6), as many pods as [`POD_ADDRS`](super::pod_addrs)
+    /// holds addresses.
+    pub const MAX_LISTENERS: u32 = super::pod_addrs::MAX_ENTRIES;
+    /// Per-CPU array of one [`Pending`]: the SYN tc handed over.
     pub const PENDING: &str = "TW_PENDING";
-    /// CPU ids the hand-over covers (x86-64's largest `NR_CPUS`); a SYN on a CPU beyond
-    /// is dropped and counted.
-    pub const MAX_CPUS: u32 = 8192;
     /// How long a hand-over stays valid, in nanoseconds: tc and the lookup run
     /// microseconds apart; anything older is a SYN the kernel did not take that way.
     pub const FRESH_NS: u64 = 100_000_000;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct ListenerKey {
+        pub netns_cookie: u64,
+        /// `AF_INET` or `AF_INET6`.
+        pub family: u32,
+        pub _pad: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
 
     /// The SYN tc handed over, as the `sk_lookup` context shows it.
     #[repr(C)]
@@ -184,6 +196,9 @@ pub mod time_wait {
 
     #[cfg(feature = "user")]
     // SAFETY: plain `repr(C)` data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for ListenerKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: as above.
     unsafe impl aya::Pod for Pending {}
 }
 
@@ -263,8 +278,8 @@ pub mod stats {
     /// map is full); ztunnel then finds no original destination and closes them.
     pub const TUPLE_RECORD_FAILED: u32 = 14;
     /// Inbound SYNs matching a TIME_WAIT socket that could not be handed to ztunnel's
-    /// listener (CPU id beyond the hand-over map, listener gone): dropped, or answered
-    /// by the TIME_WAIT socket, never passed to the app's listener.
+    /// listener (destination not an address of the pod, listener gone): answered by the
+    /// TIME_WAIT socket (an ACK the client resets), never passed to the app's listener.
     pub const INBOUND_DROP_TIME_WAIT: u32 = 15;
     pub const SLOTS: u32 = 16;
 

@@ -1,7 +1,7 @@
 //! The maps every program shares, and small helpers around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockHash, SockMap},
+    maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use ztunnel_common::{
     IpKey, config,
@@ -9,7 +9,7 @@ use ztunnel_common::{
     orig_dst::{self, OrigDst, TupleKey},
     pod_addrs::{self, PodAddr},
     stats,
-    time_wait::{self, Pending},
+    time_wait::{self, ListenerKey, Pending},
 };
 
 // Plain hash maps, not LRU: a full map must refuse the new connection (connect4/6 then
@@ -35,7 +35,7 @@ pub static CAPTURE_CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
 pub static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::SLOTS, 0);
 
 #[map]
-pub static TW_LISTENER: SockMap = SockMap::pinned(time_wait::MAX_CPUS, 0);
+pub static TW_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(time_wait::MAX_LISTENERS, 0);
 
 #[map]
 pub static TW_PENDING: PerCpuArray<Pending> = PerCpuArray::pinned(1, 0);
@@ -48,7 +48,7 @@ const _: () = {
     assert!(eq(fast_path::SOCKHASH, "FAST_PATH_SOCKS"));
     assert!(eq(config::NAME, "CAPTURE_CONFIG"));
     assert!(eq(stats::NAME, "CAPTURE_STATS"));
-    assert!(eq(time_wait::LISTENER, "TW_LISTENER"));
+    assert!(eq(time_wait::LISTENERS, "TW_LISTENERS"));
     assert!(eq(time_wait::PENDING, "TW_PENDING"));
 };
 

@@ -1,20 +1,23 @@
 //! `sk_lookup` in each enrolled pod's netns: answers the listener lookup the kernel
 //! makes for a SYN that matched a TIME_WAIT socket (`tcp_timewait_state_process` →
 //! `TCP_TW_SYN` → listener lookup on the original port) with ztunnel's `:15006`
-//! listener, which tc left in this CPU's hand-over slot for exactly that SYN. Every other
-//! lookup — loopback traffic, ztunnel's own connections to the app — finds no matching
+//! listener, when tc left that very SYN in this CPU's hand-over slot. Every other lookup
+//! — loopback traffic, ztunnel's own connections to the app — finds no matching
 //! hand-over and is left to the kernel.
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action::SK_DROP, sk_action::SK_PASS},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use ztunnel_common::{IpKey, stats, time_wait};
+use ztunnel_common::{
+    IpKey, stats,
+    time_wait::{self, ListenerKey},
+};
 
-use crate::maps::{AF_INET, AF_INET6, TW_LISTENER, TW_PENDING, count};
+use crate::maps::{AF_INET, AF_INET6, POD_ADDRS, TW_LISTENERS, TW_PENDING, count};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -105,12 +108,22 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if now.wrapping_sub(pending.ktime_ns) > time_wait::FRESH_NS {
         return SK_PASS;
     }
-    // SAFETY: helper valid everywhere.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    if TW_LISTENER.redirect_sk_lookup(ctx, cpu, 0).is_err() {
-        // The listener went away meanwhile. Never fall back to the app's listener: with
-        // no listener the TIME_WAIT socket answers the SYN with an ACK, the client
-        // resets it and retries, and tc steers the retry.
+    // The pod this address belongs to, and its listener of this family. None (an
+    // address ztunnel does not know, such as a link-local one, or the listener gone):
+    // never fall back to the app's listener. With no listener the TIME_WAIT socket
+    // answers the SYN with an ACK, the client resets it and retries, and tc steers the
+    // retry to ztunnel, which refuses what is not the pod's.
+    // SAFETY: the value is copied out at once.
+    let Some(netns_cookie) = (unsafe { POD_ADDRS.get(local) }).map(|p| p.netns_cookie) else {
+        count(stats::INBOUND_DROP_TIME_WAIT);
+        return SK_DROP;
+    };
+    let key = ListenerKey {
+        netns_cookie,
+        family,
+        _pad: 0,
+    };
+    if TW_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_err() {
         count(stats::INBOUND_DROP_TIME_WAIT);
         return SK_DROP;
     }

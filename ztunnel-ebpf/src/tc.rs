@@ -11,24 +11,18 @@
 //!
 //! A SYN whose tuple still belongs to a TIME_WAIT socket is handed to `sk_lookup.rs`
 //! instead (see `ztunnel_common::time_wait` for why `bpf_sk_assign` cannot take it).
-use core::{ffi::c_void, ptr::addr_of};
-
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, bpf_sock,
-        bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
     },
-    helpers::{
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_map_update_elem, bpf_sk_assign,
-        bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    helpers::{bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
 };
 use ztunnel_common::{IpKey, ports, stats, time_wait::Pending};
 
-use crate::maps::{AF_INET, AF_INET6, TW_LISTENER, TW_PENDING, count};
+use crate::maps::{AF_INET, AF_INET6, TW_PENDING, count};
 
 const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT;
 const ETH_HLEN: usize = 14;
@@ -269,24 +263,26 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
         return Err(stats::INBOUND_NO_LISTENER);
     }
     if time_wait {
-        let pending = Pending {
-            local,
-            remote,
-            local_port: u16::from_be(seg.tcp.dest),
-            remote_port: u16::from_be(seg.tcp.source),
-            _pad: 0,
-            // SAFETY: helper valid everywhere.
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
-        };
-        // SAFETY: `listener` is a live, referenced listening socket.
-        let handed = unsafe { hand_over(listener, pending) };
-        // SAFETY: every looked-up socket must be released (the map holds its own ref).
+        // SAFETY: every looked-up socket must be released.
         unsafe { bpf_sk_release(listener.cast()) };
-        return if handed {
-            Ok(TC_ACT_OK)
-        } else {
-            Err(stats::INBOUND_DROP_TIME_WAIT)
+        // Leave the SYN to the kernel's TIME_WAIT processing; sk_lookup answers its
+        // listener lookup with the listener just found.
+        let Some(slot) = TW_PENDING.get_ptr_mut(0) else {
+            return Err(stats::INBOUND_DROP_TIME_WAIT);
         };
+        // SAFETY: per-CPU slot, only this CPU touches it while the program runs; the
+        // helper is valid everywhere.
+        unsafe {
+            *slot = Pending {
+                local,
+                remote,
+                local_port: u16::from_be(seg.tcp.dest),
+                remote_port: u16::from_be(seg.tcp.source),
+                _pad: 0,
+                ktime_ns: bpf_ktime_get_ns(),
+            };
+        }
+        return Ok(TC_ACT_OK);
     }
     // SAFETY: valid skb and listening socket.
     let ret = unsafe { bpf_sk_assign(skb, listener.cast(), 0) };
@@ -297,38 +293,6 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
     }
     count(stats::INBOUND_STEERED);
     Ok(TC_ACT_OK)
-}
-
-/// Leaves ztunnel's listener and the SYN's tuple in this CPU's hand-over slot for
-/// `sk_lookup`, which the kernel runs when its TIME_WAIT processing looks up a listener
-/// for this very SYN; `false` if the slot cannot take them.
-///
-/// # Safety
-/// `listener` must be a referenced socket from `bpf_skc_lookup_tcp`.
-#[inline(always)]
-unsafe fn hand_over(listener: *mut bpf_sock, pending: Pending) -> bool {
-    // SAFETY: helper valid everywhere.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    // SAFETY: a SOCKMAP update from tc (Linux >= 5.10) with a listening socket; the map
-    // takes its own reference. `SockMap` is `repr(transparent)` over its definition, so
-    // the static's address is the map's.
-    let ret = unsafe {
-        bpf_map_update_elem(
-            addr_of!(TW_LISTENER).cast_mut().cast::<c_void>(),
-            addr_of!(cpu).cast::<c_void>(),
-            listener.cast_const().cast::<c_void>(),
-            u64::from(BPF_ANY),
-        )
-    };
-    if ret != 0 {
-        return false;
-    }
-    let Some(slot) = TW_PENDING.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
-    unsafe { *slot = pending };
-    true
 }
 
 /// Loads the TCP header at `l4` and checks it lies inside the datagram (`end`, 0 when

@@ -31,7 +31,7 @@ use ztunnel_common::{
     orig_dst::{self, OrigDst, TupleKey},
     pod_addrs::{self, PodAddr},
     program, stats,
-    time_wait::{self, Pending},
+    time_wait::{self, ListenerKey, Pending},
 };
 
 use crate::netns::{self, Netns};
@@ -816,11 +816,11 @@ fn map_shapes() -> [MapShape; 8] {
             stats::SLOTS,
         ),
         shape(
-            time_wait::LISTENER,
-            T::SockMap,
+            time_wait::LISTENERS,
+            T::SockHash,
+            size_of::<ListenerKey>(),
             size_of::<u32>(),
-            size_of::<u32>(),
-            time_wait::MAX_CPUS,
+            time_wait::MAX_LISTENERS,
         ),
         shape(
             time_wait::PENDING,
