@@ -137,6 +137,10 @@ const TESTS: &[(&str, Needs)] = &[
         Needs::EbpfCapture,
     ),
     (
+        "adversarial::packets::syn_to_the_pods_link_local_address_is_steered_to_ztunnel",
+        Needs::EbpfCapture,
+    ),
+    (
         "adversarial::packets::truncated_tcp_headers_are_dropped_and_counted",
         Needs::EbpfCapture,
     ),

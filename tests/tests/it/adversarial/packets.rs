@@ -555,6 +555,59 @@ fn ipv6_syn_behind_extension_headers_is_steered_to_ztunnel() -> anyhow::Result<(
     Ok(())
 }
 
+/// The pod's IPv6 link-local address, once duplicate address detection is done.
+fn link_local(pod: &Pod) -> anyhow::Result<std::net::Ipv6Addr> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("ip")
+            .args([
+                "-n", &pod.netns, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link",
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.contains("tentative")
+            && let Some(addr) = text
+                .split_whitespace()
+                .skip_while(|w| *w != "inet6")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+        {
+            return Ok(addr.parse()?);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no link-local address in {}: {text}",
+            pod.netns
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A SYN to an address of the pod that ztunnel does not know — its IPv6 link-local
+/// address, reachable from the same L2 — still goes to ztunnel (tc steers whatever the
+/// destination), which refuses it; it never reaches the app.
+#[test]
+fn syn_to_the_pods_link_local_address_is_steered_to_ztunnel() -> anyhow::Result<()> {
+    let tg = target(STRICT, false)?;
+    let ll = link_local(&tg.a)?;
+    let src = tg.c.addr6(41250);
+    let mut atk = Attacker::new(&tg.c, &tg.a, src, SocketAddr::new(IpAddr::V6(ll), 8080))?;
+    let f = atk.frame(&[], atk.syn(6000), &[])?;
+    let connected = atk.connect(&[f], &[], 6000, Duration::from_secs(30), b"plaintext\n")?;
+    assert!(connected, "no SYN-ACK from ztunnel's listener");
+    tg.z.wait_for("ztunnel's refusal", |d| {
+        d.connections.list.iter().any(|r| {
+            r.src == src
+                && r.outcome
+                    .as_deref()
+                    .is_some_and(|o| o.starts_with("denied") || o.starts_with("refused"))
+        })
+    })?;
+    tg.app_untouched("link-local destination")?;
+    assert_eq!(counter(&tg.z.dump()?, "inbound_steered"), 1);
+    Ok(())
+}
+
 /// An IPv6 SYN in fragments is dropped whole (first fragment and later one); fragmented
 /// UDP passes.
 #[test]
