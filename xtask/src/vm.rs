@@ -157,6 +157,10 @@ const TESTS: &[(&str, Needs)] = &[
         Needs::EbpfCapture,
     ),
     (
+        "adversarial::orig_dst::an_lru_map_pinned_by_an_older_build_is_replaced",
+        Needs::EbpfCapture,
+    ),
+    (
         "adversarial::ports::app_ports_in_ztunnels_range_are_tunnelled_to_the_app",
         Needs::Any,
     ),

@@ -281,7 +281,9 @@ pub mod stats {
     /// listener (destination not an address of the pod, listener gone): answered by the
     /// TIME_WAIT socket (an ACK the client resets), never passed to the app's listener.
     pub const INBOUND_DROP_TIME_WAIT: u32 = 15;
-    pub const SLOTS: u32 = 16;
+    /// Room for more counters: a new slot needs no new map, and a map of another size
+    /// is replaced at load (see `ebpf::replace_incompatible_pins`).
+    pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
     pub const NAMES: [&str; 16] = [

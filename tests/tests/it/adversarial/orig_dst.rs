@@ -92,3 +92,44 @@ fn failed_connects_leave_no_orig_dst_entry() -> anyhow::Result<()> {
     assert_eq!(z.dump()?.capture.occupancy.orig_dst_by_cookie, 0);
     Ok(())
 }
+
+/// A pin left by a build whose original-destination map was LRU (it evicted live
+/// entries instead of refusing) must not be reused: ztunnel replaces it with a map of
+/// its own shape, which then fills and refuses.
+#[test]
+fn an_lru_map_pinned_by_an_older_build_is_replaced() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let _a = t.add_pod("a", true, false)?;
+    let maps = t.pin_dir("node1").join("maps");
+    std::fs::create_dir_all(&maps)?;
+    let pin = maps.join(orig_dst::BY_COOKIE);
+    let out = std::process::Command::new("bpftool")
+        .arg("map")
+        .arg("create")
+        .arg(&pin)
+        .args([
+            "type", "lru_hash", "key", "8", "value", "32", "entries", "1024",
+        ])
+        .args(["name", "ORIG_DST_COOKIE"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(&pin)?.map_type()?,
+        aya::maps::MapType::LruHash
+    );
+
+    let z = t.start_ztunnel(false)?;
+    let info = aya::maps::MapInfo::from_pin(&pin)?;
+    assert_eq!(info.map_type()?, aya::maps::MapType::Hash);
+    assert_eq!(info.max_entries(), orig_dst::MAX_ENTRIES);
+    assert!(
+        z.log_text().contains("has another shape; replacing it"),
+        "{}",
+        z.log_text()
+    );
+    Ok(())
+}
