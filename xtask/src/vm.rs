@@ -124,6 +124,46 @@ const TESTS: &[(&str, Needs)] = &[
         "iptables::iptables_unenrolment_removes_the_rules",
         Needs::Any,
     ),
+    (
+        "adversarial::packets::fragmented_ipv4_syn_is_dropped_under_strict",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::packets::fragmented_ipv6_syn_is_dropped_under_strict",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::packets::ipv6_syn_behind_extension_headers_is_steered_to_ztunnel",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::packets::syn_to_the_pods_link_local_address_is_steered_to_ztunnel",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::packets::truncated_tcp_headers_are_dropped_and_counted",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::packets::syn_matching_a_time_wait_socket_passes_ztunnel",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::orig_dst::full_orig_dst_map_refuses_connects_and_nothing_goes_direct",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::orig_dst::failed_connects_leave_no_orig_dst_entry",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::orig_dst::an_lru_map_pinned_by_an_older_build_is_replaced",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::ports::app_ports_in_ztunnels_range_are_tunnelled_to_the_app",
+        Needs::Any,
+    ),
 ];
 
 /// Printed by `/init` after the tests: `ZTUNNEL-VM-RESULT exit=<status>`.

@@ -13,16 +13,12 @@ pub mod ports {
     pub const METRICS: u16 = 15020;
     pub const READINESS: u16 = 15021;
 
-    /// Destination ports the outbound capture never rewrites.
-    pub const NEVER_CAPTURED: [u16; 7] = [
-        OUTBOUND,
-        INBOUND_PLAINTEXT,
-        HBONE,
-        DNS,
-        ADMIN,
-        METRICS,
-        READINESS,
-    ];
+    /// The ports ztunnel owns inside an enrolled pod's netns, exactly as Istio's in-pod
+    /// rules reserve them: the outbound capture never rewrites a connect to them and
+    /// ztunnel never forwards to them (either would loop back into ztunnel). Every
+    /// other port is the app's and is captured and tunnelled — 15000, 15020, 15021 and
+    /// 15053 included, which ztunnel serves in its own netns, not in the pod's.
+    pub const NEVER_CAPTURED: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];
 }
 
 /// The mark ztunnel puts on its own packets (`SO_MARK`), as Istio's ztunnel does.
@@ -38,21 +34,25 @@ pub mod program {
     pub const CONNECT6: &str = "connect6_capture";
     pub const GETPEERNAME4: &str = "getpeername4_capture";
     pub const GETPEERNAME6: &str = "getpeername6_capture";
+    pub const SOCK_RELEASE: &str = "sock_release_capture";
     pub const GETSOCKOPT: &str = "getsockopt_orig_dst";
     pub const SOCKOPS: &str = "sockops_capture";
     pub const SK_MSG: &str = "sk_msg_fast_path";
     pub const TC_INGRESS: &str = "tc_ingress_capture";
+    pub const SK_LOOKUP: &str = "sk_lookup_time_wait";
 
     /// Every program in the object, in load order.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
         GETPEERNAME6,
+        SOCK_RELEASE,
         GETSOCKOPT,
         SOCKOPS,
         SK_MSG,
         TC_INGRESS,
+        SK_LOOKUP,
     ];
 }
 
@@ -71,11 +71,18 @@ pub mod orig_dst {
     use super::IpKey;
 
     /// socket cookie of the app's socket → [`OrigDst`]; written by `connect4/6`, read by
-    /// `getpeername4/6` and `sockops`, deleted when the socket closes.
+    /// `getpeername4/6` and `sockops`, deleted when the app closes the socket
+    /// (`sock_release`) or the connection closes (`sockops`, TCP_CLOSE), and by
+    /// unenrolment for the pod's netns. A plain hash map: when it is full, connects are
+    /// refused (EPERM) rather than another connection's entry evicted. One entry per
+    /// captured connection the app holds open, so [`MAX_ENTRIES`] bounds the captured
+    /// outbound connections open at once on the node.
     pub const BY_COOKIE: &str = "ORIG_DST_COOKIE";
     /// [`TupleKey`] of the app's end → [`OrigDst`]; written by `sockops` once the app's
     /// connection is established (its port is known only then), read by `getsockopt`
-    /// on ztunnel's accepted socket, deleted when the socket closes.
+    /// on ztunnel's accepted socket, deleted when the connection closes (TCP_CLOSE) and by
+    /// unenrolment: one per captured connection until its socket closes (an app's close
+    /// ends in TCP_CLOSE after at most the FIN timeout).
     pub const BY_TUPLE: &str = "ORIG_DST_TUPLE";
     pub const MAX_ENTRIES: u32 = 65536;
 
@@ -137,6 +144,64 @@ pub mod pod_addrs {
 // SAFETY: plain `repr(C)` data; every bit pattern is valid.
 unsafe impl aya::Pod for IpKey {}
 
+pub mod time_wait {
+    //! A SYN whose 4-tuple still belongs to a TIME_WAIT socket, handed from tc to
+    //! `sk_lookup`. `bpf_sk_assign` cannot steer it: the kernel refuses a second socket
+    //! with a TIME_WAIT socket's tuple (`inet_ehash_insert` finds the duplicate and the
+    //! SYN is silently dropped). So tc lets the kernel's TIME_WAIT processing run — it
+    //! retires the TIME_WAIT socket and then looks up a listener for the original port
+    //! — and the `sk_lookup` program answers that lookup with ztunnel's listener. tc and
+    //! the lookup run on the same CPU in the same softirq, so a per-CPU slot says which
+    //! SYN was handed over; `sockops` puts each of ztunnel's `:15006` listeners into a
+    //! SOCKHASH by (netns cookie, family) when it starts listening, and `sk_lookup`
+    //! finds the pod's netns cookie through `POD_ADDRS`.
+    use super::IpKey;
+
+    /// SOCKHASH of [`ListenerKey`] → ztunnel's `:15006` listener in that netns.
+    pub const LISTENERS: &str = "TW_LISTENERS";
+    /// Two per pod (IPv4 and IPv6), as many pods as [`POD_ADDRS`](super::pod_addrs)
+    /// holds addresses.
+    pub const MAX_LISTENERS: u32 = super::pod_addrs::MAX_ENTRIES;
+    /// Per-CPU array of one [`Pending`]: the SYN tc handed over.
+    pub const PENDING: &str = "TW_PENDING";
+    /// How long a hand-over stays valid, in nanoseconds: tc and the lookup run
+    /// microseconds apart; anything older is a SYN the kernel did not take that way.
+    pub const FRESH_NS: u64 = 100_000_000;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct ListenerKey {
+        pub netns_cookie: u64,
+        /// `AF_INET` or `AF_INET6`.
+        pub family: u32,
+        pub _pad: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+
+    /// The SYN tc handed over, as the `sk_lookup` context shows it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Pending {
+        pub local: IpKey,
+        pub remote: IpKey,
+        /// Host byte order.
+        pub local_port: u16,
+        /// Host byte order.
+        pub remote_port: u16,
+        pub _pad: u32,
+        /// `bpf_ktime_get_ns` when tc handed it over; 0 = nothing pending.
+        pub ktime_ns: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<Pending>() == 56);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain `repr(C)` data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for ListenerKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Pending {}
+}
+
 pub mod fast_path {
     //! Same-node fast path: both ends of each app↔ztunnel loopback connection.
     use super::IpKey;
@@ -193,10 +258,35 @@ pub mod stats {
     pub const INBOUND_STEERED: u32 = 7;
     /// Inbound SYNs dropped because ztunnel's listener is missing (fail closed).
     pub const INBOUND_NO_LISTENER: u32 = 8;
-    pub const SLOTS: u32 = 16;
+    /// Inbound TCP dropped because it is an IP fragment (IPv4 fragments of a TCP
+    /// datagram, IPv6 fragments that carry or may carry TCP): the kernel would
+    /// reassemble a segment tc never saw whole.
+    pub const INBOUND_DROP_FRAGMENT: u32 = 9;
+    /// Inbound TCP dropped because its IP or TCP header is cut short (by the frame or by
+    /// the IP length fields).
+    pub const INBOUND_DROP_TRUNCATED: u32 = 10;
+    /// Inbound IP dropped because tc cannot tell whether it is TCP: bad version or
+    /// header length, or an IPv6 extension-header chain longer than tc walks.
+    pub const INBOUND_DROP_UNPARSEABLE: u32 = 11;
+    /// Inbound SYNs whose 4-tuple still belonged to a TIME_WAIT socket, handed to
+    /// ztunnel's listener by `sk_lookup` (see [`time_wait`](super::time_wait)).
+    pub const INBOUND_TIME_WAIT_STEERED: u32 = 12;
+    /// Outbound connects refused (EPERM to the app) because the original destination
+    /// could not be recorded (the map is full).
+    pub const CONNECT_REFUSED: u32 = 13;
+    /// Established captured connections whose tuple entry could not be written (the
+    /// map is full); ztunnel then finds no original destination and closes them.
+    pub const TUPLE_RECORD_FAILED: u32 = 14;
+    /// Inbound SYNs matching a TIME_WAIT socket that could not be handed to ztunnel's
+    /// listener (destination not an address of the pod, listener gone): answered by the
+    /// TIME_WAIT socket (an ACK the client resets), never passed to the app's listener.
+    pub const INBOUND_DROP_TIME_WAIT: u32 = 15;
+    /// Room for more counters: a new slot needs no new map, and a map of another size
+    /// is replaced at load (see `ebpf::replace_incompatible_pins`).
+    pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
-    pub const NAMES: [&str; 9] = [
+    pub const NAMES: [&str; 16] = [
         "connect_captured",
         "tuple_recorded",
         "orig_dst_hit",
@@ -206,5 +296,13 @@ pub mod stats {
         "fast_path_misses",
         "inbound_steered",
         "inbound_no_listener",
+        "inbound_drop_fragment",
+        "inbound_drop_truncated",
+        "inbound_drop_unparseable",
+        "inbound_time_wait_steered",
+        "connect_refused",
+        "tuple_record_failed",
+        "inbound_drop_time_wait",
     ];
+    const _: () = assert!(NAMES.len() as u32 <= SLOTS);
 }

@@ -1,14 +1,15 @@
 //! Outbound capture: `connect4/6` rewrite an enrolled pod's TCP connects to ztunnel's
 //! in-pod listener and remember the original destination by socket cookie;
-//! `getpeername4/6` give the app back the address it asked for.
+//! `getpeername4/6` give the app back the address it asked for; `sock_release` drops
+//! the entry when the app closes its socket.
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use ztunnel_common::{IpKey, orig_dst::OrigDst, ports, stats};
 
@@ -18,6 +19,8 @@ use crate::maps::{
 
 /// Let the syscall proceed (cgroup sock_addr programs return 1 to allow).
 const ALLOW: i32 = 1;
+/// Refuse the syscall: the app's connect fails with EPERM.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
@@ -26,18 +29,39 @@ const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
 #[cgroup_sock_addr(connect4)]
 pub fn connect4_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
-    let _ = unsafe { try_connect(&ctx, false) };
-    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
-    // never break the app's connect.
-    ALLOW
+    verdict(unsafe { try_connect(&ctx, false) })
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    let _ = unsafe { try_connect(&ctx, true) };
-    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
-    // never break the app's connect.
+    verdict(unsafe { try_connect(&ctx, true) })
+}
+
+/// Fail closed: a connect whose original destination could not be recorded would reach
+/// ztunnel with no way to learn where it was going, and must not go direct either; the
+/// app gets EPERM. Each branch returns a constant, as the verifier wants 0 or 1.
+#[inline(always)]
+fn verdict(r: Result<i32, i32>) -> i32 {
+    match r {
+        Ok(ALLOW) => ALLOW,
+        _ => {
+            count(stats::CONNECT_REFUSED);
+            REFUSE
+        }
+    }
+}
+
+/// The app closed a socket: its original destination is not needed any more (nobody
+/// can ask getpeername on a closed descriptor, and a socket closed before it was
+/// established never will be). sockops deletes the entry at TCP_CLOSE too, but only for
+/// sockets that reached `tcp_connect`; a connect that failed in between (no free port,
+/// address in use) would otherwise leave its entry behind for good.
+#[cgroup_sock(sock_release)]
+pub fn sock_release_capture(ctx: SockContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock programs (Linux >= 5.12).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIG_DST_COOKIE.remove(cookie);
     ALLOW
 }
 
@@ -45,8 +69,7 @@ pub fn connect6_capture(ctx: SockAddrContext) -> i32 {
 pub fn getpeername4_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let _ = unsafe { try_getpeername(&ctx, false) };
-    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
-    // never break the app's connect.
+    // Always allow: the verifier wants a constant 0/1 here, and getpeername only reads.
     ALLOW
 }
 
@@ -54,8 +77,7 @@ pub fn getpeername4_capture(ctx: SockAddrContext) -> i32 {
 pub fn getpeername6_capture(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let _ = unsafe { try_getpeername(&ctx, true) };
-    // Always allow: the verifier wants a constant 0/1 here, and a capture error must
-    // never break the app's connect.
+    // Always allow: the verifier wants a constant 0/1 here, and getpeername only reads.
     ALLOW
 }
 
@@ -118,6 +140,9 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         port,
         _pad: 0,
     };
+    // Fails only when the map is full (a plain hash map, never LRU: evicting another
+    // connection's entry would break that connection instead); the caller refuses the
+    // connect then.
     ORIG_DST_COOKIE.insert(cookie, orig, 0)?;
 
     let listener_port = u32::from(u16::to_be(ports::OUTBOUND));

@@ -1,12 +1,14 @@
 //! ztunnel's kernel programs: outbound capture (`connect.rs`), original-destination
 //! bookkeeping and the same-node fast path (`sockops.rs`, `sk_msg.rs`), `SO_ORIGINAL_DST`
-//! (`sockopt.rs`) and inbound capture (`tc.rs`). Maps live here; their names and types
+//! (`sockopt.rs`) and inbound capture (`tc.rs`, and `sk_lookup.rs` for SYNs that meet a
+//! TIME_WAIT socket). Maps live here; their names and types
 //! come from `ztunnel-common` so userspace cannot drift from them.
 #![no_std]
 #![no_main]
 
 mod connect;
 mod maps;
+mod sk_lookup;
 mod sk_msg;
 mod sockops;
 mod sockopt;

@@ -1,7 +1,7 @@
 //! The maps every program shares, and small helpers around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, SockHash},
 };
 use ztunnel_common::{
     IpKey, config,
@@ -9,14 +9,18 @@ use ztunnel_common::{
     orig_dst::{self, OrigDst, TupleKey},
     pod_addrs::{self, PodAddr},
     stats,
+    time_wait::{self, ListenerKey, Pending},
 };
 
+// Plain hash maps, not LRU: a full map must refuse the new connection (connect4/6 then
+// return EPERM), never evict a live connection's entry. Entries leave with their socket
+// (sock_release, sockops at TCP_CLOSE) or their pod (unenrolment); see orig_dst in
+// ztunnel-common for the bound.
 #[map]
-pub static ORIG_DST_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+pub static ORIG_DST_COOKIE: HashMap<u64, OrigDst> = HashMap::pinned(orig_dst::MAX_ENTRIES, 0);
 
 #[map]
-pub static ORIG_DST_TUPLE: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::pinned(orig_dst::MAX_ENTRIES, 0);
+pub static ORIG_DST_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::pinned(orig_dst::MAX_ENTRIES, 0);
 
 #[map]
 pub static POD_ADDRS: HashMap<IpKey, PodAddr> = HashMap::pinned(pod_addrs::MAX_ENTRIES, 0);
@@ -30,6 +34,12 @@ pub static CAPTURE_CONFIG: Array<u32> = Array::pinned(config::SLOTS, 0);
 #[map]
 pub static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::SLOTS, 0);
 
+#[map]
+pub static TW_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(time_wait::MAX_LISTENERS, 0);
+
+#[map]
+pub static TW_PENDING: PerCpuArray<Pending> = PerCpuArray::pinned(1, 0);
+
 // The names above must equal the shared constants; a mismatch fails the build.
 const _: () = {
     assert!(eq(orig_dst::BY_COOKIE, "ORIG_DST_COOKIE"));
@@ -38,6 +48,8 @@ const _: () = {
     assert!(eq(fast_path::SOCKHASH, "FAST_PATH_SOCKS"));
     assert!(eq(config::NAME, "CAPTURE_CONFIG"));
     assert!(eq(stats::NAME, "CAPTURE_STATS"));
+    assert!(eq(time_wait::LISTENERS, "TW_LISTENERS"));
+    assert!(eq(time_wait::PENDING, "TW_PENDING"));
 };
 
 const fn eq(a: &str, b: &str) -> bool {

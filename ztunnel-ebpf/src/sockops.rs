@@ -2,7 +2,9 @@
 //! connection is established its local port is known, so its original destination moves
 //! into the tuple map that `SO_ORIGINAL_DST` reads; both ends of each app↔ztunnel
 //! loopback connection go into the fast-path SOCKHASH when the switch is on; entries
-//! are deleted when the socket closes.
+//! are deleted when the socket closes. ztunnel's `:15006` listeners go into the SOCKHASH
+//! `sk_lookup` takes them from (see `ztunnel_common::time_wait`) when they start
+//! listening; the kernel takes a socket out of every map when it closes.
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
@@ -10,17 +12,19 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use ztunnel_common::{IpKey, config, fast_path::SockKey, orig_dst::TupleKey, ports, stats};
+use ztunnel_common::{
+    IpKey, config, fast_path::SockKey, orig_dst::TupleKey, ports, stats, time_wait::ListenerKey,
+};
 
 use crate::maps::{
-    AF_INET, AF_INET6, FAST_PATH_SOCKS, ORIG_DST_COOKIE, ORIG_DST_TUPLE, count, ip4, ip6,
-    is_loopback, switch_on,
+    AF_INET, AF_INET6, FAST_PATH_SOCKS, ORIG_DST_COOKIE, ORIG_DST_TUPLE, TW_LISTENERS, count, ip4,
+    ip6, is_loopback, switch_on,
 };
 
 /// sockops programs return 1; the value is not used for these callbacks.
@@ -142,6 +146,27 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
             let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             // SAFETY: `ops` is the context.
             unsafe { fast_path_insert(ctx, &e, netns) };
+        }
+        BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            // Only ztunnel listens on :15006 in an enrolled pod (it holds the wildcard
+            // address there), and whatever listens there is where tc steers anyway.
+            // SAFETY: `ops` is the context.
+            let Some(e) = (unsafe { ends(ops) }) else {
+                return Ok(());
+            };
+            if e.local_port != ports::INBOUND_PLAINTEXT {
+                return Ok(());
+            }
+            // SAFETY: helper valid for sockops (Linux >= 5.15).
+            let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            let mut key = ListenerKey {
+                netns_cookie,
+                family: e.local.family,
+                _pad: 0,
+            };
+            // SAFETY: `ctx.ops` is the live sock_ops context the helper expects; a
+            // listening socket may go into a SOCKHASH at TCP_LISTEN_CB.
+            TW_LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, 0)?;
         }
         BPF_SOCK_OPS_STATE_CB => {
             // args[1] is the new state (include/uapi/linux/bpf.h, BPF_SOCK_OPS_STATE_CB).

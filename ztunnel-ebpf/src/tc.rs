@@ -1,120 +1,248 @@
-//! Inbound capture: tc ingress on an enrolled pod's `eth0`, inside its netns. New TCP
-//! connections to the pod's own addresses — every port but HBONE's — are handed to
-//! ztunnel's in-pod `:15006` listener with `bpf_sk_assign`; the accepted socket's local
-//! address is the original destination. Packets of existing sockets are left alone.
-use core::mem::size_of;
-
+//! Inbound capture: tc ingress on an enrolled pod's `eth0`, inside its netns. Every new
+//! TCP connection arriving there — any destination address, every port but HBONE's — is
+//! handed to ztunnel's in-pod `:15006` listener with `bpf_sk_assign`; the accepted
+//! socket's local address is the original destination, and ztunnel refuses the
+//! addresses that are not the pod's. Packets of existing sockets are left alone.
+//!
+//! Fail closed: TCP that tc cannot classify is dropped, each drop counted by reason —
+//! truncated or malformed headers, IPv6 extension-header chains longer than the walk,
+//! and fragments (the kernel would reassemble a SYN tc never saw whole). Non-TCP passes,
+//! fragmented or not.
+//!
+//! A SYN whose tuple still belongs to a TIME_WAIT socket is handed to `sk_lookup.rs`
+//! instead (see `ztunnel_common::time_wait` for why `bpf_sk_assign` cannot take it).
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
     },
-    helpers::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
 };
-use ztunnel_common::{ports, stats};
+use ztunnel_common::{IpKey, ports, stats, time_wait::Pending};
 
-use crate::maps::{POD_ADDRS, count, ip4, ip6};
+use crate::maps::{AF_INET, AF_INET6, TW_PENDING, count};
 
+const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT;
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
+const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const TCP_HLEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
+/// IPv4 "more fragments" flag and fragment offset (RFC 791).
+const IP_MF_OFFSET: u16 = 0x3fff;
+/// IPv6 fragment offset (RFC 8200 §4.5), the flags masked out.
+const IP6_OFFSET: u16 = 0xfff8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// Extension headers walked before giving up on an IPv6 packet (and dropping it if it
+/// may be TCP). A constant bound keeps the verifier's loop analysis finite; real
+/// traffic carries at most two or three (RFC 8200 §4.1 lists each at most once, the
+/// destination options twice).
+const MAX_EXT_HEADERS: usize = 8;
+
+/// The fixed IPv4 header (RFC 791), as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
+
+/// The fixed IPv6 header (RFC 8200), as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    version_class_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IPV6_HLEN);
+
+/// The TCP header without options (RFC 9293), as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHdr {
+    source: u16,
+    dest: u16,
+    seq: u32,
+    ack_seq: u32,
+    /// Data offset in the high nibble.
+    doff: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg_ptr: u16,
+}
+const _: () = assert!(core::mem::size_of::<TcpHdr>() == TCP_HLEN);
 
 #[classifier]
 pub fn tc_ingress_capture(ctx: TcContext) -> i32 {
     // SAFETY: the kernel hands us a valid __sk_buff for the program's lifetime.
     match unsafe { try_tc(&ctx) } {
         Ok(action) => action,
-        Err(_) => TC_ACT_OK,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
     }
 }
 
+/// A TCP segment tc has classified: where its header is, the header itself, and the
+/// end of the IP datagram that carries it.
+struct Segment {
+    tcp: TcpHdr,
+    l4: usize,
+    /// Offset just past the IP payload; 0 when the IP length field is 0 (a BIG TCP
+    /// aggregate, never a SYN).
+    end: usize,
+}
+
+/// `Ok(action)` for packets tc lets through or steers, `Err(stats slot)` for packets
+/// it drops, counted under that slot.
+///
 /// # Safety
 /// `ctx` must be the program's context.
-unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
-    let proto = u16::from_be(ctx.load::<u16>(12)?);
+unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
+    // The protocol the stack dispatches on (set by eth_type_trans, VLAN tags already
+    // taken off), not whatever the frame's type field says.
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let skb_len = ctx.len() as usize;
     // SAFETY: a zeroed tuple is a valid bpf_sock_tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let (l4, tuple_len, dport) = match proto {
+    let (seg, tuple_len, local, remote) = match proto {
         ETH_P_IP => {
-            let vihl = ctx.load::<u8>(ETH_HLEN)?;
-            if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
+            let ip: Ipv4Hdr = ctx
+                .load(ETH_HLEN)
+                .map_err(|_| stats::INBOUND_DROP_TRUNCATED)?;
+            if ip.version_ihl >> 4 != 4 {
+                return Err(stats::INBOUND_DROP_UNPARSEABLE);
+            }
+            if ip.protocol != IPPROTO_TCP {
+                // UDP, ICMP…, fragmented or not: not ours.
                 return Ok(TC_ACT_OK);
             }
-            let daddr = ctx.load::<u32>(ETH_HLEN + 16)?;
-            // SAFETY: presence check only.
-            if unsafe { POD_ADDRS.get(ip4(daddr)) }.is_none() {
-                return Ok(TC_ACT_OK);
+            // Every fragment of a TCP datagram carries the protocol, so this catches
+            // the first one and the rest (the kernel keys reassembly on it too).
+            if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
+                return Err(stats::INBOUND_DROP_FRAGMENT);
             }
-            let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+            let ihl = usize::from(ip.version_ihl & 0x0f) * 4;
+            if ihl < IPV4_HLEN {
+                return Err(stats::INBOUND_DROP_UNPARSEABLE);
+            }
+            let tot_len = usize::from(u16::from_be(ip.tot_len));
+            let end = if tot_len == 0 { 0 } else { ETH_HLEN + tot_len };
+            let seg = segment(ctx, ETH_HLEN + ihl, end, skb_len)?;
             // SAFETY: writing the ipv4 member of a zeroed union.
             unsafe {
                 let t = &mut tuple.__bindgen_anon_1.ipv4;
-                t.saddr = ctx.load::<u32>(ETH_HLEN + 12)?;
-                t.daddr = daddr;
-                t.sport = ctx.load::<u16>(l4)?;
-                t.dport = ctx.load::<u16>(l4 + 2)?;
-                (l4, size_of_ipv4_tuple(), t.dport)
+                t.saddr = ip.saddr;
+                t.daddr = ip.daddr;
+                t.sport = seg.tcp.source;
+                t.dport = seg.tcp.dest;
             }
+            let key = |a| IpKey {
+                addr: [a, 0, 0, 0],
+                family: AF_INET,
+            };
+            (seg, size_of_ipv4_tuple(), key(ip.daddr), key(ip.saddr))
         }
         ETH_P_IPV6 => {
-            // Extension headers are not followed: pods' TCP does not carry them.
-            if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
+            let ip: Ipv6Hdr = ctx
+                .load(ETH_HLEN)
+                .map_err(|_| stats::INBOUND_DROP_TRUNCATED)?;
+            if u32::from_be(ip.version_class_flow) >> 28 != 6 {
+                return Err(stats::INBOUND_DROP_UNPARSEABLE);
+            }
+            let Some(l4) = ipv6_tcp_offset(ctx, ip.next_header)? else {
                 return Ok(TC_ACT_OK);
-            }
-            let mut daddr = [0u32; 4];
-            let mut saddr = [0u32; 4];
-            for i in 0..4 {
-                saddr[i] = ctx.load::<u32>(ETH_HLEN + 8 + i * 4)?;
-                daddr[i] = ctx.load::<u32>(ETH_HLEN + 24 + i * 4)?;
-            }
-            // SAFETY: presence check only.
-            if unsafe { POD_ADDRS.get(ip6(daddr)) }.is_none() {
-                return Ok(TC_ACT_OK);
-            }
-            let l4 = ETH_HLEN + IPV6_HLEN;
+            };
+            let payload_len = usize::from(u16::from_be(ip.payload_len));
+            let end = if payload_len == 0 {
+                0
+            } else {
+                ETH_HLEN + IPV6_HLEN + payload_len
+            };
+            let seg = segment(ctx, l4, end, skb_len)?;
             // SAFETY: writing the ipv6 member of a zeroed union.
             unsafe {
                 let t = &mut tuple.__bindgen_anon_1.ipv6;
-                t.saddr = saddr;
-                t.daddr = daddr;
-                t.sport = ctx.load::<u16>(l4)?;
-                t.dport = ctx.load::<u16>(l4 + 2)?;
-                (l4, size_of::<bpf_sock_tuple>() as u32, t.dport)
+                t.saddr = ip.saddr;
+                t.daddr = ip.daddr;
+                t.sport = seg.tcp.source;
+                t.dport = seg.tcp.dest;
             }
+            let key = |addr| IpKey {
+                addr,
+                family: AF_INET6,
+            };
+            (
+                seg,
+                core::mem::size_of::<bpf_sock_tuple>() as u32,
+                key(ip.daddr),
+                key(ip.saddr),
+            )
         }
         _ => return Ok(TC_ACT_OK),
     };
-    if u16::from_be(dport) == ports::HBONE {
-        return Ok(TC_ACT_OK);
-    }
+
     // Only a connection's first packet needs steering: every later packet belongs to
     // the socket the SYN created, which the stack finds by its address.
-    let flags = ctx.load::<u8>(l4 + 13)?;
-    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+    if seg.tcp.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return Ok(TC_ACT_OK);
     }
+    // A SYN is never an aggregate: its length fields must hold, and its options must
+    // lie inside the datagram (the kernel would drop it anyway; say why).
+    let doff = usize::from(seg.tcp.doff >> 4) * 4;
+    if seg.end == 0 || doff < TCP_HLEN || seg.l4 + doff > seg.end {
+        return Err(stats::INBOUND_DROP_TRUNCATED);
+    }
+    if u16::from_be(seg.tcp.dest) == ports::HBONE {
+        return Ok(TC_ACT_OK);
+    }
+
     let skb = ctx.as_ptr();
     // SAFETY: helper valid for tc; the tuple and its length match the family.
     let existing =
         unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
+    let mut time_wait = false;
     if !existing.is_null() {
         // SAFETY: non-null socket from the lookup; released right after.
         let state = unsafe { (*existing).state };
         // SAFETY: every looked-up socket must be released.
         unsafe { bpf_sk_release(existing.cast()) };
-        if state != BPF_TCP_LISTEN {
-            // A socket already owns this tuple (e.g. TIME_WAIT): leave it be.
+        if state == BPF_TCP_TIME_WAIT {
+            time_wait = true;
+        } else if state != BPF_TCP_LISTEN {
+            // A connection owns this tuple (a retransmitted SYN of a handshake under
+            // way, a simultaneous open): the stack hands the SYN to it.
             return Ok(TC_ACT_OK);
         }
     }
     // Ask for ztunnel's listener: same tuple, destination port 15006.
-    // Writing a union field is safe; write the port in the member we filled.
+    // Writing a union field is safe; write the port in the member filled above.
     if proto == ETH_P_IP {
         tuple.__bindgen_anon_1.ipv4.dport = u16::to_be(ports::INBOUND_PLAINTEXT);
     } else {
@@ -125,25 +253,124 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, tuple_len, BPF_F_CURRENT_NETNS as u64, 0) };
     if listener.is_null() {
         // ztunnel is not listening in this pod: fail closed, never leak plaintext.
-        count(stats::INBOUND_NO_LISTENER);
-        return Ok(TC_ACT_SHOT);
+        return Err(stats::INBOUND_NO_LISTENER);
     }
     // SAFETY: non-null socket from the lookup.
     let state = unsafe { (*listener).state };
-    let ret = if state == BPF_TCP_LISTEN {
-        // SAFETY: valid skb and socket.
-        unsafe { bpf_sk_assign(skb, listener.cast(), 0) }
-    } else {
-        -1
-    };
+    if state != BPF_TCP_LISTEN {
+        // SAFETY: every looked-up socket must be released.
+        unsafe { bpf_sk_release(listener.cast()) };
+        return Err(stats::INBOUND_NO_LISTENER);
+    }
+    if time_wait {
+        // SAFETY: every looked-up socket must be released.
+        unsafe { bpf_sk_release(listener.cast()) };
+        // Leave the SYN to the kernel's TIME_WAIT processing; sk_lookup answers its
+        // listener lookup with the listener just found.
+        let Some(slot) = TW_PENDING.get_ptr_mut(0) else {
+            return Err(stats::INBOUND_DROP_TIME_WAIT);
+        };
+        // SAFETY: per-CPU slot, only this CPU touches it while the program runs; the
+        // helper is valid everywhere.
+        unsafe {
+            *slot = Pending {
+                local,
+                remote,
+                local_port: u16::from_be(seg.tcp.dest),
+                remote_port: u16::from_be(seg.tcp.source),
+                _pad: 0,
+                ktime_ns: bpf_ktime_get_ns(),
+            };
+        }
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: valid skb and listening socket.
+    let ret = unsafe { bpf_sk_assign(skb, listener.cast(), 0) };
     // SAFETY: every looked-up socket must be released.
     unsafe { bpf_sk_release(listener.cast()) };
     if ret != 0 {
-        count(stats::INBOUND_NO_LISTENER);
-        return Ok(TC_ACT_SHOT);
+        return Err(stats::INBOUND_NO_LISTENER);
     }
     count(stats::INBOUND_STEERED);
     Ok(TC_ACT_OK)
+}
+
+/// Loads the TCP header at `l4` and checks it lies inside the datagram (`end`, 0 when
+/// the IP length field is 0) and the frame.
+#[inline(always)]
+fn segment(ctx: &TcContext, l4: usize, end: usize, skb_len: usize) -> Result<Segment, u32> {
+    if end > skb_len || (end != 0 && l4 + TCP_HLEN > end) {
+        return Err(stats::INBOUND_DROP_TRUNCATED);
+    }
+    let tcp: TcpHdr = ctx.load(l4).map_err(|_| stats::INBOUND_DROP_TRUNCATED)?;
+    Ok(Segment { tcp, l4, end })
+}
+
+/// Walks the IPv6 extension headers the kernel walks (Hop-by-Hop, Routing, Destination
+/// Options, AH, Fragment) to the upper-layer header: `Some(offset)` of a TCP header,
+/// `None` for any other upper layer (let through), `Err` for what must be dropped.
+#[inline(always)]
+fn ipv6_tcp_offset(ctx: &TcContext, first: u8) -> Result<Option<usize>, u32> {
+    let mut next = first;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut fragmented = false;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => break,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH => {
+                // Next header, then the length: in 8-octet units not counting the
+                // first 8 (RFC 8200 §4.3-4.6), in 4-octet units minus 2 for AH
+                // (RFC 4302 §2.2).
+                let h: [u8; 2] = ctx.load(off).map_err(|_| stats::INBOUND_DROP_TRUNCATED)?;
+                let len = if next == IPPROTO_AH {
+                    (usize::from(h[1]) + 2) * 4
+                } else {
+                    (usize::from(h[1]) + 1) * 8
+                };
+                next = h[0];
+                off += len;
+            }
+            IPPROTO_FRAGMENT => {
+                // Next header, reserved, offset and flags (RFC 8200 §4.5).
+                let h: [u8; 4] = ctx.load(off).map_err(|_| stats::INBOUND_DROP_TRUNCATED)?;
+                next = h[0];
+                off += 8;
+                if u16::from_be_bytes([h[2], h[3]]) & IP6_OFFSET != 0 {
+                    // A later fragment: only its next-header field says what it
+                    // belongs to. TCP, or an extension header that may lead to TCP,
+                    // cannot be classified.
+                    return if is_upper_layer(next) && next != IPPROTO_TCP {
+                        Ok(None)
+                    } else {
+                        Err(stats::INBOUND_DROP_FRAGMENT)
+                    };
+                }
+                // The first fragment holds the whole header chain (RFC 8200 §4.5):
+                // keep walking to see whether it is TCP.
+                fragmented = true;
+            }
+            _ => return Ok(None),
+        }
+        i += 1;
+    }
+    if next != IPPROTO_TCP {
+        // Still in the extension headers after the bound: it may be TCP.
+        return Err(stats::INBOUND_DROP_UNPARSEABLE);
+    }
+    if fragmented {
+        return Err(stats::INBOUND_DROP_FRAGMENT);
+    }
+    Ok(Some(off))
+}
+
+/// Not one of the extension headers [`ipv6_tcp_offset`] walks.
+#[inline(always)]
+fn is_upper_layer(next: u8) -> bool {
+    !matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
 }
 
 /// The IPv4 part of `bpf_sock_tuple`: two addresses and two ports.

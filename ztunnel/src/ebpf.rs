@@ -14,8 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
-        TcAttachType,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkLookup,
+        SkMsg, SockOps, TcAttachType,
         cgroup_sockopt::CgroupSockoptLink,
         links::{FdLink, PinnedLink},
         sk_msg::SkMsgLink,
@@ -31,6 +31,7 @@ use ztunnel_common::{
     orig_dst::{self, OrigDst, TupleKey},
     pod_addrs::{self, PodAddr},
     program, stats,
+    time_wait::{self, ListenerKey, Pending},
 };
 
 use crate::netns::{self, Netns};
@@ -303,6 +304,7 @@ impl Capture {
                 path: opts.pin_dir.clone(),
             });
         }
+        replace_incompatible_pins(&maps_dir);
         let adopted = adopt_pod_links(&opts.pin_dir.join("pods"));
         if !adopted.is_empty() {
             tracing::info!(pods = ?adopted.keys().collect::<Vec<_>>(), "found capture pinned by a previous ztunnel; it stays attached until each pod is re-enrolled");
@@ -467,6 +469,18 @@ impl Capture {
             pod.new_links.push((name, fd_link(name, target, link)?));
             pod.attached.push(name);
         }
+        let prog: &mut CgroupSock = program_mut(ebpf, program::SOCK_RELEASE)?;
+        let id = prog
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| attach_err(program::SOCK_RELEASE, target, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_err(program::SOCK_RELEASE, target, source))?;
+        pod.new_links.push((
+            program::SOCK_RELEASE,
+            fd_link(program::SOCK_RELEASE, target, link)?,
+        ));
+        pod.attached.push(program::SOCK_RELEASE);
         let prog: &mut SockOps = program_mut(ebpf, program::SOCKOPS)?;
         let id = prog
             .attach(cgroup, CgroupAttachMode::Single)
@@ -518,6 +532,24 @@ impl Capture {
             pod.links.push(Link::TcNetlink(link));
         }
         pod.attached.push(program::TC_INGRESS);
+
+        // Answers the listener lookup of a SYN that met a TIME_WAIT socket (tc.rs).
+        let target = format!("netns {}", pod.netns.path().display());
+        let netns = File::open(pod.netns.path()).map_err(|source| {
+            Error::Netns(netns::Error::Open {
+                path: pod.netns.path().to_owned(),
+                source,
+            })
+        })?;
+        let prog: &mut SkLookup = program_mut(ebpf, program::SK_LOOKUP)?;
+        let id = prog
+            .attach(&netns)
+            .map_err(|source| attach_err(program::SK_LOOKUP, &target, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_err(program::SK_LOOKUP, &target, source))?;
+        pod.new_links.push((program::SK_LOOKUP, FdLink::from(link)));
+        pod.attached.push(program::SK_LOOKUP);
         Ok(())
     }
 
@@ -691,10 +723,12 @@ fn load_program(prog: &mut aya::programs::Program) -> Result<(), aya::programs::
     use aya::programs::Program as P;
     match prog {
         P::CgroupSockAddr(p) => p.load(),
+        P::CgroupSock(p) => p.load(),
         P::CgroupSockopt(p) => p.load(),
         P::SockOps(p) => p.load(),
         P::SkMsg(p) => p.load(),
         P::SchedClassifier(p) => p.load(),
+        P::SkLookup(p) => p.load(),
         _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
     }
 }
@@ -716,6 +750,117 @@ where
         target: target.to_owned(),
         source: aya::programs::ProgramError::IOError(io::Error::other(e.to_string())),
     })
+}
+
+/// What each map of the object is, as the kernel reports it for a pinned map.
+struct MapShape {
+    name: &'static str,
+    ty: aya::maps::MapType,
+    key: usize,
+    value: usize,
+    max_entries: u32,
+}
+
+fn map_shapes() -> [MapShape; 8] {
+    use std::mem::size_of;
+
+    use aya::maps::MapType as T;
+    let shape = |name, ty, key, value, max_entries| MapShape {
+        name,
+        ty,
+        key,
+        value,
+        max_entries,
+    };
+    [
+        shape(
+            orig_dst::BY_COOKIE,
+            T::Hash,
+            size_of::<u64>(),
+            size_of::<OrigDst>(),
+            orig_dst::MAX_ENTRIES,
+        ),
+        shape(
+            orig_dst::BY_TUPLE,
+            T::Hash,
+            size_of::<TupleKey>(),
+            size_of::<OrigDst>(),
+            orig_dst::MAX_ENTRIES,
+        ),
+        shape(
+            pod_addrs::NAME,
+            T::Hash,
+            size_of::<IpKey>(),
+            size_of::<PodAddr>(),
+            pod_addrs::MAX_ENTRIES,
+        ),
+        shape(
+            fast_path::SOCKHASH,
+            T::SockHash,
+            size_of::<SockKey>(),
+            size_of::<u32>(),
+            fast_path::MAX_ENTRIES,
+        ),
+        shape(
+            config::NAME,
+            T::Array,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            config::SLOTS,
+        ),
+        shape(
+            stats::NAME,
+            T::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            stats::SLOTS,
+        ),
+        shape(
+            time_wait::LISTENERS,
+            T::SockHash,
+            size_of::<ListenerKey>(),
+            size_of::<u32>(),
+            time_wait::MAX_LISTENERS,
+        ),
+        shape(
+            time_wait::PENDING,
+            T::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<Pending>(),
+            1,
+        ),
+    ]
+}
+
+/// aya reuses a map pinned under its name whatever its shape; a pin left by a build
+/// whose map differs (LRU where this one wants a plain hash, another size) is unpinned
+/// so a map of the right shape is created. Programs of the old build still attached keep
+/// their map until they are released.
+fn replace_incompatible_pins(maps_dir: &Path) {
+    for want in map_shapes() {
+        let path = maps_dir.join(want.name);
+        let Ok(have) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let same = have.map_type().ok() == Some(want.ty)
+            && have.key_size() as usize == want.key
+            && have.value_size() as usize == want.value
+            && have.max_entries() == want.max_entries;
+        if !same {
+            tracing::warn!(
+                map = want.name,
+                pin = %path.display(),
+                have_type = ?have.map_type().ok(),
+                have_max_entries = have.max_entries(),
+                want_type = ?want.ty,
+                want_max_entries = want.max_entries,
+                "pinned map left by another build has another shape; replacing it"
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(pin = %path.display(), error = %e, "failed to remove the pin");
+            }
+        }
+    }
 }
 
 /// Pinned pod links under `<pin dir>/pods/<namespace>/<name>/<program>`.

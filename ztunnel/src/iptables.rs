@@ -1,7 +1,10 @@
 //! The iptables capture fallback (`--capture=iptables`, or `auto` on kernels without the
 //! eBPF features): NAT REDIRECT rules inside the pod's netns send the pod's outbound TCP
-//! to ztunnel's :15001 and inbound TCP on `eth0` (but HBONE's :15008) to :15006; the
-//! original destination comes from conntrack through `SO_ORIGINAL_DST`, as with eBPF.
+//! (but to ztunnel's reserved ports) to ztunnel's :15001 and inbound TCP on `eth0` (but
+//! HBONE's :15008), whatever its destination address, to :15006 — the same rules as the
+//! eBPF programs. The original destination comes from conntrack through
+//! `SO_ORIGINAL_DST`, as with eBPF. Conntrack reassembles fragments before NAT sees them
+//! and re-evaluates NAT for a SYN that reopens a closed tuple, so neither bypasses it.
 //! ztunnel's own connections are skipped by their marks (0x539, and 0x111 for the
 //! source-preserving connections to the app and their replies).
 use std::net::IpAddr;
@@ -36,6 +39,9 @@ fn run(netns: &Netns, v6: bool, args: &[&str]) -> Result<String, netns::Error> {
 /// The rules of one family, in order; each is appended with `-A`.
 fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
     let loopback = if v6 { "::1/128" } else { "127.0.0.0/8" };
+    let reserved = ztunnel_common::ports::NEVER_CAPTURED
+        .map(|p| p.to_string())
+        .join(",");
     let mut r: Vec<Vec<&str>> = vec![
         vec![OUT, "-m", "mark", "--mark", "0x539/0xfff", "-j", "RETURN"],
         vec![OUT, "-m", "mark", "--mark", "0x111/0xfff", "-j", "RETURN"],
@@ -47,7 +53,7 @@ fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
             "-m",
             "multiport",
             "--dports",
-            "15001,15006,15008,15053,15000,15020,15021",
+            &reserved,
             "-j",
             "RETURN",
         ],
@@ -74,25 +80,23 @@ fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
             .map(str::to_owned)
             .to_vec(),
     );
-    for a in &own {
-        out.push(
-            [
-                PRE,
-                "-i",
-                "eth0",
-                "-p",
-                "tcp",
-                "-d",
-                a,
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15006",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-        );
-    }
+    // Every destination address, as tc: ztunnel's :15006 handler refuses those that
+    // are not the pod's.
+    out.push(
+        [
+            PRE,
+            "-i",
+            "eth0",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    );
     out
 }
 
@@ -188,9 +192,37 @@ mod tests {
         assert!(v4.iter().all(|r| !r.iter().any(|a| a == "fd00::5")));
         let v6 = rules(&addrs, true);
         assert!(v6.iter().any(|r| r.iter().any(|a| a == "::1/128")));
+        assert!(v6.iter().any(|r| r.iter().any(|a| a == "fd00::5")));
+    }
+
+    #[test]
+    fn only_ztunnels_in_pod_ports_are_exempt_and_inbound_covers_every_address() {
+        let addrs: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip")];
+        let v4 = rules(&addrs, false);
+        let exempt = v4
+            .iter()
+            .find(|r| r.iter().any(|a| a == "multiport"))
+            .expect("port exemption");
         assert!(
-            v6.iter()
-                .any(|r| r.iter().any(|a| a == "fd00::5") && r.iter().any(|a| a == "15006"))
+            exempt.contains(&"15001,15006,15008".to_owned()),
+            "{exempt:?}"
+        );
+        // 15000, 15020, 15021 and 15053 are the app's inside a pod, as in Istio.
+        for app_port in ["15000", "15020", "15021", "15053"] {
+            assert!(
+                v4.iter().all(|r| !r.iter().any(|a| a.contains(app_port))),
+                "{app_port} must be captured"
+            );
+        }
+        let inbound: Vec<_> = v4.iter().filter(|r| r[0] == PRE).collect();
+        assert_eq!(inbound.len(), 2, "{inbound:?}");
+        assert!(
+            inbound[0].contains(&"15008".to_owned()) && inbound[0].contains(&"RETURN".to_owned())
+        );
+        assert!(
+            inbound[1].contains(&"15006".to_owned()) && !inbound[1].contains(&"-d".to_owned()),
+            "inbound redirect must not depend on the destination address: {:?}",
+            inbound[1]
         );
     }
 }

@@ -71,6 +71,14 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// Connect two sockets bound to the same local port (SO_REUSEADDR) to `addr`, so
+    /// the second connect fails in the kernel (its 4-tuple is taken); print each
+    /// outcome (`first=ok second=<error>`), then close both.
+    SamePort {
+        addr: SocketAddr,
+        #[arg(long)]
+        port: u16,
+    },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
     /// latency counted from the request's scheduled time. Prints one JSON line.
@@ -119,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Hold { addr, secs } => hold(addr, secs),
         Cmd::Many { addr, count } => many(addr, count),
+        Cmd::SamePort { addr, port } => same_port(addr, port),
         Cmd::Rr {
             addr,
             size,
@@ -400,6 +409,36 @@ fn many(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
         }
     }
     println!("ok={count}");
+    Ok(())
+}
+
+fn same_port(addr: SocketAddr, port: u16) -> anyhow::Result<()> {
+    let local = SocketAddr::new(
+        if addr.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        },
+        port,
+    );
+    let connect = || -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.bind(&local.into())?;
+        s.connect(&addr.into())?;
+        Ok(s)
+    };
+    let outcome = |r: &std::io::Result<socket2::Socket>| match r {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => format!("{e}"),
+    };
+    let first = connect();
+    let second = connect();
+    println!("first={} second={}", outcome(&first), outcome(&second));
     Ok(())
 }
 
