@@ -272,6 +272,16 @@ fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
+    match crate::limits::raise_open_files_limit() {
+        Ok((from, to)) => tracing::info!(
+            from,
+            to,
+            "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to raise the open-file limit (RLIMIT_NOFILE); listeners may hit EMFILE early")
+        }
+    }
     if let Some(cg) = &cfg.cgroup {
         join_cgroup(cg)?;
     }
@@ -367,7 +377,12 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     )?;
     let shared = Arc::new(Shared {
         capture,
-        proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone())?,
+        proxy: Proxy::new(
+            Store::new(initial.clone()),
+            certs,
+            metrics.clone(),
+            cfg.limits,
+        )?,
         pods: Mutex::default(),
         pending: Mutex::default(),
         log,

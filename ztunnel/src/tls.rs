@@ -197,18 +197,138 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Read buffer under TLS on an HBONE connection. rustls asks its transport for at most
-/// 4 KiB at a time, so a 16 KiB record would cost four `recvfrom` calls; reading the
-/// socket into this buffer first turns a busy tunnel's ciphertext into one syscall per
-/// several records (`cargo xtask bench`, "throughput", and the note on issue 7).
+/// Read buffer under TLS on an HBONE connection, once it is authenticated. rustls asks its
+/// transport for at most 4 KiB at a time, so a 16 KiB record would cost four `recvfrom`
+/// calls; reading the socket into this buffer first turns a busy tunnel's ciphertext into
+/// one syscall per several records (`cargo xtask bench`, "throughput", and the note on
+/// issue 7). It is given only after the TLS handshake ([`Transport::authenticated`]): a
+/// client that never finishes its handshake must not cost 128 KiB.
 pub const READ_BUFFER: usize = 128 * 1024;
 
-/// The TCP connection an HBONE TLS session runs on, with [`READ_BUFFER`] under it.
-pub type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+/// The TCP connection an HBONE TLS session runs on: unbuffered during the handshake, with
+/// [`READ_BUFFER`] under it once [`Transport::authenticated`] is called.
+#[derive(Debug)]
+pub struct Transport(Option<TransportInner>);
+
+#[derive(Debug)]
+enum TransportInner {
+    Handshaking(tokio::net::TcpStream),
+    Authenticated(tokio::io::BufReader<tokio::net::TcpStream>),
+}
 
 /// Wraps a connected socket for TLS (see [`READ_BUFFER`]).
 pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+    Transport(Some(TransportInner::Handshaking(tcp)))
+}
+
+impl Transport {
+    /// Gives the connection its read buffer; call once the handshake has authenticated the
+    /// peer. Nothing is buffered before, so nothing is lost.
+    pub fn authenticated(&mut self) {
+        if let Some(TransportInner::Handshaking(tcp)) = self.0.take() {
+            self.0 = Some(TransportInner::Authenticated(
+                tokio::io::BufReader::with_capacity(READ_BUFFER, tcp),
+            ));
+        }
+    }
+
+    /// The read buffer's size: 0 until [`Transport::authenticated`].
+    pub fn buffer_capacity(&self) -> usize {
+        match &self.0 {
+            Some(TransportInner::Authenticated(_)) => READ_BUFFER,
+            _ => 0,
+        }
+    }
+
+    /// The socket underneath.
+    pub fn tcp(&self) -> &tokio::net::TcpStream {
+        match self.inner() {
+            TransportInner::Handshaking(tcp) => tcp,
+            TransportInner::Authenticated(b) => b.get_ref(),
+        }
+    }
+
+    fn inner(&self) -> &TransportInner {
+        #[expect(
+            clippy::expect_used,
+            reason = "only `authenticated` takes the inner value, and puts it back at once"
+        )]
+        self.0.as_ref().expect("transport is never left empty")
+    }
+
+    fn inner_mut(&mut self) -> &mut TransportInner {
+        #[expect(
+            clippy::expect_used,
+            reason = "only `authenticated` takes the inner value, and puts it back at once"
+        )]
+        self.0.as_mut().expect("transport is never left empty")
+    }
+}
+
+impl tokio::io::AsyncRead for Transport {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Transport {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write(cx, data),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp().is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_flush(cx),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_shutdown(cx),
+        }
+    }
 }
 
 /// A `ServerName` for connecting to `ip`. Only satisfies the rustls API: with SNI disabled
@@ -393,6 +513,54 @@ mod tests {
         let (_, conn) = client.get_ref();
         assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
         assert_eq!(peer_identity(conn), Some(id(TD, "server")));
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_is_given_only_after_the_handshake() {
+        let pki = pki();
+        let (server_cfg, client_cfg) = configs(
+            &issue(&pki.ca, TD, "server"),
+            &issue(&pki.ca, TD, "client"),
+            vec![id(TD, "server")],
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = async {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let io = transport(tcp);
+            assert_eq!(io.buffer_capacity(), 0, "no buffer while handshaking");
+            let mut tls = TlsAcceptor::from(server_cfg)
+                .accept(io)
+                .await
+                .expect("server handshake");
+            tls.get_mut().0.authenticated();
+            assert_eq!(tls.get_ref().0.buffer_capacity(), READ_BUFFER);
+            let mut got = vec![0u8; 300_000];
+            tls.read_exact(&mut got).await.expect("read");
+            tls.write_all(&got).await.expect("echo");
+            tls.flush().await.expect("flush");
+        };
+        let client = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut tls = TlsConnector::from(client_cfg)
+                .connect(server_name(addr.ip()), transport(tcp))
+                .await
+                .expect("client handshake");
+            tls.get_mut().0.authenticated();
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            tls.write_all(&data).await.expect("write");
+            tls.flush().await.expect("flush");
+            let mut back = vec![0u8; data.len()];
+            tls.read_exact(&mut back).await.expect("read echo");
+            assert!(back == data, "bytes differ after the buffer was added");
+        };
+        timeout(Duration::from_secs(10), async {
+            tokio::join!(server, client)
+        })
+        .await
+        .expect("finished in time");
     }
 
     #[tokio::test]

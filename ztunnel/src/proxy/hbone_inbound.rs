@@ -21,6 +21,7 @@ use super::{Direction, PodNet, Proxy, return_path};
 use crate::{
     hbone::{self, Accepted, Rejection, Target, TargetAddr},
     identity::Identity,
+    limits::Step,
     tls,
 };
 
@@ -34,7 +35,13 @@ pub(super) async fn accept(
     async move {
         if let Err(e) = connection(proxy, pod, stream, peer).await {
             let why = super::error_chain(&e);
-            tracing::info!(error = %why, "HBONE connection ended with an error");
+            if e.kind() == io::ErrorKind::TimedOut {
+                // Counted and logged (rate-limited) where it fired; a client can make
+                // thousands of these.
+                tracing::debug!(error = %why, "HBONE connection ended with an error");
+            } else {
+                tracing::info!(error = %why, "HBONE connection ended with an error");
+            }
         }
     }
     .instrument(span)
@@ -49,22 +56,33 @@ async fn connection(
 ) -> io::Result<()> {
     let arrived_on = stream.local_addr()?.ip();
     let _ = stream.set_nodelay(true);
-    let cert = proxy
-        .certs
-        .get(&pod.identity)
-        .await
-        .map_err(io::Error::other)?;
-    let config = pod.server_config(&cert).map_err(io::Error::other)?;
-    let tls = tokio_rustls::TlsAcceptor::from(config)
-        .accept(crate::tls::transport(stream))
-        .await?;
+    // One deadline from accept to the end of the TLS handshake, the certificate included:
+    // until then the client is anonymous and holds only a socket and a small task.
+    let handshake = async {
+        let cert = proxy
+            .certs
+            .get(&pod.identity)
+            .await
+            .map_err(io::Error::other)?;
+        let config = pod.server_config(&cert).map_err(io::Error::other)?;
+        tokio_rustls::TlsAcceptor::from(config)
+            .accept(crate::tls::transport(stream))
+            .await
+    };
+    let mut tls = proxy.step(Step::TlsAccept, handshake).await?;
     let client = tls::peer_identity(tls.get_ref().1)
         .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
+    // Authenticated: now the connection gets its read buffer.
+    tls.get_mut().0.authenticated();
     let drain = proxy.drain.subscribe();
     let handler_proxy = proxy.clone();
-    hbone::serve(
+    let settings = hbone::ServerSettings {
+        handshake_timeout: proxy.limits.h2_accept_timeout,
+        ..hbone::ServerSettings::default()
+    };
+    let served = hbone::serve(
         tls,
-        hbone::ServerSettings::default(),
+        settings,
         arrived_on,
         (client, peer),
         drain,
@@ -73,8 +91,11 @@ async fn connection(
             async move { open_stream(proxy, pod, target, client, peer).await }
         },
     )
-    .await
-    .map_err(io::Error::other)
+    .await;
+    if let Err(hbone::server::Error::HandshakeTimeout { source, .. }) = &served {
+        proxy.count_timeout(source.step, source.after);
+    }
+    served.map_err(io::Error::other)
 }
 
 async fn open_stream(
