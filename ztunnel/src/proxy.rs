@@ -814,6 +814,13 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Makes dropping `stream` send a RST instead of a FIN: an app whose connection could
+/// not be carried (connect failed or timed out, tunnel refused) must not read a clean,
+/// empty answer.
+fn reset_on_drop(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 /// `IPV6_TRANSPARENT` (socket2 only wraps the IPv4 option).
 fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;

@@ -1,6 +1,7 @@
 //! Privileged integration tests: real network namespaces, cgroups, eBPF and ztunnel
 //! processes. They need root and fail loudly without it. One file per behaviour.
 mod admin;
+mod adversarial;
 mod bench;
 mod demo;
 mod enrolment;
