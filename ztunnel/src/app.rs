@@ -261,6 +261,9 @@ fn release_free_heap() {
     }
 }
 
+/// How often free heap is handed back to the kernel besides after each reconcile.
+const HEAP_RELEASE_EVERY: Duration = Duration::from_secs(10);
+
 /// Moves this process into `cgroup` (created if missing).
 fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(cgroup)
@@ -432,6 +435,16 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         s.readiness()?;
         istio_health.readiness()
     }));
+
+    // Memory a burst of connections used (say, thousands of half-open handshakes until
+    // their timeout) goes back to the kernel soon after, not only at the next reconcile.
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(HEAP_RELEASE_EVERY);
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(release_free_heap).await;
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;

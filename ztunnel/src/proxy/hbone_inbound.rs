@@ -57,23 +57,42 @@ async fn connection(
     let arrived_on = stream.local_addr()?.ip();
     let _ = stream.set_nodelay(true);
     // One deadline from accept to the end of the TLS handshake, the certificate included:
-    // until then the client is anonymous and holds only a socket and a small task.
+    // until then the client is anonymous and holds only a socket and a small task. The
+    // TLS state (rustls allocates its 4 KiB read buffer on the first read attempt; the
+    // handshake future is kilobytes) is made only once the client has sent something.
     let handshake = async {
-        let cert = proxy
-            .certs
-            .get(&pod.identity)
-            .await
-            .map_err(io::Error::other)?;
-        let config = pod.server_config(&cert).map_err(io::Error::other)?;
-        tokio_rustls::TlsAcceptor::from(config)
-            .accept(crate::tls::transport(stream))
-            .await
+        stream.readable().await?;
+        Box::pin(async {
+            let cert = proxy
+                .certs
+                .get(&pod.identity)
+                .await
+                .map_err(io::Error::other)?;
+            let config = pod.server_config(&cert).map_err(io::Error::other)?;
+            tokio_rustls::TlsAcceptor::from(config)
+                .accept(crate::tls::transport(stream))
+                .await
+        })
+        .await
     };
     let mut tls = proxy.step(Step::TlsAccept, handshake).await?;
     let client = tls::peer_identity(tls.get_ref().1)
         .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
-    // Authenticated: now the connection gets its read buffer.
+    // Authenticated: now the connection gets its read buffer, and the HTTP/2 server its
+    // state, boxed so that a connection still in its TLS handshake does not carry it.
     tls.get_mut().0.authenticated();
+    Box::pin(serve(proxy, pod, tls, arrived_on, client, peer)).await
+}
+
+/// Serves an authenticated HBONE connection's CONNECT streams.
+async fn serve(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    tls: tokio_rustls::server::TlsStream<tls::Transport>,
+    arrived_on: std::net::IpAddr,
+    client: Identity,
+    peer: SocketAddr,
+) -> io::Result<()> {
     let drain = proxy.drain.subscribe();
     let handler_proxy = proxy.clone();
     let settings = hbone::ServerSettings {
