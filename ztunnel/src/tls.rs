@@ -331,6 +331,100 @@ impl tokio::io::AsyncWrite for Transport {
     }
 }
 
+/// The largest first record [`first_record`] waits for: a TLS record's payload is at most
+/// 2^14 bytes plus 256 of expansion (RFC 8446 §5.2); anything larger is rustls's to refuse.
+const MAX_FIRST_RECORD: usize = 5 + (1 << 14) + 256;
+
+/// Waits until the client's first TLS record (its ClientHello) has fully arrived, or the
+/// client closed, or sent something that is no TLS handshake (rustls refuses it then). A
+/// client that stops mid-record, or sends nothing, costs no TLS state: rustls gives each
+/// session a 4 KiB read buffer at the first read attempt and grows it to 8 KiB when a
+/// record is incomplete. The wait is kernel-side: `SO_RCVLOWAT` holds the socket's
+/// readiness until the record's bytes are all queued.
+pub async fn first_record(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::Interest;
+    let result = async {
+        loop {
+            stream.readable().await?;
+            let ready = stream.try_io(Interest::READABLE, || {
+                let queued = queued_bytes(stream)?;
+                let mut head = [std::mem::MaybeUninit::<u8>::uninit(); 5];
+                let n = socket2::SockRef::from(stream).peek(&mut head)?;
+                if n == 0 {
+                    return Ok(()); // EOF: rustls reports it.
+                }
+                let mut bytes = [0u8; 5];
+                for (b, h) in bytes.iter_mut().zip(&head[..n]) {
+                    // SAFETY: `peek` initialised the first `n` bytes.
+                    *b = unsafe { h.assume_init() };
+                }
+                let head = bytes;
+                let want = if head[0] != 0x16 {
+                    return Ok(()); // Not a handshake record: rustls refuses it.
+                } else if n < 5 {
+                    5
+                } else {
+                    5 + usize::from(u16::from_be_bytes([head[3], head[4]]))
+                };
+                if want > MAX_FIRST_RECORD || queued.max(n) >= want {
+                    return Ok(());
+                }
+                set_rcvlowat(stream, want)?;
+                // Bytes that came in meanwhile may already be enough (their wakeup was
+                // before the new low mark).
+                if queued_bytes(stream)? >= want {
+                    return Ok(());
+                }
+                // Clears the readiness: the next wakeup comes once `want` bytes are queued.
+                Err(Error::from(ErrorKind::WouldBlock))
+            });
+            match ready {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    set_rcvlowat(stream, 1)?;
+    result
+}
+
+/// `FIONREAD`: bytes queued for reading.
+fn queued_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: valid socket; FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc == 0 {
+        Ok(usize::try_from(n).unwrap_or(0))
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `SO_RCVLOWAT` (socket2 does not wrap it).
+fn set_rcvlowat(stream: &tokio::net::TcpStream, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: valid socket and an int-sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A `ServerName` for connecting to `ip`. Only satisfies the rustls API: with SNI disabled
 /// it is not sent, and the verifier checks identities, not names.
 pub fn server_name(ip: IpAddr) -> ServerName<'static> {
@@ -561,6 +655,62 @@ mod tests {
         })
         .await
         .expect("finished in time");
+    }
+
+    #[tokio::test]
+    async fn first_record_waits_for_the_whole_client_hello_record() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let waiting = |s| async move {
+            timeout(Duration::from_millis(200), first_record(s))
+                .await
+                .is_err()
+        };
+        assert!(waiting(&server).await, "nothing sent yet");
+        // Two bytes of the header, then the header announcing 10 bytes and 4 of them.
+        client.write_all(&[0x16, 0x03]).await.expect("write");
+        assert!(waiting(&server).await, "half a header");
+        client
+            .write_all(&[0x01, 0x00, 0x0a, 1, 2, 3, 4])
+            .await
+            .expect("write");
+        assert!(waiting(&server).await, "4 of 10 bytes");
+        client.write_all(&[5, 6, 7, 8, 9, 10]).await.expect("write");
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("the whole record is there")
+            .expect("no error");
+        // The low mark is back to 1 for rustls, and nothing was consumed.
+        let mut got = [0u8; 15];
+        let mut server = server;
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(got[..5], [0x16, 0x03, 0x01, 0x00, 0x0a]);
+
+        // A closed client and a non-TLS one are handed over at once.
+        let mut other = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        other.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("not tls: no wait")
+            .expect("no error");
+        drop(other);
+        let eof = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        drop(eof);
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("eof: no wait")
+            .expect("no error");
     }
 
     #[tokio::test]

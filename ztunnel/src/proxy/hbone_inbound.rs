@@ -58,10 +58,10 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     // One deadline from accept to the end of the TLS handshake, the certificate included:
     // until then the client is anonymous and holds only a socket and a small task. The
-    // TLS state (rustls allocates its 4 KiB read buffer on the first read attempt; the
-    // handshake future is kilobytes) is made only once the client has sent something.
+    // TLS state (rustls's read buffer, 4 to 8 KiB, and kilobytes of handshake future) is
+    // made only once the client's whole first record has arrived.
     let handshake = async {
-        stream.readable().await?;
+        tls::first_record(&stream).await?;
         Box::pin(async {
             let cert = proxy
                 .certs
@@ -75,24 +75,25 @@ async fn connection(
         })
         .await
     };
-    let mut tls = proxy.step(Step::TlsAccept, handshake).await?;
-    let client = tls::peer_identity(tls.get_ref().1)
-        .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
-    // Authenticated: now the connection gets its read buffer, and the HTTP/2 server its
-    // state, boxed so that a connection still in its TLS handshake does not carry it.
-    tls.get_mut().0.authenticated();
-    Box::pin(serve(proxy, pod, tls, arrived_on, client, peer)).await
+    let tls = proxy.step(Step::TlsAccept, handshake).await?;
+    // What follows is boxed, and `tls` is not touched here: a connection still in its TLS
+    // handshake must not carry the TLS session, the HTTP/2 server or their buffers in its
+    // task (a borrowed local would keep its space in this function's state).
+    Box::pin(serve(proxy, pod, tls, arrived_on, peer)).await
 }
 
-/// Serves an authenticated HBONE connection's CONNECT streams.
+/// Serves an HBONE connection's CONNECT streams once TLS has authenticated the client.
 async fn serve(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
-    tls: tokio_rustls::server::TlsStream<tls::Transport>,
+    mut tls: tokio_rustls::server::TlsStream<tls::Transport>,
     arrived_on: std::net::IpAddr,
-    client: Identity,
     peer: SocketAddr,
 ) -> io::Result<()> {
+    let client = tls::peer_identity(tls.get_ref().1)
+        .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
+    // Authenticated: now the connection gets its read buffer.
+    tls.get_mut().0.authenticated();
     let drain = proxy.drain.subscribe();
     let handler_proxy = proxy.clone();
     let settings = hbone::ServerSettings {
