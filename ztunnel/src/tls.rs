@@ -345,10 +345,20 @@ pub async fn first_record(stream: &tokio::net::TcpStream) -> std::io::Result<()>
     use std::io::{Error, ErrorKind};
     use tokio::io::Interest;
     let result = async {
+        // Bytes queued at the last wakeup: a wakeup that brings none hands over to rustls
+        // (which then waits its own way), so this loop can never spin.
+        let mut seen = None;
         loop {
-            stream.readable().await?;
-            let ready = stream.try_io(Interest::READABLE, || {
+            let ready = stream.ready(Interest::READABLE).await?;
+            if ready.is_read_closed() {
+                return Ok(()); // The client is done sending: rustls reports the rest.
+            }
+            let handed_over = stream.try_io(Interest::READABLE, || {
                 let queued = queued_bytes(stream)?;
+                if seen.is_some_and(|s| queued <= s) {
+                    return Ok(());
+                }
+                seen = Some(queued);
                 let mut head = [std::mem::MaybeUninit::<u8>::uninit(); 5];
                 let n = socket2::SockRef::from(stream).peek(&mut head)?;
                 if n == 0 {
@@ -359,13 +369,12 @@ pub async fn first_record(stream: &tokio::net::TcpStream) -> std::io::Result<()>
                     // SAFETY: `peek` initialised the first `n` bytes.
                     *b = unsafe { h.assume_init() };
                 }
-                let head = bytes;
-                let want = if head[0] != 0x16 {
+                let want = if bytes[0] != 0x16 {
                     return Ok(()); // Not a handshake record: rustls refuses it.
                 } else if n < 5 {
                     5
                 } else {
-                    5 + usize::from(u16::from_be_bytes([head[3], head[4]]))
+                    5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]]))
                 };
                 if want > MAX_FIRST_RECORD || queued.max(n) >= want {
                     return Ok(());
@@ -376,10 +385,11 @@ pub async fn first_record(stream: &tokio::net::TcpStream) -> std::io::Result<()>
                 if queued_bytes(stream)? >= want {
                     return Ok(());
                 }
-                // Clears the readiness: the next wakeup comes once `want` bytes are queued.
+                // Clears the readiness: the next wakeup comes once `want` bytes are
+                // queued, or the client closes.
                 Err(Error::from(ErrorKind::WouldBlock))
             });
-            match ready {
+            match handed_over {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -666,11 +676,11 @@ mod tests {
             .await
             .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
-        let waiting = |s| async move {
+        async fn waiting(s: &tokio::net::TcpStream) -> bool {
             timeout(Duration::from_millis(200), first_record(s))
                 .await
                 .is_err()
-        };
+        }
         assert!(waiting(&server).await, "nothing sent yet");
         // Two bytes of the header, then the header announcing 10 bytes and 4 of them.
         client.write_all(&[0x16, 0x03]).await.expect("write");
@@ -690,6 +700,22 @@ mod tests {
         let mut server = server;
         server.read_exact(&mut got).await.expect("read");
         assert_eq!(got[..5], [0x16, 0x03, 0x01, 0x00, 0x0a]);
+
+        // A client that stops mid-record and then closes is handed over (rustls reports
+        // the truncated record) instead of being waited for.
+        let mut half = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server_half, _) = listener.accept().await.expect("accept");
+        half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 1, 2])
+            .await
+            .expect("write");
+        assert!(waiting(&server_half).await, "7 of 517 bytes");
+        drop(half);
+        timeout(Duration::from_secs(5), first_record(&server_half))
+            .await
+            .expect("closed mid-record: no wait")
+            .expect("no error");
 
         // A closed client and a non-TLS one are handed over at once.
         let mut other = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))

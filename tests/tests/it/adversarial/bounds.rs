@@ -184,8 +184,26 @@ fn open_fds(pid: u32) -> anyhow::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
+/// `podapp call` with a deadline: a ztunnel that hangs fails the test instead of hanging it
+/// (the call is killed with the topology).
+fn call_within(
+    t: &mut Topology,
+    from: &Pod,
+    to: SocketAddr,
+    bytes: &str,
+) -> anyhow::Result<String> {
+    let dst = to.to_string();
+    let call = t.spawn(from, &["call", &dst, "--bytes", bytes])?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(call.wait_ok());
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .with_context(|| format!("{} -> {to}: no answer within 120 s", from.name))?
+}
+
 fn echo_ok(t: &mut Topology, from: &Pod, to: SocketAddr) -> anyhow::Result<()> {
-    let out = t.call(from, to, &["--bytes", "10000"])?;
+    let out = call_within(t, from, to, "10000")?;
     ensure!(out.contains("match=true"), "{} -> {to}: {out}", from.name);
     Ok(())
 }
@@ -520,7 +538,7 @@ fn outcome(z: &Ztunnel, dst: SocketAddr) -> anyhow::Result<String> {
 
 /// The app's view of a failed call: an error that is a reset, not an empty answer.
 fn call_is_reset(t: &mut Topology, from: &Pod, dst: SocketAddr) -> anyhow::Result<()> {
-    match t.call(from, dst, &["--bytes", "1000"]) {
+    match call_within(t, from, dst, "1000") {
         Ok(out) => bail!("call to {dst} succeeded: {out}"),
         Err(e) => {
             let e = format!("{e:#}");
