@@ -434,6 +434,10 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
         lines <= 2 + starved_for.as_secs() / 5,
         "{lines} log lines for {emfile} failures: not rate-limited"
     );
+    println!(
+        "out of descriptors for {starved_for:?}: {emfile} failed accepts (EMFILE) on the hbone \
+         listener, {lines} log lines"
+    );
     Ok(())
 }
 
