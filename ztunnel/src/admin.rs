@@ -246,9 +246,22 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
 }
 
 pub async fn serve(listener: TcpListener, cfg: Arc<Config>, shared: Arc<Shared>) {
+    let mut errors = crate::limits::AcceptErrors::new(
+        crate::metrics::listener::ADMIN,
+        "ztunnel",
+        shared.proxy.metrics.clone(),
+    );
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
+            Err(e) => {
+                // Out of descriptors, retrying at once would spin.
+                errors.failed(&e).await;
+                continue;
+            }
         };
         if !peer.ip().is_loopback() {
             // Belt and braces: the listener is bound to loopback already.

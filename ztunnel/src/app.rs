@@ -391,9 +391,22 @@ async fn follow_node_addresses(probes: Arc<crate::probes::ProbeSources>) {
     }
 }
 
+/// How often free heap is handed back to the kernel besides after each reconcile.
+const HEAP_RELEASE_EVERY: Duration = Duration::from_secs(10);
+
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
+    match crate::limits::raise_open_files_limit() {
+        Ok((from, to)) => tracing::info!(
+            from,
+            to,
+            "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to raise the open-file limit (RLIMIT_NOFILE); listeners may hit EMFILE early")
+        }
+    }
     let cgroup_root = ebpf::mount_point("cgroup2").context(
         "no cgroup2 mount found in /proc/self/mountinfo; mount one (`cargo xtask setup` does)",
     )?;
@@ -501,7 +514,13 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     }
     let shared = Arc::new(Shared {
         capture,
-        proxy: Proxy::new(Store::new(initial.clone()), certs, metrics.clone(), probes)?,
+        proxy: Proxy::new(
+            Store::new(initial.clone()),
+            certs,
+            metrics.clone(),
+            probes,
+            cfg.limits,
+        )?,
         pods: Mutex::default(),
         pending: Mutex::default(),
         scope,
@@ -553,6 +572,16 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         s.readiness()?;
         istio_health.readiness()
     }));
+
+    // Memory a burst of connections used (say, thousands of half-open handshakes until
+    // their timeout) goes back to the kernel soon after, not only at the next reconcile.
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(HEAP_RELEASE_EVERY);
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(release_free_heap).await;
+        }
+    });
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;

@@ -1,6 +1,6 @@
 //! ztunnel's configuration: flags and environment, parsed once at start-up (clap),
 //! validated, logged, and shown on the admin port.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Serialize;
 
@@ -152,6 +152,10 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Timeouts and caps on the data path.
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 /// The longest `--config-settle`: removals must not wait without bound.
@@ -172,6 +176,109 @@ impl std::str::FromStr for ProbeSourceArg {
         s.parse().map(|p| Self(Some(p)))
     }
 }
+
+/// Timeouts of each step of the data path and the per-listener connection cap
+/// (ARCHITECTURE.md, "Limits and timeouts", says where each default comes from). Every
+/// timeout ends only the connection (or stream) it belongs to, and counts in
+/// `ztunnel_timeouts_total{step}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// TCP connects from a pod's netns: to a plain destination, to a peer's :15008 and to
+    /// the app inside the pod (Istio's ztunnel: 10 s, `CONNECTION_TIMEOUT`).
+    #[arg(long, env = "ZTUNNEL_TCP_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub tcp_connect_timeout: Duration,
+
+    /// From accepting a connection on a pod's :15008 to the end of its TLS handshake; a
+    /// client that has not finished by then is disconnected.
+    #[arg(long, env = "ZTUNNEL_TLS_ACCEPT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub tls_accept_timeout: Duration,
+
+    /// The HTTP/2 handshake (the client's connection preface) on a pod's :15008, after TLS.
+    #[arg(long, env = "ZTUNNEL_H2_ACCEPT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub h2_accept_timeout: Duration,
+
+    /// The client TLS handshake of an outbound HBONE connection.
+    #[arg(long, env = "ZTUNNEL_TLS_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub tls_connect_timeout: Duration,
+
+    /// A whole outbound HBONE dial (certificate, TCP, TLS, HTTP/2), shared by the streams
+    /// waiting for it.
+    #[arg(long, env = "ZTUNNEL_HBONE_DIAL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub hbone_dial_timeout: Duration,
+
+    /// From sending an HBONE CONNECT to its response headers; longer than the peer's
+    /// connect to its app, so the peer's own answer (503) comes first.
+    #[arg(long, env = "ZTUNNEL_CONNECT_RESPONSE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub connect_response_timeout: Duration,
+
+    /// Connections one listener (a pod's :15001, :15006 or :15008, per address family)
+    /// holds at once; at the cap it stops accepting and new connections wait in the
+    /// kernel's backlog.
+    #[arg(
+        long,
+        env = "ZTUNNEL_MAX_CONNECTIONS_PER_LISTENER",
+        default_value_t = 16384
+    )]
+    pub max_connections_per_listener: usize,
+}
+
+impl Limits {
+    /// The timeout of `step`.
+    pub fn timeout(&self, step: crate::limits::Step) -> Duration {
+        use crate::limits::Step;
+        match step {
+            Step::TcpConnect => self.tcp_connect_timeout,
+            Step::TlsAccept => self.tls_accept_timeout,
+            Step::H2Accept => self.h2_accept_timeout,
+            Step::TlsConnect => self.tls_connect_timeout,
+            Step::HboneDial => self.hbone_dial_timeout,
+            Step::ConnectResponse => self.connect_response_timeout,
+        }
+    }
+
+    fn validate(&self, problems: &mut Vec<String>) {
+        for step in crate::limits::Step::ALL {
+            let t = self.timeout(step);
+            if t.is_zero() {
+                problems.push(format!(
+                    "{} 0s: must be longer than zero (every {step} would fail)",
+                    step.flag()
+                ));
+            } else if t > MAX_TIMEOUT {
+                problems.push(format!(
+                    "{} {}: must be at most {} (a longer wait is no bound)",
+                    step.flag(),
+                    humantime::format_duration(t),
+                    humantime::format_duration(MAX_TIMEOUT)
+                ));
+            }
+        }
+        if self.max_connections_per_listener == 0 {
+            problems.push(
+                "--max-connections-per-listener 0: must be at least 1 (no connection would be accepted)"
+                    .to_owned(),
+            );
+        } else if self.max_connections_per_listener > MAX_CONNECTIONS_PER_LISTENER {
+            problems.push(format!(
+                "--max-connections-per-listener {}: must be at most {MAX_CONNECTIONS_PER_LISTENER}",
+                self.max_connections_per_listener
+            ));
+        }
+    }
+}
+
+/// Upper bound for every data-path timeout.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Upper bound for the per-listener cap: the kernel's own limit on open descriptors
+/// (`fs.nr_open` defaults to 2^20), which no listener could reach anyway.
+const MAX_CONNECTIONS_PER_LISTENER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -249,6 +356,7 @@ impl Config {
                 humantime::format_duration(MAX_CONFIG_SETTLE)
             ));
         }
+        self.limits.validate(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -389,6 +497,75 @@ mod tests {
         ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
+    }
+
+    #[test]
+    fn limit_defaults_are_istio_like() {
+        let l = parse(&["--workloads", "/w.yaml", "--node", "n1"]).limits;
+        let s = Duration::from_secs;
+        assert_eq!(
+            l,
+            Limits {
+                tcp_connect_timeout: s(10),
+                tls_accept_timeout: s(10),
+                h2_accept_timeout: s(10),
+                tls_connect_timeout: s(10),
+                hbone_dial_timeout: s(30),
+                connect_response_timeout: s(15),
+                max_connections_per_listener: 16384,
+            }
+        );
+        // The HBONE layer's own defaults (its unit tests run with them) are the same.
+        assert_eq!(crate::hbone::HANDSHAKE_TIMEOUT, l.h2_accept_timeout);
+        assert_eq!(crate::hbone::DIAL_TIMEOUT, l.hbone_dial_timeout);
+        assert_eq!(crate::hbone::RESPONSE_TIMEOUT, l.connect_response_timeout);
+        // The config dump shows them under "limits", durations as text.
+        let dump = serde_json::to_value(parse(&["--workloads", "/w.yaml", "--node", "n1"]))
+            .expect("serializable");
+        assert_eq!(dump["limits"]["tlsAcceptTimeout"], "10s");
+        assert_eq!(dump["limits"]["maxConnectionsPerListener"], 16384);
+    }
+
+    #[test]
+    fn limits_parse_from_flags_and_bad_ones_are_named() {
+        let c = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--tls-accept-timeout",
+            "1500ms",
+            "--max-connections-per-listener",
+            "100",
+        ]);
+        assert_eq!(c.limits.tls_accept_timeout, Duration::from_millis(1500));
+        assert_eq!(c.limits.max_connections_per_listener, 100);
+        c.validate().expect("valid limits");
+
+        let err = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--tcp-connect-timeout",
+            "0s",
+            "--connect-response-timeout",
+            "2h",
+            "--max-connections-per-listener",
+            "0",
+        ])
+        .validate()
+        .expect_err("invalid limits")
+        .to_string();
+        for needle in [
+            "--tcp-connect-timeout 0s: must be longer than zero",
+            "--connect-response-timeout 2h: must be at most 1h",
+            "--max-connections-per-listener 0: must be at least 1",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+        let bad = Cli::try_parse_from(["ztunnel", "--node", "n1", "--h2-accept-timeout", "soon"]);
+        assert!(bad.is_err(), "an unparseable duration is refused");
     }
 
     #[test]

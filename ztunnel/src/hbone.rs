@@ -47,3 +47,9 @@ pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A PING not answered within this long means the peer is gone.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// The server's wait for the client's HTTP/2 preface (`--h2-accept-timeout`).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole pool dial: connector and HTTP/2 handshake (`--hbone-dial-timeout`).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// From sending a CONNECT to its response headers (`--connect-response-timeout`).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod iptables;
 pub mod istio;
 pub mod kube;
+pub mod limits;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -242,6 +242,34 @@ struct IdentityLabels {
     identity: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceptErrorLabels {
+    listener: String,
+    error: String,
+}
+
+/// `listener` values: the kinds of listener ztunnel opens in each enrolled pod
+/// (:15008, :15006, :15001); ztunnel's own admin listener counts its accept errors as
+/// `admin`.
+pub mod listener {
+    pub const HBONE: &str = "hbone";
+    pub const INBOUND: &str = "inbound";
+    pub const OUTBOUND: &str = "outbound";
+    pub const ADMIN: &str = "admin";
+    /// The per-pod listeners, whose series exist from the start.
+    pub const POD: [&str; 3] = [HBONE, INBOUND, OUTBOUND];
+}
+
 /// Every metric ztunnel exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -259,6 +287,10 @@ pub struct Metrics {
     policy_denials: Family<DenyLabels, Counter>,
     certificate_expiry: Family<IdentityLabels, Gauge>,
     control_plane_up: Family<ComponentLabels, Gauge>,
+    timeouts: Family<StepLabels, Counter>,
+    listener_connections: Family<ListenerLabels, Gauge>,
+    listener_saturated: Family<ListenerLabels, Counter>,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
     capture: Arc<CaptureCollector>,
     config: ConfigMetrics,
 }
@@ -394,6 +426,49 @@ impl Metrics {
              certificate request succeeded; zds: connected to istio-cni), else 0",
             control_plane_up.clone(),
         );
+        let timeouts = Family::<StepLabels, Counter>::default();
+        registry.register(
+            "ztunnel_timeouts",
+            "Data-path steps that took longer than their timeout, by step (tcp_connect, \
+             tls_accept, h2_accept, tls_connect, hbone_dial, connect_response); each ended \
+             its connection, or its stream for connect_response",
+            timeouts.clone(),
+        );
+        for step in crate::limits::Step::ALL {
+            timeouts
+                .get_or_create(&StepLabels {
+                    step: step.as_str().to_owned(),
+                })
+                .inc_by(0);
+        }
+        let listener_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_listener_connections",
+            "Connections the pods' listeners hold (each counts against its listener's cap, \
+             --max-connections-per-listener), by kind of listener",
+            listener_connections.clone(),
+        );
+        let listener_saturated = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "ztunnel_listener_saturated",
+            "Times a listener reached its connection cap and stopped accepting (new \
+             connections waited in the kernel backlog), by kind of listener",
+            listener_saturated.clone(),
+        );
+        for l in listener::POD {
+            let labels = ListenerLabels {
+                listener: l.to_owned(),
+            };
+            listener_connections.get_or_create(&labels).set(0);
+            listener_saturated.get_or_create(&labels).inc_by(0);
+        }
+        let accept_errors = Family::<AcceptErrorLabels, Counter>::default();
+        registry.register(
+            "ztunnel_accept_errors",
+            "Failed accept() calls, by kind of listener and error (emfile, enfile, enobufs, \
+             enomem and other back off from 10 ms to 1 s; connection does not)",
+            accept_errors.clone(),
+        );
         let capture = Arc::new(CaptureCollector::default());
         registry.register_collector(Box::new(Arc::clone(&capture)));
         let config = ConfigMetrics::register(&mut registry);
@@ -411,6 +486,10 @@ impl Metrics {
             policy_denials,
             certificate_expiry,
             control_plane_up,
+            timeouts,
+            listener_connections,
+            listener_saturated,
+            accept_errors,
             capture,
             config,
         })
@@ -428,6 +507,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a data-path step that took longer than its timeout.
+    pub fn timed_out(&self, step: crate::limits::Step) {
+        self.timeouts
+            .get_or_create(&StepLabels {
+                step: step.as_str().to_owned(),
+            })
+            .inc();
+    }
+
     /// Sets how many removed objects are held in force while their removal settles.
     pub fn set_config_held(&self, n: i64) {
         self.config.held.set(n);
@@ -439,6 +527,35 @@ impl Metrics {
             .enrolment_failures
             .get_or_create(&ReasonLabels {
                 reason: escape(reason).into_owned(),
+            })
+            .inc();
+    }
+
+    /// The gauge of connections held by listeners of one kind ([`listener`]); the caller
+    /// increments it per accepted connection and decrements it when the connection closes.
+    pub fn listener_connections(&self, listener: &str) -> Gauge {
+        self.listener_connections
+            .get_or_create(&ListenerLabels {
+                listener: escape(listener).into_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts a listener finding itself at its connection cap.
+    pub fn listener_saturated(&self, listener: &str) {
+        self.listener_saturated
+            .get_or_create(&ListenerLabels {
+                listener: escape(listener).into_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed `accept()`.
+    pub fn accept_failed(&self, listener: &str, error: crate::limits::AcceptError) {
+        self.accept_errors
+            .get_or_create(&AcceptErrorLabels {
+                listener: escape(listener).into_owned(),
+                error: error.as_str().to_owned(),
             })
             .inc();
     }
@@ -911,6 +1028,52 @@ mod tests {
             r#"ztunnel_certificate_expiry_seconds{identity="spiffe://cluster.local/ns/test/sa/echo"} 86000"#,
         );
         assert!(!text.contains("ns/old/sa/gone"), "{text}");
+    }
+
+    #[test]
+    fn limit_metrics_exist_from_the_start_and_count() {
+        use crate::limits::{AcceptError, Step};
+        let m = Metrics::new();
+        let text = m.encode();
+        for step in Step::ALL {
+            assert_line(
+                &text,
+                &format!(r#"ztunnel_timeouts_total{{step="{}"}} 0"#, step.as_str()),
+            );
+        }
+        for l in listener::POD {
+            assert_line(
+                &text,
+                &format!(r#"ztunnel_listener_connections{{listener="{l}"}} 0"#),
+            );
+            assert_line(
+                &text,
+                &format!(r#"ztunnel_listener_saturated_total{{listener="{l}"}} 0"#),
+            );
+        }
+        m.timed_out(Step::TlsAccept);
+        m.timed_out(Step::TlsAccept);
+        m.listener_saturated(listener::HBONE);
+        m.accept_failed(listener::OUTBOUND, AcceptError::Emfile);
+        let g = m.listener_connections(listener::INBOUND);
+        g.inc();
+        g.inc();
+        let text = m.encode();
+        assert_line(&text, "# TYPE ztunnel_timeouts counter");
+        assert_line(&text, r#"ztunnel_timeouts_total{step="tls_accept"} 2"#);
+        assert_line(
+            &text,
+            r#"ztunnel_listener_saturated_total{listener="hbone"} 1"#,
+        );
+        assert_line(
+            &text,
+            r#"ztunnel_accept_errors_total{listener="outbound",error="emfile"} 1"#,
+        );
+        assert_line(&text, "# TYPE ztunnel_listener_connections gauge");
+        assert_line(
+            &text,
+            r#"ztunnel_listener_connections{listener="inbound"} 2"#,
+        );
     }
 
     #[test]

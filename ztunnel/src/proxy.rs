@@ -26,8 +26,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use ztunnel_common::{ZTUNNEL_MARK, ports};
 
 use crate::{
+    config::Limits,
     hbone,
     identity::{CertificateManager, Identity},
+    limits::{self, AcceptErrors, ListenerCap, RateLimit, Step},
+    metrics::listener,
     netns::{self, Netns},
     state::Store,
     tls,
@@ -141,6 +144,11 @@ pub struct Proxy {
     return_paths: Arc<return_path::Registry>,
     /// Sources of kubelet probes (`--probe-sources`).
     pub probes: Arc<crate::probes::ProbeSources>,
+    /// Timeouts and the per-listener cap.
+    limits: Limits,
+    /// Timeouts are logged at most once per [`limits::LOG_EVERY`] (they can come by the
+    /// thousand from a misbehaving client); each is counted.
+    timeout_log: Mutex<RateLimit>,
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
@@ -402,19 +410,31 @@ impl Proxy {
         certs: Arc<CertificateManager>,
         metrics: Arc<crate::metrics::Metrics>,
         probes: Arc<crate::probes::ProbeSources>,
+        limits: Limits,
     ) -> Result<Arc<Self>, Error> {
         let home = Netns::current()?;
         let store = Arc::new(store);
         Ok(Arc::new_cyclic(|me: &Weak<Proxy>| {
-            let me = me.clone();
+            let dialer = me.clone();
             let connector: Connector = Box::new(move |key: &PoolKey| {
-                let (me, key) = (me.clone(), key.clone());
+                let (me, key) = (dialer.clone(), key.clone());
                 Box::pin(async move {
                     let proxy = me
                         .upgrade()
                         .ok_or_else(|| io::Error::other("ztunnel is shutting down"))?;
                     proxy.dial_hbone(&key).await
                 })
+            });
+            let settings = hbone::PoolSettings {
+                dial_timeout: limits.hbone_dial_timeout,
+                response_timeout: limits.connect_response_timeout,
+                ..hbone::PoolSettings::default()
+            };
+            let me = me.clone();
+            let pool = hbone::Pool::new(settings, connector).on_timeout(move |step| {
+                if let Some(proxy) = me.upgrade() {
+                    proxy.count_timeout(step, limits.timeout(step));
+                }
             });
             Self {
                 home,
@@ -423,11 +443,13 @@ impl Proxy {
                 store: RwLock::new(store),
                 certs,
                 pods: RwLock::default(),
-                pool: hbone::Pool::new(hbone::PoolSettings::default(), connector),
+                pool,
                 drain: tokio::sync::watch::Sender::new(false),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
                 probes,
+                limits,
+                timeout_log: Mutex::new(RateLimit::new(limits::LOG_EVERY)),
             }
         }))
     }
@@ -515,6 +537,38 @@ impl Proxy {
         }
     }
 
+    /// Counts a step that timed out and logs it, at most once per [`limits::LOG_EVERY`].
+    fn count_timeout(&self, step: Step, after: Duration) {
+        self.metrics.timed_out(step);
+        let allowed = self
+            .timeout_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(Instant::now());
+        if let Some(suppressed) = allowed {
+            tracing::warn!(
+                %step,
+                after = %humantime::format_duration(after),
+                flag = step.flag(),
+                suppressed,
+                "a data-path step timed out; its connection was ended (ztunnel_timeouts_total counts every one)"
+            );
+        }
+    }
+
+    /// Runs one step of a connection under its timeout; a timeout is counted, logged
+    /// (rate-limited) and returned as an `io::Error` of kind `TimedOut` that names the step.
+    async fn step<T>(&self, step: Step, fut: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+        let after = self.limits.timeout(step);
+        match limits::within(step, after, fut).await {
+            Ok(result) => result,
+            Err(timed_out) => {
+                self.count_timeout(step, after);
+                Err(timed_out.into())
+            }
+        }
+    }
+
     /// Says whether inbound plaintext arrives NAT-redirected (iptables capture).
     pub fn set_inbound_redirected(&self, on: bool) {
         self.inbound_redirected.store(on, Ordering::Relaxed);
@@ -550,9 +604,12 @@ impl Proxy {
         let tcp = self
             .connect_from_pod(&pod, Some(key.src_ip), key.next_hop, ZTUNNEL_MARK)
             .await?;
-        tokio_rustls::TlsConnector::from(config)
-            .connect(tls::server_name(key.next_hop.ip()), tls::transport(tcp))
-            .await
+        let handshake = tokio_rustls::TlsConnector::from(config)
+            .connect(tls::server_name(key.next_hop.ip()), tls::transport(tcp));
+        let mut tls = self.step(Step::TlsConnect, handshake).await?;
+        // The server proved its identity: now the connection gets its read buffer.
+        tls.get_mut().0.authenticated();
+        Ok(tls)
     }
 
     /// Opens the pod's listeners and spawns their accept loops. The returned handle
@@ -579,7 +636,7 @@ impl Proxy {
                 self.clone(),
                 pod.clone(),
                 l,
-                "hbone",
+                listener::HBONE,
                 hbone_inbound::accept,
             )));
         }
@@ -602,7 +659,7 @@ impl Proxy {
                 self.clone(),
                 pod.clone(),
                 l,
-                "outbound",
+                listener::OUTBOUND,
                 outbound::accept,
             )));
         }
@@ -612,7 +669,7 @@ impl Proxy {
                 self.clone(),
                 pod.clone(),
                 l,
-                "inbound",
+                listener::INBOUND,
                 inbound::accept,
             )));
         }
@@ -674,12 +731,16 @@ impl Proxy {
                 Ok(s)
             })
             .map_err(io::Error::other)??;
-        TcpSocket::from_std_stream(sock.into()).connect(dst).await
+        let connect = TcpSocket::from_std_stream(sock.into()).connect(dst);
+        self.step(Step::TcpConnect, connect).await
     }
 }
 
 /// Accepts on a pod's listener forever, handing each connection to `handle` on its own
-/// task.
+/// task. At most `--max-connections-per-listener` connections are held at once: at the
+/// cap the loop stops accepting until one closes, and the kernel's backlog holds the
+/// rest. A failed accept is counted and, when it is about resources (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM), waited out with backoff instead of retried in a hot loop.
 async fn accept_loop<H, F>(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
@@ -690,12 +751,29 @@ async fn accept_loop<H, F>(
     H: Fn(Arc<Proxy>, Arc<PodNet>, TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    let mut cap = ListenerCap::new(
+        proxy.limits.max_connections_per_listener,
+        what,
+        pod.name.clone(),
+        proxy.metrics.clone(),
+    );
+    let mut errors = AcceptErrors::new(what, pod.name.clone(), proxy.metrics.clone());
     loop {
+        let slot = cap.reserve().await;
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(proxy.clone(), pod.clone(), stream, peer));
+                errors.accepted();
+                let held = cap.hold(slot);
+                let conn = handle(proxy.clone(), pod.clone(), stream, peer);
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(held);
+                });
             }
-            Err(e) => tracing::warn!(pod = %pod.name, listener = what, error = %e, "accept failed"),
+            Err(e) => {
+                drop(slot);
+                errors.failed(&e).await;
+            }
         }
     }
 }
@@ -787,6 +865,13 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     out
+}
+
+/// Makes dropping `stream` send a RST instead of a FIN: an app whose connection could
+/// not be carried (connect failed or timed out, tunnel refused) must not read a clean,
+/// empty answer.
+fn reset_on_drop(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// `IPV6_TRANSPARENT` (socket2 only wraps the IPv4 option).

@@ -197,18 +197,242 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Read buffer under TLS on an HBONE connection. rustls asks its transport for at most
-/// 4 KiB at a time, so a 16 KiB record would cost four `recvfrom` calls; reading the
-/// socket into this buffer first turns a busy tunnel's ciphertext into one syscall per
-/// several records (`cargo xtask bench`, "throughput", and the note on issue 7).
+/// Read buffer under TLS on an HBONE connection, once it is authenticated. rustls asks its
+/// transport for at most 4 KiB at a time, so a 16 KiB record would cost four `recvfrom`
+/// calls; reading the socket into this buffer first turns a busy tunnel's ciphertext into
+/// one syscall per several records (`cargo xtask bench`, "throughput", and the note on
+/// issue 7). It is given only after the TLS handshake ([`Transport::authenticated`]): a
+/// client that never finishes its handshake must not cost 128 KiB.
 pub const READ_BUFFER: usize = 128 * 1024;
 
-/// The TCP connection an HBONE TLS session runs on, with [`READ_BUFFER`] under it.
-pub type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+/// The TCP connection an HBONE TLS session runs on: unbuffered during the handshake, with
+/// [`READ_BUFFER`] under it once [`Transport::authenticated`] is called.
+#[derive(Debug)]
+pub struct Transport(Option<TransportInner>);
+
+#[derive(Debug)]
+enum TransportInner {
+    Handshaking(tokio::net::TcpStream),
+    Authenticated(tokio::io::BufReader<tokio::net::TcpStream>),
+}
 
 /// Wraps a connected socket for TLS (see [`READ_BUFFER`]).
 pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+    Transport(Some(TransportInner::Handshaking(tcp)))
+}
+
+impl Transport {
+    /// Gives the connection its read buffer; call once the handshake has authenticated the
+    /// peer. Nothing is buffered before, so nothing is lost.
+    pub fn authenticated(&mut self) {
+        if let Some(TransportInner::Handshaking(tcp)) = self.0.take() {
+            self.0 = Some(TransportInner::Authenticated(
+                tokio::io::BufReader::with_capacity(READ_BUFFER, tcp),
+            ));
+        }
+    }
+
+    /// The read buffer's size: 0 until [`Transport::authenticated`].
+    pub fn buffer_capacity(&self) -> usize {
+        match &self.0 {
+            Some(TransportInner::Authenticated(_)) => READ_BUFFER,
+            _ => 0,
+        }
+    }
+
+    /// The socket underneath.
+    pub fn tcp(&self) -> &tokio::net::TcpStream {
+        match self.inner() {
+            TransportInner::Handshaking(tcp) => tcp,
+            TransportInner::Authenticated(b) => b.get_ref(),
+        }
+    }
+
+    fn inner(&self) -> &TransportInner {
+        #[expect(
+            clippy::expect_used,
+            reason = "only `authenticated` takes the inner value, and puts it back at once"
+        )]
+        self.0.as_ref().expect("transport is never left empty")
+    }
+
+    fn inner_mut(&mut self) -> &mut TransportInner {
+        #[expect(
+            clippy::expect_used,
+            reason = "only `authenticated` takes the inner value, and puts it back at once"
+        )]
+        self.0.as_mut().expect("transport is never left empty")
+    }
+}
+
+impl tokio::io::AsyncRead for Transport {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Transport {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write(cx, data),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp().is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_flush(cx),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::pin::Pin;
+        match self.get_mut().inner_mut() {
+            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            TransportInner::Authenticated(b) => Pin::new(b).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The largest first record [`first_record`] waits for: a TLS record's payload is at most
+/// 2^14 bytes plus 256 of expansion (RFC 8446 §5.2); anything larger is rustls's to refuse.
+const MAX_FIRST_RECORD: usize = 5 + (1 << 14) + 256;
+
+/// Waits until the client's first TLS record (its ClientHello) has fully arrived, or the
+/// client closed, or sent something that is no TLS handshake (rustls refuses it then). A
+/// client that stops mid-record, or sends nothing, costs no TLS state: rustls gives each
+/// session a 4 KiB read buffer at the first read attempt and grows it to 8 KiB when a
+/// record is incomplete. The wait is kernel-side: `SO_RCVLOWAT` holds the socket's
+/// readiness until the record's bytes are all queued.
+pub async fn first_record(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::Interest;
+    let result = async {
+        // Bytes queued at the last wakeup: a wakeup that brings none hands over to rustls
+        // (which then waits its own way), so this loop can never spin.
+        let mut seen = None;
+        loop {
+            let ready = stream.ready(Interest::READABLE).await?;
+            if ready.is_read_closed() {
+                return Ok(()); // The client is done sending: rustls reports the rest.
+            }
+            let handed_over = stream.try_io(Interest::READABLE, || {
+                let queued = queued_bytes(stream)?;
+                if seen.is_some_and(|s| queued <= s) {
+                    return Ok(());
+                }
+                seen = Some(queued);
+                let mut head = [std::mem::MaybeUninit::<u8>::uninit(); 5];
+                let n = socket2::SockRef::from(stream).peek(&mut head)?;
+                if n == 0 {
+                    return Ok(()); // EOF: rustls reports it.
+                }
+                let mut bytes = [0u8; 5];
+                for (b, h) in bytes.iter_mut().zip(&head[..n]) {
+                    // SAFETY: `peek` initialised the first `n` bytes.
+                    *b = unsafe { h.assume_init() };
+                }
+                let want = if bytes[0] != 0x16 {
+                    return Ok(()); // Not a handshake record: rustls refuses it.
+                } else if n < 5 {
+                    5
+                } else {
+                    5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]]))
+                };
+                if want > MAX_FIRST_RECORD || queued.max(n) >= want {
+                    return Ok(());
+                }
+                set_rcvlowat(stream, want)?;
+                // Bytes that came in meanwhile may already be enough (their wakeup was
+                // before the new low mark).
+                if queued_bytes(stream)? >= want {
+                    return Ok(());
+                }
+                // Clears the readiness: the next wakeup comes once `want` bytes are
+                // queued, or the client closes.
+                Err(Error::from(ErrorKind::WouldBlock))
+            });
+            match handed_over {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    set_rcvlowat(stream, 1)?;
+    result
+}
+
+/// `FIONREAD`: bytes queued for reading.
+fn queued_bytes(stream: &tokio::net::TcpStream) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: valid socket; FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc == 0 {
+        Ok(usize::try_from(n).unwrap_or(0))
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `SO_RCVLOWAT` (socket2 does not wrap it).
+fn set_rcvlowat(stream: &tokio::net::TcpStream, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: valid socket and an int-sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A `ServerName` for connecting to `ip`. Only satisfies the rustls API: with SNI disabled
@@ -393,6 +617,126 @@ mod tests {
         let (_, conn) = client.get_ref();
         assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
         assert_eq!(peer_identity(conn), Some(id(TD, "server")));
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_is_given_only_after_the_handshake() {
+        let pki = pki();
+        let (server_cfg, client_cfg) = configs(
+            &issue(&pki.ca, TD, "server"),
+            &issue(&pki.ca, TD, "client"),
+            vec![id(TD, "server")],
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = async {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let io = transport(tcp);
+            assert_eq!(io.buffer_capacity(), 0, "no buffer while handshaking");
+            let mut tls = TlsAcceptor::from(server_cfg)
+                .accept(io)
+                .await
+                .expect("server handshake");
+            tls.get_mut().0.authenticated();
+            assert_eq!(tls.get_ref().0.buffer_capacity(), READ_BUFFER);
+            let mut got = vec![0u8; 300_000];
+            tls.read_exact(&mut got).await.expect("read");
+            tls.write_all(&got).await.expect("echo");
+            tls.flush().await.expect("flush");
+        };
+        let client = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut tls = TlsConnector::from(client_cfg)
+                .connect(server_name(addr.ip()), transport(tcp))
+                .await
+                .expect("client handshake");
+            tls.get_mut().0.authenticated();
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            tls.write_all(&data).await.expect("write");
+            tls.flush().await.expect("flush");
+            let mut back = vec![0u8; data.len()];
+            tls.read_exact(&mut back).await.expect("read echo");
+            assert!(back == data, "bytes differ after the buffer was added");
+        };
+        timeout(Duration::from_secs(10), async {
+            tokio::join!(server, client)
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test]
+    async fn first_record_waits_for_the_whole_client_hello_record() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        async fn waiting(s: &tokio::net::TcpStream) -> bool {
+            timeout(Duration::from_millis(200), first_record(s))
+                .await
+                .is_err()
+        }
+        assert!(waiting(&server).await, "nothing sent yet");
+        // Two bytes of the header, then the header announcing 10 bytes and 4 of them.
+        client.write_all(&[0x16, 0x03]).await.expect("write");
+        assert!(waiting(&server).await, "half a header");
+        client
+            .write_all(&[0x01, 0x00, 0x0a, 1, 2, 3, 4])
+            .await
+            .expect("write");
+        assert!(waiting(&server).await, "4 of 10 bytes");
+        client.write_all(&[5, 6, 7, 8, 9, 10]).await.expect("write");
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("the whole record is there")
+            .expect("no error");
+        // The low mark is back to 1 for rustls, and nothing was consumed.
+        let mut got = [0u8; 15];
+        let mut server = server;
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(got[..5], [0x16, 0x03, 0x01, 0x00, 0x0a]);
+
+        // A client that stops mid-record and then closes is handed over (rustls reports
+        // the truncated record) instead of being waited for.
+        let mut half = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server_half, _) = listener.accept().await.expect("accept");
+        half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 1, 2])
+            .await
+            .expect("write");
+        assert!(waiting(&server_half).await, "7 of 517 bytes");
+        drop(half);
+        timeout(Duration::from_secs(5), first_record(&server_half))
+            .await
+            .expect("closed mid-record: no wait")
+            .expect("no error");
+
+        // A closed client and a non-TLS one are handed over at once.
+        let mut other = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        other.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("not tls: no wait")
+            .expect("no error");
+        drop(other);
+        let eof = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        drop(eof);
+        timeout(Duration::from_secs(5), first_record(&server))
+            .await
+            .expect("eof: no wait")
+            .expect("no error");
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ use tracing::Instrument;
 use super::keepalive;
 use super::request::{self, ConnectRequest};
 use super::stream::H2Stream;
+use crate::limits::{Step, TimedOut, within};
 
 /// Attempts per [`Pool::connect`] when a connection turns out to be going away under
 /// the request; such requests were never processed by the peer and are safe to repeat.
@@ -57,6 +58,12 @@ pub enum Error {
         #[source]
         source: Arc<h2::Error>,
     },
+    #[error("connecting to the hbone peer for {authority} did not finish in time")]
+    DialTimeout {
+        authority: String,
+        #[source]
+        source: TimedOut,
+    },
     #[error("connecting to the hbone peer for {authority} was abandoned (the dial task ended)")]
     DialAborted { authority: String },
     #[error("CONNECT to {authority} failed")]
@@ -64,6 +71,12 @@ pub enum Error {
         authority: String,
         #[source]
         source: h2::Error,
+    },
+    #[error("hbone peer did not answer CONNECT {authority} in time")]
+    ResponseTimeout {
+        authority: String,
+        #[source]
+        source: TimedOut,
     },
     #[error("hbone peer answered {status} to CONNECT {authority}")]
     Status {
@@ -90,6 +103,11 @@ pub struct PoolSettings {
     pub ping_interval: Duration,
     /// A ping unanswered for this long drops the connection.
     pub ping_timeout: Duration,
+    /// A dial (connector and HTTP/2 handshake) that takes longer fails, for every
+    /// stream waiting for it.
+    pub dial_timeout: Duration,
+    /// A CONNECT not answered within this long fails (its stream is reset).
+    pub response_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -103,6 +121,8 @@ impl Default for PoolSettings {
             max_header_list_size: super::CLIENT_MAX_HEADER_LIST_SIZE,
             ping_interval: super::PING_INTERVAL,
             ping_timeout: super::PING_TIMEOUT,
+            dial_timeout: super::DIAL_TIMEOUT,
+            response_timeout: super::RESPONSE_TIMEOUT,
         }
     }
 }
@@ -142,9 +162,14 @@ impl<K, C> Clone for Pool<K, C> {
     }
 }
 
+/// Told about each dial or CONNECT that timed out (once per event, however many streams
+/// it fails).
+type TimeoutObserver = Box<dyn Fn(Step) + Send + Sync>;
+
 struct Inner<K, C> {
     settings: PoolSettings,
     connector: C,
+    on_timeout: Option<TimeoutObserver>,
     keys: Mutex<HashMap<K, KeyConns>>,
     next_id: AtomicU64,
 }
@@ -163,6 +188,7 @@ type DialState = Option<Result<(), DialFailure>>;
 enum DialFailure {
     Io(Arc<io::Error>),
     Handshake(Arc<h2::Error>),
+    TimedOut(TimedOut),
 }
 
 impl DialFailure {
@@ -171,6 +197,7 @@ impl DialFailure {
         match self {
             DialFailure::Io(source) => Error::Dial { authority, source },
             DialFailure::Handshake(source) => Error::Handshake { authority, source },
+            DialFailure::TimedOut(source) => Error::DialTimeout { authority, source },
         }
     }
 }
@@ -249,10 +276,23 @@ impl<K, C> Pool<K, C> {
             inner: Arc::new(Inner {
                 settings,
                 connector,
+                on_timeout: None,
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Calls `observe` for each dial or CONNECT that times out (for metrics). Only while
+    /// the pool is not shared yet, i.e. right after [`Pool::new`].
+    pub fn on_timeout(mut self, observe: impl Fn(Step) + Send + Sync + 'static) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.on_timeout = Some(Box::new(observe)),
+            None => tracing::error!(
+                "hbone pool: timeout observer set after the pool was shared; timeouts will not be counted"
+            ),
+        }
+        self
     }
 
     pub fn settings(&self) -> &PoolSettings {
@@ -462,17 +502,32 @@ where
         &self,
         key: &K,
     ) -> Result<(SendRequest<Bytes>, Connection<IO, Bytes>, Option<PingPong>), DialFailure> {
-        let io = (self.connector)(key)
-            .await
-            .map_err(|e| DialFailure::Io(Arc::new(e)))?;
-        let (send, mut conn) = self
-            .settings
-            .builder()
-            .handshake::<_, Bytes>(io)
-            .await
-            .map_err(|e| DialFailure::Handshake(Arc::new(e)))?;
-        let ping = conn.ping_pong();
-        Ok((send, conn, ping))
+        let dial = async {
+            let io = (self.connector)(key)
+                .await
+                .map_err(|e| DialFailure::Io(Arc::new(e)))?;
+            let (send, mut conn) = self
+                .settings
+                .builder()
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(|e| DialFailure::Handshake(Arc::new(e)))?;
+            let ping = conn.ping_pong();
+            Ok((send, conn, ping))
+        };
+        match within(Step::HboneDial, self.settings.dial_timeout, dial).await {
+            Ok(dialled) => dialled,
+            Err(timed_out) => {
+                self.timed_out(timed_out.step);
+                Err(DialFailure::TimedOut(timed_out))
+            }
+        }
+    }
+
+    fn timed_out(&self, step: Step) {
+        if let Some(observe) = &self.on_timeout {
+            observe(step);
+        }
     }
 
     /// Sends the CONNECT on `conn` and waits for the answer.
@@ -488,11 +543,26 @@ where
             authority: authority.to_owned(),
             source,
         };
+        // One deadline for waiting to send and for the answer.
+        let limit = self.settings.response_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let timed_out = |inner: &Self| {
+            inner.timed_out(Step::ConnectResponse);
+            Attempt::Fail(Error::ResponseTimeout {
+                authority: authority.to_owned(),
+                source: TimedOut {
+                    step: Step::ConnectResponse,
+                    after: limit,
+                },
+            })
+        };
         // Errors before the request is on the wire mean the connection is closed or got
         // GOAWAY: it is of no further use, and the request can go elsewhere.
-        let mut send = match conn.send.clone().ready().await {
-            Ok(send) => send,
-            Err(e) => {
+        let ready = tokio::time::timeout_at(deadline, conn.send.clone().ready()).await;
+        let mut send = match ready {
+            Err(_elapsed) => return Err(timed_out(self)),
+            Ok(Ok(send)) => send,
+            Ok(Err(e)) => {
                 self.remove(key, conn.id);
                 return Err(Attempt::Retry(failed(e)));
             }
@@ -504,9 +574,11 @@ where
                 return Err(Attempt::Retry(failed(e)));
             }
         };
-        let response = match response.await {
-            Ok(response) => response,
-            Err(e) => {
+        let response = match tokio::time::timeout_at(deadline, response).await {
+            // Dropping `stream` and the response future resets the stream.
+            Err(_elapsed) => return Err(timed_out(self)),
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
                 if e.is_go_away() {
                     self.remove(key, conn.id);
                 }
@@ -856,6 +928,93 @@ mod tests {
         }
         assert_eq!(dials.load(Ordering::SeqCst), 1);
         assert_eq!(pool.stats(), PoolStats::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dial_that_hangs_fails_every_waiter_at_the_dial_timeout_and_counts_once() {
+        let observed = Arc::new(Mutex::new(Vec::new()));
+        let seen = observed.clone();
+        // A peer that never finishes the dial (think: TLS server that never answers).
+        let connector = |_: &u8| std::future::pending::<io::Result<TcpStream>>();
+        let pool = Pool::new(
+            PoolSettings {
+                dial_timeout: Duration::from_millis(100),
+                ..PoolSettings::default()
+            },
+            connector,
+        )
+        .on_timeout(move |step| lock(&seen).push(step));
+        let dst: SocketAddr = "10.0.0.7:80".parse().expect("addr");
+        let results = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::future::join_all((0..3).map(|_| pool.connect(&1, to(dst)))),
+        )
+        .await
+        .expect("the dial timeout ends the wait");
+        for result in results {
+            match result {
+                Err(Error::DialTimeout { source, .. }) => {
+                    assert_eq!(source.step, Step::HboneDial);
+                }
+                Err(other) => panic!("expected a dial timeout, got {other}"),
+                Ok(_) => panic!("expected a dial timeout, got a tunnel"),
+            }
+        }
+        assert_eq!(*lock(&observed), [Step::HboneDial], "one dial, one timeout");
+        assert_eq!(pool.stats(), PoolStats::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connect_that_is_never_answered_fails_at_the_response_timeout() {
+        // An HBONE server whose handler never decides: the CONNECT gets no answer.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_drain, drain_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                let handler = |_: Target, _: ()| {
+                    std::future::pending::<Result<Accepted<TcpStream>, Rejection>>()
+                };
+                let conn = serve(
+                    io,
+                    ServerSettings::default(),
+                    addr.ip(),
+                    (),
+                    drain_rx.clone(),
+                    handler,
+                );
+                tokio::spawn(conn);
+            }
+        });
+        let observed = Arc::new(Mutex::new(Vec::new()));
+        let seen = observed.clone();
+        let (pool, dials) = pool(PoolSettings {
+            response_timeout: Duration::from_millis(200),
+            ..PoolSettings::default()
+        });
+        let pool = pool.on_timeout(move |step| lock(&seen).push(step));
+        let echo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let result = tokio::time::timeout(Duration::from_secs(10), pool.connect(&addr, to(echo)))
+            .await
+            .expect("the response timeout ends the wait");
+        match result {
+            Err(Error::ResponseTimeout { source, .. }) => {
+                assert_eq!(source.step, Step::ConnectResponse);
+                assert_eq!(source.after, Duration::from_millis(200));
+            }
+            Err(other) => panic!("expected a response timeout, got {other}"),
+            Ok(_) => panic!("expected a response timeout, got a tunnel"),
+        }
+        assert_eq!(*lock(&observed), [Step::ConnectResponse]);
+        // The connection stays pooled, its stream slot freed.
+        assert_eq!(
+            pool.stats(),
+            PoolStats {
+                connections: 1,
+                active_streams: 0
+            }
+        );
+        assert_eq!(dialled(&dials), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,12 @@ pub enum Error {
         #[source]
         source: h2::Error,
     },
+    #[error("hbone handshake on the connection to {local} did not finish in time")]
+    HandshakeTimeout {
+        local: IpAddr,
+        #[source]
+        source: crate::limits::TimedOut,
+    },
     #[error("hbone connection to {local} failed")]
     Connection {
         local: IpAddr,
@@ -59,6 +65,8 @@ pub struct ServerSettings {
     pub ping_interval: Duration,
     /// A ping unanswered for this long closes the connection.
     pub ping_timeout: Duration,
+    /// A client that has not sent its connection preface within this long is dropped.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -71,6 +79,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: super::SERVER_MAX_CONCURRENT_STREAMS,
             ping_interval: super::PING_INTERVAL,
             ping_timeout: super::PING_TIMEOUT,
+            handshake_timeout: super::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -133,11 +142,15 @@ where
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let local = arrived_on;
-    let mut conn = settings
-        .builder()
-        .handshake::<_, Bytes>(io)
-        .await
-        .map_err(|source| Error::Handshake { local, source })?;
+    let handshake = settings.builder().handshake::<_, Bytes>(io);
+    let mut conn = crate::limits::within(
+        crate::limits::Step::H2Accept,
+        settings.handshake_timeout,
+        handshake,
+    )
+    .await
+    .map_err(|source| Error::HandshakeTimeout { local, source })?
+    .map_err(|source| Error::Handshake { local, source })?;
     conn.set_target_window_size(settings.connection_window);
     let keepalive = keepalive::run(
         conn.ping_pong(),
@@ -395,6 +408,33 @@ mod tests {
             .expect("server finishes after the last stream")
             .expect("server task")
             .expect("clean shutdown");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_sends_its_preface_is_dropped_at_the_handshake_timeout() {
+        let settings = ServerSettings {
+            handshake_timeout: Duration::from_millis(100),
+            ..ServerSettings::default()
+        };
+        let (_tx, drain) = watch::channel(false);
+        let (mut io, server) = start(settings, drain);
+        // Half a preface, then nothing.
+        io.write_all(b"PRI * HTTP/2.0\r\n")
+            .await
+            .expect("partial preface");
+        let result = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server gives up on its own")
+            .expect("server task");
+        match result {
+            Err(Error::HandshakeTimeout { source, .. }) => {
+                assert_eq!(source.step, crate::limits::Step::H2Accept);
+            }
+            other => panic!("expected a handshake timeout, got {other:?}"),
+        }
+        // The server's end is gone: the client reads EOF.
+        let mut rest = Vec::new();
+        let _ = io.read_to_end(&mut rest).await;
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use super::{Direction, PodNet, Proxy, return_path};
 use crate::{
     hbone::{self, Accepted, Rejection, Target, TargetAddr},
     identity::Identity,
+    limits::Step,
     tls,
 };
 
@@ -34,7 +35,13 @@ pub(super) async fn accept(
     async move {
         if let Err(e) = connection(proxy, pod, stream, peer).await {
             let why = super::error_chain(&e);
-            tracing::info!(error = %why, "HBONE connection ended with an error");
+            if e.kind() == io::ErrorKind::TimedOut {
+                // Counted and logged (rate-limited) where it fired; a client can make
+                // thousands of these.
+                tracing::debug!(error = %why, "HBONE connection ended with an error");
+            } else {
+                tracing::info!(error = %why, "HBONE connection ended with an error");
+            }
         }
     }
     .instrument(span)
@@ -49,22 +56,53 @@ async fn connection(
 ) -> io::Result<()> {
     let arrived_on = stream.local_addr()?.ip();
     let _ = stream.set_nodelay(true);
-    let cert = proxy
-        .certs
-        .get(&pod.identity)
+    // One deadline from accept to the end of the TLS handshake, the certificate included:
+    // until then the client is anonymous and holds only a socket and a small task. The
+    // TLS state (rustls's read buffer, 4 to 8 KiB, and kilobytes of handshake future) is
+    // made only once the client's whole first record has arrived.
+    let handshake = async {
+        tls::first_record(&stream).await?;
+        Box::pin(async {
+            let cert = proxy
+                .certs
+                .get(&pod.identity)
+                .await
+                .map_err(io::Error::other)?;
+            let config = pod.server_config(&cert).map_err(io::Error::other)?;
+            tokio_rustls::TlsAcceptor::from(config)
+                .accept(crate::tls::transport(stream))
+                .await
+        })
         .await
-        .map_err(io::Error::other)?;
-    let config = pod.server_config(&cert).map_err(io::Error::other)?;
-    let tls = tokio_rustls::TlsAcceptor::from(config)
-        .accept(crate::tls::transport(stream))
-        .await?;
+    };
+    let tls = proxy.step(Step::TlsAccept, handshake).await?;
+    // What follows is boxed, and `tls` is not touched here: a connection still in its TLS
+    // handshake must not carry the TLS session, the HTTP/2 server or their buffers in its
+    // task (a borrowed local would keep its space in this function's state).
+    Box::pin(serve(proxy, pod, tls, arrived_on, peer)).await
+}
+
+/// Serves an HBONE connection's CONNECT streams once TLS has authenticated the client.
+async fn serve(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodNet>,
+    mut tls: tokio_rustls::server::TlsStream<tls::Transport>,
+    arrived_on: std::net::IpAddr,
+    peer: SocketAddr,
+) -> io::Result<()> {
     let client = tls::peer_identity(tls.get_ref().1)
         .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
+    // Authenticated: now the connection gets its read buffer.
+    tls.get_mut().0.authenticated();
     let drain = proxy.drain.subscribe();
     let handler_proxy = proxy.clone();
-    hbone::serve(
+    let settings = hbone::ServerSettings {
+        handshake_timeout: proxy.limits.h2_accept_timeout,
+        ..hbone::ServerSettings::default()
+    };
+    let served = hbone::serve(
         tls,
-        hbone::ServerSettings::default(),
+        settings,
         arrived_on,
         (client, peer),
         drain,
@@ -73,8 +111,11 @@ async fn connection(
             async move { open_stream(proxy, pod, target, client, peer).await }
         },
     )
-    .await
-    .map_err(io::Error::other)
+    .await;
+    if let Err(hbone::server::Error::HandshakeTimeout { source, .. }) = &served {
+        proxy.count_timeout(source.step, source.after);
+    }
+    served.map_err(io::Error::other)
 }
 
 async fn open_stream(

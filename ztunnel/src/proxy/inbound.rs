@@ -98,6 +98,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
     {
         Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
         Err(e) => {
+            super::reset_on_drop(&stream);
             proxy
                 .connections
                 .close(id, 0, 0, started.elapsed(), format!("connect failed: {e}"))

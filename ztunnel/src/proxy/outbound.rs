@@ -53,6 +53,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
                 Err(e) => {
                     tracing::info!(error = %e, "upstream connect failed");
+                    super::reset_on_drop(&stream);
                     proxy.connections.close(
                         id,
                         0,
@@ -123,6 +124,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 Err(e) => {
                     let why = super::error_chain(&e);
                     tracing::info!(error = %why, "HBONE connect failed");
+                    super::reset_on_drop(&stream);
                     proxy.connections.close(
                         id,
                         0,
