@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::bail;
 
 use crate::exec::{command_line, exec};
-use crate::workspace::{self, EBPF_CRATE, cargo};
+use crate::workspace::{self, EBPF_CRATE, FUZZ_CRATE, cargo};
 
 #[derive(clap::Args, Default)]
 pub struct Options {}
@@ -21,6 +21,8 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
             "--workspace",
             "--exclude",
             EBPF_CRATE,
+            "--exclude",
+            FUZZ_CRATE,
             "--all-targets",
         ])
         .args(["--", "-D", "warnings"]);

@@ -6,6 +6,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod exec;
+mod fuzz;
 mod lint;
 mod setup;
 mod test;
@@ -37,6 +38,8 @@ enum Command {
     Bench(bench::Options),
     /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
     VmTest(vm::Options),
+    /// Build the fuzz targets (cargo-fuzz, libFuzzer) and fuzz each for a while
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(options) => demo::run(options),
         Command::Bench(options) => bench::run(options),
         Command::VmTest(options) => vm::run(options),
+        Command::Fuzz(options) => fuzz::run(options),
     }
 }
 

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "kmod",
     "binutils",
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    "g++",
 ];
 /// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.
@@ -36,6 +38,9 @@ const KUBERNETES_VALIDATE: &str = "1.37.0";
 const OPTIONAL_PACKAGES: &[&str] = &["bpftool", "linux-perf"];
 /// Nightly components: rust-src for `-Z build-std=core`, clippy for the eBPF lint.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+/// cargo-fuzz, for `cargo xtask fuzz` and the fuzzing in `cargo xtask test`. Pinned; it
+/// builds libFuzzer (libfuzzer-sys) with the C++ compiler.
+const CARGO_FUZZ: &str = "0.13.2";
 
 #[derive(clap::Args, Default)]
 pub struct Options {
@@ -53,6 +58,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         return Ok(());
     }
     packages()?;
+    cargo_fuzz()?;
     kubernetes_validate()?;
     let mounts = Mounts::read()?;
     bpffs(&mounts)?;
@@ -94,6 +100,26 @@ fn kubernetes_validate() -> anyhow::Result<()> {
         step,
         &format!("installed {KUBERNETES_VALIDATE} in {}", venv.display()),
     );
+    Ok(())
+}
+
+/// `cargo fuzz` (run with the nightly toolchain, as `cargo xtask fuzz` does), at the pinned
+/// version; `cargo install` replaces another version.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let step = "cargo-fuzz";
+    let want = format!("cargo-fuzz {CARGO_FUZZ}");
+    let version =
+        || capture(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"]));
+    if version().is_ok_and(|v| v.trim() == want) {
+        report(step, "ok");
+        return Ok(());
+    }
+    exec(cargo().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ]))?;
+    let got = version().context("cargo-fuzz was installed but `cargo fuzz --version` fails")?;
+    if got.trim() != want {
+        bail!("installed cargo-fuzz {CARGO_FUZZ} but `cargo fuzz --version` says {got:?}");
+    }
+    report(step, &format!("installed {CARGO_FUZZ}"));
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: lint, build the daemon and the test pods' binary, then run the unit
 //! tests and the privileged integration tests (root: network namespaces, eBPF, cgroups).
-//! Then the capture tests in VMs on the oldest and the newest kernel of the matrix
+//! Then each fuzz target for a short fixed time (`cargo xtask fuzz` fuzzes longer), and
+//! the capture tests in VMs on the oldest and the newest kernel of the matrix
 //! (`cargo xtask vm-test` runs them all). The last line is the total over every test
-//! binary and VM, `N passed, N failed`.
+//! binary, fuzz target and VM, `N passed, N failed`.
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
@@ -11,9 +12,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 use crate::exec::{command_line, exec};
+use crate::fuzz;
 use crate::lint;
 use crate::vm;
-use crate::workspace::{self, EBPF_CRATE, cargo};
+use crate::workspace::{self, EBPF_CRATE, FUZZ_CRATE, cargo};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -23,6 +25,9 @@ pub struct Options {
     /// Skip the VM tests on the oldest and newest kernels (for quick local runs)
     #[arg(long)]
     pub no_vm: bool,
+    /// Skip the fuzz targets (for quick local runs)
+    #[arg(long)]
+    pub no_fuzz: bool,
     /// Passed to the test binaries after `--`, e.g. a test name filter
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -57,6 +62,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         )
         .env("PODAPP_BIN", &podapp)
         .args(["test", "--workspace", "--exclude", EBPF_CRATE])
+        .args(["--exclude", FUZZ_CRATE])
         .args(["--", "--test-threads=1"])
         .args(&options.args)
         .stdout(Stdio::piped());
@@ -75,6 +81,32 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let status = child
         .wait()
         .with_context(|| format!("failed to wait for {line}"))?;
+    // Each target counts as a test `fuzz::<target>` and follows the same filters.
+    let targets = if options.no_fuzz {
+        Vec::new()
+    } else {
+        fuzz::selected(&options.args)
+    };
+    let mut fuzz_failed = Vec::new();
+    if !targets.is_empty() {
+        let outcomes = fuzz::suite(&targets, fuzz::TEST_SECS, fuzz::Echo::OnFailure)?;
+        for o in &outcomes {
+            println!(
+                "test fuzz::{} ... {} ({} s, {} execs, {} execs/s)",
+                o.target,
+                fuzz::result(o),
+                o.secs,
+                o.execs,
+                o.execs_per_sec
+            );
+            if o.crash.is_some() {
+                fuzz_failed.push(o.target.clone());
+            }
+        }
+        let failed = fuzz_failed.len() as u64;
+        totals.passed += outcomes.len() as u64 - failed;
+        totals.failed += failed;
+    }
     let mut vm_failed = 0;
     if !options.no_vm {
         let vms = vm::run_matrix(&vm::Options {
@@ -94,6 +126,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     println!("{}", totals.summary());
     ensure!(status.success(), "{line} failed: {status}");
+    ensure!(
+        fuzz_failed.is_empty(),
+        "fuzzing found a crash in {}",
+        fuzz_failed.join(", ")
+    );
     ensure!(vm_failed == 0, "{vm_failed} VM test(s) failed");
     ensure!(totals.passed > 0, "no test ran");
     Ok(())

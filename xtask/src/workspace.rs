@@ -8,6 +8,9 @@ use crate::exec::capture;
 
 /// The eBPF crate: built only for the BPF target, so host-side cargo runs leave it out.
 pub const EBPF_CRATE: &str = "ztunnel-ebpf";
+/// The fuzz targets: built only by cargo-fuzz (nightly, `--cfg fuzzing`, libFuzzer), so
+/// host-side cargo runs leave them out too.
+pub const FUZZ_CRATE: &str = "ztunnel-fuzz";
 
 /// The workspace root: xtask's parent directory.
 pub fn root() -> &'static Path {

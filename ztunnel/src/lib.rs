@@ -7,6 +7,9 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod ebpf;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hbone;
 pub mod identity;
 pub mod iptables;

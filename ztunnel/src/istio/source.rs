@@ -268,14 +268,33 @@ impl IstioSource {
             let mut pods = lock(&self.pods);
             match pods.get(&pod.uid) {
                 // The same netns again (a reconnect's snapshot): nothing changes.
-                Some(old) if old.netns_id == pod.netns_id => (true, None),
-                Some(_) => (false, pods.remove(&pod.uid)),
-                None => (false, None),
+                Some(old) if old.netns_id == pod.netns_id => (Some(old.key()), None),
+                _ => {
+                    // The config holds one workload per name: a second uid under a name
+                    // (a pod recreated with its name, added before the old one is deleted)
+                    // waits until the old one is gone, which keeps the old pod captured
+                    // meanwhile; the new one does not start until its add succeeds.
+                    if let Some(other) = pods.values().find(|p| p.uid != pod.uid && p.key() == key)
+                    {
+                        return Err(format!(
+                            "pod {key} is still held under uid {}; refusing uid {} until istio-cni deletes the other",
+                            other.uid, pod.uid
+                        ));
+                    }
+                    // A new netns under a known uid: the old one is released below.
+                    (None, pods.remove(&pod.uid))
+                }
             }
         };
-        if same {
+        if let Some(held) = same {
+            // A pod's uid and name never change; a message that renames a held uid and
+            // netns is wrong, so the pod stays as held (as in Istio's ztunnel) and the
+            // answer is that pod's enrolment, which is the one that exists.
+            if held != key {
+                tracing::warn!(uid = %pod.uid, %held, named = %key, "zds add renames a pod already held with this netns; keeping it as held");
+            }
             drop(pod);
-            return self.wait_enrolled(&key).await;
+            return self.wait_enrolled(&held).await;
         }
         if let Some(old) = old {
             // A new netns under the same uid: release the old one first.
@@ -358,5 +377,105 @@ impl IstioSource {
         // Wake the enrolment loop even if nothing changed: it releases capture a previous
         // ztunnel left for pods no longer wanted once the pods are known.
         self.tx.send_modify(|_| {});
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fuzzing::zds::enrolment;
+
+    const NODE: &str = "node1";
+
+    fn source() -> (IstioSource, watch::Receiver<LocalConfig>) {
+        let base = Base {
+            node: NODE.to_owned(),
+            trust_domain: "cluster.local".to_owned(),
+            cluster: "Kubernetes".to_owned(),
+        };
+        let (tx, configs) = watch::channel(IstioSource::empty(&base));
+        let (results_tx, results) = watch::channel(BTreeMap::new());
+        tokio::spawn(enrolment(configs.clone(), results_tx));
+        (IstioSource::new(base, tx, results), configs)
+    }
+
+    fn pod(uid: &str, namespace: &str, name: &str, netns: u64) -> ZdsPod {
+        let fd: OwnedFd = std::fs::File::open("/dev/null").expect("/dev/null").into();
+        ZdsPod {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: "web".into(),
+            netns: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            fd,
+            netns_id: (0, netns),
+            cgroup: PathBuf::from(format!("/sys/fs/cgroup/kubepods/pod-{netns}")),
+            addresses: vec![IpAddr::from([10, 0, 0, 1])],
+        }
+    }
+
+    /// A ZDS answer, which never needs the 60 s enrolment wait here: enrolment answers at once.
+    async fn answered<T>(what: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), what)
+            .await
+            .expect("answered without waiting for the enrolment timeout")
+    }
+
+    /// Found by fuzzing (`zds`): the add was answered only after the 60 s enrolment wait,
+    /// with an error, holding up every request behind it.
+    #[tokio::test]
+    async fn an_add_renaming_a_held_pod_is_answered_at_once_and_keeps_the_pod() {
+        let (source, configs) = source();
+        source
+            .zds_add(pod("uid-a", "shop", "web-0", 1))
+            .await
+            .expect("first add");
+        let renamed = answered(source.zds_add(pod("uid-a", "other", "web-0", 1))).await;
+        assert_eq!(renamed, Ok(()));
+        let keys: Vec<String> = configs
+            .borrow()
+            .workloads
+            .iter()
+            .map(Workload::key)
+            .collect();
+        assert_eq!(keys, ["shop/web-0"]);
+    }
+
+    /// Found by fuzzing (`zds`): two uids under one name were merged into one workload,
+    /// and deleting either waited the full 60 s for the name to leave the enrolment
+    /// results, which the other uid kept there.
+    #[tokio::test]
+    async fn a_second_uid_under_a_held_name_waits_for_the_first_to_be_deleted() {
+        let (source, configs) = source();
+        assert_eq!(
+            answered(source.zds_add(pod("uid-a", "shop", "web-0", 1))).await,
+            Ok(())
+        );
+        let refused = answered(source.zds_add(pod("uid-b", "shop", "web-0", 2)))
+            .await
+            .expect_err("the name is held by uid-a");
+        assert!(
+            refused.contains("uid-a") && refused.contains("uid-b"),
+            "{refused}"
+        );
+        let cgroups = || {
+            configs
+                .borrow()
+                .workloads
+                .iter()
+                .map(|w| w.cgroup.clone())
+                .collect::<Vec<_>>()
+        };
+        let pod_1 = Some(PathBuf::from("/sys/fs/cgroup/kubepods/pod-1"));
+        assert_eq!(cgroups(), [pod_1], "still one workload, uid-a's");
+        assert!(answered(source.zds_del("uid-a")).await);
+        assert_eq!(
+            answered(source.zds_add(pod("uid-b", "shop", "web-0", 2))).await,
+            Ok(())
+        );
+        let pod_2 = Some(PathBuf::from("/sys/fs/cgroup/kubepods/pod-2"));
+        assert_eq!(cgroups(), [pod_2], "now uid-b's");
     }
 }

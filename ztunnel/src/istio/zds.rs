@@ -198,10 +198,7 @@ async fn serve_once(path: &Path, source: &IstioSource, served: &mut bool) -> Err
             Ok(m) => m,
             Err(e) => return e,
         };
-        let answer = match WorkloadRequest::decode(buf.as_slice()) {
-            Err(source) => Err(Error::Decode { source }.to_string()),
-            Ok(req) => handle(req, fds, source, &mut seen).await,
-        };
+        let answer = answer(&buf, fds, source, &mut seen, netns_facts).await;
         if let Err(e) = &answer {
             tracing::error!(error = %e, "zds request rejected");
         }
@@ -211,12 +208,45 @@ async fn serve_once(path: &Path, source: &IstioSource, served: &mut bool) -> Err
     }
 }
 
-async fn handle(
+/// What enrolment needs from a pod's netns besides the ZDS message.
+pub(crate) struct NetnsFacts {
+    /// Where to reach it: `/proc/self/fd/<n>`.
+    pub netns: PathBuf,
+    /// (device, inode): the same netns sent again is the same pod.
+    pub netns_id: (u64, u64),
+    pub cgroup: PathBuf,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Decodes and handles one request from istio-cni; the error is the text its `Ack` carries.
+/// `inspect` reads the netns an `add` hands over ([`netns_facts`]; the fuzz harness passes
+/// its own, having no real netns to give).
+pub(crate) async fn answer<I>(
+    buf: &[u8],
+    fds: Vec<OwnedFd>,
+    source: &IstioSource,
+    seen: &mut BTreeSet<String>,
+    inspect: I,
+) -> Result<(), String>
+where
+    I: FnOnce(&OwnedFd, &str, &str) -> Result<NetnsFacts, String> + Send + 'static,
+{
+    match WorkloadRequest::decode(buf) {
+        Err(source) => Err(Error::Decode { source }.to_string()),
+        Ok(req) => handle(req, fds, source, seen, inspect).await,
+    }
+}
+
+async fn handle<I>(
     req: WorkloadRequest,
     mut fds: Vec<OwnedFd>,
     source: &IstioSource,
     seen: &mut BTreeSet<String>,
-) -> Result<(), String> {
+    inspect: I,
+) -> Result<(), String>
+where
+    I: FnOnce(&OwnedFd, &str, &str) -> Result<NetnsFacts, String> + Send + 'static,
+{
     match req.payload {
         Some(Payload::Add(add)) => {
             if fds.len() != 1 {
@@ -237,10 +267,27 @@ async fn handle(
                 ));
             }
             seen.insert(add.uid.clone());
+            let key = format!("{}/{}", info.namespace, info.name);
             let uid = add.uid.clone();
-            let pod = tokio::task::spawn_blocking(move || inspect(add.uid, info, fd))
+            let (facts, fd) = tokio::task::spawn_blocking(move || (inspect(&fd, &uid, &key), fd))
                 .await
-                .map_err(|e| format!("pod {uid}: {e}"))??;
+                .map_err(|e| format!("pod {}: {e}", add.uid))?;
+            let facts = facts?;
+            let pod = ZdsPod {
+                uid: add.uid,
+                name: info.name,
+                namespace: info.namespace,
+                service_account: if info.service_account.is_empty() {
+                    "default".to_owned()
+                } else {
+                    info.service_account
+                },
+                fd,
+                netns: facts.netns,
+                netns_id: facts.netns_id,
+                cgroup: facts.cgroup,
+                addresses: facts.addresses,
+            };
             tracing::info!(pod = %pod.key(), uid = %pod.uid, netns = %pod.netns.display(), cgroup = %pod.cgroup.display(), "zds add");
             source.zds_add(pod).await
         }
@@ -267,14 +314,9 @@ async fn handle(
     }
 }
 
-/// Everything enrolment needs from the netns: where to reach it, its identity (dev,
-/// inode), the pod's cgroup and addresses.
-fn inspect(
-    uid: String,
-    info: super::proto::zds::WorkloadInfo,
-    fd: OwnedFd,
-) -> Result<ZdsPod, String> {
-    let key = format!("{}/{}", info.namespace, info.name);
+/// Reads a pod's [`NetnsFacts`] from the netns fd istio-cni passed; `uid` finds its
+/// cgroup, `key` (`namespace/name`) names the pod in errors.
+fn netns_facts(fd: &OwnedFd, uid: &str, key: &str) -> Result<NetnsFacts, String> {
     let meta = std::fs::File::from(
         fd.try_clone()
             .map_err(|e| format!("pod {key}: dup netns fd: {e}"))?,
@@ -283,18 +325,9 @@ fn inspect(
     .map_err(|e| format!("pod {key}: stat netns fd: {e}"))?;
     let netns_id = (meta.dev(), meta.ino());
     let netns = PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()));
-    let cgroup = pod_cgroup(&uid, netns_id).map_err(|e| format!("pod {key}: {e}"))?;
+    let cgroup = pod_cgroup(uid, netns_id).map_err(|e| format!("pod {key}: {e}"))?;
     let addresses = pod_addresses(&netns).map_err(|e| format!("pod {key}: {e}"))?;
-    Ok(ZdsPod {
-        uid,
-        name: info.name,
-        namespace: info.namespace,
-        service_account: if info.service_account.is_empty() {
-            "default".to_owned()
-        } else {
-            info.service_account
-        },
-        fd,
+    Ok(NetnsFacts {
         netns,
         netns_id,
         cgroup,
