@@ -295,11 +295,6 @@ impl Shared {
         }
     }
 
-    /// Whether a drain was asked for.
-    pub fn draining(&self) -> bool {
-        self.drain_request.borrow().is_some()
-    }
-
     /// Drains the data path: stops accepting, sends GOAWAY, and lets established
     /// connections run until they end or `timeout` passes (then ends them). Logs and
     /// counts it.
