@@ -122,7 +122,7 @@ fn wait_exit(z: &Ztunnel, within: Duration) -> anyhow::Result<Duration> {
 
 /// Polls readiness until it answers 503; returns its reason.
 fn wait_not_ready(z: &Ztunnel) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match z.ready() {
             Err(e) => return Ok(format!("{e:#}")),
@@ -169,6 +169,18 @@ fn established_to(pod: &Pod, dst: std::net::SocketAddr) -> anyhow::Result<usize>
     Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
 }
 
+/// Polls the ztunnel's log until it holds `needle`.
+fn wait_log(z: &Ztunnel, needle: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !z.log_text().contains(needle) {
+        if Instant::now() > deadline {
+            bail!("{needle:?} never appeared in the log:\n{}", z.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// The access log lines (one per closed connection).
 fn access_lines(z: &Ztunnel) -> Vec<String> {
     z.log_text()
@@ -187,7 +199,7 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 /// Scrapes until the drain's metrics are in (readiness turns 503 a moment before the
 /// drain itself starts) and returns the exposition.
 fn draining_metrics(z: &Ztunnel) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = z.metrics_text()?;
         if sample(&text, "ztunnel_draining") == Some(1.0) {
@@ -279,7 +291,7 @@ fn established_connections_finish_within_the_drain(
         "{why}"
     );
     // Nothing listens in the pods any more: new connections fail closed (no successor).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (la, lb) = (listening(&a)?, listening(&b)?);
         if !["15001", "15006", "15008"]
@@ -470,8 +482,18 @@ fn peer_gets_goaway_and_opens_new_streams_on_the_successor() -> anyhow::Result<(
     let old = Paused::start(&mut t, &c, b.addr(8080), LONG, "old")?;
     assert_eq!(established_to(&c, b.addr(15008))?, 1);
 
+    // h2 logs each frame it receives at debug: that is how we see the GOAWAY arrive.
+    http(
+        z2.admin,
+        "POST",
+        "/logging?level=info,h2::codec::framed_read=debug",
+    )?;
     signal(&z1, libc::SIGTERM);
     wait_not_ready(&z1)?;
+    // A stream the peer opens before the GOAWAY reaches it is still served (RFC 9113
+    // §6.8): the next call waits for it.
+    wait_log(&z2, "frame=GoAway")?;
+    http(z2.admin, "POST", "/logging?level=info")?;
     // The peer does not open the next stream on the drained connection: it dials anew,
     // and with nothing listening on b's :15008 (no successor yet) the call fails closed.
     let refused = t.call(&c, b.addr(8080), &[]);
