@@ -1,5 +1,6 @@
 //! The composition root: loads capture, follows the workload file, enrols and unenrols
-//! this node's pods, serves the admin API, and takes everything down on SIGTERM/SIGINT.
+//! this node's pods, serves the admin API, and drains on SIGTERM/SIGINT, `POST
+//! /quitquitquit` or a successor's request ([`Shared::request_drain`]) before it exits.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -17,7 +18,7 @@ use crate::{
     capture::{Capture, PodCapture},
     cgroup,
     config::{Ca, Config, Source},
-    ebpf,
+    drain, ebpf,
     identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
     istio::{self, source::IstioSource},
     netns::Netns,
@@ -62,8 +63,8 @@ pub struct Shared {
     pending: Mutex<Vec<(String, String)>>,
     scope: Option<Scope>,
     pub log: crate::telemetry::LogControl,
-    /// Notified by the admin port's `/quitquitquit`.
-    pub quit: tokio::sync::Notify,
+    /// The drain asked for, once one is (see [`Shared::request_drain`]).
+    drain_request: watch::Sender<Option<drain::Request>>,
     /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
     enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
 }
@@ -269,15 +270,86 @@ impl Shared {
         })
     }
 
-    /// On exit, capture stays attached and pinned for the next ztunnel (an upgrade or a
-    /// restart): meanwhile the pods' connections fail closed instead of leaking plaintext.
+    /// Starts a drain: readiness answers 503 from now on, and the main loop drains the
+    /// data path (see [`crate::drain`]) and exits, leaving every pod's capture, pins and
+    /// return path in place. The first request counts; later ones are logged. Callable
+    /// from anywhere (signal handler, admin API, the handover).
+    ///
+    /// `successor`: another ztunnel already holds the pods' listening sockets and takes
+    /// the new connections; without one they fail closed until the next ztunnel starts.
+    pub fn request_drain(&self, cause: &str, successor: bool) {
+        let first = self.drain_request.send_if_modified(|r| {
+            if r.is_some() {
+                return false;
+            }
+            *r = Some(drain::Request {
+                cause: cause.to_owned(),
+                successor,
+            });
+            true
+        });
+        if first {
+            tracing::info!(cause, successor, "drain requested");
+        } else {
+            tracing::info!(cause, "drain requested again; the drain under way goes on");
+        }
+    }
+
+    /// Drains the data path: stops accepting, sends GOAWAY, and lets established
+    /// connections run until they end or `timeout` passes (then ends them). Logs and
+    /// counts it.
+    async fn drain(&self, req: &drain::Request, timeout: Duration) -> drain::Report {
+        let proxy = &self.proxy;
+        let at_start = proxy.connections.open_count();
+        proxy.metrics.drain_started(at_start);
+        let new_connections = if req.successor {
+            "go to the successor"
+        } else {
+            "fail closed until the next ztunnel (capture stays attached)"
+        };
+        tracing::info!(
+            cause = %req.cause,
+            successor = req.successor,
+            connections = at_start,
+            timeout = %humantime::format_duration(timeout),
+            new_connections,
+            "drain started: readiness 503, listeners closed, GOAWAY sent; established connections run until they end or the timeout"
+        );
+        proxy.start_drain();
+        let report = drain::run(&**proxy, timeout, |n| proxy.metrics.set_drain_remaining(n)).await;
+        proxy.metrics.drain_forced(report.forced);
+        let elapsed_ms = report.elapsed.as_millis() as u64;
+        if report.forced > 0 || report.remaining > 0 {
+            tracing::warn!(
+                connections = report.at_start,
+                remaining = report.remaining,
+                forced = report.forced,
+                elapsed_ms,
+                "drain timeout passed; closed the connections left (outcome `drain timeout`)"
+            );
+        } else {
+            tracing::info!(
+                connections = report.at_start,
+                remaining = 0,
+                forced = 0,
+                elapsed_ms,
+                "drain finished: every connection ended"
+            );
+        }
+        report
+    }
+
+    /// On exit, capture stays attached and pinned, and each pod's return path installed,
+    /// for the next ztunnel (an upgrade or a restart; a successor may already rely on
+    /// them): meanwhile the pods' connections fail closed instead of leaking plaintext.
     fn leave_all(&self) {
+        self.proxy.keep_return_paths();
         let mut pods = self.pods();
         for (key, mut e) in std::mem::take(&mut *pods) {
             if let Some(c) = e.capture.take() {
                 self.capture.leave_attached(c);
             }
-            tracing::info!(pod = %key, "capture left attached for the next ztunnel");
+            tracing::info!(pod = %key, "capture and return path left in place for the next ztunnel");
         }
     }
 
@@ -322,6 +394,12 @@ impl Shared {
     /// Ready when the workload file is loaded (it is, once this runs), every pod that
     /// should be enrolled is (capture attached), and each has its certificate.
     pub fn readiness(&self) -> Result<(), String> {
+        if let Some(req) = self.drain_request.borrow().as_ref() {
+            return Err(format!(
+                "draining ({}): no new connections are accepted",
+                req.cause
+            ));
+        }
         let pending = self
             .pending
             .lock()
@@ -525,7 +603,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         pending: Mutex::default(),
         scope,
         log,
-        quit: tokio::sync::Notify::new(),
+        drain_request: watch::Sender::new(None),
         enrol_results: results_tx,
     });
     if let Some(tx) = istio_tx {
@@ -583,10 +661,25 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         }
     });
 
+    // Signals only ask for the drain: readiness turns 503 at once, even while the main
+    // loop is busy with a reconcile.
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let cause = tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                Some(()) = int.recv() => "SIGINT",
+                else => return,
+            };
+            s.request_drain(cause, false);
+        }
+    });
+    let mut drain_requested = shared.drain_request.subscribe();
+    let drain_timeout = cfg.resolved_drain_timeout();
     let mut retry = tokio::time::interval(Duration::from_secs(2));
-    tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
+    tracing::info!(admin = %cfg.admin_addr, drain_timeout = %humantime::format_duration(drain_timeout), "ztunnel ready");
     let mut first = true;
     // istiod's and istio-cni's removals are explicit and final (a ZDS `del` waits for the
     // unenrolment); the file and the Kubernetes API only ever show whole states, in
@@ -618,17 +711,26 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         release_free_heap();
         let settled = settler.next_deadline();
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() { break },
+            changed = rx.changed() => if changed.is_err() {
+                shared.request_drain("the workload source ended", false);
+                break;
+            },
             _ = retry.tick(), if !all_ok => {}
             _ = tokio::time::sleep_until(settled.unwrap_or_else(std::time::Instant::now).into()), if settled.is_some() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = shared.quit.notified() => break,
+            _ = drain_requested.wait_for(Option::is_some) => break,
         }
     }
-    tracing::info!("shutting down");
-    shared.proxy.drain();
+    let req = shared
+        .drain_request
+        .borrow()
+        .clone()
+        .unwrap_or_else(|| drain::Request {
+            cause: "shutdown".to_owned(),
+            successor: false,
+        });
+    shared.drain(&req, drain_timeout).await;
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;
+    tracing::info!("ztunnel exits");
     Ok(())
 }
