@@ -194,6 +194,12 @@ impl Ztunnel {
         http(self.metrics, "GET", "/metrics")
     }
 
+    /// The value of the first sample of `metric` whose labels include all of `labels`,
+    /// 0 when there is none (a counter not yet incremented is not exposed).
+    pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<u64> {
+        Ok(metric_sample(&self.metrics_text()?, metric, labels).unwrap_or(0))
+    }
+
     /// `Ok(body)` when `/healthz/ready` answers 200, `Err` with the reason otherwise.
     pub fn ready(&self) -> anyhow::Result<String> {
         http(self.readiness, "GET", "/healthz/ready")
@@ -974,6 +980,18 @@ impl Tcpdump {
     }
 }
 
+/// Asserts that `wire` (from [`Tcpdump::finish`]) holds packets, that every one is to or
+/// from `ip`'s HBONE port 15008, and that `marker` never shows in clear.
+pub fn assert_only_hbone(wire: &str, ip: Ipv4Addr, marker: &str) {
+    let headers: Vec<&str> = wire.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(!headers.is_empty(), "nothing captured");
+    let hbone = format!("{ip}.15008");
+    for h in &headers {
+        assert!(h.contains(&hbone), "packet not on the HBONE port: {h}");
+    }
+    assert!(!wire.contains(marker), "plaintext on the wire");
+}
+
 impl Drop for Tcpdump {
     fn drop(&mut self) {
         if let Some(c) = &mut self.child {
@@ -997,4 +1015,18 @@ pub fn pod_net_programs(pod: &Pod) -> anyhow::Result<String> {
     let out =
         run(Command::new("ip").args(["netns", "exec", &pod.netns, "bpftool", "net", "show"]))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the first sample of `metric` in the Prometheus text `text` whose labels
+/// include all of `labels` (`metric value` without labels matches an empty `labels`).
+pub fn metric_sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

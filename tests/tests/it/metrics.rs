@@ -1,20 +1,7 @@
 //! Istio's TCP metrics on :15020 and readiness on :15021.
 use std::time::{Duration, Instant};
 
-use ztunnel_tests::Topology;
-
-/// The value of the one sample of `metric` whose labels include all of `labels`.
-fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<u64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use ztunnel_tests::{Topology, metric_sample};
 
 #[test]
 fn both_reporters_count_the_bytes_moved_with_istio_labels() -> anyhow::Result<()> {
@@ -54,7 +41,7 @@ fn both_reporters_count_the_bytes_moved_with_istio_labels() -> anyhow::Result<()
             "istio_tcp_received_bytes_total",
         ] {
             assert_eq!(
-                sample(&text, metric, &labels),
+                metric_sample(&text, metric, &labels),
                 Some(30000),
                 "{metric} ({reporter}):\n{text}"
             );
@@ -64,7 +51,7 @@ fn both_reporters_count_the_bytes_moved_with_istio_labels() -> anyhow::Result<()
             "istio_tcp_connections_closed_total",
         ] {
             assert_eq!(
-                sample(&text, metric, &labels),
+                metric_sample(&text, metric, &labels),
                 Some(1),
                 "{metric} ({reporter}):\n{text}"
             );
@@ -73,7 +60,7 @@ fn both_reporters_count_the_bytes_moved_with_istio_labels() -> anyhow::Result<()
     }
     let text = z1.metrics_text()?;
     assert!(
-        sample(
+        metric_sample(
             &text,
             "ztunnel_capture_events_total",
             &[("event", "connect_captured")]

@@ -1,6 +1,6 @@
 //! Cross-node traffic between two "nodes", each with its own ztunnel.
 use ztunnel::proxy::Direction;
-use ztunnel_tests::Topology;
+use ztunnel_tests::{Topology, assert_only_hbone};
 
 const MARKER: &str = "plaintext-marker-";
 
@@ -56,13 +56,7 @@ fn pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities() -> anyhow:
 
     // Only TLS to B's :15008 crossed the wire: every packet is to or from port 15008,
     // and the payload never shows in clear.
-    let headers: Vec<&str> = wire.lines().filter(|l| l.contains(" IP ")).collect();
-    assert!(!headers.is_empty(), "nothing captured");
-    let hbone = format!("{}.15008", b.ip4);
-    for h in &headers {
-        assert!(h.contains(&hbone), "packet not on the HBONE port: {h}");
-    }
-    assert!(!wire.contains(MARKER), "plaintext on the wire");
+    assert_only_hbone(&wire, b.ip4, MARKER);
     // The app in B sees A's address as the client.
     let peer = srv.read_line()?;
     assert!(peer.starts_with(&format!("conn from {}:", a.ip4)), "{peer}");

@@ -46,25 +46,8 @@ fn start(t: &mut Topology, env: &[(&str, &str)]) -> anyhow::Result<Ztunnel> {
     Ok(z)
 }
 
-/// The value of the sample of `metric` whose labels include all of `labels` (0 when
-/// there is none).
-fn sample(z: &Ztunnel, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<u64> {
-    let text = z.metrics_text()?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
-}
-
 fn timeouts(z: &Ztunnel, step: &str) -> anyhow::Result<u64> {
-    sample(z, "ztunnel_timeouts_total", &[("step", step)])
+    z.metric("ztunnel_timeouts_total", &[("step", step)])
 }
 
 /// Polls `cond` every 200 ms until it holds (generous deadlines: never a speed test).
@@ -237,7 +220,7 @@ fn ten_thousand_half_open_handshakes_are_closed_at_the_timeout_while_others_are_
     // :15008).
     echo_ok(&mut t, &a, c.addr(8080))?;
     echo_ok(&mut t, &late, b.addr(8080))?;
-    let held = sample(&z, "ztunnel_listener_connections", &[("listener", "hbone")])?;
+    let held = z.metric("ztunnel_listener_connections", &[("listener", "hbone")])?;
     let under = memory(z.pid())?;
     let young = none_closed_before(&mut attack, timeout)?;
     println!(
@@ -269,14 +252,10 @@ fn ten_thousand_half_open_handshakes_are_closed_at_the_timeout_while_others_are_
     wait_until(
         "the hbone listeners to let go",
         Duration::from_secs(30),
-        || Ok(sample(&z, "ztunnel_listener_connections", &[("listener", "hbone")])? <= 3),
+        || Ok(z.metric("ztunnel_listener_connections", &[("listener", "hbone")])? <= 3),
     )?;
     assert_eq!(
-        sample(
-            &z,
-            "ztunnel_listener_saturated_total",
-            &[("listener", "hbone")]
-        )?,
+        z.metric("ztunnel_listener_saturated_total", &[("listener", "hbone")])?,
         0,
         "10,000 is below the default cap"
     );
@@ -320,16 +299,10 @@ fn a_listener_at_its_cap_stops_accepting_and_catches_up_as_handshakes_time_out()
     wait_until(
         "b's :15008 listener to fill up",
         Duration::from_secs(60),
-        || {
-            Ok(sample(
-                &z,
-                "ztunnel_listener_saturated_total",
-                &[("listener", "hbone")],
-            )? >= 1)
-        },
+        || Ok(z.metric("ztunnel_listener_saturated_total", &[("listener", "hbone")])? >= 1),
     )?;
     for _ in 0..5 {
-        let held = sample(&z, "ztunnel_listener_connections", &[("listener", "hbone")])?;
+        let held = z.metric("ztunnel_listener_connections", &[("listener", "hbone")])?;
         ensure!(
             held <= CAP,
             "the hbone listener holds {held} connections, cap {CAP}"
@@ -347,7 +320,7 @@ fn a_listener_at_its_cap_stops_accepting_and_catches_up_as_handshakes_time_out()
         || Ok(timeouts(&z, "tls_accept")? >= N as u64),
     )?;
     assert_eq!(timeouts(&z, "tls_accept")?, N as u64);
-    let held = sample(&z, "ztunnel_listener_connections", &[("listener", "hbone")])?;
+    let held = z.metric("ztunnel_listener_connections", &[("listener", "hbone")])?;
     assert!(held <= 1, "only a's tunnel is left, got {held}");
     Ok(())
 }
@@ -363,7 +336,7 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     let z = start(&mut t, &[])?;
     echo_ok(&mut t, &a, b.addr(8080))?;
     assert_eq!(
-        sample(&z, "ztunnel_accept_errors_total", &[("error", "emfile")])?,
+        z.metric("ztunnel_accept_errors_total", &[("error", "emfile")])?,
         0
     );
 
@@ -413,8 +386,7 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
 
     // It backed off instead of spinning: a hot loop makes hundreds of thousands of
     // accept calls a second; 10 ms doubling to 1 s makes about a dozen in these seconds.
-    let emfile = sample(
-        &z,
+    let emfile = z.metric(
         "ztunnel_accept_errors_total",
         &[("listener", "hbone"), ("error", "emfile")],
     )?;

@@ -2,7 +2,7 @@
 //! 15020, 15021 and 15053 are served by ztunnel in its own netns, so in a pod they are the
 //! app's like any other port: captured, tunnelled, never sent in plaintext.
 use ztunnel::proxy::Direction;
-use ztunnel_tests::Topology;
+use ztunnel_tests::{Topology, assert_only_hbone};
 
 const MARKER: &str = "plaintext-marker-";
 const APP_PORTS: [u16; 4] = [15000, 15020, 15021, 15053];
@@ -29,13 +29,7 @@ fn app_ports_in_ztunnels_range_are_tunnelled_to_the_app() -> anyhow::Result<()> 
     }
     let wire = cap.finish()?;
     // HBONE on the wire: every packet to or from B's :15008, no payload in clear.
-    let headers: Vec<&str> = wire.lines().filter(|l| l.contains(" IP ")).collect();
-    assert!(!headers.is_empty(), "nothing captured");
-    let hbone = format!("{}.15008", b.ip4);
-    for h in &headers {
-        assert!(h.contains(&hbone), "packet not on the HBONE port: {h}");
-    }
-    assert!(!wire.contains(MARKER), "plaintext on the wire");
+    assert_only_hbone(&wire, b.ip4, MARKER);
 
     let closed = |d: &ztunnel::admin::ConfigDump, dir: Direction| {
         d.connections
