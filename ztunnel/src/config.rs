@@ -169,6 +169,13 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Threads that run the proxy (Istio's `ZTUNNEL_WORKER_THREADS`): a number, a share of
+    /// the cores ztunnel may use (`25%`, rounded up), or `0` for all of them. Without it,
+    /// a quarter of those cores and at least 2, as Istio's ztunnel does; the cores ztunnel
+    /// may use are the machine's within its cgroup's CPU quota.
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS")]
+    pub worker_threads: Option<WorkerThreads>,
+
     /// Timeouts and caps on the data path.
     #[command(flatten)]
     pub limits: Limits,
@@ -190,6 +197,73 @@ impl std::str::FromStr for ProbeSourceArg {
             return Ok(Self(None));
         }
         s.parse().map(|p| Self(Some(p)))
+    }
+}
+
+/// One `--worker-threads` value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(into = "String")]
+pub enum WorkerThreads {
+    Count(usize),
+    /// A share of the cores, in (0, 100].
+    Percent(f64),
+    AllCores,
+}
+
+/// The most worker threads `--worker-threads` may ask for.
+const MAX_WORKER_THREADS: usize = 1024;
+
+impl WorkerThreads {
+    /// Threads for a process that may use `cores` cores.
+    pub fn resolve(self, cores: usize) -> usize {
+        match self {
+            Self::Count(n) => n,
+            Self::Percent(p) => ((cores as f64 * p / 100.0).ceil() as usize).max(1),
+            Self::AllCores => cores.max(1),
+        }
+    }
+
+    /// Istio's default: a quarter of the cores, at least 2.
+    pub fn default_for(cores: usize) -> usize {
+        cores.div_ceil(4).max(2)
+    }
+}
+
+impl std::str::FromStr for WorkerThreads {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|e| format!("{s:?}: not a percentage ({e})"))?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!(
+                    "{s:?}: a percentage must be above 0 and at most 100"
+                ));
+            }
+            return Ok(Self::Percent(p));
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Ok(Self::AllCores),
+            Ok(n) if n <= MAX_WORKER_THREADS => Ok(Self::Count(n)),
+            Ok(n) => Err(format!("{n}: at most {MAX_WORKER_THREADS} threads")),
+            Err(e) => Err(format!(
+                "{s:?}: a number of threads, a percentage such as `25%`, or 0 ({e})"
+            )),
+        }
+    }
+}
+
+impl From<WorkerThreads> for String {
+    fn from(w: WorkerThreads) -> String {
+        match w {
+            WorkerThreads::Count(n) => n.to_string(),
+            WorkerThreads::Percent(p) => format!("{p}%"),
+            WorkerThreads::AllCores => "0".to_owned(),
+        }
     }
 }
 
@@ -315,6 +389,14 @@ impl Config {
     /// period ([`crate::drain::timeout`]).
     pub fn resolved_drain_timeout(&self) -> Duration {
         crate::drain::timeout(self.drain_timeout, self.termination_grace_period_seconds)
+    }
+
+    /// The proxy's worker threads: `--worker-threads`, or Istio's default, for the cores
+    /// this process may use.
+    pub fn resolved_worker_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.worker_threads
+            .map_or(WorkerThreads::default_for(cores), |w| w.resolve(cores))
     }
 
     /// The `--probe-sources` entries that name something.
@@ -606,6 +688,39 @@ mod tests {
         }
         let bad = Cli::try_parse_from(["ztunnel", "--node", "n1", "--h2-accept-timeout", "soon"]);
         assert!(bad.is_err(), "an unparseable duration is refused");
+    }
+
+    #[test]
+    fn worker_threads_as_istio_counts_them() {
+        let w = |s: &str| s.parse::<WorkerThreads>();
+        assert_eq!(w("4").map(|w| w.resolve(64)), Ok(4));
+        assert_eq!(w("0").map(|w| w.resolve(64)), Ok(64), "0: every core");
+        assert_eq!(w("25%").map(|w| w.resolve(6)), Ok(2), "rounded up");
+        assert_eq!(w("10%").map(|w| w.resolve(2)), Ok(1), "at least one");
+        assert_eq!(w("100%").map(|w| w.resolve(8)), Ok(8));
+        for bad in ["0%", "101%", "-1", "many", "x%", "4096"] {
+            let err = w(bad).expect_err(bad);
+            assert!(err.contains(bad.trim_end_matches('%')), "{bad}: {err}");
+        }
+        // Istio's default: a quarter of the cores, never below 2.
+        assert_eq!(WorkerThreads::default_for(1), 2);
+        assert_eq!(WorkerThreads::default_for(2), 2);
+        assert_eq!(WorkerThreads::default_for(16), 4);
+        assert_eq!(WorkerThreads::default_for(18), 5);
+        // From the flag and the environment variable Istio's chart sets; dumped as given.
+        let c = parse(&[
+            "--workloads",
+            "/w.yaml",
+            "--node",
+            "n1",
+            "--worker-threads",
+            "3",
+        ]);
+        assert_eq!(c.resolved_worker_threads(), 3);
+        let dump = serde_json::to_value(&c).expect("serializable");
+        assert_eq!(dump["workerThreads"], "3");
+        let bad = Cli::try_parse_from(["ztunnel", "--node", "n1", "--worker-threads", "half"]);
+        assert!(bad.is_err(), "an unparseable count is refused");
     }
 
     #[test]

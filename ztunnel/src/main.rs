@@ -29,8 +29,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(cfg) => {
-            let log = telemetry::init(cfg.log_format);
+            // Declared before the runtime, so dropped after it: what the last tasks logged
+            // is written out.
+            let (log, _flush) = telemetry::init(cfg.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.resolved_worker_threads())
                 .enable_all()
                 .build()?;
             rt.block_on(app::run(*cfg, log))

@@ -537,6 +537,7 @@ impl Metrics {
         );
         let capture = Arc::new(CaptureCollector::default());
         registry.register_collector(Box::new(Arc::clone(&capture)));
+        registry.register_collector(Box::new(LogCollector));
         let config = ConfigMetrics::register(&mut registry);
         let drain = DrainMetrics::register(&mut registry);
 
@@ -838,6 +839,23 @@ impl Collector for CaptureCollector {
             ConstGauge::new(*entries).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// `ztunnel_log_lines_dropped_total`, read from the log writer at scrape time.
+#[derive(Debug)]
+struct LogCollector;
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let family = encoder.encode_descriptor(
+            "ztunnel_log_lines_dropped",
+            "Log lines dropped because the queue to the log writer thread was full \
+             (stderr not read fast enough); the data path never waits for the log",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::telemetry::dropped_lines()).encode(family)
     }
 }
 

@@ -67,6 +67,12 @@ fn both_reporters_count_the_bytes_moved_with_istio_labels() -> anyhow::Result<()
         ) == Some(1),
         "{text}"
     );
+    // The log writer kept up (its queue never filled), and the counter is exposed.
+    assert_eq!(
+        metric_sample(&text, "ztunnel_log_lines_dropped_total", &[]),
+        Some(0),
+        "{text}"
+    );
     Ok(())
 }
 
