@@ -780,7 +780,8 @@ async fn accept_loop<H, F>(
 
 /// Istio's TCP metric labels for a connection, from the store: the reporter is the
 /// source for outbound and the destination for inbound; unknown values stay `unknown`.
-fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
+/// Public for the benchmarks (`benches/lookups.rs`).
+pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
     use crate::metrics::{ConnLabels, REPORTER_DESTINATION, REPORTER_SOURCE};
     let mut l = ConnLabels::default();
     let (src_w, dst_w) = match rec.direction {
