@@ -59,7 +59,10 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -307,11 +310,7 @@ fn lookups(c: &mut Criterion) {
         g.sample_size(10);
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("{n}"), |b| {
-            b.iter_batched(
-                || cfg.clone(),
-                Store::new,
-                BatchSize::PerIteration,
-            )
+            b.iter_batched(|| cfg.clone(), Store::new, BatchSize::PerIteration)
         });
         g.finish();
 

@@ -817,12 +817,7 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::C
         l.destination_app = w.canonical_name();
         l.destination_version = w.canonical_revision();
         l.destination_cluster = store.cfg.cluster.clone();
-        if let Some(svc) = store
-            .cfg
-            .services
-            .iter()
-            .find(|s| store.endpoints(s).any(|e| e.key() == w.key()))
-        {
+        if let Some(svc) = store.service_of(w) {
             l.destination_service = svc.hostname();
             l.destination_service_name = svc.name.clone();
             l.destination_service_namespace = svc.namespace.clone();
