@@ -18,7 +18,10 @@ use std::{
     hint::black_box,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::atomic::{AtomicIsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicIsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -115,7 +118,7 @@ fn cluster(n: usize) -> LocalConfig {
             let j = i % services;
             let node = format!("node-{}", i % NODES);
             let local = node == NODE;
-            Workload {
+            Arc::new(Workload {
                 name: format!("svc-{j}-{i}"),
                 namespace: namespace_of_service(j, namespaces),
                 uid: None,
@@ -136,7 +139,7 @@ fn cluster(n: usize) -> LocalConfig {
                 workload_name: Some(format!("svc-{j}")),
                 netns: local.then(|| PathBuf::from(format!("/run/netns/{i}"))),
                 cgroup: local.then(|| PathBuf::from(format!("/sys/fs/cgroup/{i}"))),
-            }
+            })
         })
         .collect();
     let services_list = (0..services)
@@ -341,6 +344,7 @@ fn lookups(c: &mut Criterion) {
 fn load_balance(c: &mut Criterion) {
     let mut cfg = cluster(10_000);
     for w in &mut cfg.workloads {
+        let w = Arc::make_mut(w);
         w.labels.insert("app".into(), "svc-0".into());
         w.namespace = "ns-0".into();
     }

@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -62,8 +63,10 @@ pub struct LocalConfig {
     pub cluster: String,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// Shared between versions: a new version (a source's rebuild, the settler's, the
+    /// store's copy) copies pointers, not workloads, and compares unchanged ones by pointer.
     #[serde(default)]
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     #[serde(default)]
     pub services: Vec<Service>,
     /// Where mesh-wide (GLOBAL) policies and peer authentications live.
@@ -625,12 +628,12 @@ impl Store {
     }
 
     pub fn workload_by_addr(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_addr.get(&ip).map(|i| &self.cfg.workloads[*i])
+        self.by_addr.get(&ip).map(|i| &*self.cfg.workloads[*i])
     }
 
     /// The workload `namespace/name`.
     pub fn workload(&self, key: &str) -> Option<&Workload> {
-        self.by_key.get(key).map(|i| &self.cfg.workloads[*i])
+        self.by_key.get(key).map(|i| &*self.cfg.workloads[*i])
     }
 
     /// Whether a workload is in the mesh: its own label, else its namespace's
@@ -680,7 +683,7 @@ impl Store {
             .get(service)
             .into_iter()
             .flatten()
-            .map(|i| &self.cfg.workloads[*i])
+            .map(|i| &*self.cfg.workloads[*i])
     }
 
     /// The first service (in config order) with an endpoint named like `w`: the
@@ -946,26 +949,28 @@ workloads:
             })
             .collect();
         let workloads = (0..rng.random_range(0..40))
-            .map(|_| Workload {
-                name: format!("w{}", rng.random_range(0..30)),
-                namespace: pick(rng, &NAMESPACES),
-                uid: None,
-                node: pick(rng, &["node1", "node2"]),
-                network: String::new(),
-                addresses: (0..rng.random_range(0..3)).map(|_| ip(rng, 0)).collect(),
-                service_account: pick(rng, &["default", "web"]),
-                trust_domain: None,
-                protocol: [None, None, Some(Protocol::Tcp), Some(Protocol::Hbone)]
-                    [rng.random_range(0..4)],
-                labels: labels(rng, true),
-                canonical_name: None,
-                canonical_revision: None,
-                workload_type: None,
-                workload_name: None,
-                netns: rng.random_bool(0.5).then(|| PathBuf::from("/run/netns/x")),
-                cgroup: rng
-                    .random_bool(0.5)
-                    .then(|| PathBuf::from("/sys/fs/cgroup/x")),
+            .map(|_| {
+                Arc::new(Workload {
+                    name: format!("w{}", rng.random_range(0..30)),
+                    namespace: pick(rng, &NAMESPACES),
+                    uid: None,
+                    node: pick(rng, &["node1", "node2"]),
+                    network: String::new(),
+                    addresses: (0..rng.random_range(0..3)).map(|_| ip(rng, 0)).collect(),
+                    service_account: pick(rng, &["default", "web"]),
+                    trust_domain: None,
+                    protocol: [None, None, Some(Protocol::Tcp), Some(Protocol::Hbone)]
+                        [rng.random_range(0..4)],
+                    labels: labels(rng, true),
+                    canonical_name: None,
+                    canonical_revision: None,
+                    workload_type: None,
+                    workload_name: None,
+                    netns: rng.random_bool(0.5).then(|| PathBuf::from("/run/netns/x")),
+                    cgroup: rng
+                        .random_bool(0.5)
+                        .then(|| PathBuf::from("/sys/fs/cgroup/x")),
+                })
             })
             .collect();
         let services = (0..rng.random_range(0..10))
@@ -1007,7 +1012,11 @@ workloads:
 
     impl<'a> Scan<'a> {
         fn workload(&self, key: &str) -> Option<&'a Workload> {
-            self.cfg.workloads.iter().find(|w| w.key() == key)
+            self.cfg
+                .workloads
+                .iter()
+                .map(|w| &**w)
+                .find(|w| w.key() == key)
         }
 
         fn workload_by_addr(&self, ip: IpAddr) -> Option<&'a Workload> {
@@ -1015,12 +1024,13 @@ workloads:
             self.cfg
                 .workloads
                 .iter()
+                .map(|w| &**w)
                 .rev()
                 .find(|w| w.addresses.contains(&ip))
         }
 
         fn endpoints(&self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
-            self.cfg.workloads.iter().filter(move |w| {
+            self.cfg.workloads.iter().map(|w| &**w).filter(move |w| {
                 w.namespace == svc.namespace
                     && !svc.selector.is_empty()
                     && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
@@ -1149,7 +1159,7 @@ workloads:
                 cfg: &store.cfg,
                 next: 0,
             };
-            let mut keys: Vec<String> = cfg.workloads.iter().map(Workload::key).collect();
+            let mut keys: Vec<String> = cfg.workloads.iter().map(|w| w.key()).collect();
             keys.push("shop/nobody".to_owned());
             for key in &keys {
                 assert!(same(store.workload(key), scan.workload(key)), "{key}");

@@ -9,7 +9,7 @@ use std::{
     net::IpAddr,
     os::fd::{AsRawFd as _, OwnedFd},
     path::PathBuf,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -235,7 +235,7 @@ impl IstioSource {
                 Some(i) => *i,
                 None => {
                     at.insert(key, cfg.workloads.len());
-                    cfg.workloads.push(Workload {
+                    cfg.workloads.push(Arc::new(Workload {
                         name: pod.name.clone(),
                         namespace: pod.namespace.clone(),
                         uid: None,
@@ -252,11 +252,12 @@ impl IstioSource {
                         workload_name: None,
                         netns: None,
                         cgroup: None,
-                    });
+                    }));
                     cfg.workloads.len() - 1
                 }
             };
-            let w = &mut cfg.workloads[i];
+            // Only this node's pods are copied to be changed; the rest stay shared.
+            let w = Arc::make_mut(&mut cfg.workloads[i]);
             w.node = self.base.node.clone();
             w.netns = Some(pod.netns.clone());
             w.cgroup = Some(pod.cgroup.clone());
@@ -449,12 +450,7 @@ mod tests {
             .expect("first add");
         let renamed = answered(source.zds_add(pod("uid-a", "other", "web-0", 1))).await;
         assert_eq!(renamed, Ok(()));
-        let keys: Vec<String> = configs
-            .borrow()
-            .workloads
-            .iter()
-            .map(Workload::key)
-            .collect();
+        let keys: Vec<String> = configs.borrow().workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["shop/web-0"]);
     }
 

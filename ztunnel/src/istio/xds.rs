@@ -58,7 +58,8 @@ pub enum Error {
 /// A workload as istiod describes it, converted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsWorkload {
-    pub workload: Workload,
+    /// Shared with every config built from it.
+    pub workload: Arc<Workload>,
     pub healthy: bool,
     /// `namespace/hostname` → (service port → target port) for this workload.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
@@ -223,7 +224,7 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
         labels.insert(format!("{POLICY_LABEL_PREFIX}{p}"), SELECTED.to_owned());
     }
     Ok(XdsWorkload {
-        workload: Workload {
+        workload: Arc::new(Workload {
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             uid: non_empty(&w.uid),
@@ -240,7 +241,7 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
             workload_name: non_empty(&w.workload_name),
             netns: None,
             cgroup: None,
-        },
+        }),
         healthy,
         services,
     })

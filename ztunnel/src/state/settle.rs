@@ -20,6 +20,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -146,7 +147,7 @@ impl Settler {
         }
 
         // Each workload with the object it is held as (its old version), if held.
-        let mut workloads: Vec<(Workload, Option<Object>)> =
+        let mut workloads: Vec<(Arc<Workload>, Option<Object>)> =
             latest.workloads.iter().map(|w| (w.clone(), None)).collect();
         let mut latest_at: HashMap<String, usize> = HashMap::new();
         for (i, w) in latest.workloads.iter().enumerate() {
@@ -586,7 +587,7 @@ workloads:
                 }
             }
         }
-        let mut workloads: Vec<(Workload, Option<Object>)> =
+        let mut workloads: Vec<(Arc<Workload>, Option<Object>)> =
             latest.workloads.iter().map(|w| (w.clone(), None)).collect();
         for w in &prev.workloads {
             let obj = Object::Workload(w.key());
@@ -689,6 +690,7 @@ workloads:
             }
         }
         for w in &mut next.workloads {
+            let w = Arc::make_mut(w);
             if rng.random_bool(0.1) {
                 w.labels
                     .insert(DATAPLANE_MODE.to_owned(), crate::state::NONE.to_owned());
