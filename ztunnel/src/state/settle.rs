@@ -109,6 +109,13 @@ impl Settler {
     }
 
     fn recompute(&mut self, now: Instant) -> bool {
+        if self.period.is_zero() {
+            // Nothing is ever held: each version is in force as it is, without the passes
+            // below (linear in the cluster's size, for every xDS response).
+            let changed = self.latest != self.effective;
+            self.effective = self.latest.clone();
+            return changed;
+        }
         let (prev, latest, node) = (&self.effective, &self.latest, self.node.as_str());
         let mut held: BTreeMap<Object, Instant> = BTreeMap::new();
         let (period, since) = (self.period, &self.since);
@@ -731,5 +738,37 @@ workloads:
             }
         }
         assert!(held_seen > 1_000, "only {held_seen} objects held");
+    }
+
+    #[test]
+    fn a_zero_period_settles_as_the_full_pass_on_generated_configs() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let (t0, mut changes) = (Instant::now(), 0);
+        for _ in 0..200 {
+            let mut version = crate::state::tests::generated(&mut rng);
+            let mut s = Settler::new(version.clone(), Duration::ZERO, "node1");
+            let mut effective = version.clone();
+            for step in 1..8u64 {
+                let now = t0 + Duration::from_secs(step);
+                version = evolve(&mut rng, &version);
+                let changed = s.update(version.clone(), now);
+                let (expected, since) = scanned(
+                    &effective,
+                    &version,
+                    &BTreeMap::new(),
+                    Duration::ZERO,
+                    now,
+                    "node1",
+                );
+                assert!(since.is_empty(), "step {step}: nothing is held");
+                assert_eq!(*s.effective(), expected, "step {step}");
+                assert_eq!(changed, expected != effective, "step {step}");
+                assert!(s.held().is_empty());
+                changes += usize::from(changed);
+                effective = expected;
+            }
+        }
+        assert!(changes > 1_000, "only {changes} versions changed anything");
     }
 }
