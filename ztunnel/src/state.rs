@@ -718,17 +718,22 @@ impl Store {
             .evaluate(&self.cfg.policies, &w.namespace, &w.labels, conn)
     }
 
+    /// The service index (in `cfg.services`) with VIP `ip`; of two with one VIP, the last.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<usize> {
+        self.by_vip.get(&ip).copied()
+    }
+
     /// Decides the path for a connection to `dst`.
     pub fn route(&self, dst: SocketAddr) -> Route {
-        if let Some(i) = self.by_vip.get(&dst.ip()) {
-            let svc = &self.cfg.services[*i];
+        if let Some(i) = self.service_by_vip(dst.ip()) {
+            let svc = &self.cfg.services[i];
             let Some(target) = svc.target_port(dst.port()) else {
                 return Route::NoEndpoint {
                     service: svc.hostname(),
                     port: dst.port(),
                 };
             };
-            let eps = &self.routable[*i];
+            let eps = &self.routable[i];
             if eps.is_empty() {
                 return Route::NoEndpoint {
                     service: svc.hostname(),
