@@ -234,7 +234,9 @@ const CLOSED_KEPT: usize = 256;
 
 /// An open connection: its record, and the sockets to shut down to end it early.
 struct Active {
-    rec: ConnectionRecord,
+    /// Shared so that [`ConnectionLog::terminate`] can judge the connections outside the
+    /// lock.
+    rec: Arc<ConnectionRecord>,
     /// Raw descriptors of the connection's sockets. They stay valid while the entry
     /// exists: the owner removes it (under the lock) before dropping its sockets.
     fds: Vec<std::os::fd::RawFd>,
@@ -333,7 +335,7 @@ impl ConnectionLog {
             self.metrics.connection_opened(&labels);
         }
         self.lock().insert(Active {
-            rec,
+            rec: Arc::new(rec),
             fds: Vec::new(),
             closing: None,
             labels,
@@ -351,11 +353,34 @@ impl ConnectionLog {
     /// Ends every active connection for which `why` gives a reason: its sockets are shut
     /// down (the copy loops then finish) and the reason becomes its outcome. Returns how
     /// many were ended.
+    ///
+    /// `why` (a policy evaluation per connection on a store swap) runs outside the lock,
+    /// on the connections open when it is called; only the chosen ones are then shut down
+    /// under it, if they are still open. A connection opened meanwhile was authorized by
+    /// its opener, as one opened just after the swap would be.
     pub fn terminate(&self, why: impl Fn(&ConnectionRecord) -> Option<String>) -> usize {
+        let open: Vec<Arc<ConnectionRecord>> = self
+            .lock()
+            .active
+            .values()
+            .filter(|a| a.closing.is_none())
+            .map(|a| a.rec.clone())
+            .collect();
+        let doomed: Vec<(u64, String)> = open
+            .iter()
+            .filter_map(|rec| Some((rec.id, why(rec)?)))
+            .collect();
+        drop(open);
+        if doomed.is_empty() {
+            return 0;
+        }
         let mut st = self.lock();
         let mut n = 0;
-        for a in st.active.values_mut().filter(|a| a.closing.is_none()) {
-            let Some(reason) = why(&a.rec) else { continue };
+        for (id, reason) in doomed {
+            // Closed meanwhile, or ended by another swap: nothing to do.
+            let Some(a) = st.active.get_mut(&id).filter(|a| a.closing.is_none()) else {
+                continue;
+            };
             for fd in &a.fds {
                 // SAFETY: the fd belongs to a live socket (see `Active::fds`); shutdown
                 // neither closes nor frees it.
@@ -370,7 +395,7 @@ impl ConnectionLog {
 
     fn close(&self, id: u64, sent: u64, received: u64, elapsed: Duration, outcome: String) {
         let Some(Active {
-            mut rec,
+            rec,
             closing,
             labels,
             ..
@@ -378,6 +403,8 @@ impl ConnectionLog {
         else {
             return;
         };
+        // Not shared any more but for a moment by a `terminate` pass: then a copy.
+        let mut rec = Arc::unwrap_or_clone(rec);
         // Istio counts "sent" from the destination back to the source and "received"
         // from the source to the destination, whichever side reports.
         if !rec.probe {
@@ -414,7 +441,7 @@ impl ConnectionLog {
     /// first.
     pub fn snapshot(&self) -> (u64, Vec<ConnectionRecord>) {
         let st = self.lock();
-        let mut active: Vec<&ConnectionRecord> = st.active.values().map(|a| &a.rec).collect();
+        let mut active: Vec<&ConnectionRecord> = st.active.values().map(|a| &*a.rec).collect();
         active.sort_unstable_by_key(|r| r.id);
         let list = active
             .into_iter()
@@ -1066,5 +1093,28 @@ mod tests {
         assert_eq!(ids(&list), [kept, doomed]);
         assert_eq!(list[1].outcome.as_deref(), Some("denied"));
         assert_eq!(list[0].outcome, None);
+    }
+
+    #[test]
+    fn terminate_judges_outside_the_lock_and_skips_connections_closed_meanwhile() {
+        let log = log();
+        let a = log.open(Direction::Inbound, "ns/b", addr(1), addr(80));
+        let b = log.open(Direction::Inbound, "ns/b", addr(2), addr(80));
+        // `why` runs outside the log's lock, so it may take it: here it closes `a` while
+        // judging it, as `a`'s copy loop finishing at that moment would.
+        let ended = log.terminate(|rec| {
+            if rec.id == a {
+                log.close(a, 0, 0, Duration::ZERO, "copy ended".into());
+            }
+            Some("denied".to_owned())
+        });
+        assert_eq!(ended, 1, "only b was still open to be ended");
+        let (_, list) = log.snapshot();
+        assert_eq!(ids(&list), [b, a]);
+        assert_eq!(list[1].outcome.as_deref(), Some("copy ended"));
+        log.close(b, 0, 0, Duration::ZERO, "copy ended".into());
+        let (_, list) = log.snapshot();
+        assert_eq!(ids(&list), [a, b]);
+        assert_eq!(list[1].outcome.as_deref(), Some("denied"));
     }
 }
