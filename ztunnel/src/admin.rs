@@ -101,8 +101,14 @@ fn rfc3339(t: Option<std::time::SystemTime>) -> String {
         .unwrap_or_default()
 }
 
-fn state_dump(shared: &Shared) -> (Vec<WorkloadDump>, Vec<ServiceDump>, crate::state::Store) {
-    let store = (*shared.proxy.store()).clone();
+fn state_dump(
+    shared: &Shared,
+) -> (
+    Vec<WorkloadDump>,
+    Vec<ServiceDump>,
+    std::sync::Arc<crate::state::Store>,
+) {
+    let store = shared.proxy.store();
     let workloads = store
         .cfg
         .workloads
@@ -134,7 +140,8 @@ fn state_dump(shared: &Shared) -> (Vec<WorkloadDump>, Vec<ServiceDump>, crate::s
         .cfg
         .services
         .iter()
-        .map(|s| ServiceDump {
+        .enumerate()
+        .map(|(i, s)| ServiceDump {
             name: s.name.clone(),
             namespace: s.namespace.clone(),
             hostname: s.hostname(),
@@ -144,7 +151,7 @@ fn state_dump(shared: &Shared) -> (Vec<WorkloadDump>, Vec<ServiceDump>, crate::s
                 .iter()
                 .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
                 .collect(),
-            endpoints: store.endpoints(s).map(|w| store.uid(w)).collect(),
+            endpoints: store.endpoints(i).map(|w| store.uid(w)).collect(),
             subject_alt_names: s.subject_alt_names.clone(),
         })
         .collect();

@@ -690,16 +690,26 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     };
     let mut settler = state::settle::Settler::new(initial, settle, &cfg.node);
     loop {
-        settler.update(rx.borrow_and_update().clone(), std::time::Instant::now());
+        let latest = rx.borrow_and_update().clone();
+        let node = cfg.node.clone();
+        // Settling and indexing a version take time linear in the cluster's size (tenths of
+        // a second at 100,000 workloads): not on the runtime's workers, which carry the
+        // connections.
+        let (back, store, desired, known) = tokio::task::spawn_blocking(move || {
+            settler.update(latest, std::time::Instant::now());
+            let current = settler.effective().clone();
+            let desired = current.local_enrolled(&node);
+            let known: Vec<(String, PathBuf)> = current
+                .workloads
+                .iter()
+                .filter_map(|w| Some((w.key(), w.cgroup.clone()?)))
+                .collect();
+            (settler, Store::new(current), desired, known)
+        })
+        .await?;
+        settler = back;
         metrics.set_config_held(settler.held().len() as i64);
-        let current = settler.effective().clone();
-        let desired = current.local_enrolled(&cfg.node);
-        let known: Vec<(String, PathBuf)> = current
-            .workloads
-            .iter()
-            .filter_map(|w| Some((w.key(), w.cgroup.clone()?)))
-            .collect();
-        shared.proxy.set_store(Store::new(current));
+        shared.proxy.set_store(store);
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired, &known)).await?;
         // With ZDS, the pods are known only once istio-cni's snapshot is in.

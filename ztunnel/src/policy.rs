@@ -62,7 +62,7 @@
 //!   (istio.io `reference/config/security/peer_authentication`) and counts as PERMISSIVE.
 //!   Istio breaks ties by age; we take the first one listed. Port-level mTLS is not modelled.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{AddrParseError, IpAddr, SocketAddr};
 use std::num::ParseIntError;
@@ -582,7 +582,10 @@ fn validate_selector(selector: &BTreeMap<String, String>) -> Result<(), Problem>
 }
 
 /// Whether every label of the selector is on the workload (Kubernetes `matchLabels`).
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selects(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector
         .iter()
         .all(|(key, value)| labels.get(key) == Some(value))
@@ -671,7 +674,8 @@ impl Authorization {
     }
 }
 
-/// The verdict on `conn` to a workload in `dest_namespace` with `dest_labels`.
+/// The verdict on `conn` to a workload in `dest_namespace` with `dest_labels`, checking every
+/// policy. The store decides through an [`Index`] instead, which finds the same policies.
 pub fn evaluate(
     policies: &[Authorization],
     root_namespace: &str,
@@ -679,10 +683,137 @@ pub fn evaluate(
     dest_labels: &BTreeMap<String, String>,
     conn: &Connection,
 ) -> Decision {
+    decide(
+        policies
+            .iter()
+            .filter(|p| p.applies_to(root_namespace, dest_namespace, dest_labels)),
+        conn,
+    )
+}
+
+/// The authorization policies that may apply to a destination, found from its namespace and
+/// labels rather than by checking every policy: the GLOBAL ones, its namespace's NAMESPACE
+/// ones, and the WORKLOAD_SELECTOR ones of its namespace and of the root namespace, each filed
+/// under one label of its selector (`key=value`, the first key), which a workload must carry
+/// to be selected. Built with the store, once per config version; a lookup costs the
+/// destination's label count plus the policies found, however many policies there are
+/// (istio/ztunnel keeps policies by namespace and has istiod name each workload's selector
+/// policies, which is what the labels filed here are in Istio mode).
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    root_namespace: String,
+    /// GLOBAL policies of the root namespace (elsewhere GLOBAL applies nowhere).
+    global: Vec<usize>,
+    /// NAMESPACE policies by namespace.
+    namespace: HashMap<String, Vec<usize>>,
+    /// WORKLOAD_SELECTOR policies by namespace, then label key, then label value.
+    selector: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>>,
+    /// WORKLOAD_SELECTOR policies without a selector, by namespace: they select every
+    /// workload, as [`Authorization::applies_to`] reads them (validation refuses them).
+    select_all: HashMap<String, Vec<usize>>,
+}
+
+impl Index {
+    /// Indexes `policies` by position: lookups take the same slice.
+    pub fn new(policies: &[Authorization], root_namespace: &str) -> Self {
+        let mut index = Index {
+            root_namespace: root_namespace.to_owned(),
+            ..Index::default()
+        };
+        for (i, p) in policies.iter().enumerate() {
+            match p.scope {
+                Scope::Global => {
+                    if p.namespace == root_namespace {
+                        index.global.push(i);
+                    }
+                }
+                Scope::Namespace => index
+                    .namespace
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(i),
+                Scope::WorkloadSelector => match p.selector.iter().next() {
+                    None => index
+                        .select_all
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .push(i),
+                    Some((key, value)) => index
+                        .selector
+                        .entry(p.namespace.clone())
+                        .or_default()
+                        .entry(key.clone())
+                        .or_default()
+                        .entry(value.clone())
+                        .or_default()
+                        .push(i),
+                },
+            }
+        }
+        index
+    }
+
+    /// The policies of `policies` (the slice the index was built from) that apply to a
+    /// destination, in their order in the slice, as [`evaluate`] finds them.
+    pub fn applicable<'p>(
+        &self,
+        policies: &'p [Authorization],
+        dest_namespace: &str,
+        dest_labels: &BTreeMap<String, String>,
+    ) -> Vec<&'p Authorization> {
+        let root = self.root_namespace.as_str();
+        let mut found: Vec<usize> = self.global.clone();
+        let namespaces: &[&str] = if dest_namespace == root {
+            &[root]
+        } else {
+            &[dest_namespace, root]
+        };
+        if let Some(ids) = self.namespace.get(dest_namespace) {
+            found.extend(ids);
+        }
+        for ns in namespaces {
+            if let Some(ids) = self.select_all.get(*ns) {
+                found.extend(ids);
+            }
+            let Some(by_key) = self.selector.get(*ns) else {
+                continue;
+            };
+            for (key, value) in dest_labels {
+                if let Some(ids) = by_key.get(key).and_then(|by_value| by_value.get(value)) {
+                    found.extend(ids);
+                }
+            }
+        }
+        // Each policy is filed once, so there are no duplicates; the order is the slice's,
+        // which decides which DENY is reported and how ALLOW policies are listed.
+        found.sort_unstable();
+        found
+            .into_iter()
+            .filter_map(|i| policies.get(i))
+            .filter(|p| p.applies_to(root, dest_namespace, dest_labels))
+            .collect()
+    }
+
+    /// [`evaluate`] over the policies the index finds.
+    pub fn evaluate(
+        &self,
+        policies: &[Authorization],
+        dest_namespace: &str,
+        dest_labels: &BTreeMap<String, String>,
+        conn: &Connection,
+    ) -> Decision {
+        decide(self.applicable(policies, dest_namespace, dest_labels), conn)
+    }
+}
+
+/// The verdict from the policies that apply, in their configured order.
+fn decide<'p>(
+    applicable: impl IntoIterator<Item = &'p Authorization>,
+    conn: &Connection,
+) -> Decision {
     let peer = Peer::of(conn);
-    let (allow, deny): (Vec<&Authorization>, Vec<&Authorization>) = policies
-        .iter()
-        .filter(|p| p.applies_to(root_namespace, dest_namespace, dest_labels))
+    let (allow, deny): (Vec<&Authorization>, Vec<&Authorization>) = applicable
+        .into_iter()
         .partition(|p| p.action == Action::Allow);
 
     for policy in deny {
@@ -828,7 +959,8 @@ impl PeerAuthentication {
 }
 
 /// Whether the workload must only accept mTLS peers: the effective mode, after precedence and
-/// inheritance, is STRICT.
+/// inheritance, is STRICT. Checks every peer authentication; the store asks an [`MtlsIndex`],
+/// which finds the same ones.
 pub fn requires_mtls(
     peer_auths: &[PeerAuthentication],
     root_namespace: &str,
@@ -848,9 +980,71 @@ pub fn requires_mtls(
             && !p.selector.is_empty()
             && selects(&p.selector, workload_labels)
     });
+    strict([mesh, namespace, workload])
+}
 
+/// The peer authentications of each level by namespace, so that [`requires_mtls`]'s answer
+/// costs the destination namespace's selector policies, not every peer authentication.
+#[derive(Debug, Clone, Default)]
+pub struct MtlsIndex {
+    /// The first mesh policy (root namespace, no selector).
+    mesh: Option<usize>,
+    /// The first namespace policy (no selector) of each namespace but the root.
+    namespace: HashMap<String, usize>,
+    /// Selector policies of each namespace but the root, in order.
+    workload: HashMap<String, Vec<usize>>,
+}
+
+impl MtlsIndex {
+    /// Indexes `peer_auths` by position: lookups take the same slice.
+    pub fn new(peer_auths: &[PeerAuthentication], root_namespace: &str) -> Self {
+        let mut index = MtlsIndex::default();
+        for (i, p) in peer_auths.iter().enumerate() {
+            match (p.namespace == root_namespace, p.selector.is_empty()) {
+                (true, true) => {
+                    index.mesh.get_or_insert(i);
+                }
+                // Istio ignores selector policies in the root namespace.
+                (true, false) => {}
+                (false, true) => {
+                    index.namespace.entry(p.namespace.clone()).or_insert(i);
+                }
+                (false, false) => index
+                    .workload
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(i),
+            }
+        }
+        index
+    }
+
+    /// [`requires_mtls`] for a workload, over `peer_auths` (the slice the index was built
+    /// from).
+    pub fn requires_mtls(
+        &self,
+        peer_auths: &[PeerAuthentication],
+        workload_namespace: &str,
+        workload_labels: &BTreeMap<String, String>,
+    ) -> bool {
+        let mesh = self.mesh.and_then(|i| peer_auths.get(i));
+        let namespace = self
+            .namespace
+            .get(workload_namespace)
+            .and_then(|i| peer_auths.get(*i));
+        let workload = self.workload.get(workload_namespace).and_then(|ids| {
+            ids.iter()
+                .filter_map(|i| peer_auths.get(*i))
+                .find(|p| selects(&p.selector, workload_labels))
+        });
+        strict([mesh, namespace, workload])
+    }
+}
+
+/// The effective mode of the mesh, namespace and workload levels (widest first) is STRICT.
+fn strict(levels: [Option<&PeerAuthentication>; 3]) -> bool {
     let mut strict = false;
-    for level in [mesh, namespace, workload].into_iter().flatten() {
+    for level in levels.into_iter().flatten() {
         match level.mode {
             MtlsMode::Unset => {}
             MtlsMode::Strict => strict = true,
@@ -861,7 +1055,7 @@ pub fn requires_mtls(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const ROOT: &str = "istio-system";
@@ -1221,6 +1415,9 @@ mod tests {
         for (fields, expected) in cases {
             let p = policy(&fields.replacen('{', "{name: p, action: ALLOW, ", 1));
             assert_eq!(p.applies_to(ROOT, "shop", &backend), expected, "{fields}");
+            let list = [p];
+            let found = Index::new(&list, ROOT).applicable(&list, "shop", &backend);
+            assert_eq!(found.len(), usize::from(expected), "index: {fields}");
         }
     }
 
@@ -1363,7 +1560,13 @@ mod tests {
         ];
         let dest = labels(&[("app", "backend")]);
         for (name, yaml, conn, expected) in cases {
-            let decision = evaluate(&policies(&yaml), ROOT, "shop", &dest, &conn);
+            let list = policies(&yaml);
+            let decision = evaluate(&list, ROOT, "shop", &dest, &conn);
+            assert_eq!(
+                Index::new(&list, ROOT).evaluate(&list, "shop", &dest, &conn),
+                decision,
+                "{name}: the index decides as the scan"
+            );
             match (&decision, expected) {
                 (Decision::Allow, None) => {}
                 (
@@ -1482,12 +1685,138 @@ mod tests {
                 expected,
                 "{name}"
             );
+            assert_eq!(
+                MtlsIndex::new(&peer_auths, ROOT).requires_mtls(&peer_auths, "shop", &web),
+                expected,
+                "index: {name}"
+            );
         }
         // In the root namespace itself, the mesh policy is the namespace policy.
         let mesh: Vec<PeerAuthentication> =
             serde_yaml::from_str("[{name: m, namespace: istio-system, mode: STRICT}]")
                 .expect("valid peer authentications");
         assert!(requires_mtls(&mesh, ROOT, ROOT, &web));
+        assert!(MtlsIndex::new(&mesh, ROOT).requires_mtls(&mesh, ROOT, &web));
+    }
+
+    /// Policies and peer authentications drawn from a few namespaces (the root among them),
+    /// labels and scopes, so that selectors overlap, repeat and miss; including what
+    /// validation refuses (GLOBAL outside the root, selectors where the scope ignores them,
+    /// a WORKLOAD_SELECTOR without labels, root-namespace selector peer authentications).
+    pub(crate) fn generated(
+        rng: &mut impl rand::Rng,
+    ) -> (Vec<Authorization>, Vec<PeerAuthentication>) {
+        const NAMESPACES: [&str; 4] = [ROOT, "shop", "web", "db"];
+        let pick = |rng: &mut dyn rand::RngCore, from: &[&str]| -> String {
+            from[rand::Rng::random_range(rng, 0..from.len())].to_owned()
+        };
+        let selector = |rng: &mut dyn rand::RngCore| -> BTreeMap<String, String> {
+            let mut labels = BTreeMap::new();
+            for key in ["app", "tier", "version"] {
+                if rand::Rng::random_bool(rng, 0.4) {
+                    labels.insert(key.to_owned(), pick(rng, &["x", "y", "z"]));
+                }
+            }
+            labels
+        };
+        let policies = (0..rng.random_range(0..16))
+            .map(|i| Authorization {
+                name: format!("p{}", rng.random_range(0..12)),
+                namespace: pick(rng, &NAMESPACES),
+                scope: [Scope::Global, Scope::Namespace, Scope::WorkloadSelector]
+                    [rng.random_range(0..3)],
+                selector: selector(rng),
+                action: if rng.random_bool(0.5) {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                },
+                rules: (0..rng.random_range(0..3))
+                    .map(|_| Rule {
+                        from: Some(vec![Match {
+                            namespaces: vec![StringMatch::from(pick(rng, &NAMESPACES))],
+                            ..Match::default()
+                        }]),
+                        to: rng.random_bool(0.3).then(|| {
+                            vec![Match {
+                                destination_ports: vec![[80, 9000][i % 2]],
+                                ..Match::default()
+                            }]
+                        }),
+                        when: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let peer_auths = (0..rng.random_range(0..8))
+            .map(|_| PeerAuthentication {
+                name: format!("pa{}", rng.random_range(0..6)),
+                namespace: pick(rng, &NAMESPACES),
+                selector: if rng.random_bool(0.5) {
+                    selector(rng)
+                } else {
+                    BTreeMap::new()
+                },
+                mode: [
+                    MtlsMode::Unset,
+                    MtlsMode::Disable,
+                    MtlsMode::Permissive,
+                    MtlsMode::Strict,
+                ][rng.random_range(0..4)],
+            })
+            .collect();
+        (policies, peer_auths)
+    }
+
+    #[test]
+    fn the_indexes_find_what_a_scan_finds_on_generated_policies() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let mut compared = 0;
+        for _ in 0..500 {
+            let (policies, peer_auths) = generated(&mut rng);
+            let index = Index::new(&policies, ROOT);
+            let mtls = MtlsIndex::new(&peer_auths, ROOT);
+            for ns in [ROOT, "shop", "web", "db", "elsewhere"] {
+                for _ in 0..8 {
+                    let mut dest = BTreeMap::new();
+                    for key in ["app", "tier", "version", "other"] {
+                        if rng.random_bool(0.6) {
+                            let value = ["x", "y", "z"][rng.random_range(0..3)];
+                            dest.insert(key.to_owned(), value.to_owned());
+                        }
+                    }
+                    let scanned: Vec<&Authorization> = policies
+                        .iter()
+                        .filter(|p| p.applies_to(ROOT, ns, &dest))
+                        .collect();
+                    let found = index.applicable(&policies, ns, &dest);
+                    assert_eq!(found.len(), scanned.len(), "{ns} {dest:?} {policies:?}");
+                    assert!(
+                        found
+                            .iter()
+                            .zip(&scanned)
+                            .all(|(a, b)| std::ptr::eq(*a, *b)),
+                        "same policies in the same order: {ns} {dest:?} {policies:?}"
+                    );
+                    assert_eq!(
+                        mtls.requires_mtls(&peer_auths, ns, &dest),
+                        requires_mtls(&peer_auths, ROOT, ns, &dest),
+                        "{ns} {dest:?} {peer_auths:?}"
+                    );
+                    let from = ["shop", "web", "db"][rng.random_range(0..3)];
+                    let port = [80, 9000][rng.random_range(0..2)];
+                    let c = from_ns(from, &format!("10.0.1.2:{port}"));
+                    assert_eq!(
+                        index.evaluate(&policies, ns, &dest, &c),
+                        evaluate(&policies, ROOT, ns, &dest, &c)
+                    );
+                    compared += usize::from(!scanned.is_empty());
+                }
+            }
+        }
+        // The generator is not vacuous: most lookups find some policy.
+        assert!(compared > 5_000, "only {compared} lookups found a policy");
     }
 
     #[test]

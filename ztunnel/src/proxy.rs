@@ -191,6 +191,10 @@ pub struct ConnectionRecord {
 }
 
 /// Active connections and the most recent closed ones; feeds Istio's TCP metrics.
+///
+/// Opening, attaching and closing cost the same at one connection as at ten thousand: the
+/// active ones are kept by id, and the metric labels (store lookups), the metrics and the
+/// access log are done outside the lock, which is held only to insert or remove an entry.
 pub struct ConnectionLog {
     next: AtomicU64,
     inner: Mutex<ConnState>,
@@ -201,16 +205,38 @@ pub struct ConnectionLog {
 
 #[derive(Default)]
 struct ConnState {
-    active: Vec<Active>,
+    active: HashMap<u64, Active>,
+    /// How many of `active` are outbound.
+    outbound: usize,
     closed: VecDeque<ConnectionRecord>,
     opened_total: u64,
+}
+
+impl ConnState {
+    fn insert(&mut self, a: Active) {
+        if a.rec.direction == Direction::Outbound {
+            self.outbound += 1;
+        }
+        self.opened_total += 1;
+        self.active.insert(a.rec.id, a);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Active> {
+        let a = self.active.remove(&id)?;
+        if a.rec.direction == Direction::Outbound {
+            self.outbound -= 1;
+        }
+        Some(a)
+    }
 }
 
 const CLOSED_KEPT: usize = 256;
 
 /// An open connection: its record, and the sockets to shut down to end it early.
 struct Active {
-    rec: ConnectionRecord,
+    /// Shared so that [`ConnectionLog::terminate`] can judge the connections outside the
+    /// lock.
+    rec: Arc<ConnectionRecord>,
     /// Raw descriptors of the connection's sockets. They stay valid while the entry
     /// exists: the owner removes it (under the lock) before dropping its sockets.
     fds: Vec<std::os::fd::RawFd>,
@@ -233,12 +259,7 @@ impl ConnectionLog {
     /// Active connections by direction (`outbound`, `inbound`).
     pub fn active_counts(&self) -> (usize, usize) {
         let st = self.lock();
-        let out = st
-            .active
-            .iter()
-            .filter(|a| a.rec.direction == Direction::Outbound)
-            .count();
-        (out, st.active.len() - out)
+        (st.outbound, st.active.len() - st.outbound)
     }
 
     /// Connections open now, both directions.
@@ -290,8 +311,6 @@ impl ConnectionLog {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut st = self.lock();
-        st.opened_total += 1;
         let rec = ConnectionRecord {
             id,
             direction,
@@ -314,11 +333,14 @@ impl ConnectionLog {
         };
         let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
         let labels = metric_labels(&store, &rec);
+        drop(store);
+        // Counted before the entry exists: its close (which needs the id returned below)
+        // cannot be counted first.
         if !probe {
             self.metrics.connection_opened(&labels);
         }
-        st.active.push(Active {
-            rec,
+        self.lock().insert(Active {
+            rec: Arc::new(rec),
             fds: Vec::new(),
             closing: None,
             labels,
@@ -328,8 +350,7 @@ impl ConnectionLog {
 
     /// Registers the sockets that carry connection `id`, so [`Self::terminate`] can end it.
     fn attach(&self, id: u64, fds: &[std::os::fd::RawFd]) {
-        let mut st = self.lock();
-        if let Some(a) = st.active.iter_mut().find(|a| a.rec.id == id) {
+        if let Some(a) = self.lock().active.get_mut(&id) {
             a.fds.extend_from_slice(fds);
         }
     }
@@ -337,11 +358,34 @@ impl ConnectionLog {
     /// Ends every active connection for which `why` gives a reason: its sockets are shut
     /// down (the copy loops then finish) and the reason becomes its outcome. Returns how
     /// many were ended.
+    ///
+    /// `why` (a policy evaluation per connection on a store swap) runs outside the lock,
+    /// on the connections open when it is called; only the chosen ones are then shut down
+    /// under it, if they are still open. A connection opened meanwhile was authorized by
+    /// its opener, as one opened just after the swap would be.
     pub fn terminate(&self, why: impl Fn(&ConnectionRecord) -> Option<String>) -> usize {
+        let open: Vec<Arc<ConnectionRecord>> = self
+            .lock()
+            .active
+            .values()
+            .filter(|a| a.closing.is_none())
+            .map(|a| a.rec.clone())
+            .collect();
+        let doomed: Vec<(u64, String)> = open
+            .iter()
+            .filter_map(|rec| Some((rec.id, why(rec)?)))
+            .collect();
+        drop(open);
+        if doomed.is_empty() {
+            return 0;
+        }
         let mut st = self.lock();
         let mut n = 0;
-        for a in st.active.iter_mut().filter(|a| a.closing.is_none()) {
-            let Some(reason) = why(&a.rec) else { continue };
+        for (id, reason) in doomed {
+            // Closed meanwhile, or ended by another swap: nothing to do.
+            let Some(a) = st.active.get_mut(&id).filter(|a| a.closing.is_none()) else {
+                continue;
+            };
             for fd in &a.fds {
                 // SAFETY: the fd belongs to a live socket (see `Active::fds`); shutdown
                 // neither closes nor frees it.
@@ -380,53 +424,57 @@ impl ConnectionLog {
     }
 
     fn close(&self, id: u64, sent: u64, received: u64, elapsed: Duration, outcome: String) {
-        let mut st = self.lock();
-        if let Some(pos) = st.active.iter().position(|a| a.rec.id == id) {
-            let Active {
-                mut rec,
-                closing,
-                labels,
-                ..
-            } = st.active.swap_remove(pos);
-            // Istio counts "sent" from the destination back to the source and "received"
-            // from the source to the destination, whichever side reports.
-            if !rec.probe {
-                self.metrics.connection_closed(&labels, received, sent);
-            }
-            rec.bytes_sent = sent;
-            rec.bytes_received = received;
-            rec.duration_ms = Some(elapsed.as_millis() as u64);
-            rec.outcome = Some(closing.unwrap_or(outcome));
-            tracing::info!(
-                target: "access",
-                direction = ?rec.direction,
-                pod = %rec.pod,
-                src = %rec.src,
-                dst = %rec.dst,
-                src_identity = rec.src_identity.as_deref().unwrap_or("-"),
-                dst_identity = rec.dst_identity.as_deref().unwrap_or("-"),
-                security = %rec.security_policy,
-                bytes_sent = rec.bytes_sent,
-                bytes_received = rec.bytes_received,
-                duration_ms = rec.duration_ms,
-                outcome = rec.outcome.as_deref(),
-                probe = rec.probe,
-                "connection closed"
-            );
-            if st.closed.len() == CLOSED_KEPT {
-                st.closed.pop_front();
-            }
-            st.closed.push_back(rec);
+        let Some(Active {
+            rec,
+            closing,
+            labels,
+            ..
+        }) = self.lock().remove(id)
+        else {
+            return;
+        };
+        // Not shared any more but for a moment by a `terminate` pass: then a copy.
+        let mut rec = Arc::unwrap_or_clone(rec);
+        // Istio counts "sent" from the destination back to the source and "received"
+        // from the source to the destination, whichever side reports.
+        if !rec.probe {
+            self.metrics.connection_closed(&labels, received, sent);
         }
+        rec.bytes_sent = sent;
+        rec.bytes_received = received;
+        rec.duration_ms = Some(elapsed.as_millis() as u64);
+        rec.outcome = Some(closing.unwrap_or(outcome));
+        tracing::info!(
+            target: "access",
+            direction = ?rec.direction,
+            pod = %rec.pod,
+            src = %rec.src,
+            dst = %rec.dst,
+            src_identity = rec.src_identity.as_deref().unwrap_or("-"),
+            dst_identity = rec.dst_identity.as_deref().unwrap_or("-"),
+            security = %rec.security_policy,
+            bytes_sent = rec.bytes_sent,
+            bytes_received = rec.bytes_received,
+            duration_ms = rec.duration_ms,
+            outcome = rec.outcome.as_deref(),
+            probe = rec.probe,
+            "connection closed"
+        );
+        let mut st = self.lock();
+        if st.closed.len() == CLOSED_KEPT {
+            st.closed.pop_front();
+        }
+        st.closed.push_back(rec);
     }
 
-    /// Active connections first, then recently closed ones, oldest first.
+    /// Active connections first (by when they opened), then recently closed ones, oldest
+    /// first.
     pub fn snapshot(&self) -> (u64, Vec<ConnectionRecord>) {
         let st = self.lock();
-        let list = st
-            .active
-            .iter()
-            .map(|a| &a.rec)
+        let mut active: Vec<&ConnectionRecord> = st.active.values().map(|a| &*a.rec).collect();
+        active.sort_unstable_by_key(|r| r.id);
+        let list = active
+            .into_iter()
             .chain(st.closed.iter())
             .cloned()
             .collect();
@@ -891,7 +939,8 @@ impl crate::drain::Drainable for Proxy {
 
 /// Istio's TCP metric labels for a connection, from the store: the reporter is the
 /// source for outbound and the destination for inbound; unknown values stay `unknown`.
-fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
+/// Public for the benchmarks (`benches/lookups.rs`).
+pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
     use crate::metrics::{ConnLabels, REPORTER_DESTINATION, REPORTER_SOURCE};
     let mut l = ConnLabels::default();
     let (src_w, dst_w) = match rec.direction {
@@ -927,12 +976,7 @@ fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnL
         l.destination_app = w.canonical_name();
         l.destination_version = w.canonical_revision();
         l.destination_cluster = store.cfg.cluster.clone();
-        if let Some(svc) = store
-            .cfg
-            .services
-            .iter()
-            .find(|s| store.endpoints(s).any(|e| e.key() == w.key()))
-        {
+        if let Some(svc) = store.service_of(w) {
             l.destination_service = svc.hostname();
             l.destination_service_name = svc.name.clone();
             l.destination_service_namespace = svc.namespace.clone();
@@ -1067,4 +1111,121 @@ async fn relay(
     proxy
         .connections
         .close(id, sent, received, started.elapsed(), outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read as _, os::fd::AsRawFd as _, os::unix::net::UnixStream};
+
+    use super::*;
+
+    fn log() -> ConnectionLog {
+        ConnectionLog::new(crate::metrics::Metrics::new(), Arc::new(Store::default()))
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    fn ids(list: &[ConnectionRecord]) -> Vec<u64> {
+        list.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn log_counts_and_lists_connections_by_id() {
+        let log = log();
+        let a = log.open(Direction::Outbound, "ns/a", addr(1), addr(80));
+        let b = log.open(Direction::Inbound, "ns/b", addr(2), addr(80));
+        let c = log.open(Direction::Outbound, "ns/c", addr(3), addr(80));
+        let p = log.open_probe("ns/b", addr(4), addr(8080));
+        assert_eq!(log.active_counts(), (2, 2));
+
+        log.close(b, 10, 20, Duration::from_millis(5), "done".into());
+        // An unknown (or already closed) id changes nothing.
+        log.close(b, 1, 1, Duration::ZERO, "again".into());
+        log.close(999, 1, 1, Duration::ZERO, "never opened".into());
+        assert_eq!(log.active_counts(), (2, 1));
+
+        let (opened, list) = log.snapshot();
+        assert_eq!(opened, 4);
+        // Active ones in the order they opened, then the closed one.
+        assert_eq!(ids(&list), [a, c, p, b]);
+        let closed = &list[3];
+        assert_eq!(
+            (closed.bytes_sent, closed.bytes_received, closed.duration_ms),
+            (10, 20, Some(5))
+        );
+        assert_eq!(closed.outcome.as_deref(), Some("done"));
+        assert!(list[2].probe);
+
+        for id in [a, c, p] {
+            log.close(id, 0, 0, Duration::ZERO, "done".into());
+        }
+        assert_eq!(log.active_counts(), (0, 0));
+        assert_eq!(ids(&log.snapshot().1), [b, a, c, p]);
+    }
+
+    #[test]
+    fn log_keeps_the_last_closed_connections_only() {
+        let log = log();
+        let n = CLOSED_KEPT as u64 + 10;
+        for _ in 0..n {
+            let id = log.open(Direction::Outbound, "ns/a", addr(1), addr(80));
+            log.close(id, 0, 0, Duration::ZERO, "done".into());
+        }
+        let (opened, list) = log.snapshot();
+        assert_eq!(opened, n);
+        assert_eq!(list.len(), CLOSED_KEPT);
+        assert_eq!(list.first().map(|r| r.id), Some(10));
+        assert_eq!(list.last().map(|r| r.id), Some(n - 1));
+    }
+
+    #[test]
+    fn terminate_shuts_down_the_chosen_connections_once() {
+        let log = log();
+        let (mine, mut peer) = UnixStream::pair().expect("socketpair");
+        let (other, _other_peer) = UnixStream::pair().expect("socketpair");
+        let doomed = log.open(Direction::Inbound, "ns/b", addr(1), addr(80));
+        let kept = log.open(Direction::Inbound, "ns/b", addr(2), addr(80));
+        log.attach(doomed, &[mine.as_raw_fd()]);
+        log.attach(kept, &[other.as_raw_fd()]);
+
+        let why = |rec: &ConnectionRecord| (rec.src == addr(1)).then(|| "denied".to_owned());
+        assert_eq!(log.terminate(why), 1);
+        // Already closing: not counted again.
+        assert_eq!(log.terminate(why), 0);
+        // The doomed connection's socket is shut down: its peer reads end of stream.
+        let mut buf = [0u8; 1];
+        assert_eq!(peer.read(&mut buf).expect("read"), 0);
+
+        // The reason, not the copy's own outcome, is what the record says.
+        log.close(doomed, 0, 0, Duration::ZERO, "copy ended".into());
+        let (_, list) = log.snapshot();
+        assert_eq!(ids(&list), [kept, doomed]);
+        assert_eq!(list[1].outcome.as_deref(), Some("denied"));
+        assert_eq!(list[0].outcome, None);
+    }
+
+    #[test]
+    fn terminate_judges_outside_the_lock_and_skips_connections_closed_meanwhile() {
+        let log = log();
+        let a = log.open(Direction::Inbound, "ns/b", addr(1), addr(80));
+        let b = log.open(Direction::Inbound, "ns/b", addr(2), addr(80));
+        // `why` runs outside the log's lock, so it may take it: here it closes `a` while
+        // judging it, as `a`'s copy loop finishing at that moment would.
+        let ended = log.terminate(|rec| {
+            if rec.id == a {
+                log.close(a, 0, 0, Duration::ZERO, "copy ended".into());
+            }
+            Some("denied".to_owned())
+        });
+        assert_eq!(ended, 1, "only b was still open to be ended");
+        let (_, list) = log.snapshot();
+        assert_eq!(ids(&list), [b, a]);
+        assert_eq!(list[1].outcome.as_deref(), Some("copy ended"));
+        log.close(b, 0, 0, Duration::ZERO, "copy ended".into());
+        let (_, list) = log.snapshot();
+        assert_eq!(ids(&list), [a, b]);
+        assert_eq!(list[1].outcome.as_deref(), Some("denied"));
+    }
 }

@@ -10,9 +10,10 @@ pub mod file;
 pub mod settle;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -62,8 +63,10 @@ pub struct LocalConfig {
     pub cluster: String,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// Shared between versions: a new version (a source's rebuild, the settler's, the
+    /// store's copy) copies pointers, not workloads, and compares unchanged ones by pointer.
     #[serde(default)]
-    pub workloads: Vec<Workload>,
+    pub workloads: Vec<Arc<Workload>>,
     #[serde(default)]
     pub services: Vec<Service>,
     /// Where mesh-wide (GLOBAL) policies and peer authentications live.
@@ -420,9 +423,10 @@ impl LocalConfig {
 
     /// This node's pods that should be captured now.
     pub fn local_enrolled(&self, node: &str) -> BTreeMap<String, LocalPod> {
+        let modes = Enrolment::of(self);
         self.workloads
             .iter()
-            .filter(|w| self.captured_on(w, node))
+            .filter(|w| modes.captured_on(w, node))
             .filter_map(|w| {
                 Some((
                     w.key(),
@@ -441,6 +445,44 @@ impl LocalConfig {
                 ))
             })
             .collect()
+    }
+}
+
+/// [`LocalConfig::enrolled`], [`LocalConfig::protocol`] and [`LocalConfig::captured_on`]
+/// with the namespaces found by name, for passes over every workload.
+pub(crate) struct Enrolment<'a> {
+    namespaces: HashMap<&'a str, &'a Namespace>,
+}
+
+impl<'a> Enrolment<'a> {
+    pub(crate) fn of(cfg: &'a LocalConfig) -> Self {
+        let mut namespaces = HashMap::with_capacity(cfg.namespaces.len());
+        for ns in &cfg.namespaces {
+            // The first of a name, as the scan finds it.
+            namespaces.entry(ns.name.as_str()).or_insert(ns);
+        }
+        Self { namespaces }
+    }
+
+    pub(crate) fn enrolled(&self, w: &Workload) -> bool {
+        let mode = w.labels.get(DATAPLANE_MODE).or_else(|| {
+            self.namespaces
+                .get(w.namespace.as_str())
+                .and_then(|n| n.labels.get(DATAPLANE_MODE))
+        });
+        mode.is_some_and(|m| m == AMBIENT)
+    }
+
+    pub(crate) fn protocol(&self, w: &Workload) -> Protocol {
+        w.protocol.unwrap_or(if self.enrolled(w) {
+            Protocol::Hbone
+        } else {
+            Protocol::Tcp
+        })
+    }
+
+    pub(crate) fn captured_on(&self, w: &Workload, node: &str) -> bool {
+        w.node == node && self.enrolled(w) && w.netns.is_some() && w.cgroup.is_some()
     }
 }
 
@@ -465,47 +507,153 @@ pub enum Route {
     NoEndpoint { service: String, port: u16 },
 }
 
-/// The workload store: the file's content indexed by address.
-#[derive(Debug, Clone, Default)]
+/// The workload store: one config version with its indexes, built when the version is
+/// swapped in, so that every lookup on the connection path (route, authorize, metric
+/// labels, baggage) costs the same at ten workloads as at a hundred thousand: workloads by
+/// address and by `namespace/name`, services by VIP, each service's endpoints and each
+/// workload's first service, namespaces by name, and the policies by namespace and selector
+/// label ([`policy::Index`], [`policy::MtlsIndex`]). Each index answers exactly as a scan of
+/// the config would (the tests compare them on generated configs); where the config names an
+/// address or key twice, the same one wins as in the scan.
+#[derive(Debug, Clone)]
 pub struct Store {
     pub cfg: LocalConfig,
-    by_addr: BTreeMap<IpAddr, usize>,
-    by_vip: BTreeMap<IpAddr, usize>,
+    /// Workload by address; of two with one address (never in a valid config), the last.
+    by_addr: HashMap<IpAddr, usize>,
+    /// Service by VIP; of two with one VIP, the last.
+    by_vip: HashMap<IpAddr, usize>,
+    /// Workload by `namespace/name`; of two with one key, the first.
+    by_key: HashMap<String, usize>,
+    /// Namespace by name; of two with one name, the first.
+    namespaces: HashMap<String, usize>,
+    /// Each service's endpoints (workloads of its namespace carrying its selector), in
+    /// config order.
+    endpoints: Vec<Vec<usize>>,
+    /// Each service's endpoints that have an address: the round robin's choice.
+    routable: Vec<Vec<usize>>,
+    /// For the first workload of each key: the first service with an endpoint of that key.
+    service_of: Vec<Option<usize>>,
+    policies: policy::Index,
+    mtls: policy::MtlsIndex,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(LocalConfig::default())
+    }
+}
+
 impl Store {
+    /// Indexes a config: a pass over the workloads, one over the services and one over the
+    /// policies, each entry found by hash.
     pub fn new(cfg: LocalConfig) -> Self {
-        let mut by_addr = BTreeMap::new();
+        let mut by_addr = HashMap::with_capacity(cfg.workloads.len());
+        let mut by_key = HashMap::with_capacity(cfg.workloads.len());
+        // The first workload index of each workload's key.
+        let mut first_of_key = Vec::with_capacity(cfg.workloads.len());
         for (i, w) in cfg.workloads.iter().enumerate() {
             for a in &w.addresses {
                 by_addr.insert(*a, i);
             }
+            first_of_key.push(*by_key.entry(w.key()).or_insert(i));
         }
-        let mut by_vip = BTreeMap::new();
-        for (i, s) in cfg.services.iter().enumerate() {
-            for a in &s.addresses {
-                by_vip.insert(*a, i);
+        let mut by_vip = HashMap::with_capacity(cfg.services.len());
+        // Services by their selector's first label: a workload without that label is not
+        // an endpoint, so each workload is checked against the services filed under its
+        // own labels only.
+        let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for (s, svc) in cfg.services.iter().enumerate() {
+            for a in &svc.addresses {
+                by_vip.insert(*a, s);
+            }
+            if let Some((k, v)) = svc.selector.iter().next() {
+                by_label
+                    .entry((svc.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(s);
             }
         }
+        let mut endpoints = vec![Vec::new(); cfg.services.len()];
+        if !by_label.is_empty() {
+            for (i, w) in cfg.workloads.iter().enumerate() {
+                for (k, v) in &w.labels {
+                    let Some(services) =
+                        by_label.get(&(w.namespace.as_str(), k.as_str(), v.as_str()))
+                    else {
+                        continue;
+                    };
+                    for s in services {
+                        if policy::selects(&cfg.services[*s].selector, &w.labels) {
+                            endpoints[*s].push(i);
+                        }
+                    }
+                }
+            }
+        }
+        let routable = endpoints
+            .iter()
+            .map(|eps| {
+                eps.iter()
+                    .copied()
+                    .filter(|i| !cfg.workloads[*i].addresses.is_empty())
+                    .collect()
+            })
+            .collect();
+        let mut service_of = vec![None; cfg.workloads.len()];
+        for (s, eps) in endpoints.iter().enumerate() {
+            for i in eps {
+                service_of[first_of_key[*i]].get_or_insert(s);
+            }
+        }
+        let mut namespaces = HashMap::with_capacity(cfg.namespaces.len());
+        for (i, ns) in cfg.namespaces.iter().enumerate() {
+            namespaces.entry(ns.name.clone()).or_insert(i);
+        }
+        let policies = policy::Index::new(&cfg.policies, &cfg.root_namespace);
+        let mtls = policy::MtlsIndex::new(&cfg.peer_authentications, &cfg.root_namespace);
         Self {
             cfg,
             by_addr,
             by_vip,
+            by_key,
+            namespaces,
+            endpoints,
+            routable,
+            service_of,
+            policies,
+            mtls,
             next: Default::default(),
         }
     }
 
     pub fn workload_by_addr(&self, ip: IpAddr) -> Option<&Workload> {
-        self.by_addr.get(&ip).map(|i| &self.cfg.workloads[*i])
+        self.by_addr.get(&ip).map(|i| &*self.cfg.workloads[*i])
     }
 
+    /// The workload `namespace/name`.
     pub fn workload(&self, key: &str) -> Option<&Workload> {
-        self.cfg.workloads.iter().find(|w| w.key() == key)
+        self.by_key.get(key).map(|i| &*self.cfg.workloads[*i])
     }
 
+    /// Whether a workload is in the mesh: its own label, else its namespace's
+    /// ([`LocalConfig::enrolled`]).
+    pub fn enrolled(&self, w: &Workload) -> bool {
+        let mode = w.labels.get(DATAPLANE_MODE).or_else(|| {
+            self.namespaces
+                .get(&w.namespace)
+                .and_then(|i| self.cfg.namespaces[*i].labels.get(DATAPLANE_MODE))
+        });
+        mode.is_some_and(|m| m == AMBIENT)
+    }
+
+    /// How a workload receives traffic ([`LocalConfig::protocol`]).
     pub fn protocol(&self, w: &Workload) -> Protocol {
-        self.cfg.protocol(w)
+        w.protocol.unwrap_or(if self.enrolled(w) {
+            Protocol::Hbone
+        } else {
+            Protocol::Tcp
+        })
     }
 
     pub fn trust_domain<'a>(&'a self, w: &'a Workload) -> &'a str {
@@ -528,13 +676,21 @@ impl Store {
             .unwrap_or_else(|| format!("{}//Pod/{}/{}", self.cfg.cluster, w.namespace, w.name))
     }
 
-    /// Endpoints of a service: workloads of its namespace matching its selector.
-    pub fn endpoints<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.cfg.workloads.iter().filter(move |w| {
-            w.namespace == svc.namespace
-                && !svc.selector.is_empty()
-                && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+    /// Endpoints of the service at `service` in `cfg.services`: workloads of its namespace
+    /// matching its (non-empty) selector, in config order.
+    pub fn endpoints(&self, service: usize) -> impl Iterator<Item = &Workload> + '_ {
+        self.endpoints
+            .get(service)
+            .into_iter()
+            .flatten()
+            .map(|i| &*self.cfg.workloads[*i])
+    }
+
+    /// The first service (in config order) with an endpoint named like `w`: the
+    /// destination service of Istio's metric labels.
+    pub fn service_of(&self, w: &Workload) -> Option<&Service> {
+        let i = *self.by_key.get(&w.key())?;
+        self.service_of[i].map(|s| &self.cfg.services[s])
     }
 
     /// The authorization verdict for a connection into workload `key` (`namespace/name`).
@@ -548,12 +704,9 @@ impl Store {
             };
         };
         if conn.src_identity.is_none()
-            && policy::requires_mtls(
-                &self.cfg.peer_authentications,
-                &self.cfg.root_namespace,
-                &w.namespace,
-                &w.labels,
-            )
+            && self
+                .mtls
+                .requires_mtls(&self.cfg.peer_authentications, &w.namespace, &w.labels)
         {
             return policy::Decision::Deny {
                 policy: String::new(),
@@ -561,29 +714,26 @@ impl Store {
                 reason: "STRICT mTLS refuses plaintext".to_owned(),
             };
         }
-        policy::evaluate(
-            &self.cfg.policies,
-            &self.cfg.root_namespace,
-            &w.namespace,
-            &w.labels,
-            conn,
-        )
+        self.policies
+            .evaluate(&self.cfg.policies, &w.namespace, &w.labels, conn)
+    }
+
+    /// The service index (in `cfg.services`) with VIP `ip`; of two with one VIP, the last.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<usize> {
+        self.by_vip.get(&ip).copied()
     }
 
     /// Decides the path for a connection to `dst`.
     pub fn route(&self, dst: SocketAddr) -> Route {
-        if let Some(i) = self.by_vip.get(&dst.ip()) {
-            let svc = &self.cfg.services[*i];
+        if let Some(i) = self.service_by_vip(dst.ip()) {
+            let svc = &self.cfg.services[i];
             let Some(target) = svc.target_port(dst.port()) else {
                 return Route::NoEndpoint {
                     service: svc.hostname(),
                     port: dst.port(),
                 };
             };
-            let eps: Vec<&Workload> = self
-                .endpoints(svc)
-                .filter(|w| !w.addresses.is_empty())
-                .collect();
+            let eps = &self.routable[i];
             if eps.is_empty() {
                 return Route::NoEndpoint {
                     service: svc.hostname(),
@@ -592,7 +742,7 @@ impl Store {
             }
             // Round robin over the endpoints.
             let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let w = eps[n % eps.len()];
+            let w = &self.cfg.workloads[eps[n % eps.len()]];
             let ip = w
                 .addresses
                 .iter()
@@ -636,7 +786,7 @@ fn check_mode(mode: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<LocalConfig, Error> {
@@ -766,5 +916,332 @@ workloads:
         let bad_mode = BASE.replace("dataplane-mode: none", "dataplane-mode: sidecar");
         let err = parse(&bad_mode).expect_err("bad label").to_string();
         assert!(err.contains("\"sidecar\""), "{err}");
+    }
+
+    /// A config drawn from a few namespaces, names, labels and addresses, so that
+    /// selectors overlap and miss, and including what validation refuses (two workloads
+    /// under one key or one address, a VIP that is also a pod's address, namespaces listed
+    /// twice, workloads without addresses).
+    pub(super) fn generated(rng: &mut impl rand::Rng) -> LocalConfig {
+        const NAMESPACES: [&str; 4] = [policy::DEFAULT_ROOT_NAMESPACE, "shop", "web", "db"];
+        fn pick(rng: &mut dyn rand::RngCore, from: &[&str]) -> String {
+            from[rand::Rng::random_range(rng, 0..from.len())].to_owned()
+        }
+        fn labels(rng: &mut dyn rand::RngCore, mode: bool) -> BTreeMap<String, String> {
+            let mut labels = BTreeMap::new();
+            for key in ["app", "tier", "version"] {
+                if rand::Rng::random_bool(rng, 0.5) {
+                    labels.insert(key.to_owned(), pick(rng, &["x", "y", "z"]));
+                }
+            }
+            if mode && rand::Rng::random_bool(rng, 0.3) {
+                labels.insert(DATAPLANE_MODE.to_owned(), pick(rng, &[AMBIENT, NONE]));
+            }
+            labels
+        }
+        let ip = |rng: &mut dyn rand::RngCore, base: u8| -> IpAddr {
+            let last = rand::Rng::random_range(rng, 0..40u8);
+            if rand::Rng::random_bool(rng, 0.1) {
+                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, u16::from(base), u16::from(last)])
+            } else {
+                IpAddr::from([10, 0, base, last])
+            }
+        };
+        let namespaces = (0..rng.random_range(0..6))
+            .map(|_| Namespace {
+                name: pick(rng, &NAMESPACES),
+                labels: labels(rng, true),
+            })
+            .collect();
+        let workloads = (0..rng.random_range(0..40))
+            .map(|_| {
+                Arc::new(Workload {
+                    name: format!("w{}", rng.random_range(0..30)),
+                    namespace: pick(rng, &NAMESPACES),
+                    uid: None,
+                    node: pick(rng, &["node1", "node2"]),
+                    network: String::new(),
+                    addresses: (0..rng.random_range(0..3)).map(|_| ip(rng, 0)).collect(),
+                    service_account: pick(rng, &["default", "web"]),
+                    trust_domain: None,
+                    protocol: [None, None, Some(Protocol::Tcp), Some(Protocol::Hbone)]
+                        [rng.random_range(0..4)],
+                    labels: labels(rng, true),
+                    canonical_name: None,
+                    canonical_revision: None,
+                    workload_type: None,
+                    workload_name: None,
+                    netns: rng.random_bool(0.5).then(|| PathBuf::from("/run/netns/x")),
+                    cgroup: rng
+                        .random_bool(0.5)
+                        .then(|| PathBuf::from("/sys/fs/cgroup/x")),
+                })
+            })
+            .collect();
+        let services = (0..rng.random_range(0..10))
+            .map(|i| Service {
+                name: format!("s{i}"),
+                namespace: pick(rng, &NAMESPACES),
+                hostname: None,
+                // Mostly VIPs of their own; sometimes a pod's address.
+                addresses: (0..rng.random_range(1..3))
+                    .map(|_| {
+                        let base = if rng.random_bool(0.8) { 96 } else { 0 };
+                        ip(rng, base)
+                    })
+                    .collect(),
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: rng.random_bool(0.5).then_some(8080),
+                }],
+                selector: labels(rng, false),
+                subject_alt_names: Vec::new(),
+            })
+            .collect();
+        let (policies, peer_authentications) = policy::tests::generated(rng);
+        LocalConfig {
+            namespaces,
+            workloads,
+            services,
+            policies,
+            peer_authentications,
+            ..LocalConfig::default()
+        }
+    }
+
+    /// The store's answers as they were before its indexes: scans of the config.
+    struct Scan<'a> {
+        cfg: &'a LocalConfig,
+        next: usize,
+    }
+
+    impl<'a> Scan<'a> {
+        fn workload(&self, key: &str) -> Option<&'a Workload> {
+            self.cfg
+                .workloads
+                .iter()
+                .map(|w| &**w)
+                .find(|w| w.key() == key)
+        }
+
+        fn workload_by_addr(&self, ip: IpAddr) -> Option<&'a Workload> {
+            // The address map kept the last workload inserted for an address.
+            self.cfg
+                .workloads
+                .iter()
+                .map(|w| &**w)
+                .rev()
+                .find(|w| w.addresses.contains(&ip))
+        }
+
+        fn endpoints(&self, svc: &'a Service) -> impl Iterator<Item = &'a Workload> + 'a {
+            self.cfg.workloads.iter().map(|w| &**w).filter(move |w| {
+                w.namespace == svc.namespace
+                    && !svc.selector.is_empty()
+                    && svc.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+        }
+
+        fn service_of(&self, w: &Workload) -> Option<&'a Service> {
+            self.cfg
+                .services
+                .iter()
+                .find(|s| self.endpoints(s).any(|e| e.key() == w.key()))
+        }
+
+        fn authorize(&self, key: &str, conn: &policy::Connection) -> policy::Decision {
+            let Some(w) = self.workload(key) else {
+                return policy::Decision::Deny {
+                    policy: String::new(),
+                    rule: None,
+                    reason: format!("unknown workload {key}"),
+                };
+            };
+            if conn.src_identity.is_none()
+                && policy::requires_mtls(
+                    &self.cfg.peer_authentications,
+                    &self.cfg.root_namespace,
+                    &w.namespace,
+                    &w.labels,
+                )
+            {
+                return policy::Decision::Deny {
+                    policy: String::new(),
+                    rule: None,
+                    reason: "STRICT mTLS refuses plaintext".to_owned(),
+                };
+            }
+            policy::evaluate(
+                &self.cfg.policies,
+                &self.cfg.root_namespace,
+                &w.namespace,
+                &w.labels,
+                conn,
+            )
+        }
+
+        fn identity(&self, w: &Workload) -> String {
+            let td = w.trust_domain.as_deref().unwrap_or(&self.cfg.trust_domain);
+            format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account)
+        }
+
+        fn route(&mut self, dst: SocketAddr) -> Route {
+            // The last service with the VIP, as the VIP map kept it.
+            if let Some(svc) = self
+                .cfg
+                .services
+                .iter()
+                .rev()
+                .find(|s| s.addresses.contains(&dst.ip()))
+            {
+                let Some(target) = svc.target_port(dst.port()) else {
+                    return Route::NoEndpoint {
+                        service: svc.hostname(),
+                        port: dst.port(),
+                    };
+                };
+                let eps: Vec<&Workload> = self
+                    .endpoints(svc)
+                    .filter(|w| !w.addresses.is_empty())
+                    .collect();
+                if eps.is_empty() {
+                    return Route::NoEndpoint {
+                        service: svc.hostname(),
+                        port: dst.port(),
+                    };
+                }
+                let w = eps[self.next % eps.len()];
+                self.next += 1;
+                let ip = w
+                    .addresses
+                    .iter()
+                    .find(|a| a.is_ipv4() == dst.is_ipv4())
+                    .unwrap_or(&w.addresses[0]);
+                let endpoint = SocketAddr::new(*ip, target);
+                return match self.cfg.protocol(w) {
+                    Protocol::Hbone => {
+                        let mut identities = vec![self.identity(w)];
+                        identities.extend(svc.subject_alt_names.iter().cloned());
+                        Route::Hbone {
+                            endpoint,
+                            workload: w.key(),
+                            identities,
+                            service: Some(svc.hostname()),
+                        }
+                    }
+                    Protocol::Tcp => Route::Passthrough { dst: endpoint },
+                };
+            }
+            match self.workload_by_addr(dst.ip()) {
+                Some(w) if self.cfg.protocol(w) == Protocol::Hbone => Route::Hbone {
+                    endpoint: dst,
+                    workload: w.key(),
+                    identities: vec![self.identity(w)],
+                    service: None,
+                },
+                _ => Route::Passthrough { dst },
+            }
+        }
+    }
+
+    fn same<T>(a: Option<&T>, b: Option<&T>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn the_store_answers_as_a_scan_of_the_config_on_generated_configs() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let (mut vip_routes, mut with_service, mut endpoints) = (0, 0, 0);
+        for _ in 0..300 {
+            let cfg = generated(&mut rng);
+            let store = Store::new(cfg.clone());
+            let mut scan = Scan {
+                cfg: &store.cfg,
+                next: 0,
+            };
+            let mut keys: Vec<String> = cfg.workloads.iter().map(|w| w.key()).collect();
+            keys.push("shop/nobody".to_owned());
+            for key in &keys {
+                assert!(same(store.workload(key), scan.workload(key)), "{key}");
+            }
+            for w in &store.cfg.workloads {
+                assert_eq!(store.protocol(w), cfg.protocol(w), "{}", w.key());
+                assert_eq!(store.enrolled(w), cfg.enrolled(w), "{}", w.key());
+                let found = store.service_of(w);
+                assert!(same(found, scan.service_of(w)), "{}", w.key());
+                with_service += usize::from(found.is_some());
+            }
+            for (i, svc) in store.cfg.services.iter().enumerate() {
+                let indexed: Vec<*const Workload> =
+                    store.endpoints(i).map(std::ptr::from_ref).collect();
+                let scanned: Vec<*const Workload> =
+                    scan.endpoints(svc).map(std::ptr::from_ref).collect();
+                assert_eq!(indexed, scanned, "endpoints of {}", svc.key());
+                endpoints += indexed.len();
+            }
+            let mut addrs: Vec<IpAddr> = cfg
+                .workloads
+                .iter()
+                .flat_map(|w| w.addresses.iter().copied())
+                .chain(
+                    cfg.services
+                        .iter()
+                        .flat_map(|s| s.addresses.iter().copied()),
+                )
+                .collect();
+            addrs.push(IpAddr::from([192, 0, 2, 1]));
+            for ip in &addrs {
+                assert!(same(
+                    store.workload_by_addr(*ip),
+                    scan.workload_by_addr(*ip)
+                ));
+            }
+            // Routes in the same order keep the round robins in step.
+            for _ in 0..3 {
+                for ip in &addrs {
+                    for port in [80, 81] {
+                        let dst = SocketAddr::new(*ip, port);
+                        let route = store.route(dst);
+                        assert_eq!(route, scan.route(dst), "{dst}");
+                        vip_routes += usize::from(matches!(
+                            route,
+                            Route::Hbone {
+                                service: Some(_),
+                                ..
+                            }
+                        ));
+                    }
+                }
+            }
+            for key in &keys {
+                for identity in [None, Some("shop"), Some("web"), Some("db")] {
+                    for port in [80, 9000] {
+                        let conn = policy::Connection {
+                            src_ip: IpAddr::from([10, 0, 0, 1]),
+                            src_identity: identity
+                                .map(|ns| format!("spiffe://cluster.local/ns/{ns}/sa/default")),
+                            dst: SocketAddr::from(([10, 0, 0, 2], port)),
+                        };
+                        assert_eq!(
+                            store.authorize(key, &conn),
+                            scan.authorize(key, &conn),
+                            "{key} {conn:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // The generator reaches what the indexes are for.
+        assert!(vip_routes > 200, "{vip_routes} routes through a service");
+        assert!(
+            with_service > 500,
+            "{with_service} workloads behind a service"
+        );
+        assert!(endpoints > 300, "{endpoints} endpoints");
     }
 }

@@ -5,11 +5,11 @@
 //! istiod has not sent it yet) the netns (`/proc/self/fd/<n>`, the fd istio-cni passed,
 //! kept open here), the cgroup found from that netns, and the ambient label.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     os::fd::{AsRawFd as _, OwnedFd},
     path::PathBuf,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -198,14 +198,22 @@ impl IstioSource {
         }
         // A named target port (0 on the wire) is resolved per workload by istiod; our
         // services hold one target per port, taken from the first endpoint that has one.
+        // One pass over the endpoints finds each (service, port)'s first target.
+        let mut targets: HashMap<(&str, u16), u16> = HashMap::new();
+        for w in &healthy {
+            for (key, ports) in &w.services {
+                for (port, target) in ports {
+                    if *target != 0 {
+                        targets.entry((key.as_str(), *port)).or_insert(*target);
+                    }
+                }
+            }
+        }
         for svc in &mut cfg.services {
             let key = format!("{}/{}", svc.namespace, svc.hostname());
             for p in &mut svc.ports {
                 if p.target_port.is_none() {
-                    p.target_port = healthy
-                        .iter()
-                        .filter_map(|w| w.services.get(&key)?.get(&p.port).copied())
-                        .find(|t| *t != 0);
+                    p.target_port = targets.get(&(key.as_str(), p.port)).copied();
                 }
             }
         }
@@ -215,12 +223,19 @@ impl IstioSource {
             .filter(|(_, a)| !a.dry_run)
             .map(|(_, a)| a.policy.clone())
             .collect();
+        let mut at: HashMap<String, usize> = HashMap::new();
+        if !pods.is_empty() {
+            for (i, w) in cfg.workloads.iter().enumerate() {
+                at.entry(w.key()).or_insert(i);
+            }
+        }
         for pod in pods.values() {
             let key = pod.key();
-            let i = match cfg.workloads.iter().position(|w| w.key() == key) {
-                Some(i) => i,
+            let i = match at.get(&key) {
+                Some(i) => *i,
                 None => {
-                    cfg.workloads.push(Workload {
+                    at.insert(key, cfg.workloads.len());
+                    cfg.workloads.push(Arc::new(Workload {
                         name: pod.name.clone(),
                         namespace: pod.namespace.clone(),
                         uid: None,
@@ -237,11 +252,12 @@ impl IstioSource {
                         workload_name: None,
                         netns: None,
                         cgroup: None,
-                    });
+                    }));
                     cfg.workloads.len() - 1
                 }
             };
-            let w = &mut cfg.workloads[i];
+            // Only this node's pods are copied to be changed; the rest stay shared.
+            let w = Arc::make_mut(&mut cfg.workloads[i]);
             w.node = self.base.node.clone();
             w.netns = Some(pod.netns.clone());
             w.cgroup = Some(pod.cgroup.clone());
@@ -434,12 +450,7 @@ mod tests {
             .expect("first add");
         let renamed = answered(source.zds_add(pod("uid-a", "other", "web-0", 1))).await;
         assert_eq!(renamed, Ok(()));
-        let keys: Vec<String> = configs
-            .borrow()
-            .workloads
-            .iter()
-            .map(Workload::key)
-            .collect();
+        let keys: Vec<String> = configs.borrow().workloads.iter().map(|w| w.key()).collect();
         assert_eq!(keys, ["shop/web-0"]);
     }
 
@@ -477,5 +488,96 @@ mod tests {
         );
         let pod_2 = Some(PathBuf::from("/sys/fs/cgroup/kubepods/pod-2"));
         assert_eq!(cgroups(), [pod_2], "now uid-b's");
+    }
+
+    /// A named target port (0 on the wire) takes the target of the first healthy endpoint,
+    /// in resource-name order, that names a non-zero one for that port.
+    #[tokio::test]
+    async fn named_target_ports_come_from_the_first_healthy_endpoint_with_one() {
+        use prost::Message as _;
+
+        use crate::istio::proto::{ADDRESS_TYPE, envoy, workload as xds};
+        let (source, configs) = source();
+        let port = |service_port, target_port| xds::Port {
+            service_port,
+            target_port,
+        };
+        let service = |name: &str, ports| xds::Address {
+            r#type: Some(xds::address::Type::Service(xds::Service {
+                name: name.into(),
+                namespace: "shop".into(),
+                hostname: format!("{name}.shop.svc"),
+                addresses: vec![xds::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, name.len() as u8],
+                }],
+                ports,
+                ..Default::default()
+            })),
+        };
+        let pod = |name: &str, last: u8, healthy: bool, ports| xds::Address {
+            r#type: Some(xds::address::Type::Workload(xds::Workload {
+                uid: format!("Kubernetes//Pod/shop/{name}"),
+                name: name.into(),
+                namespace: "shop".into(),
+                addresses: vec![vec![10, 0, 0, last]],
+                status: if healthy {
+                    xds::WorkloadStatus::Healthy
+                } else {
+                    xds::WorkloadStatus::Unhealthy
+                } as i32,
+                services: HashMap::from([(
+                    "shop/web.shop.svc".to_owned(),
+                    xds::PortList { ports },
+                )]),
+                ..Default::default()
+            })),
+        };
+        let addresses = [
+            (
+                "shop/web.shop.svc",
+                service("web", vec![port(80, 0), port(81, 0), port(82, 9090)]),
+            ),
+            ("shop/idle.shop.svc", service("idle", vec![port(80, 0)])),
+            (
+                "w-a",
+                pod("a", 1, false, vec![port(80, 7000), port(81, 7001)]),
+            ),
+            ("w-b", pod("b", 2, true, vec![port(80, 0), port(81, 8081)])),
+            (
+                "w-c",
+                pod("c", 3, true, vec![port(80, 8080), port(81, 9999)]),
+            ),
+        ];
+        let resp = envoy::DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            resources: addresses
+                .iter()
+                .map(|(name, a)| envoy::Resource {
+                    version: "1".into(),
+                    name: (*name).into(),
+                    resource: Some(prost_types::Any {
+                        type_url: ADDRESS_TYPE.into(),
+                        value: a.encode_to_vec(),
+                    }),
+                    aliases: Vec::new(),
+                })
+                .collect(),
+            nonce: "1".into(),
+            ..Default::default()
+        };
+        assert!(source.apply_xds(&resp).is_empty());
+        let cfg = configs.borrow().clone();
+        let targets = |name: &str| -> Vec<(u16, Option<u16>)> {
+            let svc = cfg.services.iter().find(|s| s.name == name).expect(name);
+            svc.ports.iter().map(|p| (p.port, p.target_port)).collect()
+        };
+        // 80: a is unhealthy, b names none; 81: b is first; 82 is not named.
+        assert_eq!(
+            targets("web"),
+            [(80, Some(8080)), (81, Some(8081)), (82, Some(9090))]
+        );
+        // No endpoint names one.
+        assert_eq!(targets("idle"), [(80, None)]);
     }
 }

@@ -58,10 +58,13 @@ pub enum Error {
 /// A workload as istiod describes it, converted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsWorkload {
-    pub workload: Workload,
+    /// Shared with every config built from it.
+    pub workload: Arc<Workload>,
     pub healthy: bool,
-    /// `namespace/hostname` → (service port → target port) for this workload.
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// `namespace/hostname` with its (service port, target port) pairs for this workload,
+    /// both sorted. A workload backs a service or two: sorted lists take a fraction of what
+    /// maps would (two B-tree nodes, about 600 bytes per workload).
+    pub services: Vec<(String, Vec<(u16, u16)>)>,
 }
 
 /// What one `Address` resource holds.
@@ -205,25 +208,32 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
         .map_err(|_| format!("unknown workload type {}", w.workload_type))?;
     let mut labels = BTreeMap::new();
     let healthy = w.status == workload::WorkloadStatus::Healthy as i32;
-    let mut services = BTreeMap::new();
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, ports) in &w.services {
-        let mut map = BTreeMap::new();
+        let mut list = Vec::with_capacity(ports.ports.len());
         for p in &ports.ports {
-            map.insert(
+            list.push((
                 port(p.service_port, "service port")?,
                 port(p.target_port, "target port")?,
-            );
+            ));
         }
-        services.insert(key.clone(), map);
+        // A service port listed twice: the last one counts (stable sort, then the last
+        // of each run).
+        list.sort_by_key(|&(service_port, _)| service_port);
+        list.reverse();
+        list.dedup_by_key(|&mut (service_port, _)| service_port);
+        list.reverse();
+        services.push((key.clone(), list));
         if healthy {
             labels.insert(format!("{SERVICE_LABEL_PREFIX}{key}"), SELECTED.to_owned());
         }
     }
+    services.sort_unstable_by(|a: &(String, _), b| a.0.cmp(&b.0));
     for p in &w.authorization_policies {
         labels.insert(format!("{POLICY_LABEL_PREFIX}{p}"), SELECTED.to_owned());
     }
     Ok(XdsWorkload {
-        workload: Workload {
+        workload: Arc::new(Workload {
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             uid: non_empty(&w.uid),
@@ -240,7 +250,7 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
             workload_name: non_empty(&w.workload_name),
             netns: None,
             cgroup: None,
-        },
+        }),
         healthy,
         services,
     })
@@ -615,7 +625,46 @@ mod tests {
                 .labels
                 .contains_key("xds.ztunnel.io/policy.shop/only-frontend")
         );
-        assert_eq!(w.services["shop/web.shop.svc"][&80], 8080);
+        assert_eq!(
+            w.services,
+            [("shop/web.shop.svc".to_owned(), vec![(80, 8080)])]
+        );
+    }
+
+    #[test]
+    fn service_ports_are_sorted_and_a_repeated_port_keeps_its_last_target() {
+        let mut w = workload("web-0", [10, 0, 0, 7]);
+        let port = |service_port, target_port| workload::Port {
+            service_port,
+            target_port,
+        };
+        w.services = HashMap::from([
+            (
+                "shop/web.shop.svc".into(),
+                workload::PortList {
+                    ports: vec![port(443, 8443), port(80, 8080), port(80, 9090)],
+                },
+            ),
+            (
+                "shop/api.shop.svc".into(),
+                workload::PortList {
+                    ports: vec![port(9000, 0)],
+                },
+            ),
+        ]);
+        let XdsAddress::Workload(w) = convert_address(&address(w)).expect("valid") else {
+            panic!("not a workload")
+        };
+        assert_eq!(
+            w.services,
+            [
+                ("shop/api.shop.svc".to_owned(), vec![(9000, 0)]),
+                (
+                    "shop/web.shop.svc".to_owned(),
+                    vec![(80, 9090), (443, 8443)]
+                ),
+            ]
+        );
     }
 
     #[test]

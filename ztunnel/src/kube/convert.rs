@@ -247,7 +247,7 @@ pub fn local_config(
                 w.netns = Some(pl.netns.clone());
                 w.cgroup = Some(pl.cgroup.clone());
             }
-            w
+            std::sync::Arc::new(w)
         })
         .collect();
     let services = services

@@ -17,13 +17,14 @@
 //! addresses (a deleted pod's IP given to a new pod): the new version is consistent, the
 //! held object only fills the gaps.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use super::{AMBIENT, DATAPLANE_MODE, LocalConfig, Namespace, Protocol, Workload};
+use super::{AMBIENT, DATAPLANE_MODE, Enrolment, LocalConfig, Namespace, Protocol, Workload};
 
 /// An object a version can take away.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -108,6 +109,13 @@ impl Settler {
     }
 
     fn recompute(&mut self, now: Instant) -> bool {
+        if self.period.is_zero() {
+            // Nothing is ever held: each version is in force as it is, without the passes
+            // below (linear in the cluster's size, for every xDS response).
+            let changed = self.latest != self.effective;
+            self.effective = self.latest.clone();
+            return changed;
+        }
         let (prev, latest, node) = (&self.effective, &self.latest, self.node.as_str());
         let mut held: BTreeMap<Object, Instant> = BTreeMap::new();
         let (period, since) = (self.period, &self.since);
@@ -120,16 +128,24 @@ impl Settler {
             keep
         };
         let mut next = latest.clone();
+        // Lookups by name instead of scans, so that a version costs time linear in its size:
+        // each index also takes what is pushed, as the scans it replaces saw it.
+        let (prev_modes, latest_modes) = (Enrolment::of(prev), Enrolment::of(latest));
 
+        let mut namespace_at: HashMap<String, usize> = HashMap::new();
+        for (i, n) in next.namespaces.iter().enumerate() {
+            namespace_at.entry(n.name.clone()).or_insert(i);
+        }
         for ns in &prev.namespaces {
             let obj = Object::Namespace(ns.name.clone());
-            match next.namespaces.iter().position(|n| n.name == ns.name) {
+            match namespace_at.get(&ns.name) {
                 None => {
                     if keep(obj) {
+                        namespace_at.insert(ns.name.clone(), next.namespaces.len());
                         next.namespaces.push(ns.clone());
                     }
                 }
-                Some(i) => {
+                Some(&i) => {
                     if ambient_label(ns) && !ambient_label(&next.namespaces[i]) && keep(obj) {
                         next.namespaces[i] = ns.clone();
                     }
@@ -138,21 +154,28 @@ impl Settler {
         }
 
         // Each workload with the object it is held as (its old version), if held.
-        let mut workloads: Vec<(Workload, Option<Object>)> =
+        let mut workloads: Vec<(Arc<Workload>, Option<Object>)> =
             latest.workloads.iter().map(|w| (w.clone(), None)).collect();
+        let mut latest_at: HashMap<String, usize> = HashMap::new();
+        for (i, w) in latest.workloads.iter().enumerate() {
+            latest_at.entry(w.key()).or_insert(i);
+        }
+        let mut workload_at = latest_at.clone();
         for w in &prev.workloads {
-            let obj = Object::Workload(w.key());
-            match workloads.iter().position(|(l, _)| l.key() == w.key()) {
+            let key = w.key();
+            let obj = Object::Workload(key.clone());
+            match workload_at.get(&key) {
                 None => {
                     if keep(obj.clone()) {
+                        workload_at.insert(key, workloads.len());
                         workloads.push((w.clone(), Some(obj)));
                     }
                 }
-                Some(i) => {
+                Some(&i) => {
                     let l = &workloads[i].0;
-                    let leaves = (prev.protocol(w) == Protocol::Hbone
-                        && latest.protocol(l) != Protocol::Hbone)
-                        || (prev.captured_on(w, node) && !latest.captured_on(l, node));
+                    let leaves = (prev_modes.protocol(w) == Protocol::Hbone
+                        && latest_modes.protocol(l) != Protocol::Hbone)
+                        || (prev_modes.captured_on(w, node) && !latest_modes.captured_on(l, node));
                     if leaves && keep(obj.clone()) {
                         workloads[i] = (w.clone(), Some(obj));
                     }
@@ -161,25 +184,36 @@ impl Settler {
         }
         let mut services: Vec<(super::Service, Option<Object>)> =
             latest.services.iter().map(|s| (s.clone(), None)).collect();
+        let mut service_keys: HashSet<String> = latest.services.iter().map(|s| s.key()).collect();
         for s in &prev.services {
-            let obj = Object::Service(s.key());
-            if !services.iter().any(|(l, _)| l.key() == s.key()) && keep(obj.clone()) {
-                services.push((s.clone(), Some(obj)));
+            let key = s.key();
+            if !service_keys.contains(&key) && keep(Object::Service(key.clone())) {
+                service_keys.insert(key.clone());
+                services.push((s.clone(), Some(Object::Service(key))));
             }
         }
+        let mut policy_names: HashSet<(&str, &str)> = latest
+            .policies
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
         for p in &prev.policies {
             let key = format!("{}/{}", p.namespace, p.name);
-            let present = next
-                .policies
-                .iter()
-                .any(|l| l.namespace == p.namespace && l.name == p.name);
+            let present = policy_names.contains(&(p.namespace.as_str(), p.name.as_str()));
             if !present && keep(Object::Policy(key)) {
+                policy_names.insert((p.namespace.as_str(), p.name.as_str()));
                 next.policies.push(p.clone());
             }
         }
+        let mut peer_auth_keys: HashSet<String> = latest
+            .peer_authentications
+            .iter()
+            .map(|p| p.key())
+            .collect();
         for p in &prev.peer_authentications {
-            let present = next.peer_authentications.iter().any(|l| l.key() == p.key());
+            let present = peer_auth_keys.contains(&p.key());
             if !present && keep(Object::PeerAuthentication(p.key())) {
+                peer_auth_keys.insert(p.key());
                 next.peer_authentications.push(p.clone());
             }
         }
@@ -210,7 +244,7 @@ impl Settler {
                     held.remove(&obj);
                     yielded.push(obj);
                 }
-                match latest.workloads.iter().find(|l| l.key() == key) {
+                match latest_at.get(&key).map(|l| &latest.workloads[*l]) {
                     Some(l) => workloads[i].0 = l.clone(),
                     None => {
                         workloads.remove(i);
@@ -524,5 +558,217 @@ workloads:
         assert_eq!(*s.effective(), v);
         assert!(s.held().is_empty());
         assert_eq!(s.next_deadline(), None);
+    }
+
+    /// `recompute` as it was before its lookups by name: scans of the versions.
+    fn scanned(
+        prev: &LocalConfig,
+        latest: &LocalConfig,
+        since: &BTreeMap<Object, Instant>,
+        period: Duration,
+        now: Instant,
+        node: &str,
+    ) -> (LocalConfig, BTreeMap<Object, Instant>) {
+        let mut held: BTreeMap<Object, Instant> = BTreeMap::new();
+        let mut keep = |obj: Object| -> bool {
+            let t = since.get(&obj).copied().unwrap_or(now);
+            let keep = now.saturating_duration_since(t) < period;
+            if keep {
+                held.insert(obj, t);
+            }
+            keep
+        };
+        let mut next = latest.clone();
+        for ns in &prev.namespaces {
+            let obj = Object::Namespace(ns.name.clone());
+            match next.namespaces.iter().position(|n| n.name == ns.name) {
+                None => {
+                    if keep(obj) {
+                        next.namespaces.push(ns.clone());
+                    }
+                }
+                Some(i) => {
+                    if ambient_label(ns) && !ambient_label(&next.namespaces[i]) && keep(obj) {
+                        next.namespaces[i] = ns.clone();
+                    }
+                }
+            }
+        }
+        let mut workloads: Vec<(Arc<Workload>, Option<Object>)> =
+            latest.workloads.iter().map(|w| (w.clone(), None)).collect();
+        for w in &prev.workloads {
+            let obj = Object::Workload(w.key());
+            match workloads.iter().position(|(l, _)| l.key() == w.key()) {
+                None => {
+                    if keep(obj.clone()) {
+                        workloads.push((w.clone(), Some(obj)));
+                    }
+                }
+                Some(i) => {
+                    let l = &workloads[i].0;
+                    let leaves = (prev.protocol(w) == Protocol::Hbone
+                        && latest.protocol(l) != Protocol::Hbone)
+                        || (prev.captured_on(w, node) && !latest.captured_on(l, node));
+                    if leaves && keep(obj.clone()) {
+                        workloads[i] = (w.clone(), Some(obj));
+                    }
+                }
+            }
+        }
+        let mut services: Vec<(crate::state::Service, Option<Object>)> =
+            latest.services.iter().map(|s| (s.clone(), None)).collect();
+        for s in &prev.services {
+            let obj = Object::Service(s.key());
+            if !services.iter().any(|(l, _)| l.key() == s.key()) && keep(obj.clone()) {
+                services.push((s.clone(), Some(obj)));
+            }
+        }
+        for p in &prev.policies {
+            let key = format!("{}/{}", p.namespace, p.name);
+            let present = next
+                .policies
+                .iter()
+                .any(|l| l.namespace == p.namespace && l.name == p.name);
+            if !present && keep(Object::Policy(key)) {
+                next.policies.push(p.clone());
+            }
+        }
+        for p in &prev.peer_authentications {
+            let present = next.peer_authentications.iter().any(|l| l.key() == p.key());
+            if !present && keep(Object::PeerAuthentication(p.key())) {
+                next.peer_authentications.push(p.clone());
+            }
+        }
+        loop {
+            let claimed: BTreeSet<IpAddr> = workloads
+                .iter()
+                .filter(|(_, h)| h.is_none())
+                .flat_map(|(w, _)| w.addresses.iter().copied())
+                .chain(
+                    services
+                        .iter()
+                        .filter(|(_, h)| h.is_none())
+                        .flat_map(|(s, _)| s.addresses.iter().copied()),
+                )
+                .collect();
+            let clash_w = workloads
+                .iter()
+                .position(|(w, h)| h.is_some() && addresses_clash(&w.addresses, &claimed));
+            let clash_s = services
+                .iter()
+                .position(|(s, h)| h.is_some() && addresses_clash(&s.addresses, &claimed));
+            if let Some(i) = clash_w {
+                let key = workloads[i].0.key();
+                if let Some(obj) = workloads[i].1.take() {
+                    held.remove(&obj);
+                }
+                match latest.workloads.iter().find(|l| l.key() == key) {
+                    Some(l) => workloads[i].0 = l.clone(),
+                    None => {
+                        workloads.remove(i);
+                    }
+                }
+            } else if let Some(i) = clash_s {
+                if let Some(obj) = services[i].1.take() {
+                    held.remove(&obj);
+                }
+                services.remove(i);
+            } else {
+                break;
+            }
+        }
+        next.workloads = workloads.into_iter().map(|(w, _)| w).collect();
+        next.services = services.into_iter().map(|(s, _)| s).collect();
+        (next, held)
+    }
+
+    /// The next version: most objects kept, some relabelled or moved, some new.
+    fn evolve(rng: &mut impl rand::Rng, cfg: &LocalConfig) -> LocalConfig {
+        let fresh = crate::state::tests::generated(rng);
+        let mut next = cfg.clone();
+        next.namespaces.retain(|_| rng.random_bool(0.8));
+        next.workloads.retain(|_| rng.random_bool(0.8));
+        next.services.retain(|_| rng.random_bool(0.8));
+        next.policies.retain(|_| rng.random_bool(0.8));
+        next.peer_authentications.retain(|_| rng.random_bool(0.8));
+        for ns in &mut next.namespaces {
+            if rng.random_bool(0.2) {
+                ns.labels.remove(DATAPLANE_MODE);
+            }
+        }
+        for w in &mut next.workloads {
+            let w = Arc::make_mut(w);
+            if rng.random_bool(0.1) {
+                w.labels
+                    .insert(DATAPLANE_MODE.to_owned(), crate::state::NONE.to_owned());
+            }
+            if rng.random_bool(0.1) {
+                w.node = "node2".to_owned();
+            }
+        }
+        let take = rng.random_range(0..4);
+        next.namespaces
+            .extend(fresh.namespaces.into_iter().take(take));
+        next.workloads
+            .extend(fresh.workloads.into_iter().take(take * 3));
+        next.services.extend(fresh.services.into_iter().take(take));
+        next.policies.extend(fresh.policies.into_iter().take(take));
+        next.peer_authentications
+            .extend(fresh.peer_authentications.into_iter().take(take));
+        next
+    }
+
+    #[test]
+    fn versions_settle_as_the_scans_settled_them_on_generated_configs() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let (t0, mut held_seen) = (Instant::now(), 0);
+        for _ in 0..200 {
+            let mut version = crate::state::tests::generated(&mut rng);
+            let mut s = Settler::new(version.clone(), SETTLE, "node1");
+            let (mut effective, mut since) = (version.clone(), BTreeMap::new());
+            for step in 1..8u64 {
+                let now = t0 + Duration::from_secs(step);
+                version = evolve(&mut rng, &version);
+                s.update(version.clone(), now);
+                (effective, since) = scanned(&effective, &version, &since, SETTLE, now, "node1");
+                assert_eq!(*s.effective(), effective, "step {step}");
+                assert_eq!(s.since, since, "step {step}");
+                held_seen += since.len();
+            }
+        }
+        assert!(held_seen > 1_000, "only {held_seen} objects held");
+    }
+
+    #[test]
+    fn a_zero_period_settles_as_the_full_pass_on_generated_configs() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let (t0, mut changes) = (Instant::now(), 0);
+        for _ in 0..200 {
+            let mut version = crate::state::tests::generated(&mut rng);
+            let mut s = Settler::new(version.clone(), Duration::ZERO, "node1");
+            let mut effective = version.clone();
+            for step in 1..8u64 {
+                let now = t0 + Duration::from_secs(step);
+                version = evolve(&mut rng, &version);
+                let changed = s.update(version.clone(), now);
+                let (expected, since) = scanned(
+                    &effective,
+                    &version,
+                    &BTreeMap::new(),
+                    Duration::ZERO,
+                    now,
+                    "node1",
+                );
+                assert!(since.is_empty(), "step {step}: nothing is held");
+                assert_eq!(*s.effective(), expected, "step {step}");
+                assert_eq!(changed, expected != effective, "step {step}");
+                assert!(s.held().is_empty());
+                changes += usize::from(changed);
+                effective = expected;
+            }
+        }
+        assert!(changes > 1_000, "only {changes} versions changed anything");
     }
 }
