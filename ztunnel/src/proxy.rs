@@ -410,7 +410,7 @@ impl ConnectionLog {
         let open: Vec<(u64, u64, u64, Duration)> = self
             .lock()
             .active
-            .iter()
+            .values()
             .map(|a| {
                 let age = Duration::from_millis(now.saturating_sub(a.rec.opened_ms));
                 (a.rec.id, a.rec.bytes_sent, a.rec.bytes_received, age)
