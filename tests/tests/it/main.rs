@@ -3,6 +3,7 @@
 mod admin;
 mod adversarial;
 mod bench;
+mod ca;
 mod demo;
 mod drain;
 mod enrolment;
