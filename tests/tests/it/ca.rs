@@ -33,7 +33,10 @@ fn ten_ztunnels_racing_on_an_empty_ca_dir_all_start_with_the_same_root() -> anyh
         serials.push((serial, generated));
     }
     let generated = serials.iter().filter(|(_, g)| *g).count();
-    assert_eq!(generated, 1, "exactly one ztunnel creates the root: {serials:?}");
+    assert_eq!(
+        generated, 1,
+        "exactly one ztunnel creates the root: {serials:?}"
+    );
     assert!(
         serials.iter().all(|(s, _)| *s == serials[0].0),
         "every ztunnel runs with the same root: {serials:?}"

@@ -750,7 +750,11 @@ mod tests {
             CertificateDer::from_pem_slice(&fs::read(ca_dir.join(ROOT_CERT_FILE)).expect("cert"))
                 .expect("pem");
         for root in &roots {
-            assert_eq!(root.as_slice(), on_disk.as_ref(), "every start uses the published root");
+            assert_eq!(
+                root.as_slice(),
+                on_disk.as_ref(),
+                "every start uses the published root"
+            );
         }
         // Nothing but the root, its key and the lock is left behind (no temporary files).
         let mut names: Vec<String> = fs::read_dir(&ca_dir)
