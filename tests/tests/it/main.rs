@@ -15,6 +15,7 @@ mod kube;
 mod metrics;
 mod occupancy;
 mod outbound;
+mod parity;
 mod policy;
 mod transfer;
 mod tunnel;
