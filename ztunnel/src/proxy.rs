@@ -1008,15 +1008,19 @@ fn response_flag(outcome: &str) -> &'static str {
         return f::DENY;
     }
     if let Some(why) = outcome.strip_prefix("hbone failed: ") {
-        let why = why.to_ascii_lowercase();
-        if why.contains("certificate for") {
+        // The pool's and the dial's error texts (hbone::pool::Error, Proxy::dial_hbone).
+        if why.contains("hbone handshake with the peer") || why.starts_with("CONNECT to ") {
+            return f::H2_HANDSHAKE_FAILURE;
+        }
+        if why.contains("certificate for ") && why.contains("spiffe://") {
             return f::IDENTITY_ERROR;
         }
-        if why.contains("tls") || why.contains("handshake") && !why.contains("http2") {
+        let lower = why.to_ascii_lowercase();
+        if ["tls_connect", "tls", "peer certificate", "alert"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
             return f::TLS_FAILURE;
-        }
-        if why.contains("http2") || why.contains("h2") || why.contains("connect response") {
-            return f::H2_HANDSHAKE_FAILURE;
         }
     }
     f::CONNECT
@@ -1089,6 +1093,57 @@ fn access_log(rec: &ConnectionRecord, labels: &crate::metrics::ConnLabels, peers
     match error {
         None => line!(tracing::Level::INFO,),
         Some(error) => line!(tracing::Level::ERROR, error,),
+    }
+}
+
+#[cfg(test)]
+mod response_flag_tests {
+    use super::response_flag;
+
+    #[test]
+    fn outcomes_map_to_istios_response_flags() {
+        for (outcome, flag) in [
+            ("ok", "-"),
+            ("drain timeout", "-"),
+            ("denied: no ALLOW policy matches", "DENY"),
+            ("closed: policy changed: deny-all", "DENY"),
+            (
+                "connect failed: Connection refused (os error 111)",
+                "CONNECT",
+            ),
+            ("refused: port 15008 belongs to ztunnel", "CONNECT"),
+            ("error: Connection reset by peer (os error 104)", "CONNECT"),
+            (
+                "hbone failed: hbone peer answered 503 Service Unavailable to CONNECT 10.0.0.2:7070",
+                "CONNECT",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tls_connect timed out after 10s (--tls-connect-timeout)",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: invalid peer certificate: BadSignature",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: hbone handshake with the peer for 10.0.0.2:80 failed: connection reset",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: CONNECT to 10.0.0.2:80 failed: stream no longer needed",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: certificate for spiffe://td/ns/a/sa/b is unavailable",
+                "IDENTITY_ERROR",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tcp_connect timed out after 10s (--tcp-connect-timeout)",
+                "CONNECT",
+            ),
+        ] {
+            assert_eq!(response_flag(outcome), flag, "{outcome}");
+        }
     }
 }
 
