@@ -1013,6 +1013,18 @@ pub struct XdsTotals {
     pub terminations: BTreeMap<&'static str, u64>,
 }
 
+/// One counter family with one label, for a collector to encode.
+struct CounterFamily<'a> {
+    name: &'a str,
+    help: &'a str,
+    unit: Option<Unit>,
+    label: &'a str,
+    samples: Vec<(&'a str, u64)>,
+}
+
+/// A per-worker count of the tokio runtime.
+type PerWorker = fn(&tokio::runtime::RuntimeMetrics, usize) -> u64;
+
 /// `istio_xds_*`, from the xDS client's last reading (a collector, as for the eBPF
 /// counters: the totals are kept by the client and copied before each scrape).
 #[derive(Debug, Default)]
@@ -1023,33 +1035,41 @@ struct XdsCollector {
 impl Collector for XdsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let t = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
-        let families: [(&str, &str, Option<Unit>, &str, Vec<(&str, u64)>); 3] = [
-            (
-                "istio_xds_connection_terminations",
-                "The total number of completed connections to xds server (unstable)",
-                None,
-                "reason",
-                t.terminations.iter().map(|(k, v)| (*k, *v)).collect(),
-            ),
-            (
-                "istio_xds_message",
-                "Total number of messages received (unstable)",
-                None,
-                "url",
-                t.messages.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
-            ),
-            (
-                "istio_xds_message",
-                "Total number of bytes received (unstable)",
-                Some(Unit::Bytes),
-                "url",
-                t.message_bytes
+        let families = [
+            CounterFamily {
+                name: "istio_xds_connection_terminations",
+                help: "The total number of completed connections to xds server (unstable)",
+                unit: None,
+                label: "reason",
+                samples: t.terminations.iter().map(|(k, v)| (*k, *v)).collect(),
+            },
+            CounterFamily {
+                name: "istio_xds_message",
+                help: "Total number of messages received (unstable)",
+                unit: None,
+                label: "url",
+                samples: t.messages.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            },
+            CounterFamily {
+                name: "istio_xds_message",
+                help: "Total number of bytes received (unstable)",
+                unit: Some(Unit::Bytes),
+                label: "url",
+                samples: t
+                    .message_bytes
                     .iter()
                     .map(|(k, v)| (k.as_str(), *v))
                     .collect(),
-            ),
+            },
         ];
-        for (name, help, unit, label, samples) in families {
+        for CounterFamily {
+            name,
+            help,
+            unit,
+            label,
+            samples,
+        } in families
+        {
             let mut family =
                 encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
             for (value, total) in samples {
@@ -1146,11 +1166,7 @@ impl Collector for RuntimeCollector {
                     .encode(family.encode_family(&WorkerLabels { worker: w as u64 })?)?;
             }
         }
-        let counts: [(
-            &str,
-            &str,
-            fn(&tokio::runtime::RuntimeMetrics, usize) -> u64,
-        ); 2] = [
+        let counts: [(&str, &str, PerWorker); 2] = [
             (
                 "tokio_worker_park_count",
                 "the total number of times the given worker thread has parked",

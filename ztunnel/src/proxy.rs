@@ -1096,57 +1096,6 @@ fn access_log(rec: &ConnectionRecord, labels: &crate::metrics::ConnLabels, peers
     }
 }
 
-#[cfg(test)]
-mod response_flag_tests {
-    use super::response_flag;
-
-    #[test]
-    fn outcomes_map_to_istios_response_flags() {
-        for (outcome, flag) in [
-            ("ok", "-"),
-            ("drain timeout", "-"),
-            ("denied: no ALLOW policy matches", "DENY"),
-            ("closed: policy changed: deny-all", "DENY"),
-            (
-                "connect failed: Connection refused (os error 111)",
-                "CONNECT",
-            ),
-            ("refused: port 15008 belongs to ztunnel", "CONNECT"),
-            ("error: Connection reset by peer (os error 104)", "CONNECT"),
-            (
-                "hbone failed: hbone peer answered 503 Service Unavailable to CONNECT 10.0.0.2:7070",
-                "CONNECT",
-            ),
-            (
-                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tls_connect timed out after 10s (--tls-connect-timeout)",
-                "TLS_FAILURE",
-            ),
-            (
-                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: invalid peer certificate: BadSignature",
-                "TLS_FAILURE",
-            ),
-            (
-                "hbone failed: hbone handshake with the peer for 10.0.0.2:80 failed: connection reset",
-                "H2_HANDSHAKE_FAILURE",
-            ),
-            (
-                "hbone failed: CONNECT to 10.0.0.2:80 failed: stream no longer needed",
-                "H2_HANDSHAKE_FAILURE",
-            ),
-            (
-                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: certificate for spiffe://td/ns/a/sa/b is unavailable",
-                "IDENTITY_ERROR",
-            ),
-            (
-                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tcp_connect timed out after 10s (--tcp-connect-timeout)",
-                "CONNECT",
-            ),
-        ] {
-            assert_eq!(response_flag(outcome), flag, "{outcome}");
-        }
-    }
-}
-
 /// The baggage describing a workload (HBONE.md, "The CONNECT request").
 fn workload_baggage(store: &Store, key: &str) -> Option<hbone::Baggage> {
     let w = store.workload(key)?;
@@ -1264,4 +1213,55 @@ async fn relay(
     proxy
         .connections
         .close(id, sent, received, started.elapsed(), outcome);
+}
+
+#[cfg(test)]
+mod response_flag_tests {
+    use super::response_flag;
+
+    #[test]
+    fn outcomes_map_to_istios_response_flags() {
+        for (outcome, flag) in [
+            ("ok", "-"),
+            ("drain timeout", "-"),
+            ("denied: no ALLOW policy matches", "DENY"),
+            ("closed: policy changed: deny-all", "DENY"),
+            (
+                "connect failed: Connection refused (os error 111)",
+                "CONNECT",
+            ),
+            ("refused: port 15008 belongs to ztunnel", "CONNECT"),
+            ("error: Connection reset by peer (os error 104)", "CONNECT"),
+            (
+                "hbone failed: hbone peer answered 503 Service Unavailable to CONNECT 10.0.0.2:7070",
+                "CONNECT",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tls_connect timed out after 10s (--tls-connect-timeout)",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: invalid peer certificate: BadSignature",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: hbone handshake with the peer for 10.0.0.2:80 failed: connection reset",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: CONNECT to 10.0.0.2:80 failed: stream no longer needed",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: certificate for spiffe://td/ns/a/sa/b is unavailable",
+                "IDENTITY_ERROR",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tcp_connect timed out after 10s (--tcp-connect-timeout)",
+                "CONNECT",
+            ),
+        ] {
+            assert_eq!(response_flag(outcome), flag, "{outcome}");
+        }
+    }
 }
