@@ -195,7 +195,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     };
     report.identities_in_access_log = true;
     out.ok("backend's ztunnel logged the connection with both SPIFFE identities:");
-    out.note(&format!("src_identity={} dst_identity={}", ids.0, ids.1));
+    out.note(&format!("src.identity={} dst.identity={}", ids.0, ids.1));
     let _ = line;
 
     out.step("Policy: DENY frontend → db");

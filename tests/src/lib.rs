@@ -21,6 +21,7 @@ pub mod bench;
 pub mod demo;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod istioctl;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

@@ -141,6 +141,7 @@ fn cluster(n: usize) -> LocalConfig {
                 workload_name: Some(format!("svc-{j}")),
                 netns: local.then(|| PathBuf::from(format!("/run/netns/{i}"))),
                 cgroup: local.then(|| PathBuf::from(format!("/sys/fs/cgroup/{i}"))),
+                locality: None,
             })
         })
         .collect();
@@ -390,6 +391,7 @@ fn record(src: &Workload, dst: SocketAddr) -> ConnectionRecord {
         duration_ms: None,
         outcome: None,
         probe: false,
+        hbone_addr: None,
     }
 }
 

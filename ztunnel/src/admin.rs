@@ -1,7 +1,12 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/config_dump` (JSON of the
 //! running state), `/fast_path` (GET shows, POST `?enabled=true|false` switches),
 //! `/logging` and `/quitquitquit` (drain, then exit).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -17,17 +22,39 @@ use crate::{
     proxy::ConnectionRecord,
 };
 
-/// What `/config_dump` returns.
+/// What `/config_dump` returns: Istio ztunnel's sections with its field names and shapes
+/// (`workloads`, `services`, `policies`, `stagedServices`, `certificates`, `version`,
+/// `config`, `staticConfig`, and in-pod mode's `workloadState`), so that
+/// `istioctl ztunnel-config` reads it, then ztunnel's own sections under their own names.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigDump {
-    pub config: serde_json::Value,
-    /// Every workload the store knows, in the shape of Istio ztunnel's dump.
+    /// Every workload the store knows.
     pub workloads: Vec<WorkloadDump>,
     pub services: Vec<ServiceDump>,
-    pub policies: Vec<crate::policy::Authorization>,
-    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    /// Authorization policies in Istio's xDS shape (rules → clauses → matches).
+    pub policies: Vec<PolicyDump>,
+    /// Istio's endpoints whose service it has not received yet. Always empty here: a
+    /// service's endpoints are chosen by its selector from the workloads known, so none
+    /// waits for its service.
+    #[serde(default)]
+    pub staged_services: BTreeMap<String, BTreeMap<String, EndpointDump>>,
     pub certificates: Vec<CertificateDump>,
+    pub version: VersionDump,
+    /// Istio's settings (its key names) that exist here.
+    pub config: serde_json::Value,
+    /// What a local file says (`--workloads`), as Istio dumps its `LOCAL_XDS_PATH` file.
+    pub static_config: serde_json::Value,
+    /// Each enrolled pod by uid, as Istio's in-pod mode shows it (read by
+    /// `istioctl ztunnel-config connections`).
+    #[serde(default)]
+    pub workload_state: BTreeMap<String, WorkloadStateDump>,
+
+    /// ztunnel's own settings, by its flag names.
+    pub ztunnel_config: serde_json::Value,
+    /// Authorization policies in the workload file's shape (`from`, `to`, `when`).
+    pub authorization_policies: Vec<crate::policy::Authorization>,
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
     pub enrolled_pods: Vec<EnrolledPodInfo>,
     pub capture: CaptureDump,
     pub connections: ConnectionsDump,
@@ -41,21 +68,31 @@ pub struct WorkloadDump {
     pub workload_ips: Vec<std::net::IpAddr>,
     /// `HBONE` or `TCP`.
     pub protocol: String,
+    /// `Standard` (host-network pods are never captured, as in Istio).
+    pub network_mode: String,
     pub name: String,
     pub namespace: String,
+    pub trust_domain: String,
     pub service_account: String,
+    #[serde(default)]
+    pub network: String,
     pub workload_name: String,
     pub workload_type: String,
     pub canonical_name: String,
     pub canonical_revision: String,
     pub node: String,
-    pub network: String,
-    pub cluster_id: String,
-    pub trust_domain: String,
-    /// The SPIFFE identity.
-    pub identity: String,
-    /// `Healthy` (the local file has no health).
+    /// `Healthy` (the local file has no health; unhealthy xDS workloads back no service).
     pub status: String,
+    pub cluster_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<crate::state::Locality>,
+    /// The services the workload backs, `namespace/hostname`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// Istio's load-balancing weight; every endpoint weighs the same here (1).
+    pub capacity: u32,
+    /// The SPIFFE identity (ours: Istio derives it from the fields above).
+    pub identity: String,
 }
 
 /// A service, with Istio ztunnel's field names.
@@ -65,12 +102,149 @@ pub struct ServiceDump {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
-    pub vips: Vec<std::net::IpAddr>,
+    /// `network/ip`, as Istio writes a network address.
+    pub vips: Vec<String>,
     /// Service port → target port.
-    pub ports: std::collections::BTreeMap<u16, u16>,
-    /// Endpoint workload uids.
-    pub endpoints: Vec<String>,
+    pub ports: BTreeMap<u16, u16>,
+    /// Endpoints by workload uid.
+    pub endpoints: BTreeMap<String, EndpointDump>,
+    #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// Istio's `canonical`: the service is a Kubernetes Service (not a ServiceEntry).
+    pub canonical: bool,
+    /// Istio's `visibility`: every client may reach it.
+    pub visibility: String,
+}
+
+/// One endpoint of a service, with Istio ztunnel's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDump {
+    pub workload_uid: String,
+    /// Service port → the endpoint's port.
+    pub port: BTreeMap<u16, u16>,
+    /// `Healthy`.
+    pub status: String,
+}
+
+/// An authorization policy as Istio's ztunnel dumps it: `rules` is a list of rules, each a
+/// list of clauses (all must match), each a list of matches (one must match).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDump {
+    pub name: String,
+    pub namespace: String,
+    /// `Global`, `Namespace` or `WorkloadSelector`.
+    pub scope: String,
+    /// `Allow` or `Deny`.
+    pub action: String,
+    pub rules: Vec<Vec<Vec<MatchDump>>>,
+    pub dry_run: bool,
+}
+
+/// One match of a clause, with Istio's field names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchDump {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<StringMatchDump>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<StringMatchDump>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<StringMatchDump>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<StringMatchDump>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_source_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// A string match as Istio's ztunnel serializes it (`{"Exact": "x"}`, `{"Presence": []}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StringMatchDump {
+    Prefix(String),
+    Suffix(String),
+    Exact(String),
+    Presence(),
+}
+
+impl From<&crate::policy::StringMatch> for StringMatchDump {
+    fn from(m: &crate::policy::StringMatch) -> Self {
+        use crate::policy::StringMatch as M;
+        match m {
+            M::Exact(v) => Self::Exact(v.clone()),
+            M::Prefix(v) => Self::Prefix(v.clone()),
+            M::Suffix(v) => Self::Suffix(v.clone()),
+            M::Presence => Self::Presence(),
+        }
+    }
+}
+
+impl From<&crate::policy::Match> for MatchDump {
+    fn from(m: &crate::policy::Match) -> Self {
+        let strings = |v: &[crate::policy::StringMatch]| v.iter().map(Into::into).collect();
+        let nets = |v: &[crate::policy::IpNet]| v.iter().map(ToString::to_string).collect();
+        MatchDump {
+            namespaces: strings(&m.namespaces),
+            not_namespaces: strings(&m.not_namespaces),
+            principals: strings(&m.principals),
+            not_principals: strings(&m.not_principals),
+            source_ips: nets(&m.source_ips),
+            not_source_ips: nets(&m.not_source_ips),
+            destination_ips: nets(&m.destination_ips),
+            not_destination_ips: nets(&m.not_destination_ips),
+            destination_ports: m.destination_ports.clone(),
+            not_destination_ports: m.not_destination_ports.clone(),
+        }
+    }
+}
+
+impl From<&crate::policy::Authorization> for PolicyDump {
+    /// As istiod writes an AuthorizationPolicy for ztunnel: a rule's `from` is its first
+    /// clause, `to` the next, and each `when` entry a clause of one match.
+    fn from(a: &crate::policy::Authorization) -> Self {
+        use crate::policy::{Action, Scope};
+        let rules = a
+            .rules
+            .iter()
+            .map(|r| {
+                let mut clauses: Vec<Vec<MatchDump>> = Vec::new();
+                for part in [&r.from, &r.to].into_iter().flatten() {
+                    clauses.push(part.iter().map(Into::into).collect());
+                }
+                for w in r.when.iter().flatten() {
+                    clauses.push(vec![w.into()]);
+                }
+                clauses
+            })
+            .collect();
+        PolicyDump {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            scope: match a.scope {
+                Scope::Global => "Global",
+                Scope::Namespace => "Namespace",
+                Scope::WorkloadSelector => "WorkloadSelector",
+            }
+            .to_owned(),
+            action: match a.action {
+                Action::Allow => "Allow",
+                Action::Deny => "Deny",
+            }
+            .to_owned(),
+            rules,
+            dry_run: false,
+        }
+    }
 }
 
 /// A workload certificate, with Istio ztunnel's field names.
@@ -78,22 +252,134 @@ pub struct ServiceDump {
 #[serde(rename_all = "camelCase")]
 pub struct CertificateDump {
     pub identity: String,
-    /// `Available`, `Pending` or `Unavailable`.
+    /// `Available`, `Initializing` or `Unavailable: <why>`, as Istio's ztunnel writes it.
     pub state: String,
+    /// The leaf, then intermediates.
     pub cert_chain: Vec<CertDump>,
-    /// Seconds until the leaf expires (0 when expired or missing).
+    /// The trust anchors.
+    pub root_certs: Vec<CertDump>,
+    /// Seconds until the leaf expires (0 when expired or missing); ours.
     pub expiry_seconds: u64,
+    /// Why the last fetch failed; ours.
     pub error: Option<String>,
 }
 
+/// One certificate, with Istio ztunnel's field names and encodings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CertDump {
+    /// The PEM text, base64-encoded (as Istio's dump carries it).
     pub pem: String,
+    /// Decimal.
+    pub serial_number: String,
     /// RFC 3339.
     pub valid_from: String,
     /// RFC 3339.
     pub expiration_time: String,
+}
+
+impl CertDump {
+    /// The certificate's PEM text.
+    pub fn pem_text(&self) -> Option<String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.pem)
+            .ok()?;
+        String::from_utf8(bytes).ok()
+    }
+
+    fn new(der: &[u8]) -> Self {
+        use base64::Engine as _;
+        use x509_parser::prelude::FromDer as _;
+        let pem = crate::identity::certificate_pem(der);
+        let parsed = x509_parser::certificate::X509Certificate::from_der(der).ok();
+        let time = |t: Option<i64>| {
+            t.and_then(|secs| u64::try_from(secs).ok())
+                .map(|secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        };
+        CertDump {
+            pem: base64::engine::general_purpose::STANDARD.encode(pem),
+            serial_number: parsed
+                .as_ref()
+                .map(|(_, c)| c.serial.to_string())
+                .unwrap_or_default(),
+            valid_from: rfc3339(time(
+                parsed
+                    .as_ref()
+                    .map(|(_, c)| c.validity().not_before.timestamp()),
+            )),
+            expiration_time: rfc3339(time(
+                parsed
+                    .as_ref()
+                    .map(|(_, c)| c.validity().not_after.timestamp()),
+            )),
+        }
+    }
+}
+
+/// Istio's build information, filled with this build's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionDump {
+    pub version: String,
+    pub rust_version: String,
+    pub build_profile: String,
+    /// The Istio release whose surfaces this build follows (its `istio_build` tag).
+    pub istio_version: String,
+    pub crypto_provider: String,
+}
+
+impl VersionDump {
+    fn current() -> Self {
+        VersionDump {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            rust_version: env!("CARGO_PKG_RUST_VERSION").to_owned(),
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .to_owned(),
+            istio_version: env!("CARGO_PKG_VERSION").to_owned(),
+            crypto_provider: "aws-lc-rs".to_owned(),
+        }
+    }
+}
+
+/// An enrolled pod as Istio's in-pod mode shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStateDump {
+    /// `Up`.
+    pub state: String,
+    pub connections: WorkloadConnectionsDump,
+    pub info: WorkloadInfoDump,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadConnectionsDump {
+    pub inbound: Vec<PodConnectionDump>,
+    pub outbound: Vec<PodConnectionDump>,
+}
+
+/// An open connection of a pod, with Istio's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodConnectionDump {
+    pub src: String,
+    pub original_dst: String,
+    pub actual_dst: String,
+    /// `HBONE` or `TCP`.
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadInfoDump {
+    pub name: String,
+    pub namespace: String,
+    pub trust_domain: String,
+    pub service_account: String,
 }
 
 fn rfc3339(t: Option<std::time::SystemTime>) -> String {
@@ -109,6 +395,20 @@ fn state_dump(
     std::sync::Arc<crate::state::Store>,
 ) {
     let store = shared.proxy.store();
+    // Each workload's services (`namespace/hostname`), from one pass over the endpoints.
+    let mut services_of: HashMap<String, Vec<String>> = HashMap::new();
+    for (i, s) in store.cfg.services.iter().enumerate() {
+        let name = format!("{}/{}", s.namespace, s.hostname());
+        for e in store.endpoints(i) {
+            let list = services_of.entry(e.key()).or_default();
+            if list.last() != Some(&name) {
+                list.push(name.clone());
+            }
+        }
+    }
+    let services_of = |w: &crate::state::Workload| -> Vec<String> {
+        services_of.get(&w.key()).cloned().unwrap_or_default()
+    };
     let workloads = store
         .cfg
         .workloads
@@ -121,19 +421,23 @@ fn state_dump(
                 crate::state::Protocol::Tcp => "TCP",
             }
             .to_owned(),
+            network_mode: "Standard".to_owned(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
+            trust_domain: store.trust_domain(w).to_owned(),
             service_account: w.service_account.clone(),
+            network: w.network.clone(),
             workload_name: w.workload_name(),
             workload_type: w.workload_type(),
             canonical_name: w.canonical_name(),
             canonical_revision: w.canonical_revision(),
             node: w.node.clone(),
-            network: w.network.clone(),
-            cluster_id: store.cfg.cluster.clone(),
-            trust_domain: store.trust_domain(w).to_owned(),
-            identity: store.identity(w),
             status: "Healthy".to_owned(),
+            cluster_id: store.cfg.cluster.clone(),
+            locality: w.locality.clone(),
+            services: services_of(w),
+            capacity: 1,
+            identity: store.identity(w),
         })
         .collect();
     let services = store
@@ -141,18 +445,34 @@ fn state_dump(
         .services
         .iter()
         .enumerate()
-        .map(|(i, s)| ServiceDump {
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
-            hostname: s.hostname(),
-            vips: s.addresses.clone(),
-            ports: s
+        .map(|(i, s)| {
+            let ports: BTreeMap<u16, u16> = s
                 .ports
                 .iter()
                 .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
-                .collect(),
-            endpoints: store.endpoints(i).map(|w| store.uid(w)).collect(),
-            subject_alt_names: s.subject_alt_names.clone(),
+                .collect();
+            ServiceDump {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                hostname: s.hostname(),
+                vips: s.addresses.iter().map(|a| format!("/{a}")).collect(),
+                endpoints: store
+                    .endpoints(i)
+                    .map(|w| {
+                        let uid = store.uid(w);
+                        let ep = EndpointDump {
+                            workload_uid: uid.clone(),
+                            port: ports.clone(),
+                            status: "Healthy".to_owned(),
+                        };
+                        (uid, ep)
+                    })
+                    .collect(),
+                ports,
+                subject_alt_names: s.subject_alt_names.clone(),
+                canonical: true,
+                visibility: "Public".to_owned(),
+            }
         })
         .collect();
     (workloads, services, store)
@@ -168,25 +488,129 @@ fn certificates(shared: &Shared) -> Vec<CertificateDump> {
         .map(|c| CertificateDump {
             identity: c.identity.to_string(),
             state: match c.state {
-                "available" => "Available",
-                "pending" => "Pending",
-                _ => "Unavailable",
-            }
-            .to_owned(),
-            cert_chain: if c.chain_pem.is_empty() {
-                Vec::new()
-            } else {
-                vec![CertDump {
-                    pem: c.chain_pem.clone(),
-                    valid_from: rfc3339(c.not_before),
-                    expiration_time: rfc3339(c.not_after),
-                }]
+                "available" => "Available".to_owned(),
+                "pending" => "Initializing".to_owned(),
+                _ => format!(
+                    "Unavailable: {}",
+                    c.error.as_deref().unwrap_or("no certificate")
+                ),
             },
+            cert_chain: c.chain.iter().map(|d| CertDump::new(d)).collect(),
+            root_certs: c.roots.iter().map(|d| CertDump::new(d)).collect(),
             expiry_seconds: c
                 .not_after
                 .and_then(|t| t.duration_since(now).ok())
                 .map_or(0, |d| d.as_secs()),
             error: c.error,
+        })
+        .collect()
+}
+
+/// Istio's setting names for the settings that exist here (istio/ztunnel `src/config.rs`
+/// `Config`, serialized in camelCase). Durations as serde writes a `Duration`.
+fn istio_config(cfg: &Config, cluster: &str) -> serde_json::Value {
+    let duration = |d: std::time::Duration| serde_json::json!({ "secs": d.as_secs(), "nanos": d.subsec_nanos() });
+    let on_pod = |port: u16| format!("[::]:{port}");
+    let istio_mode = cfg.source == crate::config::Source::Istio;
+    let pool = crate::hbone::PoolSettings::default();
+    let mut c = serde_json::json!({
+        "proxy": true,
+        "dnsProxy": false,
+        "adminAddr": cfg.admin_addr.to_string(),
+        "statsAddr": cfg.metrics_addr.to_string(),
+        "readinessAddr": cfg.readiness_addr.to_string(),
+        "inboundAddr": on_pod(ztunnel_common::ports::HBONE),
+        "inboundPlaintextAddr": on_pod(ztunnel_common::ports::INBOUND_PLAINTEXT),
+        "outboundAddr": format!("127.0.0.1:{}", ztunnel_common::ports::OUTBOUND),
+        "illegalPorts": ztunnel_common::ports::NEVER_CAPTURED,
+        "localNode": cfg.node,
+        "proxyMode": "Shared",
+        "clusterId": cluster,
+        "secretTtl": duration(cfg.cert_lifetime),
+        "selfTerminationDeadline": duration(crate::drain::timeout(
+            cfg.drain_timeout,
+            cfg.termination_grace_period_seconds,
+        )),
+        "poolMaxStreamsPerConn": pool.max_streams_per_conn,
+        "poolUnusedReleaseTimeout": duration(pool.idle_timeout),
+        "windowSize": pool.initial_stream_window,
+        "connectionWindowSize": pool.connection_window,
+        "frameSize": pool.max_frame_size,
+    });
+    if istio_mode {
+        c["xdsAddress"] = cfg.istio.xds_address.clone().into();
+        c["caAddress"] = cfg
+            .istio
+            .ca_address
+            .clone()
+            .unwrap_or_else(|| cfg.istio.xds_address.clone())
+            .into();
+        c["inpodUds"] = cfg.istio.zds_socket.display().to_string().into();
+    }
+    c
+}
+
+/// The workload file's content as read (Istio's `staticConfig` holds its local file's).
+fn static_config(cfg: &Config, store: &crate::state::Store) -> serde_json::Value {
+    if cfg.source == crate::config::Source::File {
+        serde_json::json!({
+            "workloads": store.cfg.workloads,
+            "services": store.cfg.services,
+            "policies": store.cfg.policies,
+        })
+    } else {
+        serde_json::json!({ "workloads": [], "services": [], "policies": [] })
+    }
+}
+
+fn workload_state(
+    shared: &Shared,
+    store: &crate::state::Store,
+    list: &[ConnectionRecord],
+) -> BTreeMap<String, WorkloadStateDump> {
+    use crate::proxy::Direction;
+    shared
+        .enrolled_info()
+        .iter()
+        .filter_map(|pod| {
+            let w = store.workload(&pod.name)?;
+            let mut connections = WorkloadConnectionsDump::default();
+            for c in list
+                .iter()
+                .filter(|c| c.pod == pod.name && c.outcome.is_none())
+            {
+                let protocol = if c.hbone_addr.is_some() {
+                    "HBONE"
+                } else {
+                    "TCP"
+                };
+                let actual = c.hbone_addr.map_or(c.dst, |h| {
+                    std::net::SocketAddr::new(h.ip(), ztunnel_common::ports::HBONE)
+                });
+                let dump = PodConnectionDump {
+                    src: c.src.to_string(),
+                    original_dst: c.dst.to_string(),
+                    actual_dst: actual.to_string(),
+                    protocol: protocol.to_owned(),
+                };
+                match c.direction {
+                    Direction::Inbound => connections.inbound.push(dump),
+                    Direction::Outbound => connections.outbound.push(dump),
+                }
+            }
+            Some((
+                store.uid(w),
+                WorkloadStateDump {
+                    state: "Up".to_owned(),
+                    connections,
+                    info: WorkloadInfoDump {
+                        name: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        trust_domain: store.trust_domain(w).to_owned(),
+                        service_account: w.service_account.clone(),
+                    },
+                },
+            ))
         })
         .collect()
 }
@@ -217,12 +641,18 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
     let (opened_total, list) = shared.proxy.connections.snapshot();
     let (workloads, services, store) = state_dump(shared);
     ConfigDump {
-        config: serde_json::to_value(cfg).unwrap_or_default(),
         workloads,
         services,
-        policies: store.cfg.policies.clone(),
-        peer_authentications: store.cfg.peer_authentications.clone(),
+        policies: store.cfg.policies.iter().map(PolicyDump::from).collect(),
+        staged_services: BTreeMap::new(),
         certificates: certificates(shared),
+        version: VersionDump::current(),
+        config: istio_config(cfg, &store.cfg.cluster),
+        static_config: static_config(cfg, &store),
+        workload_state: workload_state(shared, &store, &list),
+        ztunnel_config: serde_json::to_value(cfg).unwrap_or_default(),
+        authorization_policies: store.cfg.policies.clone(),
+        peer_authentications: store.cfg.peer_authentications.clone(),
         enrolled_pods: shared.enrolled_info(),
         capture: CaptureDump {
             mode: shared.capture.mode().to_owned(),

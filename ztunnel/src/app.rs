@@ -150,6 +150,7 @@ impl Shared {
                     self.capture.unenrol(c);
                 }
                 tracing::info!(pod = %key, "pod unenrolled");
+                self.proxy.metrics.pod_unenrolled();
             }
         }
         let mut ok = failed.is_empty();
@@ -168,6 +169,7 @@ impl Shared {
                 Ok(e) => {
                     let elapsed_us = started.elapsed().as_micros() as u64;
                     tracing::info!(pod = %key, netns = %spec.netns.display(), elapsed_us, "pod enrolled");
+                    self.proxy.metrics.pod_enrolled();
                     pods.insert(key.clone(), e);
                     results.insert(key.clone(), Ok(()));
                 }
@@ -357,6 +359,7 @@ impl Shared {
     fn refresh_metrics(&self) {
         let m = &self.proxy.metrics;
         m.set_enrolled_pods(self.pods().values().filter(|e| e.capture.is_some()).count() as i64);
+        m.set_pending_pods(self.pending.lock().unwrap_or_else(|p| p.into_inner()).len() as i64);
         let (out, inb) = self.proxy.connections.active_counts();
         m.set_active("outbound", out as i64);
         m.set_active("inbound", inb as i64);

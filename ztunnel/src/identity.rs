@@ -91,6 +91,13 @@ pub enum Error {
     )]
     RootIncomplete { present: PathBuf, missing: PathBuf },
 
+    #[error(
+        "timed out after {waited:?} waiting for the lock {} while another ztunnel creates the built-in ca root; if none is running, check what holds it (`fuser {}`)",
+        path.display(),
+        path.display()
+    )]
+    CaLocked { path: PathBuf, waited: Duration },
+
     #[error("built-in ca failed to {action}")]
     Generate {
         action: String,

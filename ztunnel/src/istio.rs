@@ -198,6 +198,7 @@ impl Health {
             let st = s.status();
             m.set_control_plane_up("xds", st.xds_connected);
             m.set_control_plane_up("zds", st.zds_connected);
+            m.set_xds(&st.xds_totals);
         }
         if let Some(ca) = &self.ca {
             let ok = ca

@@ -23,7 +23,7 @@ use prometheus_client::{
         MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
         gauge::Gauge,
     },
-    registry::Registry,
+    registry::{Registry, Unit},
 };
 
 mod server;
@@ -43,6 +43,29 @@ pub const REPORTER_DESTINATION: &str = "destination";
 pub const SECURITY_MUTUAL_TLS: &str = "mutual_tls";
 /// `response_flags` when nothing went wrong (Envoy's and ztunnel's "no flag").
 pub const NO_RESPONSE_FLAGS: &str = "-";
+
+/// `response_flags` values, spelled as istio/ztunnel's `ResponseFlags` encodes them.
+pub mod response_flag {
+    /// Nothing went wrong.
+    pub const NONE: &str = super::NO_RESPONSE_FLAGS;
+    /// An authorization policy (or STRICT mTLS) denied the connection, also later on a
+    /// policy change.
+    pub const DENY: &str = "DENY";
+    /// The connection to the destination (the app, the peer, a plain destination) failed.
+    pub const CONNECT: &str = "CONNECT";
+    /// The TLS handshake with the peer failed.
+    pub const TLS_FAILURE: &str = "TLS_FAILURE";
+    /// The HTTP/2 handshake or a CONNECT stream with the peer failed.
+    pub const H2_HANDSHAKE_FAILURE: &str = "H2_HANDSHAKE_FAILURE";
+    /// No certificate for the workload's identity.
+    pub const IDENTITY_ERROR: &str = "IDENTITY_ERROR";
+
+    /// Whether a connection closed with `flag` counts in `istio_tcp_connections_failed_total`
+    /// (istio/ztunnel counts every flag but none).
+    pub fn is_failure(flag: &str) -> bool {
+        flag != NONE
+    }
+}
 
 /// `reason` values for [`Metrics::policy_denied`].
 pub mod deny_reason {
@@ -103,6 +126,12 @@ pub struct ConnLabels {
     /// [`SECURITY_MUTUAL_TLS`] when the connection was mTLS, else [`UNKNOWN`]; Istio also
     /// reports `unknown` from the source side, where the policy cannot be known.
     pub connection_security_policy: String,
+
+    /// The workloads' locality (Istio's `LocalityLabels`, encoded last).
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
 }
 
 impl Default for ConnLabels {
@@ -132,13 +161,17 @@ impl Default for ConnLabels {
             request_protocol: "tcp".to_owned(),
             response_flags: NO_RESPONSE_FLAGS.to_owned(),
             connection_security_policy: u(),
+            source_region: u(),
+            source_zone: u(),
+            destination_region: u(),
+            destination_zone: u(),
         }
     }
 }
 
 impl ConnLabels {
     /// Every value, in label order.
-    fn fields(&self) -> [&String; 23] {
+    fn fields(&self) -> [&String; 27] {
         [
             &self.reporter,
             &self.source_workload,
@@ -163,10 +196,14 @@ impl ConnLabels {
             &self.request_protocol,
             &self.response_flags,
             &self.connection_security_policy,
+            &self.source_region,
+            &self.source_zone,
+            &self.destination_region,
+            &self.destination_zone,
         ]
     }
 
-    fn fields_mut(&mut self) -> [&mut String; 23] {
+    fn fields_mut(&mut self) -> [&mut String; 27] {
         [
             &mut self.reporter,
             &mut self.source_workload,
@@ -191,6 +228,10 @@ impl ConnLabels {
             &mut self.request_protocol,
             &mut self.response_flags,
             &mut self.connection_security_policy,
+            &mut self.source_region,
+            &mut self.source_zone,
+            &mut self.destination_region,
+            &mut self.destination_zone,
         ]
     }
 
@@ -284,6 +325,9 @@ pub struct Metrics {
     connections_closed: Family<ConnLabels, Counter>,
     sent_bytes: Family<ConnLabels, Counter>,
     received_bytes: Family<ConnLabels, Counter>,
+    connections_failed: Family<ConnLabels, Counter>,
+    xds: Arc<XdsCollector>,
+    workload_manager: WorkloadManagerMetrics,
 
     enrolled_pods: Gauge,
     active_connections: Family<DirectionLabels, Gauge>,
@@ -406,6 +450,7 @@ const OPENED: &str = "istio_tcp_connections_opened";
 const CLOSED: &str = "istio_tcp_connections_closed";
 const SENT: &str = "istio_tcp_sent_bytes";
 const RECEIVED: &str = "istio_tcp_received_bytes";
+const FAILED: &str = "istio_tcp_connections_failed";
 
 impl Metrics {
     /// Builds the registry with every metric registered (gauges start at 0; the
@@ -439,6 +484,28 @@ impl Metrics {
              (source to destination)",
             received_bytes.clone(),
         );
+
+        let connections_failed = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            FAILED,
+            "The total number of TCP connections that failed to establish (unstable)",
+            connections_failed.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        registry.register("istio_build", "Istio component build info", build.clone());
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel".to_owned(),
+                tag: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        let xds = Arc::new(XdsCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&xds)));
+        let workload_manager = WorkloadManagerMetrics::register(&mut registry);
+        registry.register_collector(Box::new(ProcessCollector));
+        registry.register_collector(Box::new(RuntimeCollector {
+            handle: tokio::runtime::Handle::try_current().ok(),
+        }));
 
         let enrolled_pods = Gauge::default();
         registry.register(
@@ -535,6 +602,9 @@ impl Metrics {
              enomem and other back off from 10 ms to 1 s; connection does not)",
             accept_errors.clone(),
         );
+        registry.register_collector(Box::new(SocketsOpenCollector {
+            listeners: listener_connections.clone(),
+        }));
         let capture = Arc::new(CaptureCollector::default());
         registry.register_collector(Box::new(Arc::clone(&capture)));
         registry.register_collector(Box::new(LogCollector));
@@ -547,6 +617,9 @@ impl Metrics {
             connections_closed,
             sent_bytes,
             received_bytes,
+            connections_failed,
+            xds,
+            workload_manager,
             enrolled_pods,
             active_connections,
             pool_connections,
@@ -673,12 +746,25 @@ impl Metrics {
     ///   (`istio_tcp_received_bytes_total`, "bytes received during request").
     ///
     /// `labels` should be the labels given to [`Metrics::connection_opened`], except
-    /// `response_flags`, which may now carry the outcome (as istio/ztunnel does). If bytes
-    /// were already reported with [`Metrics::bytes_transferred`], pass only the rest.
+    /// `response_flags`, which may now carry the outcome (as istio/ztunnel does): the
+    /// closed count (and, for any flag but `-`, `istio_tcp_connections_failed_total`) goes
+    /// under the flag, the bytes under `-` as istio/ztunnel counts them from the open. If
+    /// bytes were already reported with [`Metrics::bytes_transferred`], pass only the rest.
     pub fn connection_closed(&self, labels: &ConnLabels, sent: u64, received: u64) {
         let labels = labels.escaped();
         self.connections_closed.get_or_create(&labels).inc();
-        self.add_bytes(&labels, sent, received);
+        if response_flag::is_failure(&labels.response_flags) {
+            self.connections_failed.get_or_create(&labels).inc();
+        }
+        if labels.response_flags == NO_RESPONSE_FLAGS {
+            self.add_bytes(&labels, sent, received);
+        } else {
+            let opened = ConnLabels {
+                response_flags: NO_RESPONSE_FLAGS.to_owned(),
+                ..labels.into_owned()
+            };
+            self.add_bytes(&opened, sent, received);
+        }
     }
 
     /// Adds bytes of a connection that is still open (same directions as
@@ -715,9 +801,36 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the number of pods whose traffic is captured on this node.
+    /// Sets the number of pods whose traffic is captured on this node (also Istio's
+    /// `workload_manager_active_proxy_count`).
     pub fn set_enrolled_pods(&self, n: i64) {
         self.enrolled_pods.set(n);
+        self.workload_manager.active.set(n);
+    }
+
+    /// Sets the number of pods that should be captured but are not yet (enrolment failed
+    /// and waits for its retry): Istio's `workload_manager_pending_proxy_count`.
+    pub fn set_pending_pods(&self, n: i64) {
+        self.workload_manager.pending.set(n);
+    }
+
+    /// Counts a pod's capture started (`workload_manager_proxies_started_total`).
+    pub fn pod_enrolled(&self) {
+        self.workload_manager.started.inc();
+    }
+
+    /// Counts a pod's capture stopped (`workload_manager_proxies_stopped_total`).
+    pub fn pod_unenrolled(&self) {
+        self.workload_manager.stopped.inc();
+    }
+
+    /// Replaces the xDS client's totals with a new reading (Istio's `istio_xds_*`).
+    pub fn set_xds(&self, totals: &XdsTotals) {
+        *self
+            .xds
+            .totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = totals.clone();
     }
 
     /// Sets whether a control-plane interface (`xds`, `ca`, `zds`) works.
@@ -791,6 +904,7 @@ impl Metrics {
             CLOSED => &self.connections_closed,
             SENT => &self.sent_bytes,
             RECEIVED => &self.received_bytes,
+            FAILED => &self.connections_failed,
             _ => return 0,
         };
         family.get(&labels.escaped()).map_or(0, |c| c.get())
@@ -859,6 +973,276 @@ impl Collector for LogCollector {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: String,
+    tag: String,
+}
+
+/// Istio's in-pod mode metrics (`workload_manager_*`): a "proxy" there is a pod whose
+/// capture ztunnel runs, so these follow enrolment.
+#[derive(Debug)]
+struct WorkloadManagerMetrics {
+    active: Gauge,
+    pending: Gauge,
+    started: Counter,
+    stopped: Counter,
+}
+
+impl WorkloadManagerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            active: Gauge::default(),
+            pending: Gauge::default(),
+            started: Counter::default(),
+            stopped: Counter::default(),
+        };
+        registry.register(
+            "workload_manager_active_proxy_count",
+            "The total number current workloads with active proxies (unstable)",
+            m.active.clone(),
+        );
+        registry.register(
+            "workload_manager_pending_proxy_count",
+            "The total number current workloads with pending proxies (unstable)",
+            m.pending.clone(),
+        );
+        registry.register(
+            "workload_manager_proxies_started",
+            "The total number of proxies that were started (unstable)",
+            m.started.clone(),
+        );
+        registry.register(
+            "workload_manager_proxies_stopped",
+            "The total number of proxies that were stopped (unstable)",
+            m.stopped.clone(),
+        );
+        m
+    }
+}
+
+/// What the xDS client counted since start: responses and their resources' bytes by type
+/// URL, and stream ends by Istio's termination reason (`ConnectionError`, `Error`,
+/// `Reconnect`, `Complete`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct XdsTotals {
+    pub messages: BTreeMap<String, u64>,
+    pub message_bytes: BTreeMap<String, u64>,
+    pub terminations: BTreeMap<&'static str, u64>,
+}
+
+/// One counter family with one label, for a collector to encode.
+struct CounterFamily<'a> {
+    name: &'a str,
+    help: &'a str,
+    unit: Option<Unit>,
+    label: &'a str,
+    samples: Vec<(&'a str, u64)>,
+}
+
+/// A per-worker count of the tokio runtime.
+type PerWorker = fn(&tokio::runtime::RuntimeMetrics, usize) -> u64;
+
+/// `istio_xds_*`, from the xDS client's last reading (a collector, as for the eBPF
+/// counters: the totals are kept by the client and copied before each scrape).
+#[derive(Debug, Default)]
+struct XdsCollector {
+    totals: Mutex<XdsTotals>,
+}
+
+impl Collector for XdsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let t = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let families = [
+            CounterFamily {
+                name: "istio_xds_connection_terminations",
+                help: "The total number of completed connections to xds server (unstable)",
+                unit: None,
+                label: "reason",
+                samples: t.terminations.iter().map(|(k, v)| (*k, *v)).collect(),
+            },
+            CounterFamily {
+                name: "istio_xds_message",
+                help: "Total number of messages received (unstable)",
+                unit: None,
+                label: "url",
+                samples: t.messages.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+            },
+            CounterFamily {
+                name: "istio_xds_message",
+                help: "Total number of bytes received (unstable)",
+                unit: Some(Unit::Bytes),
+                label: "url",
+                samples: t
+                    .message_bytes
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), *v))
+                    .collect(),
+            },
+        ];
+        for CounterFamily {
+            name,
+            help,
+            unit,
+            label,
+            samples,
+        } in families
+        {
+            let mut family =
+                encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+            for (value, total) in samples {
+                let labels = [(label, escape(value))];
+                ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `process_open_fds` and `process_max_fds` (the soft `RLIMIT_NOFILE`), as Istio's ztunnel
+/// exposes them, read at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // The directory's own descriptor is open while it is listed.
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            let open = entries.count().saturating_sub(1) as u64;
+            let gauge = ConstGauge::new(open);
+            gauge.encode(encoder.encode_descriptor(
+                "process_open_fds",
+                "Number of open file descriptors",
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            let gauge = ConstGauge::new(soft);
+            gauge.encode(encoder.encode_descriptor(
+                "process_max_fds",
+                "Maximum number of file descriptors",
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: u64,
+}
+
+/// Istio's `tokio_*` runtime families, from the runtime the metrics were built on.
+#[derive(Debug)]
+struct RuntimeCollector {
+    handle: Option<tokio::runtime::Handle>,
+}
+
+impl Collector for RuntimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(handle) = &self.handle else {
+            return Ok(());
+        };
+        let m = handle.metrics();
+        let gauges: [(&str, &str, usize); 3] = [
+            (
+                "tokio_num_workers",
+                "the number of worker threads used by the runtime",
+                m.num_workers(),
+            ),
+            (
+                "tokio_global_queue_depth",
+                "the number of tasks currently scheduled in the runtime's global queue",
+                m.global_queue_depth(),
+            ),
+            (
+                "tokio_num_alive_tasks",
+                "the number of alive tasks in the runtime",
+                m.num_alive_tasks(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let workers = m.num_workers();
+        {
+            let mut family = encoder.encode_descriptor(
+                "tokio_worker_total_busy_duration_seconds",
+                "the amount of time worker threads have been busy",
+                None,
+                MetricType::Counter,
+            )?;
+            for w in 0..workers {
+                let busy = m.worker_total_busy_duration(w).as_secs_f64();
+                ConstCounter::new(busy)
+                    .encode(family.encode_family(&WorkerLabels { worker: w as u64 })?)?;
+            }
+        }
+        let counts: [(&str, &str, PerWorker); 2] = [
+            (
+                "tokio_worker_park_count",
+                "the total number of times the given worker thread has parked",
+                tokio::runtime::RuntimeMetrics::worker_park_count,
+            ),
+            (
+                "tokio_worker_park_unpark_count",
+                "the total number of times the given worker thread has parked and unparked",
+                tokio::runtime::RuntimeMetrics::worker_park_unpark_count,
+            ),
+        ];
+        for (name, help, value) in counts {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for w in 0..workers {
+                ConstCounter::new(value(&m, w))
+                    .encode(family.encode_family(&WorkerLabels { worker: w as u64 })?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Istio's `istio_tcp_sockets_open{reporter}`: the sockets its listeners accepted and still
+/// hold. Here that is what the pods' listeners hold (`ztunnel_listener_connections`):
+/// :15001 on the source's side, :15006 and :15008 on the destination's.
+#[derive(Debug)]
+struct SocketsOpenCollector {
+    listeners: Family<ListenerLabels, Gauge>,
+}
+
+impl Collector for SocketsOpenCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let held = |l: &str| {
+            self.listeners
+                .get(&ListenerLabels {
+                    listener: l.to_owned(),
+                })
+                .map_or(0, |g| g.get())
+        };
+        let mut family = encoder.encode_descriptor(
+            "istio_tcp_sockets_open",
+            "The current number of open TCP sockets (unstable)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (reporter, n) in [
+            (REPORTER_SOURCE, held(listener::OUTBOUND)),
+            (
+                REPORTER_DESTINATION,
+                held(listener::INBOUND) + held(listener::HBONE),
+            ),
+        ] {
+            ConstGauge::new(n).encode(family.encode_family(&[("reporter", reporter)])?)?;
+        }
+        Ok(())
+    }
+}
+
 fn needs_escape(v: &str) -> bool {
     v.contains(['\\', '"', '\n'])
 }
@@ -887,7 +1271,7 @@ mod tests {
     use super::*;
 
     /// The label names of Istio's TCP metrics, in istio/ztunnel's encoding order.
-    const ISTIO_LABELS: [&str; 23] = [
+    const ISTIO_LABELS: [&str; 27] = [
         "reporter",
         "source_workload",
         "source_canonical_service",
@@ -911,6 +1295,10 @@ mod tests {
         "request_protocol",
         "response_flags",
         "connection_security_policy",
+        "source_region",
+        "source_zone",
+        "destination_region",
+        "destination_zone",
     ];
 
     /// An inbound HBONE connection from sleep to echo, filled as ztunnel would.
@@ -937,6 +1325,10 @@ mod tests {
             destination_version: "latest".into(),
             destination_cluster: "Kubernetes".into(),
             connection_security_policy: SECURITY_MUTUAL_TLS.into(),
+            source_region: "eu-west1".into(),
+            source_zone: "eu-west1-b".into(),
+            destination_region: "eu-west1".into(),
+            destination_zone: "eu-west1-c".into(),
             ..ConnLabels::default()
         }
     }
@@ -952,7 +1344,9 @@ mod tests {
         r#"destination_workload_namespace="test","#,
         r#"destination_principal="spiffe://cluster.local/ns/test/sa/echo",destination_app="echo","#,
         r#"destination_version="latest",destination_cluster="Kubernetes",request_protocol="tcp","#,
-        r#"response_flags="-",connection_security_policy="mutual_tls"}"#,
+        r#"response_flags="-",connection_security_policy="mutual_tls","#,
+        r#"source_region="eu-west1",source_zone="eu-west1-b","#,
+        r#"destination_region="eu-west1",destination_zone="eu-west1-c"}"#,
     );
 
     fn lines(text: &str) -> Vec<&str> {
@@ -978,7 +1372,7 @@ mod tests {
             .filter(|(i, _)| ![20, 21].contains(i))
             .map(|(_, v)| v)
             .collect();
-        assert_eq!(others.len(), 21);
+        assert_eq!(others.len(), 25);
         assert!(others.iter().all(|v| *v == UNKNOWN), "{others:?}");
     }
 
@@ -1063,16 +1457,152 @@ mod tests {
             response_flags: "DENY".into(),
             ..l.clone()
         };
-        m.connection_closed(&denied, 0, 0);
+        m.connection_closed(&denied, 3, 4);
         assert_eq!(m.counter_value("istio_tcp_connections_closed", &l), 0);
         assert_eq!(m.counter_value("istio_tcp_connections_closed", &denied), 1);
-        assert_line(
-            &m.encode(),
-            &format!(
-                "istio_tcp_sent_bytes_total{} 0",
-                SLEEP_TO_ECHO.replace(r#"response_flags="-""#, r#"response_flags="DENY""#)
-            ),
+        // Failed with a flag: counted as failed; istio/ztunnel's bytes stay under `-`.
+        assert_eq!(m.counter_value("istio_tcp_connections_failed", &denied), 1);
+        assert_eq!(m.counter_value("istio_tcp_connections_failed", &l), 0);
+        assert_eq!(m.counter_value("istio_tcp_sent_bytes", &l), 3);
+        assert_eq!(m.counter_value("istio_tcp_received_bytes", &l), 4);
+        assert_eq!(m.counter_value("istio_tcp_sent_bytes", &denied), 0);
+        // A clean close is not a failure.
+        m.connection_closed(&l, 0, 0);
+        assert_eq!(m.counter_value("istio_tcp_connections_failed", &l), 0);
+    }
+
+    /// Every family Istio's ztunnel exposes that applies here, with its type and label
+    /// names in order (istio/ztunnel `src/proxy/metrics.rs`, `src/metrics/*.rs`,
+    /// `src/xds/metrics.rs`, `src/inpod/metrics.rs`), after one connection and an xDS
+    /// reading, on a tokio runtime as in the daemon.
+    #[test]
+    fn istio_families_types_and_labels_are_istios() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let m = rt.block_on(async { Metrics::new() });
+        let l = inbound_sleep_to_echo();
+        m.connection_opened(&l);
+        m.connection_closed(
+            &ConnLabels {
+                response_flags: response_flag::CONNECT.into(),
+                ..l.clone()
+            },
+            1,
+            2,
         );
+        m.set_xds(&XdsTotals {
+            messages: BTreeMap::from([("type.googleapis.com/istio.workload.Address".into(), 2)]),
+            message_bytes: BTreeMap::from([(
+                "type.googleapis.com/istio.workload.Address".into(),
+                300,
+            )]),
+            terminations: BTreeMap::from([("Reconnect", 1)]),
+        });
+        let text = m.encode();
+        let istio: Vec<String> = ISTIO_LABELS.iter().map(|s| (*s).to_owned()).collect();
+        let want: &[(&str, &str, Vec<String>)] = &[
+            (
+                "istio_tcp_connections_opened_total",
+                "counter",
+                istio.clone(),
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "counter",
+                istio.clone(),
+            ),
+            (
+                "istio_tcp_connections_failed_total",
+                "counter",
+                istio.clone(),
+            ),
+            ("istio_tcp_sent_bytes_total", "counter", istio.clone()),
+            ("istio_tcp_received_bytes_total", "counter", istio.clone()),
+            ("istio_tcp_sockets_open", "gauge", vec!["reporter".into()]),
+            (
+                "istio_build",
+                "gauge",
+                vec!["component".into(), "tag".into()],
+            ),
+            (
+                "istio_xds_connection_terminations_total",
+                "counter",
+                vec!["reason".into()],
+            ),
+            ("istio_xds_message_total", "counter", vec!["url".into()]),
+            (
+                "istio_xds_message_bytes_total",
+                "counter",
+                vec!["url".into()],
+            ),
+            ("workload_manager_active_proxy_count", "gauge", vec![]),
+            ("workload_manager_pending_proxy_count", "gauge", vec![]),
+            ("workload_manager_proxies_started_total", "counter", vec![]),
+            ("workload_manager_proxies_stopped_total", "counter", vec![]),
+            ("process_open_fds", "gauge", vec![]),
+            ("process_max_fds", "gauge", vec![]),
+            ("tokio_num_workers", "gauge", vec![]),
+            ("tokio_global_queue_depth", "gauge", vec![]),
+            ("tokio_num_alive_tasks", "gauge", vec![]),
+            (
+                "tokio_worker_total_busy_duration_seconds_total",
+                "counter",
+                vec!["worker".into()],
+            ),
+            (
+                "tokio_worker_park_count_total",
+                "counter",
+                vec!["worker".into()],
+            ),
+            (
+                "tokio_worker_park_unpark_count_total",
+                "counter",
+                vec!["worker".into()],
+            ),
+        ];
+        for (sample, kind, labels) in want {
+            let family = sample.strip_suffix("_total").unwrap_or(sample);
+            assert_line(&text, &format!("# TYPE {family} {kind}"));
+            let line = text
+                .lines()
+                .find(|l| {
+                    l.strip_prefix(sample)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                })
+                .unwrap_or_else(|| panic!("no sample of {sample} in:\n{text}"));
+            let names: Vec<String> = line
+                .split_once('{')
+                .and_then(|(_, rest)| rest.rsplit_once('}'))
+                .map(|(inner, _)| {
+                    inner
+                        .split("\",")
+                        .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(&names, labels, "{line}");
+        }
+        assert_line(&text, r#"istio_build{component="ztunnel",tag="0.1.0"} 1"#);
+        assert_line(&text, "tokio_num_workers 2");
+        assert_line(
+            &text,
+            "istio_xds_message_bytes_total{url=\"type.googleapis.com/istio.workload.Address\"} 300",
+        );
+        assert_line(
+            &text,
+            r#"istio_xds_connection_terminations_total{reason="Reconnect"} 1"#,
+        );
+        assert_line(&text, r#"istio_tcp_sockets_open{reporter="source"} 0"#);
+        let fds = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_open_fds "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("process_open_fds");
+        assert!(fds > 2, "{fds} open descriptors");
+        drop(m);
+        rt.shutdown_background();
     }
 
     #[test]

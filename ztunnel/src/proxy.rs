@@ -188,6 +188,48 @@ pub struct ConnectionRecord {
     /// of Istio's metrics, as Istio's probes bypass its ztunnel.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probe: bool,
+    /// For HBONE, the stream's target (its `:authority`): the endpoint ztunnel tunnels to
+    /// (outbound: after a service VIP was resolved) or the pod's address and port (inbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hbone_addr: Option<SocketAddr>,
+}
+
+impl ConnectionRecord {
+    /// A record opened now (its id is given by [`ConnectionLog`]).
+    fn new(
+        direction: Direction,
+        pod: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        src_identity: Option<String>,
+        dst_identity: Option<String>,
+    ) -> Self {
+        let opened_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        ConnectionRecord {
+            id: 0,
+            direction,
+            pod: pod.to_owned(),
+            src,
+            dst,
+            security_policy: if src_identity.is_some() || dst_identity.is_some() {
+                crate::metrics::SECURITY_MUTUAL_TLS.to_owned()
+            } else {
+                crate::metrics::UNKNOWN.to_owned()
+            },
+            src_identity,
+            dst_identity,
+            bytes_sent: 0,
+            bytes_received: 0,
+            opened_ms,
+            duration_ms: None,
+            outcome: None,
+            probe: false,
+            hbone_addr: None,
+        }
+    }
 }
 
 /// Active connections and the most recent closed ones; feeds Istio's TCP metrics.
@@ -244,6 +286,15 @@ struct Active {
     closing: Option<String>,
     /// Istio's metric labels, fixed when the connection opens.
     labels: crate::metrics::ConnLabels,
+    /// The workloads' names for the access log (Istio's `src.workload`, `dst.workload`).
+    peers: Peers,
+}
+
+/// The pod names of a connection's two ends, when they are workloads ztunnel knows.
+#[derive(Debug, Default, Clone)]
+pub struct Peers {
+    pub src: Option<String>,
+    pub dst: Option<String>,
 }
 
 impl ConnectionLog {
@@ -272,67 +323,45 @@ impl ConnectionLog {
     }
 
     fn open(&self, direction: Direction, pod: &str, src: SocketAddr, dst: SocketAddr) -> u64 {
-        self.open_with(direction, pod, src, dst, None, None)
+        self.open_record(ConnectionRecord::new(direction, pod, src, dst, None, None))
     }
 
     /// Opens the record of a kubelet probe: no Istio metrics (see [`ConnectionRecord::probe`]).
     fn open_probe(&self, pod: &str, src: SocketAddr, dst: SocketAddr) -> u64 {
-        self.open_record(Direction::Inbound, pod, src, dst, None, None, true)
+        self.open_record(ConnectionRecord {
+            probe: true,
+            ..ConnectionRecord::new(Direction::Inbound, pod, src, dst, None, None)
+        })
     }
 
-    fn open_with(
-        &self,
-        direction: Direction,
-        pod: &str,
-        src: SocketAddr,
-        dst: SocketAddr,
-        src_identity: Option<String>,
-        dst_identity: Option<String>,
-    ) -> u64 {
-        self.open_record(direction, pod, src, dst, src_identity, dst_identity, false)
-    }
-
+    /// Opens the record of an HBONE stream to (outbound) or from (inbound) `hbone_addr`.
     #[expect(
         clippy::too_many_arguments,
         reason = "the record's fields, named at the callers"
     )]
-    fn open_record(
+    fn open_hbone(
         &self,
         direction: Direction,
         pod: &str,
         src: SocketAddr,
         dst: SocketAddr,
+        hbone_addr: SocketAddr,
         src_identity: Option<String>,
         dst_identity: Option<String>,
-        probe: bool,
     ) -> u64 {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let opened_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let rec = ConnectionRecord {
-            id,
-            direction,
-            pod: pod.to_owned(),
-            src,
-            dst,
-            security_policy: if src_identity.is_some() || dst_identity.is_some() {
-                "mutual_tls".to_owned()
-            } else {
-                "unknown".to_owned()
-            },
-            src_identity,
-            dst_identity,
-            bytes_sent: 0,
-            bytes_received: 0,
-            opened_ms,
-            duration_ms: None,
-            outcome: None,
-            probe,
+            hbone_addr: Some(hbone_addr),
+            ..ConnectionRecord::new(direction, pod, src, dst, src_identity, dst_identity)
         };
+        self.open_record(rec)
+    }
+
+    fn open_record(&self, rec: ConnectionRecord) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let rec = ConnectionRecord { id, ..rec };
+        let probe = rec.probe;
         let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let labels = metric_labels(&store, &rec);
+        let (labels, peers) = metric_labels(&store, &rec);
         drop(store);
         // Counted before the entry exists: its close (which needs the id returned below)
         // cannot be counted first.
@@ -344,6 +373,7 @@ impl ConnectionLog {
             fds: Vec::new(),
             closing: None,
             labels,
+            peers,
         });
         id
     }
@@ -427,7 +457,8 @@ impl ConnectionLog {
         let Some(Active {
             rec,
             closing,
-            labels,
+            mut labels,
+            peers,
             ..
         }) = self.lock().remove(id)
         else {
@@ -435,31 +466,18 @@ impl ConnectionLog {
         };
         // Not shared any more but for a moment by a `terminate` pass: then a copy.
         let mut rec = Arc::unwrap_or_clone(rec);
+        rec.bytes_sent = sent;
+        rec.bytes_received = received;
+        rec.duration_ms = Some(elapsed.as_millis() as u64);
+        let outcome = closing.unwrap_or(outcome);
+        labels.response_flags = response_flag(&outcome).to_owned();
+        rec.outcome = Some(outcome);
         // Istio counts "sent" from the destination back to the source and "received"
         // from the source to the destination, whichever side reports.
         if !rec.probe {
             self.metrics.connection_closed(&labels, received, sent);
         }
-        rec.bytes_sent = sent;
-        rec.bytes_received = received;
-        rec.duration_ms = Some(elapsed.as_millis() as u64);
-        rec.outcome = Some(closing.unwrap_or(outcome));
-        tracing::info!(
-            target: "access",
-            direction = ?rec.direction,
-            pod = %rec.pod,
-            src = %rec.src,
-            dst = %rec.dst,
-            src_identity = rec.src_identity.as_deref().unwrap_or("-"),
-            dst_identity = rec.dst_identity.as_deref().unwrap_or("-"),
-            security = %rec.security_policy,
-            bytes_sent = rec.bytes_sent,
-            bytes_received = rec.bytes_received,
-            duration_ms = rec.duration_ms,
-            outcome = rec.outcome.as_deref(),
-            probe = rec.probe,
-            "connection closed"
-        );
+        access_log(&rec, &labels, &peers);
         let mut st = self.lock();
         if st.closed.len() == CLOSED_KEPT {
             st.closed.pop_front();
@@ -937,19 +955,20 @@ impl crate::drain::Drainable for Proxy {
     }
 }
 
-/// Istio's TCP metric labels for a connection, from the store: the reporter is the
-/// source for outbound and the destination for inbound; unknown values stay `unknown`.
+/// Istio's TCP metric labels for a connection, from the store, and its ends' pod names:
+/// the reporter is the source for outbound and the destination for inbound; unknown
+/// values stay `unknown`. The destination workload is the HBONE target's (the endpoint
+/// chosen for a service VIP), else the original destination's; the destination service is
+/// the VIP's, else the first service the destination backs. Every lookup is by hash.
 /// Public for the benchmarks (`benches/lookups.rs`).
-pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::ConnLabels {
+pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> (crate::metrics::ConnLabels, Peers) {
     use crate::metrics::{ConnLabels, REPORTER_DESTINATION, REPORTER_SOURCE};
     let mut l = ConnLabels::default();
+    let dst_ip = rec.hbone_addr.unwrap_or(rec.dst).ip();
     let (src_w, dst_w) = match rec.direction {
         Direction::Outbound => {
             l.reporter = REPORTER_SOURCE.to_owned();
-            (
-                store.workload(&rec.pod),
-                store.workload_by_addr(rec.dst.ip()),
-            )
+            (store.workload(&rec.pod), store.workload_by_addr(dst_ip))
         }
         Direction::Inbound => {
             l.reporter = REPORTER_DESTINATION.to_owned();
@@ -959,6 +978,17 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::C
             )
         }
     };
+    let locality = |w: &crate::state::Workload| {
+        let l = w.locality.clone().unwrap_or_default();
+        let known = |v: String| {
+            if v.is_empty() {
+                crate::metrics::UNKNOWN.to_owned()
+            } else {
+                v
+            }
+        };
+        (known(l.region), known(l.zone))
+    };
     if let Some(w) = src_w {
         l.source_workload = w.workload_name();
         l.source_canonical_service = w.canonical_name();
@@ -967,7 +997,11 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::C
         l.source_app = w.canonical_name();
         l.source_version = w.canonical_revision();
         l.source_cluster = store.cfg.cluster.clone();
+        (l.source_region, l.source_zone) = locality(w);
     }
+    let vip_service = store
+        .service_by_vip(rec.dst.ip())
+        .map(|i| &store.cfg.services[i]);
     if let Some(w) = dst_w {
         l.destination_workload = w.workload_name();
         l.destination_canonical_service = w.canonical_name();
@@ -976,11 +1010,13 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::C
         l.destination_app = w.canonical_name();
         l.destination_version = w.canonical_revision();
         l.destination_cluster = store.cfg.cluster.clone();
-        if let Some(svc) = store.service_of(w) {
-            l.destination_service = svc.hostname();
-            l.destination_service_name = svc.name.clone();
-            l.destination_service_namespace = svc.namespace.clone();
-        }
+        (l.destination_region, l.destination_zone) = locality(w);
+    }
+    let service = vip_service.or_else(|| store.service_of(dst_w?));
+    if let Some(svc) = service {
+        l.destination_service = svc.hostname();
+        l.destination_service_name = svc.name.clone();
+        l.destination_service_namespace = svc.namespace.clone();
     }
     if let Some(p) = &rec.src_identity {
         l.source_principal = p.clone();
@@ -991,7 +1027,113 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> crate::metrics::C
     if rec.src_identity.is_some() || rec.dst_identity.is_some() {
         l.connection_security_policy = crate::metrics::SECURITY_MUTUAL_TLS.to_owned();
     }
-    l
+    let peers = Peers {
+        src: src_w.map(|w| w.name.clone()),
+        dst: dst_w.map(|w| w.name.clone()),
+    };
+    (l, peers)
+}
+
+/// The `response_flags` of a connection that ended with `outcome`, as istio/ztunnel
+/// derives them from its errors: a policy's denial (also a later one) is `DENY`; a
+/// connection that could not be made or carried is `CONNECT`, or `TLS_FAILURE`,
+/// `H2_HANDSHAKE_FAILURE`, `IDENTITY_ERROR` for an HBONE dial that failed at that step.
+/// The drain's end is no failure (Istio records it without a flag).
+fn response_flag(outcome: &str) -> &'static str {
+    use crate::metrics::response_flag as f;
+    if outcome == "ok" || outcome == crate::drain::OUTCOME {
+        return f::NONE;
+    }
+    if outcome.starts_with("denied:") || outcome.starts_with("closed: policy changed") {
+        return f::DENY;
+    }
+    if let Some(why) = outcome.strip_prefix("hbone failed: ") {
+        // The pool's and the dial's error texts (hbone::pool::Error, Proxy::dial_hbone).
+        if why.contains("hbone handshake with the peer") || why.starts_with("CONNECT to ") {
+            return f::H2_HANDSHAKE_FAILURE;
+        }
+        if why.contains("certificate for ") && why.contains("spiffe://") {
+            return f::IDENTITY_ERROR;
+        }
+        let lower = why.to_ascii_lowercase();
+        if ["tls_connect", "tls", "peer certificate", "alert"]
+            .iter()
+            .any(|w| lower.contains(w))
+        {
+            return f::TLS_FAILURE;
+        }
+    }
+    f::CONNECT
+}
+
+/// Writes the connection's access log line, Istio ztunnel's "connection complete": its
+/// fields, names, order and byte directions. Unknown values are left out, as Istio does;
+/// identities only for mTLS. Istio's `bytes_sent`/`bytes_recv` are the reporter's: what
+/// ztunnel sent toward the peer on the network and received from it, so an outbound line
+/// counts the app's upload as sent and an inbound line as received. A failed connection
+/// is an `error` line with the reason; a kubelet probe's line ends with `probe=true`
+/// (Istio's probes never reach its ztunnel).
+fn access_log(rec: &ConnectionRecord, labels: &crate::metrics::ConnLabels, peers: &Peers) {
+    let known = |v: &str| (v != crate::metrics::UNKNOWN && !v.is_empty()).then(|| v.to_owned());
+    let mtls = rec.security_policy == crate::metrics::SECURITY_MUTUAL_TLS;
+    let (bytes_sent, bytes_recv) = match rec.direction {
+        // The record counts client→server as sent, server→client as received.
+        Direction::Outbound => (rec.bytes_sent, rec.bytes_received),
+        Direction::Inbound => (rec.bytes_received, rec.bytes_sent),
+    };
+    let direction = match rec.direction {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    };
+    // Istio's dst.addr is the address dialled on the wire: the peer's :15008 for HBONE.
+    let dst_addr = rec
+        .hbone_addr
+        .map_or(rec.dst, |h| SocketAddr::new(h.ip(), ports::HBONE));
+    let src_workload = peers
+        .src
+        .clone()
+        .or_else(|| known(&labels.source_canonical_service));
+    let dst_workload = peers
+        .dst
+        .clone()
+        .or_else(|| known(&labels.destination_canonical_service));
+    let src_identity = rec.src_identity.clone().filter(|_| mtls);
+    let dst_identity = rec.dst_identity.clone().filter(|_| mtls);
+    let duration = format!("{}ms", rec.duration_ms.unwrap_or(0));
+    let probe = rec.probe.then_some(true);
+    let error = rec.outcome.as_deref().filter(|o| *o != "ok");
+    macro_rules! line {
+        ($level:expr, $($error:tt)*) => {
+            tracing::event!(
+                target: "access",
+                parent: None,
+                $level,
+                src.addr = %rec.src,
+                src.workload = src_workload,
+                src.namespace = known(&labels.source_workload_namespace),
+                src.identity = src_identity,
+                src.cluster = known(&labels.source_cluster),
+                dst.addr = %dst_addr,
+                dst.hbone_addr = rec.hbone_addr.map(tracing::field::display),
+                dst.service = known(&labels.destination_service),
+                dst.workload = dst_workload,
+                dst.namespace = known(&labels.destination_workload_namespace),
+                dst.identity = dst_identity,
+                dst.cluster = known(&labels.destination_cluster),
+                direction,
+                bytes_sent,
+                bytes_recv,
+                duration,
+                $($error)*
+                probe,
+                "connection complete"
+            )
+        };
+    }
+    match error {
+        None => line!(tracing::Level::INFO,),
+        Some(error) => line!(tracing::Level::ERROR, error,),
+    }
 }
 
 /// The baggage describing a workload (HBONE.md, "The CONNECT request").
@@ -1227,5 +1369,56 @@ mod tests {
         let (_, list) = log.snapshot();
         assert_eq!(ids(&list), [a, b]);
         assert_eq!(list[1].outcome.as_deref(), Some("denied"));
+    }
+}
+
+#[cfg(test)]
+mod response_flag_tests {
+    use super::response_flag;
+
+    #[test]
+    fn outcomes_map_to_istios_response_flags() {
+        for (outcome, flag) in [
+            ("ok", "-"),
+            ("drain timeout", "-"),
+            ("denied: no ALLOW policy matches", "DENY"),
+            ("closed: policy changed: deny-all", "DENY"),
+            (
+                "connect failed: Connection refused (os error 111)",
+                "CONNECT",
+            ),
+            ("refused: port 15008 belongs to ztunnel", "CONNECT"),
+            ("error: Connection reset by peer (os error 104)", "CONNECT"),
+            (
+                "hbone failed: hbone peer answered 503 Service Unavailable to CONNECT 10.0.0.2:7070",
+                "CONNECT",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tls_connect timed out after 10s (--tls-connect-timeout)",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: invalid peer certificate: BadSignature",
+                "TLS_FAILURE",
+            ),
+            (
+                "hbone failed: hbone handshake with the peer for 10.0.0.2:80 failed: connection reset",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: CONNECT to 10.0.0.2:80 failed: stream no longer needed",
+                "H2_HANDSHAKE_FAILURE",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: certificate for spiffe://td/ns/a/sa/b is unavailable",
+                "IDENTITY_ERROR",
+            ),
+            (
+                "hbone failed: failed to connect to the hbone peer for 10.0.0.2:80: tcp_connect timed out after 10s (--tcp-connect-timeout)",
+                "CONNECT",
+            ),
+        ] {
+            assert_eq!(response_flag(outcome), flag, "{outcome}");
+        }
     }
 }

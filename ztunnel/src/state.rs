@@ -216,6 +216,22 @@ pub struct Workload {
     /// The pod's cgroup v2 directory. Required for pods on this node.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Where the pod runs (istiod's `locality`; Kubernetes' `topology.kubernetes.io/*`
+    /// node labels): fills the `*_region` and `*_zone` metric labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
+}
+
+/// A workload's locality, as istiod's `istio.workload.Locality` carries it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
 }
 
 fn default_service_account() -> String {
@@ -975,6 +991,7 @@ workloads:
                     cgroup: rng
                         .random_bool(0.5)
                         .then(|| PathBuf::from("/sys/fs/cgroup/x")),
+                    locality: None,
                 })
             })
             .collect();

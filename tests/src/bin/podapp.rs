@@ -25,6 +25,16 @@ enum Cmd {
         /// Print `conn from <peer>` for each accepted connection.
         #[arg(long)]
         log_peers: bool,
+        /// Read everything and answer nothing (a sink), then close.
+        #[arg(long)]
+        discard: bool,
+    },
+    /// Send `bytes` zero bytes, half-close, read whatever comes back until EOF. Prints
+    /// `sent=… received=…`.
+    Upload {
+        addr: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
     },
     /// Send `bytes` pseudo-random bytes in `chunk`-sized writes, half-close, read the echo
     /// and compare checksums. Prints `peer=…` and `sent=… received=… match=true`.
@@ -104,7 +114,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { addr, log_peers } => serve(addr, log_peers),
+        Cmd::Serve {
+            addr,
+            log_peers,
+            discard,
+        } => serve(addr, log_peers, discard),
+        Cmd::Upload { addr, bytes } => upload(addr, bytes),
         Cmd::Parallel { addr, count, secs } => parallel(addr, count, secs),
         Cmd::Call {
             addr,
@@ -142,7 +157,31 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(addr: SocketAddr, log_peers: bool) -> anyhow::Result<()> {
+/// See [`Cmd::Upload`].
+fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .with_context(|| format!("failed to connect to {addr}"))?;
+    let chunk = vec![0u8; 64 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n]).context("failed to send")?;
+        left -= n as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf).context("failed to read the answer")? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    println!("sent={bytes} received={received}");
+    Ok(())
+}
+
+fn serve(addr: SocketAddr, log_peers: bool, discard: bool) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr).with_context(|| format!("failed to bind {addr}"))?;
     println!("ready {addr}");
     std::io::stdout().flush()?;
@@ -157,6 +196,7 @@ fn serve(addr: SocketAddr, log_peers: bool) -> anyhow::Result<()> {
             loop {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => break,
+                    Ok(_) if discard => {}
                     Ok(n) => {
                         if s.write_all(&buf[..n]).is_err() {
                             return;

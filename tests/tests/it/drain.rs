@@ -185,7 +185,7 @@ fn wait_log(z: &Ztunnel, needle: &str) -> anyhow::Result<()> {
 fn access_lines(z: &Ztunnel) -> Vec<String> {
     z.log_text()
         .lines()
-        .filter(|l| l.contains("connection closed"))
+        .filter(|l| l.contains("\taccess\tconnection complete\t"))
         .map(str::to_owned)
         .collect()
 }
@@ -331,7 +331,10 @@ fn established_connections_finish_within_the_drain(
     let access = access_lines(&z);
     assert_eq!(access.len(), 4, "{access:#?}");
     for line in &access {
-        assert!(line.contains(r#"outcome="ok""#), "{line}");
+        assert!(
+            line.contains("\tinfo\t") && !line.contains(" error="),
+            "{line}"
+        );
     }
     assert!(
         log.contains("capture and return path left in place"),
@@ -409,7 +412,7 @@ fn connections_left_at_the_drain_timeout_are_closed_with_that_outcome() -> anyho
     let access = access_lines(&z);
     assert_eq!(access.len(), 4, "{access:#?}");
     for line in &access {
-        assert!(line.contains(r#"outcome="drain timeout""#), "{line}");
+        assert!(line.contains(r#"error="drain timeout""#), "{line}");
     }
     // The apps saw their connections end (EOF, then a failed write or a short echo).
     for call in calls {
@@ -527,7 +530,7 @@ fn peer_gets_goaway_and_opens_new_streams_on_the_successor() -> anyhow::Result<(
     assert!(log.contains("connections=1 remaining=0 forced=0"), "{log}");
     let access = access_lines(&z1);
     assert_eq!(access.len(), 1, "{access:#?}");
-    assert!(access[0].contains(r#"outcome="ok""#), "{}", access[0]);
+    assert!(!access[0].contains(" error="), "{}", access[0]);
 
     // The old one's exit left the return path the successor relies on: inbound calls
     // still get their replies.

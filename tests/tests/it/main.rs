@@ -3,6 +3,7 @@
 mod admin;
 mod adversarial;
 mod bench;
+mod ca;
 mod demo;
 mod drain;
 mod enrolment;
@@ -14,6 +15,7 @@ mod kube;
 mod metrics;
 mod occupancy;
 mod outbound;
+mod parity;
 mod policy;
 mod transfer;
 mod tunnel;

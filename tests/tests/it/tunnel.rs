@@ -78,7 +78,7 @@ fn pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities() -> anyhow:
         let log = z.log_text();
         let line = log
             .lines()
-            .find(|l| l.contains("access") && l.contains("connection closed"))
+            .find(|l| l.contains("\taccess\tconnection complete\t"))
             .unwrap_or_default();
         assert!(
             line.contains(ida) && line.contains(idb),

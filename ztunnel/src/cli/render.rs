@@ -17,6 +17,12 @@ use crate::{
 /// Spaces between columns, as `kubectl get` leaves.
 const COLUMN_GAP: u16 = 3;
 
+/// A certificate's state without its reason (`Unavailable: …` → `Unavailable`), as
+/// istioctl shows it; the reason is the dump's `error`.
+fn short_state(state: &str) -> &str {
+    state.split_once(':').map_or(state, |(s, _)| s)
+}
+
 /// Shown in a cell that has no value, so every row has every column for `awk`.
 const NONE: &str = "-";
 
@@ -29,7 +35,9 @@ pub fn render(cmd: &Command, dump: &ConfigDump, output: Output) -> anyhow::Resul
             Command::Status => status_table(&Status::of(dump)),
             Command::Workloads => workloads_table(&dump.workloads),
             Command::Services => services_table(&dump.services),
-            Command::Policies => policies_table(&dump.policies, &dump.peer_authentications),
+            Command::Policies => {
+                policies_table(&dump.authorization_policies, &dump.peer_authentications)
+            }
             Command::Certificates => certificates_table(&dump.certificates),
             Command::Connections => connections_table(&dump.connections.list),
         }),
@@ -38,7 +46,7 @@ pub fn render(cmd: &Command, dump: &ConfigDump, output: Output) -> anyhow::Resul
             Command::Workloads => pretty(&dump.workloads),
             Command::Services => pretty(&dump.services),
             Command::Policies => pretty(&Policies {
-                policies: &dump.policies,
+                authorization_policies: &dump.authorization_policies,
                 peer_authentications: &dump.peer_authentications,
             }),
             Command::Certificates => pretty(&dump.certificates),
@@ -58,7 +66,7 @@ fn pretty<T: Serialize>(value: &T) -> anyhow::Result<String> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Policies<'a> {
-    policies: &'a [Authorization],
+    authorization_policies: &'a [Authorization],
     peer_authentications: &'a [PeerAuthentication],
 }
 
@@ -116,10 +124,10 @@ struct ConnectionsStatus {
 impl<'a> Status<'a> {
     fn of(dump: &'a ConfigDump) -> Self {
         // `capture.features` is `ebpf::Features` as JSON (its field names as written in
-        // Rust); `config` is `config::Config` as JSON (camelCase).
+        // Rust); `config` holds Istio's setting names (`localNode`).
         let features = &dump.capture.features;
         Status {
-            node: dump.config.get("node").and_then(|v| v.as_str()),
+            node: dump.config.get("localNode").and_then(|v| v.as_str()),
             capture: CaptureStatus {
                 mode: &dump.capture.mode,
                 kernel: features.get("kernel").and_then(|v| v.as_str()),
@@ -139,7 +147,7 @@ impl<'a> Status<'a> {
                 .iter()
                 .map(|c| CertificateStatus {
                     identity: &c.identity,
-                    state: &c.state,
+                    state: short_state(&c.state),
                     expires_in_seconds: (!c.cert_chain.is_empty()).then_some(c.expiry_seconds),
                 })
                 .collect(),
@@ -270,10 +278,16 @@ fn services_table(services: &[ServiceDump]) -> String {
                 .iter()
                 .map(|(port, target)| format!("{port}→{target}"))
                 .collect();
+            // Istio writes a VIP as `network/ip`.
+            let vips: Vec<&str> = s
+                .vips
+                .iter()
+                .map(|v| v.rsplit_once('/').map_or(v.as_str(), |(_, ip)| ip))
+                .collect();
             vec![
                 or_none(&s.namespace),
                 or_none(&s.name),
-                joined(&s.vips),
+                joined(&vips),
                 joined(&ports),
                 s.endpoints.len().to_string(),
             ]
@@ -319,7 +333,7 @@ fn certificates_table(certs: &[CertificateDump]) -> String {
             let leaf = c.cert_chain.first();
             vec![
                 or_none(&c.identity),
-                or_none(&c.state),
+                or_none(short_state(&c.state)),
                 leaf.map_or_else(|| NONE.to_owned(), |l| or_none(&l.valid_from)),
                 leaf.map_or_else(|| NONE.to_owned(), |l| or_none(&l.expiration_time)),
                 expires_in(leaf.map(|_| c.expiry_seconds)),

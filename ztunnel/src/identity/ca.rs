@@ -12,6 +12,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
@@ -37,6 +39,12 @@ const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const MAX_BACKDATE: Duration = Duration::from_secs(60);
 /// 9999-12-31T23:59:59Z, the last time a certificate can encode (RFC 5280 §4.1.2.5).
 const LATEST_X509_TIME: i64 = 253_402_300_799;
+/// The file whose `flock` serializes the first start of ztunnels sharing a CA directory.
+pub const LOCK_FILE: &str = ".root.lock";
+/// How long a start waits for another ztunnel to finish creating the root (a key and a
+/// self-signed certificate: milliseconds, or seconds on a loaded machine).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+const LOCK_POLL: Duration = Duration::from_millis(20);
 
 /// A CA whose root lives in a directory on this node. Issues leaves for its trust domain.
 pub struct BuiltinCa {
@@ -60,20 +68,30 @@ impl BuiltinCa {
         }
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);
-        let (root, issuer) = match (exists(&cert_path)?, exists(&key_path)?) {
-            (true, true) => load_root(&cert_path, &key_path, trust_domain)?,
-            (false, false) => create_root(dir, &cert_path, &key_path, trust_domain)?,
-            (true, false) => {
-                return Err(Error::RootIncomplete {
-                    present: cert_path,
-                    missing: key_path,
-                });
-            }
-            (false, true) => {
-                return Err(Error::RootIncomplete {
-                    present: key_path,
-                    missing: cert_path,
-                });
+        // The usual start: both files there, nothing to create, no lock (the directory may
+        // be read-only). Anything else is decided under the directory's lock, so that of
+        // several ztunnels starting at once on an empty directory one creates the root and
+        // the others load it, and none mistakes a root being published for a broken one.
+        let (root, issuer) = if exists(&cert_path)? && exists(&key_path)? {
+            load_root(&cert_path, &key_path, trust_domain)?
+        } else {
+            create_dir(dir)?;
+            let _lock = lock_dir(dir, LOCK_TIMEOUT)?;
+            match (exists(&cert_path)?, exists(&key_path)?) {
+                (true, true) => load_root(&cert_path, &key_path, trust_domain)?,
+                (false, false) => create_root(dir, &cert_path, &key_path, trust_domain)?,
+                (true, false) => {
+                    return Err(Error::RootIncomplete {
+                        present: cert_path,
+                        missing: key_path,
+                    });
+                }
+                (false, true) => {
+                    return Err(Error::RootIncomplete {
+                        present: key_path,
+                        missing: cert_path,
+                    });
+                }
             }
         };
         Ok(Self {
@@ -231,12 +249,7 @@ fn root_params(distinguished_name: DistinguishedName) -> CertificateParams {
     params
 }
 
-fn create_root(
-    dir: &Path,
-    cert_path: &Path,
-    key_path: &Path,
-    trust_domain: &str,
-) -> Result<(CertificateDer<'static>, Issuer<'static, KeyPair>), Error> {
+fn create_dir(dir: &Path) -> Result<(), Error> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -245,16 +258,68 @@ fn create_root(
             action: "create the built-in ca directory",
             path: dir.to_owned(),
             source,
+        })
+}
+
+/// Takes the CA directory's lock (`flock` on [`LOCK_FILE`]), polling for at most `timeout`.
+/// The kernel drops it when the holder exits, so a crashed ztunnel never leaves it taken.
+fn lock_dir(dir: &Path, timeout: Duration) -> Result<Flock<fs::File>, Error> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| Error::Io {
+            action: "open the lock file",
+            path: path.clone(),
+            source,
         })?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::CaLocked {
+                        path,
+                        waited: timeout,
+                    });
+                }
+                file = f;
+                std::thread::sleep(LOCK_POLL);
+            }
+            Err((_, errno)) => {
+                return Err(Error::Io {
+                    action: "lock",
+                    path,
+                    source: errno.into(),
+                });
+            }
+        }
+    }
+}
+
+/// Creates and publishes a new root; the caller holds the directory's lock and found
+/// neither file.
+fn create_root(
+    dir: &Path,
+    cert_path: &Path,
+    key_path: &Path,
+    trust_domain: &str,
+) -> Result<(CertificateDer<'static>, Issuer<'static, KeyPair>), Error> {
     let (key, params, cert) = generate_root(trust_domain)?;
 
     // The key goes first: a crash in between leaves a key without a certificate, which
     // load_or_create reports instead of silently generating a second root.
-    write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
+    publish(dir, key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    publish(dir, cert_path, cert.pem().as_bytes(), 0o644)?;
+    sync_dir(dir)?;
     tracing::info!(
         cert = %cert_path.display(),
         trust_domain,
+        serial = %serial_hex(cert.der()),
         "generated a new built-in ca root"
     );
     Ok((cert.der().clone(), Issuer::new(params, key)))
@@ -283,22 +348,62 @@ fn generate_root(
     Ok((key, params, cert))
 }
 
-/// Writes a file that must not exist yet, created with `mode` so a key is never readable by
-/// others, not even between create and chmod.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        action: "write",
-        path: path.to_owned(),
-        source,
+/// Writes `contents` to a private temporary file in `dir` and links it to `path`, which
+/// must not exist yet (`link` fails with `EEXIST`, the `O_EXCL` of names). `path` thus
+/// appears complete or not at all: never half written, never replacing a root. The file
+/// is created with `mode`, so a key is never readable by others, not even for a moment.
+fn publish(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
     };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    file.write_all(contents).map_err(io)?;
-    file.sync_all().map_err(io)
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()
+    })()
+    .map_err(io("write", &tmp))
+    .and_then(|()| fs::hard_link(&tmp, path).map_err(io("write", path)));
+    // The name was only for the link; with or without it, the temporary file goes.
+    let removed = fs::remove_file(&tmp).map_err(io("remove", &tmp));
+    written.and(removed)
+}
+
+/// Makes the new names durable: without it a power loss could keep the key's name and
+/// lose the certificate's.
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            action: "sync the built-in ca directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// The certificate's serial number in hex, to tell roots apart in logs (rcgen derives it
+/// from the key, so two roots never share one).
+fn serial_hex(der: &[u8]) -> String {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_else(|_| "-".to_owned())
 }
 
 fn load_root(
@@ -429,7 +534,11 @@ fn root_from_pem(
             "built-in ca root was created for another trust domain"
         );
     }
-    tracing::info!(cert = %cert_path.display(), "loaded the built-in ca root");
+    tracing::info!(
+        cert = %cert_path.display(),
+        serial = %serial_hex(&root),
+        "loaded the built-in ca root"
+    );
     Ok((root, issuer))
 }
 
@@ -615,6 +724,67 @@ mod tests {
         let leaf = second.issue(&id("cluster.local", "app")).expect("issue");
         let (_, leaf) = X509Certificate::from_der(&leaf.chain[0]).expect("leaf parses");
         assert_eq!(leaf.issuer().as_raw(), root.subject().as_raw());
+    }
+
+    #[test]
+    fn ten_concurrent_first_starts_on_an_empty_dir_share_one_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        let start = std::sync::Barrier::new(10);
+        let roots: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..10)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        BuiltinCa::load_or_create(&ca_dir, "cluster.local", DEFAULT_LIFETIME)
+                            .map(|ca| ca.root().to_vec())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("no panic").expect("every start succeeds"))
+                .collect()
+        });
+        let on_disk =
+            CertificateDer::from_pem_slice(&fs::read(ca_dir.join(ROOT_CERT_FILE)).expect("cert"))
+                .expect("pem");
+        for root in &roots {
+            assert_eq!(
+                root.as_slice(),
+                on_disk.as_ref(),
+                "every start uses the published root"
+            );
+        }
+        // Nothing but the root, its key and the lock is left behind (no temporary files).
+        let mut names: Vec<String> = fs::read_dir(&ca_dir)
+            .expect("ca dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [LOCK_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE]);
+    }
+
+    #[test]
+    fn a_start_waits_for_the_lock_and_gives_up_after_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(dir.path(), Duration::from_secs(1)).expect("first lock");
+        let err = lock_dir(dir.path(), Duration::from_millis(100)).expect_err("lock is held");
+        assert!(matches!(err, Error::CaLocked { .. }), "{err}");
+        assert!(err.to_string().contains(LOCK_FILE), "{err}");
+        drop(held);
+        lock_dir(dir.path(), Duration::from_secs(1)).expect("free again once released");
+    }
+
+    #[test]
+    fn a_dir_holding_a_root_is_loaded_without_the_lock() {
+        // A mounted, read-only directory (a Secret volume) has no room for a lock file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = new_ca(dir.path()).root().clone();
+        fs::remove_file(dir.path().join(LOCK_FILE)).expect("remove lock");
+        let loaded = new_ca(dir.path());
+        assert_eq!(loaded.root(), &first);
+        assert!(!dir.path().join(LOCK_FILE).exists());
     }
 
     #[test]

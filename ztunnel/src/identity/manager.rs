@@ -45,6 +45,10 @@ pub struct CertificateSnapshot {
     pub not_after: Option<SystemTime>,
     /// Leaf and intermediates as PEM; empty without a certificate.
     pub chain_pem: String,
+    /// Leaf and intermediates (DER); empty without a certificate.
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The trust anchors that came with the certificate (DER).
+    pub roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Why the last fetch failed, while no certificate is usable.
     pub error: Option<String>,
 }
@@ -188,6 +192,8 @@ fn snapshot(id: &Identity, state: &CertificateState) -> CertificateSnapshot {
         not_before: None,
         not_after: None,
         chain_pem: String::new(),
+        chain: Vec::new(),
+        roots: Vec::new(),
         error: None,
     };
     match state {
@@ -197,6 +203,8 @@ fn snapshot(id: &Identity, state: &CertificateState) -> CertificateSnapshot {
             out.not_before = Some(cert.not_before);
             out.not_after = Some(cert.not_after);
             out.chain_pem = cert.chain_pem();
+            out.chain.clone_from(&cert.chain);
+            out.roots.clone_from(&cert.roots);
         }
         CertificateState::Unavailable(error) => {
             out.state = "unavailable";

@@ -202,6 +202,10 @@ mod tests {
             bytes(18, b"c1"),
             bytes(20, b"c1//Pod/shop/web-0"),
             bytes(22, &services_entry),
+            bytes(
+                24,
+                &msg(&[bytes(1, b"r1"), bytes(2, b"z1"), bytes(3, b"s1")]),
+            ),
         ]);
         round_trip(
             &bytes(1, &workload),
@@ -232,6 +236,11 @@ mod tests {
                             }],
                         },
                     )]),
+                    locality: Some(workload::Locality {
+                        region: "r1".into(),
+                        zone: "z1".into(),
+                        subzone: "s1".into(),
+                    }),
                 })),
             },
         );

@@ -61,6 +61,8 @@ pub struct Status {
     /// A ZDS snapshot has been reconciled since start.
     pub zds_synced: bool,
     pub zds_error: Option<String>,
+    /// What the xDS client received and how its streams ended (Istio's `istio_xds_*`).
+    pub xds_totals: crate::metrics::XdsTotals,
 }
 
 /// What the merged config is built from besides the resources.
@@ -120,6 +122,29 @@ impl IstioSource {
             s.xds_synced = true;
         }
         s.xds_error = error;
+    }
+
+    /// Counts an xDS response and its resources' bytes, by type URL.
+    pub fn count_xds_message(&self, resp: &super::proto::envoy::DeltaDiscoveryResponse) {
+        let bytes: usize = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|a| a.value.len())
+            .sum();
+        let mut s = lock(&self.status);
+        let t = &mut s.xds_totals;
+        *t.messages.entry(resp.type_url.clone()).or_default() += 1;
+        *t.message_bytes.entry(resp.type_url.clone()).or_default() += bytes as u64;
+    }
+
+    /// Counts the end of an xDS stream under Istio's reason.
+    pub fn count_xds_termination(&self, reason: &'static str) {
+        *lock(&self.status)
+            .xds_totals
+            .terminations
+            .entry(reason)
+            .or_default() += 1;
     }
 
     pub fn set_zds_connected(&self, connected: bool, error: Option<String>) {
@@ -252,6 +277,7 @@ impl IstioSource {
                         workload_name: None,
                         netns: None,
                         cgroup: None,
+                        locality: None,
                     }));
                     cfg.workloads.len() - 1
                 }

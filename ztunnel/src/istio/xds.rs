@@ -55,6 +55,37 @@ pub enum Error {
     Closed,
 }
 
+impl Error {
+    /// Istio's `istio_xds_connection_terminations_total` reason for a stream that ended
+    /// with this error: `ConnectionError` when istiod was never reached, `Reconnect` for
+    /// the ends istiod causes on purpose (its max connection age, a GOAWAY), `Complete`
+    /// when istiod closed the stream cleanly, `Error` for the rest (istio/ztunnel
+    /// `src/xds/client.rs`).
+    pub fn termination_reason(&self, got_response: bool) -> &'static str {
+        use tonic::Code;
+        match self {
+            Error::Closed => "Complete",
+            Error::Stream { status } => {
+                let msg = status.message();
+                match status.code() {
+                    Code::Unavailable if !got_response && !msg.contains("transport is closing") => {
+                        "ConnectionError"
+                    }
+                    Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => "Reconnect",
+                    Code::Unavailable
+                        if msg.contains("transport is closing")
+                            || msg.contains("received prior goaway") =>
+                    {
+                        "Reconnect"
+                    }
+                    _ => "Error",
+                }
+            }
+            Error::Invalid { .. } => "Error",
+        }
+    }
+}
+
 /// A workload as istiod describes it, converted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsWorkload {
@@ -250,6 +281,15 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
             workload_name: non_empty(&w.workload_name),
             netns: None,
             cgroup: None,
+            locality: w
+                .locality
+                .as_ref()
+                .map(|l| crate::state::Locality {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    subzone: l.subzone.clone(),
+                })
+                .filter(|l| *l != crate::state::Locality::default()),
         }),
         healthy,
         services,
@@ -488,6 +528,7 @@ pub async fn run(channel: AuthChannel, node: Node, source: Arc<IstioSource>) {
     loop {
         let mut got_response = false;
         let err = stream_once(channel.clone(), &node, &source, &mut got_response).await;
+        source.count_xds_termination(err.termination_reason(got_response));
         source.set_xds_connected(false, Some(err.to_string()));
         if got_response {
             backoff = BACKOFF_MIN;
@@ -536,6 +577,7 @@ async fn stream_once(
             source.set_xds_connected(true, None);
         }
         *got_response = true;
+        source.count_xds_message(&resp);
         let errors = source.apply_xds(&resp);
         let error_detail = (!errors.is_empty()).then(|| {
             let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
@@ -629,6 +671,7 @@ mod tests {
             w.services,
             [("shop/web.shop.svc".to_owned(), vec![(80, 8080)])]
         );
+        assert_eq!(w.workload.locality, None, "no locality sent, none kept");
     }
 
     #[test]
@@ -664,6 +707,54 @@ mod tests {
                     vec![(80, 9090), (443, 8443)]
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn stream_ends_get_istios_termination_reasons() {
+        let stream = |code, msg: &str| Error::Stream {
+            status: tonic::Status::new(code, msg),
+        };
+        let cases = [
+            (Error::Closed, true, "Complete"),
+            (
+                stream(tonic::Code::Unavailable, "connection refused"),
+                false,
+                "ConnectionError",
+            ),
+            (
+                stream(tonic::Code::Unavailable, "transport is closing"),
+                true,
+                "Reconnect",
+            ),
+            (stream(tonic::Code::Cancelled, "x"), true, "Reconnect"),
+            (
+                stream(tonic::Code::PermissionDenied, "bad token"),
+                false,
+                "Error",
+            ),
+            (stream(tonic::Code::Unavailable, "reset"), true, "Error"),
+        ];
+        for (err, got_response, want) in cases {
+            assert_eq!(err.termination_reason(got_response), want, "{err}");
+        }
+    }
+
+    #[test]
+    fn a_workloads_locality_is_kept_for_the_metric_labels() {
+        let mut with = workload("web-0", [10, 0, 0, 7]);
+        with.locality = Some(workload::Locality {
+            region: "eu-west1".into(),
+            zone: "eu-west1-b".into(),
+            subzone: String::new(),
+        });
+        let XdsAddress::Workload(w) = convert_address(&address(with)).expect("valid") else {
+            panic!("not a workload")
+        };
+        let l = w.workload.locality.clone().expect("locality kept");
+        assert_eq!(
+            (l.region.as_str(), l.zone.as_str()),
+            ("eu-west1", "eu-west1-b")
         );
     }
 

@@ -111,6 +111,8 @@ pub fn pod(p: &Pod) -> Option<PodRecord> {
             workload_name,
             netns: None,
             cgroup: None,
+            // The node's topology labels are not watched (see ARCHITECTURE.md).
+            locality: None,
         },
     })
 }

@@ -140,10 +140,11 @@ async fn open_stream(
     // The client as the app should see it: the tunnel's source (the calling pod).
     let src = SocketAddr::new(peer.ip(), target.forwarded_for.map_or(0, |f| f.port()));
     let started = Instant::now();
-    let id = proxy.connections.open_with(
+    let id = proxy.connections.open_hbone(
         Direction::Inbound,
         &pod.name,
         src,
+        dst,
         dst,
         Some(client.to_string()),
         Some(pod.identity.to_string()),

@@ -32,6 +32,12 @@ pub(super) async fn accept(
             return;
         }
     };
+    // The app's socket is bound to loopback (the connect was rewritten to 127.0.0.1); the
+    // connection is the pod's, so logs, records and the CONNECT name the pod's address,
+    // as Istio's ztunnel sees it after REDIRECT, with the app's port.
+    let src = pod
+        .addr_for(dst.ip())
+        .map_or(src, |ip| SocketAddr::new(ip, src.port()));
     let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
     handle(&proxy, &pod, stream, src, dst)
         .instrument(span)
@@ -88,11 +94,12 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 tracing::warn!(%endpoint, "pod has no address of the endpoint's family");
                 return;
             };
-            let id = proxy.connections.open_with(
+            let id = proxy.connections.open_hbone(
                 Direction::Outbound,
                 &pod.name,
                 src,
                 dst,
+                endpoint,
                 Some(pod.identity.to_string()),
                 identities.first().cloned(),
             );

@@ -291,8 +291,11 @@ fn a_listener_at_its_cap_stops_accepting_and_catches_up_as_handshakes_time_out()
         ],
     )?;
     let dump = z.dump()?;
-    assert_eq!(dump.config["limits"]["maxConnectionsPerListener"], 50);
-    assert_eq!(dump.config["limits"]["tlsAcceptTimeout"], "2s");
+    assert_eq!(
+        dump.ztunnel_config["limits"]["maxConnectionsPerListener"],
+        50
+    );
+    assert_eq!(dump.ztunnel_config["limits"]["tlsAcceptTimeout"], "2s");
 
     let mut attack = half_open(&m, b.addr(15008), N)?;
     // The kernel completed every connection, but ztunnel holds only CAP of them.

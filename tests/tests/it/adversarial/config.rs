@@ -251,7 +251,7 @@ fn empty_and_unreadable_workload_files_keep_the_last_good_config() -> anyhow::Re
     let log = z.log_text();
     let warning = log
         .lines()
-        .find(|l| l.contains("WARN") && l.contains("is empty"))
+        .find(|l| l.contains("\twarn\t") && l.contains("is empty"))
         .with_context(|| format!("no warning about the empty file:\n{log}"))?;
     assert!(
         warning.contains(&path.display().to_string()) && warning.contains("workloads: []"),
