@@ -1346,33 +1346,34 @@ mod tests {
     }
 
     #[test]
-    fn ours_get_their_ratio_to_istio_and_istio_and_s0_do_not() {
-        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio()).unwrap();
+    fn ours_get_their_ratio_to_istio_and_istio_and_s0_do_not() -> anyhow::Result<()> {
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
         let fig = |s: Scenario, k: &str| {
             r.scenarios
                 .iter()
                 .find(|x| x.scenario == s)
-                .unwrap()
+                .expect("scenario in the report")
                 .figures[k]
                 .clone()
         };
         let ours = fig(Scenario::S2, "tput_1_gbps");
         assert_eq!(ours.value, 9.05, "the median of the three rounds");
-        assert!((ours.ratio_to_i.unwrap() - 9.05 / 6.56).abs() < 1e-9);
-        assert!((ours.ratio_to_s0.unwrap() - 9.05 / 19.4).abs() < 1e-9);
+        assert!((ours.ratio_to_i.expect("ratio to I") - 9.05 / 6.56).abs() < 1e-9);
+        assert!((ours.ratio_to_s0.expect("ratio to S0") - 9.05 / 19.4).abs() < 1e-9);
         let theirs = fig(Scenario::I, "tput_1_gbps");
-        assert!((theirs.ratio_to_s0.unwrap() - 6.56 / 19.4).abs() < 1e-9);
+        assert!((theirs.ratio_to_s0.expect("ratio to S0") - 6.56 / 19.4).abs() < 1e-9);
         assert_eq!(theirs.ratio_to_i, None);
         assert_eq!(fig(Scenario::S0, "tput_1_gbps").ratio_to_i, None);
         // Proxy-only figures have no S0 to compare with, but ours still has I.
         let rss = fig(Scenario::S2, "rss_idle_mib");
         assert_eq!(rss.ratio_to_s0, None);
-        assert!((rss.ratio_to_i.unwrap() - 14.7 / 17.0).abs() < 1e-9);
+        assert!((rss.ratio_to_i.expect("ratio to I") - 14.7 / 17.0).abs() < 1e-9);
+        Ok(())
     }
 
     #[test]
-    fn targets_are_stated_against_istio_when_it_ran() {
-        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio()).unwrap();
+    fn targets_are_stated_against_istio_when_it_ran() -> anyhow::Result<()> {
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
         assert_eq!(r.targets.len(), 9, "{:?}", r.targets);
         // Added p50 at 1,000 req/s: +55.4 µs against +80 µs is 0.69×, within 0.7×.
         let t = target(&r, "p50 at 1,000 req/s");
@@ -1403,25 +1404,28 @@ mod tests {
         assert!(md.contains(" I Istio's ztunnel, dedicated mode, in-pod iptables |"));
         let svg = svg(&r);
         assert!(svg.contains(color(Scenario::I)));
+        Ok(())
     }
 
     #[test]
-    fn istio_adding_no_latency_fails_the_target_without_a_ratio() {
+    fn istio_adding_no_latency_fails_the_target_without_a_ratio() -> anyhow::Result<()> {
         let mut samples = samples_with_istio();
-        for r in samples.get_mut(&Scenario::I).unwrap() {
+        for r in samples.get_mut(&Scenario::I).expect("I sampled") {
             r.insert("rr_max_p50_us", 68.7);
         }
-        let r = build_report(&opts(Some("/x"), vec![]), &samples).unwrap();
+        let r = build_report(&opts(Some("/x"), vec![]), &samples)?;
         let t = target(&r, "p50 back to back");
         assert!(!t.met, "{t:?}");
         assert!(t.measured.ends_with("vs I +0.0 µs"), "{t:?}");
+        Ok(())
     }
 
     #[test]
-    fn without_istio_the_report_keeps_its_earlier_targets_and_no_ratios_to_i() {
+    fn without_istio_the_report_keeps_its_earlier_targets_and_no_ratios_to_i() -> anyhow::Result<()>
+    {
         let mut samples = samples_with_istio();
         samples.remove(&Scenario::I);
-        let r = build_report(&opts(None, vec![]), &samples).unwrap();
+        let r = build_report(&opts(None, vec![]), &samples)?;
         assert_eq!(r.targets.len(), 7, "{:?}", r.targets);
         assert!(
             r.scenarios
@@ -1432,32 +1436,34 @@ mod tests {
         let md = markdown(&r);
         assert!(!md.contains("× I"), "{md}");
         assert!(md.contains("`--istio-ztunnel PATH` adds it"), "{md}");
+        Ok(())
     }
 
     #[test]
-    fn scenario_i_runs_only_with_a_binary() {
+    fn scenario_i_runs_only_with_a_binary() -> anyhow::Result<()> {
         use Scenario::*;
-        assert_eq!(opts(None, vec![]).scenarios().unwrap(), [S0, S1, S2, S3]);
+        assert_eq!(opts(None, vec![]).scenarios()?, [S0, S1, S2, S3]);
+        assert_eq!(opts(Some("/x"), vec![]).scenarios()?, [S0, I, S1, S2, S3]);
         assert_eq!(
-            opts(Some("/x"), vec![]).scenarios().unwrap(),
-            [S0, I, S1, S2, S3]
-        );
-        assert_eq!(
-            opts(Some("/x"), vec![S2, I, S0]).scenarios().unwrap(),
+            opts(Some("/x"), vec![S2, I, S0]).scenarios()?,
             [S0, I, S2],
             "table order whatever the order given"
         );
-        let e = opts(None, vec![I]).scenarios().unwrap_err();
+        let e = opts(None, vec![I])
+            .scenarios()
+            .expect_err("I without a binary");
         assert!(format!("{e}").contains("--istio-ztunnel"), "{e}");
+        Ok(())
     }
 
     #[test]
-    fn a_report_written_before_scenario_i_still_reads() {
-        let v: Value = serde_json::from_str(r#"{"value": 2.5, "ratio_to_s0": 0.5}"#).unwrap();
+    fn a_report_written_before_scenario_i_still_reads() -> anyhow::Result<()> {
+        let v: Value = serde_json::from_str(r#"{"value": 2.5, "ratio_to_s0": 0.5}"#)?;
         assert_eq!(
             (v.value, v.ratio_to_s0, v.ratio_to_i),
             (2.5, Some(0.5), None)
         );
+        Ok(())
     }
 
     #[test]

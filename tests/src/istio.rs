@@ -297,9 +297,9 @@ mod tests {
     }
 
     #[test]
-    fn local_workload_file_lists_each_pod_as_an_hbone_workload_on_its_node() {
-        let yaml = local_xds_yaml(&[pod("client", 1, 10), pod("server", 2, 11)]).unwrap();
-        let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    fn local_workload_file_lists_each_pod_as_an_hbone_workload_on_its_node() -> anyhow::Result<()> {
+        let yaml = local_xds_yaml(&[pod("client", 1, 10), pod("server", 2, 11)])?;
+        let v: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
         let w = v["workloads"].as_sequence().expect("workloads");
         assert_eq!(w.len(), 2, "{yaml}");
         let server = &w[1];
@@ -322,7 +322,7 @@ mod tests {
         );
         let keys: Vec<&str> = server
             .as_mapping()
-            .unwrap()
+            .expect("a workload is a mapping")
             .keys()
             .filter_map(|k| k.as_str())
             .collect();
@@ -345,6 +345,7 @@ mod tests {
         }
         assert_eq!(v["policies"].as_sequence().map(Vec::len), Some(0));
         assert_eq!(v["services"].as_sequence().map(Vec::len), Some(0));
+        Ok(())
     }
 
     #[test]

@@ -103,33 +103,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn istio_binary_must_be_an_executable_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = istio_binary(&dir.path().join("ztunnel")).unwrap_err();
+    fn istio_binary_must_be_an_executable_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let missing = istio_binary(&dir.path().join("ztunnel")).expect_err("missing");
         assert!(
             format!("{missing:#}").contains("docs/bench/README.md"),
             "{missing:#}"
         );
-        let not_a_file = istio_binary(dir.path()).unwrap_err();
+        let not_a_file = istio_binary(dir.path()).expect_err("a directory");
         assert!(format!("{not_a_file:#}").contains("not an executable file"));
         let bin = dir.path().join("zt");
-        std::fs::write(&bin, "").unwrap();
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&bin, "")?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644))?;
         assert!(istio_binary(&bin).is_err(), "not executable");
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(istio_binary(&bin).unwrap(), bin);
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        assert_eq!(istio_binary(&bin)?, bin);
+        Ok(())
     }
 
     #[test]
-    fn relative_istio_binary_becomes_absolute() {
-        let dir = tempfile::tempdir().unwrap();
+    fn relative_istio_binary_becomes_absolute() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let bin = dir.path().join("zt");
-        std::fs::write(&bin, "").unwrap();
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cwd = std::env::current_dir().unwrap();
+        std::fs::write(&bin, "")?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        let cwd = std::env::current_dir()?;
         let rel = pathdiff(&bin, &cwd);
         assert!(rel.is_relative());
-        assert_eq!(istio_binary(&rel).unwrap(), cwd.join(&rel));
+        assert_eq!(istio_binary(&rel)?, cwd.join(&rel));
+        Ok(())
     }
 
     /// `to` relative to `from` (both absolute) by climbing to the root.
@@ -138,6 +140,6 @@ mod tests {
         for _ in from.components().skip(1) {
             p.push("..");
         }
-        p.join(to.strip_prefix("/").unwrap())
+        p.join(to.strip_prefix("/").expect("absolute"))
     }
 }
