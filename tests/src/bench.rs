@@ -442,8 +442,8 @@ fn run_scenario(
     drop(holder);
     let iperf = Path::new("iperf3");
     let port = IPERF_PORT.to_string();
-    let iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
-    wait_listening(&server, IPERF_PORT)?;
+    let mut iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
+    wait_listening(&server, IPERF_PORT, &mut iperf_server)?;
     let secs = opts.secs();
     let secs_arg = format!("{}", secs.ceil() as u64);
     let dst = server.ip4.to_string();
@@ -655,9 +655,18 @@ fn tune_pod(p: &Pod) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_listening(p: &Pod, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits until `server` (running in `p`) listens on `port`; generous, as the machine may
+/// be busy, and failing at once with the server's error output if it exited.
+fn wait_listening(p: &Pod, port: u16, server: &mut crate::PodProcess) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
+        if server.exited() {
+            bail!(
+                "the server for port {port} in {} exited: {}",
+                p.name,
+                server.stderr_text()
+            );
+        }
         let out = Command::new("ip")
             .args(["netns", "exec", &p.netns, "ss", "-Hltn"])
             .arg(format!("sport = :{port}"))

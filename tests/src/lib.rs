@@ -138,6 +138,16 @@ impl PodProcess {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// What it wrote to stderr (piped), read to the end: for a process that has exited.
+    pub fn stderr_text(&mut self) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if let Some(e) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    }
+
     /// Whether it has exited (it is reaped then).
     pub fn exited(&mut self) -> bool {
         self.child
