@@ -1,7 +1,10 @@
 //! The performance harness behind `cargo xtask bench`: the same two-node topology run
-//! as S0 (no mesh), S1 (our ztunnel, iptables capture), S2 (eBPF capture) and S3 (S2 plus
-//! the sk_msg fast path), alternating scenarios round by round so that machine drift
-//! spreads over all of them. Each figure is the median over the rounds.
+//! as S0 (no mesh), I (Istio's ztunnel, when a binary is given: see [`crate::istio`]),
+//! S1 (our ztunnel, iptables capture), S2 (eBPF capture) and S3 (S2 plus the sk_msg fast
+//! path), a fresh topology per scenario, alternating scenarios round by round so that
+//! machine drift spreads over all of them. Each figure is the median over the rounds, with
+//! its ratio to S0; ours (S1–S3) also with their ratio to I, and the targets are stated
+//! against I when it ran.
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -13,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{Pod, Topology, Ztunnel, teardown};
+use crate::{Pod, Topology, istio::IstioZtunnel, teardown};
 
 /// The echo port the latency and connection tests use, and iperf3's.
 const ECHO_PORT: u16 = 7000;
@@ -27,30 +30,46 @@ const MAX_ROUNDS: usize = 9;
 )]
 pub enum Scenario {
     S0,
+    /// Istio's ztunnel (upstream, release build), one instance per pod in its dedicated
+    /// mode with its in-pod iptables redirect; run only when a binary is given.
+    I,
     S1,
     S2,
     S3,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [Scenario::S0, Scenario::S1, Scenario::S2, Scenario::S3];
+    pub const ALL: [Scenario; 5] = [
+        Scenario::S0,
+        Scenario::I,
+        Scenario::S1,
+        Scenario::S2,
+        Scenario::S3,
+    ];
 
     pub fn describe(self) -> &'static str {
         match self {
             Scenario::S0 => "no mesh (pod to pod directly)",
+            Scenario::I => "Istio's ztunnel, dedicated mode, in-pod iptables",
             Scenario::S1 => "ztunnel, iptables capture",
             Scenario::S2 => "ztunnel, eBPF capture",
             Scenario::S3 => "ztunnel, eBPF capture + sk_msg fast path",
         }
     }
 
-    fn mesh(self) -> bool {
+    /// Our ztunnel runs (and the pods are enrolled in it).
+    pub fn ours(self) -> bool {
+        matches!(self, Scenario::S1 | Scenario::S2 | Scenario::S3)
+    }
+
+    /// Some proxy carries the traffic (ours or Istio's).
+    pub fn proxied(self) -> bool {
         self != Scenario::S0
     }
 
     fn capture(self) -> Option<&'static str> {
         match self {
-            Scenario::S0 => None,
+            Scenario::S0 | Scenario::I => None,
             Scenario::S1 => Some("iptables"),
             Scenario::S2 | Scenario::S3 => Some("ebpf"),
         }
@@ -82,7 +101,7 @@ pub struct Figure {
     pub label: &'static str,
     pub unit: &'static str,
     pub higher_is_better: bool,
-    /// Measured on ztunnel itself (none in S0).
+    /// Measured on the proxy process itself (none in S0).
     pub ztunnel_only: bool,
 }
 
@@ -204,9 +223,24 @@ pub struct Options {
     pub profile: bool,
     /// Where the report files go (created if missing).
     pub out_dir: PathBuf,
+    /// Istio's ztunnel binary (built with its `testing` feature): adds scenario I.
+    pub istio_ztunnel: Option<PathBuf>,
 }
 
 impl Options {
+    /// The scenarios this run measures, in table order: every one (I only with a binary),
+    /// or those of `only`.
+    pub fn scenarios(&self) -> anyhow::Result<Vec<Scenario>> {
+        if self.only.contains(&Scenario::I) && self.istio_ztunnel.is_none() {
+            bail!("scenario I needs Istio's ztunnel: pass --istio-ztunnel PATH");
+        }
+        Ok(Scenario::ALL
+            .into_iter()
+            .filter(|s| self.only.is_empty() || self.only.contains(s))
+            .filter(|s| *s != Scenario::I || self.istio_ztunnel.is_some())
+            .collect())
+    }
+
     fn rounds(&self) -> usize {
         if self.quick { 1 } else { 3 }
     }
@@ -234,6 +268,9 @@ pub struct Value {
     pub value: f64,
     /// value / S0's value for the same figure, from the same run.
     pub ratio_to_s0: Option<f64>,
+    /// For ours (S1–S3): value / I's value for the same figure, from the same run.
+    #[serde(default)]
+    pub ratio_to_i: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +299,9 @@ pub struct Report {
     pub date: String,
     pub commit: String,
     pub machine: Machine,
+    /// What `<Istio's ztunnel> version` printed, when scenario I ran.
+    #[serde(default)]
+    pub istio_ztunnel: Option<String>,
     pub scenarios: Vec<ScenarioResult>,
     pub targets: Vec<Target>,
 }
@@ -279,6 +319,14 @@ impl Report {
 /// Runs every scenario and writes `bench.md`, `bench.json` and `bench.svg` to `out_dir`.
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
     crate::require_root();
+    let scenarios = opts.scenarios()?;
+    if let Some(bin) = &opts.istio_ztunnel {
+        anyhow::ensure!(
+            bin.is_file(),
+            "Istio's ztunnel {} is not a file (docs/bench/README.md says how to build it)",
+            bin.display()
+        );
+    }
     remove_leftovers()?;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("failed to create {}", opts.out_dir.display()))?;
@@ -286,12 +334,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut samples: BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>> = BTreeMap::new();
     for round in 0..opts.rounds() {
         // Alternate the order each round so that no scenario always runs first.
-        let mut order = Scenario::ALL.to_vec();
-        order.rotate_left(round % Scenario::ALL.len());
+        let mut order = scenarios.clone();
+        let n = order.len().max(1);
+        order.rotate_left(round % n);
         for s in order {
-            if !opts.only.is_empty() && !opts.only.contains(&s) {
-                continue;
-            }
             eprintln!(
                 "bench: round {}/{} {s:?} ({})",
                 round + 1,
@@ -299,7 +345,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
                 s.describe()
             );
             let id = format!("{ID_PREFIX}{round}{}", s as u8);
-            let subnet = 210 + (round * 4) as u8 + s as u8;
+            let subnet = subnet(round, s);
             let figures = run_scenario(opts, s, &id, subnet).with_context(|| {
                 format!("scenario {s:?} ({}) round {}", s.describe(), round + 1)
             })?;
@@ -310,6 +356,13 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     write_outputs(&report, &opts.out_dir)?;
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(report)
+}
+
+/// The address block `10.<subnet>.0.0/16` of a round's scenario: distinct for every round
+/// and scenario, so that a topology being torn down never shares addresses with the next.
+fn subnet(round: usize, s: Scenario) -> u8 {
+    u8::try_from(210 + round * Scenario::ALL.len() + s as usize)
+        .expect("MAX_ROUNDS rounds of every scenario fit in 210..=255")
 }
 
 /// Removes what an interrupted run left (fixed names, like the demo's).
@@ -331,25 +384,45 @@ fn run_scenario(
     let mut topo = Topology::named(id, subnet)?;
     topo.capture = s.capture().map(str::to_owned);
     topo.add_node()?;
-    let client = topo.add_pod_on(1, "client", s.mesh(), false)?;
-    let server = topo.add_pod_on(2, "server", s.mesh(), false)?;
+    let client = topo.add_pod_on(1, "client", s.ours(), false)?;
+    let server = topo.add_pod_on(2, "server", s.ours(), false)?;
     for p in [&client, &server] {
         tune_pod(p)?;
     }
-    let ztunnels = if s.mesh() {
+    let mut ztunnels = Vec::new();
+    let mut istio = Vec::new();
+    if s.ours() {
         let mut z1 = topo.start_ztunnel_on("node1", s.fast_path())?;
         let mut z2 = topo.start_ztunnel_on("node2", s.fast_path())?;
         z1.print_log = false;
         z2.print_log = false;
-        eprintln!("bench: ztunnel pids {} {}", z1.pid(), z2.pid());
-        vec![z1, z2]
-    } else {
-        Vec::new()
-    };
+        ztunnels = vec![z1, z2];
+    }
+    if s == Scenario::I {
+        let bin = opts
+            .istio_ztunnel
+            .as_deref()
+            .context("scenario I without Istio's ztunnel")?;
+        let file = topo.dir.path().join("istio-workloads.yaml");
+        std::fs::write(&file, crate::istio::local_xds_yaml(&topo.pods)?)
+            .with_context(|| format!("failed to write {}", file.display()))?;
+        for p in [&client, &server] {
+            istio.push(IstioZtunnel::start(&mut topo, p, bin, &file)?);
+        }
+    }
+    // The proxies whose CPU and memory are measured: one per node (or per pod, for I).
+    let proxies: Vec<u32> = ztunnels
+        .iter()
+        .map(|z| z.pid())
+        .chain(istio.iter().map(IstioZtunnel::pid))
+        .collect();
+    if !proxies.is_empty() {
+        eprintln!("bench: proxy pids {proxies:?}");
+    }
     let mut f = BTreeMap::new();
     // Let start-up settle before the idle reading.
     std::thread::sleep(Duration::from_millis(500));
-    let idle = max_rss(&ztunnels)?;
+    let idle = max_rss(&proxies)?;
 
     let _echo = topo.serve(&server, server.addr(ECHO_PORT))?;
     // Idle connections first, before bulk transfers have grown the heap.
@@ -365,17 +438,17 @@ fn run_scenario(
     }
     // The tunnels are all up once every connection echoed; give the allocator a moment.
     std::thread::sleep(Duration::from_millis(300));
-    let with_conns = max_rss(&ztunnels)?;
+    let with_conns = max_rss(&proxies)?;
     drop(holder);
     let iperf = Path::new("iperf3");
     let port = IPERF_PORT.to_string();
-    let iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
-    wait_listening(&server, IPERF_PORT)?;
+    let mut iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
+    wait_listening(&server, IPERF_PORT, &mut iperf_server)?;
     let secs = opts.secs();
     let secs_arg = format!("{}", secs.ceil() as u64);
     let dst = server.ip4.to_string();
 
-    let cpu0 = cpu_seconds(&ztunnels)?;
+    let cpu0 = cpu_seconds(&proxies)?;
     let mut bytes = 0.0;
     let bulk: &[(u32, &str)] = if s.fast_path() {
         &[]
@@ -384,7 +457,7 @@ fn run_scenario(
     };
     for &(streams, key) in bulk {
         let perf = (streams == 1)
-            .then(|| Profiler::start(opts, s, "throughput", &ztunnels))
+            .then(|| Profiler::start(opts, s, "throughput", &proxies))
             .transpose()?
             .flatten();
         let out = topo
@@ -411,7 +484,7 @@ fn run_scenario(
         f.insert(key, bps / 1e9);
         bytes += moved;
     }
-    let cpu_tput = cpu_seconds(&ztunnels)? - cpu0;
+    let cpu_tput = cpu_seconds(&proxies)? - cpu0;
     drop(iperf_server);
 
     let secs_s = format!("{secs}");
@@ -429,8 +502,8 @@ fn run_scenario(
         }
     }
 
-    let cpu0 = cpu_seconds(&ztunnels)?;
-    let perf = Profiler::start(opts, s, "connections", &ztunnels)?;
+    let cpu0 = cpu_seconds(&proxies)?;
+    let perf = Profiler::start(opts, s, "connections", &proxies)?;
     let v = json_line(
         &topo
             .spawn(
@@ -439,14 +512,25 @@ fn run_scenario(
             )?
             .wait_ok()?,
     )?;
-    let cpu_conns = cpu_seconds(&ztunnels)? - cpu0;
+    let cpu_conns = cpu_seconds(&proxies)? - cpu0;
     if let Some(p) = perf {
         p.finish()?;
     }
     let conns = num(&v, "connections")?;
     f.insert("conn_per_sec", num(&v, "per_sec")?);
+    // Istio's ztunnel measured only counts if it tunnelled: the server's instance must
+    // have accepted the client's connections over mutual TLS.
+    if let Some(server_side) = istio.last() {
+        let mtls = server_side.mtls_connections_accepted()?;
+        if mtls < conns {
+            bail!(
+                "Istio's ztunnel in the server pod accepted {mtls} connections over mutual TLS, \
+                 fewer than the {conns} of the connection test alone: scenario I did not tunnel"
+            );
+        }
+    }
 
-    if s.mesh() {
+    if s.proxied() {
         if bytes > 0.0 {
             f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
         }
@@ -458,13 +542,13 @@ fn run_scenario(
             "kib_per_idle_conn",
             with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
         );
-        f.insert("rss_peak_mib", mib(max_status(&ztunnels, "VmHWM")?));
+        f.insert("rss_peak_mib", mib(max_status(&proxies, "VmHWM")?));
     }
-    drop(ztunnels);
+    drop((ztunnels, istio));
     Ok(f)
 }
 
-/// `perf record` on the ztunnels for one phase, then a flame graph of it.
+/// `perf record` on the proxies for one phase, then a flame graph of it.
 struct Profiler {
     child: std::process::Child,
     data: PathBuf,
@@ -477,12 +561,12 @@ impl Profiler {
         opts: &Options,
         s: Scenario,
         phase: &str,
-        zs: &[Ztunnel],
+        proxies: &[u32],
     ) -> anyhow::Result<Option<Self>> {
-        if !opts.profile || zs.is_empty() {
+        if !opts.profile || proxies.is_empty() {
             return Ok(None);
         }
-        let pids: Vec<String> = zs.iter().map(|z| z.pid().to_string()).collect();
+        let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
         let name = format!("flame-{s:?}-{phase}").to_lowercase();
         let data = opts.out_dir.join(format!("{name}.perf.data"));
         let child = Command::new("perf")
@@ -510,7 +594,7 @@ impl Profiler {
             child,
             data,
             svg: opts.out_dir.join(format!("{name}.svg")),
-            title: format!("ztunnel, {s:?} ({}), {phase}", s.describe()),
+            title: format!("{s:?} ({}), {phase}", s.describe()),
         }))
     }
 
@@ -552,13 +636,17 @@ fn static_key(prefix: &str, q: &str) -> &'static str {
 }
 
 /// A wide port range and TIME_WAIT reuse, so that the connection-rate test measures the
-/// proxy, not ephemeral-port exhaustion.
+/// proxy, not ephemeral-port exhaustion; the servers' ports are kept out of that range:
+/// a proxy that dials the app from the client's address and port (ours) holds that port in
+/// the server pod, and a client port of 5201 would keep iperf3 from listening there.
 fn tune_pod(p: &Pod) -> anyhow::Result<()> {
+    let reserved = format!("net.ipv4.ip_local_reserved_ports={ECHO_PORT},{IPERF_PORT}");
     let out = Command::new("ip")
         .args(["netns", "exec", &p.netns, "sysctl", "-qw"])
         .args([
             "net.ipv4.ip_local_port_range=1024 65000",
             "net.ipv4.tcp_tw_reuse=1",
+            &reserved,
         ])
         .output()?;
     if !out.status.success() {
@@ -571,9 +659,18 @@ fn tune_pod(p: &Pod) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_listening(p: &Pod, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits until `server` (running in `p`) listens on `port`; generous, as the machine may
+/// be busy, and failing at once with the server's error output if it exited.
+fn wait_listening(p: &Pod, port: u16, server: &mut crate::PodProcess) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
+        if server.exited() {
+            bail!(
+                "the server for port {port} in {} exited: {}",
+                p.name,
+                server.stderr_text()
+            );
+        }
         let out = Command::new("ip")
             .args(["netns", "exec", &p.netns, "ss", "-Hltn"])
             .arg(format!("sport = :{port}"))
@@ -614,13 +711,13 @@ fn num(v: &serde_json::Value, key: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("no number {key:?} in {v}"))
 }
 
-/// User + system CPU seconds of the ztunnels so far.
-fn cpu_seconds(zs: &[Ztunnel]) -> anyhow::Result<f64> {
+/// User + system CPU seconds of the proxies so far.
+fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut total = 0.0;
-    for z in zs {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", z.pid()))?;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // After the command: state is field 3, utime 14 and stime 15 (proc(5)).
@@ -641,17 +738,17 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
-/// The larger of the ztunnels' values (the busier node decides what to provision).
-fn max_status(zs: &[Ztunnel], field: &str) -> anyhow::Result<u64> {
+/// The larger of the proxies' values (the busier one decides what to provision).
+fn max_status(pids: &[u32], field: &str) -> anyhow::Result<u64> {
     let mut m = 0;
-    for z in zs {
-        m = m.max(status_kib(z.pid(), field)?);
+    for pid in pids {
+        m = m.max(status_kib(*pid, field)?);
     }
     Ok(m)
 }
 
-fn max_rss(zs: &[Ztunnel]) -> anyhow::Result<u64> {
-    max_status(zs, "VmRSS")
+fn max_rss(pids: &[u32]) -> anyhow::Result<u64> {
+    max_status(pids, "VmRSS")
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -683,6 +780,10 @@ fn build_report(
         })
         .collect();
     let s0 = medians.get(&Scenario::S0).cloned().unwrap_or_default();
+    let istio = medians.get(&Scenario::I).cloned().unwrap_or_default();
+    let ratio = |base: &BTreeMap<&'static str, f64>, k: &str, v: f64| {
+        base.get(k).filter(|b| **b != 0.0).map(|b| v / b)
+    };
     let scenarios = medians
         .iter()
         .map(|(s, m)| ScenarioResult {
@@ -691,12 +792,12 @@ fn build_report(
             figures: m
                 .iter()
                 .map(|(k, v)| {
-                    let ratio = s0.get(k).filter(|b| **b != 0.0).map(|b| v / b);
                     (
                         (*k).to_owned(),
                         Value {
                             value: *v,
-                            ratio_to_s0: ratio,
+                            ratio_to_s0: ratio(&s0, k, *v),
+                            ratio_to_i: if s.ours() { ratio(&istio, k, *v) } else { None },
                         },
                     )
                 })
@@ -716,6 +817,11 @@ fn build_report(
         date: date(),
         commit: commit(),
         machine: machine()?,
+        istio_ztunnel: opts
+            .istio_ztunnel
+            .as_deref()
+            .filter(|_| medians.contains_key(&Scenario::I))
+            .map(istio_version),
         scenarios,
         targets: Vec::new(),
     };
@@ -723,7 +829,98 @@ fn build_report(
     Ok(report)
 }
 
+/// The targets of issue 16, for ours (S2, the default eBPF capture) against Istio's ztunnel
+/// measured in the same run; the earlier absolute targets when I did not run.
 fn targets(r: &Report) -> Vec<Target> {
+    if has_istio(r) {
+        targets_against_istio(r)
+    } else {
+        targets_without_istio(r)
+    }
+}
+
+fn targets_against_istio(r: &Report) -> Vec<Target> {
+    use Scenario::*;
+    let g = |s, k| r.get(s, k).unwrap_or(f64::NAN);
+    let mut t = Vec::new();
+    // Latency added over no mesh: ours ≤ factor × Istio's (compared by product, so that
+    // an Istio figure at or below S0 still gives a plain answer).
+    for (key, what, factor) in [
+        ("rr_fixed_p50_us", "p50 at 1,000 req/s", 0.7),
+        ("rr_max_p50_us", "p50 back to back", 0.7),
+        ("rr_fixed_p99_us", "p99 at 1,000 req/s", 1.0),
+        ("rr_max_p99_us", "p99 back to back", 1.0),
+    ] {
+        let ours = g(S2, key) - g(S0, key);
+        let theirs = g(I, key) - g(S0, key);
+        let ratio = if theirs > 0.0 {
+            format!(": {:.2}×", ours / theirs)
+        } else {
+            String::new()
+        };
+        t.push(Target {
+            name: format!("latency added over S0, 1 KiB RR {what}"),
+            target: format!("≤ {factor}× I"),
+            measured: format!("S2 {ours:+.1} µs vs I {theirs:+.1} µs{ratio}"),
+            met: ours <= factor * theirs,
+        });
+    }
+    for (key, name, unit, higher, factor) in [
+        (
+            "kib_per_idle_conn",
+            "memory per idle tunnelled connection",
+            "KiB",
+            false,
+            0.5,
+        ),
+        (
+            "tput_1_gbps",
+            "single-stream throughput",
+            "Gbit/s",
+            true,
+            1.5,
+        ),
+        ("cpu_s_per_gb", "CPU per GB moved", "CPU s/GB", false, 0.7),
+        (
+            "conn_per_sec",
+            "new connections per second",
+            "conn/s",
+            true,
+            1.5,
+        ),
+        ("rss_idle_mib", "idle RSS per proxy", "MiB", false, 1.0),
+    ] {
+        let (ours, theirs) = (g(S2, key), g(I, key));
+        let met = if higher {
+            ours >= factor * theirs
+        } else {
+            ours <= factor * theirs
+        };
+        t.push(Target {
+            name: name.to_owned(),
+            target: format!("{} {factor}× I", if higher { "≥" } else { "≤" }),
+            measured: format!(
+                "S2 {} vs I {} {unit}: {:.2}×",
+                short(ours),
+                short(theirs),
+                ours / theirs
+            ),
+            met,
+        });
+    }
+    t
+}
+
+/// A figure with three significant digits or so (no decimals from 100 up).
+fn short(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn targets_without_istio(r: &Report) -> Vec<Target> {
     use Scenario::*;
     let g = |s, k| r.get(s, k).unwrap_or(f64::NAN);
     let mut t = Vec::new();
@@ -788,6 +985,15 @@ fn targets(r: &Report) -> Vec<Target> {
         per <= 30.0,
     );
     t
+}
+
+/// `<bin> version` (Istio's build info line), or why it could not be read.
+fn istio_version(bin: &Path) -> String {
+    match Command::new(bin).arg("version").output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        Ok(o) => format!("{} version: {}", bin.display(), o.status),
+        Err(e) => format!("{} version: {e}", bin.display()),
+    }
 }
 
 fn date() -> String {
@@ -870,19 +1076,21 @@ fn write_outputs(r: &Report, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A figure with its ratios: `value (r× S0)`, and for ours `value (r× S0, r× I)`.
 fn cell(v: Option<&Value>, not_measured: bool) -> String {
     match v {
         None if not_measured => "not measured¹".to_owned(),
         None => "—".to_owned(),
         Some(v) => {
-            let n = if v.value >= 100.0 {
-                format!("{:.0}", v.value)
+            let n = short(v.value);
+            let ratios: Vec<String> = [(v.ratio_to_s0, "S0"), (v.ratio_to_i, "I")]
+                .iter()
+                .filter_map(|(r, base)| r.map(|r| format!("{r:.2}× {base}")))
+                .collect();
+            if ratios.is_empty() {
+                n
             } else {
-                format!("{:.2}", v.value)
-            };
-            match v.ratio_to_s0 {
-                Some(r) => format!("{n} ({r:.2}×)"),
-                None => n,
+                format!("{n} ({})", ratios.join(", "))
             }
         }
     }
@@ -893,7 +1101,7 @@ pub fn markdown(r: &Report) -> String {
     let mut s = format!(
         "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n\n\
          {} round(s), {} s per measurement, {} idle connections; each figure is the median \
-         over the rounds, with its ratio to S0 from the same run.\n\n",
+         over the rounds, with its ratio to S0 from the same run{}.\n\n",
         r.mode,
         r.date,
         r.commit,
@@ -904,7 +1112,18 @@ pub fn markdown(r: &Report) -> String {
         r.rounds,
         r.seconds_per_measurement,
         r.idle_connections,
+        if has_istio(r) {
+            " and, for ours (S1–S3), its ratio to I (Istio's ztunnel)"
+        } else {
+            ""
+        },
     );
+    if let Some(v) = &r.istio_ztunnel {
+        s += &format!(
+            "I is Istio's ztunnel, `{v}`, one instance per pod in its dedicated mode \
+             (docs/bench/README.md says how it was built and configured).\n\n"
+        );
+    }
     s += "| figure | unit |";
     for sc in &r.scenarios {
         s += &format!(" {:?} {} |", sc.scenario, sc.description);
@@ -935,7 +1154,12 @@ pub fn markdown(r: &Report) -> String {
     for n in notes {
         s += &format!("\n¹ {n}\n");
     }
-    s += "\n## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|\n";
+    s += if has_istio(r) {
+        "\n## Targets (S2 against I, same run)\n\n"
+    } else {
+        "\n## Targets (no Istio's ztunnel in this run: `--istio-ztunnel PATH` adds it)\n\n"
+    };
+    s += "| target | goal | measured | met |\n|---|---|---|---|\n";
     for t in &r.targets {
         s += &format!(
             "| {} | {} | {} | {} |\n",
@@ -948,10 +1172,24 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-/// Grouped bars: each figure as a ratio to S0 for S1–S3 (S0 is the 1.0 line).
+fn has_istio(r: &Report) -> bool {
+    r.scenarios.iter().any(|s| s.scenario == Scenario::I)
+}
+
+/// The bar colour of a scenario (S0 grey, I purple, S1 orange, S2 blue, S3 green).
+fn color(s: Scenario) -> &'static str {
+    match s {
+        Scenario::S0 => "#9e9e9e",
+        Scenario::I => "#8e44ad",
+        Scenario::S1 => "#e07b39",
+        Scenario::S2 => "#3a7dc9",
+        Scenario::S3 => "#3aa35b",
+    }
+}
+
+/// Grouped bars: each figure as a ratio to S0 for every scenario (S0 is the 1.0 line).
 pub fn svg(r: &Report) -> String {
     let keys: Vec<&Figure> = FIGURES.iter().filter(|f| !f.ztunnel_only).collect();
-    let colors = ["#9e9e9e", "#e07b39", "#3a7dc9", "#3aa35b"];
     let bar = 14.0;
     let (left, top, row) = (320.0, 40.0, bar * r.scenarios.len() as f64 + 16.0);
     let width = 960.0;
@@ -991,7 +1229,7 @@ pub fn svg(r: &Report) -> String {
             };
             let ratio = v.ratio_to_s0.unwrap_or(1.0);
             let y = y0 + 2.0 + bar * j as f64;
-            let c = colors[sc.scenario as usize % colors.len()];
+            let c = color(sc.scenario);
             s += &format!(
                 "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{}\" fill=\"{c}\"/>\
                  <text x=\"{:.1}\" y=\"{}\" font-size=\"10\">{ratio:.2}</text>\n",
@@ -1009,7 +1247,7 @@ pub fn svg(r: &Report) -> String {
     );
     for (j, sc) in r.scenarios.iter().enumerate() {
         let ly = height - legend + 18.0 * j as f64 - 5.0;
-        let c = colors[sc.scenario as usize % colors.len()];
+        let c = color(sc.scenario);
         s += &format!(
             "<rect x=\"{left}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{c}\"/>\
              <text x=\"{}\" y=\"{:.1}\">{:?} {}</text>\n",
@@ -1034,4 +1272,221 @@ pub fn leftovers_gone() -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(istio: Option<&str>, only: Vec<Scenario>) -> Options {
+        Options {
+            quick: false,
+            only,
+            profile: false,
+            out_dir: PathBuf::new(),
+            istio_ztunnel: istio.map(PathBuf::from),
+        }
+    }
+
+    /// One round's figures: every figure at 10 (S0 without the proxy-only ones), then
+    /// `set` on top.
+    fn round(s: Scenario, set: &[(&'static str, f64)]) -> BTreeMap<&'static str, f64> {
+        let mut m: BTreeMap<&'static str, f64> = FIGURES
+            .iter()
+            .filter(|f| s.proxied() || !f.ztunnel_only)
+            .map(|f| (f.key, 10.0))
+            .collect();
+        m.extend(set.iter().copied());
+        m
+    }
+
+    /// S0, I and S2 as in issue 16's table (I and S2 given over three rounds, the middle
+    /// one being the median).
+    fn samples_with_istio() -> BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>> {
+        let s0 = [
+            ("tput_1_gbps", 19.4),
+            ("rr_fixed_p50_us", 92.6),
+            ("rr_fixed_p99_us", 150.0),
+            ("rr_max_p50_us", 68.7),
+            ("rr_max_p99_us", 90.0),
+            ("conn_per_sec", 15149.0),
+        ];
+        let istio = [
+            ("tput_1_gbps", 6.56),
+            ("rr_fixed_p50_us", 172.6),
+            ("rr_fixed_p99_us", 250.0),
+            ("rr_max_p50_us", 108.7),
+            ("rr_max_p99_us", 190.0),
+            ("conn_per_sec", 2875.0),
+            ("cpu_s_per_gb", 1.43),
+            ("rss_idle_mib", 17.0),
+            ("kib_per_idle_conn", 6.6),
+        ];
+        let ours = [
+            ("tput_1_gbps", 9.05),
+            ("rr_fixed_p50_us", 148.0),
+            ("rr_fixed_p99_us", 260.0),
+            ("rr_max_p50_us", 128.7),
+            ("rr_max_p99_us", 180.0),
+            ("conn_per_sec", 3002.0),
+            ("cpu_s_per_gb", 1.25),
+            ("rss_idle_mib", 14.7),
+            ("kib_per_idle_conn", 13.8),
+        ];
+        let spread = |s: Scenario, set: &[(&'static str, f64)]| {
+            // A worse and a better round around the median one.
+            let scaled = |k: f64| -> Vec<(&'static str, f64)> {
+                set.iter().map(|(n, v)| (*n, v * k)).collect()
+            };
+            vec![
+                round(s, &scaled(1.5)),
+                round(s, set),
+                round(s, &scaled(0.5)),
+            ]
+        };
+        BTreeMap::from([
+            (Scenario::S0, spread(Scenario::S0, &s0)),
+            (Scenario::I, spread(Scenario::I, &istio)),
+            (Scenario::S2, spread(Scenario::S2, &ours)),
+        ])
+    }
+
+    fn target<'a>(r: &'a Report, name: &str) -> &'a Target {
+        r.targets
+            .iter()
+            .find(|t| t.name.contains(name))
+            .unwrap_or_else(|| panic!("no target {name:?} in {:?}", r.targets))
+    }
+
+    #[test]
+    fn ours_get_their_ratio_to_istio_and_istio_and_s0_do_not() -> anyhow::Result<()> {
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
+        let fig = |s: Scenario, k: &str| {
+            r.scenarios
+                .iter()
+                .find(|x| x.scenario == s)
+                .expect("scenario in the report")
+                .figures[k]
+                .clone()
+        };
+        let ours = fig(Scenario::S2, "tput_1_gbps");
+        assert_eq!(ours.value, 9.05, "the median of the three rounds");
+        assert!((ours.ratio_to_i.expect("ratio to I") - 9.05 / 6.56).abs() < 1e-9);
+        assert!((ours.ratio_to_s0.expect("ratio to S0") - 9.05 / 19.4).abs() < 1e-9);
+        let theirs = fig(Scenario::I, "tput_1_gbps");
+        assert!((theirs.ratio_to_s0.expect("ratio to S0") - 6.56 / 19.4).abs() < 1e-9);
+        assert_eq!(theirs.ratio_to_i, None);
+        assert_eq!(fig(Scenario::S0, "tput_1_gbps").ratio_to_i, None);
+        // Proxy-only figures have no S0 to compare with, but ours still has I.
+        let rss = fig(Scenario::S2, "rss_idle_mib");
+        assert_eq!(rss.ratio_to_s0, None);
+        assert!((rss.ratio_to_i.expect("ratio to I") - 14.7 / 17.0).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn targets_are_stated_against_istio_when_it_ran() -> anyhow::Result<()> {
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
+        assert_eq!(r.targets.len(), 9, "{:?}", r.targets);
+        // Added p50 at 1,000 req/s: +55.4 µs against +80 µs is 0.69×, within 0.7×.
+        let t = target(&r, "p50 at 1,000 req/s");
+        assert_eq!(t.target, "≤ 0.7× I");
+        assert!(t.met, "{t:?}");
+        assert_eq!(t.measured, "S2 +55.4 µs vs I +80.0 µs: 0.69×");
+        // Back to back: +60 against +40 is 1.5×.
+        let t = target(&r, "p50 back to back");
+        assert!(!t.met && t.measured.ends_with("1.50×"), "{t:?}");
+        // p99 at fixed rate: +110 against +100, over 1×.
+        assert!(!target(&r, "p99 at 1,000 req/s").met);
+        assert!(target(&r, "p99 back to back").met);
+        // 13.8 KiB against 6.6 is 2.09×, the target 0.5×.
+        let t = target(&r, "memory per idle");
+        assert!(!t.met && t.measured.contains("2.09×"), "{t:?}");
+        // 9.05 / 6.56 = 1.38×, the target 1.5×.
+        let t = target(&r, "single-stream");
+        assert_eq!(t.target, "≥ 1.5× I");
+        assert!(!t.met && t.measured.contains("1.38×"), "{t:?}");
+        assert!(!target(&r, "CPU per GB").met);
+        assert!(!target(&r, "new connections").met);
+        assert!(target(&r, "idle RSS").met);
+
+        let md = markdown(&r);
+        assert!(md.contains("## Targets (S2 against I, same run)"), "{md}");
+        assert!(md.contains("| 9.05 (0.47× S0, 1.38× I) |"), "{md}");
+        assert!(md.contains("| 6.56 (0.34× S0) |"), "{md}");
+        assert!(md.contains(" I Istio's ztunnel, dedicated mode, in-pod iptables |"));
+        let svg = svg(&r);
+        assert!(svg.contains(color(Scenario::I)));
+        Ok(())
+    }
+
+    #[test]
+    fn istio_adding_no_latency_fails_the_target_without_a_ratio() -> anyhow::Result<()> {
+        let mut samples = samples_with_istio();
+        for r in samples.get_mut(&Scenario::I).expect("I sampled") {
+            r.insert("rr_max_p50_us", 68.7);
+        }
+        let r = build_report(&opts(Some("/x"), vec![]), &samples)?;
+        let t = target(&r, "p50 back to back");
+        assert!(!t.met, "{t:?}");
+        assert!(t.measured.ends_with("vs I +0.0 µs"), "{t:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn without_istio_the_report_keeps_its_earlier_targets_and_no_ratios_to_i() -> anyhow::Result<()>
+    {
+        let mut samples = samples_with_istio();
+        samples.remove(&Scenario::I);
+        let r = build_report(&opts(None, vec![]), &samples)?;
+        assert_eq!(r.targets.len(), 7, "{:?}", r.targets);
+        assert!(
+            r.scenarios
+                .iter()
+                .flat_map(|s| s.figures.values())
+                .all(|v| v.ratio_to_i.is_none())
+        );
+        let md = markdown(&r);
+        assert!(!md.contains("× I"), "{md}");
+        assert!(md.contains("`--istio-ztunnel PATH` adds it"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn scenario_i_runs_only_with_a_binary() -> anyhow::Result<()> {
+        use Scenario::*;
+        assert_eq!(opts(None, vec![]).scenarios()?, [S0, S1, S2, S3]);
+        assert_eq!(opts(Some("/x"), vec![]).scenarios()?, [S0, I, S1, S2, S3]);
+        assert_eq!(
+            opts(Some("/x"), vec![S2, I, S0]).scenarios()?,
+            [S0, I, S2],
+            "table order whatever the order given"
+        );
+        let e = opts(None, vec![I])
+            .scenarios()
+            .expect_err("I without a binary");
+        assert!(format!("{e}").contains("--istio-ztunnel"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_report_written_before_scenario_i_still_reads() -> anyhow::Result<()> {
+        let v: Value = serde_json::from_str(r#"{"value": 2.5, "ratio_to_s0": 0.5}"#)?;
+        assert_eq!(
+            (v.value, v.ratio_to_s0, v.ratio_to_i),
+            (2.5, Some(0.5), None)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn topology_subnets_of_every_round_and_scenario_stay_distinct_and_valid() {
+        let mut seen = std::collections::BTreeSet::new();
+        for round in 0..MAX_ROUNDS {
+            for s in Scenario::ALL {
+                assert!(seen.insert(subnet(round, s)), "round {round} {s:?}");
+            }
+        }
+        assert_eq!(seen.len(), MAX_ROUNDS * Scenario::ALL.len());
+    }
 }

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod demo;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod istio;
 pub mod istioctl;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -133,6 +134,28 @@ pub struct PodProcess {
 }
 
 impl PodProcess {
+    /// The process id (0 once waited for).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// What it wrote to stderr (piped), read to the end: for a process that has exited.
+    pub fn stderr_text(&mut self) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if let Some(e) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Whether it has exited (it is reaped then).
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Waits for it to exit and returns stdout, failing on a non-zero exit.
     pub fn wait_ok(mut self) -> anyhow::Result<String> {
         let child = self.child.take().expect("child present until waited");
@@ -555,15 +578,25 @@ impl Topology {
         program: &Path,
         args: &[&str],
     ) -> anyhow::Result<PodProcess> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let what = format!("{} {} in {}", program.display(), args.join(" "), pod.name);
+        self.spawn_command(pod, cmd, what)
+    }
+
+    /// Runs `cmd` (its program, arguments, environment and output as the caller set them;
+    /// stdin is null) inside the pod's netns and cgroup; `what` names it in errors.
+    pub fn spawn_command(
+        &mut self,
+        pod: &Pod,
+        mut cmd: Command,
+        what: String,
+    ) -> anyhow::Result<PodProcess> {
         let netns = File::open(&pod.netns_path)?;
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(pod.cgroup.join("cgroup.procs"))?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null());
         let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
         // SAFETY: only async-signal-safe calls (write, setns) on descriptors opened before fork.
         unsafe {
@@ -585,7 +618,7 @@ impl Topology {
         drop((netns, procs));
         Ok(PodProcess {
             child: Some(child),
-            what: format!("{} {} in {}", program.display(), args.join(" "), pod.name),
+            what,
         })
     }
 

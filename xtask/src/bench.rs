@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: build ztunnel, podapp and the harness in release mode, then run
-//! S0–S3 side by side (as root). Reports go to `target/bench/` unless `--out` says else.
-use std::path::PathBuf;
+//! S0–S3 side by side (as root), and Istio's ztunnel as scenario I when
+//! `--istio-ztunnel PATH` gives its binary. Reports go to `target/bench/` unless `--out`
+//! says else.
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure};
 
@@ -18,15 +20,42 @@ pub struct Options {
     /// Sample the ztunnels with perf and write flame graphs next to the report
     #[arg(long)]
     pub profile: bool,
-    /// Run only this scenario (s0, s1, s2, s3; repeatable), e.g. while profiling one
+    /// Run only this scenario (s0, i, s1, s2, s3; repeatable), e.g. while profiling one
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Istio's ztunnel binary, built in release with its `testing` feature: adds scenario I
+    /// (Istio's ztunnel side by side; docs/bench/README.md says how to build it)
+    #[arg(long, value_name = "PATH")]
+    pub istio_ztunnel: Option<PathBuf>,
+}
+
+/// The Istio ztunnel binary as an absolute path (the harness runs it inside pods), or a
+/// clear error naming the path and how to get one.
+fn istio_binary(path: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        anyhow::anyhow!(
+            "--istio-ztunnel {}: {e} (docs/bench/README.md says how to build Istio's ztunnel)",
+            path.display()
+        )
+    })?;
+    ensure!(
+        meta.is_file() && meta.permissions().mode() & 0o111 != 0,
+        "--istio-ztunnel {}: not an executable file",
+        path.display()
+    );
+    Ok(std::path::absolute(path)?)
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     if !workspace::is_root()? {
         bail!("the bench creates network namespaces, cgroups and eBPF programs: run it as root");
     }
+    let istio = options
+        .istio_ztunnel
+        .as_deref()
+        .map(istio_binary)
+        .transpose()?;
     exec(cargo().args([
         "build",
         "--release",
@@ -61,5 +90,56 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);
     }
+    if let Some(bin) = &istio {
+        cmd.arg("--istio-ztunnel").arg(bin);
+    }
     exec(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn istio_binary_must_be_an_executable_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let missing = istio_binary(&dir.path().join("ztunnel")).expect_err("missing");
+        assert!(
+            format!("{missing:#}").contains("docs/bench/README.md"),
+            "{missing:#}"
+        );
+        let not_a_file = istio_binary(dir.path()).expect_err("a directory");
+        assert!(format!("{not_a_file:#}").contains("not an executable file"));
+        let bin = dir.path().join("zt");
+        std::fs::write(&bin, "")?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644))?;
+        assert!(istio_binary(&bin).is_err(), "not executable");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        assert_eq!(istio_binary(&bin)?, bin);
+        Ok(())
+    }
+
+    #[test]
+    fn relative_istio_binary_becomes_absolute() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let bin = dir.path().join("zt");
+        std::fs::write(&bin, "")?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        let cwd = std::env::current_dir()?;
+        let rel = pathdiff(&bin, &cwd);
+        assert!(rel.is_relative());
+        assert_eq!(istio_binary(&rel)?, cwd.join(&rel));
+        Ok(())
+    }
+
+    /// `to` relative to `from` (both absolute) by climbing to the root.
+    fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+        let mut p = PathBuf::new();
+        for _ in from.components().skip(1) {
+            p.push("..");
+        }
+        p.join(to.strip_prefix("/").expect("absolute"))
+    }
 }

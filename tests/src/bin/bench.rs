@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "S0 no mesh vs S1 iptables vs S2 eBPF vs S3 fast path, side by side")]
+#[command(
+    about = "S0 no mesh vs I Istio's ztunnel vs S1 iptables vs S2 eBPF vs S3 fast path, side by side"
+)]
 struct Cli {
     /// One round of one-second measurements and 100 idle connections (a smoke run).
     #[arg(long)]
@@ -22,6 +24,10 @@ struct Cli {
     /// Where bench.md, bench.json and bench.svg go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Istio's ztunnel binary (release, `testing` feature): adds scenario I
+    /// (docs/bench/README.md says how to build it).
+    #[arg(long, value_name = "PATH")]
+    istio_ztunnel: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         only: cli.only,
         profile: cli.profile,
         out_dir: cli.out.clone(),
+        istio_ztunnel: cli.istio_ztunnel,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(
