@@ -77,6 +77,38 @@ pub mod deny_reason {
     pub const UNKNOWN_WORKLOAD: &str = "unknown_workload";
 }
 
+/// The label names of Istio's TCP metric families, in istio/ztunnel's encoding order
+/// (what [`ConnLabels`] encodes; the golden tests compare with it).
+pub const ISTIO_TCP_LABELS: [&str; 27] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "source_region",
+    "source_zone",
+    "destination_region",
+    "destination_zone",
+];
+
 /// The labels of Istio's standard TCP metrics, in the order istio/ztunnel encodes them
 /// (`CommonTrafficLabels` in `src/proxy/metrics.rs`), which is also the order of the Istio
 /// Standard Metrics page's label list where the two overlap.
@@ -1270,37 +1302,6 @@ fn escape(v: &str) -> Cow<'_, str> {
 mod tests {
     use super::*;
 
-    /// The label names of Istio's TCP metrics, in istio/ztunnel's encoding order.
-    const ISTIO_LABELS: [&str; 27] = [
-        "reporter",
-        "source_workload",
-        "source_canonical_service",
-        "source_canonical_revision",
-        "source_workload_namespace",
-        "source_principal",
-        "source_app",
-        "source_version",
-        "source_cluster",
-        "destination_service",
-        "destination_service_namespace",
-        "destination_service_name",
-        "destination_workload",
-        "destination_canonical_service",
-        "destination_canonical_revision",
-        "destination_workload_namespace",
-        "destination_principal",
-        "destination_app",
-        "destination_version",
-        "destination_cluster",
-        "request_protocol",
-        "response_flags",
-        "connection_security_policy",
-        "source_region",
-        "source_zone",
-        "destination_region",
-        "destination_zone",
-    ];
-
     /// An inbound HBONE connection from sleep to echo, filled as ztunnel would.
     fn inbound_sleep_to_echo() -> ConnLabels {
         ConnLabels {
@@ -1395,7 +1396,7 @@ mod tests {
             .map(|kv| kv.split_once('=').expect("key=value"))
             .collect();
         let names: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
-        assert_eq!(names, ISTIO_LABELS);
+        assert_eq!(names, ISTIO_TCP_LABELS);
         for (k, v) in pairs {
             let want = match k {
                 "request_protocol" => "\"tcp\"",
@@ -1501,7 +1502,7 @@ mod tests {
             terminations: BTreeMap::from([("Reconnect", 1)]),
         });
         let text = m.encode();
-        let istio: Vec<String> = ISTIO_LABELS.iter().map(|s| (*s).to_owned()).collect();
+        let istio: Vec<String> = ISTIO_TCP_LABELS.iter().map(|s| (*s).to_owned()).collect();
         let want: &[(&str, &str, Vec<String>)] = &[
             (
                 "istio_tcp_connections_opened_total",

@@ -254,38 +254,7 @@ policies:
     );
     let names = label_names(&text, "istio_tcp_connections_opened_total", &dst_labels)
         .with_context(|| format!("no opened series:\n{text}"))?;
-    assert_eq!(
-        names,
-        [
-            "reporter",
-            "source_workload",
-            "source_canonical_service",
-            "source_canonical_revision",
-            "source_workload_namespace",
-            "source_principal",
-            "source_app",
-            "source_version",
-            "source_cluster",
-            "destination_service",
-            "destination_service_namespace",
-            "destination_service_name",
-            "destination_workload",
-            "destination_canonical_service",
-            "destination_canonical_revision",
-            "destination_workload_namespace",
-            "destination_principal",
-            "destination_app",
-            "destination_version",
-            "destination_cluster",
-            "request_protocol",
-            "response_flags",
-            "connection_security_policy",
-            "source_region",
-            "source_zone",
-            "destination_region",
-            "destination_zone",
-        ]
-    );
+    assert_eq!(names, ztunnel::metrics::ISTIO_TCP_LABELS);
     assert!(
         metric_sample(
             &text,
