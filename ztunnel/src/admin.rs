@@ -30,6 +30,9 @@ pub struct ConfigDump {
     pub enrolled_pods: Vec<EnrolledPodInfo>,
     pub capture: CaptureDump,
     pub connections: ConnectionsDump,
+    /// The last upgrade this ztunnel took part in.
+    #[serde(default)]
+    pub handover: crate::app::HandoverStatus,
 }
 
 /// A workload, with Istio ztunnel's field names.
@@ -216,6 +219,7 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
         peer_authentications: store.cfg.peer_authentications.clone(),
         certificates: certificates(shared),
         enrolled_pods: shared.enrolled_info(),
+        handover: shared.handover_status(),
         capture: CaptureDump {
             mode: shared.capture.mode().to_owned(),
             features: serde_json::to_value(features).unwrap_or_default(),

@@ -1,11 +1,15 @@
 //! The composition root: loads capture, follows the workload file, enrols and unenrols
 //! this node's pods, serves the admin API, and takes everything down on SIGTERM/SIGINT.
 use std::{
-    collections::BTreeMap,
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -17,7 +21,7 @@ use crate::{
     capture::{Capture, PodCapture},
     cgroup,
     config::{Ca, Config, Source},
-    ebpf,
+    ebpf, handover,
     identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
     istio::{self, source::IstioSource},
     netns::Netns,
@@ -42,7 +46,46 @@ struct Enrolled {
     /// (device, inode) of the pod's netns: a new path to the same netns is the same pod.
     netns_id: (u64, u64),
     capture: Option<PodCapture>,
-    _listeners: PodListeners,
+    listeners: PodListeners,
+}
+
+/// An upgrade as the admin API shows it (`/config_dump`, `handover`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverStatus {
+    /// `none` (no predecessor answered), `taking_over` (a predecessor still serves),
+    /// `complete` (it stopped accepting), `predecessor_gone` (it exited or crashed
+    /// first); `handed_over` once a successor took over from this ztunnel.
+    pub state: String,
+    pub predecessor_pid: Option<u32>,
+    /// Listening sockets taken over from the predecessor.
+    pub listeners_taken: usize,
+    /// From this ztunnel's start to its predecessor no longer accepting.
+    pub elapsed_ms: Option<u64>,
+    /// Whether this ztunnel serves `--handover-socket` for a successor.
+    pub serving: bool,
+}
+
+/// The upgrade, from both sides.
+struct Handover {
+    socket: PathBuf,
+    started: Instant,
+    /// The predecessor while it still serves; enrolment takes each pod's listening
+    /// sockets from it.
+    predecessor: Mutex<Option<handover::Predecessor>>,
+    /// Set once a successor has taken over: this ztunnel enrols nothing more.
+    handed_over: AtomicBool,
+    status: Mutex<HandoverStatus>,
+}
+
+impl Handover {
+    fn status(&self) -> std::sync::MutexGuard<'_, HandoverStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn predecessor(&self) -> std::sync::MutexGuard<'_, Option<handover::Predecessor>> {
+        self.predecessor.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Where capture may attach, for the scope check every enrolment passes (eBPF capture
@@ -66,6 +109,7 @@ pub struct Shared {
     pub quit: tokio::sync::Notify,
     /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
     enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
+    handover: Handover,
 }
 
 impl Shared {
@@ -110,6 +154,10 @@ impl Shared {
             let _ = tokio::runtime::Handle::current().block_on(self.proxy.certs.get(identity));
         }
         let mut pods = self.pods();
+        if self.handover.handed_over.load(Ordering::SeqCst) {
+            // A successor serves this node's pods now; this ztunnel only drains.
+            return true;
+        }
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
         let stale: Vec<String> = pods
             .iter()
@@ -147,6 +195,18 @@ impl Shared {
                 // Capture first, so new connections go direct before the listeners close.
                 if let Some(c) = e.capture.take() {
                     self.capture.unenrol(c);
+                }
+                // The pod leaves the mesh unless it comes back in the same netns (a
+                // changed spec): then its return path stays for the re-enrolment.
+                let same_netns = desired.get(&key).is_some_and(|new| {
+                    Netns::open(&new.netns)
+                        .and_then(|n| n.id())
+                        .is_ok_and(|id| id == e.netns_id)
+                });
+                if same_netns {
+                    drop(e);
+                } else {
+                    e.listeners.leave_mesh();
                 }
                 tracing::info!(pod = %key, "pod unenrolled");
             }
@@ -248,25 +308,168 @@ impl Shared {
         let netns_id = self.check(spec, pods, known)?;
         // The certificate first: the pod's HBONE listener serves it from the first connection.
         tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
+        let netns = Netns::open(&spec.netns)?;
+        let v6 = spec.addresses.iter().any(IpAddr::is_ipv6);
+        // A predecessor still serving hands its listening sockets over.
+        let inherited = self.inherit(spec, &netns, v6)?;
         let pod = Arc::new(PodNet {
             name: spec.key.clone(),
-            netns: Netns::open(&spec.netns)?,
+            netns,
             addrs: spec.addresses.clone(),
             identity,
             return_path: Mutex::default(),
             server_tls: Mutex::default(),
         });
         // Listeners first: a connect captured before they exist would be refused.
-        let listeners = self.proxy.start_pod(pod)?;
-        let capture = self
-            .capture
-            .enrol(&spec.key, &spec.netns, &spec.cgroup, &spec.addresses)?;
+        let listeners = match self.proxy.start_pod(pod.clone(), inherited) {
+            // Someone holds the pod's ports: a ztunnel that started serving the
+            // handover socket after this one looked (a predecessor's own takeover
+            // finished meanwhile) can hand them over now.
+            Err(e) if e.addr_in_use() && self.reconnect_predecessor() => {
+                let inherited = self.inherit(spec, &pod.netns, v6)?;
+                self.proxy.start_pod(pod, inherited)?
+            }
+            other => other?,
+        };
+        if listeners.inherited > 0 {
+            tracing::info!(pod = %spec.key, listeners = listeners.inherited, "took the pod's listening sockets over from the predecessor");
+        }
+        let inbound: Vec<_> = listeners.inbound().collect();
+        let capture = self.capture.enrol(
+            &spec.key,
+            &spec.netns,
+            &spec.cgroup,
+            &spec.addresses,
+            &inbound,
+        )?;
         Ok(Enrolled {
             spec: spec.clone(),
             netns_id,
             capture: Some(capture),
-            _listeners: listeners,
+            listeners,
         })
+    }
+
+    /// The pod's listening sockets from the predecessor, if one still serves (empty
+    /// otherwise). A predecessor that went away leaves the binding to this ztunnel; a
+    /// socket handed over that is not the pod's fails the enrolment with the reason.
+    fn inherit(
+        &self,
+        spec: &LocalPod,
+        netns: &Netns,
+        v6: bool,
+    ) -> anyhow::Result<Vec<(SocketAddr, std::net::TcpListener)>> {
+        let mut guard = self.handover.predecessor();
+        let Some(p) = guard.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let cookie = Netns::current().and_then(|home| netns.cookie(&home)).ok();
+        let wanted = crate::proxy::Proxy::pod_listen_addrs(v6);
+        match p.take(&spec.key, netns.id()?, cookie, &wanted) {
+            Ok(l) => {
+                self.handover.status().listeners_taken = p.taken;
+                Ok(l)
+            }
+            Err(e @ handover::Error::Listener { .. }) => Err(e.into()),
+            Err(e) => {
+                let pid = p.pid;
+                *guard = None;
+                drop(guard);
+                self.predecessor_gone(pid, &e);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Looks for a predecessor again (see [`Self::enrol`]); whether one answers.
+    fn reconnect_predecessor(&self) -> bool {
+        let mut guard = self.handover.predecessor();
+        if guard.is_some() || self.handover.status().serving {
+            return false;
+        }
+        match handover::Predecessor::connect(&self.handover.socket) {
+            Ok(Some(p)) => {
+                tracing::info!(predecessor_pid = p.pid, "a predecessor answers on the handover socket now; taking over from it");
+                self.capture.hold_superseded();
+                let mut st = self.handover.status();
+                st.state = "taking_over".to_owned();
+                st.predecessor_pid = Some(p.pid);
+                *guard = Some(p);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "the handover socket answers, but not as a predecessor");
+                false
+            }
+        }
+    }
+
+    /// The predecessor exited or crashed before stopping on request: the sockets taken
+    /// so far stay ours, the rest is bound afresh, and its capture links go.
+    fn predecessor_gone(&self, pid: u32, e: &handover::Error) {
+        tracing::warn!(predecessor_pid = pid, error = %e, "the predecessor went away during the handover; this ztunnel serves on its own");
+        self.capture.release_superseded();
+        let mut st = self.handover.status();
+        st.state = "predecessor_gone".to_owned();
+        st.elapsed_ms = Some(self.handover.started.elapsed().as_millis() as u64);
+        self.proxy.metrics.handover("successor", "predecessor_gone");
+    }
+
+    /// After a reconcile with every pod known: finishes a takeover once every pod is
+    /// enrolled (the predecessor then stops accepting), keeps its connection alive
+    /// meanwhile, and serves the handover socket once no predecessor does.
+    fn advance_handover(self: &Arc<Self>, all_ok: bool) {
+        if self.handover.handed_over.load(Ordering::SeqCst) {
+            return;
+        }
+        let taking = self.handover.predecessor().take();
+        if let Some(mut p) = taking {
+            if !all_ok {
+                // Some pod is not taken over yet: the predecessor keeps accepting.
+                match p.keepalive() {
+                    Ok(()) => *self.handover.predecessor() = Some(p),
+                    Err(e) => self.predecessor_gone(p.pid, &e),
+                }
+                return;
+            }
+            let (pid, taken) = (p.pid, p.taken);
+            match p.finish() {
+                Ok(pods) => {
+                    self.capture.release_superseded();
+                    let elapsed_ms = self.handover.started.elapsed().as_millis() as u64;
+                    {
+                        let mut st = self.handover.status();
+                        st.state = "complete".to_owned();
+                        st.elapsed_ms = Some(elapsed_ms);
+                    }
+                    self.proxy.metrics.handover("successor", "complete");
+                    tracing::info!(predecessor_pid = pid, pods, listeners = taken, elapsed_ms, "handover complete: the predecessor no longer accepts and drains; this ztunnel serves every pod");
+                }
+                Err(e) => self.predecessor_gone(pid, &e),
+            }
+        }
+        if !self.handover.status().serving {
+            let serving = Arc::new(Serve {
+                shared: self.clone(),
+                rt: tokio::runtime::Handle::current(),
+            });
+            match handover::serve(&self.handover.socket, serving) {
+                Ok(()) => self.handover.status().serving = true,
+                Err(e) => {
+                    tracing::error!(error = %crate::proxy::error_chain(&e), "failed to serve the handover socket; an upgrade will have to restart this ztunnel instead");
+                }
+            }
+        }
+    }
+
+    pub fn handover_status(&self) -> HandoverStatus {
+        self.handover.status().clone()
+    }
+
+    /// Whether a successor took over from this ztunnel.
+    pub fn handed_over(&self) -> bool {
+        self.handover.handed_over.load(Ordering::SeqCst)
     }
 
     /// On exit, capture stays attached and pinned for the next ztunnel (an upgrade or a
@@ -322,6 +525,18 @@ impl Shared {
     /// Ready when the workload file is loaded (it is, once this runs), every pod that
     /// should be enrolled is (capture attached), and each has its certificate.
     pub fn readiness(&self) -> Result<(), String> {
+        if self.handed_over() {
+            return Err("handed over to a successor; draining".to_owned());
+        }
+        {
+            let st = self.handover.status();
+            if st.state == "taking_over" {
+                return Err(format!(
+                    "taking over from the running ztunnel (pid {}); it still accepts",
+                    st.predecessor_pid.unwrap_or_default()
+                ));
+            }
+        }
         let pending = self
             .pending
             .lock()
@@ -353,6 +568,138 @@ impl Shared {
             .collect()
     }
 }
+
+/// This ztunnel as a predecessor, for [`handover::serve`].
+struct Serve {
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
+}
+
+impl handover::Serving for Serve {
+    fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>> {
+        if self.shared.handed_over() {
+            return None;
+        }
+        let pods = self.shared.pods();
+        let e = pods.values().find(|e| e.netns_id == netns_id)?;
+        let dup: Result<Vec<_>, _> = e
+            .listeners
+            .sockets()
+            .map(|(addr, fd)| fd.try_clone_to_owned().map(|fd| (addr, fd)))
+            .collect();
+        match dup {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to duplicate a listening socket for the successor");
+                None
+            }
+        }
+    }
+
+    fn stop_accepting(&self) -> usize {
+        // No reconcile after this one enrols anything (it checks under the pod table).
+        self.shared.handover.handed_over.store(true, Ordering::SeqCst);
+        let (pods, loops) = {
+            let mut pods = self.shared.pods();
+            let loops: Vec<_> = pods
+                .values_mut()
+                .flat_map(|e| e.listeners.stop_accepting())
+                .collect();
+            (pods.len(), loops)
+        };
+        self.rt.block_on(async {
+            for l in loops {
+                let _ = l.await;
+            }
+        });
+        self.shared.handover.status().state = "handed_over".to_owned();
+        pods
+    }
+
+    fn drain(&self) {
+        self.shared.quit.notify_one();
+    }
+
+    fn count(&self, result: &'static str) {
+        self.shared.proxy.metrics.handover("predecessor", result);
+    }
+}
+
+/// Binds one of ztunnel's own ports (admin, metrics, readiness: in its own netns) and
+/// serves it. On one host (no pod netns of its own, as under systemd) a predecessor may
+/// still hold the port: then it is bound as soon as the predecessor has exited, retried
+/// every 250 ms for two minutes (a drain fits in that) and every 5 s after, logged once.
+/// Any other error fails start-up.
+async fn serve_port<F, Fut>(addr: SocketAddr, what: &'static str, serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match TcpListener::bind(addr).await {
+        Ok(l) => {
+            tokio::spawn(serve(l));
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, port = what, "port in use (a predecessor on this host draining?); serving it once it is free");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut warned = false;
+                loop {
+                    let slow = started.elapsed() > Duration::from_secs(120);
+                    if slow && !warned {
+                        warned = true;
+                        tracing::error!(%addr, port = what, "port still in use after 2 minutes; retrying every 5 s");
+                    }
+                    tokio::time::sleep(if slow {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_millis(250)
+                    })
+                    .await;
+                    match TcpListener::bind(addr).await {
+                        Ok(l) => {
+                            tracing::info!(%addr, port = what, "port free now; serving it");
+                            serve(l).await;
+                            return;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+                        Err(e) => {
+                            tracing::error!(%addr, port = what, error = %e, "failed to bind the port");
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("failed to bind the {what} port to {addr}")),
+    }
+}
+
+/// Lets the connections this process carries run to their end once a successor has
+/// taken over (the successor takes every new one), for at most `bound`.
+async fn wait_for_connections(proxy: &crate::proxy::Proxy, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    loop {
+        let (out, inb) = proxy.connections.active_counts();
+        if out + inb == 0 {
+            tracing::info!("every connection of this ztunnel has ended");
+            return;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                connections = out + inb,
+                "connections still open after the handover wait; exiting"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a ztunnel that handed over lets its connections run before it exits.
+const HANDED_OVER_WAIT: Duration = Duration::from_secs(60);
 
 /// Hands heap that start-up and enrolment freed (the parsed eBPF object and BTF, netns
 /// and certificate work on blocking threads with their own malloc arenas) back to the
@@ -395,6 +742,7 @@ async fn follow_node_addresses(probes: Arc<crate::probes::ProbeSources>) {
 const HEAP_RELEASE_EVERY: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
+    let started = Instant::now();
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     match crate::limits::raise_open_files_limit() {
@@ -527,7 +875,38 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         log,
         quit: tokio::sync::Notify::new(),
         enrol_results: results_tx,
+        handover: Handover {
+            socket: cfg.handover_socket.clone(),
+            started,
+            predecessor: Mutex::default(),
+            handed_over: AtomicBool::new(false),
+            status: Mutex::new(HandoverStatus {
+                state: "none".to_owned(),
+                ..HandoverStatus::default()
+            }),
+        },
     });
+    if let Some(table) = shared.capture.orig_dst_table()? {
+        shared.proxy.set_orig_dst_table(table);
+    }
+    // A ztunnel still serving this node hands the pods over; until it stops accepting,
+    // its capture links stay next to ours.
+    let socket = cfg.handover_socket.clone();
+    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket)).await? {
+        Ok(Some(p)) => {
+            tracing::info!(predecessor_pid = p.pid, socket = %cfg.handover_socket.display(), "a ztunnel serves this node; taking its pods over");
+            shared.capture.hold_superseded();
+            let mut st = shared.handover.status();
+            st.state = "taking_over".to_owned();
+            st.predecessor_pid = Some(p.pid);
+            drop(st);
+            *shared.handover.predecessor() = Some(p);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(socket = %cfg.handover_socket.display(), error = %crate::proxy::error_chain(&e), "the handover socket answers, but not as a predecessor; starting without one");
+        }
+    }
     if let Some(tx) = istio_tx {
         let running = istio::start(&cfg.istio, &cfg.node, &cfg.trust_domain, tx, results_rx)?;
         istio_health.source = Some(running.source.clone());
@@ -540,38 +919,28 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .set_inbound_redirected(shared.capture.inbound_is_redirected());
     let cfg = Arc::new(cfg);
 
-    let admin = TcpListener::bind(cfg.admin_addr)
-        .await
-        .with_context(|| format!("failed to bind the admin API to {}", cfg.admin_addr))?;
-    tokio::spawn(admin::serve(admin, cfg.clone(), shared.clone()));
-    let listener = TcpListener::bind(cfg.metrics_addr)
-        .await
-        .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
+    let (c, s) = (cfg.clone(), shared.clone());
+    serve_port(cfg.admin_addr, "admin", move |l| admin::serve(l, c, s)).await?;
     let s = shared.clone();
     let health = istio_health.clone();
     let synced = istio_health.clone();
     let m = metrics.clone();
-    tokio::spawn(crate::metrics::serve_metrics(
-        listener,
-        metrics.clone(),
-        move || {
+    let all = metrics.clone();
+    serve_port(cfg.metrics_addr, "metrics", move |l| {
+        crate::metrics::serve_metrics(l, all, move || {
             s.refresh_metrics();
             health.refresh_metrics(&m);
-        },
-    ));
-    let listener = TcpListener::bind(cfg.readiness_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to bind the readiness port to {}",
-                cfg.readiness_addr
-            )
-        })?;
+        })
+    })
+    .await?;
     let s = shared.clone();
-    tokio::spawn(crate::metrics::serve_readiness(listener, move || {
-        s.readiness()?;
-        istio_health.readiness()
-    }));
+    serve_port(cfg.readiness_addr, "readiness", move |l| {
+        crate::metrics::serve_readiness(l, move || {
+            s.readiness()?;
+            istio_health.readiness()
+        })
+    })
+    .await?;
 
     // Memory a burst of connections used (say, thousands of half-open handshakes until
     // their timeout) goes back to the kernel soon after, not only at the next reconcile.
@@ -601,6 +970,19 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         metrics.set_config_held(settler.held().len() as i64);
         let current = settler.effective().clone();
         let desired = current.local_enrolled(&cfg.node);
+        // Pods the source places here, whether they can be enrolled yet or not.
+        let wanted: BTreeSet<String> = current
+            .workloads
+            .iter()
+            .filter(|w| w.node == cfg.node && current.enrolled(w))
+            .map(|w| w.key())
+            .collect();
+        let wanted_addrs: Vec<IpAddr> = current
+            .workloads
+            .iter()
+            .filter(|w| wanted.contains(&w.key()))
+            .flat_map(|w| w.addresses.iter().copied())
+            .collect();
         let known: Vec<(String, PathBuf)> = current
             .workloads
             .iter()
@@ -610,10 +992,17 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired, &known)).await?;
         // With ZDS, the pods are known only once istio-cni's snapshot is in.
-        if first && synced.pods_known() {
-            // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
-            shared.capture.release_unclaimed(&shared.netns_cookies());
-            first = false;
+        if synced.pods_known() {
+            if first {
+                // Capture a previous ztunnel left pinned for pods no longer wanted goes
+                // now; what it left for pods still wanted stays, enrolled or not.
+                shared
+                    .capture
+                    .release_unclaimed(&wanted, &wanted_addrs, &shared.netns_cookies());
+                first = false;
+            }
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || s.advance_handover(all_ok)).await?;
         }
         release_free_heap();
         let settled = settler.next_deadline();
@@ -628,6 +1017,9 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     }
     tracing::info!("shutting down");
     shared.proxy.drain();
+    if shared.handed_over() {
+        wait_for_connections(&shared.proxy, HANDED_OVER_WAIT).await;
+    }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;
     Ok(())

@@ -49,6 +49,13 @@ pub enum Error {
     Netns(#[from] netns::Error),
 }
 
+impl Error {
+    /// Whether a listener's address was in use (another process holds the pod's port).
+    pub fn addr_in_use(&self) -> bool {
+        matches!(self, Error::Listen { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
+}
+
 /// A pod as the proxy sees it.
 #[derive(Debug)]
 pub struct PodNet {
@@ -142,6 +149,9 @@ pub struct Proxy {
     inbound_redirected: std::sync::atomic::AtomicBool,
     /// Every pod netns's return path, shared by its listeners and inbound connections.
     return_paths: Arc<return_path::Registry>,
+    /// The original-destination map, read directly when no `getsockopt` program answers
+    /// (eBPF capture; see [`crate::ebpf::OrigDstTable`]).
+    orig_dst_table: std::sync::OnceLock<crate::ebpf::OrigDstTable>,
     /// Sources of kubelet probes (`--probe-sources`).
     pub probes: Arc<crate::probes::ProbeSources>,
     /// Timeouts and the per-listener cap.
@@ -447,6 +457,7 @@ impl Proxy {
                 drain: tokio::sync::watch::Sender::new(false),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
+                orig_dst_table: std::sync::OnceLock::new(),
                 probes,
                 limits,
                 timeout_log: Mutex::new(RateLimit::new(limits::LOG_EVERY)),
@@ -569,6 +580,23 @@ impl Proxy {
         }
     }
 
+    /// Gives the proxy its own reading of the original-destination map.
+    pub fn set_orig_dst_table(&self, table: crate::ebpf::OrigDstTable) {
+        let _ = self.orig_dst_table.set(table);
+    }
+
+    /// The original destination of a captured connection from the map itself, keyed by
+    /// the socket's netns and the app's end (`src`); counted by result.
+    fn orig_dst_from_map(&self, stream: &TcpStream, src: SocketAddr) -> Option<SocketAddr> {
+        use std::os::fd::AsFd as _;
+        let table = self.orig_dst_table.get()?;
+        let cookie = crate::netns::socket_cookie(stream.as_fd()).ok().flatten()?;
+        let found = table.lookup(cookie, src);
+        self.metrics
+            .orig_dst_from_map(if found.is_some() { "hit" } else { "miss" });
+        found
+    }
+
     /// Says whether inbound plaintext arrives NAT-redirected (iptables capture).
     pub fn set_inbound_redirected(&self, on: bool) {
         self.inbound_redirected.store(on, Ordering::Relaxed);
@@ -612,13 +640,45 @@ impl Proxy {
         Ok(tls)
     }
 
-    /// Opens the pod's listeners and spawns their accept loops. The returned handle
-    /// closes them (and takes the pod's return path out) when dropped.
-    pub fn start_pod(self: &Arc<Self>, pod: Arc<PodNet>) -> Result<PodListeners, Error> {
+    /// The addresses a pod's listeners are bound to: HBONE, outbound and inbound, IPv4
+    /// and, for a pod with an IPv6 address, IPv6.
+    pub fn pod_listen_addrs(v6: bool) -> Vec<SocketAddr> {
+        let mut out = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE))];
+        if v6 {
+            out.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)));
+        }
+        out.push(SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND)));
+        if v6 {
+            out.push(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)));
+        }
+        out.push(SocketAddr::from((
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_PLAINTEXT,
+        )));
+        if v6 {
+            out.push(SocketAddr::from((
+                Ipv6Addr::UNSPECIFIED,
+                ports::INBOUND_PLAINTEXT,
+            )));
+        }
+        out
+    }
+
+    /// Opens the pod's listeners and spawns their accept loops. A listening socket in
+    /// `inherited` (a predecessor's, handed over: same socket, same accept queue) is
+    /// used for its address instead of binding a new one. The returned handle closes
+    /// them when dropped; the pod's return path stays (see [`PodListeners::leave_mesh`]).
+    pub fn start_pod(
+        self: &Arc<Self>,
+        pod: Arc<PodNet>,
+        mut inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> Result<PodListeners, Error> {
         let lease = self.return_paths.lease(&pod.netns, pod.has_v6())?;
         *pod.return_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let mut listeners = PodListeners {
             tasks: Vec::new(),
+            sockets: Vec::new(),
+            inherited: 0,
             pod: pod.clone(),
             proxy: Arc::downgrade(self),
         };
@@ -626,52 +686,45 @@ impl Proxy {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(pod.name.clone(), pod.clone());
-        let mut hbone = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE))];
-        if pod.has_v6() {
-            hbone.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)));
-        }
-        for addr in hbone {
-            let l = self.listen(&pod, addr)?;
-            listeners.tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::HBONE,
-                hbone_inbound::accept,
-            )));
-        }
-        let tasks = &mut listeners.tasks;
-        let mut outbound = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND))];
-        let mut inbound = vec![SocketAddr::from((
-            Ipv4Addr::UNSPECIFIED,
-            ports::INBOUND_PLAINTEXT,
-        ))];
-        if pod.has_v6() {
-            outbound.push(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)));
-            inbound.push(SocketAddr::from((
-                Ipv6Addr::UNSPECIFIED,
-                ports::INBOUND_PLAINTEXT,
-            )));
-        }
-        for addr in outbound {
-            let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::OUTBOUND,
-                outbound::accept,
-            )));
-        }
-        for addr in inbound {
-            let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::INBOUND,
-                inbound::accept,
-            )));
+        for addr in Self::pod_listen_addrs(pod.has_v6()) {
+            let l = match inherited.iter().position(|(a, _)| *a == addr) {
+                Some(i) => {
+                    let (_, l) = inherited.swap_remove(i);
+                    listeners.inherited += 1;
+                    TcpListener::from_std(l).map_err(|source| Error::Listen {
+                        addr,
+                        netns: pod.netns.path().display().to_string(),
+                        source,
+                    })?
+                }
+                None => self.listen(&pod, addr)?,
+            };
+            let l = Arc::new(l);
+            let task = match addr.port() {
+                ports::HBONE => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    listener::HBONE,
+                    hbone_inbound::accept,
+                )),
+                ports::OUTBOUND => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    listener::OUTBOUND,
+                    outbound::accept,
+                )),
+                _ => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    listener::INBOUND,
+                    inbound::accept,
+                )),
+            };
+            listeners.tasks.push(task);
+            listeners.sockets.push((addr, l));
         }
         Ok(listeners)
     }
@@ -744,7 +797,7 @@ impl Proxy {
 async fn accept_loop<H, F>(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     what: &'static str,
     handle: H,
 ) where
@@ -896,12 +949,55 @@ fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
 }
 
 /// A pod's listeners; dropping it stops accepting (connections already accepted go on)
-/// and gives up the listeners' lease on the pod's return path, which goes once the last
-/// inbound connection using it has closed.
+/// and gives up the listeners' lease on the pod's return path, which stays installed:
+/// it belongs to the pod, and only [`Self::leave_mesh`] lets it go.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The listening sockets, shared with the accept loops, for a successor to take.
+    sockets: Vec<(SocketAddr, Arc<TcpListener>)>,
+    /// How many were a predecessor's.
+    pub inherited: usize,
     pod: Arc<PodNet>,
     proxy: Weak<Proxy>,
+}
+
+impl PodListeners {
+    /// The listening sockets and their addresses (none once accepting has stopped).
+    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, std::os::fd::BorrowedFd<'_>)> {
+        use std::os::fd::AsFd as _;
+        self.sockets.iter().map(|(a, l)| (*a, l.as_fd()))
+    }
+
+    /// The `:15006` listening sockets (inbound plaintext), for the TIME_WAIT hand-over map.
+    pub fn inbound(&self) -> impl Iterator<Item = (SocketAddr, std::os::fd::BorrowedFd<'_>)> {
+        self.sockets()
+            .filter(|(a, _)| a.port() == ports::INBOUND_PLAINTEXT)
+    }
+
+    /// Stops accepting for good: the accept loops end and this process's descriptors of
+    /// the listening sockets close. A successor holding the same sockets keeps accepting
+    /// from their queues; without one they close. Returns the loops to wait for.
+    pub fn stop_accepting(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.sockets.clear();
+        std::mem::take(&mut self.tasks)
+    }
+
+    /// The pod leaves the mesh (its source says so): closes the listeners, and its return
+    /// path goes once the last inbound connection using it has closed.
+    pub fn leave_mesh(self) {
+        let lease = self
+            .pod
+            .return_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(lease) = lease {
+            lease.leave_mesh();
+        }
+    }
 }
 
 impl Drop for PodListeners {
