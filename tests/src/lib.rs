@@ -826,6 +826,16 @@ impl Topology {
         for (k, v) in &self.ztunnel_env {
             cmd.env(k, v);
         }
+        // The node's socket unless the test points this ztunnel elsewhere.
+        let mut handover: Vec<std::ffi::OsString> = Vec::new();
+        if !self
+            .ztunnel_env
+            .iter()
+            .any(|(k, _)| k == "ZTUNNEL_HANDOVER_SOCKET")
+        {
+            handover.push("--handover-socket".into());
+            handover.push(self.handover_socket(node).into());
+        }
         for (k, v) in source.get_envs() {
             if let Some(v) = v {
                 cmd.env(k, v);
@@ -834,13 +844,12 @@ impl Topology {
         let child = cmd
             .arg("run")
             .args(source.get_args())
+            .args(&handover)
             .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)
             .arg("--cgroup")
             .arg(&cgroup)
-            .arg("--handover-socket")
-            .arg(self.handover_socket(node))
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--metrics-addr")

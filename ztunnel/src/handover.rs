@@ -361,9 +361,17 @@ impl Predecessor {
         Ok(out)
     }
 
-    /// Keeps the connection from the predecessor's idle timeout while pods are still
-    /// being enrolled.
+    /// Notices a predecessor that went away (it never speaks unasked: anything to read
+    /// is its close), and keeps the connection from the predecessor's idle timeout while
+    /// pods are still being enrolled.
     pub fn keepalive(&mut self) -> Result<(), Error> {
+        let mut fds = [nix::poll::PollFd::new(
+            self.conn.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(io("poll"))? > 0 {
+            return Err(Error::Closed);
+        }
         if self.last_sent.elapsed() < KEEPALIVE {
             return Ok(());
         }

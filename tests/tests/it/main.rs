@@ -16,3 +16,4 @@ mod outbound;
 mod policy;
 mod transfer;
 mod tunnel;
+mod upgrade;
