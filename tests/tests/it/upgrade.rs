@@ -464,3 +464,84 @@ fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -
     assert!(call_ok(&mut t, &a, b.addr(8080)));
     Ok(())
 }
+
+/// Istio mode: istio-cni keeps the old ztunnel's connection and hands the new one every
+/// pod's netns (its snapshot on the new connection) while the old one still serves; the
+/// new one takes the pods' listening sockets over from the old one, which stops and
+/// drains. A delete goes to both, as istio-cni sends it.
+#[test]
+fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> anyhow::Result<()> {
+    use ztunnel_tests::{fake_cni::FakeCni, fake_istiod::FakeIstiod};
+
+    use crate::istio::{describe, hand_over, start_istio_ztunnel, two_serving_pods, zds_uid};
+    let (mut t, a, b, _servers) = two_serving_pods()?;
+    t.ztunnel_env.push((DRAIN_ENV.0.into(), DRAIN_ENV.1.into()));
+    let istiod = FakeIstiod::start(t.dir.path())?;
+    describe(&istiod, &[&a, &b]);
+    let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
+    let mut old = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    hand_over(&mut cni, &[&a, &b])?;
+    old.wait_enrolled(&[&a, &b])?;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ba = rate(&mut t, &b, a.addr(9000), &stop)?;
+    let held = hold(&mut t, &a, b.addr(8080), &stop)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let new = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    assert_eq!(cni.connected(), 2, "istio-cni keeps the old ztunnel's connection");
+    // istio-cni's snapshot on the new connection: each add is acked once enrolled.
+    hand_over(&mut cni, &[&a, &b])?;
+    let d = wait_handover(&new, "complete")?;
+    assert_eq!(d.handover.listeners_taken, 6, "a's and b's three each");
+    new.wait_enrolled(&[&a, &b])?;
+    new.wait_for("readiness", |_| new.ready().is_ok())?;
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    let mut report = Vec::new();
+    for (what, p) in [("a → b", ab), ("b → a", ba)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+        report.push(format!("{what}: 0/{} failed", c.attempted));
+    }
+    let pinged = pings(held)?;
+    println!(
+        "istio mode upgrade: handover {} ms; {}; held connection: {pinged} pings",
+        d.handover.elapsed_ms.unwrap_or_default(),
+        report.join(", ")
+    );
+
+    // A pod leaving the mesh: the delete reaches both; the new ztunnel unenrols it and
+    // its return path goes with it, a's stays.
+    assert_eq!(cni.del(&zds_uid(&b))?, "", "delete b");
+    new.wait_enrolled(&[&a])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while return_path_rule(&b)? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "b left the mesh but its return path stayed\n{}",
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(return_path_rule(&a)?);
+    wait_exit(&mut old, "the old ztunnel")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cni.connected() != 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "istio-cni still sees {} connections",
+            cni.connected()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(return_path_rule(&a)?);
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    Ok(())
+}
