@@ -70,6 +70,11 @@ pub struct HandoverStatus {
 struct Handover {
     socket: PathBuf,
     started: Instant,
+    /// This ztunnel's pod name (`POD_NAME`; empty outside Kubernetes, where it is the
+    /// default `ztunnel`).
+    pod: String,
+    /// The pod this ztunnel took over from: a restarted container of it is refused.
+    predecessor_pod: Mutex<Option<String>>,
     /// The predecessor while it still serves; enrolment takes each pod's listening
     /// sockets from it.
     predecessor: Mutex<Option<handover::Predecessor>>,
@@ -110,6 +115,10 @@ pub struct Shared {
     /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
     enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
     handover: Handover,
+    /// This very `Shared`, for callbacks from other threads.
+    me: std::sync::Weak<Shared>,
+    /// The Istio source, when it is the source (ZDS answers depend on enrolment).
+    zds: std::sync::OnceLock<Arc<IstioSource>>,
 }
 
 impl Shared {
@@ -375,7 +384,7 @@ impl Shared {
                 let pid = p.pid;
                 *guard = None;
                 drop(guard);
-                self.predecessor_gone(pid, &e);
+                self.predecessor_gone(pid, &e, &["taking_over"]);
                 Ok(Vec::new())
             }
         }
@@ -383,18 +392,18 @@ impl Shared {
 
     /// Looks for a predecessor again (see [`Self::enrol`]); whether one answers.
     fn reconnect_predecessor(&self) -> bool {
-        let mut guard = self.handover.predecessor();
+        let guard = self.handover.predecessor();
         if guard.is_some() || self.handover.status().serving {
             return false;
         }
-        match handover::Predecessor::connect(&self.handover.socket) {
+        match handover::Predecessor::connect(&self.handover.socket, &self.handover.pod) {
             Ok(Some(p)) => {
-                tracing::info!(predecessor_pid = p.pid, "a predecessor answers on the handover socket now; taking over from it");
-                self.capture.hold_superseded();
-                let mut st = self.handover.status();
-                st.state = "taking_over".to_owned();
-                st.predecessor_pid = Some(p.pid);
-                *guard = Some(p);
+                drop(guard);
+                tracing::info!(
+                    predecessor_pid = p.pid,
+                    "a predecessor answers on the handover socket now"
+                );
+                self.taking_over(p);
                 true
             }
             Ok(None) => false,
@@ -405,15 +414,51 @@ impl Shared {
         }
     }
 
-    /// The predecessor exited or crashed before stopping on request: the sockets taken
-    /// so far stay ours, the rest is bound afresh, and its capture links go.
-    fn predecessor_gone(&self, pid: u32, e: &handover::Error) {
+    /// The predecessor exited or crashed before stopping on request (noticed in a
+    /// state of `during`): the sockets taken so far are accepted on now and stay ours,
+    /// the rest is bound afresh, and its capture links go.
+    fn predecessor_gone(&self, pid: u32, e: &handover::Error, during: &[&str]) {
+        {
+            let mut st = self.handover.status();
+            if !during.contains(&st.state.as_str()) {
+                return;
+            }
+            st.state = "predecessor_gone".to_owned();
+            st.elapsed_ms = Some(self.handover.started.elapsed().as_millis() as u64);
+        }
+        self.proxy.set_inherited_accepting(true);
         tracing::warn!(predecessor_pid = pid, error = %e, "the predecessor went away during the handover; this ztunnel serves on its own");
         self.capture.release_superseded();
-        let mut st = self.handover.status();
-        st.state = "predecessor_gone".to_owned();
-        st.elapsed_ms = Some(self.handover.started.elapsed().as_millis() as u64);
         self.proxy.metrics.handover("successor", "predecessor_gone");
+    }
+
+    /// A predecessor answered: its listening sockets are taken pod by pod but accepted
+    /// on only once it is told to stop (or is gone), and its capture links stay until
+    /// then.
+    fn taking_over(&self, p: handover::Predecessor) {
+        tracing::info!(predecessor_pid = p.pid, predecessor_pod = %p.pod, "a ztunnel serves this node; taking its pods over");
+        self.proxy.set_inherited_accepting(false);
+        self.capture.hold_superseded();
+        *self
+            .handover
+            .predecessor_pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(p.pod.clone());
+        {
+            let mut st = self.handover.status();
+            st.state = "taking_over".to_owned();
+            st.predecessor_pid = Some(p.pid);
+        }
+        let (me, pid) = (self.me.clone(), p.pid);
+        let watched = p.on_close(move || {
+            if let Some(s) = me.upgrade() {
+                s.predecessor_gone(pid, &handover::Error::Closed, &["taking_over"]);
+            }
+        });
+        if let Err(e) = watched {
+            tracing::warn!(error = %e, "cannot watch the predecessor's connection; a crash of it is noticed at the next reconcile");
+        }
+        *self.handover.predecessor() = Some(p);
     }
 
     /// After a reconcile with every pod known: finishes a takeover once every pod is
@@ -424,16 +469,21 @@ impl Shared {
             return;
         }
         let taking = self.handover.predecessor().take();
-        if let Some(mut p) = taking {
+        let state = self.handover.status().state.clone();
+        if let Some(mut p) = taking.filter(|_| state == "taking_over") {
             if !all_ok {
                 // Some pod is not taken over yet: the predecessor keeps accepting.
                 match p.keepalive() {
                     Ok(()) => *self.handover.predecessor() = Some(p),
-                    Err(e) => self.predecessor_gone(p.pid, &e),
+                    Err(e) => self.predecessor_gone(p.pid, &e, &["taking_over"]),
                 }
                 return;
             }
             let (pid, taken) = (p.pid, p.taken);
+            // Accepting before the predecessor stops: the sockets are never without an
+            // accepting process (connections only ever wait in the kernel's queue).
+            self.handover.status().state = "finishing".to_owned();
+            self.proxy.set_inherited_accepting(true);
             match p.finish() {
                 Ok(pods) => {
                     self.capture.release_superseded();
@@ -446,7 +496,7 @@ impl Shared {
                     self.proxy.metrics.handover("successor", "complete");
                     tracing::info!(predecessor_pid = pid, pods, listeners = taken, elapsed_ms, "handover complete: the predecessor no longer accepts and drains; this ztunnel serves every pod");
                 }
-                Err(e) => self.predecessor_gone(pid, &e),
+                Err(e) => self.predecessor_gone(pid, &e, &["finishing"]),
             }
         }
         if !self.handover.status().serving {
@@ -530,7 +580,7 @@ impl Shared {
         }
         {
             let st = self.handover.status();
-            if st.state == "taking_over" {
+            if st.state == "taking_over" || st.state == "finishing" {
                 return Err(format!(
                     "taking over from the running ztunnel (pid {}); it still accepts",
                     st.predecessor_pid.unwrap_or_default()
@@ -576,6 +626,25 @@ struct Serve {
 }
 
 impl handover::Serving for Serve {
+    fn pod(&self) -> String {
+        self.shared.handover.pod.clone()
+    }
+
+    fn refuse(&self, pod: &str) -> Option<String> {
+        let from = self
+            .shared
+            .handover
+            .predecessor_pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        (!pod.is_empty() && pod == from).then(|| {
+            format!(
+                "this ztunnel took over from pod {pod}; a restarted container of that pod does not take the node back (its pod is being replaced)"
+            )
+        })
+    }
+
     fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>> {
         if self.shared.handed_over() {
             return None;
@@ -599,6 +668,11 @@ impl handover::Serving for Serve {
     fn stop_accepting(&self) -> usize {
         // No reconcile after this one enrols anything (it checks under the pod table).
         self.shared.handover.handed_over.store(true, Ordering::SeqCst);
+        // istio-cni's requests on this ztunnel's connection are answered at once from
+        // now on: the successor enrols and unenrols.
+        if let Some(zds) = self.shared.zds.get() {
+            zds.stop_enrolling();
+        }
         let (pods, loops) = {
             let mut pods = self.shared.pods();
             let loops: Vec<_> = pods
@@ -677,29 +751,20 @@ where
     }
 }
 
-/// Lets the connections this process carries run to their end once a successor has
-/// taken over (the successor takes every new one), for at most `bound`.
-async fn wait_for_connections(proxy: &crate::proxy::Proxy, bound: Duration) {
-    let deadline = Instant::now() + bound;
+/// Returns once the connections this process carries have all ended (a successor has
+/// taken over and gets every new one).
+async fn wait_for_connections(proxy: &crate::proxy::Proxy) {
     loop {
         let (out, inb) = proxy.connections.active_counts();
         if out + inb == 0 {
-            tracing::info!("every connection of this ztunnel has ended");
-            return;
-        }
-        if Instant::now() > deadline {
-            tracing::warn!(
-                connections = out + inb,
-                "connections still open after the handover wait; exiting"
-            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// How long a ztunnel that handed over lets its connections run before it exits.
-const HANDED_OVER_WAIT: Duration = Duration::from_secs(60);
+/// `--pod-name`'s default: ztunnel runs outside a pod (no `POD_NAME`).
+const DEFAULT_POD_NAME: &str = "ztunnel";
 
 /// Hands heap that start-up and enrolment freed (the parsed eBPF object and BTF, netns
 /// and certificate work on blocking threads with their own malloc arenas) back to the
@@ -860,24 +925,33 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     if probes.follows_node() {
         tokio::spawn(follow_node_addresses(probes.clone()));
     }
-    let shared = Arc::new(Shared {
+    let proxy = Proxy::new(
+        Store::new(initial.clone()),
+        certs,
+        metrics.clone(),
+        probes,
+        cfg.limits,
+    )?;
+    let shared = Arc::new_cyclic(|me| Shared {
+        me: me.clone(),
         capture,
-        proxy: Proxy::new(
-            Store::new(initial.clone()),
-            certs,
-            metrics.clone(),
-            probes,
-            cfg.limits,
-        )?,
+        proxy,
         pods: Mutex::default(),
         pending: Mutex::default(),
         scope,
         log,
         quit: tokio::sync::Notify::new(),
         enrol_results: results_tx,
+        zds: std::sync::OnceLock::new(),
         handover: Handover {
             socket: cfg.handover_socket.clone(),
             started,
+            pod: if cfg.istio.pod_name == DEFAULT_POD_NAME {
+                String::new()
+            } else {
+                cfg.istio.pod_name.clone()
+            },
+            predecessor_pod: Mutex::default(),
             predecessor: Mutex::default(),
             handed_over: AtomicBool::new(false),
             status: Mutex::new(HandoverStatus {
@@ -891,17 +965,11 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     }
     // A ztunnel still serving this node hands the pods over; until it stops accepting,
     // its capture links stay next to ours.
-    let socket = cfg.handover_socket.clone();
-    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket)).await? {
-        Ok(Some(p)) => {
-            tracing::info!(predecessor_pid = p.pid, socket = %cfg.handover_socket.display(), "a ztunnel serves this node; taking its pods over");
-            shared.capture.hold_superseded();
-            let mut st = shared.handover.status();
-            st.state = "taking_over".to_owned();
-            st.predecessor_pid = Some(p.pid);
-            drop(st);
-            *shared.handover.predecessor() = Some(p);
-        }
+    let (socket, pod) = (cfg.handover_socket.clone(), shared.handover.pod.clone());
+    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket, &pod))
+        .await?
+    {
+        Ok(Some(p)) => shared.taking_over(p),
         Ok(None) => {}
         Err(e) => {
             tracing::warn!(socket = %cfg.handover_socket.display(), error = %crate::proxy::error_chain(&e), "the handover socket answers, but not as a predecessor; starting without one");
@@ -910,6 +978,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     if let Some(tx) = istio_tx {
         let running = istio::start(&cfg.istio, &cfg.node, &cfg.trust_domain, tx, results_rx)?;
         istio_health.source = Some(running.source.clone());
+        let _ = shared.zds.set(running.source.clone());
         source = Some(Box::new(running));
     }
     // Dropping it stops following the source.
@@ -1018,7 +1087,24 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     tracing::info!("shutting down");
     shared.proxy.drain();
     if shared.handed_over() {
-        wait_for_connections(&shared.proxy, HANDED_OVER_WAIT).await;
+        // The connections this process carries run to their end; the supervisor's stop
+        // (SIGTERM, then its kill at the grace period's end) bounds the wait. Exiting by
+        // itself would have the supervisor restart it (a DaemonSet pod's container, a
+        // unit with Restart=), and a restarted ztunnel takes no node back from the
+        // successor it handed over to: it goes when its pod or unit is stopped, as an
+        // old ztunnel's is once the new one is ready.
+        tokio::select! {
+            () = wait_for_connections(&shared.proxy) => {
+                tracing::info!("handed over and drained; exits on SIGTERM, SIGINT or /quitquitquit");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                    _ = shared.quit.notified() => {}
+                }
+            }
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;

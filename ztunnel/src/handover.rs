@@ -102,7 +102,13 @@ fn io(op: &'static str) -> impl FnOnce(nix::Error) -> Error {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
-    Hello { version: u32, pid: u32 },
+    /// `pod`: the successor's pod name (`POD_NAME`), empty outside Kubernetes.
+    Hello {
+        version: u32,
+        pid: u32,
+        #[serde(default)]
+        pod: String,
+    },
     /// The listening sockets of the pod whose netns has this (device, inode).
     Take { pod: String, netns: (u64, u64) },
     Ping,
@@ -114,7 +120,12 @@ enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Reply {
-    Welcome { version: u32, pid: u32 },
+    Welcome {
+        version: u32,
+        pid: u32,
+        #[serde(default)]
+        pod: String,
+    },
     Refused { reason: String },
     /// The pod's listening sockets follow as `SCM_RIGHTS`, in this order.
     Listeners { addrs: Vec<SocketAddr> },
@@ -219,6 +230,8 @@ pub struct Predecessor {
     conn: OwnedFd,
     /// Its process id (for logs).
     pub pid: u32,
+    /// Its pod name (`POD_NAME`), empty outside Kubernetes.
+    pub pod: String,
     last_sent: Instant,
     /// Listening sockets taken so far.
     pub taken: usize,
@@ -234,9 +247,10 @@ impl std::fmt::Debug for Predecessor {
 }
 
 impl Predecessor {
-    /// Connects to whoever serves `path`. `Ok(None)`: nobody does (no ztunnel ran here,
-    /// or it exited or crashed and left its socket file behind).
-    pub fn connect(path: &Path) -> Result<Option<Self>, Error> {
+    /// Connects to whoever serves `path`, saying who this ztunnel is (`pod`: its pod
+    /// name, empty outside Kubernetes). `Ok(None)`: nobody does (no ztunnel ran here, or
+    /// it exited or crashed and left its socket file behind).
+    pub fn connect(path: &Path, pod: &str) -> Result<Option<Self>, Error> {
         let fd = seqpacket()?;
         let addr = UnixAddr::new(path).map_err(|source| Error::Connect {
             path: path.to_owned(),
@@ -261,13 +275,15 @@ impl Predecessor {
             &Request::Hello {
                 version: VERSION,
                 pid: std::process::id(),
+                pod: pod.to_owned(),
             },
             &[],
         )?;
         match recv::<Reply>(fd.as_fd())?.0 {
-            Reply::Welcome { pid, .. } => Ok(Some(Self {
+            Reply::Welcome { pid, pod, .. } => Ok(Some(Self {
                 conn: fd,
                 pid,
+                pod,
                 last_sent: Instant::now(),
                 taken: 0,
             })),
@@ -361,6 +377,38 @@ impl Predecessor {
         Ok(out)
     }
 
+    /// Runs `gone` on a thread of its own as soon as the predecessor's side of the
+    /// connection closes (it exited or crashed; or, after `done`, ended the session),
+    /// without waiting for the next request. Polls `POLLRDHUP`, which the answers to
+    /// requests do not raise.
+    pub fn on_close(&self, gone: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+        let fd = self.conn.try_clone().map_err(|e| Error::Io {
+            op: "dup",
+            source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)),
+        })?;
+        std::thread::Builder::new()
+            .name("handover-watch".to_owned())
+            .spawn(move || {
+                loop {
+                    let mut fds = [nix::poll::PollFd::new(
+                        fd.as_fd(),
+                        // Not in nix's set; the kernel's (include/uapi/asm-generic/poll.h).
+                        nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP),
+                    )];
+                    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16)) {
+                        Ok(0) | Err(Errno::EINTR) => continue,
+                        Ok(_) | Err(_) => break,
+                    }
+                }
+                gone();
+            })
+            .map(drop)
+            .map_err(|e| Error::Io {
+                op: "spawn",
+                source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+            })
+    }
+
     /// Notices a predecessor that went away (it never speaks unasked: anything to read
     /// is its close), and keeps the connection from the predecessor's idle timeout while
     /// pods are still being enrolled.
@@ -399,6 +447,12 @@ impl Predecessor {
 
 /// What a predecessor offers its successor; implemented by the composition root.
 pub trait Serving: Send + Sync + 'static {
+    /// This ztunnel's pod name (`POD_NAME`), empty outside Kubernetes.
+    fn pod(&self) -> String;
+    /// Why a successor from pod `pod` may not take over, if it may not: a restarted
+    /// container of the pod this ztunnel took over from would take the node back
+    /// (a crash loop between an old and a new ztunnel).
+    fn refuse(&self, pod: &str) -> Option<String>;
     /// Duplicates of the listening sockets of the pod enrolled in the netns with this
     /// (device, inode), with their addresses; `None` when no such pod is enrolled here.
     fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>>;
@@ -490,11 +544,15 @@ fn session(conn: &OwnedFd, serving: &dyn Serving) -> Session {
             // Descriptors a successor should not send are closed on the spot.
             let (req, _fds) = recv::<Request>(conn.as_fd())?;
             match req {
-                Request::Hello { version, pid } => {
-                    if version != VERSION {
-                        let reason = format!(
+                Request::Hello { version, pid, pod } => {
+                    let refused = if version != VERSION {
+                        Some(format!(
                             "handover protocol version {version} asked, this ztunnel speaks {VERSION}"
-                        );
+                        ))
+                    } else {
+                        serving.refuse(&pod)
+                    };
+                    if let Some(reason) = refused {
                         send(
                             conn.as_fd(),
                             &Reply::Refused {
@@ -504,12 +562,13 @@ fn session(conn: &OwnedFd, serving: &dyn Serving) -> Session {
                         )?;
                         return Err(Error::Refused { reason });
                     }
-                    tracing::info!(successor_pid = pid, "a successor connected to take over");
+                    tracing::info!(successor_pid = pid, successor_pod = %pod, "a successor connected to take over");
                     send(
                         conn.as_fd(),
                         &Reply::Welcome {
                             version: VERSION,
                             pid: std::process::id(),
+                            pod: serving.pod(),
                         },
                         &[],
                     )?;
@@ -558,6 +617,14 @@ mod tests {
     }
 
     impl Serving for Fake {
+        fn pod(&self) -> String {
+            "ztunnel-old".to_owned()
+        }
+
+        fn refuse(&self, pod: &str) -> Option<String> {
+            (pod == "ztunnel-crashed").then(|| "it handed over to this one".to_owned())
+        }
+
         fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>> {
             if netns_id != self.netns {
                 return None;
@@ -604,10 +671,13 @@ mod tests {
         });
         serve(&path, fake.clone()).expect("serve");
 
-        let mut p = Predecessor::connect(&path)
+        let refused = Predecessor::connect(&path, "ztunnel-crashed").expect_err("refused");
+        assert!(refused.to_string().contains("handed over to this one"), "{refused}");
+        let mut p = Predecessor::connect(&path, "ztunnel-new")
             .expect("connect")
             .expect("a predecessor answers");
         assert_eq!(p.pid, std::process::id());
+        assert_eq!(p.pod, "ztunnel-old");
         assert!(p.take("default/x", (7, 43), None, &addrs).expect("take").is_empty());
         // An address the successor does not expect is refused, with the reason.
         let err = p
@@ -633,20 +703,20 @@ mod tests {
         while fake.results.lock().expect("lock").is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(*fake.results.lock().expect("lock"), ["complete"]);
+        assert_eq!(*fake.results.lock().expect("lock"), ["refused", "complete"]);
         // Nobody takes over from a ztunnel that has handed over.
-        assert!(Predecessor::connect(&path).expect("connect").is_none());
+        assert!(Predecessor::connect(&path, "").expect("connect").is_none());
     }
 
     #[test]
     fn no_predecessor_when_nobody_serves_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("handover.sock");
-        assert!(Predecessor::connect(&path).expect("connect").is_none());
+        assert!(Predecessor::connect(&path, "").expect("connect").is_none());
         // A socket file left by a ztunnel that crashed.
         let fd = seqpacket().expect("socket");
         socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("bind");
         drop(fd);
-        assert!(Predecessor::connect(&path).expect("connect").is_none());
+        assert!(Predecessor::connect(&path, "").expect("connect").is_none());
     }
 }

@@ -144,6 +144,10 @@ pub struct Proxy {
     pool: hbone::Pool<PoolKey, Connector>,
     /// `true` tells every HBONE server connection to drain (GOAWAY).
     drain: tokio::sync::watch::Sender<bool>,
+    /// Whether listening sockets inherited from a predecessor are accepted on: not while
+    /// the predecessor still accepts (a successor that crashes during the overlap then
+    /// takes no connection with it); from the moment it is told to stop, or is gone.
+    inherited_accepting: tokio::sync::watch::Sender<bool>,
     /// Inbound plaintext arrives NAT-redirected (iptables capture): its original
     /// destination comes from `SO_ORIGINAL_DST`, not from the local address.
     inbound_redirected: std::sync::atomic::AtomicBool,
@@ -455,6 +459,7 @@ impl Proxy {
                 pods: RwLock::default(),
                 pool,
                 drain: tokio::sync::watch::Sender::new(false),
+                inherited_accepting: tokio::sync::watch::Sender::new(true),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
                 orig_dst_table: std::sync::OnceLock::new(),
@@ -602,6 +607,12 @@ impl Proxy {
         self.inbound_redirected.store(on, Ordering::Relaxed);
     }
 
+    /// Opens or closes the gate of the accept loops on inherited listening sockets (see
+    /// `Proxy::inherited_accepting`); loops already past it keep accepting.
+    pub fn set_inherited_accepting(&self, open: bool) {
+        self.inherited_accepting.send_replace(open);
+    }
+
     /// Tells every HBONE server connection to send GOAWAY and finish its streams.
     pub fn drain(&self) {
         self.drain.send_replace(true);
@@ -687,17 +698,18 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner())
             .insert(pod.name.clone(), pod.clone());
         for addr in Self::pod_listen_addrs(pod.has_v6()) {
-            let l = match inherited.iter().position(|(a, _)| *a == addr) {
+            let (l, gate) = match inherited.iter().position(|(a, _)| *a == addr) {
                 Some(i) => {
                     let (_, l) = inherited.swap_remove(i);
                     listeners.inherited += 1;
-                    TcpListener::from_std(l).map_err(|source| Error::Listen {
+                    let l = TcpListener::from_std(l).map_err(|source| Error::Listen {
                         addr,
                         netns: pod.netns.path().display().to_string(),
                         source,
-                    })?
+                    })?;
+                    (l, Some(self.inherited_accepting.subscribe()))
                 }
-                None => self.listen(&pod, addr)?,
+                None => (self.listen(&pod, addr)?, None),
             };
             let l = Arc::new(l);
             let task = match addr.port() {
@@ -705,6 +717,7 @@ impl Proxy {
                     self.clone(),
                     pod.clone(),
                     l.clone(),
+                    gate,
                     listener::HBONE,
                     hbone_inbound::accept,
                 )),
@@ -712,6 +725,7 @@ impl Proxy {
                     self.clone(),
                     pod.clone(),
                     l.clone(),
+                    gate,
                     listener::OUTBOUND,
                     outbound::accept,
                 )),
@@ -719,6 +733,7 @@ impl Proxy {
                     self.clone(),
                     pod.clone(),
                     l.clone(),
+                    gate,
                     listener::INBOUND,
                     inbound::accept,
                 )),
@@ -793,17 +808,23 @@ impl Proxy {
 /// task. At most `--max-connections-per-listener` connections are held at once: at the
 /// cap the loop stops accepting until one closes, and the kernel's backlog holds the
 /// rest. A failed accept is counted and, when it is about resources (EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM), waited out with backoff instead of retried in a hot loop.
+/// ENOBUFS, ENOMEM), waited out with backoff instead of retried in a hot loop. A socket
+/// inherited from a predecessor is accepted on only once `gate` opens (the kernel
+/// queues connections meanwhile, and the predecessor accepts them).
 async fn accept_loop<H, F>(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
     listener: Arc<TcpListener>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
     what: &'static str,
     handle: H,
 ) where
     H: Fn(Arc<Proxy>, Arc<PodNet>, TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
     let mut cap = ListenerCap::new(
         proxy.limits.max_connections_per_listener,
         what,
