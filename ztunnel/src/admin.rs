@@ -1,5 +1,6 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/config_dump` (JSON of the
-//! running state) and `/fast_path` (GET shows, POST `?enabled=true|false` switches).
+//! running state), `/fast_path` (GET shows, POST `?enabled=true|false` switches),
+//! `/logging` and `/quitquitquit` (drain, then exit).
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -338,8 +339,7 @@ fn handle(
             }
         }
         (&Method::POST, "/quitquitquit") => {
-            tracing::info!("drain requested on the admin port");
-            shared.quit.notify_one();
+            shared.request_drain("POST /quitquitquit", false);
             text(StatusCode::OK, "draining\n")
         }
         _ => text(

@@ -1,5 +1,6 @@
 //! The composition root: loads capture, follows the workload file, enrols and unenrols
-//! this node's pods, serves the admin API, and takes everything down on SIGTERM/SIGINT.
+//! this node's pods, serves the admin API, and drains on SIGTERM/SIGINT, `POST
+//! /quitquitquit` or a successor's request ([`Shared::request_drain`]) before it exits.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -21,7 +22,7 @@ use crate::{
     capture::{Capture, PodCapture},
     cgroup,
     config::{Ca, Config, Source},
-    ebpf, handover,
+    drain, ebpf, handover,
     identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
     istio::{self, source::IstioSource},
     netns::Netns,
@@ -110,8 +111,10 @@ pub struct Shared {
     pending: Mutex<Vec<(String, String)>>,
     scope: Option<Scope>,
     pub log: crate::telemetry::LogControl,
-    /// Notified by the admin port's `/quitquitquit`.
-    pub quit: tokio::sync::Notify,
+    /// The drain asked for, once one is (see [`Shared::request_drain`]).
+    drain_request: watch::Sender<Option<drain::Request>>,
+    /// Drain requests so far, each counted (the first one starts the drain).
+    drain_asks: watch::Sender<u64>,
     /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
     enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
     handover: Handover,
@@ -343,7 +346,14 @@ impl Shared {
         if listeners.inherited > 0 {
             tracing::info!(pod = %spec.key, listeners = listeners.inherited, "took the pod's listening sockets over from the predecessor");
         }
-        let inbound: Vec<_> = listeners.inbound().collect();
+        let inbound = listeners.inbound();
+        let inbound: Vec<_> = inbound
+            .iter()
+            .map(|(a, l)| {
+                use std::os::fd::AsFd as _;
+                (*a, l.as_fd())
+            })
+            .collect();
         let capture = self.capture.enrol(
             &spec.key,
             &spec.netns,
@@ -522,15 +532,89 @@ impl Shared {
         self.handover.handed_over.load(Ordering::SeqCst)
     }
 
-    /// On exit, capture stays attached and pinned for the next ztunnel (an upgrade or a
-    /// restart): meanwhile the pods' connections fail closed instead of leaking plaintext.
+    /// Starts a drain: readiness answers 503 from now on, and the main loop drains the
+    /// data path (see [`crate::drain`]) and exits, leaving every pod's capture, pins and
+    /// return path in place. The first request counts; later ones are logged. Callable
+    /// from anywhere (signal handler, admin API, the handover).
+    ///
+    /// `successor`: another ztunnel already holds the pods' listening sockets and takes
+    /// the new connections; without one they fail closed until the next ztunnel starts.
+    pub fn request_drain(&self, cause: &str, successor: bool) {
+        // Every request counts here, the first or not: a ztunnel that handed over waits
+        // for the next one to exit.
+        self.drain_asks.send_modify(|n| *n += 1);
+        let first = self.drain_request.send_if_modified(|r| {
+            if r.is_some() {
+                return false;
+            }
+            *r = Some(drain::Request {
+                cause: cause.to_owned(),
+                successor,
+            });
+            true
+        });
+        if first {
+            tracing::info!(cause, successor, "drain requested");
+        } else {
+            tracing::info!(cause, "drain requested again; the drain under way goes on");
+        }
+    }
+
+    /// Drains the data path: stops accepting, sends GOAWAY, and lets established
+    /// connections run until they end or `timeout` passes (then ends them). Logs and
+    /// counts it.
+    async fn drain(&self, req: &drain::Request, timeout: Duration) -> drain::Report {
+        let proxy = &self.proxy;
+        let at_start = proxy.connections.open_count();
+        proxy.metrics.drain_started(at_start);
+        let new_connections = if req.successor {
+            "go to the successor"
+        } else {
+            "fail closed until the next ztunnel (capture stays attached)"
+        };
+        tracing::info!(
+            cause = %req.cause,
+            successor = req.successor,
+            connections = at_start,
+            timeout = %humantime::format_duration(timeout),
+            new_connections,
+            "drain started: readiness 503, listeners closed, GOAWAY sent; established connections run until they end or the timeout"
+        );
+        proxy.start_drain();
+        let report = drain::run(&**proxy, timeout, |n| proxy.metrics.set_drain_remaining(n)).await;
+        proxy.metrics.drain_forced(report.forced);
+        let elapsed_ms = report.elapsed.as_millis() as u64;
+        if report.forced > 0 || report.remaining > 0 {
+            tracing::warn!(
+                connections = report.at_start,
+                remaining = report.remaining,
+                forced = report.forced,
+                elapsed_ms,
+                "drain timeout passed; closed the connections left (outcome `drain timeout`)"
+            );
+        } else {
+            tracing::info!(
+                connections = report.at_start,
+                remaining = 0,
+                forced = 0,
+                elapsed_ms,
+                "drain finished: every connection ended"
+            );
+        }
+        report
+    }
+
+    /// On exit, capture stays attached and pinned, and each pod's return path installed,
+    /// for the next ztunnel (an upgrade or a restart; a successor may already rely on
+    /// them): meanwhile the pods' connections fail closed instead of leaking plaintext.
     fn leave_all(&self) {
+        self.proxy.keep_return_paths();
         let mut pods = self.pods();
         for (key, mut e) in std::mem::take(&mut *pods) {
             if let Some(c) = e.capture.take() {
                 self.capture.leave_attached(c);
             }
-            tracing::info!(pod = %key, "capture left attached for the next ztunnel");
+            tracing::info!(pod = %key, "capture and return path left in place for the next ztunnel");
         }
     }
 
@@ -575,8 +659,11 @@ impl Shared {
     /// Ready when the workload file is loaded (it is, once this runs), every pod that
     /// should be enrolled is (capture attached), and each has its certificate.
     pub fn readiness(&self) -> Result<(), String> {
-        if self.handed_over() {
-            return Err("handed over to a successor; draining".to_owned());
+        if let Some(req) = self.drain_request.borrow().as_ref() {
+            return Err(format!(
+                "draining ({}): no new connections are accepted",
+                req.cause
+            ));
         }
         {
             let st = self.handover.status();
@@ -654,7 +741,11 @@ impl handover::Serving for Serve {
         let dup: Result<Vec<_>, _> = e
             .listeners
             .sockets()
-            .map(|(addr, fd)| fd.try_clone_to_owned().map(|fd| (addr, fd)))
+            .into_iter()
+            .map(|(addr, l)| {
+                use std::os::fd::AsFd as _;
+                l.as_fd().try_clone_to_owned().map(|fd| (addr, fd))
+            })
             .collect();
         match dup {
             Ok(l) => Some(l),
@@ -691,7 +782,8 @@ impl handover::Serving for Serve {
     }
 
     fn drain(&self) {
-        self.shared.quit.notify_one();
+        self.shared
+            .request_drain("handed over to a successor", true);
     }
 
     fn count(&self, result: &'static str) {
@@ -748,18 +840,6 @@ where
             Ok(())
         }
         Err(e) => Err(e).with_context(|| format!("failed to bind the {what} port to {addr}")),
-    }
-}
-
-/// Returns once the connections this process carries have all ended (a successor has
-/// taken over and gets every new one).
-async fn wait_for_connections(proxy: &crate::proxy::Proxy) {
-    loop {
-        let (out, inb) = proxy.connections.active_counts();
-        if out + inb == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -940,7 +1020,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         pending: Mutex::default(),
         scope,
         log,
-        quit: tokio::sync::Notify::new(),
+        drain_request: watch::Sender::new(None),
+        drain_asks: watch::Sender::new(0),
         enrol_results: results_tx,
         zds: std::sync::OnceLock::new(),
         handover: Handover {
@@ -1021,10 +1102,25 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         }
     });
 
+    // Signals only ask for the drain: readiness turns 503 at once, even while the main
+    // loop is busy with a reconcile.
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            let cause = tokio::select! {
+                Some(()) = term.recv() => "SIGTERM",
+                Some(()) = int.recv() => "SIGINT",
+                else => return,
+            };
+            s.request_drain(cause, false);
+        }
+    });
+    let mut drain_requested = shared.drain_request.subscribe();
+    let drain_timeout = cfg.resolved_drain_timeout();
     let mut retry = tokio::time::interval(Duration::from_secs(2));
-    tracing::info!(admin = %cfg.admin_addr, "ztunnel ready");
+    tracing::info!(admin = %cfg.admin_addr, drain_timeout = %humantime::format_duration(drain_timeout), "ztunnel ready");
     let mut first = true;
     // istiod's and istio-cni's removals are explicit and final (a ZDS `del` waits for the
     // unenrolment); the file and the Kubernetes API only ever show whole states, in
@@ -1076,37 +1172,36 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         release_free_heap();
         let settled = settler.next_deadline();
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() { break },
+            changed = rx.changed() => if changed.is_err() {
+                shared.request_drain("the workload source ended", false);
+                break;
+            },
             _ = retry.tick(), if !all_ok => {}
             _ = tokio::time::sleep_until(settled.unwrap_or_else(std::time::Instant::now).into()), if settled.is_some() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = shared.quit.notified() => break,
+            _ = drain_requested.wait_for(Option::is_some) => break,
         }
     }
-    tracing::info!("shutting down");
-    shared.proxy.drain();
+    let req = shared
+        .drain_request
+        .borrow()
+        .clone()
+        .unwrap_or_else(|| drain::Request {
+            cause: "shutdown".to_owned(),
+            successor: false,
+        });
+    shared.drain(&req, drain_timeout).await;
     if shared.handed_over() {
-        // The connections this process carries run to their end; the supervisor's stop
-        // (SIGTERM, then its kill at the grace period's end) bounds the wait. Exiting by
-        // itself would have the supervisor restart it (a DaemonSet pod's container, a
-        // unit with Restart=), and a restarted ztunnel takes no node back from the
-        // successor it handed over to: it goes when its pod or unit is stopped, as an
-        // old ztunnel's is once the new one is ready.
-        tokio::select! {
-            () = wait_for_connections(&shared.proxy) => {
-                tracing::info!("handed over and drained; exits on SIGTERM, SIGINT or /quitquitquit");
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                    _ = shared.quit.notified() => {}
-                }
-            }
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        // Exiting by itself would have the supervisor restart it (a DaemonSet pod's
+        // container, a unit with Restart=), and a restarted ztunnel takes no node back
+        // from the successor it handed over to: it goes when its pod or unit is stopped
+        // (a drain request after the handover's own), as an old ztunnel's pod is once
+        // the new one is ready.
+        tracing::info!("handed over and drained; exits on SIGTERM, SIGINT or /quitquitquit");
+        let mut asks = shared.drain_asks.subscribe();
+        let _ = asks.wait_for(|n| *n >= 2).await;
     }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;
+    tracing::info!("ztunnel exits");
     Ok(())
 }

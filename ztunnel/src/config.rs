@@ -134,6 +134,22 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub config_settle: std::time::Duration,
 
+    /// How long a drain (SIGTERM, `POST /quitquitquit`, a successor taking over) lets
+    /// established connections run before it closes what is left (outcome `drain
+    /// timeout` in the access log), e.g. `25s`; Istio's `CONNECTION_TERMINATION_DEADLINE`.
+    /// Without it, derived from `--termination-grace-period-seconds` as Istio's ztunnel
+    /// does (5 s less when over 10 s, else 1 s less, at least 1 s), else 5 s. At most 1h;
+    /// `0s` closes everything at once.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+
+    /// The pod's `terminationGracePeriodSeconds` (Istio's
+    /// `TERMINATION_GRACE_PERIOD_SECONDS`; the DaemonSet sets both to the same number):
+    /// the kubelet kills ztunnel this long after SIGTERM, so the drain must end sooner.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS")]
+    pub termination_grace_period_seconds: Option<u64>,
+
     /// Where the built-in CA keeps its root key and certificate (created on first run;
     /// every node that should trust each other must share the same root).
     #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
@@ -306,6 +322,12 @@ impl Config {
         })
     }
 
+    /// The drain timeout in force: `--drain-timeout`, or the one derived from the grace
+    /// period ([`crate::drain::timeout`]).
+    pub fn resolved_drain_timeout(&self) -> Duration {
+        crate::drain::timeout(self.drain_timeout, self.termination_grace_period_seconds)
+    }
+
     /// The `--probe-sources` entries that name something.
     pub fn probe_sources(&self) -> Vec<crate::probes::ProbeSource> {
         self.probe_sources.iter().filter_map(|p| p.0).collect()
@@ -381,6 +403,24 @@ impl Config {
                 humantime::format_duration(self.config_settle),
                 humantime::format_duration(MAX_CONFIG_SETTLE)
             ));
+        }
+        if let Some(t) = self.drain_timeout {
+            if t > MAX_TIMEOUT {
+                problems.push(format!(
+                    "--drain-timeout {}: must be at most {}",
+                    humantime::format_duration(t),
+                    humantime::format_duration(MAX_TIMEOUT)
+                ));
+            }
+            if let Some(grace) = self.termination_grace_period_seconds
+                && grace > 0
+                && t >= Duration::from_secs(grace)
+            {
+                problems.push(format!(
+                    "--drain-timeout {}: must be shorter than --termination-grace-period-seconds {grace} (the kubelet kills ztunnel when the grace period ends, mid-drain); leave it out to derive it",
+                    humantime::format_duration(t)
+                ));
+            }
         }
         self.limits.validate(&mut problems);
         if problems.is_empty() {
@@ -591,6 +631,61 @@ mod tests {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
         let bad = Cli::try_parse_from(["ztunnel", "--node", "n1", "--h2-accept-timeout", "soon"]);
+        assert!(bad.is_err(), "an unparseable duration is refused");
+    }
+
+    #[test]
+    fn drain_timeout_comes_from_the_flag_or_the_grace_period() {
+        let base = ["--workloads", "/w.yaml", "--node", "n1"];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(with(&[]).resolved_drain_timeout(), s(5), "Istio's default");
+        let c = with(&["--termination-grace-period-seconds", "30"]);
+        assert_eq!(c.resolved_drain_timeout(), s(25));
+        c.validate().expect("derived from the grace period");
+        let c = with(&[
+            "--termination-grace-period-seconds",
+            "30",
+            "--drain-timeout",
+            "20s",
+        ]);
+        assert_eq!(c.resolved_drain_timeout(), s(20));
+        c.validate().expect("shorter than the grace period");
+        // The config dump shows both as given.
+        let dump = serde_json::to_value(&c).expect("serializable");
+        assert_eq!(dump["drainTimeout"], "20s");
+        assert_eq!(dump["terminationGracePeriodSeconds"], 30);
+
+        let err = with(&[
+            "--termination-grace-period-seconds",
+            "30",
+            "--drain-timeout",
+            "30s",
+        ])
+        .validate()
+        .expect_err("as long as the grace period")
+        .to_string();
+        assert!(
+            err.contains(
+                "--drain-timeout 30s: must be shorter than --termination-grace-period-seconds 30"
+            ),
+            "{err}"
+        );
+        let err = with(&["--drain-timeout", "2h"])
+            .validate()
+            .expect_err("unbounded")
+            .to_string();
+        assert!(
+            err.contains("--drain-timeout 2h: must be at most 1h"),
+            "{err}"
+        );
+        with(&["--drain-timeout", "0s"])
+            .validate()
+            .expect("0s closes everything at once");
+        let bad = Cli::try_parse_from(["ztunnel", "--node", "n1", "--drain-timeout", "later"]);
         assert!(bad.is_err(), "an unparseable duration is refused");
     }
 

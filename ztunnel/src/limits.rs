@@ -353,6 +353,11 @@ impl ListenerCap {
         Reserved(permit)
     }
 
+    /// A slot if one is free right now.
+    pub fn try_reserve(&self) -> Option<Reserved> {
+        self.slots.clone().try_acquire_owned().ok().map(Reserved)
+    }
+
     /// Turns a reserved slot into the accepted connection's.
     pub fn hold(&self, reserved: Reserved) -> Held {
         self.gauge.inc();

@@ -248,6 +248,11 @@ struct StepLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DrainStateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
 }
@@ -294,6 +299,67 @@ pub struct Metrics {
     capture: Arc<CaptureCollector>,
     config: ConfigMetrics,
     handover: HandoverMetrics,
+    drain: DrainMetrics,
+}
+
+/// The drain (issue 15: SIGTERM lets established connections finish). The series exist
+/// from the start, at 0.
+#[derive(Debug)]
+struct DrainMetrics {
+    draining: Gauge,
+    connections: Family<DrainStateLabels, Gauge>,
+    forced: Counter,
+}
+
+impl DrainMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let draining = Gauge::default();
+        registry.register(
+            "ztunnel_draining",
+            "1 once a drain has started (SIGTERM, POST /quitquitquit, a successor taking \
+             over): readiness answers 503, the pods' listeners accept nothing new",
+            draining.clone(),
+        );
+        let connections = Family::<DrainStateLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_drain_connections",
+            "Proxied connections of the drain, by state (at_start: open when it started; \
+             remaining: still open)",
+            connections.clone(),
+        );
+        for state in [drain_state::AT_START, drain_state::REMAINING] {
+            connections
+                .get_or_create(&DrainStateLabels {
+                    state: state.to_owned(),
+                })
+                .set(0);
+        }
+        let forced = Counter::default();
+        registry.register(
+            "ztunnel_drain_forced_connections",
+            "Connections the drain timeout (--drain-timeout) ended, outcome `drain timeout`",
+            forced.clone(),
+        );
+        Self {
+            draining,
+            connections,
+            forced,
+        }
+    }
+
+    fn set(&self, state: &str, n: usize) {
+        self.connections
+            .get_or_create(&DrainStateLabels {
+                state: state.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// `state` values of `ztunnel_drain_connections`.
+pub mod drain_state {
+    pub const AT_START: &str = "at_start";
+    pub const REMAINING: &str = "remaining";
 }
 
 /// Config versions and enrolment (issue 14: a config that is not completely written is
@@ -518,6 +584,7 @@ impl Metrics {
         registry.register_collector(Box::new(Arc::clone(&capture)));
         let config = ConfigMetrics::register(&mut registry);
         let handover = HandoverMetrics::register(&mut registry);
+        let drain = DrainMetrics::register(&mut registry);
 
         Arc::new(Metrics {
             registry,
@@ -539,6 +606,7 @@ impl Metrics {
             capture,
             config,
             handover,
+            drain,
         })
     }
 
@@ -561,6 +629,32 @@ impl Metrics {
                 result: escape(result).into_owned(),
             })
             .inc();
+    }
+
+    /// A drain started with `at_start` proxied connections open.
+    pub fn drain_started(&self, at_start: usize) {
+        self.drain.draining.set(1);
+        self.drain.set(drain_state::AT_START, at_start);
+        self.drain.set(drain_state::REMAINING, at_start);
+    }
+
+    /// Proxied connections the drain still waits for.
+    pub fn set_drain_remaining(&self, n: usize) {
+        self.drain.set(drain_state::REMAINING, n);
+    }
+
+    /// Counts connections the drain timeout ended.
+    pub fn drain_forced(&self, n: usize) {
+        self.drain.forced.inc_by(n as u64);
+    }
+
+    /// Connections the pods' listeners hold now (accepted and not finished, whatever
+    /// their stage), all kinds together.
+    pub fn listener_connections_held(&self) -> i64 {
+        listener::POD
+            .iter()
+            .map(|l| self.listener_connections(l).get())
+            .sum()
     }
 
     /// Counts a config version not taken (`source`: `file`; `reason`: `empty`,
@@ -1142,6 +1236,38 @@ mod tests {
             &text,
             r#"ztunnel_listener_connections{listener="inbound"} 2"#,
         );
+    }
+
+    #[test]
+    fn drain_metrics_exist_from_the_start_and_follow_the_drain() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert_line(&text, "ztunnel_draining 0");
+        assert_line(&text, r#"ztunnel_drain_connections{state="at_start"} 0"#);
+        assert_line(&text, r#"ztunnel_drain_connections{state="remaining"} 0"#);
+        assert_line(&text, "ztunnel_drain_forced_connections_total 0");
+        m.drain_started(4);
+        m.set_drain_remaining(3);
+        m.drain_forced(3);
+        let text = m.encode();
+        assert_line(&text, "# TYPE ztunnel_draining gauge");
+        assert_line(&text, "ztunnel_draining 1");
+        assert_line(&text, r#"ztunnel_drain_connections{state="at_start"} 4"#);
+        assert_line(&text, r#"ztunnel_drain_connections{state="remaining"} 3"#);
+        assert_line(&text, "# TYPE ztunnel_drain_forced_connections counter");
+        assert_line(&text, "ztunnel_drain_forced_connections_total 3");
+    }
+
+    #[test]
+    fn listener_connections_held_sums_every_kind() {
+        let m = Metrics::new();
+        assert_eq!(m.listener_connections_held(), 0);
+        m.listener_connections(listener::HBONE).inc();
+        m.listener_connections(listener::OUTBOUND).inc();
+        m.listener_connections(listener::OUTBOUND).inc();
+        assert_eq!(m.listener_connections_held(), 3);
+        m.listener_connections(listener::OUTBOUND).dec();
+        assert_eq!(m.listener_connections_held(), 2);
     }
 
     #[test]

@@ -255,6 +255,11 @@ impl ConnectionLog {
         (out, st.active.len() - out)
     }
 
+    /// Connections open now, both directions.
+    pub fn open_count(&self) -> usize {
+        self.lock().active.len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -361,6 +366,31 @@ impl ConnectionLog {
             n += 1;
         }
         n
+    }
+
+    /// Closes the record of every connection still open, as if each had ended now with
+    /// no bytes counted beyond what its record holds: for the drain, whose process exits
+    /// before their tasks would. The outcome is the reason they were ended with, else
+    /// `outcome`. Returns how many.
+    pub fn abandon(&self, outcome: &str) -> usize {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let open: Vec<(u64, u64, u64, Duration)> = self
+            .lock()
+            .active
+            .iter()
+            .map(|a| {
+                let age = Duration::from_millis(now.saturating_sub(a.rec.opened_ms));
+                (a.rec.id, a.rec.bytes_sent, a.rec.bytes_received, age)
+            })
+            .collect();
+        for (id, sent, received, age) in &open {
+            tracing::warn!(id, "connection still open at exit; closing its record");
+            self.close(*id, *sent, *received, *age, outcome.to_owned());
+        }
+        open.len()
     }
 
     fn close(&self, id: u64, sent: u64, received: u64, elapsed: Duration, outcome: String) {
@@ -613,9 +643,19 @@ impl Proxy {
         self.inherited_accepting.send_replace(open);
     }
 
-    /// Tells every HBONE server connection to send GOAWAY and finish its streams.
-    pub fn drain(&self) {
+    /// Starts the drain of the data path: every pod listener stops accepting (taking
+    /// what the kernel had already queued) and closes, every inbound HBONE connection
+    /// sends GOAWAY and finishes its streams, and the outbound pool gives its connections
+    /// no new streams and closes each after its last. Established connections run on.
+    pub fn start_drain(&self) {
         self.drain.send_replace(true);
+        self.pool.drain();
+    }
+
+    /// From now on no pod's return path is removed: ztunnel is exiting, and the return
+    /// paths stay for the next ztunnel, like the capture.
+    pub fn keep_return_paths(&self) {
+        self.return_paths.keep_installed();
     }
 
     pub fn pool_stats(&self) -> hbone::PoolStats {
@@ -739,7 +779,7 @@ impl Proxy {
                 )),
             };
             listeners.tasks.push(task);
-            listeners.sockets.push((addr, l));
+            listeners.sockets.push((addr, Arc::downgrade(&l)));
         }
         Ok(listeners)
     }
@@ -760,7 +800,7 @@ impl Proxy {
                 s.set_reuse_address(true)?;
                 s.set_nonblocking(true)?;
                 s.bind(&addr.into())?;
-                s.listen(1024)?;
+                s.listen(LISTEN_BACKLOG)?;
                 Ok(s.into())
             })?
             .map_err(err)?;
@@ -804,13 +844,20 @@ impl Proxy {
     }
 }
 
-/// Accepts on a pod's listener forever, handing each connection to `handle` on its own
-/// task. At most `--max-connections-per-listener` connections are held at once: at the
-/// cap the loop stops accepting until one closes, and the kernel's backlog holds the
-/// rest. A failed accept is counted and, when it is about resources (EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM), waited out with backoff instead of retried in a hot loop. A socket
-/// inherited from a predecessor is accepted on only once `gate` opens (the kernel
-/// queues connections meanwhile, and the predecessor accepts them).
+/// The pod listeners' accept queue (`listen()` backlog).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Accepts on a pod's listener until the drain starts, handing each connection to
+/// `handle` on its own task. At most `--max-connections-per-listener` connections are
+/// held at once: at the cap the loop stops accepting until one closes, and the kernel's
+/// backlog holds the rest. A failed accept is counted and, when it is about resources
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM), waited out with backoff instead of retried in a hot
+/// loop. When the drain starts, the connections already in the accept queue (their
+/// clients see them established) are taken as far as the cap allows, and the listener is
+/// closed: a successor holding the same listening socket gets every new connection;
+/// without one, new connections find no listener and fail closed. A socket inherited
+/// from a predecessor is accepted on only once `gate` opens (the kernel queues
+/// connections meanwhile, and the predecessor accepts them).
 async fn accept_loop<H, F>(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
@@ -832,23 +879,86 @@ async fn accept_loop<H, F>(
         proxy.metrics.clone(),
     );
     let mut errors = AcceptErrors::new(what, pod.name.clone(), proxy.metrics.clone());
+    let mut drain = proxy.drain.subscribe();
+    let serve = |stream: TcpStream, peer: SocketAddr, held: limits::Held| {
+        let conn = handle(proxy.clone(), pod.clone(), stream, peer);
+        tokio::spawn(async move {
+            conn.await;
+            drop(held);
+        });
+    };
     loop {
-        let slot = cap.reserve().await;
-        match listener.accept().await {
+        let slot = tokio::select! {
+            slot = cap.reserve() => slot,
+            () = drain_started(&mut drain) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain_started(&mut drain) => break,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 errors.accepted();
-                let held = cap.hold(slot);
-                let conn = handle(proxy.clone(), pod.clone(), stream, peer);
-                tokio::spawn(async move {
-                    conn.await;
-                    drop(held);
-                });
+                serve(stream, peer, cap.hold(slot));
             }
             Err(e) => {
                 drop(slot);
                 errors.failed(&e).await;
             }
         }
+    }
+    // The loop holds the only strong reference to the listener ([`PodListeners`] keeps
+    // a weak one): it closes when this returns, unless a successor holds it too.
+    let sock = socket2::SockRef::from(&*listener);
+    let mut taken = 0;
+    while taken < LISTEN_BACKLOG {
+        let Some(slot) = cap.try_reserve() else { break };
+        // Non-blocking (tokio's listener is): WouldBlock once the queue is empty.
+        let accepted = sock.accept().and_then(|(s, peer)| {
+            let peer = peer
+                .as_socket()
+                .ok_or_else(|| io::Error::other("accepted a socket without an inet peer"))?;
+            s.set_nonblocking(true)?;
+            Ok((TcpStream::from_std(std::net::TcpStream::from(s))?, peer))
+        });
+        match accepted {
+            Ok((stream, peer)) => {
+                serve(stream, peer, cap.hold(slot));
+                taken += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::debug!(pod = %pod.name, listener = what, error = %e, "accept of a queued connection failed while draining");
+                break;
+            }
+        }
+    }
+    tracing::debug!(pod = %pod.name, listener = what, queued = taken, "listener closed for the drain");
+}
+
+/// Resolves once the drain has started (or nobody can start it any more).
+async fn drain_started(drain: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = drain.wait_for(|draining| *draining).await;
+}
+
+impl crate::drain::Drainable for Proxy {
+    fn open_connections(&self) -> usize {
+        self.connections.open_count()
+    }
+
+    fn busy(&self) -> bool {
+        // Every accepted connection holds a listener slot until its task ends: HBONE
+        // connections until their GOAWAY is through, any connection still in its TLS
+        // handshake or before its record exists.
+        self.metrics.listener_connections_held() > 0
+    }
+
+    fn force_close(&self, outcome: &str) -> usize {
+        self.connections.terminate(|_| Some(outcome.to_owned()))
+    }
+
+    fn abandon(&self, outcome: &str) -> usize {
+        self.connections.abandon(outcome)
     }
 }
 
@@ -974,8 +1084,9 @@ fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
 /// it belongs to the pod, and only [`Self::leave_mesh`] lets it go.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The listening sockets, shared with the accept loops, for a successor to take.
-    sockets: Vec<(SocketAddr, Arc<TcpListener>)>,
+    /// The listening sockets, for a successor to take: weak, so that a listener closes
+    /// when its accept loop ends (a drain without a successor fails closed at once).
+    sockets: Vec<(SocketAddr, Weak<TcpListener>)>,
     /// How many were a predecessor's.
     pub inherited: usize,
     pod: Arc<PodNet>,
@@ -983,16 +1094,21 @@ pub struct PodListeners {
 }
 
 impl PodListeners {
-    /// The listening sockets and their addresses (none once accepting has stopped).
-    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, std::os::fd::BorrowedFd<'_>)> {
-        use std::os::fd::AsFd as _;
-        self.sockets.iter().map(|(a, l)| (*a, l.as_fd()))
+    /// The listening sockets still open and their addresses (none once accepting has
+    /// stopped).
+    pub fn sockets(&self) -> Vec<(SocketAddr, Arc<TcpListener>)> {
+        self.sockets
+            .iter()
+            .filter_map(|(a, l)| Some((*a, l.upgrade()?)))
+            .collect()
     }
 
     /// The `:15006` listening sockets (inbound plaintext), for the TIME_WAIT hand-over map.
-    pub fn inbound(&self) -> impl Iterator<Item = (SocketAddr, std::os::fd::BorrowedFd<'_>)> {
+    pub fn inbound(&self) -> Vec<(SocketAddr, Arc<TcpListener>)> {
         self.sockets()
+            .into_iter()
             .filter(|(a, _)| a.port() == ports::INBOUND_PLAINTEXT)
+            .collect()
     }
 
     /// Stops accepting for good: the accept loops end and this process's descriptors of

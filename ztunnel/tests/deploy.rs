@@ -309,6 +309,74 @@ fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
     );
 }
 
+/// The config the DaemonSet's literal env values give, parsed by ztunnel's own flags
+/// (each variable passed as the flag that reads it; the node name, a fieldRef, given
+/// here).
+fn config_of(daemonset: &Value) -> ztunnel::config::Config {
+    use clap::{Args as _, FromArgMatches as _};
+    let cmd = ztunnel::config::Config::augment_args(clap::Command::new("ztunnel"));
+    let flag_of: BTreeMap<String, String> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            Some((
+                a.get_env()?.to_string_lossy().into_owned(),
+                a.get_long()?.to_owned(),
+            ))
+        })
+        .collect();
+    let mut argv = vec!["ztunnel".to_owned(), "--node=node-1".to_owned()];
+    for (name, value) in env_of(daemonset) {
+        if let Some(long) = flag_of.get(&name) {
+            argv.push(format!("--{long}={value}"));
+        }
+    }
+    let matches = cmd
+        .try_get_matches_from(&argv)
+        .unwrap_or_else(|e| panic!("the DaemonSet's settings {argv:?} do not parse: {e}"));
+    ztunnel::config::Config::from_arg_matches(&matches)
+        .unwrap_or_else(|e| panic!("the DaemonSet's settings {argv:?} do not parse: {e}"))
+}
+
+#[test]
+fn drain_ends_before_the_termination_grace_period_and_updates_surge() {
+    for overlay in ["standalone", "istio"] {
+        let docs = render(&deploy().join("overlays").join(overlay));
+        let [ds] = find(&docs, "DaemonSet")[..] else {
+            panic!("expected one DaemonSet in {overlay}");
+        };
+        // A new ztunnel starts beside the old one, which then drains: never none.
+        let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!(rolling["maxSurge"], 1, "{overlay}");
+        assert_eq!(rolling["maxUnavailable"], 0, "{overlay}");
+
+        let grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{overlay}: terminationGracePeriodSeconds must be set"));
+        assert_eq!(
+            env_of(ds)
+                .get("TERMINATION_GRACE_PERIOD_SECONDS")
+                .map(String::as_str),
+            Some(grace.to_string().as_str()),
+            "{overlay}: TERMINATION_GRACE_PERIOD_SECONDS must equal terminationGracePeriodSeconds (the downward API cannot expose it)"
+        );
+        let cfg = config_of(ds);
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{overlay}: the DaemonSet's settings are invalid: {e}"));
+        let drain = cfg.resolved_drain_timeout();
+        let longest = ztunnel::drain::longest(drain);
+        assert!(
+            longest < std::time::Duration::from_secs(grace),
+            "{overlay}: a drain takes up to {longest:?} (--drain-timeout {drain:?}), not less than the {grace} s grace period"
+        );
+        // Istio's derivation, as its chart gets it: 5 s for closing what is left.
+        assert_eq!(
+            drain,
+            std::time::Duration::from_secs(grace - 5),
+            "{overlay}"
+        );
+    }
+}
+
 /// Environment variables the manifests may set that ztunnel's flags do not read: the log
 /// filter, and a variable Istio's chart sets that we keep so values files carry over.
 const ENV_NOT_FLAGS: &[&str] = &["RUST_LOG", "SERVICE_ACCOUNT"];

@@ -4,6 +4,7 @@ mod admin;
 mod adversarial;
 mod bench;
 mod demo;
+mod drain;
 mod enrolment;
 mod inbound;
 mod iptables;

@@ -24,9 +24,9 @@ fn rate_per_sec() -> &'static str {
     }
 }
 
-/// What the old ztunnel's drain may take (read by the drain's build; here the old
-/// ztunnel lets its connections run to their end anyway).
-const DRAIN_ENV: (&str, &str) = ("CONNECTION_TERMINATION_DEADLINE", "120s");
+/// The old ztunnel's drain timeout (`--drain-timeout`): long enough for the held
+/// connections and the transfer to end on their own, on an emulated VM too.
+const DRAIN_ENV: (&str, &str) = ("CONNECTION_TERMINATION_DEADLINE", "600s");
 
 /// A steady stream of new connections from `from` to `dst` until `stop` exists.
 fn rate(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::Result<PodProcess> {

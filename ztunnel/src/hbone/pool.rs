@@ -10,7 +10,10 @@
 //! - dials are single-flight: callers that find no room while a dial for their key is
 //!   under way wait for it instead of dialling too, so a burst opens one connection;
 //! - a connection without streams for `idle_timeout` is closed (GOAWAY);
-//! - a connection that closes, receives GOAWAY or stops answering pings leaves the pool.
+//! - a connection that closes, receives GOAWAY or stops answering pings leaves the pool;
+//! - [`Pool::drain`] (ztunnel's drain): the connections open then take no new streams and
+//!   close (GOAWAY) once their last stream ends, idle ones at once; connections dialled
+//!   afterwards (for connections accepted before the drain) close as soon as they are idle.
 //!
 //! Each connection has one task driving it (h2 I/O, keepalive pings, idle timer).
 
@@ -18,7 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -172,6 +175,8 @@ struct Inner<K, C> {
     on_timeout: Option<TimeoutObserver>,
     keys: Mutex<HashMap<K, KeyConns>>,
     next_id: AtomicU64,
+    /// Set by [`Pool::drain`]: connections close as soon as they are idle.
+    draining: AtomicBool,
 }
 
 struct KeyConns {
@@ -279,6 +284,7 @@ impl<K, C> Pool<K, C> {
                 on_timeout: None,
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                draining: AtomicBool::new(false),
             }),
         }
     }
@@ -297,6 +303,25 @@ impl<K, C> Pool<K, C> {
 
     pub fn settings(&self) -> &PoolSettings {
         &self.inner.settings
+    }
+
+    /// Drains the pool: every connection open now leaves it (it carries no new stream)
+    /// and closes with GOAWAY once its last stream ends, an idle one at once; from now on
+    /// every connection closes as soon as it is idle, instead of after `idle_timeout`.
+    /// Streams already open run on.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        let conns: Vec<Conn> = {
+            let mut keys = lock(&self.inner.keys);
+            let conns = keys.values_mut().flat_map(|k| k.conns.drain(..)).collect();
+            keys.retain(|_, k| k.dial.is_some());
+            conns
+        };
+        for conn in &conns {
+            // Its driver looks again: with the pool's handle (dropped below) gone, an
+            // idle connection closes now, a busy one after its last stream.
+            conn.usage.idle.notify_one();
+        }
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -352,6 +377,16 @@ where
         remove_locked(&mut keys, key, id);
     }
 
+    /// How long a connection without streams stays: `idle_timeout`, or nothing at all
+    /// while draining.
+    fn idle_timeout(&self) -> Duration {
+        if self.draining.load(Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.settings.idle_timeout
+        }
+    }
+
     /// Removes the connection if it has been idle long enough; `true` if it is gone.
     fn release_if_idle(&self, key: &K, id: u64, usage: &Usage) -> bool {
         let mut keys = lock(&self.keys);
@@ -359,7 +394,7 @@ where
             // Checkouts happen under the `keys` lock too, so no stream can claim the
             // connection between this check and its removal.
             let state = lock(&usage.state);
-            if state.active > 0 || state.last_release.elapsed() < self.settings.idle_timeout {
+            if state.active > 0 || state.last_release.elapsed() < self.idle_timeout() {
                 return false;
             }
         }
@@ -628,7 +663,10 @@ async fn drive<K, C, IO>(
     let keepalive = keepalive::run(ping, settings.ping_interval, settings.ping_timeout);
     tokio::pin!(keepalive);
     loop {
-        let deadline = usage.idle_deadline(settings.idle_timeout);
+        let idle_timeout = pool
+            .upgrade()
+            .map_or(settings.idle_timeout, |p| p.idle_timeout());
+        let deadline = usage.idle_deadline(idle_timeout);
         let idle_timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -1115,6 +1153,118 @@ mod tests {
             },
             "the draining connection left the pool"
         );
+    }
+
+    /// A TCP connection that counts itself closed when the pool drops it.
+    struct Tracked {
+        io: TcpStream,
+        closed: Arc<AtomicUsize>,
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl AsyncRead for Tracked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Tracked {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            data: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, data)
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_pool_closes_each_connection_after_its_last_stream() {
+        let server = hbone_server(ServerSettings::default()).await;
+        let (dials, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counter, gone) = (dials.clone(), closed.clone());
+        let connector = move |addr: &SocketAddr| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let (addr, closed) = (*addr, gone.clone());
+            async move {
+                let io = TcpStream::connect(addr).await?;
+                Ok(Tracked { io, closed })
+            }
+        };
+        let pool = Pool::new(PoolSettings::default(), connector);
+        let mut first = pool
+            .connect(&server.addr, to(server.echo))
+            .await
+            .expect("tunnel");
+        let mut second = pool
+            .connect(&server.addr, to(server.echo))
+            .await
+            .expect("tunnel");
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "one shared connection");
+
+        pool.drain();
+        assert_eq!(pool.stats().connections, 0, "it left the pool");
+        // Its streams run on.
+        echo_once(&mut first, b"first").await;
+        echo_once(&mut second, b"second").await;
+        // A stream opened now does not go on it: a new connection is dialled.
+        let mut third = pool
+            .connect(&server.addr, to(server.echo))
+            .await
+            .expect("tunnel on a new connection");
+        echo_once(&mut third, b"third").await;
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 0, "one stream still open");
+        echo_once(&mut second, b"still").await;
+        drop(second);
+        wait_until("the drained connection to close", || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        // The connection dialled during the drain closes once idle, not after the
+        // five-minute idle timeout.
+        drop(third);
+        wait_until("the new connection to close", || {
+            closed.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(pool.stats(), PoolStats::default());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,15 +116,20 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
             }
             match proxy.pool.connect(&key, req).await {
                 Ok(mut tunnel) => {
+                    let mut stream = stream;
                     let _ = stream.set_nodelay(true);
+                    // So that the drain timeout can end it; the socket lives until the
+                    // record is closed (the registered fd must stay valid).
+                    proxy.connections.attach(id, &[stream.as_raw_fd()]);
                     let (sent, received, outcome) =
-                        match hbone::copy_bidirectional(&mut tunnel, stream).await {
+                        match hbone::copy_bidirectional(&mut tunnel, &mut stream).await {
                             Ok(t) => (t.socket_to_tunnel, t.tunnel_to_socket, "ok".to_owned()),
                             Err(e) => (0, 0, format!("error: {e}")),
                         };
                     proxy
                         .connections
                         .close(id, sent, received, started.elapsed(), outcome);
+                    drop(stream);
                 }
                 Err(e) => {
                     let why = super::error_chain(&e);

@@ -17,9 +17,16 @@
 //! out; otherwise (a failed enrolment, ztunnel exiting or handing over) the last lease
 //! leaves it installed. A pod enrolled again while a lease of its netns is held shares
 //! it; one enrolled while the removal runs waits for it.
+//!
+//! On exit ([`Registry::keep_installed`]) every return path stays, even for a pod that
+//! left the mesh with connections still open: ztunnel is going, and the next one relies on
+//! what the pod has.
 use std::{
     collections::HashMap,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -39,6 +46,8 @@ const REMOVAL_WAIT: Duration = Duration::from_secs(30);
 pub struct Registry {
     paths: Mutex<HashMap<(u64, u64), Entry>>,
     removed: Condvar,
+    /// Set on exit: the last lease to go no longer takes the return path out.
+    kept: AtomicBool,
 }
 
 enum Entry {
@@ -126,6 +135,16 @@ impl Registry {
         })
     }
 
+    /// From now on no return path is removed, whatever leases go: ztunnel is exiting and
+    /// the pods' return paths stay for the next ztunnel (a successor may already use
+    /// them). Removals already running finish.
+    pub fn keep_installed(&self) {
+        // Under the lock a dropping lease takes its decision under: each removal is
+        // decided either before this (and runs) or after (and never starts).
+        let _paths = self.lock();
+        self.kept.store(true, Ordering::SeqCst);
+    }
+
     /// How many netns have a return path installed (or being removed).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -170,7 +189,8 @@ impl Drop for Lease {
             }
             _ => (false, false),
         };
-        if !last {
+        // Read under the lock (see `keep_installed`).
+        if !last || self.registry.kept.load(Ordering::SeqCst) {
             return;
         }
         if !leaving {
