@@ -504,7 +504,13 @@ impl Shared {
                         st.elapsed_ms = Some(elapsed_ms);
                     }
                     self.proxy.metrics.handover("successor", "complete");
-                    tracing::info!(predecessor_pid = pid, pods, listeners = taken, elapsed_ms, "handover complete: the predecessor no longer accepts and drains; this ztunnel serves every pod");
+                    tracing::info!(
+                        predecessor_pid = pid,
+                        pods,
+                        listeners = taken,
+                        elapsed_ms,
+                        "handover complete: the predecessor no longer accepts and drains; this ztunnel serves every pod"
+                    );
                 }
                 Err(e) => self.predecessor_gone(pid, &e, &["finishing"]),
             }
@@ -758,7 +764,10 @@ impl handover::Serving for Serve {
 
     fn stop_accepting(&self) -> usize {
         // No reconcile after this one enrols anything (it checks under the pod table).
-        self.shared.handover.handed_over.store(true, Ordering::SeqCst);
+        self.shared
+            .handover
+            .handed_over
+            .store(true, Ordering::SeqCst);
         // istio-cni's requests on this ztunnel's connection are answered at once from
         // now on: the successor enrols and unenrols.
         if let Some(zds) = self.shared.zds.get() {
@@ -1047,8 +1056,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     // A ztunnel still serving this node hands the pods over; until it stops accepting,
     // its capture links stay next to ours.
     let (socket, pod) = (cfg.handover_socket.clone(), shared.handover.pod.clone());
-    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket, &pod))
-        .await?
+    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket, &pod)).await?
     {
         Ok(Some(p)) => shared.taking_over(p),
         Ok(None) => {}

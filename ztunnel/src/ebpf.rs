@@ -771,7 +771,10 @@ impl Capture {
     pub fn release_superseded(&self) {
         let held = self.lock().superseded.take().unwrap_or_default();
         if !held.is_empty() {
-            tracing::info!(links = held.len(), "released the predecessor's capture links");
+            tracing::info!(
+                links = held.len(),
+                "released the predecessor's capture links"
+            );
         }
     }
 
@@ -847,7 +850,9 @@ impl Capture {
                     tracing::warn!(pod = %pod.name, error = %e, "failed to detach the tc filter");
                 }
                 // The netns is gone, and its interfaces and filters with it.
-                Err(e) => tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol"),
+                Err(e) => {
+                    tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol")
+                }
             }
         }
         for link in pod.links.drain(..) {

@@ -73,7 +73,9 @@ pub enum Error {
     },
     #[error("the other ztunnel closed the handover connection")]
     Closed,
-    #[error("a handover message was truncated (longer than {MAX_MESSAGE} bytes or {MAX_FDS} descriptors)")]
+    #[error(
+        "a handover message was truncated (longer than {MAX_MESSAGE} bytes or {MAX_FDS} descriptors)"
+    )]
     Truncated,
     #[error("handover message does not decode")]
     Decode {
@@ -110,7 +112,10 @@ enum Request {
         pod: String,
     },
     /// The listening sockets of the pod whose netns has this (device, inode).
-    Take { pod: String, netns: (u64, u64) },
+    Take {
+        pod: String,
+        netns: (u64, u64),
+    },
     Ping,
     /// Every pod is taken over: stop accepting.
     Done,
@@ -126,13 +131,19 @@ enum Reply {
         #[serde(default)]
         pod: String,
     },
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// The pod's listening sockets follow as `SCM_RIGHTS`, in this order.
-    Listeners { addrs: Vec<SocketAddr> },
+    Listeners {
+        addrs: Vec<SocketAddr>,
+    },
     NotEnrolled,
     Pong,
     /// No listener of the predecessor accepts any more; it drains.
-    Stopped { pods: usize },
+    Stopped {
+        pods: usize,
+    },
 }
 
 fn name<T: std::fmt::Debug>(m: &T) -> String {
@@ -348,7 +359,9 @@ impl Predecessor {
                 return Err(bad(format!("it is bound to {local:?}")));
             }
             if !wanted.contains(&addr) {
-                return Err(bad("not an address ztunnel listens on in this pod".to_owned()));
+                return Err(bad(
+                    "not an address ztunnel listens on in this pod".to_owned()
+                ));
             }
             if s.r#type().map_err(|e| bad(format!("SO_TYPE: {e}")))? != socket2::Type::STREAM {
                 return Err(bad("not a stream socket".to_owned()));
@@ -520,7 +533,10 @@ fn run(listener: OwnedFd, path: &Path, serving: &dyn Serving) {
                 // successor finds no one here and asks the path's new owner.
                 drop(listener);
                 serving.count("complete");
-                tracing::info!(pods, "handed over to the successor; this ztunnel no longer accepts and drains");
+                tracing::info!(
+                    pods,
+                    "handed over to the successor; this ztunnel no longer accepts and drains"
+                );
                 serving.drain();
                 return;
             }
@@ -660,7 +676,10 @@ mod tests {
     #[test]
     fn a_successor_takes_a_pods_listening_sockets_then_the_predecessor_stops() {
         let (hbone, outbound) = (listener(), listener());
-        let addrs = [hbone.local_addr().expect("a"), outbound.local_addr().expect("a")];
+        let addrs = [
+            hbone.local_addr().expect("a"),
+            outbound.local_addr().expect("a"),
+        ];
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("handover.sock");
         let fake = Arc::new(Fake {
@@ -672,13 +691,20 @@ mod tests {
         serve(&path, fake.clone()).expect("serve");
 
         let refused = Predecessor::connect(&path, "ztunnel-crashed").expect_err("refused");
-        assert!(refused.to_string().contains("handed over to this one"), "{refused}");
+        assert!(
+            refused.to_string().contains("handed over to this one"),
+            "{refused}"
+        );
         let mut p = Predecessor::connect(&path, "ztunnel-new")
             .expect("connect")
             .expect("a predecessor answers");
         assert_eq!(p.pid, std::process::id());
         assert_eq!(p.pod, "ztunnel-old");
-        assert!(p.take("default/x", (7, 43), None, &addrs).expect("take").is_empty());
+        assert!(
+            p.take("default/x", (7, 43), None, &addrs)
+                .expect("take")
+                .is_empty()
+        );
         // An address the successor does not expect is refused, with the reason.
         let err = p
             .take("default/a", (7, 42), None, &addrs[..1])
@@ -695,7 +721,10 @@ mod tests {
         // The very socket: a connection to it is accepted through the inherited one.
         let _client = std::net::TcpStream::connect(addrs[0]).expect("connect");
         taken[0].1.set_nonblocking(false).expect("blocking");
-        taken[0].1.accept().expect("accepted on the inherited socket");
+        taken[0]
+            .1
+            .accept()
+            .expect("accepted on the inherited socket");
         assert_eq!(p.finish().expect("finish"), 1);
         assert_eq!(*fake.stopped.lock().expect("lock"), Some(1));
         // The server thread counts after answering.

@@ -423,7 +423,11 @@ fn one_call(addr: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
     let mut back = Vec::with_capacity(payload.len());
     s.read_to_end(&mut back).context("read")?;
     if back != payload {
-        bail!("echo of {} bytes came back as {} bytes", payload.len(), back.len());
+        bail!(
+            "echo of {} bytes came back as {} bytes",
+            payload.len(),
+            back.len()
+        );
     }
     Ok(())
 }

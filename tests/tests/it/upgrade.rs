@@ -46,7 +46,11 @@ fn rate(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::R
         ],
     )?;
     let line = p.read_line()?;
-    anyhow::ensure!(line == "started", "rate client from {}: {line:?}", from.name);
+    anyhow::ensure!(
+        line == "started",
+        "rate client from {}: {line:?}",
+        from.name
+    );
     Ok(p)
 }
 
@@ -74,7 +78,11 @@ fn hold(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::R
     let stop = stop.display().to_string();
     let mut p = t.spawn(from, &["hold", &dst, "--secs", "300", "--stop-file", &stop])?;
     let line = p.read_line()?;
-    anyhow::ensure!(line.starts_with("connected"), "hold from {}: {line}", from.name);
+    anyhow::ensure!(
+        line.starts_with("connected"),
+        "hold from {}: {line}",
+        from.name
+    );
     Ok(p)
 }
 
@@ -108,11 +116,7 @@ fn call_ok(t: &mut Topology, from: &Pod, dst: SocketAddr) -> bool {
 }
 
 fn wait_exit(z: &mut Ztunnel, what: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        z.wait_exit(120),
-        "{what} did not exit\n{}",
-        z.log_text()
-    );
+    anyhow::ensure!(z.wait_exit(120), "{what} did not exit\n{}", z.log_text());
     Ok(())
 }
 
@@ -155,7 +159,11 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     let _z2 = t.start_ztunnel_on("node2", false)?;
     old.wait_for("readiness", |_| old.ready().is_ok())?;
     for (from, dst) in [(&a, b.addr(8080)), (&b, a.addr(9000)), (&c, a.addr(9000))] {
-        assert!(call_ok(&mut t, from, dst), "{} → {dst} before the upgrade", from.name);
+        assert!(
+            call_ok(&mut t, from, dst),
+            "{} → {dst} before the upgrade",
+            from.name
+        );
     }
 
     let stop = t.dir.path().join("stop");
@@ -199,7 +207,10 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     assert_eq!(d.handover.predecessor_pid, Some(old.pid()));
     assert_eq!(d.handover.listeners_taken, 3, "a's :15008, :15001, :15006");
     assert_eq!(
-        d.enrolled_pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+        d.enrolled_pods
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>(),
         [a.key()]
     );
     new.wait_for("readiness", |_| new.ready().is_ok())?;
@@ -210,7 +221,10 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     // The second half of the transfer, then more traffic on the new ztunnel alone.
     std::fs::write(&resume, b"")?;
     let out = transfer.wait_ok()?;
-    assert!(out.contains("sent=67108864 received=67108864 match=true"), "{out}");
+    assert!(
+        out.contains("sent=67108864 received=67108864 match=true"),
+        "{out}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         old.dump()?.connections.opened_total,
@@ -243,14 +257,24 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     // The old one, drained, is stopped, leaving the pod's state to the new one: the
     // return path, one set of capture programs, and traffic both ways.
     stop_drained(&mut old)?;
-    assert!(return_path_rule(&a)?, "the return path left with the old ztunnel");
+    assert!(
+        return_path_rule(&a)?,
+        "the return path left with the old ztunnel"
+    );
     let progs = cgroup_programs(&a.cgroup)?;
     assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
     for (from, dst) in [(&a, b.addr(8080)), (&b, a.addr(9000)), (&c, a.addr(9000))] {
-        assert!(call_ok(&mut t, from, dst), "{} → {dst} after the old one exited", from.name);
+        assert!(
+            call_ok(&mut t, from, dst),
+            "{} → {dst} after the old one exited",
+            from.name
+        );
     }
     let d = new.dump()?;
-    assert!(d.handover.serving, "the new ztunnel serves the handover socket");
+    assert!(
+        d.handover.serving,
+        "the new ztunnel serves the handover socket"
+    );
     Ok(())
 }
 
@@ -331,7 +355,8 @@ fn a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving() -> a
     old.ready()
         .map_err(|e| anyhow::anyhow!("the old ztunnel is no longer ready: {e:#}"))?;
     assert!(
-        old.log_text().contains("the successor went away before taking over"),
+        old.log_text()
+            .contains("the successor went away before taking over"),
         "{}",
         old.log_text()
     );
@@ -358,8 +383,7 @@ fn a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving() -> a
 /// holds the listening sockets it took (a socket lives while any process holds it) and
 /// serves every new connection; it notices and serves the handover socket itself.
 #[test]
-fn the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving() -> anyhow::Result<()>
-{
+fn the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving() -> anyhow::Result<()> {
     let Overlap {
         mut t,
         a,
@@ -387,7 +411,10 @@ fn the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving() -> a
         assert_eq!(c.failed, 0, "{what}: {}", c.json);
     }
     let d = new.dump()?;
-    assert!(d.connections.opened_total > 0, "the new ztunnel carried nothing");
+    assert!(
+        d.connections.opened_total > 0,
+        "the new ztunnel carried nothing"
+    );
     assert!(return_path_rule(&a)?);
     new.wait_for("the handover socket served", |d| d.handover.serving)?;
     Ok(())
@@ -431,7 +458,10 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
     }
     let why = format!("{:#}", second.ready().expect_err("it cannot enrol"));
     assert!(why.contains("Address already in use"), "{why}");
-    assert!(return_path_rule(&a)?, "the second ztunnel removed a's return path");
+    assert!(
+        return_path_rule(&a)?,
+        "the second ztunnel removed a's return path"
+    );
     second.terminate();
     std::thread::sleep(Duration::from_secs(2));
     std::fs::write(&stop, b"")?;
@@ -441,7 +471,10 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
         assert_eq!(c.failed, 0, "{what}: {}", c.json);
     }
     drop(second);
-    assert!(return_path_rule(&a)?, "the return path left with the second ztunnel");
+    assert!(
+        return_path_rule(&a)?,
+        "the return path left with the second ztunnel"
+    );
     assert!(return_path_rule(&b)?);
     let d = old.dump()?;
     assert_eq!(d.capture.occupancy.pod_addrs, 2, "a's and b's addresses");
@@ -476,11 +509,7 @@ fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -
     let deadline = Instant::now() + Duration::from_secs(60);
     while !new.log_text().contains("handover complete") {
         anyhow::ensure!(new.alive(), "the successor exited\n{}", new.log_text());
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no handover\n{}",
-            new.log_text()
-        );
+        anyhow::ensure!(Instant::now() < deadline, "no handover\n{}", new.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(new.log_text().contains("port in use"), "{}", new.log_text());
@@ -489,7 +518,10 @@ fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -
     let d = wait_handover(&new, "complete")?;
     assert_eq!(d.enrolled_pods.len(), 2);
     new.wait_for("readiness on the shared port", |_| new.ready().is_ok())?;
-    assert!(new.metrics_text()?.contains("ztunnel_handovers_total{role=\"successor\",result=\"complete\"} 1"));
+    assert!(
+        new.metrics_text()?
+            .contains("ztunnel_handovers_total{role=\"successor\",result=\"complete\"} 1")
+    );
     assert!(call_ok(&mut t, &a, b.addr(8080)));
     Ok(())
 }
@@ -522,7 +554,11 @@ fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> an
 
     let new = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
     cni.accept()?;
-    assert_eq!(cni.connected(), 2, "istio-cni keeps the old ztunnel's connection");
+    assert_eq!(
+        cni.connected(),
+        2,
+        "istio-cni keeps the old ztunnel's connection"
+    );
     // istio-cni's snapshot on the new connection: each add is acked once enrolled.
     hand_over(&mut cni, &[&a, &b])?;
     let d = wait_handover(&new, "complete")?;
