@@ -21,6 +21,7 @@ pub mod bench;
 pub mod demo;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod upgrade;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -315,6 +316,10 @@ impl Ztunnel {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Already exited and reaped (`wait_exit`): its pid may be another process's.
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
             // SAFETY: sending a signal to our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,18 +9,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ztunnel::admin::ConfigDump;
-use ztunnel_tests::{Pod, PodProcess, Topology, Ztunnel, cgroup_programs};
+use ztunnel_tests::{
+    Pod, PodProcess, Topology, Ztunnel, cgroup_programs,
+    upgrade::{self, counts, hold, pings, stop_drained, wait_handover},
+};
 
 /// New connections per second per client: steady, and enough that a gap of a few
 /// milliseconds anywhere in the handover would hit one. On one CPU (the kernel-matrix
 /// VMs, emulated) fewer: there a connection through two debug-build ztunnels takes
 /// tens of milliseconds of CPU, and an overloaded machine would fail calls by their own
 /// timeouts, which says nothing about the upgrade.
-fn rate_per_sec() -> &'static str {
+fn rate_per_sec() -> u32 {
     match std::thread::available_parallelism().map(usize::from) {
-        Ok(1) => "4",
-        _ => "25",
+        Ok(1) => 4,
+        _ => 25,
     }
 }
 
@@ -30,77 +32,7 @@ const DRAIN_ENV: (&str, &str) = ("CONNECTION_TERMINATION_DEADLINE", "600s");
 
 /// A steady stream of new connections from `from` to `dst` until `stop` exists.
 fn rate(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::Result<PodProcess> {
-    let dst = dst.to_string();
-    let stop = stop.display().to_string();
-    let mut p = t.spawn(
-        from,
-        &[
-            "rate",
-            &dst,
-            "--per-sec",
-            rate_per_sec(),
-            "--secs",
-            "300",
-            "--stop-file",
-            &stop,
-        ],
-    )?;
-    let line = p.read_line()?;
-    anyhow::ensure!(
-        line == "started",
-        "rate client from {}: {line:?}",
-        from.name
-    );
-    Ok(p)
-}
-
-/// A rate client's counts, once it has stopped.
-struct Counts {
-    attempted: u64,
-    failed: u64,
-    json: serde_json::Value,
-}
-
-fn counts(p: PodProcess) -> anyhow::Result<Counts> {
-    let out = p.wait_ok()?;
-    let line = out.lines().last().unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_str(line)?;
-    Ok(Counts {
-        attempted: json["attempted"].as_u64().unwrap_or(0),
-        failed: json["failed"].as_u64().unwrap_or(u64::MAX),
-        json,
-    })
-}
-
-/// A connection held open with a ping every 50 ms until `stop` exists.
-fn hold(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::Result<PodProcess> {
-    let dst = dst.to_string();
-    let stop = stop.display().to_string();
-    let mut p = t.spawn(from, &["hold", &dst, "--secs", "300", "--stop-file", &stop])?;
-    let line = p.read_line()?;
-    anyhow::ensure!(
-        line.starts_with("connected"),
-        "hold from {}: {line}",
-        from.name
-    );
-    Ok(p)
-}
-
-fn pings(p: PodProcess) -> anyhow::Result<u64> {
-    let out = p.wait_ok()?;
-    let n = out
-        .lines()
-        .find_map(|l| l.strip_prefix("pings="))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no ping count in {out:?}"))?;
-    Ok(n)
-}
-
-/// Polls a ztunnel's dump until its handover is in `state`.
-fn wait_handover(z: &Ztunnel, state: &str) -> anyhow::Result<ConfigDump> {
-    z.wait_for(&format!("handover state {state}"), |d| {
-        d.handover.state == state
-    })
+    upgrade::rate(t, from, dst, rate_per_sec(), stop)
 }
 
 /// Whether the pod's netns holds the return-path rule ztunnel installs.
@@ -113,31 +45,6 @@ fn return_path_rule(pod: &Pod) -> anyhow::Result<bool> {
 
 fn call_ok(t: &mut Topology, from: &Pod, dst: SocketAddr) -> bool {
     matches!(t.call(from, dst, &[]), Ok(out) if out.contains("match=true"))
-}
-
-fn wait_exit(z: &mut Ztunnel, what: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(z.wait_exit(120), "{what} did not exit\n{}", z.log_text());
-    Ok(())
-}
-
-/// The old ztunnel, once every connection it carried has ended, stays (a supervisor
-/// would restart one that exits, and it would take the node back) until it is stopped,
-/// as the kubelet stops an old pod; then it exits at once.
-fn stop_drained(z: &mut Ztunnel) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !z.log_text().contains("handed over and drained") {
-        anyhow::ensure!(z.alive(), "the old ztunnel exited\n{}", z.log_text());
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the old ztunnel did not drain\n{}",
-            z.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    anyhow::ensure!(z.alive(), "the old ztunnel exited by itself");
-    z.terminate();
-    wait_exit(z, "the old ztunnel")
 }
 
 /// The acceptance run: node1's ztunnel upgraded while pod a (node1) and pod b (node2)
