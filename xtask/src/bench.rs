@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: build ztunnel, podapp and the harness in release mode, then run
-//! S0–S3 side by side (as root). Reports go to `target/bench/` unless `--out` says else.
+//! S0–S3 side by side, then the upgrade under load (as root). Reports go to `target/bench/` unless `--out` says else.
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure};
@@ -21,6 +21,10 @@ pub struct Options {
     /// Run only this scenario (s0, s1, s2, s3; repeatable), e.g. while profiling one
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Measure only the upgrade under load: failed connections and handover time while
+    /// a ztunnel hands over to a successor at 200 new connections/s
+    #[arg(long, conflicts_with = "scenarios")]
+    pub upgrade_only: bool,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -57,6 +61,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     if options.profile {
         cmd.arg("--profile");
+    }
+    if options.upgrade_only {
+        cmd.arg("--upgrade-only");
     }
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);

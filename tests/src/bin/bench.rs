@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "S0 no mesh vs S1 iptables vs S2 eBPF vs S3 fast path, side by side")]
+#[command(
+    about = "S0 no mesh vs S1 iptables vs S2 eBPF vs S3 fast path, side by side, and an upgrade under load"
+)]
 struct Cli {
     /// One round of one-second measurements and 100 idle connections (a smoke run).
     #[arg(long)]
@@ -13,6 +15,10 @@ struct Cli {
     /// Run only this scenario (repeat for several); ratios need S0 among them.
     #[arg(long = "scenario", value_enum)]
     only: Vec<ztunnel_tests::bench::Scenario>,
+    /// Measure only the upgrade under load (a ztunnel handed over to a successor at
+    /// a fixed connection rate), not S0–S3.
+    #[arg(long, conflicts_with = "only")]
+    upgrade_only: bool,
     /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
     #[arg(long)]
     profile: bool,
@@ -42,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         only: cli.only,
         profile: cli.profile,
         out_dir: cli.out.clone(),
+        upgrade_only: cli.upgrade_only,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(
