@@ -1090,9 +1090,7 @@ fn cell(v: Option<&Value>, not_measured: bool) -> String {
 /// The table (figures × scenarios, each with its ratio to S0) and the targets.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n\n\
-         {} round(s), {} s per measurement, {} idle connections; each figure is the median \
-         over the rounds, with its ratio to S0 from the same run.\n\n",
+        "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n",
         r.mode,
         r.date,
         r.commit,
@@ -1100,11 +1098,13 @@ pub fn markdown(r: &Report) -> String {
         r.machine.cpus,
         r.machine.cpu_model,
         r.machine.memory_gib,
-        r.rounds,
-        r.seconds_per_measurement,
-        r.idle_connections,
     );
     if !r.scenarios.is_empty() {
+        s += &format!(
+            "\n{} round(s), {} s per measurement, {} idle connections; each figure is the \
+             median over the rounds, with its ratio to S0 from the same run.\n\n",
+            r.rounds, r.seconds_per_measurement, r.idle_connections,
+        );
         s += &figure_table(r);
     }
     if let Some(u) = &r.upgrade {
@@ -1161,7 +1161,7 @@ fn figure_table(r: &Report) -> String {
 /// The upgrade under load: what was done and what it cost.
 fn upgrade_table(u: &UpgradeResult) -> String {
     let mut s = format!(
-        "\n## Upgrade under load\n\nnode1's ztunnel ({:?}, {}) handed over to a successor while \
+        "\n## Upgrade under load\n\nnode1's ztunnel ({:?}: {}) handed over to a successor while \
          {} new connections/s flow through it ({} each way between the nodes, each a 64-byte \
          request echoed back); the old one is stopped once the new one is ready, as in a \
          DaemonSet rollout. {} handover(s); counts are totals, times the median (and maximum) \
