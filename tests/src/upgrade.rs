@@ -13,8 +13,13 @@ use ztunnel::admin::ConfigDump;
 
 use crate::{Pod, PodProcess, Topology, Ztunnel};
 
+/// The clients' own limit, in seconds, should the caller never write the stop file: a
+/// safety net only, above the longest run (an emulated VM moves a 64 MiB transfer in
+/// minutes) and within the VM matrix's 30-minute timeout.
+const MAX_SECS: &str = "1500";
+
 /// A steady stream of new connections from `from` to `dst`, `per_sec` a second, each
-/// sending 64 bytes and checking the echo, until `stop` exists (at most five minutes).
+/// sending 64 bytes and checking the echo, until `stop` exists (at most [`MAX_SECS`]).
 /// Read its counts with [`counts`] once `stop` is written.
 pub fn rate(
     t: &mut Topology,
@@ -34,7 +39,7 @@ pub fn rate(
             "--per-sec",
             &per_sec,
             "--secs",
-            "300",
+            MAX_SECS,
             "--stop-file",
             &stop,
         ],
@@ -75,7 +80,7 @@ pub fn counts(p: PodProcess) -> anyhow::Result<Counts> {
 }
 
 /// A connection from `from` to `dst` held open with a ping every 50 ms until `stop`
-/// exists (at most five minutes); [`pings`] fails unless every ping came back.
+/// exists (at most [`MAX_SECS`]); [`pings`] fails unless every ping came back.
 pub fn hold(
     t: &mut Topology,
     from: &Pod,
@@ -84,7 +89,10 @@ pub fn hold(
 ) -> anyhow::Result<PodProcess> {
     let dst = dst.to_string();
     let stop = stop.display().to_string();
-    let mut p = t.spawn(from, &["hold", &dst, "--secs", "300", "--stop-file", &stop])?;
+    let mut p = t.spawn(
+        from,
+        &["hold", &dst, "--secs", MAX_SECS, "--stop-file", &stop],
+    )?;
     let line = p.read_line()?;
     ensure!(
         line.starts_with("connected"),
