@@ -18,6 +18,18 @@ use crate::{Pod, PodProcess, Topology, Ztunnel};
 /// minutes) and within the VM matrix's 30-minute timeout.
 const MAX_SECS: &str = "1500";
 
+/// How long one of [`rate`]'s connections may take before it counts as failed. On one
+/// CPU (the kernel-matrix VMs, emulated) a minute: there loading a second ztunnel's eBPF
+/// programs or a bulk transfer starves every process for more than the usual ten
+/// seconds (read timeouts seen on 7.3 before any handover began), which says nothing
+/// about the upgrade; a refused, reset or garbled connection still fails at once.
+fn call_timeout_secs() -> &'static str {
+    match std::thread::available_parallelism().map(usize::from) {
+        Ok(1) => "60",
+        _ => "10",
+    }
+}
+
 /// A steady stream of new connections from `from` to `dst`, `per_sec` a second, each
 /// sending 64 bytes and checking the echo, until `stop` exists (at most [`MAX_SECS`]).
 /// Read its counts with [`counts`] once `stop` is written.
@@ -42,6 +54,8 @@ pub fn rate(
             MAX_SECS,
             "--stop-file",
             &stop,
+            "--timeout-secs",
+            call_timeout_secs(),
         ],
     )?;
     let line = p.read_line()?;

@@ -73,6 +73,9 @@ enum Cmd {
         bytes: usize,
         #[arg(long)]
         stop_file: Option<std::path::PathBuf>,
+        /// A connection that takes longer (connect, write or read) fails.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
     },
     /// Open `count` connections at once, echo one byte on each, print `open=<count>`, and
     /// keep them open for `secs` seconds.
@@ -154,12 +157,14 @@ fn main() -> anyhow::Result<()> {
             secs,
             bytes,
             stop_file,
+            timeout_secs,
         } => rate(
             addr,
             per_sec,
             Duration::from_secs_f64(secs),
             bytes,
             stop_file.as_deref(),
+            Duration::from_secs(timeout_secs),
         ),
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
@@ -413,11 +418,11 @@ fn hold(addr: SocketAddr, secs: u64, stop_file: Option<&std::path::Path>) -> any
 }
 
 /// One connection of [`rate`]: connect, send, half-close, read the whole echo.
-fn one_call(addr: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+fn one_call(addr: SocketAddr, payload: &[u8], timeout: Duration) -> anyhow::Result<()> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     s.write_all(payload).context("write")?;
     s.shutdown(Shutdown::Write).context("shutdown")?;
     let mut back = Vec::with_capacity(payload.len());
@@ -438,6 +443,7 @@ fn rate(
     secs: Duration,
     bytes: usize,
     stop_file: Option<&std::path::Path>,
+    timeout: Duration,
 ) -> anyhow::Result<()> {
     use std::sync::{
         Arc, Mutex,
@@ -474,7 +480,7 @@ fn rate(
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    match one_call(addr, &payload) {
+                    match one_call(addr, &payload, timeout) {
                         Ok(()) => {
                             ok.fetch_add(1, Ordering::SeqCst);
                         }
