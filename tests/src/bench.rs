@@ -4,7 +4,9 @@
 //! path), a fresh topology per scenario, alternating scenarios round by round so that
 //! machine drift spreads over all of them. Each figure is the median over the rounds, with
 //! its ratio to S0; ours (S1–S3) also with their ratio to I, and the targets are stated
-//! against I when it ran.
+//! against I when it ran. Then the upgrade under load:
+//! node1's ztunnel (S2) handed over to a successor while new connections flow through it
+//! at a fixed rate, counting the failed ones and timing the handover.
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -16,14 +18,20 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{Pod, Topology, istio::IstioZtunnel, teardown};
+use crate::{Pod, Topology, istio::IstioZtunnel, teardown, upgrade};
 
 /// The echo port the latency and connection tests use, and iperf3's.
 const ECHO_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 /// Topology names: `ztbenchx<round><scenario>`, fixed so an interrupted run can be removed.
 const ID_PREFIX: &str = "ztbenchx";
+/// The upgrade rounds' topologies: `ztbenchu<round>`.
+const UPGRADE_ID_PREFIX: &str = "ztbenchu";
 const MAX_ROUNDS: usize = 9;
+/// New connections per second through the upgraded ztunnel: half from its node's pod to
+/// the other node's, half the other way, so both the outbound and the inbound (HBONE)
+/// listeners are handed over under load.
+pub const UPGRADE_RATE: u32 = 200;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
@@ -225,6 +233,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// Istio's ztunnel binary (built with its `testing` feature): adds scenario I.
     pub istio_ztunnel: Option<PathBuf>,
+    /// Measure only the upgrade under load (no S0–S3).
+    pub upgrade_only: bool,
 }
 
 impl Options {
@@ -252,6 +262,15 @@ impl Options {
 
     fn idle_conns(&self) -> usize {
         if self.quick { 100 } else { 1000 }
+    }
+
+    fn run_scenarios(&self) -> bool {
+        !self.upgrade_only
+    }
+
+    /// Every figure, or the upgrade alone; not with a scenario subset (profiling).
+    fn run_upgrade(&self) -> bool {
+        self.upgrade_only || self.only.is_empty()
     }
 }
 
@@ -303,7 +322,47 @@ pub struct Report {
     #[serde(default)]
     pub istio_ztunnel: Option<String>,
     pub scenarios: Vec<ScenarioResult>,
+    /// The upgrade under load (absent when not measured, and in older reports).
+    #[serde(default)]
+    pub upgrade: Option<UpgradeResult>,
     pub targets: Vec<Target>,
+}
+
+/// The upgrade under load: node1's ztunnel, with eBPF capture (S2), handed over to a
+/// successor while [`UPGRADE_RATE`] new connections a second flow through it, each a
+/// 64-byte request echoed back, for a few seconds before and after. One handover per
+/// round; the counts are totals over the rounds, the times medians (and maxima).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeResult {
+    pub scenario: Scenario,
+    pub rate_per_sec: u32,
+    pub rounds: usize,
+    /// Connections opened during the rounds, and those that failed (refused, reset,
+    /// timed out or a wrong echo).
+    pub attempted: u64,
+    pub failed: u64,
+    /// The successor's start to the predecessor no longer accepting (the handover
+    /// proper, measured by the successor).
+    pub handover_ms: f64,
+    pub handover_ms_max: f64,
+    /// The successor's start to its readiness answering 200.
+    pub ready_ms: f64,
+    /// The successor's start to the predecessor's exit: it is stopped (SIGTERM) once the
+    /// successor is ready, as the kubelet stops the old pod, and drains first.
+    pub predecessor_exit_ms: f64,
+    pub predecessor_exit_ms_max: f64,
+    /// The first failures, if any: round, seconds into the round's load, error.
+    pub failures: Vec<String>,
+}
+
+/// One round of the upgrade under load.
+struct UpgradeSample {
+    attempted: u64,
+    failed: u64,
+    handover_ms: f64,
+    ready_ms: f64,
+    exit_ms: f64,
+    failures: Vec<String>,
 }
 
 impl Report {
@@ -332,7 +391,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         .with_context(|| format!("failed to create {}", opts.out_dir.display()))?;
     let started = Instant::now();
     let mut samples: BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>> = BTreeMap::new();
-    for round in 0..opts.rounds() {
+    let scenario_rounds = if opts.run_scenarios() {
+        opts.rounds()
+    } else {
+        0
+    };
+    for round in 0..scenario_rounds {
         // Alternate the order each round so that no scenario always runs first.
         let mut order = scenarios.clone();
         let n = order.len().max(1);
@@ -352,7 +416,24 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             samples.entry(s).or_default().push(figures);
         }
     }
-    let report = build_report(opts, &samples)?;
+    let mut upgrades = Vec::new();
+    if opts.run_upgrade() {
+        for round in 0..opts.rounds() {
+            eprintln!(
+                "bench: upgrade under load, round {}/{} ({UPGRADE_RATE} new connections/s)",
+                round + 1,
+                opts.rounds()
+            );
+            let sample = run_upgrade(opts, round)
+                .with_context(|| format!("upgrade under load, round {}", round + 1))?;
+            eprintln!(
+                "bench: {} of {} connections failed; handover {:.0} ms, predecessor exited after {:.0} ms",
+                sample.failed, sample.attempted, sample.handover_ms, sample.exit_ms
+            );
+            upgrades.push(sample);
+        }
+    }
+    let report = build_report(opts, &samples, &upgrades)?;
     write_outputs(&report, &opts.out_dir)?;
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(report)
@@ -371,8 +452,85 @@ pub fn remove_leftovers() -> anyhow::Result<()> {
         for s in Scenario::ALL {
             teardown(&format!("{ID_PREFIX}{round}{}", s as u8))?;
         }
+        teardown(&format!("{UPGRADE_ID_PREFIX}{round}"))?;
     }
     Ok(())
+}
+
+/// One handover of node1's ztunnel (S2) while pod a (node1) and pod b (node2) open
+/// [`UPGRADE_RATE`]/2 connections a second each to the other's echo server: a few
+/// seconds of load, the successor started, the predecessor stopped once the successor
+/// is ready (as in a DaemonSet rollout), a few seconds more.
+fn run_upgrade(opts: &Options, round: usize) -> anyhow::Result<UpgradeSample> {
+    let id = format!("{UPGRADE_ID_PREFIX}{round}");
+    let mut topo = Topology::named(&id, 246 + round as u8)?;
+    topo.capture = Scenario::S2.capture().map(str::to_owned);
+    topo.add_node()?;
+    let a = topo.add_pod_on(1, "a", true, false)?;
+    let b = topo.add_pod_on(2, "b", true, false)?;
+    for p in [&a, &b] {
+        tune_pod(p)?;
+    }
+    let _echo = [
+        topo.serve(&a, a.addr(ECHO_PORT))?,
+        topo.serve(&b, b.addr(ECHO_PORT))?,
+    ];
+    let mut old = topo.start_ztunnel_on("node1", false)?;
+    let mut z2 = topo.start_ztunnel_on("node2", false)?;
+    old.print_log = false;
+    z2.print_log = false;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+    let load = Duration::from_secs_f64(opts.secs().max(2.0));
+    let stop = topo.dir.path().join("stop");
+    let half = UPGRADE_RATE / 2;
+    let ab = upgrade::rate(&mut topo, &a, b.addr(ECHO_PORT), half, &stop)?;
+    let ba = upgrade::rate(&mut topo, &b, a.addr(ECHO_PORT), half, &stop)?;
+    std::thread::sleep(load);
+    let up = upgrade::upgrade(&mut topo, "node1", &old)?;
+    let mut new = up.new;
+    new.print_log = false;
+    // Polled finely: the exit is a figure (it exits once its last connection ended).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while old.alive() {
+        if Instant::now() > deadline {
+            bail!(
+                "the old ztunnel did not exit within 120 s of its SIGTERM\n{}",
+                old.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let exit_ms = up.started.elapsed().as_secs_f64() * 1000.0;
+    upgrade::wait_exit(&mut old, "the old ztunnel")?;
+    std::thread::sleep(load);
+    std::fs::write(&stop, b"")?;
+    let mut sample = UpgradeSample {
+        attempted: 0,
+        failed: 0,
+        handover_ms: up.handover_ms as f64,
+        ready_ms: up.ready_ms as f64,
+        exit_ms,
+        failures: Vec::new(),
+    };
+    for (what, p) in [("a → b", ab), ("b → a", ba)] {
+        let c = upgrade::counts(p)?;
+        sample.attempted += c.attempted;
+        sample.failed += c.failed;
+        for f in c.json["failures"].as_array().into_iter().flatten().take(5) {
+            sample.failures.push(format!(
+                "round {}, {what}, {:.3} s: {}",
+                round + 1,
+                f["at_s"].as_f64().unwrap_or_default(),
+                f["error"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    let carried = new.dump()?.connections.opened_total;
+    if carried == 0 {
+        bail!("the successor carried no connection after the handover");
+    }
+    drop((new, old, z2));
+    Ok(sample)
 }
 
 fn run_scenario(
@@ -761,9 +919,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+fn upgrade_result(samples: &[UpgradeSample]) -> Option<UpgradeResult> {
+    if samples.is_empty() {
+        return None;
+    }
+    let col = |f: fn(&UpgradeSample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let max = |v: Vec<f64>| v.into_iter().fold(0.0, f64::max);
+    Some(UpgradeResult {
+        scenario: Scenario::S2,
+        rate_per_sec: UPGRADE_RATE,
+        rounds: samples.len(),
+        attempted: samples.iter().map(|s| s.attempted).sum(),
+        failed: samples.iter().map(|s| s.failed).sum(),
+        handover_ms: median(col(|s| s.handover_ms)),
+        handover_ms_max: max(col(|s| s.handover_ms)),
+        ready_ms: median(col(|s| s.ready_ms)),
+        predecessor_exit_ms: median(col(|s| s.exit_ms)),
+        predecessor_exit_ms_max: max(col(|s| s.exit_ms)),
+        failures: samples
+            .iter()
+            .flat_map(|s| s.failures.iter().cloned())
+            .take(10)
+            .collect(),
+    })
+}
+
 fn build_report(
     opts: &Options,
     samples: &BTreeMap<Scenario, Vec<BTreeMap<&'static str, f64>>>,
+    upgrades: &[UpgradeSample],
 ) -> anyhow::Result<Report> {
     let medians: BTreeMap<Scenario, BTreeMap<&'static str, f64>> = samples
         .iter()
@@ -823,6 +1007,7 @@ fn build_report(
             .filter(|_| medians.contains_key(&Scenario::I))
             .map(istio_version),
         scenarios,
+        upgrade: upgrade_result(upgrades),
         targets: Vec::new(),
     };
     report.targets = targets(&report);
@@ -832,11 +1017,22 @@ fn build_report(
 /// The targets of issue 16, for ours (S2, the default eBPF capture) against Istio's ztunnel
 /// measured in the same run; the earlier absolute targets when I did not run.
 fn targets(r: &Report) -> Vec<Target> {
-    if has_istio(r) {
+    let mut t = if r.scenarios.is_empty() {
+        Vec::new()
+    } else if has_istio(r) {
         targets_against_istio(r)
     } else {
         targets_without_istio(r)
+    };
+    if let Some(u) = &r.upgrade {
+        t.push(Target {
+            name: "S2 failed connections during an upgrade under load".to_owned(),
+            target: "0".to_owned(),
+            measured: format!("{} of {}", u.failed, u.attempted),
+            met: u.failed == 0,
+        });
     }
+    t
 }
 
 fn targets_against_istio(r: &Report) -> Vec<Target> {
@@ -921,8 +1117,6 @@ fn short(v: f64) -> String {
 }
 
 fn targets_without_istio(r: &Report) -> Vec<Target> {
-    use Scenario::*;
-    let g = |s, k| r.get(s, k).unwrap_or(f64::NAN);
     let mut t = Vec::new();
     let mut add = |name: &str, target: &str, measured: String, met: bool| {
         t.push(Target {
@@ -932,6 +1126,13 @@ fn targets_without_istio(r: &Report) -> Vec<Target> {
             met,
         })
     };
+    scenario_targets(r, &mut add);
+    t
+}
+
+fn scenario_targets(r: &Report, add: &mut impl FnMut(&str, &str, String, bool)) {
+    use Scenario::*;
+    let g = |s, k| r.get(s, k).unwrap_or(f64::NAN);
     let tput = g(S2, "tput_1_gbps");
     add(
         "S2 single-stream throughput",
@@ -984,7 +1185,6 @@ fn targets_without_istio(r: &Report) -> Vec<Target> {
         format!("{per:.1} KiB"),
         per <= 30.0,
     );
-    t
 }
 
 /// `<bin> version` (Istio's build info line), or why it could not be read.
@@ -1099,9 +1299,7 @@ fn cell(v: Option<&Value>, not_measured: bool) -> String {
 /// The table (figures × scenarios, each with its ratio to S0) and the targets.
 pub fn markdown(r: &Report) -> String {
     let mut s = format!(
-        "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n\n\
-         {} round(s), {} s per measurement, {} idle connections; each figure is the median \
-         over the rounds, with its ratio to S0 from the same run{}.\n\n",
+        "# ztunnel bench ({} run)\n\n{} · commit {} · kernel {} · {} CPUs ({}) · {:.0} GiB\n",
         r.mode,
         r.date,
         r.commit,
@@ -1109,22 +1307,54 @@ pub fn markdown(r: &Report) -> String {
         r.machine.cpus,
         r.machine.cpu_model,
         r.machine.memory_gib,
-        r.rounds,
-        r.seconds_per_measurement,
-        r.idle_connections,
-        if has_istio(r) {
-            " and, for ours (S1–S3), its ratio to I (Istio's ztunnel)"
-        } else {
-            ""
-        },
     );
-    if let Some(v) = &r.istio_ztunnel {
+    if !r.scenarios.is_empty() {
         s += &format!(
-            "I is Istio's ztunnel, `{v}`, one instance per pod in its dedicated mode \
-             (docs/bench/README.md says how it was built and configured).\n\n"
+            "\n{} round(s), {} s per measurement, {} idle connections; each figure is the \
+             median over the rounds, with its ratio to S0 from the same run{}.\n\n",
+            r.rounds,
+            r.seconds_per_measurement,
+            r.idle_connections,
+            if has_istio(r) {
+                " and, for ours (S1–S3), its ratio to I (Istio's ztunnel)"
+            } else {
+                ""
+            },
+        );
+        if let Some(v) = &r.istio_ztunnel {
+            s += &format!(
+                "I is Istio's ztunnel, `{v}`, one instance per pod in its dedicated mode \
+                 (docs/bench/README.md says how it was built and configured).\n\n"
+            );
+        }
+        s += &figure_table(r);
+    }
+    if let Some(u) = &r.upgrade {
+        s += &upgrade_table(u);
+    }
+    s += if has_istio(r) {
+        "\n## Targets (S2 against I, same run)\n\n"
+    } else if r.scenarios.is_empty() {
+        "\n## Targets\n\n"
+    } else {
+        "\n## Targets (no Istio's ztunnel in this run: `--istio-ztunnel PATH` adds it)\n\n"
+    };
+    s += "| target | goal | measured | met |\n|---|---|---|---|\n";
+    for t in &r.targets {
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            t.name,
+            t.target,
+            t.measured,
+            if t.met { "yes" } else { "no" }
         );
     }
-    s += "| figure | unit |";
+    s
+}
+
+/// Figures × scenarios, with the notes on what was not measured.
+fn figure_table(r: &Report) -> String {
+    let mut s = "| figure | unit |".to_owned();
     for sc in &r.scenarios {
         s += &format!(" {:?} {} |", sc.scenario, sc.description);
     }
@@ -1154,20 +1384,36 @@ pub fn markdown(r: &Report) -> String {
     for n in notes {
         s += &format!("\n¹ {n}\n");
     }
-    s += if has_istio(r) {
-        "\n## Targets (S2 against I, same run)\n\n"
-    } else {
-        "\n## Targets (no Istio's ztunnel in this run: `--istio-ztunnel PATH` adds it)\n\n"
-    };
-    s += "| target | goal | measured | met |\n|---|---|---|---|\n";
-    for t in &r.targets {
-        s += &format!(
-            "| {} | {} | {} | {} |\n",
-            t.name,
-            t.target,
-            t.measured,
-            if t.met { "yes" } else { "no" }
-        );
+    s
+}
+
+/// The upgrade under load: what was done and what it cost.
+fn upgrade_table(u: &UpgradeResult) -> String {
+    let mut s = format!(
+        "\n## Upgrade under load\n\nnode1's ztunnel ({:?}: {}) handed over to a successor while \
+         {} new connections/s flow through it ({} each way between the nodes, each a 64-byte \
+         request echoed back); the old one is stopped once the new one is ready, as in a \
+         DaemonSet rollout. {} handover(s); counts are totals, times the median (and maximum) \
+         from the successor's start.\n\n| figure | value |\n|---|---|\n",
+        u.scenario,
+        u.scenario.describe(),
+        u.rate_per_sec,
+        u.rate_per_sec / 2,
+        u.rounds
+    );
+    s += &format!("| connections opened | {} |\n", u.attempted);
+    s += &format!("| connections failed | {} |\n", u.failed);
+    s += &format!(
+        "| handover: to the old ztunnel no longer accepting | {:.0} ms (max {:.0}) |\n",
+        u.handover_ms, u.handover_ms_max
+    );
+    s += &format!("| to the new ztunnel ready | {:.0} ms |\n", u.ready_ms);
+    s += &format!(
+        "| to the old ztunnel's exit (drained) | {:.0} ms (max {:.0}) |\n",
+        u.predecessor_exit_ms, u.predecessor_exit_ms_max
+    );
+    for f in &u.failures {
+        s += &format!("\nfailed: {f}\n");
     }
     s
 }
@@ -1270,6 +1516,9 @@ pub fn leftovers_gone() -> anyhow::Result<bool> {
                 return Ok(false);
             }
         }
+        if !crate::leftovers(&format!("{UPGRADE_ID_PREFIX}{round}"))?.is_empty() {
+            return Ok(false);
+        }
     }
     Ok(true)
 }
@@ -1285,6 +1534,7 @@ mod tests {
             profile: false,
             out_dir: PathBuf::new(),
             istio_ztunnel: istio.map(PathBuf::from),
+            upgrade_only: false,
         }
     }
 
@@ -1360,7 +1610,7 @@ mod tests {
 
     #[test]
     fn ours_get_their_ratio_to_istio_and_istio_and_s0_do_not() -> anyhow::Result<()> {
-        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio(), &[])?;
         let fig = |s: Scenario, k: &str| {
             r.scenarios
                 .iter()
@@ -1386,7 +1636,7 @@ mod tests {
 
     #[test]
     fn targets_are_stated_against_istio_when_it_ran() -> anyhow::Result<()> {
-        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio())?;
+        let r = build_report(&opts(Some("/x"), vec![]), &samples_with_istio(), &[])?;
         assert_eq!(r.targets.len(), 9, "{:?}", r.targets);
         // Added p50 at 1,000 req/s: +55.4 µs against +80 µs is 0.69×, within 0.7×.
         let t = target(&r, "p50 at 1,000 req/s");
@@ -1426,7 +1676,7 @@ mod tests {
         for r in samples.get_mut(&Scenario::I).expect("I sampled") {
             r.insert("rr_max_p50_us", 68.7);
         }
-        let r = build_report(&opts(Some("/x"), vec![]), &samples)?;
+        let r = build_report(&opts(Some("/x"), vec![]), &samples, &[])?;
         let t = target(&r, "p50 back to back");
         assert!(!t.met, "{t:?}");
         assert!(t.measured.ends_with("vs I +0.0 µs"), "{t:?}");
@@ -1438,7 +1688,7 @@ mod tests {
     {
         let mut samples = samples_with_istio();
         samples.remove(&Scenario::I);
-        let r = build_report(&opts(None, vec![]), &samples)?;
+        let r = build_report(&opts(None, vec![]), &samples, &[])?;
         assert_eq!(r.targets.len(), 7, "{:?}", r.targets);
         assert!(
             r.scenarios

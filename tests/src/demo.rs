@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the whole system on one machine. Two nodes, four pods, a ztunnel
 //! per node with the built-in CA; a call in plaintext, live enrolment without restarts,
-//! the same call as mTLS on the wire, a DENY policy, a summary, and a clean teardown.
+//! the same call as mTLS on the wire, a DENY policy, a summary, node1's ztunnel upgraded
+//! while calls flow both ways, and a clean teardown.
 //! Every claim printed is checked first; a claim that does not hold is an error.
 use std::{
     io::IsTerminal as _,
@@ -9,12 +10,15 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
-use crate::{Pod, Topology, Ztunnel, leftovers, podapp_bin, teardown};
+use crate::{Pod, Topology, Ztunnel, leftovers, podapp_bin, teardown, upgrade};
 
 /// Name prefix of everything the demo creates (namespaces, cgroups, pins).
 pub const ID: &str = "ztdemo";
 const SUBNET: u8 = 201;
 const MARKER: &str = "secret-order-4711 ";
+/// New connections per second each way during the upgrade: steady, and light enough for
+/// a debug build on a busy two-core machine.
+const UPGRADE_RATE: u32 = 20;
 
 pub struct Options {
     /// Leave the topology running and print how to explore it.
@@ -29,6 +33,13 @@ pub struct Report {
     pub identities_in_access_log: bool,
     pub long_lived_connection_survived: bool,
     pub policy_refused: bool,
+    /// Calls made both ways while node1's ztunnel was upgraded, and how many failed.
+    pub upgrade_calls: u64,
+    pub upgrade_failed_calls: u64,
+    /// Pings the long-lived connection carried across the upgrade (it broke if `None`).
+    pub upgrade_pings: Option<u64>,
+    /// The old ztunnel drained and exited.
+    pub old_ztunnel_exited: bool,
     pub nothing_left_behind: bool,
 }
 
@@ -240,6 +251,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.step("Summary");
     summary(&out, &t, &[&z1, &z2])?;
 
+    let z1 = upgrade_node1(&out, &mut t, z1, &frontend, &batch, &backend, &mut report)?;
+
     if opts.keep {
         keep(&out, &t, &z1, &z2, &frontend, &backend);
         std::mem::forget(servers);
@@ -259,6 +272,94 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         started.elapsed().as_secs_f64()
     ));
     Ok(report)
+}
+
+/// node1's ztunnel upgraded as a DaemonSet rollout does it, while frontend (node1) and
+/// backend (node2) call each other at a steady rate and batch (node1) holds a connection
+/// to backend open, pinging: the new ztunnel takes every pod over, the old one stops
+/// accepting, is stopped, drains and exits. Fails unless every call succeeded and the
+/// long-lived connection stayed intact. Returns node1's new ztunnel.
+fn upgrade_node1(
+    out: &Out,
+    t: &mut Topology,
+    mut old: Ztunnel,
+    frontend: &Pod,
+    batch: &Pod,
+    backend: &Pod,
+    report: &mut Report,
+) -> anyhow::Result<Ztunnel> {
+    out.step("Upgrading node1's ztunnel while calls flow both ways and a connection stays open");
+    let stop = t.dir.path().join("upgrade-stop");
+    let fb = upgrade::rate(t, frontend, backend.addr(8080), UPGRADE_RATE, &stop)?;
+    let bf = upgrade::rate(t, backend, frontend.addr(8080), UPGRADE_RATE, &stop)?;
+    let held = upgrade::hold(t, batch, backend.addr(8080), &stop)?;
+    out.ok(&format!(
+        "frontend → backend and backend → frontend: {UPGRADE_RATE} new connections/s each; \
+         batch → backend held open, a ping every 50 ms"
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let old_pid = old.pid();
+    let up = upgrade::upgrade(t, "node1", &old)?;
+    let mut new = up.new;
+    new.print_log = false;
+    out.ok(&format!(
+        "new ztunnel (pid {}) started beside the old one (pid {old_pid}): it took {} listening \
+         sockets over and the old one stopped accepting {} ms after the new one started",
+        new.pid(),
+        up.listeners_taken,
+        up.handover_ms
+    ));
+    out.ok(&format!(
+        "new ztunnel ready after {} ms; the old one got SIGTERM (as the kubelet stops the old \
+         pod) and drains the connections it still carries",
+        up.ready_ms
+    ));
+    // More traffic, on the new ztunnel alone, while the old one drains.
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    let mut failed = 0;
+    for (what, p) in [("frontend → backend", fb), ("backend → frontend", bf)] {
+        let c = upgrade::counts(p)?;
+        report.upgrade_calls += c.attempted;
+        failed += c.failed;
+        out.note(&format!(
+            "{what:<19} {:>4} calls, {} failed",
+            c.attempted, c.failed
+        ));
+        if c.failed > 0 {
+            out.note(&format!("  {}", c.json["failures"]));
+        }
+    }
+    report.upgrade_failed_calls = failed;
+    let pings = upgrade::pings(held);
+    match &pings {
+        Ok(n) => out.note(&format!(
+            "batch → backend     {n:>4} pings, connection intact"
+        )),
+        Err(e) => out.note(&format!("batch → backend     broke: {e:#}")),
+    }
+    report.upgrade_pings = pings.as_ref().ok().copied();
+    report.old_ztunnel_exited = old.wait_exit(120);
+    ensure!(
+        report.old_ztunnel_exited,
+        "the old ztunnel did not exit after its drain:\n{}",
+        old.log_text()
+    );
+    let exited = up.started.elapsed();
+    drop(old);
+    ensure!(
+        failed == 0,
+        "{failed} of {} calls failed during the upgrade",
+        report.upgrade_calls
+    );
+    pings.context("the long-lived connection broke during the upgrade")?;
+    out.ok(&format!(
+        "0 of {} calls failed; the old ztunnel drained its last connection and exited \
+         (within {:.1} s of the new one's start)",
+        report.upgrade_calls,
+        exited.as_secs_f64()
+    ));
+    Ok(new)
 }
 
 fn summary(out: &Out, t: &Topology, zs: &[&Ztunnel]) -> anyhow::Result<()> {

@@ -23,8 +23,25 @@ pub mod fake_cni;
 pub mod fake_istiod;
 pub mod istio;
 pub mod istioctl;
+pub mod upgrade;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Live [`Ztunnel`] handles per pin directory: during an upgrade two ztunnels of a node
+/// share its pins, and only the last one to go may remove them.
+static PIN_USERS: std::sync::Mutex<BTreeMap<PathBuf, usize>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn pin_users(dir: &Path, delta: isize) -> usize {
+    let mut users = PIN_USERS.lock().unwrap_or_else(|p| p.into_inner());
+    let n = users.entry(dir.to_owned()).or_default();
+    *n = n.saturating_add_signed(delta);
+    let left = *n;
+    if left == 0 {
+        users.remove(dir);
+    }
+    left
+}
 
 /// Fails the test loudly unless it runs as root: these tests need real netns and eBPF.
 pub fn require_root() {
@@ -292,6 +309,26 @@ impl Ztunnel {
         self.keep_pins = true;
     }
 
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits (at most `secs`) for the process to exit on its own; whether it did.
+    pub fn wait_exit(&mut self, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(Child::try_wait) {
+                None | Some(Ok(Some(_))) => return true,
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        false
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -309,6 +346,10 @@ impl Ztunnel {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Already exited and reaped (`wait_exit`): its pid may be another process's.
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
             // SAFETY: sending a signal to our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -335,7 +376,8 @@ impl Drop for Ztunnel {
                 self.log_text()
             );
         }
-        if !self.keep_pins {
+        // Another ztunnel of the node (an upgrade's other side) still uses the pins.
+        if pin_users(&self.pin_dir, -1) == 0 && !self.keep_pins {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
     }
@@ -384,6 +426,12 @@ pub struct Topology {
     starts: u32,
     /// `--capture` for the ztunnels this topology starts (default: ztunnel's own, auto).
     pub capture: Option<String>,
+    /// Admin, metrics and readiness addresses for the ztunnels this topology starts
+    /// (default: free ports, different for each); fixed ones make an upgrade's two
+    /// ztunnels contend for them, as on one host under systemd.
+    pub ports: Option<[SocketAddr; 3]>,
+    /// Extra environment for the ztunnels this topology starts.
+    pub ztunnel_env: Vec<(String, String)>,
 }
 
 impl Topology {
@@ -415,6 +463,8 @@ impl Topology {
             procs: Vec::new(),
             starts: 0,
             capture: None,
+            ports: None,
+            ztunnel_env: Vec::new(),
         };
         std::fs::create_dir_all(topo.cgroup_base.join("kubepods"))?;
         topo.make_node(1)?;
@@ -696,6 +746,12 @@ impl Topology {
         PathBuf::from("/sys/fs/bpf").join(format!("{}-{node}", self.id))
     }
 
+    /// A node's `--handover-socket`: shared by its ztunnels, as the DaemonSet's host
+    /// mount of `/var/run/ztunnel` is.
+    pub fn handover_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("handover-{node}.sock"))
+    }
+
     pub fn workloads_path(&self) -> PathBuf {
         self.dir.path().join("workloads.yaml")
     }
@@ -792,9 +848,16 @@ impl Topology {
         let free = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
         };
-        let (admin, metrics, readiness) = (free()?, free()?, free()?);
+        let (admin, metrics, readiness) = match self.ports {
+            Some([a, m, r]) => (a, m, r),
+            None => (free()?, free()?, free()?),
+        };
         let pin_dir = self.pin_dir(node);
-        let cgroup = self.cgroup_base.join(format!("ztunnel-{node}"));
+        // Each ztunnel in a cgroup of its own, as each ztunnel pod has in Kubernetes: an
+        // upgrade's two ztunnels of a node must not share one.
+        let cgroup = self
+            .cgroup_base
+            .join(format!("ztunnel-{node}-{}", self.starts));
         let log = self
             .dir
             .path()
@@ -805,6 +868,19 @@ impl Topology {
         if let Some(mode) = &self.capture {
             cmd.env("ZTUNNEL_CAPTURE", mode);
         }
+        for (k, v) in &self.ztunnel_env {
+            cmd.env(k, v);
+        }
+        // The node's socket unless the test points this ztunnel elsewhere.
+        let mut handover: Vec<std::ffi::OsString> = Vec::new();
+        if !self
+            .ztunnel_env
+            .iter()
+            .any(|(k, _)| k == "ZTUNNEL_HANDOVER_SOCKET")
+        {
+            handover.push("--handover-socket".into());
+            handover.push(self.handover_socket(node).into());
+        }
         for (k, v) in source.get_envs() {
             if let Some(v) = v {
                 cmd.env(k, v);
@@ -813,6 +889,7 @@ impl Topology {
         let child = cmd
             .arg("run")
             .args(source.get_args())
+            .args(&handover)
             .args(["--node", node])
             .arg("--bpf-pin-dir")
             .arg(&pin_dir)
@@ -833,6 +910,7 @@ impl Topology {
             .stderr(logf)
             .spawn()
             .context("failed to start ztunnel")?;
+        pin_users(&pin_dir, 1);
         let z = Ztunnel {
             child: Some(child),
             admin,

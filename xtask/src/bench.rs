@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: build ztunnel, podapp and the harness in release mode, then run
-//! S0–S3 side by side (as root), and Istio's ztunnel as scenario I when
-//! `--istio-ztunnel PATH` gives its binary. Reports go to `target/bench/` unless `--out`
-//! says else.
+//! S0–S3 side by side, then the upgrade under load (as root), and Istio's ztunnel as
+//! scenario I when `--istio-ztunnel PATH` gives its binary. Reports go to `target/bench/`
+//! unless `--out` says else.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure};
@@ -27,6 +27,10 @@ pub struct Options {
     /// (Istio's ztunnel side by side; docs/bench/README.md says how to build it)
     #[arg(long, value_name = "PATH")]
     pub istio_ztunnel: Option<PathBuf>,
+    /// Measure only the upgrade under load: failed connections and handover time while
+    /// a ztunnel hands over to a successor at 200 new connections/s
+    #[arg(long, conflicts_with = "scenarios")]
+    pub upgrade_only: bool,
 }
 
 /// The Istio ztunnel binary as an absolute path (the harness runs it inside pods), or a
@@ -86,6 +90,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     if options.profile {
         cmd.arg("--profile");
+    }
+    if options.upgrade_only {
+        cmd.arg("--upgrade-only");
     }
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);

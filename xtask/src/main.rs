@@ -32,9 +32,9 @@ enum Command {
     Test(test::Options),
     /// Build the eBPF object (through ztunnel's build script) and show where it is
     BuildEbpf(build_ebpf::Options),
-    /// Run the whole system on this machine: two nodes, four pods, mTLS and a policy
+    /// Run the whole system on this machine: two nodes, four pods, mTLS, a policy, an upgrade
     Demo(demo::Options),
-    /// Measure no mesh vs iptables capture vs eBPF capture vs fast path (release build)
+    /// Measure no mesh vs iptables vs eBPF capture vs fast path, and an upgrade under load
     Bench(bench::Options),
     /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
     VmTest(vm::Options),

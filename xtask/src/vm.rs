@@ -168,6 +168,24 @@ const TESTS: &[(&str, Needs)] = &[
         "adversarial::ports::app_ports_in_ztunnels_range_are_tunnelled_to_the_app",
         Needs::Any,
     ),
+    // Upgrades: the listening sockets handed over, the capture replaced without a gap
+    // (TCX links or clsact's filter slot), per-pod state kept.
+    (
+        "upgrade::upgrade_takes_every_pod_over_without_a_failed_connection",
+        Needs::EbpfCapture,
+    ),
+    (
+        "upgrade::a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving",
+        Needs::EbpfCapture,
+    ),
+    (
+        "upgrade::the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving",
+        Needs::EbpfCapture,
+    ),
+    (
+        "upgrade::a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one",
+        Needs::EbpfCapture,
+    ),
 ];
 
 /// Printed by `/init` after the tests: `ZTUNNEL-VM-RESULT exit=<status>`.

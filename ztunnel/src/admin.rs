@@ -58,6 +58,9 @@ pub struct ConfigDump {
     pub enrolled_pods: Vec<EnrolledPodInfo>,
     pub capture: CaptureDump,
     pub connections: ConnectionsDump,
+    /// The last upgrade this ztunnel took part in.
+    #[serde(default)]
+    pub handover: crate::app::HandoverStatus,
 }
 
 /// A workload, with Istio ztunnel's field names.
@@ -654,6 +657,7 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
         authorization_policies: store.cfg.policies.clone(),
         peer_authentications: store.cfg.peer_authentications.clone(),
         enrolled_pods: shared.enrolled_info(),
+        handover: shared.handover_status(),
         capture: CaptureDump {
             mode: shared.capture.mode().to_owned(),
             features: serde_json::to_value(features).unwrap_or_default(),

@@ -2,11 +2,15 @@
 //! this node's pods, serves the admin API, and drains on SIGTERM/SIGINT, `POST
 //! /quitquitquit` or a successor's request ([`Shared::request_drain`]) before it exits.
 use std::{
-    collections::BTreeMap,
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -18,7 +22,7 @@ use crate::{
     capture::{Capture, PodCapture},
     cgroup,
     config::{Ca, Config, Source},
-    drain, ebpf,
+    drain, ebpf, handover,
     identity::{BuiltinCa, CertificateManager, CertificateSource, Identity},
     istio::{self, source::IstioSource},
     netns::Netns,
@@ -43,7 +47,51 @@ struct Enrolled {
     /// (device, inode) of the pod's netns: a new path to the same netns is the same pod.
     netns_id: (u64, u64),
     capture: Option<PodCapture>,
-    _listeners: PodListeners,
+    listeners: PodListeners,
+}
+
+/// An upgrade as the admin API shows it (`/config_dump`, `handover`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverStatus {
+    /// `none` (no predecessor answered), `taking_over` (a predecessor still serves),
+    /// `complete` (it stopped accepting), `predecessor_gone` (it exited or crashed
+    /// first); `handed_over` once a successor took over from this ztunnel.
+    pub state: String,
+    pub predecessor_pid: Option<u32>,
+    /// Listening sockets taken over from the predecessor.
+    pub listeners_taken: usize,
+    /// From this ztunnel's start to its predecessor no longer accepting.
+    pub elapsed_ms: Option<u64>,
+    /// Whether this ztunnel serves `--handover-socket` for a successor.
+    pub serving: bool,
+}
+
+/// The upgrade, from both sides.
+struct Handover {
+    socket: PathBuf,
+    started: Instant,
+    /// This ztunnel's pod name (`POD_NAME`; empty outside Kubernetes, where it is the
+    /// default `ztunnel`).
+    pod: String,
+    /// The pod this ztunnel took over from: a restarted container of it is refused.
+    predecessor_pod: Mutex<Option<String>>,
+    /// The predecessor while it still serves; enrolment takes each pod's listening
+    /// sockets from it.
+    predecessor: Mutex<Option<handover::Predecessor>>,
+    /// Set once a successor has taken over: this ztunnel enrols nothing more.
+    handed_over: AtomicBool,
+    status: Mutex<HandoverStatus>,
+}
+
+impl Handover {
+    fn status(&self) -> std::sync::MutexGuard<'_, HandoverStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn predecessor(&self) -> std::sync::MutexGuard<'_, Option<handover::Predecessor>> {
+        self.predecessor.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Where capture may attach, for the scope check every enrolment passes (eBPF capture
@@ -65,8 +113,15 @@ pub struct Shared {
     pub log: crate::telemetry::LogControl,
     /// The drain asked for, once one is (see [`Shared::request_drain`]).
     drain_request: watch::Sender<Option<drain::Request>>,
+    /// Drain requests so far, each counted (the first one starts the drain).
+    drain_asks: watch::Sender<u64>,
     /// Each reconcile's outcome per desired pod, for sources that answer per pod (ZDS).
     enrol_results: watch::Sender<crate::istio::source::EnrolResults>,
+    handover: Handover,
+    /// This very `Shared`, for callbacks from other threads.
+    me: std::sync::Weak<Shared>,
+    /// The Istio source, when it is the source (ZDS answers depend on enrolment).
+    zds: std::sync::OnceLock<Arc<IstioSource>>,
 }
 
 impl Shared {
@@ -111,6 +166,10 @@ impl Shared {
             let _ = tokio::runtime::Handle::current().block_on(self.proxy.certs.get(identity));
         }
         let mut pods = self.pods();
+        if self.handover.handed_over.load(Ordering::SeqCst) {
+            // A successor serves this node's pods now; this ztunnel only drains.
+            return true;
+        }
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
         let stale: Vec<String> = pods
             .iter()
@@ -148,6 +207,18 @@ impl Shared {
                 // Capture first, so new connections go direct before the listeners close.
                 if let Some(c) = e.capture.take() {
                     self.capture.unenrol(c);
+                }
+                // The pod leaves the mesh unless it comes back in the same netns (a
+                // changed spec): then its return path stays for the re-enrolment.
+                let same_netns = desired.get(&key).is_some_and(|new| {
+                    Netns::open(&new.netns)
+                        .and_then(|n| n.id())
+                        .is_ok_and(|id| id == e.netns_id)
+                });
+                if same_netns {
+                    drop(e);
+                } else {
+                    e.listeners.leave_mesh();
                 }
                 tracing::info!(pod = %key, "pod unenrolled");
                 self.proxy.metrics.pod_unenrolled();
@@ -251,25 +322,222 @@ impl Shared {
         let netns_id = self.check(spec, pods, known)?;
         // The certificate first: the pod's HBONE listener serves it from the first connection.
         tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
+        let netns = Netns::open(&spec.netns)?;
+        let v6 = spec.addresses.iter().any(IpAddr::is_ipv6);
+        // A predecessor still serving hands its listening sockets over.
+        let inherited = self.inherit(spec, &netns, v6)?;
         let pod = Arc::new(PodNet {
             name: spec.key.clone(),
-            netns: Netns::open(&spec.netns)?,
+            netns,
             addrs: spec.addresses.clone(),
             identity,
             return_path: Mutex::default(),
             server_tls: Mutex::default(),
         });
         // Listeners first: a connect captured before they exist would be refused.
-        let listeners = self.proxy.start_pod(pod)?;
-        let capture = self
-            .capture
-            .enrol(&spec.key, &spec.netns, &spec.cgroup, &spec.addresses)?;
+        let listeners = match self.proxy.start_pod(pod.clone(), inherited) {
+            // Someone holds the pod's ports: a ztunnel that started serving the
+            // handover socket after this one looked (a predecessor's own takeover
+            // finished meanwhile) can hand them over now.
+            Err(e) if e.addr_in_use() && self.reconnect_predecessor() => {
+                let inherited = self.inherit(spec, &pod.netns, v6)?;
+                self.proxy.start_pod(pod, inherited)?
+            }
+            other => other?,
+        };
+        if listeners.inherited > 0 {
+            tracing::info!(pod = %spec.key, listeners = listeners.inherited, "took the pod's listening sockets over from the predecessor");
+        }
+        let inbound = listeners.inbound();
+        let inbound: Vec<_> = inbound
+            .iter()
+            .map(|(a, l)| {
+                use std::os::fd::AsFd as _;
+                (*a, l.as_fd())
+            })
+            .collect();
+        let capture = self.capture.enrol(
+            &spec.key,
+            &spec.netns,
+            &spec.cgroup,
+            &spec.addresses,
+            &inbound,
+        )?;
         Ok(Enrolled {
             spec: spec.clone(),
             netns_id,
             capture: Some(capture),
-            _listeners: listeners,
+            listeners,
         })
+    }
+
+    /// The pod's listening sockets from the predecessor, if one still serves (empty
+    /// otherwise). A predecessor that went away leaves the binding to this ztunnel; a
+    /// socket handed over that is not the pod's fails the enrolment with the reason.
+    fn inherit(
+        &self,
+        spec: &LocalPod,
+        netns: &Netns,
+        v6: bool,
+    ) -> anyhow::Result<Vec<(SocketAddr, std::net::TcpListener)>> {
+        let mut guard = self.handover.predecessor();
+        let Some(p) = guard.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let cookie = Netns::current().and_then(|home| netns.cookie(&home)).ok();
+        let wanted = crate::proxy::Proxy::pod_listen_addrs(v6);
+        match p.take(&spec.key, netns.id()?, cookie, &wanted) {
+            Ok(l) => {
+                self.handover.status().listeners_taken = p.taken;
+                Ok(l)
+            }
+            Err(e @ handover::Error::Listener { .. }) => Err(e.into()),
+            Err(e) => {
+                let pid = p.pid;
+                *guard = None;
+                drop(guard);
+                self.predecessor_gone(pid, &e, &["taking_over"]);
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Looks for a predecessor again (see [`Self::enrol`]); whether one answers.
+    fn reconnect_predecessor(&self) -> bool {
+        let guard = self.handover.predecessor();
+        if guard.is_some() || self.handover.status().serving {
+            return false;
+        }
+        match handover::Predecessor::connect(&self.handover.socket, &self.handover.pod) {
+            Ok(Some(p)) => {
+                drop(guard);
+                tracing::info!(
+                    predecessor_pid = p.pid,
+                    "a predecessor answers on the handover socket now"
+                );
+                self.taking_over(p);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "the handover socket answers, but not as a predecessor");
+                false
+            }
+        }
+    }
+
+    /// The predecessor exited or crashed before stopping on request (noticed in a
+    /// state of `during`): the sockets taken so far are accepted on now and stay ours,
+    /// the rest is bound afresh, and its capture links go.
+    fn predecessor_gone(&self, pid: u32, e: &handover::Error, during: &[&str]) {
+        {
+            let mut st = self.handover.status();
+            if !during.contains(&st.state.as_str()) {
+                return;
+            }
+            st.state = "predecessor_gone".to_owned();
+            st.elapsed_ms = Some(self.handover.started.elapsed().as_millis() as u64);
+        }
+        self.proxy.set_inherited_accepting(true);
+        tracing::warn!(predecessor_pid = pid, error = %e, "the predecessor went away during the handover; this ztunnel serves on its own");
+        self.capture.release_superseded();
+        self.proxy.metrics.handover("successor", "predecessor_gone");
+    }
+
+    /// A predecessor answered: its listening sockets are taken pod by pod but accepted
+    /// on only once it is told to stop (or is gone), and its capture links stay until
+    /// then.
+    fn taking_over(&self, p: handover::Predecessor) {
+        tracing::info!(predecessor_pid = p.pid, predecessor_pod = %p.pod, "a ztunnel serves this node; taking its pods over");
+        self.proxy.set_inherited_accepting(false);
+        self.capture.hold_superseded();
+        *self
+            .handover
+            .predecessor_pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(p.pod.clone());
+        {
+            let mut st = self.handover.status();
+            st.state = "taking_over".to_owned();
+            st.predecessor_pid = Some(p.pid);
+        }
+        let (me, pid) = (self.me.clone(), p.pid);
+        let watched = p.on_close(move || {
+            if let Some(s) = me.upgrade() {
+                s.predecessor_gone(pid, &handover::Error::Closed, &["taking_over"]);
+            }
+        });
+        if let Err(e) = watched {
+            tracing::warn!(error = %e, "cannot watch the predecessor's connection; a crash of it is noticed at the next reconcile");
+        }
+        *self.handover.predecessor() = Some(p);
+    }
+
+    /// After a reconcile with every pod known: finishes a takeover once every pod is
+    /// enrolled (the predecessor then stops accepting), keeps its connection alive
+    /// meanwhile, and serves the handover socket once no predecessor does.
+    fn advance_handover(self: &Arc<Self>, all_ok: bool) {
+        if self.handover.handed_over.load(Ordering::SeqCst) {
+            return;
+        }
+        let taking = self.handover.predecessor().take();
+        let state = self.handover.status().state.clone();
+        if let Some(mut p) = taking.filter(|_| state == "taking_over") {
+            if !all_ok {
+                // Some pod is not taken over yet: the predecessor keeps accepting.
+                match p.keepalive() {
+                    Ok(()) => *self.handover.predecessor() = Some(p),
+                    Err(e) => self.predecessor_gone(p.pid, &e, &["taking_over"]),
+                }
+                return;
+            }
+            let (pid, taken) = (p.pid, p.taken);
+            // Accepting before the predecessor stops: the sockets are never without an
+            // accepting process (connections only ever wait in the kernel's queue).
+            self.handover.status().state = "finishing".to_owned();
+            self.proxy.set_inherited_accepting(true);
+            match p.finish() {
+                Ok(pods) => {
+                    self.capture.release_superseded();
+                    let elapsed_ms = self.handover.started.elapsed().as_millis() as u64;
+                    {
+                        let mut st = self.handover.status();
+                        st.state = "complete".to_owned();
+                        st.elapsed_ms = Some(elapsed_ms);
+                    }
+                    self.proxy.metrics.handover("successor", "complete");
+                    tracing::info!(
+                        predecessor_pid = pid,
+                        pods,
+                        listeners = taken,
+                        elapsed_ms,
+                        "handover complete: the predecessor no longer accepts and drains; this ztunnel serves every pod"
+                    );
+                }
+                Err(e) => self.predecessor_gone(pid, &e, &["finishing"]),
+            }
+        }
+        if !self.handover.status().serving {
+            let serving = Arc::new(Serve {
+                shared: self.clone(),
+                rt: tokio::runtime::Handle::current(),
+            });
+            match handover::serve(&self.handover.socket, serving) {
+                Ok(()) => self.handover.status().serving = true,
+                Err(e) => {
+                    tracing::error!(error = %crate::proxy::error_chain(&e), "failed to serve the handover socket; an upgrade will have to restart this ztunnel instead");
+                }
+            }
+        }
+    }
+
+    pub fn handover_status(&self) -> HandoverStatus {
+        self.handover.status().clone()
+    }
+
+    /// Whether a successor took over from this ztunnel.
+    pub fn handed_over(&self) -> bool {
+        self.handover.handed_over.load(Ordering::SeqCst)
     }
 
     /// Starts a drain: readiness answers 503 from now on, and the main loop drains the
@@ -280,6 +548,9 @@ impl Shared {
     /// `successor`: another ztunnel already holds the pods' listening sockets and takes
     /// the new connections; without one they fail closed until the next ztunnel starts.
     pub fn request_drain(&self, cause: &str, successor: bool) {
+        // Every request counts here, the first or not: a ztunnel that handed over waits
+        // for the next one to exit.
+        self.drain_asks.send_modify(|n| *n += 1);
         let first = self.drain_request.send_if_modified(|r| {
             if r.is_some() {
                 return false;
@@ -403,6 +674,15 @@ impl Shared {
                 req.cause
             ));
         }
+        {
+            let st = self.handover.status();
+            if st.state == "taking_over" || st.state == "finishing" {
+                return Err(format!(
+                    "taking over from the running ztunnel (pid {}); it still accepts",
+                    st.predecessor_pid.unwrap_or_default()
+                ));
+            }
+        }
         let pending = self
             .pending
             .lock()
@@ -434,6 +714,149 @@ impl Shared {
             .collect()
     }
 }
+
+/// This ztunnel as a predecessor, for [`handover::serve`].
+struct Serve {
+    shared: Arc<Shared>,
+    rt: tokio::runtime::Handle,
+}
+
+impl handover::Serving for Serve {
+    fn pod(&self) -> String {
+        self.shared.handover.pod.clone()
+    }
+
+    fn refuse(&self, pod: &str) -> Option<String> {
+        let from = self
+            .shared
+            .handover
+            .predecessor_pod
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        (!pod.is_empty() && pod == from).then(|| {
+            format!(
+                "this ztunnel took over from pod {pod}; a restarted container of that pod does not take the node back (its pod is being replaced)"
+            )
+        })
+    }
+
+    fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>> {
+        if self.shared.handed_over() {
+            return None;
+        }
+        let pods = self.shared.pods();
+        let e = pods.values().find(|e| e.netns_id == netns_id)?;
+        let dup: Result<Vec<_>, _> = e
+            .listeners
+            .sockets()
+            .into_iter()
+            .map(|(addr, l)| {
+                use std::os::fd::AsFd as _;
+                l.as_fd().try_clone_to_owned().map(|fd| (addr, fd))
+            })
+            .collect();
+        match dup {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to duplicate a listening socket for the successor");
+                None
+            }
+        }
+    }
+
+    fn stop_accepting(&self) -> usize {
+        // No reconcile after this one enrols anything (it checks under the pod table).
+        self.shared
+            .handover
+            .handed_over
+            .store(true, Ordering::SeqCst);
+        // istio-cni's requests on this ztunnel's connection are answered at once from
+        // now on: the successor enrols and unenrols.
+        if let Some(zds) = self.shared.zds.get() {
+            zds.stop_enrolling();
+        }
+        let (pods, loops) = {
+            let mut pods = self.shared.pods();
+            let loops: Vec<_> = pods
+                .values_mut()
+                .flat_map(|e| e.listeners.stop_accepting())
+                .collect();
+            (pods.len(), loops)
+        };
+        self.rt.block_on(async {
+            for l in loops {
+                let _ = l.await;
+            }
+        });
+        self.shared.handover.status().state = "handed_over".to_owned();
+        pods
+    }
+
+    fn drain(&self) {
+        self.shared
+            .request_drain("handed over to a successor", true);
+    }
+
+    fn count(&self, result: &'static str) {
+        self.shared.proxy.metrics.handover("predecessor", result);
+    }
+}
+
+/// Binds one of ztunnel's own ports (admin, metrics, readiness: in its own netns) and
+/// serves it. On one host (no pod netns of its own, as under systemd) a predecessor may
+/// still hold the port: then it is bound as soon as the predecessor has exited, retried
+/// every 250 ms for two minutes (a drain fits in that) and every 5 s after, logged once.
+/// Any other error fails start-up.
+async fn serve_port<F, Fut>(addr: SocketAddr, what: &'static str, serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match TcpListener::bind(addr).await {
+        Ok(l) => {
+            tokio::spawn(serve(l));
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(%addr, port = what, "port in use (a predecessor on this host draining?); serving it once it is free");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut warned = false;
+                loop {
+                    let slow = started.elapsed() > Duration::from_secs(120);
+                    if slow && !warned {
+                        warned = true;
+                        tracing::error!(%addr, port = what, "port still in use after 2 minutes; retrying every 5 s");
+                    }
+                    tokio::time::sleep(if slow {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_millis(250)
+                    })
+                    .await;
+                    match TcpListener::bind(addr).await {
+                        Ok(l) => {
+                            tracing::info!(%addr, port = what, "port free now; serving it");
+                            serve(l).await;
+                            return;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+                        Err(e) => {
+                            tracing::error!(%addr, port = what, error = %e, "failed to bind the port");
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("failed to bind the {what} port to {addr}")),
+    }
+}
+
+/// `--pod-name`'s default: ztunnel runs outside a pod (no `POD_NAME`).
+const DEFAULT_POD_NAME: &str = "ztunnel";
 
 /// Hands heap that start-up and enrolment freed (the parsed eBPF object and BTF, netns
 /// and certificate work on blocking threads with their own malloc arenas) back to the
@@ -476,6 +899,7 @@ async fn follow_node_addresses(probes: Arc<crate::probes::ProbeSources>) {
 const HEAP_RELEASE_EVERY: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Result<()> {
+    let started = Instant::now();
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     match crate::limits::raise_open_files_limit() {
@@ -593,25 +1017,60 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     if probes.follows_node() {
         tokio::spawn(follow_node_addresses(probes.clone()));
     }
-    let shared = Arc::new(Shared {
+    let proxy = Proxy::new(
+        Store::new(initial.clone()),
+        certs,
+        metrics.clone(),
+        probes,
+        cfg.limits,
+    )?;
+    let shared = Arc::new_cyclic(|me| Shared {
+        me: me.clone(),
         capture,
-        proxy: Proxy::new(
-            Store::new(initial.clone()),
-            certs,
-            metrics.clone(),
-            probes,
-            cfg.limits,
-        )?,
+        proxy,
         pods: Mutex::default(),
         pending: Mutex::default(),
         scope,
         log,
         drain_request: watch::Sender::new(None),
+        drain_asks: watch::Sender::new(0),
         enrol_results: results_tx,
+        zds: std::sync::OnceLock::new(),
+        handover: Handover {
+            socket: cfg.handover_socket.clone(),
+            started,
+            pod: if cfg.istio.pod_name == DEFAULT_POD_NAME {
+                String::new()
+            } else {
+                cfg.istio.pod_name.clone()
+            },
+            predecessor_pod: Mutex::default(),
+            predecessor: Mutex::default(),
+            handed_over: AtomicBool::new(false),
+            status: Mutex::new(HandoverStatus {
+                state: "none".to_owned(),
+                ..HandoverStatus::default()
+            }),
+        },
     });
+    if let Some(table) = shared.capture.orig_dst_table()? {
+        shared.proxy.set_orig_dst_table(table);
+    }
+    // A ztunnel still serving this node hands the pods over; until it stops accepting,
+    // its capture links stay next to ours.
+    let (socket, pod) = (cfg.handover_socket.clone(), shared.handover.pod.clone());
+    match tokio::task::spawn_blocking(move || handover::Predecessor::connect(&socket, &pod)).await?
+    {
+        Ok(Some(p)) => shared.taking_over(p),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(socket = %cfg.handover_socket.display(), error = %crate::proxy::error_chain(&e), "the handover socket answers, but not as a predecessor; starting without one");
+        }
+    }
     if let Some(tx) = istio_tx {
         let running = istio::start(&cfg.istio, &cfg.node, &cfg.trust_domain, tx, results_rx)?;
         istio_health.source = Some(running.source.clone());
+        let _ = shared.zds.set(running.source.clone());
         source = Some(Box::new(running));
     }
     // Dropping it stops following the source.
@@ -621,38 +1080,28 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         .set_inbound_redirected(shared.capture.inbound_is_redirected());
     let cfg = Arc::new(cfg);
 
-    let admin = TcpListener::bind(cfg.admin_addr)
-        .await
-        .with_context(|| format!("failed to bind the admin API to {}", cfg.admin_addr))?;
-    tokio::spawn(admin::serve(admin, cfg.clone(), shared.clone()));
-    let listener = TcpListener::bind(cfg.metrics_addr)
-        .await
-        .with_context(|| format!("failed to bind the metrics port to {}", cfg.metrics_addr))?;
+    let (c, s) = (cfg.clone(), shared.clone());
+    serve_port(cfg.admin_addr, "admin", move |l| admin::serve(l, c, s)).await?;
     let s = shared.clone();
     let health = istio_health.clone();
     let synced = istio_health.clone();
     let m = metrics.clone();
-    tokio::spawn(crate::metrics::serve_metrics(
-        listener,
-        metrics.clone(),
-        move || {
+    let all = metrics.clone();
+    serve_port(cfg.metrics_addr, "metrics", move |l| {
+        crate::metrics::serve_metrics(l, all, move || {
             s.refresh_metrics();
             health.refresh_metrics(&m);
-        },
-    ));
-    let listener = TcpListener::bind(cfg.readiness_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to bind the readiness port to {}",
-                cfg.readiness_addr
-            )
-        })?;
+        })
+    })
+    .await?;
     let s = shared.clone();
-    tokio::spawn(crate::metrics::serve_readiness(listener, move || {
-        s.readiness()?;
-        istio_health.readiness()
-    }));
+    serve_port(cfg.readiness_addr, "readiness", move |l| {
+        crate::metrics::serve_readiness(l, move || {
+            s.readiness()?;
+            istio_health.readiness()
+        })
+    })
+    .await?;
 
     // Memory a burst of connections used (say, thousands of half-open handshakes until
     // their timeout) goes back to the kernel soon after, not only at the next reconcile.
@@ -698,28 +1147,56 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         // Settling and indexing a version take time linear in the cluster's size (tenths of
         // a second at 100,000 workloads): not on the runtime's workers, which carry the
         // connections.
-        let (back, store, desired, known) = tokio::task::spawn_blocking(move || {
-            settler.update(latest, std::time::Instant::now());
-            let current = settler.effective().clone();
-            let desired = current.local_enrolled(&node);
-            let known: Vec<(String, PathBuf)> = current
-                .workloads
-                .iter()
-                .filter_map(|w| Some((w.key(), w.cgroup.clone()?)))
-                .collect();
-            (settler, Store::new(current), desired, known)
-        })
-        .await?;
+        let (back, store, desired, known, wanted, wanted_addrs) =
+            tokio::task::spawn_blocking(move || {
+                settler.update(latest, std::time::Instant::now());
+                let current = settler.effective().clone();
+                let desired = current.local_enrolled(&node);
+                // Pods the source places here, whether they can be enrolled yet or not.
+                let wanted: BTreeSet<String> = current
+                    .workloads
+                    .iter()
+                    .filter(|w| w.node == node && current.enrolled(w))
+                    .map(|w| w.key())
+                    .collect();
+                let wanted_addrs: Vec<IpAddr> = current
+                    .workloads
+                    .iter()
+                    .filter(|w| wanted.contains(&w.key()))
+                    .flat_map(|w| w.addresses.iter().copied())
+                    .collect();
+                let known: Vec<(String, PathBuf)> = current
+                    .workloads
+                    .iter()
+                    .filter_map(|w| Some((w.key(), w.cgroup.clone()?)))
+                    .collect();
+                (
+                    settler,
+                    Store::new(current),
+                    desired,
+                    known,
+                    wanted,
+                    wanted_addrs,
+                )
+            })
+            .await?;
         settler = back;
         metrics.set_config_held(settler.held().len() as i64);
         shared.proxy.set_store(store);
         let s = shared.clone();
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired, &known)).await?;
         // With ZDS, the pods are known only once istio-cni's snapshot is in.
-        if first && synced.pods_known() {
-            // Capture a previous ztunnel left pinned for pods no longer wanted goes now.
-            shared.capture.release_unclaimed(&shared.netns_cookies());
-            first = false;
+        if synced.pods_known() {
+            if first {
+                // Capture a previous ztunnel left pinned for pods no longer wanted goes
+                // now; what it left for pods still wanted stays, enrolled or not.
+                shared
+                    .capture
+                    .release_unclaimed(&wanted, &wanted_addrs, &shared.netns_cookies());
+                first = false;
+            }
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || s.advance_handover(all_ok)).await?;
         }
         release_free_heap();
         let settled = settler.next_deadline();
@@ -742,6 +1219,16 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
             successor: false,
         });
     shared.drain(&req, drain_timeout).await;
+    if shared.handed_over() {
+        // Exiting by itself would have the supervisor restart it (a DaemonSet pod's
+        // container, a unit with Restart=), and a restarted ztunnel takes no node back
+        // from the successor it handed over to: it goes when its pod or unit is stopped
+        // (a drain request after the handover's own), as an old ztunnel's pod is once
+        // the new one is ready.
+        tracing::info!("handed over and drained; exits on SIGTERM, SIGINT or /quitquitquit");
+        let mut asks = shared.drain_asks.subscribe();
+        let _ = asks.wait_for(|n| *n >= 2).await;
+    }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.leave_all()).await?;
     tracing::info!("ztunnel exits");

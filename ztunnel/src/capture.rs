@@ -1,6 +1,11 @@
 //! The capture backend in use: eBPF (the default) or iptables (the fallback for kernels
 //! without the eBPF features, or on request). The rest of ztunnel talks to this facade.
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::BorrowedFd,
+    path::Path,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -95,12 +100,15 @@ impl Capture {
         matches!(self, Capture::Iptables { .. })
     }
 
+    /// Attaches capture to a pod whose listeners are open already (`inbound`: its
+    /// `:15006` listening sockets). A failure leaves whatever a predecessor attached.
     pub fn enrol(
         &self,
         name: &str,
         netns_path: &Path,
         cgroup_path: &Path,
         addrs: &[IpAddr],
+        inbound: &[(SocketAddr, BorrowedFd<'_>)],
     ) -> Result<PodCapture, Error> {
         match self {
             Capture::Ebpf(c) => Ok(PodCapture::Ebpf(c.enrol(
@@ -108,6 +116,7 @@ impl Capture {
                 netns_path,
                 cgroup_path,
                 addrs,
+                inbound,
             )?)),
             Capture::Iptables { .. } => Ok(PodCapture::Iptables(iptables::install(
                 name,
@@ -136,9 +145,37 @@ impl Capture {
         }
     }
 
-    pub fn release_unclaimed(&self, live_netns_cookies: &[u64]) {
+    /// See [`ebpf::Capture::release_unclaimed`].
+    pub fn release_unclaimed(
+        &self,
+        wanted: &BTreeSet<String>,
+        wanted_addrs: &[IpAddr],
+        live_netns_cookies: &[u64],
+    ) {
         if let Capture::Ebpf(c) = self {
-            c.release_unclaimed(live_netns_cookies);
+            c.release_unclaimed(wanted, wanted_addrs, live_netns_cookies);
+        }
+    }
+
+    /// See [`ebpf::Capture::hold_superseded`].
+    pub fn hold_superseded(&self) {
+        if let Capture::Ebpf(c) = self {
+            c.hold_superseded();
+        }
+    }
+
+    /// See [`ebpf::Capture::release_superseded`].
+    pub fn release_superseded(&self) {
+        if let Capture::Ebpf(c) = self {
+            c.release_superseded();
+        }
+    }
+
+    /// ztunnel's own reading of the original-destination map (eBPF capture only).
+    pub fn orig_dst_table(&self) -> Result<Option<ebpf::OrigDstTable>, Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(Some(c.orig_dst_table()?)),
+            Capture::Iptables { .. } => Ok(None),
         }
     }
 

@@ -106,6 +106,17 @@ pub struct Config {
     )]
     pub bpf_pin_dir: PathBuf,
 
+    /// The unix socket through which an upgrade hands the pods' listening sockets from
+    /// the running ztunnel to its successor (`--handover-socket`): every ztunnel serves it
+    /// once it has taken over, and a starting one asks whoever serves it first. Both
+    /// must see the same path (the DaemonSet mounts `/var/run/ztunnel` from the host).
+    #[arg(
+        long,
+        env = "ZTUNNEL_HANDOVER_SOCKET",
+        default_value = "/var/run/ztunnel/handover.sock"
+    )]
+    pub handover_socket: PathBuf,
+
     /// Move ztunnel into this cgroup v2 directory at start-up (created if missing). It
     /// must be below the cgroup2 mount (not the mount itself) and must not be an ancestor
     /// of any pod's cgroup. Without it ztunnel stays where it is started, which must not
@@ -423,6 +434,21 @@ impl Config {
             problems.push(format!(
                 "--bpf-pin-dir {}: must be an absolute path",
                 self.bpf_pin_dir.display()
+            ));
+        }
+        if !self.handover_socket.is_absolute() {
+            problems.push(format!(
+                "--handover-socket {}: must be an absolute path",
+                self.handover_socket.display()
+            ));
+        }
+        // sockaddr_un's sun_path holds 108 bytes, the terminating NUL included; the
+        // socket is first bound at a temporary name 16 bytes longer (crate::handover).
+        if self.handover_socket.as_os_str().len() > crate::handover::MAX_PATH {
+            problems.push(format!(
+                "--handover-socket {}: longer than {} bytes (a unix socket path)",
+                self.handover_socket.display(),
+                crate::handover::MAX_PATH
             ));
         }
         if self.source == Source::Kube

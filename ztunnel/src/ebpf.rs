@@ -5,7 +5,8 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -20,7 +21,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         sk_msg::SkMsgLink,
         sock_ops::SockOpsLink,
-        tc::SchedClassifierLink,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
     util::KernelVersion,
 };
@@ -41,6 +42,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt
 
 /// `statfs` magic of bpffs (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where ztunnel's tc filter sits on a pod's `eth0` with clsact (kernels without TCX):
+/// always the same slot, so that a successor replaces its predecessor's program there in
+/// one netlink request (no moment without capture, no second filter), and ahead of any
+/// filter with an automatic priority (49152 and up), such as an older build's.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -162,7 +170,10 @@ pub struct Options {
 /// or an upgrade of ztunnel (and fails closed meanwhile: nothing listens on the ports the
 /// programs redirect to).
 enum Link {
-    Pinned(PinnedLink),
+    Pinned {
+        link: FdLink,
+        path: PathBuf,
+    },
     SockOps(#[expect(dead_code, reason = "held for its Drop, which detaches")] SockOpsLink),
     Sockopt(#[expect(dead_code, reason = "held for its Drop, which detaches")] CgroupSockoptLink),
     SkMsg(#[expect(dead_code, reason = "held for its Drop, which detaches")] SkMsgLink),
@@ -175,14 +186,23 @@ impl Link {
     /// Detaches for good: unpins a pinned link so the kernel lets it go.
     fn release(self) {
         match self {
-            Link::Pinned(p) => {
-                if let Err(e) = p.unpin() {
-                    tracing::warn!(error = %e, "failed to unpin a link");
+            Link::Pinned { link, path } => {
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(pin = %path.display(), error = %e, "failed to unpin a link");
                 }
+                drop(link);
             }
             other => drop(other),
         }
     }
+}
+
+/// A link a previous (or still running) ztunnel pinned for a pod.
+struct Adopted {
+    link: FdLink,
+    path: PathBuf,
 }
 
 struct Maps {
@@ -190,6 +210,7 @@ struct Maps {
     by_cookie: HashMap<MapData, u64, OrigDst>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     fast_path: SockHash<MapData, SockKey>,
+    tw_listeners: SockHash<MapData, ListenerKey>,
     config: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -199,7 +220,12 @@ struct Inner {
     maps: Maps,
     _own_links: Vec<Link>,
     /// Pinned pod links left by a previous ztunnel, by pod key, until re-enrolled or released.
-    adopted: BTreeMap<String, Vec<PinnedLink>>,
+    adopted: BTreeMap<String, Vec<Adopted>>,
+    /// While a predecessor still serves (a handover under way), its links of pods this
+    /// ztunnel has re-enrolled stay attached next to ours until it stops accepting: the
+    /// connections it accepts meanwhile are captured by programs that write the maps it
+    /// reads, whatever build it is. Their pins already name this ztunnel's links.
+    superseded: Option<Vec<FdLink>>,
 }
 
 /// The loaded capture programs.
@@ -217,6 +243,9 @@ pub struct PodCapture {
     netns: Netns,
     netns_cookie: u64,
     addrs: Vec<IpKey>,
+    /// What each address's `POD_ADDRS` entry was before this enrolment wrote it, so a
+    /// failed one puts back exactly that (another ztunnel may rely on it).
+    addrs_before: Vec<(IpKey, Option<PodAddr>)>,
     links: Vec<Link>,
     /// Attached but not yet pinned (between attach and [`Capture::pin_pod`]).
     new_links: Vec<(&'static str, FdLink)>,
@@ -256,6 +285,43 @@ fn ip_key(ip: IpAddr) -> IpKey {
                 }
             }
         },
+    }
+}
+
+/// The address a map key holds (the inverse of [`ip_key`]).
+fn key_ip(k: &IpKey) -> IpAddr {
+    if k.family == u32::from(ztunnel_common::AF_INET) {
+        IpAddr::V4(Ipv4Addr::from(k.addr[0].to_ne_bytes()))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in k.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
+/// ztunnel's own reading of `ORIG_DST_TUPLE`, for connections accepted on listening
+/// sockets a predecessor created: a socket belongs to the cgroup of the process that
+/// created it, and cgroup `getsockopt` programs run for the socket's cgroup, so on those
+/// sockets `SO_ORIGINAL_DST` is answered by the predecessor's program while it lives and
+/// by nobody once it has exited. The lookup is the one `getsockopt_orig_dst` makes.
+pub struct OrigDstTable {
+    map: HashMap<MapData, TupleKey, OrigDst>,
+}
+
+impl OrigDstTable {
+    /// The original destination of the captured connection whose app end is `peer` in
+    /// the netns with `netns_cookie`.
+    pub fn lookup(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = TupleKey {
+            netns_cookie,
+            ip: ip_key(peer.ip()),
+            port: peer.port(),
+            _pad: 0,
+        };
+        let orig = self.map.get(&key, 0).ok()?;
+        Some(SocketAddr::new(key_ip(&orig.ip), orig.port))
     }
 }
 
@@ -332,6 +398,7 @@ impl Capture {
             by_cookie: map(&mut ebpf, orig_dst::BY_COOKIE)?,
             by_tuple: map(&mut ebpf, orig_dst::BY_TUPLE)?,
             fast_path: map(&mut ebpf, fast_path::SOCKHASH)?,
+            tw_listeners: map(&mut ebpf, time_wait::LISTENERS)?,
             config: map(&mut ebpf, config::NAME)?,
             stats: map(&mut ebpf, stats::NAME)?,
         };
@@ -380,6 +447,7 @@ impl Capture {
                 maps,
                 _own_links: own_links,
                 adopted,
+                superseded: None,
             }),
             features,
             pin_dir: opts.pin_dir.clone(),
@@ -389,6 +457,17 @@ impl Capture {
 
     pub fn features(&self) -> &Features {
         &self.features
+    }
+
+    /// A handle of its own on the original-destination map this ztunnel's programs use
+    /// (no lock shared with enrolment), for [`OrigDstTable::lookup`].
+    pub fn orig_dst_table(&self) -> Result<OrigDstTable, Error> {
+        let name = orig_dst::BY_TUPLE;
+        let data = MapData::from_pin(self.pin_dir.join("maps").join(name))
+            .map_err(|source| Error::Map { name, source })?;
+        let map = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| Error::Map { name, source })?;
+        Ok(OrigDstTable { map })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -401,14 +480,20 @@ impl Capture {
     }
 
     /// Attaches capture to a pod: the connect, getpeername and sockops programs to its
-    /// cgroup, tc ingress to `eth0` inside its netns, and its addresses to the map.
+    /// cgroup, `sk_lookup` to its netns, tc ingress to `eth0` inside it, its addresses to
+    /// the map and its `:15006` listeners (`inbound`) to the TIME_WAIT hand-over map.
     /// ztunnel's listeners in the pod must already be open.
+    ///
+    /// Capture a predecessor left (pinned, adopted at load) is replaced without a gap:
+    /// this ztunnel's links are attached and pinned over the predecessor's pins first.
+    /// A failed enrolment takes away only what it added itself.
     pub fn enrol(
         &self,
         name: &str,
         netns_path: &Path,
         cgroup_path: &Path,
         addrs: &[IpAddr],
+        inbound: &[(SocketAddr, BorrowedFd<'_>)],
     ) -> Result<PodCapture, Error> {
         let netns = Netns::open(netns_path)?;
         let netns_cookie = netns.cookie(&self.home)?;
@@ -420,26 +505,74 @@ impl Capture {
             netns,
             netns_cookie,
             addrs: addrs.iter().map(|a| ip_key(*a)).collect(),
+            addrs_before: Vec::new(),
             links: Vec::new(),
             new_links: Vec::new(),
             attached: Vec::new(),
         };
-        // On any error below, dropping `pod` detaches what was attached so far; the
-        // address entries are removed explicitly.
         let result = self
             .attach_pod(&mut pod, &cgroup, &target)
             .and_then(|()| self.pin_pod(&mut pod));
         if let Err(e) = result {
-            self.unenrol(pod);
+            self.abandon(pod);
             return Err(e);
         }
+        self.add_tw_listeners(&pod, inbound);
         Ok(pod)
+    }
+
+    /// Puts the pod's `:15006` listeners into `TW_LISTENERS`. `sockops` does so when a
+    /// listener starts listening, but only in this ztunnel's cgroup and map: a listener
+    /// handed over by a predecessor started listening in the predecessor's (whose map may
+    /// be another, when the builds differ). A failure only costs the TIME_WAIT hand-over
+    /// (such a SYN is refused and the client's retry steered), so it is logged.
+    fn add_tw_listeners(&self, pod: &PodCapture, inbound: &[(SocketAddr, BorrowedFd<'_>)]) {
+        let mut inner = self.lock();
+        for (addr, fd) in inbound {
+            let family = if addr.is_ipv4() {
+                ztunnel_common::AF_INET
+            } else {
+                ztunnel_common::AF_INET6
+            };
+            let key = ListenerKey {
+                netns_cookie: pod.netns_cookie,
+                family: u32::from(family),
+                _pad: 0,
+            };
+            if let Err(e) = inner.maps.tw_listeners.insert(key, *fd, 0) {
+                tracing::warn!(pod = %pod.name, %addr, error = %e, "failed to add a :15006 listener to the TIME_WAIT hand-over map; SYNs that meet a TIME_WAIT socket are refused and steered on the client's retry");
+            }
+        }
+    }
+
+    /// Undoes a failed enrolment: detaches the links it attached and has not pinned (its
+    /// own), keeps those it pinned (they replaced a predecessor's pins and capture the
+    /// pod just as well) and the tc filter (clsact: it replaced the predecessor's
+    /// program in place), and puts back the address entries it changed. Nothing another
+    /// ztunnel relies on is removed.
+    fn abandon(&self, mut pod: PodCapture) {
+        for link in pod.links.drain(..) {
+            if let Link::TcNetlink(l) = link {
+                std::mem::forget(l);
+            }
+        }
+        pod.new_links.clear();
+        let mut inner = self.lock();
+        for (key, before) in &pod.addrs_before {
+            let _ = match before {
+                Some(v) => inner.maps.pod_addrs.insert(key, v, 0),
+                None => inner.maps.pod_addrs.remove(key),
+            };
+        }
+        tracing::info!(pod = %pod.name, "failed enrolment undone; capture a predecessor left stays");
     }
 
     fn attach_pod(&self, pod: &mut PodCapture, cgroup: &File, target: &str) -> Result<(), Error> {
         let mut inner = self.lock();
         let Inner { ebpf, maps, .. } = &mut *inner;
         for key in &pod.addrs {
+            let before = maps.pod_addrs.get(key, 0).ok();
+            pod.addrs_before.push((*key, before));
             maps.pod_addrs
                 .insert(
                     key,
@@ -492,47 +625,6 @@ impl Capture {
             .push((program::SOCKOPS, fd_link(program::SOCKOPS, target, link)?));
         pod.attached.push(program::SOCKOPS);
 
-        let tc: &mut SchedClassifier = program_mut(ebpf, program::TC_INGRESS)?;
-        let tcx = self.features.tcx;
-        let netns_path = pod.netns.path().to_owned();
-        let link = pod.netns.run_on_thread(|| {
-            if !tcx {
-                // A previous ztunnel's filter (netlink filters outlive their process).
-                let _ = aya::programs::tc::qdisc_detach_program(
-                    "eth0",
-                    TcAttachType::Ingress,
-                    program::TC_INGRESS,
-                );
-                // EEXIST just means the qdisc is there already.
-                if let Err(e) = aya::programs::tc::qdisc_add_clsact("eth0") {
-                    let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
-                        if n.raw_os_error() == Some(libc::EEXIST));
-                    if !exists {
-                        return Err(Error::Clsact {
-                            netns: netns_path.clone(),
-                            source: e,
-                        });
-                    }
-                }
-            }
-            let target = format!("eth0 in {}", netns_path.display());
-            let id = tc
-                .attach("eth0", TcAttachType::Ingress)
-                .map_err(|source| attach_err(program::TC_INGRESS, &target, source))?;
-            tc.take_link(id)
-                .map_err(|source| attach_err(program::TC_INGRESS, &target, source))
-        })??;
-        if tcx {
-            let target = format!("eth0 in {}", pod.netns.path().display());
-            pod.new_links.push((
-                program::TC_INGRESS,
-                fd_link(program::TC_INGRESS, &target, link)?,
-            ));
-        } else {
-            pod.links.push(Link::TcNetlink(link));
-        }
-        pod.attached.push(program::TC_INGRESS);
-
         // Answers the listener lookup of a SYN that met a TIME_WAIT socket (tc.rs).
         let target = format!("netns {}", pod.netns.path().display());
         let netns = File::open(pod.netns.path()).map_err(|source| {
@@ -550,50 +642,174 @@ impl Capture {
             .map_err(|source| attach_err(program::SK_LOOKUP, &target, source))?;
         pod.new_links.push((program::SK_LOOKUP, FdLink::from(link)));
         pod.attached.push(program::SK_LOOKUP);
+
+        // tc last: with clsact it replaces a predecessor's program in place, which a
+        // failure after it could not take back.
+        let tc: &mut SchedClassifier = program_mut(ebpf, program::TC_INGRESS)?;
+        let tcx = self.features.tcx;
+        let netns_path = pod.netns.path().to_owned();
+        let link = pod.netns.run_on_thread(|| {
+            let target = format!("eth0 in {}", netns_path.display());
+            let id = if tcx {
+                tc.attach("eth0", TcAttachType::Ingress)
+            } else {
+                // EEXIST just means the qdisc is there already.
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact("eth0") {
+                    let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+                        if n.raw_os_error() == Some(libc::EEXIST));
+                    if !exists {
+                        return Err(Error::Clsact {
+                            netns: netns_path.clone(),
+                            source: e,
+                        });
+                    }
+                }
+                // Replace whatever runs in ztunnel's slot (a predecessor's program, whose
+                // netlink filter outlives its process) in one request; create the slot
+                // if there is none.
+                let slot = SchedClassifierLink::attached(
+                    "eth0",
+                    TcAttachType::Ingress,
+                    TC_PRIORITY,
+                    TC_HANDLE,
+                    None,
+                )
+                .map_err(|e| {
+                    attach_err(
+                        program::TC_INGRESS,
+                        &target,
+                        aya::programs::ProgramError::IOError(e),
+                    )
+                })?;
+                tc.attach_to_link(slot).or_else(|_| {
+                    tc.attach_with_options(
+                        "eth0",
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_PRIORITY,
+                            handle: TC_HANDLE,
+                            classid: None,
+                        }),
+                    )
+                })
+            }
+            .map_err(|source| attach_err(program::TC_INGRESS, &target, source))?;
+            tc.take_link(id)
+                .map_err(|source| attach_err(program::TC_INGRESS, &target, source))
+        })??;
+        if tcx {
+            let target = format!("eth0 in {}", pod.netns.path().display());
+            pod.new_links.push((
+                program::TC_INGRESS,
+                fd_link(program::TC_INGRESS, &target, link)?,
+            ));
+        } else {
+            pod.links.push(Link::TcNetlink(link));
+        }
+        pod.attached.push(program::TC_INGRESS);
         Ok(())
     }
 
-    /// Hands over from a previous ztunnel's pinned links (the new ones are attached
-    /// already, so there is no gap), then pins the new links.
+    /// Pins the pod's new links, each under a temporary name renamed over the pin a
+    /// predecessor left (bpffs renames atomically: the pod always has a pinned link for
+    /// each program), and only then lets the predecessor's links go — at once, or, while
+    /// the predecessor still serves, once it has stopped accepting
+    /// ([`Self::release_superseded`]).
     fn pin_pod(&self, pod: &mut PodCapture) -> Result<(), Error> {
-        let old = self.lock().adopted.remove(&pod.name);
-        for link in old.into_iter().flatten() {
-            Link::Pinned(link).release();
-        }
         std::fs::create_dir_all(&pod.pin_dir).map_err(|source| Error::PinDir {
             path: pod.pin_dir.clone(),
             source,
         })?;
         for (name, link) in pod.new_links.drain(..) {
             let path = pod.pin_dir.join(name);
-            let _ = std::fs::remove_file(&path);
-            let pinned = link.pin(&path).map_err(|source| Error::PinLink {
+            // bpffs refuses names with a dot.
+            let tmp = pod
+                .pin_dir
+                .join(format!("{PENDING_PIN}{}-{name}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let pinned = link.pin(&tmp).map_err(|source| Error::PinLink {
                 name,
-                path: path.clone(),
+                path: tmp.clone(),
                 source,
             })?;
-            pod.links.push(Link::Pinned(pinned));
+            let link = FdLink::from(pinned);
+            if let Err(source) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::PinDir { path, source });
+            }
+            pod.links.push(Link::Pinned { link, path });
+        }
+        let mut inner = self.lock();
+        let old = inner.adopted.remove(&pod.name).unwrap_or_default();
+        for Adopted { link, path } in old {
+            // A program this build no longer attaches: its pin goes too.
+            if !pod
+                .links
+                .iter()
+                .any(|l| matches!(l, Link::Pinned { path: p, .. } if *p == path))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+            match &mut inner.superseded {
+                Some(held) => held.push(link),
+                None => drop(link),
+            }
         }
         Ok(())
     }
 
-    /// Detaches pinned capture of pods a previous ztunnel enrolled that this one does
-    /// not, and deletes address entries of pods no longer enrolled.
-    pub fn release_unclaimed(&self, live_netns_cookies: &[u64]) {
+    /// While a predecessor still serves: keep its links of re-enrolled pods attached
+    /// (see `Inner::superseded`) until [`Self::release_superseded`].
+    pub fn hold_superseded(&self) {
         let mut inner = self.lock();
-        for (pod, links) in std::mem::take(&mut inner.adopted) {
-            for link in links {
-                Link::Pinned(link).release();
+        if inner.superseded.is_none() {
+            inner.superseded = Some(Vec::new());
+        }
+    }
+
+    /// The predecessor stopped accepting (or is gone): its links go.
+    pub fn release_superseded(&self) {
+        let held = self.lock().superseded.take().unwrap_or_default();
+        if !held.is_empty() {
+            tracing::info!(
+                links = held.len(),
+                "released the predecessor's capture links"
+            );
+        }
+    }
+
+    /// Detaches pinned capture a previous ztunnel left for pods the source no longer
+    /// places here (`wanted` lists those it does, enrolled or not), and deletes address
+    /// entries that are neither an enrolled pod's (`live_netns_cookies`) nor a wanted
+    /// pod's (`wanted_addrs`): a pod this ztunnel has not managed to enrol yet keeps what
+    /// its predecessor left, since the predecessor may still be serving it.
+    pub fn release_unclaimed(
+        &self,
+        wanted: &std::collections::BTreeSet<String>,
+        wanted_addrs: &[IpAddr],
+        live_netns_cookies: &[u64],
+    ) {
+        let mut inner = self.lock();
+        let unclaimed: Vec<String> = inner
+            .adopted
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for pod in unclaimed {
+            for Adopted { link, path } in inner.adopted.remove(&pod).unwrap_or_default() {
+                Link::Pinned { link, path }.release();
             }
             let _ = std::fs::remove_dir(self.pin_dir.join("pods").join(&pod));
-            tracing::info!(pod = %pod, "released capture left by a previous ztunnel");
+            tracing::info!(pod = %pod, "released capture a previous ztunnel left for a pod no longer in the mesh here");
         }
+        let keep: Vec<IpKey> = wanted_addrs.iter().map(|a| ip_key(*a)).collect();
         let stale: Vec<IpKey> = inner
             .maps
             .pod_addrs
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| !live_netns_cookies.contains(&v.netns_cookie))
+            .filter(|(k, v)| !live_netns_cookies.contains(&v.netns_cookie) && !keep.contains(k))
             .map(|(k, _)| k)
             .collect();
         for k in stale {
@@ -605,7 +821,8 @@ impl Capture {
     /// already established keep flowing; only new ones take the direct path.
     pub fn unenrol(&self, mut pod: PodCapture) {
         // Netlink tc filters are found by ifindex, which is per netns: detach them from
-        // inside the pod's netns. TCX and cgroup links detach from anywhere.
+        // inside the pod's netns, every filter of ztunnel's program (an older build's at
+        // another priority too). TCX and cgroup links detach from anywhere.
         let tc_links: Vec<Link> = {
             let (tc, rest): (Vec<_>, Vec<_>) = pod
                 .links
@@ -614,11 +831,29 @@ impl Capture {
             pod.links = rest;
             tc
         };
-        if !tc_links.is_empty()
-            && let Err(e) = pod.netns.run_on_thread(move || drop(tc_links))
-        {
-            // The netns is gone, and its interfaces and filters with it.
-            tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol");
+        if !tc_links.is_empty() {
+            for l in tc_links {
+                if let Link::TcNetlink(l) = l {
+                    std::mem::forget(l);
+                }
+            }
+            let detached = pod.netns.run_on_thread(|| {
+                aya::programs::tc::qdisc_detach_program(
+                    "eth0",
+                    TcAttachType::Ingress,
+                    program::TC_INGRESS,
+                )
+            });
+            match detached {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(pod = %pod.name, error = %e, "failed to detach the tc filter");
+                }
+                // The netns is gone, and its interfaces and filters with it.
+                Err(e) => {
+                    tracing::debug!(pod = %pod.name, error = %e, "pod netns gone before unenrol")
+                }
+            }
         }
         for link in pod.links.drain(..) {
             link.release();
@@ -863,8 +1098,13 @@ fn replace_incompatible_pins(maps_dir: &Path) {
     }
 }
 
-/// Pinned pod links under `<pin dir>/pods/<namespace>/<name>/<program>`.
-fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<PinnedLink>> {
+/// A pod link's temporary pin name, `pending-<pid>-<program>`, until it is renamed
+/// over the program's pin.
+const PENDING_PIN: &str = "pending-";
+
+/// Pinned pod links under `<pin dir>/pods/<namespace>/<name>/<program>` (temporary
+/// names a ztunnel died pinning under, [`PENDING_PIN`], are removed).
+fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<Adopted>> {
     let mut out = BTreeMap::new();
     let Ok(namespaces) = std::fs::read_dir(dir) else {
         return out;
@@ -879,15 +1119,25 @@ fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<PinnedLink>> {
                 ns.file_name().to_string_lossy(),
                 pod.file_name().to_string_lossy()
             );
-            let links: Vec<PinnedLink> = std::fs::read_dir(pod.path())
+            let links: Vec<Adopted> = std::fs::read_dir(pod.path())
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter_map(|f| match PinnedLink::from_pin(f.path()) {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        tracing::warn!(path = %f.path().display(), error = %e, "ignoring an unreadable pinned link");
-                        None
+                .filter_map(|f| {
+                    let path = f.path();
+                    if f.file_name().to_string_lossy().starts_with(PENDING_PIN) {
+                        let _ = std::fs::remove_file(&path);
+                        return None;
+                    }
+                    match PinnedLink::from_pin(&path) {
+                        Ok(l) => Some(Adopted {
+                            link: FdLink::from(l),
+                            path,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable pinned link");
+                            None
+                        }
                     }
                 })
                 .collect();

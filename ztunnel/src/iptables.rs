@@ -102,6 +102,32 @@ fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
 
 /// Installs the chains and hooks them into OUTPUT and PREROUTING (replacing any left
 /// by a previous ztunnel).
+/// Whether every rule and both jumps are in place already (a predecessor's, still
+/// serving or not): `iptables -C` for each.
+fn installed(pod: &PodRules, addrs: &[IpAddr]) -> bool {
+    let mut families = vec![false];
+    if pod.v6 {
+        families.push(true);
+    }
+    families.into_iter().all(|fam| {
+        let jumps = [
+            ["OUTPUT", "-p", "tcp", "-j", OUT],
+            ["PREROUTING", "-p", "tcp", "-j", PRE],
+        ];
+        jumps.iter().all(|j| {
+            let mut args = vec!["-t", "nat", "-C"];
+            args.extend_from_slice(j);
+            run(&pod.netns, fam, &args).is_ok()
+        }) && rules(addrs, fam).iter().all(|rule| {
+            let mut args = vec!["-t", "nat", "-C"];
+            args.extend(rule.iter().map(String::as_str));
+            run(&pod.netns, fam, &args).is_ok()
+        })
+    })
+}
+
+/// Installs the pod's rules. Rules already in place (a predecessor's) are left as they
+/// are: taking them out first would let connections pass uncaptured meanwhile.
 pub fn install(name: &str, netns: Netns, addrs: &[IpAddr]) -> Result<PodRules, netns::Error> {
     let v6 = addrs.iter().any(IpAddr::is_ipv6);
     let pod = PodRules {
@@ -109,6 +135,10 @@ pub fn install(name: &str, netns: Netns, addrs: &[IpAddr]) -> Result<PodRules, n
         netns,
         v6,
     };
+    if installed(&pod, addrs) {
+        tracing::info!(pod = %pod.name, "iptables capture already in place; kept");
+        return Ok(pod);
+    }
     remove_rules(&pod);
     let mut families = vec![false];
     if v6 {

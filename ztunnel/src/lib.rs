@@ -11,6 +11,7 @@ pub mod ebpf;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod iptables;

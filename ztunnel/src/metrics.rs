@@ -374,6 +374,7 @@ pub struct Metrics {
     accept_errors: Family<AcceptErrorLabels, Counter>,
     capture: Arc<CaptureCollector>,
     config: ConfigMetrics,
+    handover: HandoverMetrics,
     drain: DrainMetrics,
 }
 
@@ -473,6 +474,50 @@ impl ConfigMetrics {
             rejected,
             held,
             enrolment_failures,
+        }
+    }
+}
+
+/// Upgrades (issue 15: a new ztunnel takes the pods' listening sockets over from the
+/// running one).
+#[derive(Debug)]
+struct HandoverMetrics {
+    handovers: Family<HandoverLabels, Counter>,
+    orig_dst_from_map: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandoverLabels {
+    role: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+impl HandoverMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let handovers = Family::<HandoverLabels, Counter>::default();
+        registry.register(
+            "ztunnel_handovers",
+            "Upgrades this ztunnel took part in, by role (successor, predecessor) and \
+             result (complete; predecessor_gone, successor_gone: the other one exited or \
+             crashed first; refused; error)",
+            handovers.clone(),
+        );
+        let orig_dst_from_map = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "ztunnel_orig_dst_from_map",
+            "Original destinations ztunnel read from the map itself because no program \
+             answered SO_ORIGINAL_DST (listening sockets inherited from a predecessor that \
+             has exited), by result (hit, miss)",
+            orig_dst_from_map.clone(),
+        );
+        Self {
+            handovers,
+            orig_dst_from_map,
         }
     }
 }
@@ -641,6 +686,7 @@ impl Metrics {
         registry.register_collector(Box::new(Arc::clone(&capture)));
         registry.register_collector(Box::new(LogCollector));
         let config = ConfigMetrics::register(&mut registry);
+        let handover = HandoverMetrics::register(&mut registry);
         let drain = DrainMetrics::register(&mut registry);
 
         Arc::new(Metrics {
@@ -665,8 +711,30 @@ impl Metrics {
             accept_errors,
             capture,
             config,
+            handover,
             drain,
         })
+    }
+
+    /// Counts an upgrade (`role`: `successor` or `predecessor`).
+    pub fn handover(&self, role: &str, result: &str) {
+        self.handover
+            .handovers
+            .get_or_create(&HandoverLabels {
+                role: escape(role).into_owned(),
+                result: escape(result).into_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an original destination ztunnel looked up in the map itself.
+    pub fn orig_dst_from_map(&self, result: &str) {
+        self.handover
+            .orig_dst_from_map
+            .get_or_create(&ResultLabels {
+                result: escape(result).into_owned(),
+            })
+            .inc();
     }
 
     /// A drain started with `at_start` proxied connections open.

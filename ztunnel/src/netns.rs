@@ -205,3 +205,29 @@ impl Netns {
         Ok(cookie)
     }
 }
+
+/// The cookie of the netns a socket lives in (`SO_NETNS_COOKIE`); `None` on kernels
+/// without it (before 5.14).
+pub fn socket_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<u64>> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket descriptor and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(cookie));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}

@@ -49,6 +49,13 @@ pub enum Error {
     Netns(#[from] netns::Error),
 }
 
+impl Error {
+    /// Whether a listener's address was in use (another process holds the pod's port).
+    pub fn addr_in_use(&self) -> bool {
+        matches!(self, Error::Listen { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
+}
+
 /// A pod as the proxy sees it.
 #[derive(Debug)]
 pub struct PodNet {
@@ -137,11 +144,18 @@ pub struct Proxy {
     pool: hbone::Pool<PoolKey, Connector>,
     /// `true` tells every HBONE server connection to drain (GOAWAY).
     drain: tokio::sync::watch::Sender<bool>,
+    /// Whether listening sockets inherited from a predecessor are accepted on: not while
+    /// the predecessor still accepts (a successor that crashes during the overlap then
+    /// takes no connection with it); from the moment it is told to stop, or is gone.
+    inherited_accepting: tokio::sync::watch::Sender<bool>,
     /// Inbound plaintext arrives NAT-redirected (iptables capture): its original
     /// destination comes from `SO_ORIGINAL_DST`, not from the local address.
     inbound_redirected: std::sync::atomic::AtomicBool,
     /// Every pod netns's return path, shared by its listeners and inbound connections.
     return_paths: Arc<return_path::Registry>,
+    /// The original-destination map, read directly when no `getsockopt` program answers
+    /// (eBPF capture; see [`crate::ebpf::OrigDstTable`]).
+    orig_dst_table: std::sync::OnceLock<crate::ebpf::OrigDstTable>,
     /// Sources of kubelet probes (`--probe-sources`).
     pub probes: Arc<crate::probes::ProbeSources>,
     /// Timeouts and the per-listener cap.
@@ -541,8 +555,10 @@ impl Proxy {
                 pods: RwLock::default(),
                 pool,
                 drain: tokio::sync::watch::Sender::new(false),
+                inherited_accepting: tokio::sync::watch::Sender::new(true),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
+                orig_dst_table: std::sync::OnceLock::new(),
                 probes,
                 limits,
                 timeout_log: Mutex::new(RateLimit::new(limits::LOG_EVERY)),
@@ -665,9 +681,32 @@ impl Proxy {
         }
     }
 
+    /// Gives the proxy its own reading of the original-destination map.
+    pub fn set_orig_dst_table(&self, table: crate::ebpf::OrigDstTable) {
+        let _ = self.orig_dst_table.set(table);
+    }
+
+    /// The original destination of a captured connection from the map itself, keyed by
+    /// the socket's netns and the app's end (`src`); counted by result.
+    fn orig_dst_from_map(&self, stream: &TcpStream, src: SocketAddr) -> Option<SocketAddr> {
+        use std::os::fd::AsFd as _;
+        let table = self.orig_dst_table.get()?;
+        let cookie = crate::netns::socket_cookie(stream.as_fd()).ok().flatten()?;
+        let found = table.lookup(cookie, src);
+        self.metrics
+            .orig_dst_from_map(if found.is_some() { "hit" } else { "miss" });
+        found
+    }
+
     /// Says whether inbound plaintext arrives NAT-redirected (iptables capture).
     pub fn set_inbound_redirected(&self, on: bool) {
         self.inbound_redirected.store(on, Ordering::Relaxed);
+    }
+
+    /// Opens or closes the gate of the accept loops on inherited listening sockets (see
+    /// `Proxy::inherited_accepting`); loops already past it keep accepting.
+    pub fn set_inherited_accepting(&self, open: bool) {
+        self.inherited_accepting.send_replace(open);
     }
 
     /// Starts the drain of the data path: every pod listener stops accepting (taking
@@ -718,13 +757,45 @@ impl Proxy {
         Ok(tls)
     }
 
-    /// Opens the pod's listeners and spawns their accept loops. The returned handle
-    /// closes them (and takes the pod's return path out) when dropped.
-    pub fn start_pod(self: &Arc<Self>, pod: Arc<PodNet>) -> Result<PodListeners, Error> {
+    /// The addresses a pod's listeners are bound to: HBONE, outbound and inbound, IPv4
+    /// and, for a pod with an IPv6 address, IPv6.
+    pub fn pod_listen_addrs(v6: bool) -> Vec<SocketAddr> {
+        let mut out = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE))];
+        if v6 {
+            out.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)));
+        }
+        out.push(SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND)));
+        if v6 {
+            out.push(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)));
+        }
+        out.push(SocketAddr::from((
+            Ipv4Addr::UNSPECIFIED,
+            ports::INBOUND_PLAINTEXT,
+        )));
+        if v6 {
+            out.push(SocketAddr::from((
+                Ipv6Addr::UNSPECIFIED,
+                ports::INBOUND_PLAINTEXT,
+            )));
+        }
+        out
+    }
+
+    /// Opens the pod's listeners and spawns their accept loops. A listening socket in
+    /// `inherited` (a predecessor's, handed over: same socket, same accept queue) is
+    /// used for its address instead of binding a new one. The returned handle closes
+    /// them when dropped; the pod's return path stays (see [`PodListeners::leave_mesh`]).
+    pub fn start_pod(
+        self: &Arc<Self>,
+        pod: Arc<PodNet>,
+        mut inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> Result<PodListeners, Error> {
         let lease = self.return_paths.lease(&pod.netns, pod.has_v6())?;
         *pod.return_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let mut listeners = PodListeners {
             tasks: Vec::new(),
+            sockets: Vec::new(),
+            inherited: 0,
             pod: pod.clone(),
             proxy: Arc::downgrade(self),
         };
@@ -732,52 +803,49 @@ impl Proxy {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(pod.name.clone(), pod.clone());
-        let mut hbone = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::HBONE))];
-        if pod.has_v6() {
-            hbone.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, ports::HBONE)));
-        }
-        for addr in hbone {
-            let l = self.listen(&pod, addr)?;
-            listeners.tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::HBONE,
-                hbone_inbound::accept,
-            )));
-        }
-        let tasks = &mut listeners.tasks;
-        let mut outbound = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, ports::OUTBOUND))];
-        let mut inbound = vec![SocketAddr::from((
-            Ipv4Addr::UNSPECIFIED,
-            ports::INBOUND_PLAINTEXT,
-        ))];
-        if pod.has_v6() {
-            outbound.push(SocketAddr::from((Ipv6Addr::LOCALHOST, ports::OUTBOUND)));
-            inbound.push(SocketAddr::from((
-                Ipv6Addr::UNSPECIFIED,
-                ports::INBOUND_PLAINTEXT,
-            )));
-        }
-        for addr in outbound {
-            let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::OUTBOUND,
-                outbound::accept,
-            )));
-        }
-        for addr in inbound {
-            let l = self.listen(&pod, addr)?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.clone(),
-                pod.clone(),
-                l,
-                listener::INBOUND,
-                inbound::accept,
-            )));
+        for addr in Self::pod_listen_addrs(pod.has_v6()) {
+            let (l, gate) = match inherited.iter().position(|(a, _)| *a == addr) {
+                Some(i) => {
+                    let (_, l) = inherited.swap_remove(i);
+                    listeners.inherited += 1;
+                    let l = TcpListener::from_std(l).map_err(|source| Error::Listen {
+                        addr,
+                        netns: pod.netns.path().display().to_string(),
+                        source,
+                    })?;
+                    (l, Some(self.inherited_accepting.subscribe()))
+                }
+                None => (self.listen(&pod, addr)?, None),
+            };
+            let l = Arc::new(l);
+            let task = match addr.port() {
+                ports::HBONE => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    gate,
+                    listener::HBONE,
+                    hbone_inbound::accept,
+                )),
+                ports::OUTBOUND => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    gate,
+                    listener::OUTBOUND,
+                    outbound::accept,
+                )),
+                _ => tokio::spawn(accept_loop(
+                    self.clone(),
+                    pod.clone(),
+                    l.clone(),
+                    gate,
+                    listener::INBOUND,
+                    inbound::accept,
+                )),
+            };
+            listeners.tasks.push(task);
+            listeners.sockets.push((addr, Arc::downgrade(&l)));
         }
         Ok(listeners)
     }
@@ -853,17 +921,23 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// loop. When the drain starts, the connections already in the accept queue (their
 /// clients see them established) are taken as far as the cap allows, and the listener is
 /// closed: a successor holding the same listening socket gets every new connection;
-/// without one, new connections find no listener and fail closed.
+/// without one, new connections find no listener and fail closed. A socket inherited
+/// from a predecessor is accepted on only once `gate` opens (the kernel queues
+/// connections meanwhile, and the predecessor accepts them).
 async fn accept_loop<H, F>(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
     what: &'static str,
     handle: H,
 ) where
     H: Fn(Arc<Proxy>, Arc<PodNet>, TcpStream, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    if let Some(mut gate) = gate {
+        let _ = gate.wait_for(|open| *open).await;
+    }
     let mut cap = ListenerCap::new(
         proxy.limits.max_connections_per_listener,
         what,
@@ -899,20 +973,19 @@ async fn accept_loop<H, F>(
             }
         }
     }
-    let listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(pod = %pod.name, listener = what, error = %e, "failed to take the queued connections of a draining listener; closing it");
-            return;
-        }
-    };
+    // The loop holds the only strong reference to the listener ([`PodListeners`] keeps
+    // a weak one): it closes when this returns, unless a successor holds it too.
+    let sock = socket2::SockRef::from(&*listener);
     let mut taken = 0;
     while taken < LISTEN_BACKLOG {
         let Some(slot) = cap.try_reserve() else { break };
-        // Non-blocking (tokio's listener was): WouldBlock once the queue is empty.
-        let accepted = listener.accept().and_then(|(s, peer)| {
+        // Non-blocking (tokio's listener is): WouldBlock once the queue is empty.
+        let accepted = sock.accept().and_then(|(s, peer)| {
+            let peer = peer
+                .as_socket()
+                .ok_or_else(|| io::Error::other("accepted a socket without an inet peer"))?;
             s.set_nonblocking(true)?;
-            Ok((TcpStream::from_std(s)?, peer))
+            Ok((TcpStream::from_std(std::net::TcpStream::from(s))?, peer))
         });
         match accepted {
             Ok((stream, peer)) => {
@@ -1193,12 +1266,61 @@ fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
 }
 
 /// A pod's listeners; dropping it stops accepting (connections already accepted go on)
-/// and gives up the listeners' lease on the pod's return path, which goes once the last
-/// inbound connection using it has closed.
+/// and gives up the listeners' lease on the pod's return path, which stays installed:
+/// it belongs to the pod, and only [`Self::leave_mesh`] lets it go.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The listening sockets, for a successor to take: weak, so that a listener closes
+    /// when its accept loop ends (a drain without a successor fails closed at once).
+    sockets: Vec<(SocketAddr, Weak<TcpListener>)>,
+    /// How many were a predecessor's.
+    pub inherited: usize,
     pod: Arc<PodNet>,
     proxy: Weak<Proxy>,
+}
+
+impl PodListeners {
+    /// The listening sockets still open and their addresses (none once accepting has
+    /// stopped).
+    pub fn sockets(&self) -> Vec<(SocketAddr, Arc<TcpListener>)> {
+        self.sockets
+            .iter()
+            .filter_map(|(a, l)| Some((*a, l.upgrade()?)))
+            .collect()
+    }
+
+    /// The `:15006` listening sockets (inbound plaintext), for the TIME_WAIT hand-over map.
+    pub fn inbound(&self) -> Vec<(SocketAddr, Arc<TcpListener>)> {
+        self.sockets()
+            .into_iter()
+            .filter(|(a, _)| a.port() == ports::INBOUND_PLAINTEXT)
+            .collect()
+    }
+
+    /// Stops accepting for good: the accept loops end and this process's descriptors of
+    /// the listening sockets close. A successor holding the same sockets keeps accepting
+    /// from their queues; without one they close. Returns the loops to wait for.
+    pub fn stop_accepting(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.sockets.clear();
+        std::mem::take(&mut self.tasks)
+    }
+
+    /// The pod leaves the mesh (its source says so): closes the listeners, and its return
+    /// path goes once the last inbound connection using it has closed.
+    pub fn leave_mesh(self) {
+        let lease = self
+            .pod
+            .return_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(lease) = lease {
+            lease.leave_mesh();
+        }
+    }
 }
 
 impl Drop for PodListeners {

@@ -6,7 +6,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
-    about = "S0 no mesh vs I Istio's ztunnel vs S1 iptables vs S2 eBPF vs S3 fast path, side by side"
+    about = "S0 no mesh vs I Istio's ztunnel vs S1 iptables vs S2 eBPF vs S3 fast path, side by side, and an upgrade under load"
 )]
 struct Cli {
     /// One round of one-second measurements and 100 idle connections (a smoke run).
@@ -15,6 +15,10 @@ struct Cli {
     /// Run only this scenario (repeat for several); ratios need S0 among them.
     #[arg(long = "scenario", value_enum)]
     only: Vec<ztunnel_tests::bench::Scenario>,
+    /// Measure only the upgrade under load (a ztunnel handed over to a successor at
+    /// a fixed connection rate), not S0–S3.
+    #[arg(long, conflicts_with = "only")]
+    upgrade_only: bool,
     /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
     #[arg(long)]
     profile: bool,
@@ -49,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         profile: cli.profile,
         out_dir: cli.out.clone(),
         istio_ztunnel: cli.istio_ztunnel,
+        upgrade_only: cli.upgrade_only,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(

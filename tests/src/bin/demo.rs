@@ -3,7 +3,7 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "ztunnel on one machine: two nodes, four pods, mTLS and policy")]
+#[command(about = "ztunnel on one machine: two nodes, four pods, mTLS, policy and an upgrade")]
 struct Cli {
     /// Leave the topology running and print how to explore it.
     #[arg(long)]

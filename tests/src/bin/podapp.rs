@@ -60,11 +60,32 @@ enum Cmd {
         #[arg(long)]
         resume_file: Option<std::path::PathBuf>,
     },
-    /// Keep one connection and ping through it every 50 ms for `secs` seconds.
+    /// Keep one connection and ping through it every 50 ms for `secs` seconds, or
+    /// until `--stop-file` exists (then at most `secs`).
     Hold {
         addr: SocketAddr,
         #[arg(long)]
         secs: u64,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+    },
+    /// New connections at a steady rate: one every 1/`per_sec` s, each sending
+    /// `bytes` and checking the echo, for `secs` seconds or until `--stop-file` exists.
+    /// Prints `started` once under way, then one JSON line with the counts and the
+    /// first failures (each with its time since the start); never fails itself.
+    Rate {
+        addr: SocketAddr,
+        #[arg(long)]
+        per_sec: u32,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+        /// A connection that takes longer (connect, write or read) fails.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
     },
     /// Open `count` connections at once, echo one byte on each, print `open=<count>`, and
     /// keep them open for `secs` seconds.
@@ -140,7 +161,26 @@ fn main() -> anyhow::Result<()> {
                 call(addr, bytes, chunk, seed, pause)
             }
         }
-        Cmd::Hold { addr, secs } => hold(addr, secs),
+        Cmd::Hold {
+            addr,
+            secs,
+            stop_file,
+        } => hold(addr, secs, stop_file.as_deref()),
+        Cmd::Rate {
+            addr,
+            per_sec,
+            secs,
+            bytes,
+            stop_file,
+            timeout_secs,
+        } => rate(
+            addr,
+            per_sec,
+            Duration::from_secs_f64(secs),
+            bytes,
+            stop_file.as_deref(),
+            Duration::from_secs(timeout_secs),
+        ),
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
         Cmd::Rr {
@@ -394,14 +434,14 @@ fn call_event_loop(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> a
     })
 }
 
-fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
+fn hold(addr: SocketAddr, secs: u64, stop_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     println!("connected peer={}", s.peer_addr()?);
     std::io::stdout().flush()?;
     let end = Instant::now() + Duration::from_secs(secs);
     let mut pings = 0u64;
-    while Instant::now() < end {
+    while Instant::now() < end && !stop_file.is_some_and(std::path::Path::exists) {
         let msg = format!("ping {pings}\n");
         s.write_all(msg.as_bytes())?;
         let mut back = vec![0u8; msg.len()];
@@ -414,6 +454,111 @@ fn hold(addr: SocketAddr, secs: u64) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("pings={pings}");
+    Ok(())
+}
+
+/// One connection of [`rate`]: connect, send, half-close, read the whole echo.
+fn one_call(addr: SocketAddr, payload: &[u8], timeout: Duration) -> anyhow::Result<()> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(payload).context("write")?;
+    s.shutdown(Shutdown::Write).context("shutdown")?;
+    let mut back = Vec::with_capacity(payload.len());
+    s.read_to_end(&mut back).context("read")?;
+    if back != payload {
+        bail!(
+            "echo of {} bytes came back as {} bytes",
+            payload.len(),
+            back.len()
+        );
+    }
+    Ok(())
+}
+
+fn rate(
+    addr: SocketAddr,
+    per_sec: u32,
+    secs: Duration,
+    bytes: usize,
+    stop_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let interval = Duration::from_secs_f64(1.0 / f64::from(per_sec.max(1)));
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<(f64, String)>>> = Arc::default();
+    let failed = Arc::new(AtomicU64::new(0));
+    let payload: Arc<Vec<u8>> = Arc::new((0..bytes).map(|i| (i % 251) as u8).collect());
+    println!("started");
+    std::io::stdout().flush()?;
+    // Enough workers that a slow connection does not hold the rate back.
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (next, stop, ok, failed, failures, payload) = (
+                next.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                failures.clone(),
+                payload.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let due = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match one_call(addr, &payload, timeout) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            let mut f = failures.lock().unwrap_or_else(|p| p.into_inner());
+                            if f.len() < 20 {
+                                f.push((start.elapsed().as_secs_f64(), format!("{e:#}")));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    while start.elapsed() < secs && !stop_file.is_some_and(std::path::Path::exists) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("rate worker panicked"))?;
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let failures: Vec<serde_json::Value> = failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(at, e)| serde_json::json!({ "at_s": at, "error": e }))
+        .collect();
+    let out = serde_json::json!({
+        "attempted": ok + failed,
+        "ok": ok,
+        "failed": failed,
+        "secs": start.elapsed().as_secs_f64(),
+        "failures": failures,
+    });
+    println!("{out}");
     Ok(())
 }
 

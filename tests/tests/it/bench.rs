@@ -1,6 +1,7 @@
 //! `cargo xtask bench --quick` as a smoke test: the harness runs every scenario and
-//! reports every figure, with ratios, in all three formats. Timings are not judged here
-//! (that is what the bench is for). Scenario I (Istio's ztunnel) runs only when
+//! reports every figure, with ratios, in all three formats, and the upgrade under load.
+//! Timings and failure counts are not judged here (that is what the bench and the
+//! upgrade tests are for). Scenario I (Istio's ztunnel) runs only when
 //! `ISTIO_ZTUNNEL_BIN` names its binary (docs/bench/README.md).
 use ztunnel_tests::bench::{self, FIGURES, Report, Scenario};
 
@@ -16,6 +17,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         profile: false,
         out_dir: dir.path().to_owned(),
         istio_ztunnel,
+        upgrade_only: false,
     })?;
     let ran: Vec<Scenario> = Scenario::ALL
         .into_iter()
@@ -59,23 +61,52 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         .expect("S0 throughput");
     let ratio = tput.ratio_to_s0.expect("ratio to S0");
     assert!((ratio - tput.value / s0).abs() < 1e-9);
-    // Ours against Istio's when it ran, and the targets stated against it.
+    let u = report
+        .upgrade
+        .as_ref()
+        .expect("the upgrade under load is measured");
+    assert_eq!(u.rate_per_sec, bench::UPGRADE_RATE);
+    assert_eq!(u.rounds, 1);
+    assert!(u.attempted > 0, "no connection during the upgrade: {u:?}");
+    assert!(u.failed <= u.attempted, "{u:?}");
+    assert!(u.handover_ms > 0.0, "{u:?}");
+    assert!(
+        u.ready_ms >= u.handover_ms && u.predecessor_exit_ms >= u.handover_ms,
+        "the handover ends before the successor is ready and the predecessor exits: {u:?}"
+    );
+    // Ours against Istio's when it ran, and the targets stated against it; one more for
+    // the upgrade.
     assert_eq!(tput.ratio_to_i.is_some(), with_istio);
     assert_eq!(
         report.targets.len(),
-        if with_istio { 9 } else { 7 },
+        if with_istio { 10 } else { 8 },
         "{:?}",
         report.targets
+    );
+    assert!(
+        report
+            .targets
+            .iter()
+            .any(|t| t.name.contains("upgrade under load"))
     );
 
     let json: Report =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json"))?)?;
     assert_eq!(json.scenarios.len(), ran.len());
+    assert_eq!(
+        json.upgrade.as_ref().map(|u| (u.attempted, u.failed)),
+        Some((u.attempted, u.failed))
+    );
     assert!(!json.machine.kernel.is_empty() && !json.commit.is_empty());
     let md = std::fs::read_to_string(dir.path().join("bench.md"))?;
     for f in FIGURES {
         assert!(md.contains(f.label), "bench.md lacks {}", f.label);
     }
+    assert!(md.contains("## Upgrade under load"), "{md}");
+    assert!(
+        md.contains(&format!("| connections failed | {} |", u.failed)),
+        "{md}"
+    );
     let svg = std::fs::read_to_string(dir.path().join("bench.svg"))?;
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     // Ten bars per scenario (S3 without its two throughput bars) plus the legend.

@@ -2,7 +2,8 @@
 use ztunnel_tests::demo;
 
 #[test]
-fn the_demo_shows_plaintext_then_mtls_then_a_refusal_and_leaves_nothing() -> anyhow::Result<()> {
+fn the_demo_shows_plaintext_then_mtls_then_a_refusal_then_an_upgrade_and_leaves_nothing()
+-> anyhow::Result<()> {
     ztunnel_tests::require_root();
     let r = demo::run(&demo::Options { keep: false })?;
     assert!(r.plaintext_before_enrolment);
@@ -10,6 +11,14 @@ fn the_demo_shows_plaintext_then_mtls_then_a_refusal_and_leaves_nothing() -> any
     assert!(r.identities_in_access_log);
     assert!(r.long_lived_connection_survived);
     assert!(r.policy_refused);
+    assert!(r.upgrade_calls > 0, "no call during the upgrade");
+    assert_eq!(r.upgrade_failed_calls, 0);
+    assert!(
+        r.upgrade_pings.is_some_and(|n| n > 0),
+        "the long-lived connection across the upgrade: {:?}",
+        r.upgrade_pings
+    );
+    assert!(r.old_ztunnel_exited);
     assert!(r.nothing_left_behind);
     assert!(ztunnel_tests::leftovers(demo::ID)?.is_empty());
     Ok(())

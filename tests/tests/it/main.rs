@@ -19,3 +19,4 @@ mod parity;
 mod policy;
 mod transfer;
 mod tunnel;
+mod upgrade;

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{Command, Output};
 use crate::{
     admin::{CertificateDump, ConfigDump, ServiceDump, WorkloadDump},
+    app::HandoverStatus,
     ebpf::Occupancy,
     policy::{Authorization, MtlsMode, PeerAuthentication},
     proxy::{ConnectionRecord, Direction},
@@ -80,6 +81,8 @@ struct Status<'a> {
     enrolled_pods: EnrolledStatus<'a>,
     certificates: Vec<CertificateStatus<'a>>,
     connections: ConnectionsStatus,
+    /// The last upgrade this ztunnel took part in.
+    handover: &'a HandoverStatus,
     /// Entries in each eBPF map.
     occupancy: &'a Occupancy,
 }
@@ -162,9 +165,36 @@ impl<'a> Status<'a> {
                 hbone_pool_connections: dump.connections.hbone_pool_connections,
                 hbone_pool_streams: dump.connections.hbone_pool_streams,
             },
+            handover: &dump.handover,
             occupancy: &dump.capture.occupancy,
         }
     }
+}
+
+/// One line for the last upgrade: its state, the predecessor, the sockets taken over and
+/// the handover time, and whether a successor can find this ztunnel.
+fn handover_line(h: &HandoverStatus) -> String {
+    let mut line = match h.state.as_str() {
+        "" | "none" => "no predecessor".to_owned(),
+        "handed_over" => "handed over to a successor, draining".to_owned(),
+        state => {
+            let pid = h
+                .predecessor_pid
+                .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            let mut l = format!(
+                "{state} (predecessor pid {pid}, {} listening sockets taken",
+                h.listeners_taken
+            );
+            if let Some(ms) = h.elapsed_ms {
+                l += &format!(", {ms} ms");
+            }
+            l + ")"
+        }
+    };
+    if h.serving {
+        line += "; serving the handover socket";
+    }
+    line
 }
 
 fn status_table(s: &Status<'_>) -> String {
@@ -203,6 +233,7 @@ fn status_table(s: &Status<'_>) -> String {
                 c.hbone_pool_connections, c.hbone_pool_streams
             ),
         ),
+        ("Upgrade:", handover_line(s.handover)),
     ];
     let mut sections = vec![grid(
         &[],

@@ -224,6 +224,10 @@ struct Usage {
 struct UsageState {
     active: usize,
     last_release: Instant,
+    /// Whether a stream was ever checked out: until then the connection is kept for the
+    /// callers that waited for its dial, even while draining (it would otherwise be idle,
+    /// and released, before they could claim it).
+    used: bool,
 }
 
 impl Usage {
@@ -232,14 +236,28 @@ impl Usage {
             state: Mutex::new(UsageState {
                 active: 0,
                 last_release: Instant::now(),
+                used: false,
             }),
             idle: Notify::new(),
         }
     }
 
-    fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
+    /// When the connection, idle now, may go: `idle_timeout` after its last stream, or
+    /// `fresh_timeout` after its dial if it never carried one.
+    fn idle_deadline(&self, idle_timeout: Duration, fresh_timeout: Duration) -> Option<Instant> {
         let state = lock(&self.state);
-        (state.active == 0).then(|| state.last_release + idle_timeout)
+        (state.active == 0)
+            .then(|| state.last_release + state.idle_timeout(idle_timeout, fresh_timeout))
+    }
+}
+
+impl UsageState {
+    fn idle_timeout(&self, idle_timeout: Duration, fresh_timeout: Duration) -> Duration {
+        if self.used {
+            idle_timeout
+        } else {
+            fresh_timeout
+        }
     }
 }
 
@@ -394,7 +412,8 @@ where
             // Checkouts happen under the `keys` lock too, so no stream can claim the
             // connection between this check and its removal.
             let state = lock(&usage.state);
-            if state.active > 0 || state.last_release.elapsed() < self.idle_timeout() {
+            let timeout = state.idle_timeout(self.idle_timeout(), self.settings.idle_timeout);
+            if state.active > 0 || state.last_release.elapsed() < timeout {
                 return false;
             }
         }
@@ -467,6 +486,7 @@ where
                 let mut state = lock(&conn.usage.state);
                 if state.active < limit {
                     state.active += 1;
+                    state.used = true;
                     return Checkout::Slot(conn.clone(), Slot(conn.usage.clone()));
                 }
             }
@@ -666,7 +686,7 @@ async fn drive<K, C, IO>(
         let idle_timeout = pool
             .upgrade()
             .map_or(settings.idle_timeout, |p| p.idle_timeout());
-        let deadline = usage.idle_deadline(idle_timeout);
+        let deadline = usage.idle_deadline(idle_timeout, settings.idle_timeout);
         let idle_timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,

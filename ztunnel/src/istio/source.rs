@@ -74,6 +74,9 @@ pub struct Base {
 }
 
 pub struct IstioSource {
+    /// Set once a successor has taken over: nothing is enrolled or unenrolled here any
+    /// more, so ZDS requests are answered at once instead of after the enrolment wait.
+    stopped: std::sync::atomic::AtomicBool,
     base: Base,
     tx: watch::Sender<LocalConfig>,
     results: watch::Receiver<EnrolResults>,
@@ -93,6 +96,7 @@ impl IstioSource {
         results: watch::Receiver<EnrolResults>,
     ) -> Self {
         Self {
+            stopped: std::sync::atomic::AtomicBool::new(false),
             base,
             tx,
             results,
@@ -347,7 +351,22 @@ impl IstioSource {
         self.wait_enrolled(&key).await
     }
 
+    /// A successor took over: answer istio-cni at once from now on.
+    pub fn stop_enrolling(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     async fn wait_enrolled(&self, key: &str) -> Result<(), String> {
+        if self.stopped() {
+            return Err(format!(
+                "pod {key}: this ztunnel handed over to a successor and enrols nothing"
+            ));
+        }
         let mut rx = self.results.clone();
         rx.mark_unchanged();
         let changed = self.publish();
@@ -383,7 +402,7 @@ impl IstioSource {
     async fn unenrol_and_close(&self, key: &str, pod: ZdsPod) {
         let mut rx = self.results.clone();
         rx.mark_unchanged();
-        if self.publish() {
+        if self.publish() && !self.stopped() {
             let gone = async {
                 while rx.changed().await.is_ok() {
                     if !rx.borrow_and_update().contains_key(key) {

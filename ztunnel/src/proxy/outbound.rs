@@ -27,10 +27,15 @@ pub(super) async fn accept(
 ) {
     let dst = match original_dst(&stream) {
         Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(pod = %pod.name, %src, error = %e, "no original destination for a captured connection; closing it");
-            return;
-        }
+        // No program answered: the listener was created by a predecessor that has
+        // exited (see `ebpf::OrigDstTable`). Ask the map directly.
+        Err(e) => match proxy.orig_dst_from_map(&stream, src) {
+            Some(d) => d,
+            None => {
+                tracing::warn!(pod = %pod.name, %src, error = %e, "no original destination for a captured connection; closing it");
+                return;
+            }
+        },
     };
     // The app's socket is bound to loopback (the connect was rewritten to 127.0.0.1); the
     // connection is the pod's, so logs, records and the CONNECT name the pod's address,

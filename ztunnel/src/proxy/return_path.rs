@@ -8,13 +8,19 @@
 //! at once instead of timing out. The numbers follow Istio's in-pod mode (mark
 //! 0x111/0xfff).
 //!
-//! Every proxied inbound connection needs the return path for as long as it is open, also
-//! after its pod was unenrolled: each holds a [`Lease`], as do the pod's listeners, and
-//! the last lease to go takes the return path out. A pod enrolled again while a lease of
-//! its netns is held shares it; one enrolled while the removal runs waits for it.
+//! The return path belongs to the pod, not to a ztunnel process: installing it is
+//! idempotent and never leaves a moment without it (a predecessor's connections, and its
+//! successor's, rely on the same rule), and only a pod that leaves the mesh takes it out.
+//! Every proxied inbound connection needs it for as long as it is open, also after its
+//! pod was unenrolled: each holds a [`Lease`], as do the pod's listeners. When the pod
+//! leaves the mesh ([`Lease::leave_mesh`]), the last lease to go takes the return path
+//! out; otherwise (a failed enrolment, ztunnel exiting or handing over) the last lease
+//! leaves it installed. A pod enrolled again while a lease of its netns is held shares
+//! it; one enrolled while the removal runs waits for it.
 //!
-//! On exit ([`Registry::keep_installed`]) every return path stays: like the pod's
-//! capture, it belongs to the pod, and the next ztunnel relies on it.
+//! On exit ([`Registry::keep_installed`]) every return path stays, even for a pod that
+//! left the mesh with connections still open: ztunnel is going, and the next one relies on
+//! what the pod has.
 use std::{
     collections::HashMap,
     sync::{
@@ -49,6 +55,8 @@ enum Entry {
         netns: Arc<Netns>,
         path: ReturnPath,
         leases: usize,
+        /// The pod left the mesh: the last lease takes the return path out.
+        leaving: bool,
     },
     /// The last lease went; the removal runs on the blocking pool.
     Removing,
@@ -98,12 +106,15 @@ impl Registry {
                 netns: held,
                 path,
                 leases,
+                leaving,
             }) => {
                 if v6 && !path.v6 {
                     install_family(held, true)?;
                     path.v6 = true;
                 }
                 *leases += 1;
+                // Enrolled again: the pod is back in the mesh.
+                *leaving = false;
             }
             _ => {
                 let path = install(netns, v6)?;
@@ -113,6 +124,7 @@ impl Registry {
                         netns: Arc::new(netns.try_clone()?),
                         path,
                         leases: 1,
+                        leaving: false,
                     },
                 );
             }
@@ -143,6 +155,16 @@ impl Registry {
     }
 }
 
+impl Lease {
+    /// The pod leaves the mesh: once every other lease on its netns (inbound connections
+    /// proxied before) is gone too, the return path is taken out.
+    pub fn leave_mesh(self) {
+        if let Some(Entry::Active { leaving, .. }) = self.registry.lock().get_mut(&self.id) {
+            *leaving = true;
+        }
+    }
+}
+
 impl Clone for Lease {
     fn clone(&self) -> Self {
         if let Some(Entry::Active { leases, .. }) = self.registry.lock().get_mut(&self.id) {
@@ -158,15 +180,24 @@ impl Clone for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut paths = self.registry.lock();
-        let last = match paths.get_mut(&self.id) {
-            Some(Entry::Active { leases, .. }) => {
+        let (last, leaving) = match paths.get_mut(&self.id) {
+            Some(Entry::Active {
+                leases, leaving, ..
+            }) => {
                 *leases -= 1;
-                *leases == 0
+                (*leases == 0, *leaving)
             }
-            _ => false,
+            _ => (false, false),
         };
         // Read under the lock (see `keep_installed`).
         if !last || self.registry.kept.load(Ordering::SeqCst) {
+            return;
+        }
+        if !leaving {
+            // A failed enrolment, or ztunnel exiting or handing over: the pod is still
+            // in the mesh and its return path stays for whoever serves it next.
+            paths.remove(&self.id);
+            tracing::debug!(netns = ?self.id, "return path left installed for the pod");
             return;
         }
         let Some(Entry::Active { netns, path, .. }) = paths.insert(self.id, Entry::Removing) else {
@@ -244,9 +275,14 @@ fn install(netns: &Netns, v6: bool) -> Result<ReturnPath, netns::Error> {
 }
 
 fn install_family(netns: &Netns, v6: bool) -> Result<(), netns::Error> {
-    // A rule left by a previous ztunnel would be duplicated: delete first.
-    let _ = ip(netns, &rule_args(v6, "del"));
-    ip(netns, &rule_args(v6, "add"))?;
+    // The rule may be there already (a previous or a still running ztunnel's): the
+    // kernel refuses a duplicate (EEXIST), and it stays in place meanwhile. Deleting it
+    // first would leave a moment in which replies to proxied connections go out of eth0.
+    match ip(netns, &rule_args(v6, "add")) {
+        Ok(_) => {}
+        Err(netns::Error::Command { detail, .. }) if detail.contains("File exists") => {}
+        Err(e) => return Err(e),
+    }
     let default = if v6 { "::/0" } else { "0.0.0.0/0" };
     let fam = if v6 { "-6" } else { "-4" };
     ip(

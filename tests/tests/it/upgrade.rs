@@ -1,0 +1,533 @@
+//! Upgrades: a new ztunnel started beside the running one of its node takes every pod
+//! over (the pods' listening sockets through the handover socket, the pinned capture)
+//! while traffic flows both ways, and the old one stops accepting and drains; either
+//! side crashing during the overlap leaves the other serving; per-pod state survives
+//! every exit.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use ztunnel_tests::{
+    Pod, PodProcess, Topology, Ztunnel, cgroup_programs,
+    upgrade::{self, counts, hold, pings, stop_drained, wait_handover},
+};
+
+/// New connections per second per client: steady, and enough that a gap of a few
+/// milliseconds anywhere in the handover would hit one. On one CPU (the kernel-matrix
+/// VMs, emulated) fewer: there a connection through two debug-build ztunnels takes
+/// tens of milliseconds of CPU, and an overloaded machine would fail calls by their own
+/// timeouts, which says nothing about the upgrade.
+fn rate_per_sec() -> u32 {
+    match std::thread::available_parallelism().map(usize::from) {
+        Ok(1) => 4,
+        _ => 25,
+    }
+}
+
+/// Where the 64 MiB transfer comes from: b on the other node, through both ztunnels and
+/// HBONE. On one CPU (the kernel-matrix VMs, emulated) the plaintext client c on node1
+/// instead, still through node1's ztunnel: there the bulk stream moves about 100 KiB/s,
+/// and the CONNECTs of b's steady calls, queued behind its data on the shared pooled
+/// HBONE connection, would wait past `--connect-response-timeout` (15 s) before the
+/// upgrade even starts, which says nothing about the upgrade.
+fn transfer_source<'p>(b: &'p Pod, c: &'p Pod) -> &'p Pod {
+    match std::thread::available_parallelism().map(usize::from) {
+        Ok(1) => c,
+        _ => b,
+    }
+}
+
+/// The old ztunnel's drain timeout (`--drain-timeout`): long enough for the held
+/// connections and the transfer to end on their own, on an emulated VM too.
+const DRAIN_ENV: (&str, &str) = ("CONNECTION_TERMINATION_DEADLINE", "600s");
+
+/// A steady stream of new connections from `from` to `dst` until `stop` exists.
+fn rate(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::Result<PodProcess> {
+    upgrade::rate(t, from, dst, rate_per_sec(), stop)
+}
+
+/// Whether the pod's netns holds the return-path rule ztunnel installs.
+fn return_path_rule(pod: &Pod) -> anyhow::Result<bool> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &pod.netns, "rule", "show"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("fwmark 0x111/0xfff lookup 133"))
+}
+
+fn call_ok(t: &mut Topology, from: &Pod, dst: SocketAddr) -> bool {
+    matches!(t.call(from, dst, &[]), Ok(out) if out.contains("match=true"))
+}
+
+/// The acceptance run: node1's ztunnel upgraded while pod a (node1) and pod b (node2)
+/// call each other at a steady rate, a plaintext client c calls a, a connection each way
+/// is held open with pings, and 64 MiB cross node1's ztunnel into a (from b; see
+/// [`transfer_source`]) — half before the handover, half after. Nothing fails, the transfer is byte-exact, the held connections
+/// live on, and the handover time is measured.
+#[test]
+fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    t.add_node()?;
+    t.ztunnel_env.push((DRAIN_ENV.0.into(), DRAIN_ENV.1.into()));
+    let a = t.add_pod_on(1, "a", true, false)?;
+    let c = t.add_pod_on(1, "c", false, false)?;
+    let b = t.add_pod_on(2, "b", true, false)?;
+    let _sa = t.serve(&a, a.addr(9000))?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let mut old = t.start_ztunnel_on("node1", false)?;
+    let _z2 = t.start_ztunnel_on("node2", false)?;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+    for (from, dst) in [(&a, b.addr(8080)), (&b, a.addr(9000)), (&c, a.addr(9000))] {
+        assert!(
+            call_ok(&mut t, from, dst),
+            "{} → {dst} before the upgrade",
+            from.name
+        );
+    }
+
+    let stop = t.dir.path().join("stop");
+    let resume = t.dir.path().join("resume");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ba = rate(&mut t, &b, a.addr(9000), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+    let hold_ab = hold(&mut t, &a, b.addr(8080), &stop)?;
+    let hold_ba = hold(&mut t, &b, a.addr(9000), &stop)?;
+    let dst = a.addr(9000).to_string();
+    let resume_s = resume.display().to_string();
+    let size = (64 << 20).to_string();
+    let half = (32 << 20).to_string();
+    let mut transfer = t.spawn(
+        transfer_source(&b, &c),
+        &[
+            "call",
+            &dst,
+            "--bytes",
+            &size,
+            "--pause-at",
+            &half,
+            "--resume-file",
+            &resume_s,
+        ],
+    )?;
+    let peer = transfer.read_line()?;
+    assert!(peer.starts_with("peer="), "{peer}");
+    let paused = transfer.read_line()?;
+    assert!(paused.starts_with("paused"), "{paused}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The successor: same node, same source, its own cgroup, the node's pins and
+    // handover socket.
+    let file = t.workloads_path();
+    let started = Instant::now();
+    let new = t.spawn_ztunnel("node1", false, &file)?;
+    let d = wait_handover(&new, "complete")?;
+    let wall_ms = started.elapsed().as_millis();
+    let handover_ms = d.handover.elapsed_ms.expect("handover time");
+    assert_eq!(d.handover.predecessor_pid, Some(old.pid()));
+    assert_eq!(d.handover.listeners_taken, 3, "a's :15008, :15001, :15006");
+    assert_eq!(
+        d.enrolled_pods
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>(),
+        [a.key()]
+    );
+    new.wait_for("readiness", |_| new.ready().is_ok())?;
+    let err = format!("{:#}", old.ready().expect_err("the old one is not ready"));
+    assert!(err.contains("handed over"), "{err}");
+    let old_opened = old.dump()?.connections.opened_total;
+
+    // The second half of the transfer, then more traffic on the new ztunnel alone.
+    std::fs::write(&resume, b"")?;
+    let out = transfer.wait_ok()?;
+    assert!(
+        out.contains("sent=67108864 received=67108864 match=true"),
+        "{out}"
+    );
+    new.wait_for("the new ztunnel to carry the steady calls", |d| {
+        d.connections.opened_total > 0
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        old.dump()?.connections.opened_total,
+        old_opened,
+        "the old ztunnel accepted a connection after it handed over"
+    );
+    std::fs::write(&stop, b"")?;
+
+    let mut failed = 0;
+    let mut report = Vec::new();
+    for (what, p) in [("a → b", ab), ("b → a", ba), ("c → a (plaintext)", ca)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        report.push(format!("{what}: {}/{} failed", c.failed, c.attempted));
+        if c.failed > 0 {
+            eprintln!("{what}: {}", c.json);
+        }
+        failed += c.failed;
+    }
+    let (pa, pb) = (pings(hold_ab)?, pings(hold_ba)?);
+    println!(
+        "upgrade under load (rate {rate}/s per client): handover {handover_ms} ms from the new ztunnel's start to the old one no longer accepting ({wall_ms} ms seen by the test); {}; held connections: {pa} and {pb} pings, intact",
+        report.join(", "),
+        rate = rate_per_sec(),
+    );
+    assert_eq!(failed, 0, "failed connections: {}", report.join(", "));
+
+    // The old one, drained, is stopped, leaving the pod's state to the new one: the
+    // return path, one set of capture programs, and traffic both ways.
+    stop_drained(&mut old)?;
+    assert!(
+        return_path_rule(&a)?,
+        "the return path left with the old ztunnel"
+    );
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    for (from, dst) in [(&a, b.addr(8080)), (&b, a.addr(9000)), (&c, a.addr(9000))] {
+        assert!(
+            call_ok(&mut t, from, dst),
+            "{} → {dst} after the old one exited",
+            from.name
+        );
+    }
+    let d = new.dump()?;
+    assert!(
+        d.handover.serving,
+        "the new ztunnel serves the handover socket"
+    );
+    Ok(())
+}
+
+/// Pod a and b on node1 (a serving :9000, b :8080), c outside the mesh, node1's
+/// ztunnel running and ready; `d` is in a second workload file only, with a netns
+/// that does not exist, so a ztunnel reading that file never finishes taking over.
+struct Overlap {
+    t: Topology,
+    a: Pod,
+    b: Pod,
+    c: Pod,
+    old: Ztunnel,
+    stuck_file: PathBuf,
+    _servers: [PodProcess; 2],
+}
+
+fn overlap() -> anyhow::Result<Overlap> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let c = t.add_pod("c", false, false)?;
+    let servers = [t.serve(&a, a.addr(9000))?, t.serve(&b, b.addr(8080))?];
+    let old = t.start_ztunnel(false)?;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+    let s = t.subnet();
+    let stuck = format!(
+        "{}  - name: d\n    namespace: default\n    node: node1\n    serviceAccount: d\n    addresses: [10.{s}.1.250]\n    labels: {{ app: d, istio.io/dataplane-mode: ambient }}\n    netns: /var/run/netns/{}-no-such-pod\n    cgroup: {}\n",
+        t.workloads_yaml(),
+        t.id,
+        a.cgroup.with_file_name("no-such-pod").display()
+    );
+    let stuck_file = t.dir.path().join("stuck.yaml");
+    std::fs::write(&stuck_file, stuck)?;
+    Ok(Overlap {
+        t,
+        a,
+        b,
+        c,
+        old,
+        stuck_file,
+        _servers: servers,
+    })
+}
+
+/// A successor stays in the overlap (pod d never enrols), has taken a and b over, and
+/// then crashes: the old ztunnel never stopped serving, and a later successor takes
+/// over from it.
+#[test]
+fn a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        mut old,
+        stuck_file,
+        _servers,
+    } = overlap()?;
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+
+    let new = t.spawn_ztunnel("node1", false, &stuck_file)?;
+    let d = wait_handover(&new, "taking_over")?;
+    new.wait_enrolled(&[&a, &b])?;
+    let pending = format!("{:#}", new.ready().expect_err("d is not enrolled"));
+    assert!(pending.contains("taking over"), "{pending}");
+    assert_eq!(d.handover.predecessor_pid, Some(old.pid()));
+    std::thread::sleep(Duration::from_secs(1));
+    new.crash();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    for (what, p) in [("a → b", ab), ("c → a", ca)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+    }
+    old.ready()
+        .map_err(|e| anyhow::anyhow!("the old ztunnel is no longer ready: {e:#}"))?;
+    assert!(
+        old.log_text()
+            .contains("the successor went away before taking over"),
+        "{}",
+        old.log_text()
+    );
+    let d = old.dump()?;
+    assert_eq!(d.enrolled_pods.len(), 2);
+    assert_eq!(d.capture.occupancy.pod_addrs, 2, "a's and b's addresses");
+    assert!(return_path_rule(&a)?);
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    assert!(call_ok(&mut t, &c, a.addr(9000)));
+
+    // The next successor takes over from the old one as if nothing had happened.
+    let file = t.workloads_path();
+    let next = t.spawn_ztunnel("node1", false, &file)?;
+    wait_handover(&next, "complete")?;
+    stop_drained(&mut old)?;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    assert!(call_ok(&mut t, &c, a.addr(9000)));
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    Ok(())
+}
+
+/// The old ztunnel crashes while its successor is still taking over: the successor
+/// holds the listening sockets it took (a socket lives while any process holds it) and
+/// serves every new connection; it notices and serves the handover socket itself.
+#[test]
+fn the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        old,
+        stuck_file,
+        _servers,
+    } = overlap()?;
+    let new = t.spawn_ztunnel("node1", false, &stuck_file)?;
+    wait_handover(&new, "taking_over")?;
+    new.wait_enrolled(&[&a, &b])?;
+    old.crash();
+
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+    let d = wait_handover(&new, "predecessor_gone")?;
+    assert!(d.handover.listeners_taken >= 6, "{:?}", d.handover);
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    for (what, p) in [("a → b", ab), ("c → a", ca)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+    }
+    let d = new.dump()?;
+    assert!(
+        d.connections.opened_total > 0,
+        "the new ztunnel carried nothing"
+    );
+    assert!(return_path_rule(&a)?);
+    new.wait_for("the handover socket served", |d| d.handover.serving)?;
+    Ok(())
+}
+
+/// Why 1 of issue 15: a second ztunnel that cannot take over (here it looks for its
+/// predecessor at another socket, as a build without the handover would) fails to bind
+/// the pods' ports and retries; it must never clean up after the running one — no
+/// return-path rule removed, no capture released, no address entry deleted — neither
+/// while it retries nor when it exits.
+#[test]
+fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        old,
+        stuck_file: _,
+        _servers,
+    } = overlap()?;
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+    let elsewhere = t.dir.path().join("elsewhere.sock");
+    t.ztunnel_env.push((
+        "ZTUNNEL_HANDOVER_SOCKET".into(),
+        elsewhere.display().to_string(),
+    ));
+    let file = t.workloads_path();
+    let second = t.spawn_ztunnel("node1", false, &file)?;
+    // Its first reconcile and two retries.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.log_text().matches("failed to enrol pod").count() < 6 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the second ztunnel did not retry\n{}",
+            second.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let why = format!("{:#}", second.ready().expect_err("it cannot enrol"));
+    assert!(why.contains("Address already in use"), "{why}");
+    assert!(
+        return_path_rule(&a)?,
+        "the second ztunnel removed a's return path"
+    );
+    second.terminate();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    for (what, p) in [("a → b", ab), ("c → a", ca)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+    }
+    drop(second);
+    assert!(
+        return_path_rule(&a)?,
+        "the return path left with the second ztunnel"
+    );
+    assert!(return_path_rule(&b)?);
+    let d = old.dump()?;
+    assert_eq!(d.capture.occupancy.pod_addrs, 2, "a's and b's addresses");
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    // Still captured and tunnelled by the running ztunnel.
+    let before = d.connections.opened_total;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    old.wait_for("the call through the running ztunnel", |d| {
+        d.connections.opened_total > before
+    })?;
+    Ok(())
+}
+
+/// Two ztunnels on one host's network namespace (systemd-style, no pod of their own)
+/// contend for the admin, metrics and readiness ports: the successor starts anyway,
+/// takes over, and serves those ports once its predecessor has exited.
+#[test]
+fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -> anyhow::Result<()>
+{
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let free = || -> anyhow::Result<SocketAddr> {
+        Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?)
+    };
+    t.ports = Some([free()?, free()?, free()?]);
+    let mut old = t.start_ztunnel(false)?;
+    let file = t.workloads_path();
+    let new = t.spawn_ztunnel("node1", false, &file)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !new.log_text().contains("handover complete") {
+        anyhow::ensure!(new.alive(), "the successor exited\n{}", new.log_text());
+        anyhow::ensure!(Instant::now() < deadline, "no handover\n{}", new.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(new.log_text().contains("port in use"), "{}", new.log_text());
+    stop_drained(&mut old)?;
+    // The ports are the successor's now (the old one would say `handed_over`).
+    let d = wait_handover(&new, "complete")?;
+    assert_eq!(d.enrolled_pods.len(), 2);
+    new.wait_for("readiness on the shared port", |_| new.ready().is_ok())?;
+    assert!(
+        new.metrics_text()?
+            .contains("ztunnel_handovers_total{role=\"successor\",result=\"complete\"} 1")
+    );
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    Ok(())
+}
+
+/// Istio mode: istio-cni keeps the old ztunnel's connection and hands the new one every
+/// pod's netns (its snapshot on the new connection) while the old one still serves; the
+/// new one takes the pods' listening sockets over from the old one, which stops and
+/// drains. A delete goes to both, as istio-cni sends it.
+#[test]
+fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> anyhow::Result<()> {
+    use ztunnel_tests::{fake_cni::FakeCni, fake_istiod::FakeIstiod};
+
+    use crate::istio::{describe, hand_over, start_istio_ztunnel, two_serving_pods, zds_uid};
+    let (mut t, a, b, _servers) = two_serving_pods()?;
+    t.ztunnel_env.push((DRAIN_ENV.0.into(), DRAIN_ENV.1.into()));
+    let istiod = FakeIstiod::start(t.dir.path())?;
+    describe(&istiod, &[&a, &b]);
+    let mut cni = FakeCni::listen(&t.dir.path().join("zds.sock"))?;
+    let mut old = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    hand_over(&mut cni, &[&a, &b])?;
+    old.wait_enrolled(&[&a, &b])?;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ba = rate(&mut t, &b, a.addr(9000), &stop)?;
+    let held = hold(&mut t, &a, b.addr(8080), &stop)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let new = start_istio_ztunnel(&mut t, &istiod, &cni, "1h")?;
+    cni.accept()?;
+    assert_eq!(
+        cni.connected(),
+        2,
+        "istio-cni keeps the old ztunnel's connection"
+    );
+    // istio-cni's snapshot on the new connection: each add is acked once enrolled.
+    hand_over(&mut cni, &[&a, &b])?;
+    let d = wait_handover(&new, "complete")?;
+    assert_eq!(d.handover.listeners_taken, 6, "a's and b's three each");
+    new.wait_enrolled(&[&a, &b])?;
+    new.wait_for("readiness", |_| new.ready().is_ok())?;
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&stop, b"")?;
+    let mut report = Vec::new();
+    for (what, p) in [("a → b", ab), ("b → a", ba)] {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+        report.push(format!("{what}: 0/{} failed", c.attempted));
+    }
+    let pinged = pings(held)?;
+    println!(
+        "istio mode upgrade: handover {} ms; {}; held connection: {pinged} pings",
+        d.handover.elapsed_ms.unwrap_or_default(),
+        report.join(", ")
+    );
+
+    // A pod leaving the mesh: the delete reaches both; the new ztunnel unenrols it and
+    // its return path goes with it, a's stays.
+    assert_eq!(cni.del(&zds_uid(&b))?, "", "delete b");
+    new.wait_enrolled(&[&a])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while return_path_rule(&b)? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "b left the mesh but its return path stayed\n{}",
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(return_path_rule(&a)?);
+    stop_drained(&mut old)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cni.connected() != 1 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "istio-cni still sees {} connections",
+            cni.connected()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(return_path_rule(&a)?);
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
+    Ok(())
+}
