@@ -48,6 +48,24 @@ fn rate(t: &mut Topology, from: &Pod, dst: SocketAddr, stop: &Path) -> anyhow::R
     upgrade::rate(t, from, dst, rate_per_sec(), stop)
 }
 
+/// Lets the steady clients run two more seconds, stops them, and asserts that each made
+/// calls and none failed; returns their counts.
+fn finish_without_failures<'a>(
+    stop: &Path,
+    clients: [(&'a str, PodProcess); 2],
+) -> anyhow::Result<Vec<(&'a str, upgrade::Counts)>> {
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(stop, b"")?;
+    let mut all = Vec::new();
+    for (what, p) in clients {
+        let c = counts(p)?;
+        assert!(c.attempted > 0, "{what}: no connection attempted");
+        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+        all.push((what, c));
+    }
+    Ok(all)
+}
+
 /// Whether the pod's netns holds the return-path rule ztunnel installs.
 fn return_path_rule(pod: &Pod) -> anyhow::Result<bool> {
     let out = std::process::Command::new("ip")
@@ -266,13 +284,7 @@ fn a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving() -> a
     assert_eq!(d.handover.predecessor_pid, Some(old.pid()));
     std::thread::sleep(Duration::from_secs(1));
     new.crash();
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(&stop, b"")?;
-    for (what, p) in [("a → b", ab), ("c → a", ca)] {
-        let c = counts(p)?;
-        assert!(c.attempted > 0, "{what}: no connection attempted");
-        assert_eq!(c.failed, 0, "{what}: {}", c.json);
-    }
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
     old.ready()
         .map_err(|e| anyhow::anyhow!("the old ztunnel is no longer ready: {e:#}"))?;
     assert!(
@@ -324,13 +336,7 @@ fn the_old_ztunnel_crashing_during_the_overlap_leaves_the_new_one_serving() -> a
     let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
     let d = wait_handover(&new, "predecessor_gone")?;
     assert!(d.handover.listeners_taken >= 6, "{:?}", d.handover);
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(&stop, b"")?;
-    for (what, p) in [("a → b", ab), ("c → a", ca)] {
-        let c = counts(p)?;
-        assert!(c.attempted > 0, "{what}: no connection attempted");
-        assert_eq!(c.failed, 0, "{what}: {}", c.json);
-    }
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
     let d = new.dump()?;
     assert!(
         d.connections.opened_total > 0,
@@ -384,13 +390,7 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
         "the second ztunnel removed a's return path"
     );
     second.terminate();
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(&stop, b"")?;
-    for (what, p) in [("a → b", ab), ("c → a", ca)] {
-        let c = counts(p)?;
-        assert!(c.attempted > 0, "{what}: no connection attempted");
-        assert_eq!(c.failed, 0, "{what}: {}", c.json);
-    }
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
     drop(second);
     assert!(
         return_path_rule(&a)?,
@@ -486,13 +486,8 @@ fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> an
     assert_eq!(d.handover.listeners_taken, 6, "a's and b's three each");
     new.wait_enrolled(&[&a, &b])?;
     new.wait_for("readiness", |_| new.ready().is_ok())?;
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write(&stop, b"")?;
     let mut report = Vec::new();
-    for (what, p) in [("a → b", ab), ("b → a", ba)] {
-        let c = counts(p)?;
-        assert!(c.attempted > 0, "{what}: no connection attempted");
-        assert_eq!(c.failed, 0, "{what}: {}", c.json);
+    for (what, c) in finish_without_failures(&stop, [("a → b", ab), ("b → a", ba)])? {
         report.push(format!("{what}: 0/{} failed", c.attempted));
     }
     let pinged = pings(held)?;
