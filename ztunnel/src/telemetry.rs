@@ -133,6 +133,17 @@ pub fn init(format: LogFormat) -> (LogControl, WorkerGuard) {
     (control, guard)
 }
 
+/// A level as Istio's ztunnel writes it, without allocating per line.
+fn level(l: &tracing::Level) -> &'static str {
+    match *l {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
+    }
+}
+
 /// The scope of an event: its target without the crate's prefix, as Istio's ztunnel shows it.
 fn scope(target: &str) -> &str {
     target.strip_prefix("ztunnel::").unwrap_or(target)
@@ -206,7 +217,7 @@ where
         write!(
             writer,
             "\t{}\t{}",
-            meta.level().as_str().to_ascii_lowercase(),
+            level(meta.level()),
             scope(meta.target())
         )?;
         if let Some(spans) = ctx.event_scope() {
@@ -304,7 +315,7 @@ where
         let written = (|| -> Result<(), serde_json::Error> {
             let mut ser = serde_json::Serializer::new(WriteAdapter(&mut writer));
             let mut map = ser.serialize_map(None)?;
-            map.serialize_entry("level", &meta.level().as_str().to_ascii_lowercase())?;
+            map.serialize_entry("level", &level(meta.level()))?;
             map.serialize_entry("time", &time)?;
             map.serialize_entry("scope", scope(meta.target()))?;
             let mut v = JsonVisitor {
