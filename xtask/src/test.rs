@@ -73,10 +73,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .with_context(|| format!("failed to run {line}"))?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
     let mut totals = Totals::default();
+    let mut reasons = Reasons::default();
     for l in BufReader::new(stdout).lines() {
         let l = l.with_context(|| format!("failed to read the output of {line}"))?;
         println!("{l}");
         totals.add(&l);
+        reasons.add(&l);
     }
     let status = child
         .wait()
@@ -123,6 +125,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         totals.passed += vms.passed;
         totals.failed += vms.failed;
         vm_failed = vms.failed;
+    }
+    // Each failed test's reason again at the very end, where a reader of a long log (or
+    // of its tail) finds it: inside the test's own output it sits between the ztunnel log
+    // and a backtrace.
+    for r in &reasons.found {
+        println!("failed: {r}");
     }
     println!("{}", totals.summary());
     ensure!(status.success(), "{line} failed: {status}");
@@ -173,9 +181,87 @@ impl Totals {
     }
 }
 
+/// The first line of each failed test's panic message or returned error, read from
+/// libtest's `---- <name> stdout ----` sections.
+#[derive(Default, Debug)]
+struct Reasons {
+    test: Option<String>,
+    /// The previous line was `thread '…' panicked at <file>:<line>:` (the message follows).
+    panic_at: Option<String>,
+    found: Vec<String>,
+}
+
+impl Reasons {
+    const MAX_CHARS: usize = 400;
+
+    fn add(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|r| r.strip_suffix(" stdout ----"))
+        {
+            self.test = Some(name.to_owned());
+            self.panic_at = None;
+            return;
+        }
+        let Some(test) = self.test.clone() else {
+            return;
+        };
+        if let Some(at) = self.panic_at.take() {
+            self.record(&test, &format!("{} ({at})", line.trim()));
+        } else if let Some(rest) = line.strip_prefix("thread '") {
+            if let Some((_, at)) = rest.split_once("' panicked at ") {
+                let at = at.trim_end_matches(':');
+                self.panic_at = Some(at.to_owned());
+            }
+        } else if let Some(err) = line.strip_prefix("Error: ") {
+            self.record(&test, err);
+        }
+    }
+
+    fn record(&mut self, test: &str, reason: &str) {
+        let reason: String = reason.chars().take(Self::MAX_CHARS).collect();
+        self.found.push(format!("{test}: {reason}"));
+        // One reason per test: the first is the cause, later ones its echoes.
+        self.test = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_name_each_failed_test_with_its_message() {
+        let mut r = Reasons::default();
+        for l in [
+            "test a::b ... FAILED",
+            "failures:",
+            "",
+            "---- a::b stdout ----",
+            "---- ztunnel log (/tmp/x.log) ----",
+            "2026-12-05T10:48:17Z\tinfo\tapp\tstarting ztunnel",
+            "Error: timed out after 60s waiting for ztunnel to run out of descriptors",
+            "",
+            "Stack backtrace:",
+            "   0: anyhow::error::<impl anyhow::Error>::msg",
+            "---- c::d stdout ----",
+            "thread 'main' panicked at tests/tests/it/x.rs:12:5:",
+            "ztunnel does not serve again",
+            "note: run with `RUST_BACKTRACE=1`",
+            "---- e::f stdout ----",
+            "some output without a reason",
+        ] {
+            r.add(l);
+        }
+        assert_eq!(
+            r.found,
+            vec![
+                "a::b: timed out after 60s waiting for ztunnel to run out of descriptors"
+                    .to_owned(),
+                "c::d: ztunnel does not serve again (tests/tests/it/x.rs:12:5)".to_owned(),
+            ]
+        );
+    }
 
     #[test]
     fn totals_sum_libtest_result_lines() {

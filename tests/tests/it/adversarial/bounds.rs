@@ -336,8 +336,10 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     let b = t.add_pod("b", true, false)?;
     let m = t.add_pod("m", false, false)?;
     let _sb = t.serve(&b, b.addr(8080))?;
-    let z = start(&mut t, &[])?;
-    echo_ok(&mut t, &a, b.addr(8080))?;
+    // The half-open connections keep their descriptors for the whole test: no handshake
+    // timeout frees one (and restarts the backoff) however slow the machine is.
+    let z = start(&mut t, &[("ZTUNNEL_TLS_ACCEPT_TIMEOUT", "300s")])?;
+    echo_ok(&mut t, &a, b.addr(8080)).context("the call before starving ztunnel")?;
     assert_eq!(
         z.metric("ztunnel_accept_errors_total", &[("error", "emfile")])?,
         0
@@ -361,16 +363,18 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     let starved_at = Instant::now();
     let attack = half_open(&m, b.addr(15008), 64)?;
     wait_until(
-        "ztunnel to run out of descriptors",
+        &format!("ztunnel (pid {pid}) to hold {limit} descriptors"),
         Duration::from_secs(60),
-        || Ok(open_fds(pid)? >= limit),
+        || {
+            open_fds(pid)
+                .map(|n| n >= limit)
+                .context("ztunnel exited while out of descriptors")
+        },
     )?;
-    // Out of descriptors for a while (shorter than the 10 s handshake timeout, which
-    // would free some).
+    // Out of descriptors for a while.
     std::thread::sleep(Duration::from_secs(3));
 
     drop(attack);
-    let starved_for = starved_at.elapsed();
     // Descriptors are free again: ztunnel serves (the first call may still meet the
     // last of the backlog being accepted and closed).
     let mut served = false;
@@ -386,6 +390,9 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
         "ztunnel does not serve again after EMFILE:\n{}",
         z.log_text()
     );
+    // Every failed accept happened in this time (the last ones while the descriptors the
+    // attack held were being freed).
+    let starved_for = starved_at.elapsed();
 
     // It backed off instead of spinning: a hot loop makes hundreds of thousands of
     // accept calls a second; 10 ms doubling to 1 s makes about a dozen in these seconds.
