@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::copy::copy_bidirectional;
 use super::keepalive;
-use super::request::{BAGGAGE, Baggage, Rejection, Target, parse_connect};
+use super::request::{BAGGAGE, Baggage, Rejection, Target, TargetAddr, parse_connect};
 use super::stream::H2Stream;
 
 #[derive(Debug, thiserror::Error)]
@@ -192,9 +192,11 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|draining| *draining).await;
 }
 
+/// One CONNECT stream: opened (boxed, see [`open_stream`]), then copied until both sides
+/// are done. A long-lived stream's task holds only what the copy needs.
 async fn handle_stream<P, H, F, U>(
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     arrived_on: IpAddr,
     peer: P,
     handler: Arc<H>,
@@ -203,9 +205,44 @@ async fn handle_stream<P, H, F, U>(
     F: Future<Output = Result<Accepted<U>, Rejection>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some((mut tunnel, upstream, dst)) =
+        Box::pin(open_stream(req, respond, arrived_on, peer, handler)).await
+    else {
+        return;
+    };
+    match copy_bidirectional(&mut tunnel, upstream).await {
+        Ok(t) => tracing::debug!(
+            %dst,
+            received = t.tunnel_to_socket,
+            sent = t.socket_to_tunnel,
+            "tunnel closed"
+        ),
+        Err(error) => tracing::debug!(%dst, %error, "tunnel failed"),
+    }
+}
+
+/// Parses the CONNECT, lets the handler decide and connect upstream, and answers: the
+/// tunnel and its upstream when accepted, `None` once rejected or abandoned. Its state
+/// (the request's headers, policy, the upstream dial) is kilobytes a stream must not
+/// carry for its whole life, so [`handle_stream`] boxes it and frees it once answered.
+async fn open_stream<P, H, F, U>(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    arrived_on: IpAddr,
+    peer: P,
+    handler: Arc<H>,
+) -> Option<(H2Stream, U, TargetAddr)>
+where
+    H: Fn(Target, P) -> F,
+    F: Future<Output = Result<Accepted<U>, Rejection>>,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let target = match parse_connect(&req, arrived_on) {
         Ok(target) => target,
-        Err(rejection) => return reject(respond, rejection),
+        Err(rejection) => {
+            reject(respond, rejection);
+            return None;
+        }
     };
     let dst = target.addr.clone();
     // Connecting upstream can take a while; stop if the client gives up meanwhile.
@@ -216,10 +253,12 @@ async fn handle_stream<P, H, F, U>(
             None
         }
     };
-    let accepted = match decided {
-        None => return,
-        Some(Err(rejection)) => return reject(respond, rejection),
-        Some(Ok(accepted)) => accepted,
+    let accepted = match decided? {
+        Err(rejection) => {
+            reject(respond, rejection);
+            return None;
+        }
+        Ok(accepted) => accepted,
     };
 
     let mut resp = Response::new(());
@@ -235,19 +274,10 @@ async fn handle_stream<P, H, F, U>(
         Ok(send) => send,
         Err(error) => {
             tracing::debug!(%dst, %error, "failed to answer the CONNECT");
-            return;
+            return None;
         }
     };
-    let mut tunnel = H2Stream::new(send, req.into_body());
-    match copy_bidirectional(&mut tunnel, accepted.upstream).await {
-        Ok(t) => tracing::debug!(
-            %dst,
-            received = t.tunnel_to_socket,
-            sent = t.socket_to_tunnel,
-            "tunnel closed"
-        ),
-        Err(error) => tracing::debug!(%dst, %error, "tunnel failed"),
-    }
+    Some((H2Stream::new(send, req.into_body()), accepted.upstream, dst))
 }
 
 /// Answers with the rejection's status: HEADERS with END_STREAM and no body.

@@ -92,9 +92,8 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
         return;
     };
     // From the client's own address, so the app sees who called (see return_path.rs).
-    match proxy
-        .connect_from_pod(pod, Some(src.ip()), dst, super::return_path::MARK)
-        .await
+    // Boxed: the dial's state is freed once connected (see outbound.rs).
+    match Box::pin(proxy.connect_from_pod(pod, Some(src.ip()), dst, super::return_path::MARK)).await
     {
         Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
         Err(e) => {

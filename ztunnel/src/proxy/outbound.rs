@@ -49,7 +49,62 @@ pub(super) async fn accept(
         .await;
 }
 
+/// A connection opened upstream, to be copied for the rest of its life.
+enum Opened {
+    /// Tunnelled over HBONE.
+    Tunnel {
+        id: u64,
+        started: Instant,
+        stream: TcpStream,
+        tunnel: hbone::H2Stream,
+    },
+    /// To a destination outside the mesh, in plain TCP.
+    Relay {
+        id: u64,
+        started: Instant,
+        stream: TcpStream,
+        upstream: TcpStream,
+    },
+}
+
+/// Opens the connection (boxed: routing, the dial, a TLS handshake and waiting for the
+/// CONNECT answer are kilobytes of state, freed once it is open), then copies: a long-lived
+/// connection's task holds only the sockets, the tunnel and the copy (`hbone/copy.rs`).
 async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    match Box::pin(open(proxy, pod, stream, src, dst)).await {
+        Some(Opened::Tunnel {
+            id,
+            started,
+            mut stream,
+            mut tunnel,
+        }) => {
+            let (sent, received, outcome) =
+                match hbone::copy_bidirectional(&mut tunnel, &mut stream).await {
+                    Ok(t) => (t.socket_to_tunnel, t.tunnel_to_socket, "ok".to_owned()),
+                    Err(e) => (0, 0, format!("error: {e}")),
+                };
+            proxy
+                .connections
+                .close(id, sent, received, started.elapsed(), outcome);
+            drop(stream);
+        }
+        Some(Opened::Relay {
+            id,
+            started,
+            stream,
+            upstream,
+        }) => relay(proxy, id, started, stream, upstream).await,
+        None => {}
+    }
+}
+
+async fn open(
+    proxy: &Proxy,
+    pod: &PodNet,
+    stream: TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Option<Opened> {
     let started = Instant::now();
     let store = proxy.store();
     match store.route(dst) {
@@ -61,7 +116,14 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 .connect_from_pod(pod, None, dst, ztunnel_common::ZTUNNEL_MARK)
                 .await
             {
-                Ok(upstream) => relay(proxy, id, started, stream, upstream).await,
+                Ok(upstream) => {
+                    return Some(Opened::Relay {
+                        id,
+                        started,
+                        stream,
+                        upstream,
+                    });
+                }
                 Err(e) => {
                     tracing::info!(error = %e, "upstream connect failed");
                     super::reset_on_drop(&stream);
@@ -97,7 +159,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 identities.iter().filter_map(|i| i.parse().ok()).collect();
             let Some(src_ip) = pod.addr_for(endpoint.ip()) else {
                 tracing::warn!(%endpoint, "pod has no address of the endpoint's family");
-                return;
+                return None;
             };
             let id = proxy.connections.open_hbone(
                 Direction::Outbound,
@@ -122,21 +184,17 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
                 req.baggage = b;
             }
             match proxy.pool.connect(&key, req).await {
-                Ok(mut tunnel) => {
-                    let mut stream = stream;
+                Ok(tunnel) => {
                     let _ = stream.set_nodelay(true);
                     // So that the drain timeout can end it; the socket lives until the
                     // record is closed (the registered fd must stay valid).
                     proxy.connections.attach(id, &[stream.as_raw_fd()]);
-                    let (sent, received, outcome) =
-                        match hbone::copy_bidirectional(&mut tunnel, &mut stream).await {
-                            Ok(t) => (t.socket_to_tunnel, t.tunnel_to_socket, "ok".to_owned()),
-                            Err(e) => (0, 0, format!("error: {e}")),
-                        };
-                    proxy
-                        .connections
-                        .close(id, sent, received, started.elapsed(), outcome);
-                    drop(stream);
+                    return Some(Opened::Tunnel {
+                        id,
+                        started,
+                        stream,
+                        tunnel,
+                    });
                 }
                 Err(e) => {
                     let why = super::error_chain(&e);
@@ -153,6 +211,7 @@ async fn handle(proxy: &Proxy, pod: &PodNet, stream: TcpStream, src: SocketAddr,
             }
         }
     }
+    None
 }
 
 /// `getsockopt(SO_ORIGINAL_DST)` for IPv4 sockets, `IP6T_SO_ORIGINAL_DST` for IPv6.
