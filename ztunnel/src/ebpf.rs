@@ -1249,6 +1249,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sources_are_the_first_address_of_each_family() {
+        let ip = |s: &str| ip_key(s.parse().expect("address"));
+        let table: [(&[&str], &[&str]); 5] = [
+            (&[], &[]),
+            (&["10.0.0.5"], &["10.0.0.5"]),
+            (&["10.0.0.5", "10.0.0.6"], &["10.0.0.5"]),
+            (
+                &["fd00::5", "10.0.0.5", "fd00::6", "10.0.0.6"],
+                &["fd00::5", "10.0.0.5"],
+            ),
+            // A v4-mapped address is the pod's IPv4 address.
+            (&["::ffff:10.0.0.7", "10.0.0.5"], &["10.0.0.7"]),
+        ];
+        for (addrs, want) in table {
+            let keys: Vec<IpKey> = addrs.iter().map(|a| ip(a)).collect();
+            let got = source_entries(42, &keys);
+            let want: Vec<(SourceKey, IpKey)> = want
+                .iter()
+                .map(|a| {
+                    let k = ip(a);
+                    let key = SourceKey {
+                        netns_cookie: 42,
+                        family: k.family,
+                        _pad: 0,
+                    };
+                    (key, k)
+                })
+                .collect();
+            assert_eq!(got, want, "{addrs:?}");
+        }
+    }
+
+    #[test]
     fn ip_keys_use_network_byte_order_and_fold_v4_mapped() {
         let k = ip_key("10.0.0.1".parse().expect("valid"));
         assert_eq!(k.addr[0].to_ne_bytes(), [10, 0, 0, 1]);
