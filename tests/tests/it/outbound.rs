@@ -161,10 +161,13 @@ pub(crate) fn captured_app_sees_what_an_uncaptured_one_sees(
     // its app's exact address and port, which ztunnel saw as its peer.
     for (dst, local) in dsts.iter().zip(captured) {
         assert!(
-            d.connections.list.iter().any(|r| r.direction == Direction::Outbound
-                && r.dst == canonical(*dst)
-                && r.src == canonical(local)
-                && r.outcome.as_deref() == Some("ok")),
+            d.connections
+                .list
+                .iter()
+                .any(|r| r.direction == Direction::Outbound
+                    && r.dst == canonical(*dst)
+                    && r.src == canonical(local)
+                    && r.outcome.as_deref() == Some("ok")),
             "no record of {local} → {dst}: ztunnel saw another source than the app's socket: {:?}",
             d.connections.list
         );

@@ -89,7 +89,10 @@ fn outside_connects_to_ztunnels_ports_are_refused(capture: Option<&str>) -> anyh
     assert!(out.contains("match=true"), "{out}");
 
     let mut targets: Vec<(&str, SocketAddr)> = Vec::new();
-    for port in [ztunnel_common::ports::OUTBOUND, ztunnel_common::ports::INBOUND_PLAINTEXT] {
+    for port in [
+        ztunnel_common::ports::OUTBOUND,
+        ztunnel_common::ports::INBOUND_PLAINTEXT,
+    ] {
         for dst in [a.addr(port), a.addr6(port)] {
             let r = t.call(&c, dst, &["--bytes", "2000"]);
             assert!(
