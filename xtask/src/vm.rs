@@ -99,6 +99,14 @@ const TESTS: &[(&str, Needs)] = &[
         Needs::EbpfCapture,
     ),
     (
+        "outbound::captured_app_sees_the_addresses_of_an_uncaptured_connect",
+        Needs::EbpfCapture,
+    ),
+    (
+        "outbound::an_apps_own_bind_is_kept_and_a_port_only_bind_is_counted",
+        Needs::EbpfCapture,
+    ),
+    (
         "inbound::inbound_to_enrolled_pod_arrives_on_15006_with_original_destination",
         Needs::EbpfCapture,
     ),
@@ -126,6 +134,10 @@ const TESTS: &[(&str, Needs)] = &[
     ),
     (
         "iptables::iptables_unenrolment_removes_the_rules",
+        Needs::Any,
+    ),
+    (
+        "iptables::iptables_captured_app_sees_the_addresses_of_an_uncaptured_connect",
         Needs::Any,
     ),
     (
@@ -166,6 +178,14 @@ const TESTS: &[(&str, Needs)] = &[
     ),
     (
         "adversarial::ports::app_ports_in_ztunnels_range_are_tunnelled_to_the_app",
+        Needs::Any,
+    ),
+    (
+        "adversarial::ports::outside_connects_to_ztunnels_pod_ports_are_refused",
+        Needs::EbpfCapture,
+    ),
+    (
+        "adversarial::ports::outside_connects_to_ztunnels_pod_ports_are_refused_under_iptables",
         Needs::Any,
     ),
     // Upgrades: the listening sockets handed over, the capture replaced without a gap

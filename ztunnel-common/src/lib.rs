@@ -135,9 +135,33 @@ pub mod pod_addrs {
     }
     const _: () = assert!(core::mem::size_of::<PodAddr>() == 8);
 
+    /// [`SourceKey`] → [`IpKey`](super::IpKey): the address each enrolled pod's captured
+    /// connects are bound to, one per (netns, family): the first of the pod's addresses
+    /// of that family, the one ztunnel names as the connection's source. connect4/6
+    /// bind the app's socket to it before rewriting the destination to loopback, so
+    /// the app's `getsockname` gives the pod's address, as without capture (and as
+    /// under Istio's REDIRECT); ztunnel's end sees the pod's address as its peer.
+    pub const SOURCES: &str = "POD_SOURCES";
+    /// Two per pod (IPv4 and IPv6), as many pods as [`NAME`] holds addresses.
+    pub const MAX_SOURCES: u32 = MAX_ENTRIES;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct SourceKey {
+        /// The cookie of the pod's network namespace.
+        pub netns_cookie: u64,
+        /// `AF_INET` or `AF_INET6`.
+        pub family: u32,
+        pub _pad: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<SourceKey>() == 16);
+
     #[cfg(feature = "user")]
     // SAFETY: plain `repr(C)` data; every bit pattern is valid.
     unsafe impl aya::Pod for PodAddr {}
+    #[cfg(feature = "user")]
+    // SAFETY: plain `repr(C)` data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for SourceKey {}
 }
 
 #[cfg(feature = "user")]
@@ -281,12 +305,19 @@ pub mod stats {
     /// listener (destination not an address of the pod, listener gone): answered by the
     /// TIME_WAIT socket (an ACK the client resets), never passed to the app's listener.
     pub const INBOUND_DROP_TIME_WAIT: u32 = 15;
+    /// Captured connects left with a loopback source address (the app's `getsockname`
+    /// then names 127.0.0.1 or ::1, not the pod): the pod has no address of the
+    /// socket's family in [`POD_SOURCES`](super::pod_addrs::SOURCES), the app bound
+    /// the socket to a port but no address, or the kernel refused the bind (the
+    /// address is not, or not yet, configured in the pod). The connection is captured
+    /// all the same.
+    pub const CONNECT_SOURCE_LOOPBACK: u32 = 16;
     /// Room for more counters: a new slot needs no new map, and a map of another size
     /// is replaced at load (see `ebpf::replace_incompatible_pins`).
     pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 17] = [
         "connect_captured",
         "tuple_recorded",
         "orig_dst_hit",
@@ -303,6 +334,7 @@ pub mod stats {
         "connect_refused",
         "tuple_record_failed",
         "inbound_drop_time_wait",
+        "connect_source_loopback",
     ];
     const _: () = assert!(NAMES.len() as u32 <= SLOTS);
 }

@@ -1,20 +1,25 @@
 //! Outbound capture: `connect4/6` rewrite an enrolled pod's TCP connects to ztunnel's
-//! in-pod listener and remember the original destination by socket cookie;
-//! `getpeername4/6` give the app back the address it asked for; `sock_release` drops
-//! the entry when the app closes its socket.
-use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+//! in-pod listener on loopback and remember the original destination by socket cookie,
+//! after binding the app's socket to the pod's own address (so its `getsockname` names
+//! the pod, as without capture); `getpeername4/6` give the app back the address it
+//! asked for; `sock_release` drops the entry when the app closes its socket.
+use core::{
+    mem::size_of,
+    ptr::{addr_of_mut, read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::{bpf_sock, bpf_sock_addr, sockaddr},
+    helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use ztunnel_common::{IpKey, orig_dst::OrigDst, ports, stats};
+use ztunnel_common::{IpKey, orig_dst::OrigDst, pod_addrs::SourceKey, ports, stats};
 
 use crate::maps::{
-    AF_INET, AF_INET6, ORIG_DST_COOKIE, POD_ADDRS, count, ip4, ip6, is_loopback, is_unspecified,
+    AF_INET, AF_INET6, ORIG_DST_COOKIE, POD_ADDRS, POD_SOURCES, count, ip4, ip6, is_loopback,
+    is_unspecified,
 };
 
 /// Let the syscall proceed (cgroup sock_addr programs return 1 to allow).
@@ -25,6 +30,28 @@ const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
 const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
+
+/// `struct sockaddr_in` (the bindings have only `sockaddr`).
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    /// Network byte order; 0 = any port (`bpf_bind` then defers the port to connect).
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+const _: () = assert!(size_of::<SockaddrIn>() == 16);
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+const _: () = assert!(size_of::<SockaddrIn6>() == 28);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4_capture(ctx: SockAddrContext) -> i32 {
@@ -145,6 +172,11 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     // connect then.
     ORIG_DST_COOKIE.insert(cookie, orig, 0)?;
 
+    // SAFETY: `ctx` is the program's context.
+    if !unsafe { bind_source(ctx, v6, dst.family, netns) } {
+        count(stats::CONNECT_SOURCE_LOOPBACK);
+    }
+
     let listener_port = u32::from(u16::to_be(ports::OUTBOUND));
     // SAFETY: context writes, one field per store: the verifier rejects merged stores.
     unsafe {
@@ -166,6 +198,101 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     }
     count(stats::CONNECT_CAPTURED);
     Ok(ALLOW)
+}
+
+/// Binds the app's socket to the pod's own address of the destination's family (from
+/// `POD_SOURCES`), with no port, before its destination becomes loopback: the kernel
+/// then picks only the port at connect, and the app's `getsockname` gives the pod's
+/// address as it would without capture, where a loopback destination would have made
+/// the source loopback too. ztunnel's listener stays on loopback, where nothing outside
+/// the pod can reach it; its accepted end sees the pod's address as its peer, as under
+/// Istio's REDIRECT. A socket the app bound to an address keeps it. Returns false when
+/// the source stays loopback: no address of that family known for the pod, a socket
+/// bound to a port but no address (`bpf_bind` refuses a bound socket), or a bind the
+/// kernel refused (the address not configured in the pod). The connect is captured
+/// either way: only what `getsockname` shows differs.
+///
+/// # Safety
+/// `ctx` must be the program's context.
+unsafe fn bind_source(ctx: &SockAddrContext, v6: bool, family: u32, netns: u64) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: `ctx->sk` is a socket pointer the kernel guarantees non-null in sock_addr
+    // programs (PTR_TO_SOCKET), read with one 8-byte load; its fields are read with one
+    // 4-byte load each, all of them on every path (see sockops.rs on merged loads).
+    let (src4, src6, src_port) = unsafe {
+        let sk: *mut bpf_sock = read_volatile(addr_of_mut!((*sa).__bindgen_anon_1.sk));
+        (
+            read_volatile(addr_of_mut!((*sk).src_ip4)),
+            [
+                read_volatile(addr_of_mut!((*sk).src_ip6[0])),
+                read_volatile(addr_of_mut!((*sk).src_ip6[1])),
+                read_volatile(addr_of_mut!((*sk).src_ip6[2])),
+                read_volatile(addr_of_mut!((*sk).src_ip6[3])),
+            ],
+            read_volatile(addr_of_mut!((*sk).src_port)),
+        )
+    };
+    let app_chose = if v6 {
+        (src6[0] | src6[1] | src6[2] | src6[3]) != 0
+    } else {
+        src4 != 0
+    };
+    if app_chose {
+        return true;
+    }
+    if src_port != 0 {
+        return false;
+    }
+    let key = SourceKey {
+        netns_cookie: netns,
+        family,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let Some(own) = (unsafe { POD_SOURCES.get(key) }).copied() else {
+        return false;
+    };
+    let ret = if !v6 {
+        let mut addr = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: own.addr[0],
+            zero: [0; 8],
+        };
+        // SAFETY: helper valid for cgroup connect programs (Linux >= 4.17); `addr` is an
+        // initialised `sockaddr_in` on the stack, its exact size passed with it.
+        unsafe {
+            bpf_bind(
+                sa,
+                addr_of_mut!(addr).cast::<sockaddr>(),
+                size_of::<SockaddrIn>() as i32,
+            )
+        }
+    } else {
+        let a = if own.family == AF_INET {
+            // A dual-stack socket dialling an IPv4-mapped address: the pod's IPv4
+            // address in the same form.
+            [0, 0, V4_MAPPED_PREFIX, own.addr[0]]
+        } else {
+            own.addr
+        };
+        let mut addr = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: a,
+            scope_id: 0,
+        };
+        // SAFETY: as above, a `sockaddr_in6`.
+        unsafe {
+            bpf_bind(
+                sa,
+                addr_of_mut!(addr).cast::<sockaddr>(),
+                size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    };
+    ret == 0
 }
 
 /// # Safety

@@ -7,7 +7,7 @@ use ztunnel_common::{
     IpKey, config,
     fast_path::{self, SockKey},
     orig_dst::{self, OrigDst, TupleKey},
-    pod_addrs::{self, PodAddr},
+    pod_addrs::{self, PodAddr, SourceKey},
     stats,
     time_wait::{self, ListenerKey, Pending},
 };
@@ -24,6 +24,9 @@ pub static ORIG_DST_TUPLE: HashMap<TupleKey, OrigDst> = HashMap::pinned(orig_dst
 
 #[map]
 pub static POD_ADDRS: HashMap<IpKey, PodAddr> = HashMap::pinned(pod_addrs::MAX_ENTRIES, 0);
+
+#[map]
+pub static POD_SOURCES: HashMap<SourceKey, IpKey> = HashMap::pinned(pod_addrs::MAX_SOURCES, 0);
 
 #[map]
 pub static FAST_PATH_SOCKS: SockHash<SockKey> = SockHash::pinned(fast_path::MAX_ENTRIES, 0);
@@ -45,6 +48,7 @@ const _: () = {
     assert!(eq(orig_dst::BY_COOKIE, "ORIG_DST_COOKIE"));
     assert!(eq(orig_dst::BY_TUPLE, "ORIG_DST_TUPLE"));
     assert!(eq(pod_addrs::NAME, "POD_ADDRS"));
+    assert!(eq(pod_addrs::SOURCES, "POD_SOURCES"));
     assert!(eq(fast_path::SOCKHASH, "FAST_PATH_SOCKS"));
     assert!(eq(config::NAME, "CAPTURE_CONFIG"));
     assert!(eq(stats::NAME, "CAPTURE_STATS"));

@@ -657,6 +657,7 @@ impl Shared {
                 occ.orig_dst_by_tuple as u64,
             ),
             (ztunnel_common::pod_addrs::NAME, occ.pod_addrs as u64),
+            (ztunnel_common::pod_addrs::SOURCES, occ.pod_sources as u64),
             (
                 ztunnel_common::fast_path::SOCKHASH,
                 occ.fast_path_sockets as u64,

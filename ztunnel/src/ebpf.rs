@@ -30,7 +30,7 @@ use ztunnel_common::{
     IpKey, config,
     fast_path::{self, SockKey},
     orig_dst::{self, OrigDst, TupleKey},
-    pod_addrs::{self, PodAddr},
+    pod_addrs::{self, PodAddr, SourceKey},
     program, stats,
     time_wait::{self, ListenerKey, Pending},
 };
@@ -207,6 +207,7 @@ struct Adopted {
 
 struct Maps {
     pod_addrs: HashMap<MapData, IpKey, PodAddr>,
+    pod_sources: HashMap<MapData, SourceKey, IpKey>,
     by_cookie: HashMap<MapData, u64, OrigDst>,
     by_tuple: HashMap<MapData, TupleKey, OrigDst>,
     fast_path: SockHash<MapData, SockKey>,
@@ -246,6 +247,8 @@ pub struct PodCapture {
     /// What each address's `POD_ADDRS` entry was before this enrolment wrote it, so a
     /// failed one puts back exactly that (another ztunnel may rely on it).
     addrs_before: Vec<(IpKey, Option<PodAddr>)>,
+    /// The `POD_SOURCES` entries this enrolment wrote, and what each was before.
+    sources_before: Vec<(SourceKey, Option<IpKey>)>,
     links: Vec<Link>,
     /// Attached but not yet pinned (between attach and [`Capture::pin_pod`]).
     new_links: Vec<(&'static str, FdLink)>,
@@ -266,6 +269,9 @@ pub struct Occupancy {
     pub orig_dst_by_tuple: usize,
     pub pod_addrs: usize,
     pub fast_path_sockets: usize,
+    /// Absent in a dump from a build without the map.
+    #[serde(default)]
+    pub pod_sources: usize,
 }
 
 fn ip_key(ip: IpAddr) -> IpKey {
@@ -286,6 +292,24 @@ fn ip_key(ip: IpAddr) -> IpKey {
             }
         },
     }
+}
+
+/// The `POD_SOURCES` entries of a pod: its first address of each family (as the
+/// workload lists them), keyed by its netns cookie.
+fn source_entries(netns_cookie: u64, addrs: &[IpKey]) -> Vec<(SourceKey, IpKey)> {
+    let mut out: Vec<(SourceKey, IpKey)> = Vec::new();
+    for a in addrs {
+        if out.iter().any(|(k, _)| k.family == a.family) {
+            continue;
+        }
+        let key = SourceKey {
+            netns_cookie,
+            family: a.family,
+            _pad: 0,
+        };
+        out.push((key, *a));
+    }
+    out
 }
 
 /// The address a map key holds (the inverse of [`ip_key`]).
@@ -395,6 +419,7 @@ impl Capture {
         }
         let mut maps = Maps {
             pod_addrs: map(&mut ebpf, pod_addrs::NAME)?,
+            pod_sources: map(&mut ebpf, pod_addrs::SOURCES)?,
             by_cookie: map(&mut ebpf, orig_dst::BY_COOKIE)?,
             by_tuple: map(&mut ebpf, orig_dst::BY_TUPLE)?,
             fast_path: map(&mut ebpf, fast_path::SOCKHASH)?,
@@ -506,6 +531,7 @@ impl Capture {
             netns_cookie,
             addrs: addrs.iter().map(|a| ip_key(*a)).collect(),
             addrs_before: Vec::new(),
+            sources_before: Vec::new(),
             links: Vec::new(),
             new_links: Vec::new(),
             attached: Vec::new(),
@@ -564,6 +590,12 @@ impl Capture {
                 None => inner.maps.pod_addrs.remove(key),
             };
         }
+        for (key, before) in &pod.sources_before {
+            let _ = match before {
+                Some(v) => inner.maps.pod_sources.insert(key, v, 0),
+                None => inner.maps.pod_sources.remove(key),
+            };
+        }
         tracing::info!(pod = %pod.name, "failed enrolment undone; capture a predecessor left stays");
     }
 
@@ -583,6 +615,19 @@ impl Capture {
                 )
                 .map_err(|source| Error::Map {
                     name: pod_addrs::NAME,
+                    source,
+                })?;
+        }
+        // The source each family's captured connects are bound to: the pod's first
+        // address of the family, the one the proxy names as the connection's source
+        // (`PodNet::addr_for`). Written before the connect programs are attached.
+        for (key, addr) in source_entries(pod.netns_cookie, &pod.addrs) {
+            let before = maps.pod_sources.get(&key, 0).ok();
+            pod.sources_before.push((key, before));
+            maps.pod_sources
+                .insert(key, addr, 0)
+                .map_err(|source| Error::Map {
+                    name: pod_addrs::SOURCES,
                     source,
                 })?;
         }
@@ -815,6 +860,17 @@ impl Capture {
         for k in stale {
             let _ = inner.maps.pod_addrs.remove(&k);
         }
+        let stale: Vec<SourceKey> = inner
+            .maps
+            .pod_sources
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| !live_netns_cookies.contains(&k.netns_cookie) && !keep.contains(v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = inner.maps.pod_sources.remove(&k);
+        }
     }
 
     /// Detaches everything attached for the pod and deletes its map entries. Connections
@@ -864,6 +920,9 @@ impl Capture {
         let maps = &mut inner.maps;
         for key in &pod.addrs {
             let _ = maps.pod_addrs.remove(key);
+        }
+        for (key, _) in &pod.sources_before {
+            let _ = maps.pod_sources.remove(key);
         }
         let cookie = pod.netns_cookie;
         let stale: Vec<u64> = maps
@@ -922,6 +981,7 @@ impl Capture {
             orig_dst_by_tuple: m.by_tuple.keys().filter(Result::is_ok).count(),
             pod_addrs: m.pod_addrs.keys().filter(Result::is_ok).count(),
             fast_path_sockets: m.fast_path.keys().filter(Result::is_ok).count(),
+            pod_sources: m.pod_sources.keys().filter(Result::is_ok).count(),
         }
     }
 
@@ -996,7 +1056,7 @@ struct MapShape {
     max_entries: u32,
 }
 
-fn map_shapes() -> [MapShape; 8] {
+fn map_shapes() -> [MapShape; 9] {
     use std::mem::size_of;
 
     use aya::maps::MapType as T;
@@ -1028,6 +1088,13 @@ fn map_shapes() -> [MapShape; 8] {
             size_of::<IpKey>(),
             size_of::<PodAddr>(),
             pod_addrs::MAX_ENTRIES,
+        ),
+        shape(
+            pod_addrs::SOURCES,
+            T::Hash,
+            size_of::<SourceKey>(),
+            size_of::<IpKey>(),
+            pod_addrs::MAX_SOURCES,
         ),
         shape(
             fast_path::SOCKHASH,
@@ -1180,6 +1247,39 @@ pub fn own_cgroup() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_the_first_address_of_each_family() {
+        let ip = |s: &str| ip_key(s.parse().expect("address"));
+        let table: [(&[&str], &[&str]); 5] = [
+            (&[], &[]),
+            (&["10.0.0.5"], &["10.0.0.5"]),
+            (&["10.0.0.5", "10.0.0.6"], &["10.0.0.5"]),
+            (
+                &["fd00::5", "10.0.0.5", "fd00::6", "10.0.0.6"],
+                &["fd00::5", "10.0.0.5"],
+            ),
+            // A v4-mapped address is the pod's IPv4 address.
+            (&["::ffff:10.0.0.7", "10.0.0.5"], &["10.0.0.7"]),
+        ];
+        for (addrs, want) in table {
+            let keys: Vec<IpKey> = addrs.iter().map(|a| ip(a)).collect();
+            let got = source_entries(42, &keys);
+            let want: Vec<(SourceKey, IpKey)> = want
+                .iter()
+                .map(|a| {
+                    let k = ip(a);
+                    let key = SourceKey {
+                        netns_cookie: 42,
+                        family: k.family,
+                        _pad: 0,
+                    };
+                    (key, k)
+                })
+                .collect();
+            assert_eq!(got, want, "{addrs:?}");
+        }
+    }
 
     #[test]
     fn ip_keys_use_network_byte_order_and_fold_v4_mapped() {

@@ -59,6 +59,10 @@ enum Cmd {
         pause_at: Option<usize>,
         #[arg(long)]
         resume_file: Option<std::path::PathBuf>,
+        /// Bind the socket to this address (port 0: any) before connecting, as an app
+        /// choosing its source does.
+        #[arg(long, conflicts_with_all = ["pattern", "event_loop"])]
+        bind: Option<SocketAddr>,
     },
     /// Keep one connection and ping through it every 50 ms for `secs` seconds, or
     /// until `--stop-file` exists (then at most `secs`).
@@ -151,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             event_loop,
             pause_at,
             resume_file,
+            bind,
         } => {
             if let Some(p) = pattern {
                 call_pattern(addr, bytes, &p)
@@ -158,7 +163,7 @@ fn main() -> anyhow::Result<()> {
                 call_event_loop(addr, bytes, chunk, seed)
             } else {
                 let pause = pause_at.zip(resume_file);
-                call(addr, bytes, chunk, seed, pause)
+                call(addr, bind, bytes, chunk, seed, pause)
             }
         }
         Cmd::Hold {
@@ -331,12 +336,17 @@ fn wait_for_file(file: &std::path::Path) -> anyhow::Result<()> {
 
 fn call(
     addr: SocketAddr,
+    bind: Option<SocketAddr>,
     bytes: usize,
     chunk: usize,
     seed: u64,
     mut pause: Option<(usize, std::path::PathBuf)>,
 ) -> anyhow::Result<()> {
-    let s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
+    let s = match bind {
+        None => TcpStream::connect(addr),
+        Some(local) => connect_from(local, addr),
+    }
+    .with_context(|| format!("failed to connect to {addr}"))?;
     println!("peer={} local={}", s.peer_addr()?, s.local_addr()?);
     std::io::stdout().flush()?;
     let mut w = s.try_clone()?;
@@ -374,6 +384,18 @@ fn call(
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     echo.verdict(bytes, &sent)
+}
+
+/// A connect from a socket bound to `local` first.
+fn connect_from(local: SocketAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.bind(&local.into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
 }
 
 fn call_pattern(addr: SocketAddr, bytes: usize, pattern: &str) -> anyhow::Result<()> {

@@ -38,6 +38,7 @@ fn enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing() -> anyh
         d.connections.opened_total == 1
     })?;
     assert_eq!(d.connections.list[0].pod, a.key());
+    assert_eq!(d.capture.occupancy.pod_sources, 1, "a's IPv4 source");
     // ... and the one opened before kept flowing throughout.
     let held = hold.wait_ok()?;
     assert!(held.contains("pings="), "{held}");
@@ -45,6 +46,7 @@ fn enrolment_keeps_existing_connections_and_unenrolment_leaves_nothing() -> anyh
     t.set_ambient("a", false)?;
     let d = z.wait_enrolled(&[])?;
     assert_eq!(d.capture.occupancy.pod_addrs, 0);
+    assert_eq!(d.capture.occupancy.pod_sources, 0);
     assert_eq!(d.capture.occupancy.orig_dst_by_cookie, 0);
     assert_eq!(d.capture.occupancy.orig_dst_by_tuple, 0);
     assert_eq!(

@@ -78,3 +78,10 @@ fn iptables_unenrolment_removes_the_rules() -> anyhow::Result<()> {
     assert!(!left.contains("ZTUNNEL"), "{left}");
     Ok(())
 }
+
+/// REDIRECT keeps the socket's own addresses (NAT rewrites packets, not sockets): the
+/// same checks as the eBPF path's.
+#[test]
+fn iptables_captured_app_sees_the_addresses_of_an_uncaptured_connect() -> anyhow::Result<()> {
+    crate::outbound::captured_app_sees_what_an_uncaptured_one_sees(Some("iptables"))
+}

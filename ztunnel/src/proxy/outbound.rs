@@ -37,12 +37,18 @@ pub(super) async fn accept(
             }
         },
     };
-    // The app's socket is bound to loopback (the connect was rewritten to 127.0.0.1); the
-    // connection is the pod's, so logs, records and the CONNECT name the pod's address,
-    // as Istio's ztunnel sees it after REDIRECT, with the app's port.
-    let src = pod
-        .addr_for(dst.ip())
-        .map_or(src, |ip| SocketAddr::new(ip, src.port()));
+    // The connect hook bound the app's socket to the pod's address, so `src` is already
+    // what the app's `getsockname` shows (as Istio's ztunnel sees it after REDIRECT).
+    // Where it could not (a socket the app bound to a port only, counted as
+    // `connect_source_loopback`) the source is loopback; the connection is the pod's all
+    // the same, so logs, records and the CONNECT name the pod's address with the app's
+    // port.
+    let src = if src.ip().is_loopback() {
+        pod.addr_for(dst.ip())
+            .map_or(src, |ip| SocketAddr::new(ip, src.port()))
+    } else {
+        src
+    };
     let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
     handle(&proxy, &pod, stream, src, dst)
         .instrument(span)
