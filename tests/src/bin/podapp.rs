@@ -110,6 +110,10 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// A fake upstream DNS resolver on UDP and TCP `addr`: `external.example.org` has A
+    /// 198.51.100.7, `big.example.org` has 60 A records (truncated over UDP without room
+    /// for them), every other name is NXDOMAIN. Prints `ready`.
+    DnsUpstream { addr: SocketAddr },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
     /// latency counted from the request's scheduled time. Prints one JSON line.
@@ -183,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         ),
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
+        Cmd::DnsUpstream { addr } => dns_upstream(addr),
         Cmd::Rr {
             addr,
             size,
@@ -699,4 +704,83 @@ fn conns(addr: SocketAddr, secs: Duration, threads: usize) -> anyhow::Result<()>
     let out = serde_json::json!({ "connections": total, "per_sec": total as f64 / elapsed });
     println!("{out}");
     Ok(())
+}
+
+/// The fake upstream's answer to `query` (see [`Cmd::DnsUpstream`]): over UDP (`udp`)
+/// no bigger than the query's EDNS payload size (512 without EDNS).
+fn dns_answer(query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::{Edns, Message, MessageType, OpCode, ResponseCode},
+        rr::{RData, Record, rdata},
+    };
+    use std::net::Ipv4Addr;
+    let req = Message::from_vec(query).ok()?;
+    if req.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let q = req.queries.first()?.clone();
+    let mut m = Message::response(req.metadata.id, OpCode::Query);
+    m.metadata.recursion_desired = req.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.add_query(q.clone());
+    let limit = match &req.edns {
+        Some(e) => {
+            m.set_edns(Edns::new());
+            usize::from(e.max_payload()).max(512)
+        }
+        None => 512,
+    };
+    let a = |ip: Ipv4Addr| Record::from_rdata(q.name.clone(), 60, RData::A(rdata::A(ip)));
+    match q.name.to_ascii().to_ascii_lowercase().as_str() {
+        "external.example.org." => {
+            m.add_answer(a(Ipv4Addr::new(198, 51, 100, 7)));
+        }
+        "big.example.org." => {
+            for i in 1..=60 {
+                m.add_answer(a(Ipv4Addr::new(198, 51, 100, i)));
+            }
+        }
+        _ => m.metadata.response_code = ResponseCode::NXDomain,
+    }
+    let bytes = m.to_vec().ok()?;
+    if udp && bytes.len() > limit {
+        return m.truncate().to_vec().ok();
+    }
+    Some(bytes)
+}
+
+/// See [`Cmd::DnsUpstream`].
+fn dns_upstream(addr: SocketAddr) -> anyhow::Result<()> {
+    let udp =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("failed to bind udp {addr}"))?;
+    let tcp = TcpListener::bind(addr).with_context(|| format!("failed to bind tcp {addr}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::thread::spawn(move || {
+        for stream in tcp.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || -> std::io::Result<()> {
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                loop {
+                    let mut len = [0u8; 2];
+                    s.read_exact(&mut len)?;
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    s.read_exact(&mut q)?;
+                    let Some(answer) = dns_answer(&q, false) else {
+                        return Ok(());
+                    };
+                    let n = u16::try_from(answer.len()).map_err(std::io::Error::other)?;
+                    s.write_all(&n.to_be_bytes())?;
+                    s.write_all(&answer)?;
+                }
+            });
+        }
+    });
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = udp.recv_from(&mut buf).context("udp recv")?;
+        if let Some(answer) = dns_answer(&buf[..n], true) {
+            udp.send_to(&answer, peer).context("udp send")?;
+        }
+    }
 }
