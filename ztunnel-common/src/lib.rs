@@ -6,6 +6,8 @@
 pub mod ports {
     //! ztunnel's well-known ports (the same numbers as Istio's ztunnel).
     pub const OUTBOUND: u16 = 15001;
+    /// The port apps send DNS queries to (captured to [`DNS`]).
+    pub const DNS_SERVER: u16 = 53;
     pub const INBOUND_PLAINTEXT: u16 = 15006;
     pub const HBONE: u16 = 15008;
     pub const DNS: u16 = 15053;
@@ -40,9 +42,13 @@ pub mod program {
     pub const SK_MSG: &str = "sk_msg_fast_path";
     pub const TC_INGRESS: &str = "tc_ingress_capture";
     pub const SK_LOOKUP: &str = "sk_lookup_time_wait";
+    pub const DNS_SENDMSG4: &str = "dns_sendmsg4";
+    pub const DNS_SENDMSG6: &str = "dns_sendmsg6";
+    pub const DNS_RECVMSG4: &str = "dns_recvmsg4";
+    pub const DNS_RECVMSG6: &str = "dns_recvmsg6";
 
     /// Every program in the object, in load order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 14] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
@@ -53,6 +59,10 @@ pub mod program {
         SK_MSG,
         TC_INGRESS,
         SK_LOOKUP,
+        DNS_SENDMSG4,
+        DNS_SENDMSG6,
+        DNS_RECVMSG4,
+        DNS_RECVMSG6,
     ];
 }
 
@@ -234,6 +244,9 @@ pub mod config {
     pub const NAME: &str = "CAPTURE_CONFIG";
     /// 1 = `sockops` puts new app↔ztunnel loopback connections into the SOCKHASH.
     pub const FAST_PATH: u32 = 0;
+    /// 1 = an enrolled pod's DNS (UDP and TCP port 53, to anything but loopback) goes to
+    /// ztunnel's DNS proxy on the pod's loopback `:15053` (`--dns-capture`).
+    pub const DNS_CAPTURE: u32 = 1;
     pub const SLOTS: u32 = 4;
 }
 
@@ -281,12 +294,20 @@ pub mod stats {
     /// listener (destination not an address of the pod, listener gone): answered by the
     /// TIME_WAIT socket (an ACK the client resets), never passed to the app's listener.
     pub const INBOUND_DROP_TIME_WAIT: u32 = 15;
+    /// DNS queries (UDP connects and sends, TCP connects to port 53) sent to ztunnel's
+    /// DNS proxy.
+    pub const DNS_CAPTURED: u32 = 16;
+    /// UDP DNS connects and sends refused (EPERM) because their server could not be
+    /// recorded (the original-destination map is full).
+    pub const DNS_REFUSED: u32 = 17;
+    /// DNS answers whose source was set back to the server the app asked.
+    pub const DNS_ANSWER_RESTORED: u32 = 18;
     /// Room for more counters: a new slot needs no new map, and a map of another size
     /// is replaced at load (see `ebpf::replace_incompatible_pins`).
     pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
-    pub const NAMES: [&str; 16] = [
+    pub const NAMES: [&str; 19] = [
         "connect_captured",
         "tuple_recorded",
         "orig_dst_hit",
@@ -303,6 +324,9 @@ pub mod stats {
         "connect_refused",
         "tuple_record_failed",
         "inbound_drop_time_wait",
+        "dns_captured",
+        "dns_refused",
+        "dns_answer_restored",
     ];
     const _: () = assert!(NAMES.len() as u32 <= SLOTS);
 }

@@ -1004,6 +1004,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
             pin_dir: cfg.bpf_pin_dir.clone(),
             own_cgroup: own_cgroup.clone(),
             fast_path: cfg.fast_path,
+            dns: cfg.dns_capture,
         },
     )?;
     let scope = (capture.mode() == "ebpf").then(|| Scope {

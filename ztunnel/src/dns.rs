@@ -515,10 +515,10 @@ async fn serve_udp(ctx: Arc<PodCtx>, sock: Arc<UdpSocket>) {
         let (ctx, sock) = (ctx.clone(), sock.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(resp) = ctx.handle(&query, Proto::Udp).await {
-                if let Err(e) = sock.send_to(&resp, peer).await {
-                    tracing::debug!(pod = %ctx.pod.name, %peer, error = %e, "DNS answer not sent");
-                }
+            if let Some(resp) = ctx.handle(&query, Proto::Udp).await
+                && let Err(e) = sock.send_to(&resp, peer).await
+            {
+                tracing::debug!(pod = %ctx.pod.name, %peer, error = %e, "DNS answer not sent");
             }
         });
     }

@@ -114,6 +114,15 @@ enum Cmd {
     /// 198.51.100.7, `big.example.org` has 60 A records (truncated over UDP without room
     /// for them), every other name is NXDOMAIN. Prints `ready`.
     DnsUpstream { addr: SocketAddr },
+    /// Ask `server` for `name`'s A records from an unconnected UDP socket (`sendto`,
+    /// `recvfrom`), or over TCP with `--tcp`; print `from=<answer's source> rcode=<code>
+    /// a=<ip>,<ip>…`.
+    DnsQuery {
+        server: SocketAddr,
+        name: String,
+        #[arg(long)]
+        tcp: bool,
+    },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
     /// latency counted from the request's scheduled time. Prints one JSON line.
@@ -188,6 +197,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
         Cmd::DnsUpstream { addr } => dns_upstream(addr),
+        Cmd::DnsQuery { server, name, tcp } => dns_query(server, &name, tcp),
         Cmd::Rr {
             addr,
             size,
@@ -783,4 +793,58 @@ fn dns_upstream(addr: SocketAddr) -> anyhow::Result<()> {
             udp.send_to(&answer, peer).context("udp send")?;
         }
     }
+}
+
+/// See [`Cmd::DnsQuery`].
+fn dns_query(server: SocketAddr, name: &str, tcp: bool) -> anyhow::Result<()> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let query = q.to_vec()?;
+    let (answer, from) = if tcp {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+            .with_context(|| format!("failed to connect to {server}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let len = u16::try_from(query.len())?;
+        s.write_all(&len.to_be_bytes())?;
+        s.write_all(&query)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).context("no answer")?;
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut answer)?;
+        (answer, s.peer_addr()?)
+    } else {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let s = std::net::UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.send_to(&query, server)
+            .with_context(|| format!("failed to send to {server}"))?;
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf).context("no answer")?;
+        buf.truncate(n);
+        (buf, from)
+    };
+    let m = Message::from_vec(&answer)?;
+    let a: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "from={from} rcode={} a={}",
+        m.metadata.response_code,
+        a.join(",")
+    );
+    Ok(())
 }

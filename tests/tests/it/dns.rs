@@ -23,6 +23,8 @@ struct Mesh {
     t: Topology,
     client: Pod,
     plain: Pod,
+    /// The upstream resolver's pod.
+    dns: Pod,
     z: Ztunnel,
     vip: String,
     _upstream: Option<PodProcess>,
@@ -81,10 +83,64 @@ fn mesh(upstream_up: bool, timeout: &str) -> anyhow::Result<Mesh> {
         t,
         client,
         plain,
+        dns,
         z,
         vip,
         _upstream: upstream,
     })
+}
+
+/// Runs `cmd` in `pod` with `resolv` bind-mounted on `/etc/resolv.conf` (in a mount
+/// namespace of its own, as a container has its own file) and returns its output.
+fn with_resolv(t: &mut Topology, pod: &Pod, resolv: &Path, cmd: &[&str]) -> anyhow::Result<String> {
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+        resolv.display()
+    );
+    let mut args = vec!["-m", "--propagation", "private", "sh", "-c", &script, "sh"];
+    args.extend_from_slice(cmd);
+    t.spawn_program(pod, Path::new("/usr/bin/unshare"), &args)?
+        .wait_ok()
+        .with_context(|| {
+            format!(
+                "{} in {} with {}",
+                cmd.join(" "),
+                pod.name,
+                resolv.display()
+            )
+        })
+}
+
+/// `podapp dns-query` in `pod`: `(answer's source, rcode, A records)`.
+fn query(
+    t: &mut Topology,
+    pod: &Pod,
+    server: SocketAddr,
+    name: &str,
+    tcp: bool,
+) -> anyhow::Result<(String, String, String)> {
+    let server = server.to_string();
+    let mut args = vec!["dns-query", server.as_str(), name];
+    if tcp {
+        args.push("--tcp");
+    }
+    let out = t.spawn(pod, &args)?.wait_ok()?;
+    let field = |k: &str| {
+        out.trim_end()
+            .split(&format!("{k}="))
+            .nth(1)
+            .map(|v| {
+                v.split(" rcode=")
+                    .next()
+                    .unwrap_or(v)
+                    .split(" a=")
+                    .next()
+                    .unwrap_or(v)
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    Ok((field("from"), field("rcode"), field("a")))
 }
 
 fn status(out: &str) -> &str {
@@ -113,6 +169,7 @@ fn enrolled_pod_resolves_services_locally_and_forwards_the_rest() -> anyhow::Res
         plain,
         z,
         vip,
+        dns: _,
         _upstream,
     } = mesh(true, "5s")?;
 
@@ -233,6 +290,7 @@ fn upstream_down_answers_servfail_within_the_timeout_and_the_next_query_works() 
         z,
         vip,
         plain: _,
+        dns: _,
         _upstream,
     } = mesh(false, "1s")?;
     // dig waits 10 s: a SERVFAIL means ztunnel gave up on the upstream itself.
@@ -284,5 +342,112 @@ fn dns_capture_off_leaves_the_pods_port_alone() -> anyhow::Result<()> {
     let d = z.dump()?;
     assert!(!d.dns.enabled && d.dns.pods.is_empty(), "{:?}", d.dns);
     assert_eq!(d.config["dnsProxy"], false);
+    Ok(())
+}
+
+#[test]
+fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> anyhow::Result<()> {
+    let Mesh {
+        mut t,
+        client,
+        plain,
+        dns,
+        z,
+        vip,
+        _upstream,
+    } = mesh(true, "5s")?;
+    let server = SocketAddr::new(dns.ip4.into(), 53);
+    // A Kubernetes pod's resolv.conf (ClusterFirst), its nameserver the cluster's DNS.
+    let resolv = t.dir.path().join("pod-resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!(
+            "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver {}\noptions ndots:5\n",
+            dns.ip4
+        ),
+    )?;
+
+    // glibc drops an answer whose source is not the server it asked: it resolves.
+    let out = with_resolv(&mut t, &client, &resolv, &["getent", "hosts", "web"])?;
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        [vip.as_str(), "web.default.svc.cluster.local"],
+        "{out}"
+    );
+    let out = with_resolv(
+        &mut t,
+        &client,
+        &resolv,
+        &["getent", "hosts", "external.example.org"],
+    )?;
+    assert!(out.starts_with("198.51.100.7 "), "{out}");
+    // dig over UDP and TCP, to the resolv.conf server.
+    for proto in ["+notcp", "+tcp"] {
+        let out = with_resolv(
+            &mut t,
+            &client,
+            &resolv,
+            &[
+                DIG,
+                proto,
+                "+tries=1",
+                "+timeout=10",
+                "web.default.svc.cluster.local",
+            ],
+        )?;
+        assert_eq!(a_records(&out), [vip.clone()], "{proto}: {out}");
+        assert!(out.contains(&format!("SERVER: {}#53", dns.ip4)), "{out}");
+    }
+
+    // The answer's source is the server asked (unconnected UDP: recvfrom), and a TCP
+    // connection's peer is the server too.
+    let web = "web.default.svc.cluster.local";
+    assert_eq!(
+        query(&mut t, &client, server, web, false)?,
+        (server.to_string(), "No Error".to_owned(), vip.clone())
+    );
+    assert_eq!(
+        query(&mut t, &client, server, web, true)?,
+        (server.to_string(), "No Error".to_owned(), vip.clone())
+    );
+    // Any server the pod names is the proxy's: a made-up one answers too.
+    let other: SocketAddr = "192.0.2.53:53".parse()?;
+    assert_eq!(
+        query(&mut t, &client, other, web, false)?,
+        (other.to_string(), "No Error".to_owned(), vip.clone())
+    );
+
+    // A pod outside the mesh asks the upstream itself: it does not know the service.
+    assert_eq!(
+        query(&mut t, &plain, server, web, false)?,
+        (
+            server.to_string(),
+            "Non-Existent Domain".to_owned(),
+            String::new()
+        )
+    );
+    assert!(with_resolv(&mut t, &plain, &resolv, &["getent", "hosts", "web"]).is_err());
+
+    let d = z.dump()?;
+    let stats = d
+        .dns
+        .pods
+        .get(&client.key())
+        .context("client's DNS counters")?;
+    // glibc's search list and A/AAAA pairs make the exact numbers its own business.
+    assert!(
+        stats.answered_locally >= 7 && stats.forwarded >= 1 && stats.failures == 0,
+        "{:?}",
+        d.dns
+    );
+    assert!(!d.dns.pods.contains_key(&plain.key()), "{:?}", d.dns);
+    let counter = |k: &str| d.capture.counters.get(k).copied().unwrap_or(0);
+    assert!(counter("dns_captured") >= 7, "{:?}", d.capture.counters);
+    assert!(
+        counter("dns_answer_restored") >= 5,
+        "{:?}",
+        d.capture.counters
+    );
+    assert_eq!(counter("dns_refused"), 0, "{:?}", d.capture.counters);
     Ok(())
 }
