@@ -92,12 +92,21 @@ pub enum Error {
 }
 
 /// The upstream resolvers a `resolv.conf` names (`nameserver` lines, port 53); glibc's
-/// default (127.0.0.1) when it names none.
+/// default (127.0.0.1) when it names none or does not exist, as glibc does.
 pub fn read_resolv_conf(path: &Path) -> Result<Vec<SocketAddr>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ResolvConf {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), upstream = %DEFAULT_NAMESERVER, "no resolver config: the DNS proxy forwards to the resolver's default, as glibc does");
+            String::new()
+        }
+        Err(source) => {
+            return Err(Error::ResolvConf {
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
     parse_resolv_conf(&path.display().to_string(), &text)
 }
 

@@ -115,13 +115,16 @@ enum Cmd {
     /// for them), every other name is NXDOMAIN. Prints `ready`.
     DnsUpstream { addr: SocketAddr },
     /// Ask `server` for `name`'s A records from an unconnected UDP socket (`sendto`,
-    /// `recvfrom`), or over TCP with `--tcp`; print `from=<answer's source> rcode=<code>
-    /// a=<ip>,<ip>…`.
+    /// `recvfrom`), a connected one with `--connect` (`send`, `recv`, the source from
+    /// `getpeername`), or over TCP with `--tcp`; print `from=<answer's source>
+    /// rcode=<code> a=<ip>,<ip>…`.
     DnsQuery {
         server: SocketAddr,
         name: String,
         #[arg(long)]
         tcp: bool,
+        #[arg(long)]
+        connect: bool,
     },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
@@ -197,7 +200,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
         Cmd::DnsUpstream { addr } => dns_upstream(addr),
-        Cmd::DnsQuery { server, name, tcp } => dns_query(server, &name, tcp),
+        Cmd::DnsQuery {
+            server,
+            name,
+            tcp,
+            connect,
+        } => dns_query(server, &name, tcp, connect),
         Cmd::Rr {
             addr,
             size,
@@ -796,7 +804,7 @@ fn dns_upstream(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// See [`Cmd::DnsQuery`].
-fn dns_query(server: SocketAddr, name: &str, tcp: bool) -> anyhow::Result<()> {
+fn dns_query(server: SocketAddr, name: &str, tcp: bool, connect: bool) -> anyhow::Result<()> {
     use hickory_proto::{
         op::{Message, Query},
         rr::{Name, RData, RecordType},
@@ -825,12 +833,22 @@ fn dns_query(server: SocketAddr, name: &str, tcp: bool) -> anyhow::Result<()> {
         };
         let s = std::net::UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.send_to(&query, server)
-            .with_context(|| format!("failed to send to {server}"))?;
         let mut buf = vec![0u8; 4096];
-        let (n, from) = s.recv_from(&mut buf).context("no answer")?;
-        buf.truncate(n);
-        (buf, from)
+        if connect {
+            s.connect(server)
+                .with_context(|| format!("failed to connect to {server}"))?;
+            s.send(&query)
+                .with_context(|| format!("failed to send to {server}"))?;
+            let n = s.recv(&mut buf).context("no answer")?;
+            buf.truncate(n);
+            (buf, s.peer_addr()?)
+        } else {
+            s.send_to(&query, server)
+                .with_context(|| format!("failed to send to {server}"))?;
+            let (n, from) = s.recv_from(&mut buf).context("no answer")?;
+            buf.truncate(n);
+            (buf, from)
+        }
     };
     let m = Message::from_vec(&answer)?;
     let a: Vec<String> = m

@@ -27,6 +27,7 @@ struct Mesh {
     dns: Pod,
     z: Ztunnel,
     vip: String,
+    /// The upstream resolver; it stops when dropped (bind it: `..` would drop it).
     _upstream: Option<PodProcess>,
 }
 
@@ -34,6 +35,15 @@ struct Mesh {
 /// `upstream_up`); services `web` (one VIP), `wide` (40 VIPs: too many for 512 bytes) and
 /// `ext` (hostname `api.example.com`). ztunnel's resolv.conf names `nameserver`.
 fn mesh(upstream_up: bool, timeout: &str) -> anyhow::Result<Mesh> {
+    mesh_with(upstream_up, timeout, |_| {})
+}
+
+/// [`mesh`], with `setup` changing the topology before ztunnel starts.
+fn mesh_with(
+    upstream_up: bool,
+    timeout: &str,
+    setup: impl FnOnce(&mut Topology),
+) -> anyhow::Result<Mesh> {
     let mut t = Topology::new()?;
     let client = t.add_pod("client", true, false)?;
     let plain = t.add_pod("plain", false, false)?;
@@ -78,6 +88,7 @@ fn mesh(upstream_up: bool, timeout: &str) -> anyhow::Result<Mesh> {
         "ZTUNNEL_DNS_UPSTREAM_TIMEOUT".to_owned(),
         timeout.to_owned(),
     ));
+    setup(&mut t);
     let z = t.start_ztunnel_with_file("node1", false, &file)?;
     Ok(Mesh {
         t,
@@ -111,18 +122,19 @@ fn with_resolv(t: &mut Topology, pod: &Pod, resolv: &Path, cmd: &[&str]) -> anyh
         })
 }
 
-/// `podapp dns-query` in `pod`: `(answer's source, rcode, A records)`.
+/// `podapp dns-query` in `pod`: `(answer's source, rcode, A records)`. `how`: `""`
+/// (unconnected UDP), `"--connect"` (connected UDP) or `"--tcp"`.
 fn query(
     t: &mut Topology,
     pod: &Pod,
     server: SocketAddr,
     name: &str,
-    tcp: bool,
+    how: &str,
 ) -> anyhow::Result<(String, String, String)> {
     let server = server.to_string();
     let mut args = vec!["dns-query", server.as_str(), name];
-    if tcp {
-        args.push("--tcp");
+    if !how.is_empty() {
+        args.push(how);
     }
     let out = t.spawn(pod, &args)?.wait_ok()?;
     let field = |k: &str| {
@@ -330,21 +342,108 @@ fn upstream_down_answers_servfail_within_the_timeout_and_the_next_query_works() 
 }
 
 #[test]
-fn dns_capture_off_leaves_the_pods_port_alone() -> anyhow::Result<()> {
-    let mut t = Topology::new()?;
-    let client = t.add_pod("client", true, false)?;
-    t.ztunnel_env
-        .push(("ZTUNNEL_DNS_CAPTURE".to_owned(), "false".to_owned()));
-    let z = t.start_ztunnel(false)?;
+fn dns_capture_off_leaves_the_pods_dns_alone() -> anyhow::Result<()> {
+    let Mesh {
+        mut t,
+        client,
+        dns,
+        z,
+        _upstream,
+        ..
+    } = mesh_with(true, "5s", |t| {
+        t.ztunnel_env
+            .push(("ZTUNNEL_DNS_CAPTURE".to_owned(), "false".to_owned()));
+    })?;
+    // No proxy on the pod's :15053.
     let err = dig(&mut t, &client, &["web.default.svc.cluster.local"])
         .expect_err("no DNS proxy with --dns-capture=false");
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    // The pod's queries go to the server it names, which does not know the service.
+    let server = SocketAddr::new(dns.ip4.into(), 53);
+    for how in ["", "--connect", "--tcp"] {
+        assert_eq!(
+            query(
+                &mut t,
+                &client,
+                server,
+                "web.default.svc.cluster.local",
+                how
+            )?,
+            (
+                server.to_string(),
+                "Non-Existent Domain".to_owned(),
+                String::new()
+            ),
+            "{how}"
+        );
+    }
     let d = z.dump()?;
     assert!(!d.dns.enabled && d.dns.pods.is_empty(), "{:?}", d.dns);
     assert_eq!(d.config["dnsProxy"], false);
+    assert_eq!(
+        d.capture.counters.get("dns_captured").copied().unwrap_or(0),
+        0
+    );
     Ok(())
 }
 
+/// The iptables fallback sends port 53 to the proxy too; conntrack gives the answers the
+/// server's address back.
+#[test]
+fn iptables_capture_sends_dns_to_the_proxy() -> anyhow::Result<()> {
+    let Mesh {
+        mut t,
+        client,
+        plain,
+        dns,
+        z,
+        vip,
+        _upstream,
+    } = mesh_with(true, "5s", |t| t.capture = Some("iptables".to_owned()))?;
+    assert_eq!(z.dump()?.capture.mode, "iptables");
+    let server = SocketAddr::new(dns.ip4.into(), 53);
+    let web = "web.default.svc.cluster.local";
+    for how in ["", "--connect", "--tcp"] {
+        assert_eq!(
+            query(&mut t, &client, server, web, how)?,
+            (server.to_string(), "No Error".to_owned(), vip.clone()),
+            "{how}"
+        );
+    }
+    assert_eq!(
+        query(&mut t, &plain, server, web, "")?,
+        (
+            server.to_string(),
+            "Non-Existent Domain".to_owned(),
+            String::new()
+        )
+    );
+    let d = z.dump()?;
+    let stats = d
+        .dns
+        .pods
+        .get(&client.key())
+        .context("client's DNS counters")?;
+    assert_eq!(stats.answered_locally, 3, "{:?}", d.dns);
+    Ok(())
+}
+
+/// A Kubernetes pod's resolv.conf (ClusterFirst), its nameserver the cluster's DNS.
+fn pod_resolv_conf(t: &Topology, server: &Pod) -> anyhow::Result<std::path::PathBuf> {
+    let resolv = t.dir.path().join("pod-resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!(
+            "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver {}\noptions ndots:5\n",
+            server.ip4
+        ),
+    )?;
+    Ok(resolv)
+}
+
+/// Kernel capture with podapp alone (it runs in the VM matrix too): an enrolled pod's
+/// queries to any port-53 server are the proxy's, over unconnected UDP, connected UDP
+/// and TCP, and every answer comes from the server the pod asked.
 #[test]
 fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> anyhow::Result<()> {
     let Mesh {
@@ -357,17 +456,92 @@ fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> 
         _upstream,
     } = mesh(true, "5s")?;
     let server = SocketAddr::new(dns.ip4.into(), 53);
-    // A Kubernetes pod's resolv.conf (ClusterFirst), its nameserver the cluster's DNS.
-    let resolv = t.dir.path().join("pod-resolv.conf");
-    std::fs::write(
-        &resolv,
-        format!(
-            "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver {}\noptions ndots:5\n",
-            dns.ip4
-        ),
-    )?;
+    let web = "web.default.svc.cluster.local";
+    let found = |from: SocketAddr, a: &str| (from.to_string(), "No Error".to_owned(), a.to_owned());
+    for how in ["", "--connect", "--tcp"] {
+        assert_eq!(
+            query(&mut t, &client, server, web, how)?,
+            found(server, &vip),
+            "{how}"
+        );
+        // Forwarded, and the upstream's answer too comes from the server asked.
+        assert_eq!(
+            query(&mut t, &client, server, "external.example.org", how)?,
+            found(server, "198.51.100.7"),
+            "{how}"
+        );
+    }
+    // Any server the pod names is the proxy's: a made-up one answers too.
+    let other: SocketAddr = "192.0.2.53:53".parse()?;
+    for how in ["", "--connect"] {
+        assert_eq!(
+            query(&mut t, &client, other, web, how)?,
+            found(other, &vip),
+            "{how}"
+        );
+    }
+    // Another port is not DNS: not captured (the upstream has nothing on :5353).
+    let err = query(
+        &mut t,
+        &client,
+        SocketAddr::new(dns.ip4.into(), 5353),
+        web,
+        "",
+    )
+    .expect_err("port 5353 is not captured");
+    assert!(format!("{err:#}").contains("no answer"), "{err:#}");
 
-    // glibc drops an answer whose source is not the server it asked: it resolves.
+    // A pod outside the mesh asks the upstream itself: it does not know the service.
+    assert_eq!(
+        query(&mut t, &plain, server, web, "")?,
+        (
+            server.to_string(),
+            "Non-Existent Domain".to_owned(),
+            String::new()
+        )
+    );
+
+    let d = z.dump()?;
+    let stats = d
+        .dns
+        .pods
+        .get(&client.key())
+        .context("client's DNS counters")?;
+    assert_eq!(
+        (stats.answered_locally, stats.forwarded, stats.failures),
+        (5, 3, 0),
+        "{:?}",
+        d.dns
+    );
+    assert!(!d.dns.pods.contains_key(&plain.key()), "{:?}", d.dns);
+    let counter = |k: &str| d.capture.counters.get(k).copied().unwrap_or(0);
+    // UDP: 2 × 2 sends and 2 connects captured; TCP: 2 connects.
+    assert_eq!(counter("dns_captured"), 8, "{:?}", d.capture.counters);
+    // Unconnected UDP answers read with their source (recvfrom): 3; a connected
+    // socket's recv asks for no source, its getpeername answers from the map.
+    assert!(
+        counter("dns_answer_restored") >= 3,
+        "{:?}",
+        d.capture.counters
+    );
+    assert_eq!(counter("dns_refused"), 0, "{:?}", d.capture.counters);
+    Ok(())
+}
+
+/// Real resolvers through the capture: glibc (which drops an answer whose source is not
+/// the server it asked) with a Kubernetes pod's search list, and dig over UDP and TCP.
+#[test]
+fn glibc_and_dig_resolve_mesh_names_through_the_capture() -> anyhow::Result<()> {
+    let Mesh {
+        mut t,
+        client,
+        plain,
+        dns,
+        z: _z,
+        vip,
+        _upstream,
+    } = mesh(true, "5s")?;
+    let resolv = pod_resolv_conf(&t, &dns)?;
     let out = with_resolv(&mut t, &client, &resolv, &["getent", "hosts", "web"])?;
     assert_eq!(
         out.split_whitespace().collect::<Vec<_>>(),
@@ -378,10 +552,19 @@ fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> 
         &mut t,
         &client,
         &resolv,
+        &["getent", "hosts", "api.example.com"],
+    )?;
+    assert!(
+        out.starts_with(&format!("240.240.{}.5 ", t.subnet())),
+        "{out}"
+    );
+    let out = with_resolv(
+        &mut t,
+        &client,
+        &resolv,
         &["getent", "hosts", "external.example.org"],
     )?;
     assert!(out.starts_with("198.51.100.7 "), "{out}");
-    // dig over UDP and TCP, to the resolv.conf server.
     for proto in ["+notcp", "+tcp"] {
         let out = with_resolv(
             &mut t,
@@ -398,56 +581,7 @@ fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> 
         assert_eq!(a_records(&out), [vip.clone()], "{proto}: {out}");
         assert!(out.contains(&format!("SERVER: {}#53", dns.ip4)), "{out}");
     }
-
-    // The answer's source is the server asked (unconnected UDP: recvfrom), and a TCP
-    // connection's peer is the server too.
-    let web = "web.default.svc.cluster.local";
-    assert_eq!(
-        query(&mut t, &client, server, web, false)?,
-        (server.to_string(), "No Error".to_owned(), vip.clone())
-    );
-    assert_eq!(
-        query(&mut t, &client, server, web, true)?,
-        (server.to_string(), "No Error".to_owned(), vip.clone())
-    );
-    // Any server the pod names is the proxy's: a made-up one answers too.
-    let other: SocketAddr = "192.0.2.53:53".parse()?;
-    assert_eq!(
-        query(&mut t, &client, other, web, false)?,
-        (other.to_string(), "No Error".to_owned(), vip.clone())
-    );
-
-    // A pod outside the mesh asks the upstream itself: it does not know the service.
-    assert_eq!(
-        query(&mut t, &plain, server, web, false)?,
-        (
-            server.to_string(),
-            "Non-Existent Domain".to_owned(),
-            String::new()
-        )
-    );
+    // Outside the mesh the cluster's DNS (here: the fake upstream) does not know it.
     assert!(with_resolv(&mut t, &plain, &resolv, &["getent", "hosts", "web"]).is_err());
-
-    let d = z.dump()?;
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
-    // glibc's search list and A/AAAA pairs make the exact numbers its own business.
-    assert!(
-        stats.answered_locally >= 7 && stats.forwarded >= 1 && stats.failures == 0,
-        "{:?}",
-        d.dns
-    );
-    assert!(!d.dns.pods.contains_key(&plain.key()), "{:?}", d.dns);
-    let counter = |k: &str| d.capture.counters.get(k).copied().unwrap_or(0);
-    assert!(counter("dns_captured") >= 7, "{:?}", d.capture.counters);
-    assert!(
-        counter("dns_answer_restored") >= 5,
-        "{:?}",
-        d.capture.counters
-    );
-    assert_eq!(counter("dns_refused"), 0, "{:?}", d.capture.counters);
     Ok(())
 }
