@@ -6,8 +6,9 @@
 //! byte for byte, to the upstream resolvers of `--dns-resolv-conf` from inside the pod's
 //! netns, and answered SERVFAIL when none answers within `--dns-upstream-timeout`.
 //!
-//! Differences from Istio's ztunnel: services without an address (hostname only) are not
-//! given an auto-allocated VIP here, so their names are forwarded; per-pod counters are in
+//! A service with a hostname of its own and no address has a VIP auto-allocated by the
+//! store ([`crate::state::allocate_vips`], as Istio's auto-allocation), answered here and
+//! routed like any VIP. Difference from Istio's ztunnel: per-pod counters are in
 //! `/config_dump` (`dns`) rather than in extra metric labels.
 use std::{
     collections::{BTreeMap, HashMap},
@@ -917,8 +918,10 @@ mod tests {
     fn hostname_services_match_by_their_hostname_and_with_search_domains_appended() {
         let names = Names::new(&store(vec![
             service("ext", "shop", Some("api.example.com"), &["240.240.0.1"]),
-            // Hostname only: no VIP, nothing to answer with here (forwarded).
+            // Hostname only: its VIP is auto-allocated by the store.
             service("bare", "shop", Some("bare.example.com"), &[]),
+            // A headless Kubernetes service: no VIP, nothing to answer (forwarded).
+            service("headless", "shop", None, &[]),
         ]));
         for q in [
             "api.example.com",
@@ -930,7 +933,12 @@ mod tests {
             assert_eq!(host, "api.example.com");
             assert_eq!(vips, ips(&["240.240.0.1"]));
         }
-        assert!(names.resolve("shop", "bare.example.com").is_none());
+        let (_, bare) = names.resolve("shop", "bare.example.com").expect("auto VIP");
+        assert!(
+            matches!(bare, [IpAddr::V4(v)] if v.octets()[..2] == crate::state::AUTO_VIP_PREFIX),
+            "{bare:?}"
+        );
+        assert!(names.resolve("shop", "headless").is_none());
         assert!(
             names
                 .resolve("shop", "api.example.com.other.svc.cluster.local")

@@ -585,3 +585,66 @@ fn glibc_and_dig_resolve_mesh_names_through_the_capture() -> anyhow::Result<()> 
     assert!(with_resolv(&mut t, &plain, &resolv, &["getent", "hosts", "web"]).is_err());
     Ok(())
 }
+
+/// A service with only a hostname (ServiceEntry-like) gets an auto-allocated VIP: an
+/// enrolled pod resolves the name to it and its connections to that VIP reach the
+/// service's endpoint over HBONE.
+#[test]
+fn hostname_only_service_resolves_to_its_auto_vip_and_is_reached_by_name() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let client = t.add_pod("client", true, false)?;
+    let server = t.add_pod("server", true, false)?;
+    let _srv = t.serve(&server, server.addr(8080))?;
+    let mut yaml = t.workloads_yaml();
+    yaml += "services:\n  - name: db\n    namespace: default\n    hostname: db.example.internal\n    addresses: []\n    ports: [{port: 80, targetPort: 8080}]\n    selector: { app: server }\n";
+    let file = t.dir.path().join("hostname-service.yaml");
+    std::fs::write(&file, &yaml)?;
+    let z = t.start_ztunnel_with_file("node1", false, &file)?;
+
+    let d = z.dump()?;
+    let svc = d
+        .services
+        .iter()
+        .find(|s| s.hostname == "db.example.internal")
+        .context("the hostname service")?;
+    let [vip] = svc.vips.as_slice() else {
+        panic!("one auto-allocated VIP: {svc:?}");
+    };
+    let vip = vip.rsplit('/').next().unwrap_or(vip).to_owned();
+    assert!(vip.starts_with("240.240."), "{vip}");
+
+    // Any server the pod asks (captured), with the pod's search list appended or not.
+    let asked: SocketAddr = "192.0.2.53:53".parse()?;
+    for name in [
+        "db.example.internal",
+        "db.example.internal.default.svc.cluster.local",
+    ] {
+        assert_eq!(
+            query(&mut t, &client, asked, name, "")?,
+            (asked.to_string(), "No Error".to_owned(), vip.clone()),
+            "{name}"
+        );
+    }
+    let dst: SocketAddr = format!("{vip}:80").parse()?;
+    let out = t.call(&client, dst, &["--bytes", "3000"])?;
+    assert!(out.contains("match=true"), "{out}");
+    let d = z.wait_for("the connection to the hostname service", |d| {
+        d.connections
+            .list
+            .iter()
+            .any(|r| r.dst == dst && r.outcome.is_some())
+    })?;
+    let rec = d
+        .connections
+        .list
+        .iter()
+        .find(|r| r.dst == dst && r.outcome.is_some())
+        .context("record")?;
+    assert_eq!(rec.outcome.as_deref(), Some("ok"), "{rec:?}");
+    assert_eq!(rec.security_policy, "mutual_tls", "{rec:?}");
+    assert_eq!(
+        rec.dst_identity.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/server")
+    );
+    Ok(())
+}
