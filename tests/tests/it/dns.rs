@@ -195,7 +195,7 @@ fn enrolled_pod_resolves_services_locally_and_forwards_the_rest() -> anyhow::Res
     ] {
         let out = dig(&mut t, &client, &[name, "A"])?;
         assert_eq!(status(&out), "NOERROR", "{name}: {out}");
-        assert_eq!(a_records(&out), [vip.clone()], "{name}: {out}");
+        assert_eq!(a_records(&out), [vip.as_str()], "{name}: {out}");
         assert!(
             out.contains("flags: qr aa rd ra"),
             "{name}: authoritative: {out}"
@@ -229,7 +229,7 @@ fn enrolled_pod_resolves_services_locally_and_forwards_the_rest() -> anyhow::Res
     assert!(out.contains("ANSWER: 0"), "{out}");
     // Over TCP too.
     let out = dig(&mut t, &client, &["+tcp", "web.default.svc.cluster.local"])?;
-    assert_eq!(a_records(&out), [vip.clone()], "{out}");
+    assert_eq!(a_records(&out), [vip.as_str()], "{out}");
     // 40 VIPs do not fit in 512 bytes: truncated over UDP, whole over TCP.
     let out = dig(
         &mut t,
@@ -313,7 +313,7 @@ fn upstream_down_answers_servfail_within_the_timeout_and_the_next_query_works() 
         assert_eq!(status(&out), "SERVFAIL", "{out}");
         // The mesh's names do not need the upstream.
         let out = dig(&mut t, &client, &["web"])?;
-        assert_eq!(a_records(&out), [vip.clone()], "{out}");
+        assert_eq!(a_records(&out), [vip.as_str()], "{out}");
     }
     let d = z.dump()?;
     let stats = d
@@ -578,7 +578,7 @@ fn glibc_and_dig_resolve_mesh_names_through_the_capture() -> anyhow::Result<()> 
                 "web.default.svc.cluster.local",
             ],
         )?;
-        assert_eq!(a_records(&out), [vip.clone()], "{proto}: {out}");
+        assert_eq!(a_records(&out), [vip.as_str()], "{proto}: {out}");
         assert!(out.contains(&format!("SERVER: {}#53", dns.ip4)), "{out}");
     }
     // Outside the mesh the cluster's DNS (here: the fake upstream) does not know it.
