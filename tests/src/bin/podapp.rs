@@ -126,6 +126,17 @@ enum Cmd {
         #[arg(long)]
         connect: bool,
     },
+    /// Back-to-back UDP queries for `name` to `server` for `secs` seconds, each answer
+    /// checked for the one A record `expect`; prints one JSON line (`queries`, `per_sec`,
+    /// `p50_us`, `p99_us`, `wrong`: answers missing or not `expect`).
+    DnsRr {
+        server: SocketAddr,
+        name: String,
+        #[arg(long)]
+        expect: String,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
     /// latency counted from the request's scheduled time. Prints one JSON line.
@@ -200,6 +211,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
         Cmd::DnsUpstream { addr } => dns_upstream(addr),
+        Cmd::DnsRr {
+            server,
+            name,
+            expect,
+            secs,
+        } => dns_rr(server, &name, &expect, Duration::from_secs_f64(secs)),
         Cmd::DnsQuery {
             server,
             name,
@@ -863,6 +880,65 @@ fn dns_query(server: SocketAddr, name: &str, tcp: bool, connect: bool) -> anyhow
         "from={from} rcode={} a={}",
         m.metadata.response_code,
         a.join(",")
+    );
+    Ok(())
+}
+
+/// See [`Cmd::DnsRr`].
+fn dns_rr(server: SocketAddr, name: &str, expect: &str, secs: Duration) -> anyhow::Result<()> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let name = Name::from_ascii(name)?;
+    let s = std::net::UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 4096];
+    let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut queries, mut wrong) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(name.clone(), RecordType::A));
+        let id = q.metadata.id;
+        let sent = Instant::now();
+        s.send_to(&q.to_vec()?, server)?;
+        let ok = loop {
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => match Message::from_vec(&buf[..n]) {
+                    Ok(m) if m.metadata.id == id => {
+                        break m
+                            .answers
+                            .iter()
+                            .any(|r| matches!(&r.data, RData::A(a) if a.0.to_string() == expect));
+                    }
+                    // An answer to an earlier query that timed out: not this one.
+                    _ => continue,
+                },
+                Err(_) => break false,
+            }
+        };
+        lat.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+        queries += 1;
+        if !ok {
+            wrong += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "queries": queries,
+            "per_sec": queries as f64 / elapsed,
+            "p50_us": lat.value_at_quantile(0.5),
+            "p99_us": lat.value_at_quantile(0.99),
+            "wrong": wrong,
+        })
     );
     Ok(())
 }

@@ -648,3 +648,47 @@ fn hostname_only_service_resolves_to_its_auto_vip_and_is_reached_by_name() -> an
     );
     Ok(())
 }
+
+/// Back-to-back queries, answered locally and forwarded, captured: every one is
+/// answered right and none fails. The rates and latencies are printed (information
+/// only: this shared machine's speed is nobody's assertion).
+#[test]
+fn sustained_queries_are_all_answered_locally_and_forwarded() -> anyhow::Result<()> {
+    let Mesh {
+        mut t,
+        client,
+        dns,
+        z,
+        vip,
+        _upstream,
+        ..
+    } = mesh(true, "5s")?;
+    let server = SocketAddr::new(dns.ip4.into(), 53).to_string();
+    let mut total = 0u64;
+    for (what, name, expect) in [
+        ("local", "web.default.svc.cluster.local", vip.as_str()),
+        ("forwarded", "external.example.org", "198.51.100.7"),
+    ] {
+        let out = t
+            .spawn(
+                &client,
+                &["dns-rr", &server, name, "--expect", expect, "--secs", "2"],
+            )?
+            .wait_ok()?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        println!("dns {what}: {v}");
+        assert_eq!(v["wrong"], 0, "{what}: {v}");
+        let n = v["queries"].as_u64().context("queries")?;
+        assert!(n > 0, "{what}: {v}");
+        total += n;
+    }
+    let d = z.dump()?;
+    let stats = d
+        .dns
+        .pods
+        .get(&client.key())
+        .context("client's DNS counters")?;
+    assert_eq!(stats.queries, total, "{:?}", d.dns);
+    assert_eq!(stats.failures, 0, "{:?}", d.dns);
+    Ok(())
+}
