@@ -692,3 +692,67 @@ fn sustained_queries_are_all_answered_locally_and_forwarded() -> anyhow::Result<
     assert_eq!(stats.failures, 0, "{:?}", d.dns);
     Ok(())
 }
+
+/// With the original-destination map full (a flood of connections) an enrolled pod's
+/// DNS query is refused (EPERM), never sent uncaptured to the server; with room again it
+/// is captured as usual.
+#[test]
+fn full_orig_dst_map_refuses_dns_queries_and_none_goes_direct() -> anyhow::Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use ztunnel_common::orig_dst::{self, OrigDst};
+    /// Keys no socket cookie reaches (cookies count up from 1 per boot).
+    const FILLER: u64 = 1 << 62;
+
+    let Mesh {
+        mut t,
+        client,
+        dns,
+        z,
+        vip,
+        _upstream,
+        ..
+    } = mesh(true, "5s")?;
+    let pin = z.pin_dir.join("maps").join(orig_dst::BY_COOKIE);
+    let mut map: HashMap<MapData, u64, OrigDst> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+    let mut filled = 0u64;
+    while map.insert(FILLER + filled, OrigDst::default(), 0).is_ok() {
+        filled += 1;
+        assert!(
+            filled <= u64::from(orig_dst::MAX_ENTRIES),
+            "the map does not fill"
+        );
+    }
+    let server = SocketAddr::new(dns.ip4.into(), 53);
+    let web = "web.default.svc.cluster.local";
+    for how in ["", "--connect"] {
+        let err = query(&mut t, &client, server, web, how)
+            .expect_err("a query must not be sent with the map full");
+        assert!(
+            format!("{err:#}").contains("Operation not permitted"),
+            "{how}: {err:#}"
+        );
+    }
+    let d = z.dump()?;
+    assert_eq!(
+        d.capture.counters["dns_refused"], 2,
+        "{:?}",
+        d.capture.counters
+    );
+    assert_eq!(
+        d.capture.counters["dns_captured"], 0,
+        "{:?}",
+        d.capture.counters
+    );
+    // Nothing reached the proxy (the sends failed in the kernel).
+    assert!(d.dns.pods[&client.key()].queries == 0, "{:?}", d.dns);
+
+    for k in 0..filled {
+        map.remove(&(FILLER + k))?;
+    }
+    assert_eq!(
+        query(&mut t, &client, server, web, "")?,
+        (server.to_string(), "No Error".to_owned(), vip.clone())
+    );
+    Ok(())
+}
