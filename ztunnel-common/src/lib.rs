@@ -42,10 +42,10 @@ pub mod program {
     pub const SK_MSG: &str = "sk_msg_fast_path";
     pub const TC_INGRESS: &str = "tc_ingress_capture";
     pub const SK_LOOKUP: &str = "sk_lookup_time_wait";
-    pub const DNS_SENDMSG4: &str = "dns_sendmsg4";
-    pub const DNS_SENDMSG6: &str = "dns_sendmsg6";
-    pub const DNS_RECVMSG4: &str = "dns_recvmsg4";
-    pub const DNS_RECVMSG6: &str = "dns_recvmsg6";
+    pub const DNS_SENDMSG4: &str = "sendmsg4_dns";
+    pub const DNS_SENDMSG6: &str = "sendmsg6_dns";
+    pub const DNS_RECVMSG4: &str = "recvmsg4_dns";
+    pub const DNS_RECVMSG6: &str = "recvmsg6_dns";
 
     /// Every program in the object, in load order.
     pub const ALL: [&str; 14] = [

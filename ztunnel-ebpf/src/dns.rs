@@ -32,29 +32,29 @@ const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
 const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
 
 #[cgroup_sock_addr(sendmsg4)]
-pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+pub fn sendmsg4_dns(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
     verdict(unsafe { redirect(&ctx, false) })
 }
 
 #[cgroup_sock_addr(sendmsg6)]
-pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+pub fn sendmsg6_dns(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     verdict(unsafe { redirect(&ctx, true) })
 }
 
 #[cgroup_sock_addr(recvmsg4)]
-pub fn dns_recvmsg4(ctx: SockAddrContext) -> i32 {
+pub fn recvmsg4_dns(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { restore(&ctx, false) };
+    unsafe { try_recvmsg(&ctx, false) };
     // recvmsg programs must return 1.
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
-pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+pub fn recvmsg6_dns(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { restore(&ctx, true) };
+    unsafe { try_recvmsg(&ctx, true) };
     ALLOW
 }
 
@@ -152,7 +152,7 @@ pub unsafe fn to_proxy(sa: *mut bpf_sock_addr, v6: bool, dst: &IpKey) {
 /// # Safety
 /// `ctx` must be the program's context.
 #[inline(always)]
-unsafe fn restore(ctx: &SockAddrContext, v6: bool) {
+unsafe fn try_recvmsg(ctx: &SockAddrContext, v6: bool) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context.
     let (src, port) = unsafe { user_dst(sa, v6) };
