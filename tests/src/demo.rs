@@ -33,6 +33,9 @@ pub struct Report {
     pub identities_in_access_log: bool,
     pub long_lived_connection_survived: bool,
     pub policy_refused: bool,
+    /// frontend resolved `backend.default.svc.cluster.local` to its VIP through the DNS
+    /// capture (the answer from the server it asked) and called it by that VIP.
+    pub resolved_by_name: bool,
     /// Calls made both ways while node1's ztunnel was upgraded, and how many failed.
     pub upgrade_calls: u64,
     pub upgrade_failed_calls: u64,
@@ -129,6 +132,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             p.name, p.node, p.ip4
         ));
     }
+    let backend_vip = format!("10.{SUBNET}.250.80");
+    t.services_yaml = format!(
+        "services:\n  - name: backend\n    namespace: default\n    addresses: [{backend_vip}]\n    ports: [{{port: 80, targetPort: 8080}}]\n    selector: {{ app: backend }}\n"
+    );
     out.step("Starting one ztunnel per node (built-in CA, workload file, eBPF capture)");
     let mut z1 = t.start_ztunnel_on("node1", false)?;
     let mut z2 = t.start_ztunnel_on("node2", false)?;
@@ -208,6 +215,27 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.ok("backend's ztunnel logged the connection with both SPIFFE identities:");
     out.note(&format!("src.identity={} dst.identity={}", ids.0, ids.1));
     let _ = line;
+
+    out.step("DNS: frontend resolves backend by name, then calls it");
+    // The cluster's DNS as a pod's resolv.conf names it: the query never leaves the pod,
+    // ztunnel answers it on the pod's :15053 (eBPF capture), from the address asked.
+    let kube_dns = "10.96.0.10:53";
+    let out_q = t
+        .spawn(
+            &frontend,
+            &["dns-query", kube_dns, "backend.default.svc.cluster.local"],
+        )?
+        .wait_ok()?;
+    ensure!(
+        out_q.trim() == format!("from={kube_dns} rcode=No Error a={backend_vip}"),
+        "dns-query: {out_q}"
+    );
+    let called = t.call(&frontend, format!("{backend_vip}:80").parse()?, &[])?;
+    ensure!(called.contains("match=true"), "call by VIP: {called}");
+    report.resolved_by_name = true;
+    out.ok(&format!(
+        "backend.default.svc.cluster.local → {backend_vip} (answered by ztunnel as {kube_dns}); the call went through"
+    ));
 
     out.step("Policy: DENY frontend → db");
     t.write_workloads_text(&format!("{}{DENY_DB}", t.workloads_yaml()))?;

@@ -432,6 +432,8 @@ pub struct Topology {
     pub ports: Option<[SocketAddr; 3]>,
     /// Extra environment for the ztunnels this topology starts.
     pub ztunnel_env: Vec<(String, String)>,
+    /// Appended to [`Self::workloads_yaml`] (a `services:` section, say).
+    pub services_yaml: String,
 }
 
 impl Topology {
@@ -465,6 +467,7 @@ impl Topology {
             capture: None,
             ports: None,
             ztunnel_env: Vec::new(),
+            services_yaml: String::new(),
         };
         std::fs::create_dir_all(topo.cgroup_base.join("kubepods"))?;
         topo.make_node(1)?;
@@ -739,6 +742,7 @@ impl Topology {
                 p.cgroup.display()
             );
         }
+        out += &self.services_yaml;
         out
     }
 

@@ -19,6 +19,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iperf3",
+    // `dig`: the DNS proxy tests resolve through a real resolver inside a pod.
+    "bind9-dnsutils",
     "protobuf-compiler",
     "python3-venv",
     // `cargo xtask vm-test`: the VMs, their initramfs, and unpacking kernel modules.

@@ -123,6 +123,10 @@ const TESTS: &[(&str, Needs)] = &[
         "drain::after_the_drain_capture_and_return_path_stay_and_the_pod_fails_closed",
         Needs::EbpfCapture,
     ),
+    (
+        "dns::captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked",
+        Needs::EbpfCapture,
+    ),
     ("tunnel::non_mesh_pod_is_reached_in_plain_tcp", Needs::Any),
     (
         "tunnel::pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities",

@@ -6,6 +6,8 @@
 pub mod ports {
     //! ztunnel's well-known ports (the same numbers as Istio's ztunnel).
     pub const OUTBOUND: u16 = 15001;
+    /// The port apps send DNS queries to (captured to [`DNS`]).
+    pub const DNS_SERVER: u16 = 53;
     pub const INBOUND_PLAINTEXT: u16 = 15006;
     pub const HBONE: u16 = 15008;
     pub const DNS: u16 = 15053;
@@ -40,9 +42,13 @@ pub mod program {
     pub const SK_MSG: &str = "sk_msg_fast_path";
     pub const TC_INGRESS: &str = "tc_ingress_capture";
     pub const SK_LOOKUP: &str = "sk_lookup_time_wait";
+    pub const DNS_SENDMSG4: &str = "sendmsg4_dns";
+    pub const DNS_SENDMSG6: &str = "sendmsg6_dns";
+    pub const DNS_RECVMSG4: &str = "recvmsg4_dns";
+    pub const DNS_RECVMSG6: &str = "recvmsg6_dns";
 
     /// Every program in the object, in load order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 14] = [
         CONNECT4,
         CONNECT6,
         GETPEERNAME4,
@@ -53,6 +59,10 @@ pub mod program {
         SK_MSG,
         TC_INGRESS,
         SK_LOOKUP,
+        DNS_SENDMSG4,
+        DNS_SENDMSG6,
+        DNS_RECVMSG4,
+        DNS_RECVMSG6,
     ];
 }
 
@@ -258,6 +268,9 @@ pub mod config {
     pub const NAME: &str = "CAPTURE_CONFIG";
     /// 1 = `sockops` puts new app↔ztunnel loopback connections into the SOCKHASH.
     pub const FAST_PATH: u32 = 0;
+    /// 1 = an enrolled pod's DNS (UDP and TCP port 53, to anything but loopback) goes to
+    /// ztunnel's DNS proxy on the pod's loopback `:15053` (`--dns-capture`).
+    pub const DNS_CAPTURE: u32 = 1;
     pub const SLOTS: u32 = 4;
 }
 
@@ -312,12 +325,20 @@ pub mod stats {
     /// address is not, or not yet, configured in the pod). The connection is captured
     /// all the same.
     pub const CONNECT_SOURCE_LOOPBACK: u32 = 16;
+    /// DNS queries (UDP connects and sends, TCP connects to port 53) sent to ztunnel's
+    /// DNS proxy.
+    pub const DNS_CAPTURED: u32 = 17;
+    /// UDP DNS connects and sends refused (EPERM) because their server could not be
+    /// recorded (the original-destination map is full).
+    pub const DNS_REFUSED: u32 = 18;
+    /// DNS answers whose source was set back to the server the app asked.
+    pub const DNS_ANSWER_RESTORED: u32 = 19;
     /// Room for more counters: a new slot needs no new map, and a map of another size
     /// is replaced at load (see `ebpf::replace_incompatible_pins`).
     pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
-    pub const NAMES: [&str; 17] = [
+    pub const NAMES: [&str; 20] = [
         "connect_captured",
         "tuple_recorded",
         "orig_dst_hit",
@@ -335,6 +356,9 @@ pub mod stats {
         "tuple_record_failed",
         "inbound_drop_time_wait",
         "connect_source_loopback",
+        "dns_captured",
+        "dns_refused",
+        "dns_answer_restored",
     ];
     const _: () = assert!(NAMES.len() as u32 <= SLOTS);
 }

@@ -27,6 +27,7 @@ const ALLOW: i32 = 1;
 /// Refuse the syscall: the app's connect fails with EPERM.
 const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
 const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
@@ -112,7 +113,7 @@ pub fn getpeername6_capture(ctx: SockAddrContext) -> i32 {
 ///
 /// # Safety
 /// `sa` must be the program's context.
-unsafe fn user_dst(sa: *mut bpf_sock_addr, v6: bool) -> (IpKey, u16) {
+pub(crate) unsafe fn user_dst(sa: *mut bpf_sock_addr, v6: bool) -> (IpKey, u16) {
     // SAFETY: reads of context fields; each is a separate 4-byte load the verifier accepts.
     unsafe {
         // user_port holds the port in network byte order in its low 16 bits.
@@ -142,6 +143,10 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
             read_volatile(addr_of_mut!((*sa).protocol)),
         )
     };
+    if ty == SOCK_DGRAM {
+        // SAFETY: `ctx` is the context.
+        return unsafe { crate::dns::redirect(ctx, v6) };
+    }
     if ty != SOCK_STREAM || proto != IPPROTO_TCP {
         return Ok(ALLOW);
     }
@@ -177,7 +182,7 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         count(stats::CONNECT_SOURCE_LOOPBACK);
     }
 
-    let listener_port = u32::from(u16::to_be(ports::OUTBOUND));
+    let listener_port = u32::from(u16::to_be(crate::dns::tcp_listener(port)));
     // SAFETY: context writes, one field per store: the verifier rejects merged stores.
     unsafe {
         if !v6 {
@@ -301,7 +306,7 @@ unsafe fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context.
     let (peer, port) = unsafe { user_dst(sa, v6) };
-    if port != ports::OUTBOUND || !is_loopback(&peer) {
+    if (port != ports::OUTBOUND && port != ports::DNS) || !is_loopback(&peer) {
         return Ok(ALLOW);
     }
     // SAFETY: helper valid for cgroup sock_addr programs.

@@ -61,6 +61,9 @@ pub struct ConfigDump {
     /// The last upgrade this ztunnel took part in.
     #[serde(default)]
     pub handover: crate::app::HandoverStatus,
+    /// The DNS proxy: its upstreams and each enrolled pod's counters.
+    #[serde(default)]
+    pub dns: crate::dns::DnsDump,
 }
 
 /// A workload, with Istio ztunnel's field names.
@@ -518,7 +521,7 @@ fn istio_config(cfg: &Config, cluster: &str) -> serde_json::Value {
     let pool = crate::hbone::PoolSettings::default();
     let mut c = serde_json::json!({
         "proxy": true,
-        "dnsProxy": false,
+        "dnsProxy": cfg.dns_capture,
         "adminAddr": cfg.admin_addr.to_string(),
         "statsAddr": cfg.metrics_addr.to_string(),
         "readinessAddr": cfg.readiness_addr.to_string(),
@@ -658,6 +661,7 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
         peer_authentications: store.cfg.peer_authentications.clone(),
         enrolled_pods: shared.enrolled_info(),
         handover: shared.handover_status(),
+        dns: shared.proxy.dns().map(|d| d.dump()).unwrap_or_default(),
         capture: CaptureDump {
             mode: shared.capture.mode().to_owned(),
             features: serde_json::to_value(features).unwrap_or_default(),

@@ -1005,6 +1005,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
             pin_dir: cfg.bpf_pin_dir.clone(),
             own_cgroup: own_cgroup.clone(),
             fast_path: cfg.fast_path,
+            dns: cfg.dns_capture,
         },
     )?;
     let scope = (capture.mode() == "ebpf").then(|| Scope {
@@ -1025,6 +1026,15 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         probes,
         cfg.limits,
     )?;
+    if cfg.dns_capture {
+        let upstreams = crate::dns::read_resolv_conf(&cfg.dns_resolv_conf)?;
+        tracing::info!(upstreams = ?upstreams, timeout = %humantime::format_duration(cfg.dns_upstream_timeout), "DNS proxy on: enrolled pods' :15053");
+        proxy.set_dns(crate::dns::Dns::new(
+            upstreams,
+            cfg.dns_upstream_timeout,
+            metrics.clone(),
+        )?);
+    }
     let shared = Arc::new_cyclic(|me| Shared {
         me: me.clone(),
         capture,

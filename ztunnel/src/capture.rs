@@ -38,7 +38,11 @@ pub enum Error {
 pub enum Capture {
     // Boxed: the loaded object is large and there is one per process.
     Ebpf(Box<ebpf::Capture>),
-    Iptables { features: Features },
+    /// `dns`: the pods' port-53 traffic goes to the DNS proxy too (`--dns-capture`).
+    Iptables {
+        features: Features,
+        dns: bool,
+    },
 }
 
 /// What is attached for one pod.
@@ -82,7 +86,10 @@ impl Capture {
             Ok(Capture::Ebpf(Box::new(ebpf::Capture::load(opts)?)))
         } else {
             tracing::info!(kernel = %features.kernel, "iptables capture");
-            Ok(Capture::Iptables { features })
+            Ok(Capture::Iptables {
+                features,
+                dns: opts.dns,
+            })
         }
     }
 
@@ -118,10 +125,11 @@ impl Capture {
                 addrs,
                 inbound,
             )?)),
-            Capture::Iptables { .. } => Ok(PodCapture::Iptables(iptables::install(
+            Capture::Iptables { dns, .. } => Ok(PodCapture::Iptables(iptables::install(
                 name,
                 Netns::open(netns_path)?,
                 addrs,
+                *dns,
             )?)),
         }
     }
@@ -182,7 +190,7 @@ impl Capture {
     pub fn features(&self) -> &Features {
         match self {
             Capture::Ebpf(c) => c.features(),
-            Capture::Iptables { features } => features,
+            Capture::Iptables { features, .. } => features,
         }
     }
 

@@ -164,6 +164,28 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set)]
     pub fast_path: bool,
 
+    /// Answer enrolled pods' DNS on their `:15053` (service hostnames from the store, the
+    /// rest forwarded upstream). On by default, as Istio's ztunnel runs its DNS proxy
+    /// unless the pod's `DNS_CAPTURE` metadata says `false`.
+    #[arg(long, env = "ZTUNNEL_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+
+    /// The resolver config whose `nameserver`s the DNS proxy forwards to (the node's,
+    /// through ztunnel's own pod).
+    #[arg(
+        long,
+        env = "ZTUNNEL_DNS_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub dns_resolv_conf: PathBuf,
+
+    /// How long a forwarded DNS query waits for the upstreams (all of them, each an equal
+    /// share) before the pod gets SERVFAIL; shorter than a resolver's own 5 s, so that the
+    /// pod hears the failure rather than timing out.
+    #[arg(long, env = "ZTUNNEL_DNS_UPSTREAM_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub dns_upstream_timeout: Duration,
+
     /// The admin API's address; it must be a loopback address.
     #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -429,6 +451,15 @@ impl Config {
         }
         if self.node.trim().is_empty() {
             problems.push("--node: must not be empty".to_owned());
+        }
+        if self.dns_upstream_timeout.is_zero()
+            || self.dns_upstream_timeout > crate::dns::MAX_UPSTREAM_TIMEOUT
+        {
+            problems.push(format!(
+                "--dns-upstream-timeout {}: must be longer than zero and at most {}",
+                humantime::format_duration(self.dns_upstream_timeout),
+                humantime::format_duration(crate::dns::MAX_UPSTREAM_TIMEOUT)
+            ));
         }
         if !self.bpf_pin_dir.is_absolute() {
             problems.push(format!(

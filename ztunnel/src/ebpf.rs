@@ -163,6 +163,8 @@ pub struct Options {
     pub own_cgroup: PathBuf,
     /// Start with the same-node fast path on.
     pub fast_path: bool,
+    /// Send enrolled pods' DNS to ztunnel's DNS proxy (`--dns-capture`).
+    pub dns: bool,
 }
 
 /// An attachment we hold. Dropping it detaches, except [`Link::Pinned`]: a pinned link
@@ -433,6 +435,12 @@ impl Capture {
                 name: config::NAME,
                 source,
             })?;
+        maps.config
+            .set(config::DNS_CAPTURE, u32::from(opts.dns), 0)
+            .map_err(|source| Error::Map {
+                name: config::NAME,
+                source,
+            })?;
 
         let mut own_links = Vec::new();
         let sk_msg: &mut SkMsg = program_mut(&mut ebpf, program::SK_MSG)?;
@@ -636,6 +644,10 @@ impl Capture {
             program::CONNECT6,
             program::GETPEERNAME4,
             program::GETPEERNAME6,
+            program::DNS_SENDMSG4,
+            program::DNS_SENDMSG6,
+            program::DNS_RECVMSG4,
+            program::DNS_RECVMSG6,
         ] {
             let prog: &mut CgroupSockAddr = program_mut(ebpf, name)?;
             let id = prog

@@ -6,7 +6,9 @@
 //! `SO_ORIGINAL_DST`, as with eBPF. Conntrack reassembles fragments before NAT sees them
 //! and re-evaluates NAT for a SYN that reopens a closed tuple, so neither bypasses it.
 //! ztunnel's own connections are skipped by their marks (0x539, and 0x111 for the
-//! source-preserving connections to the app and their replies).
+//! source-preserving connections to the app and their replies). With `--dns-capture`,
+//! the pod's UDP and TCP to port 53 (but to loopback and its own addresses) go to the DNS
+//! proxy's `:15053`; conntrack gives the answers the server's address back.
 use std::net::IpAddr;
 
 use crate::netns::{self, Netns};
@@ -20,15 +22,32 @@ pub struct PodRules {
     pub name: String,
     netns: Netns,
     v6: bool,
+    dns: bool,
 }
 
 impl PodRules {
     /// What is attached, for the admin port.
     pub fn attached(&self) -> Vec<&'static str> {
-        vec![
+        let mut out = vec![
             "iptables nat OUTPUT → :15001",
             "iptables nat PREROUTING → :15006",
-        ]
+        ];
+        if self.dns {
+            out.push("iptables nat OUTPUT :53 → :15053");
+        }
+        out
+    }
+
+    /// The jumps from the built-in chains into ours.
+    fn jumps(&self) -> Vec<Vec<&'static str>> {
+        let mut out = vec![
+            vec!["OUTPUT", "-p", "tcp", "-j", OUT],
+            vec!["PREROUTING", "-p", "tcp", "-j", PRE],
+        ];
+        if self.dns {
+            out.push(vec!["OUTPUT", "-p", "udp", "--dport", "53", "-j", OUT]);
+        }
+        out
     }
 }
 
@@ -37,7 +56,7 @@ fn run(netns: &Netns, v6: bool, args: &[&str]) -> Result<String, netns::Error> {
 }
 
 /// The rules of one family, in order; each is appended with `-A`.
-fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
+fn rules(addrs: &[IpAddr], v6: bool, dns: bool) -> Vec<Vec<String>> {
     let loopback = if v6 { "::1/128" } else { "127.0.0.0/8" };
     let reserved = ztunnel_common::ports::NEVER_CAPTURED
         .map(|p| p.to_string())
@@ -69,6 +88,25 @@ fn rules(addrs: &[IpAddr], v6: bool) -> Vec<Vec<String>> {
         .collect();
     for a in &own {
         out.push([OUT, "-d", a, "-j", "RETURN"].map(str::to_owned).to_vec());
+    }
+    if dns {
+        for proto in ["udp", "tcp"] {
+            out.push(
+                [
+                    OUT,
+                    "-p",
+                    proto,
+                    "--dport",
+                    "53",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15053",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            );
+        }
     }
     out.push(
         [OUT, "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"]
@@ -110,15 +148,11 @@ fn installed(pod: &PodRules, addrs: &[IpAddr]) -> bool {
         families.push(true);
     }
     families.into_iter().all(|fam| {
-        let jumps = [
-            ["OUTPUT", "-p", "tcp", "-j", OUT],
-            ["PREROUTING", "-p", "tcp", "-j", PRE],
-        ];
-        jumps.iter().all(|j| {
+        pod.jumps().iter().all(|j| {
             let mut args = vec!["-t", "nat", "-C"];
             args.extend_from_slice(j);
             run(&pod.netns, fam, &args).is_ok()
-        }) && rules(addrs, fam).iter().all(|rule| {
+        }) && rules(addrs, fam, pod.dns).iter().all(|rule| {
             let mut args = vec!["-t", "nat", "-C"];
             args.extend(rule.iter().map(String::as_str));
             run(&pod.netns, fam, &args).is_ok()
@@ -128,12 +162,18 @@ fn installed(pod: &PodRules, addrs: &[IpAddr]) -> bool {
 
 /// Installs the pod's rules. Rules already in place (a predecessor's) are left as they
 /// are: taking them out first would let connections pass uncaptured meanwhile.
-pub fn install(name: &str, netns: Netns, addrs: &[IpAddr]) -> Result<PodRules, netns::Error> {
+pub fn install(
+    name: &str,
+    netns: Netns,
+    addrs: &[IpAddr],
+    dns: bool,
+) -> Result<PodRules, netns::Error> {
     let v6 = addrs.iter().any(IpAddr::is_ipv6);
     let pod = PodRules {
         name: name.to_owned(),
         netns,
         v6,
+        dns,
     };
     if installed(&pod, addrs) {
         tracing::info!(pod = %pod.name, "iptables capture already in place; kept");
@@ -148,21 +188,16 @@ pub fn install(name: &str, netns: Netns, addrs: &[IpAddr]) -> Result<PodRules, n
         for chain in [OUT, PRE] {
             run(&pod.netns, fam, &["-t", "nat", "-N", chain])?;
         }
-        for rule in rules(addrs, fam) {
+        for rule in rules(addrs, fam, pod.dns) {
             let mut args = vec!["-t", "nat", "-A"];
             args.extend(rule.iter().map(String::as_str));
             run(&pod.netns, fam, &args)?;
         }
-        run(
-            &pod.netns,
-            fam,
-            &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUT],
-        )?;
-        run(
-            &pod.netns,
-            fam,
-            &["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-j", PRE],
-        )?;
+        for j in pod.jumps() {
+            let mut args = vec!["-t", "nat", "-A"];
+            args.extend_from_slice(&j);
+            run(&pod.netns, fam, &args)?;
+        }
     }
     Ok(pod)
 }
@@ -174,16 +209,17 @@ fn remove_rules(pod: &PodRules) {
     }
     for fam in families {
         // Each step may find nothing to remove (a fresh pod): errors are expected here.
-        let _ = run(
-            &pod.netns,
-            fam,
-            &["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", OUT],
-        );
-        let _ = run(
-            &pod.netns,
-            fam,
-            &["-t", "nat", "-D", "PREROUTING", "-p", "tcp", "-j", PRE],
-        );
+        // Every jump any ztunnel may have made, the DNS one too (a predecessor's, with
+        // `--dns-capture` set otherwise).
+        for j in [
+            &["OUTPUT", "-p", "tcp", "-j", OUT][..],
+            &["PREROUTING", "-p", "tcp", "-j", PRE],
+            &["OUTPUT", "-p", "udp", "--dport", "53", "-j", OUT],
+        ] {
+            let mut args = vec!["-t", "nat", "-D"];
+            args.extend_from_slice(j);
+            let _ = run(&pod.netns, fam, &args);
+        }
         for chain in [OUT, PRE] {
             let _ = run(&pod.netns, fam, &["-t", "nat", "-F", chain]);
             let _ = run(&pod.netns, fam, &["-t", "nat", "-X", chain]);
@@ -207,7 +243,7 @@ mod tests {
             "10.0.0.5".parse().expect("ip"),
             "fd00::5".parse().expect("ip"),
         ];
-        let v4 = rules(&addrs, false);
+        let v4 = rules(&addrs, false, true);
         let redirect = v4
             .iter()
             .position(|r| r.contains(&"15001".to_owned()) && r.contains(&"REDIRECT".to_owned()))
@@ -220,7 +256,28 @@ mod tests {
             assert!(at < redirect, "{skip} must be skipped before the redirect");
         }
         assert!(v4.iter().all(|r| !r.iter().any(|a| a == "fd00::5")));
-        let v6 = rules(&addrs, true);
+        // DNS to loopback (a resolver in the pod) and to the pod itself is not captured.
+        for proto in ["udp", "tcp"] {
+            let dns = v4
+                .iter()
+                .position(|r| r.contains(&proto.to_owned()) && r.contains(&"15053".to_owned()))
+                .expect("dns redirect");
+            for skip in ["0x539/0xfff", "127.0.0.0/8", "10.0.0.5"] {
+                let at = v4
+                    .iter()
+                    .position(|r| r.iter().any(|a| a == skip))
+                    .expect("skip rule");
+                assert!(at < dns, "{skip} must be skipped before the DNS redirect");
+            }
+            assert!(dns < redirect, "port 53 before the outbound redirect");
+        }
+        assert!(
+            rules(&addrs, false, false)
+                .iter()
+                .all(|r| !r.contains(&"15053".to_owned())),
+            "no DNS rules without --dns-capture"
+        );
+        let v6 = rules(&addrs, true, true);
         assert!(v6.iter().any(|r| r.iter().any(|a| a == "::1/128")));
         assert!(v6.iter().any(|r| r.iter().any(|a| a == "fd00::5")));
     }
@@ -228,7 +285,7 @@ mod tests {
     #[test]
     fn only_ztunnels_in_pod_ports_are_exempt_and_inbound_covers_every_address() {
         let addrs: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip")];
-        let v4 = rules(&addrs, false);
+        let v4 = rules(&addrs, false, false);
         let exempt = v4
             .iter()
             .find(|r| r.iter().any(|a| a == "multiport"))

@@ -376,6 +376,8 @@ pub struct Metrics {
     config: ConfigMetrics,
     handover: HandoverMetrics,
     drain: DrainMetrics,
+    /// Istio's `istio_dns_*` families (the DNS proxy, [`crate::dns`]).
+    pub dns: crate::dns::Metrics,
 }
 
 /// The drain (issue 15: SIGTERM lets established connections finish). The series exist
@@ -688,6 +690,7 @@ impl Metrics {
         let config = ConfigMetrics::register(&mut registry);
         let handover = HandoverMetrics::register(&mut registry);
         let drain = DrainMetrics::register(&mut registry);
+        let dns = crate::dns::Metrics::register(&mut registry);
 
         Arc::new(Metrics {
             registry,
@@ -713,6 +716,7 @@ impl Metrics {
             config,
             handover,
             drain,
+            dns,
         })
     }
 

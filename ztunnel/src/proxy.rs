@@ -47,6 +47,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Netns(#[from] netns::Error),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::Error),
 }
 
 impl Error {
@@ -156,6 +158,8 @@ pub struct Proxy {
     /// The original-destination map, read directly when no `getsockopt` program answers
     /// (eBPF capture; see [`crate::ebpf::OrigDstTable`]).
     orig_dst_table: std::sync::OnceLock<crate::ebpf::OrigDstTable>,
+    /// The pods' DNS proxy (`--dns-capture`); without it pods get no `:15053` listeners.
+    dns: std::sync::OnceLock<Arc<crate::dns::Dns>>,
     /// Sources of kubelet probes (`--probe-sources`).
     pub probes: Arc<crate::probes::ProbeSources>,
     /// Timeouts and the per-listener cap.
@@ -559,6 +563,7 @@ impl Proxy {
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
                 orig_dst_table: std::sync::OnceLock::new(),
+                dns: std::sync::OnceLock::new(),
                 probes,
                 limits,
                 timeout_log: Mutex::new(RateLimit::new(limits::LOG_EVERY)),
@@ -699,6 +704,16 @@ impl Proxy {
     }
 
     /// Says whether inbound plaintext arrives NAT-redirected (iptables capture).
+    /// Gives every pod enrolled from now on a DNS proxy.
+    pub fn set_dns(&self, dns: Arc<crate::dns::Dns>) {
+        let _ = self.dns.set(dns);
+    }
+
+    /// The DNS proxy, when `--dns-capture` is on.
+    pub fn dns(&self) -> Option<&Arc<crate::dns::Dns>> {
+        self.dns.get()
+    }
+
     pub fn set_inbound_redirected(&self, on: bool) {
         self.inbound_redirected.store(on, Ordering::Relaxed);
     }
@@ -794,6 +809,7 @@ impl Proxy {
         *pod.return_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let mut listeners = PodListeners {
             tasks: Vec::new(),
+            dns_tasks: Vec::new(),
             sockets: Vec::new(),
             inherited: 0,
             pod: pod.clone(),
@@ -846,6 +862,12 @@ impl Proxy {
             };
             listeners.tasks.push(task);
             listeners.sockets.push((addr, Arc::downgrade(&l)));
+        }
+        if let Some(dns) = self.dns.get() {
+            let me = Arc::downgrade(self);
+            let store: Arc<dyn Fn() -> Arc<Store> + Send + Sync> =
+                Arc::new(move || me.upgrade().map(|p| p.store()).unwrap_or_default());
+            listeners.dns_tasks = dns.start_pod(pod.clone(), store)?;
         }
         Ok(listeners)
     }
@@ -1270,6 +1292,9 @@ fn set_ipv6_transparent(s: &Socket) -> io::Result<()> {
 /// it belongs to the pod, and only [`Self::leave_mesh`] lets it go.
 pub struct PodListeners {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The DNS proxy's loops: they go on through a drain (a successor's sockets share the
+    /// port, `SO_REUSEPORT`) and end with the pod's listeners.
+    dns_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The listening sockets, for a successor to take: weak, so that a listener closes
     /// when its accept loop ends (a drain without a successor fails closed at once).
     sockets: Vec<(SocketAddr, Weak<TcpListener>)>,
@@ -1325,7 +1350,7 @@ impl PodListeners {
 
 impl Drop for PodListeners {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.dns_tasks) {
             t.abort();
         }
         drop(

@@ -126,7 +126,8 @@ pub struct Service {
     /// Defaults to `<name>.<namespace>.svc.cluster.local`.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// The service's virtual IPs.
+    /// The service's virtual IPs. Empty with a `hostname` of its own: one is
+    /// auto-allocated ([`allocate_vips`]).
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// Workloads in the same namespace whose labels include all of these back the service.
@@ -554,6 +555,76 @@ pub struct Store {
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Where hostname-only services get their VIPs (Istio's auto-allocation range for
+/// ServiceEntries, `240.240.0.0/16`).
+pub const AUTO_VIP_PREFIX: [u8; 2] = [240, 240];
+
+/// Gives every service that has a hostname of its own (not a Kubernetes service's
+/// `*.svc.cluster.local`) and no address a VIP from [`AUTO_VIP_PREFIX`], as Istio's
+/// auto-allocation does for ServiceEntries, so that its name resolves (the DNS proxy)
+/// and connections to it are routed like any service's. The VIP comes from a hash of the
+/// hostname (FNV-1a), taking the next free one on a collision with an address in use,
+/// services in hostname order: the same hostname gets the same VIP in every version of
+/// the config and on every node, unless a new hostname collides with it first. Services
+/// sharing a hostname share its VIP. Headless Kubernetes services keep none.
+pub fn allocate_vips(services: &mut [Service]) {
+    let mut wanting: Vec<(String, usize)> = services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.addresses.is_empty())
+        .filter_map(|(i, s)| {
+            let h = s
+                .hostname
+                .as_deref()?
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            (!h.ends_with(".svc.cluster.local") && !h.is_empty()).then_some((h, i))
+        })
+        .collect();
+    if wanting.is_empty() {
+        return;
+    }
+    wanting.sort();
+    let mut taken: std::collections::HashSet<IpAddr> = services
+        .iter()
+        .flat_map(|s| s.addresses.iter().copied())
+        .collect();
+    let mut given: HashMap<String, IpAddr> = HashMap::new();
+    for (host, i) in wanting {
+        let vip = match given.get(&host) {
+            Some(v) => *v,
+            None => {
+                // FNV-1a: stable across builds and nodes (std's hasher is seeded).
+                let mut hash: u32 = 0x811c_9dc5;
+                for b in host.bytes() {
+                    hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+                }
+                // 65534 slots: .0.0 and .255.255 are never handed out.
+                let mut slot = (hash % 65534) + 1;
+                let vip = loop {
+                    let [_, _, hi, lo] = slot.to_be_bytes();
+                    let ip = IpAddr::from([AUTO_VIP_PREFIX[0], AUTO_VIP_PREFIX[1], hi, lo]);
+                    if taken.insert(ip) {
+                        break Some(ip);
+                    }
+                    slot = slot % 65534 + 1;
+                    if slot == (hash % 65534) + 1 {
+                        // Every address of the range is in use: no VIP (the name is forwarded).
+                        break None;
+                    }
+                };
+                let Some(vip) = vip else {
+                    tracing::warn!(hostname = %host, "no free auto-allocated VIP in 240.240.0.0/16");
+                    continue;
+                };
+                given.insert(host, vip);
+                vip
+            }
+        };
+        services[i].addresses.push(vip);
+    }
+}
+
 impl Default for Store {
     fn default() -> Self {
         Self::new(LocalConfig::default())
@@ -563,7 +634,8 @@ impl Default for Store {
 impl Store {
     /// Indexes a config: a pass over the workloads, one over the services and one over the
     /// policies, each entry found by hash.
-    pub fn new(cfg: LocalConfig) -> Self {
+    pub fn new(mut cfg: LocalConfig) -> Self {
+        allocate_vips(&mut cfg.services);
         let mut by_addr = HashMap::with_capacity(cfg.workloads.len());
         let mut by_key = HashMap::with_capacity(cfg.workloads.len());
         // The first workload index of each workload's key.
@@ -804,6 +876,131 @@ fn check_mode(mode: &str) -> Result<(), String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    fn svc(name: &str, ns: &str, hostname: Option<&str>, vips: &[&str]) -> Service {
+        Service {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            hostname: hostname.map(str::to_owned),
+            addresses: vips.iter().map(|v| v.parse().expect("ip")).collect(),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: Some(8080),
+            }],
+            selector: BTreeMap::from([("app".to_owned(), "db".to_owned())]),
+            subject_alt_names: Vec::new(),
+        }
+    }
+
+    fn vips(services: &[Service]) -> BTreeMap<String, Vec<IpAddr>> {
+        services
+            .iter()
+            .map(|s| (s.key(), s.addresses.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn hostname_only_services_get_a_stable_auto_allocated_vip() {
+        let mut services = vec![
+            svc("db", "shop", Some("db.example.internal"), &[]),
+            svc("db-copy", "other", Some("DB.example.internal."), &[]),
+            svc("api", "shop", Some("api.example.com"), &[]),
+            // Kubernetes services without an address are headless: no VIP.
+            svc("headless", "shop", None, &[]),
+            svc(
+                "headless2",
+                "shop",
+                Some("headless2.shop.svc.cluster.local"),
+                &[],
+            ),
+            // A VIP given stays the only one.
+            svc("given", "shop", Some("given.example.com"), &["240.240.1.1"]),
+        ];
+        allocate_vips(&mut services);
+        let got = vips(&services);
+        let db = got["shop/db"].clone();
+        assert_eq!(db.len(), 1, "{got:?}");
+        assert!(
+            matches!(db[0], IpAddr::V4(v) if v.octets()[..2] == AUTO_VIP_PREFIX),
+            "{got:?}"
+        );
+        // One hostname, one VIP, whatever the case or trailing dot.
+        assert_eq!(got["other/db-copy"], db);
+        assert_eq!(got["shop/api"].len(), 1);
+        assert_ne!(got["shop/api"], db);
+        assert!(got["shop/headless"].is_empty() && got["shop/headless2"].is_empty());
+        assert_eq!(
+            got["shop/given"],
+            ["240.240.1.1".parse::<IpAddr>().expect("ip")]
+        );
+
+        // Stable: the same VIPs from another order, and with other services around.
+        let mut again: Vec<Service> = services
+            .iter()
+            .rev()
+            .map(|s| {
+                let mut s = s.clone();
+                if s.key() != "shop/given" {
+                    s.addresses.clear();
+                }
+                s
+            })
+            .collect();
+        again.push(svc("web", "shop", None, &["10.96.0.1"]));
+        allocate_vips(&mut again);
+        let again = vips(&again);
+        for k in ["shop/db", "other/db-copy", "shop/api"] {
+            assert_eq!(again[k], got[k], "{k}");
+        }
+    }
+
+    #[test]
+    fn an_auto_allocated_vip_never_takes_an_address_in_use_and_routes_like_any_vip() {
+        let mut probe = vec![svc("db", "shop", Some("db.example.internal"), &[])];
+        allocate_vips(&mut probe);
+        let natural = probe[0].addresses[0];
+        // Another service owns that address: the next one is taken.
+        let mut services = vec![
+            svc("db", "shop", Some("db.example.internal"), &[]),
+            svc("owner", "shop", None, &[&natural.to_string()]),
+        ];
+        allocate_vips(&mut services);
+        assert_eq!(services[0].addresses.len(), 1);
+        assert_ne!(services[0].addresses[0], natural);
+
+        let store = Store::new(LocalConfig {
+            workloads: vec![Arc::new(Workload {
+                name: "db-0".to_owned(),
+                namespace: "shop".to_owned(),
+                uid: None,
+                node: "node1".to_owned(),
+                network: String::new(),
+                addresses: vec!["10.0.0.9".parse().expect("ip")],
+                service_account: "db".to_owned(),
+                trust_domain: None,
+                protocol: None,
+                labels: BTreeMap::from([("app".to_owned(), "db".to_owned())]),
+                canonical_name: None,
+                canonical_revision: None,
+                workload_type: None,
+                workload_name: None,
+                netns: None,
+                cgroup: None,
+                locality: None,
+            })],
+            services: vec![svc("db", "shop", Some("db.example.internal"), &[])],
+            ..LocalConfig::default()
+        });
+        let vip = store.cfg.services[0].addresses[0];
+        assert_eq!(vip, natural);
+        // Not enrolled: plain TCP to the endpoint and target port, as through any VIP.
+        match store.route(SocketAddr::new(vip, 80)) {
+            Route::Passthrough { dst } => {
+                assert_eq!(dst, "10.0.0.9:8080".parse::<SocketAddr>().expect("addr"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn parse(text: &str) -> Result<LocalConfig, Error> {
         LocalConfig::parse(Path::new("w.yaml"), text, "node1")

@@ -114,6 +114,33 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// A fake upstream DNS resolver on UDP and TCP `addr`: `external.example.org` has A
+    /// 198.51.100.7, `big.example.org` has 60 A records (truncated over UDP without room
+    /// for them), every other name is NXDOMAIN. Prints `ready`.
+    DnsUpstream { addr: SocketAddr },
+    /// Ask `server` for `name`'s A records from an unconnected UDP socket (`sendto`,
+    /// `recvfrom`), a connected one with `--connect` (`send`, `recv`, the source from
+    /// `getpeername`), or over TCP with `--tcp`; print `from=<answer's source>
+    /// rcode=<code> a=<ip>,<ip>…`.
+    DnsQuery {
+        server: SocketAddr,
+        name: String,
+        #[arg(long)]
+        tcp: bool,
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Back-to-back UDP queries for `name` to `server` for `secs` seconds, each answer
+    /// checked for the one A record `expect`; prints one JSON line (`queries`, `per_sec`,
+    /// `p50_us`, `p99_us`, `wrong`: answers missing or not `expect`).
+    DnsRr {
+        server: SocketAddr,
+        name: String,
+        #[arg(long)]
+        expect: String,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Request/response latency on one connection: write `size` bytes, read the echo,
     /// repeat for `secs` seconds; back to back, or at `rate` requests per second with each
     /// latency counted from the request's scheduled time. Prints one JSON line.
@@ -188,6 +215,19 @@ fn main() -> anyhow::Result<()> {
         ),
         Cmd::Many { addr, count } => many(addr, count),
         Cmd::SamePort { addr, port } => same_port(addr, port),
+        Cmd::DnsUpstream { addr } => dns_upstream(addr),
+        Cmd::DnsRr {
+            server,
+            name,
+            expect,
+            secs,
+        } => dns_rr(server, &name, &expect, Duration::from_secs_f64(secs)),
+        Cmd::DnsQuery {
+            server,
+            name,
+            tcp,
+            connect,
+        } => dns_query(server, &name, tcp, connect),
         Cmd::Rr {
             addr,
             size,
@@ -720,5 +760,207 @@ fn conns(addr: SocketAddr, secs: Duration, threads: usize) -> anyhow::Result<()>
     let elapsed = start.elapsed().as_secs_f64();
     let out = serde_json::json!({ "connections": total, "per_sec": total as f64 / elapsed });
     println!("{out}");
+    Ok(())
+}
+
+/// The fake upstream's answer to `query` (see [`Cmd::DnsUpstream`]): over UDP (`udp`)
+/// no bigger than the query's EDNS payload size (512 without EDNS).
+fn dns_answer(query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    use hickory_proto::{
+        op::{Edns, Message, MessageType, OpCode, ResponseCode},
+        rr::{RData, Record, rdata},
+    };
+    use std::net::Ipv4Addr;
+    let req = Message::from_vec(query).ok()?;
+    if req.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let q = req.queries.first()?.clone();
+    let mut m = Message::response(req.metadata.id, OpCode::Query);
+    m.metadata.recursion_desired = req.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.add_query(q.clone());
+    let limit = match &req.edns {
+        Some(e) => {
+            m.set_edns(Edns::new());
+            usize::from(e.max_payload()).max(512)
+        }
+        None => 512,
+    };
+    let a = |ip: Ipv4Addr| Record::from_rdata(q.name.clone(), 60, RData::A(rdata::A(ip)));
+    match q.name.to_ascii().to_ascii_lowercase().as_str() {
+        "external.example.org." => {
+            m.add_answer(a(Ipv4Addr::new(198, 51, 100, 7)));
+        }
+        "big.example.org." => {
+            for i in 1..=60 {
+                m.add_answer(a(Ipv4Addr::new(198, 51, 100, i)));
+            }
+        }
+        _ => m.metadata.response_code = ResponseCode::NXDomain,
+    }
+    let bytes = m.to_vec().ok()?;
+    if udp && bytes.len() > limit {
+        return m.truncate().to_vec().ok();
+    }
+    Some(bytes)
+}
+
+/// See [`Cmd::DnsUpstream`].
+fn dns_upstream(addr: SocketAddr) -> anyhow::Result<()> {
+    let udp =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("failed to bind udp {addr}"))?;
+    let tcp = TcpListener::bind(addr).with_context(|| format!("failed to bind tcp {addr}"))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::thread::spawn(move || {
+        for stream in tcp.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || -> std::io::Result<()> {
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                loop {
+                    let mut len = [0u8; 2];
+                    s.read_exact(&mut len)?;
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    s.read_exact(&mut q)?;
+                    let Some(answer) = dns_answer(&q, false) else {
+                        return Ok(());
+                    };
+                    let n = u16::try_from(answer.len()).map_err(std::io::Error::other)?;
+                    s.write_all(&n.to_be_bytes())?;
+                    s.write_all(&answer)?;
+                }
+            });
+        }
+    });
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = udp.recv_from(&mut buf).context("udp recv")?;
+        if let Some(answer) = dns_answer(&buf[..n], true) {
+            udp.send_to(&answer, peer).context("udp send")?;
+        }
+    }
+}
+
+/// See [`Cmd::DnsQuery`].
+fn dns_query(server: SocketAddr, name: &str, tcp: bool, connect: bool) -> anyhow::Result<()> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let query = q.to_vec()?;
+    let (answer, from) = if tcp {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(10))
+            .with_context(|| format!("failed to connect to {server}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let len = u16::try_from(query.len())?;
+        s.write_all(&len.to_be_bytes())?;
+        s.write_all(&query)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).context("no answer")?;
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut answer)?;
+        (answer, s.peer_addr()?)
+    } else {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let s = std::net::UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 4096];
+        if connect {
+            s.connect(server)
+                .with_context(|| format!("failed to connect to {server}"))?;
+            s.send(&query)
+                .with_context(|| format!("failed to send to {server}"))?;
+            let n = s.recv(&mut buf).context("no answer")?;
+            buf.truncate(n);
+            (buf, s.peer_addr()?)
+        } else {
+            s.send_to(&query, server)
+                .with_context(|| format!("failed to send to {server}"))?;
+            let (n, from) = s.recv_from(&mut buf).context("no answer")?;
+            buf.truncate(n);
+            (buf, from)
+        }
+    };
+    let m = Message::from_vec(&answer)?;
+    let a: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    println!(
+        "from={from} rcode={} a={}",
+        m.metadata.response_code,
+        a.join(",")
+    );
+    Ok(())
+}
+
+/// See [`Cmd::DnsRr`].
+fn dns_rr(server: SocketAddr, name: &str, expect: &str, secs: Duration) -> anyhow::Result<()> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let name = Name::from_ascii(name)?;
+    let s = std::net::UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 4096];
+    let mut lat = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut queries, mut wrong) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(name.clone(), RecordType::A));
+        let id = q.metadata.id;
+        let sent = Instant::now();
+        s.send_to(&q.to_vec()?, server)?;
+        let ok = loop {
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => match Message::from_vec(&buf[..n]) {
+                    Ok(m) if m.metadata.id == id => {
+                        break m
+                            .answers
+                            .iter()
+                            .any(|r| matches!(&r.data, RData::A(a) if a.0.to_string() == expect));
+                    }
+                    // An answer to an earlier query that timed out: not this one.
+                    _ => continue,
+                },
+                Err(_) => break false,
+            }
+        };
+        lat.record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+        queries += 1;
+        if !ok {
+            wrong += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "queries": queries,
+            "per_sec": queries as f64 / elapsed,
+            "p50_us": lat.value_at_quantile(0.5),
+            "p99_us": lat.value_at_quantile(0.99),
+            "wrong": wrong,
+        })
+    );
     Ok(())
 }

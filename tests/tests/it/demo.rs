@@ -11,6 +11,7 @@ fn the_demo_shows_plaintext_then_mtls_then_a_refusal_then_an_upgrade_and_leaves_
     assert!(r.identities_in_access_log);
     assert!(r.long_lived_connection_survived);
     assert!(r.policy_refused);
+    assert!(r.resolved_by_name);
     assert!(r.upgrade_calls > 0, "no call during the upgrade");
     assert_eq!(r.upgrade_failed_calls, 0);
     assert!(

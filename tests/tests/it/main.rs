@@ -5,6 +5,7 @@ mod adversarial;
 mod bench;
 mod ca;
 mod demo;
+mod dns;
 mod drain;
 mod enrolment;
 mod inbound;
