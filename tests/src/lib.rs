@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use ztunnel::admin::ConfigDump;
 
 pub mod bench;
@@ -1145,4 +1145,51 @@ pub fn metric_sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Optio
         })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// A ztunnel's original-destination map filled to its limit through its pin (as a flood
+/// of connections would fill it), with keys no socket cookie reaches (cookies count up
+/// from 1 per boot); [`FilledOrigDstMap::empty`] takes them out again.
+pub struct FilledOrigDstMap {
+    map: aya::maps::HashMap<aya::maps::MapData, u64, ztunnel_common::orig_dst::OrigDst>,
+    filled: u64,
+}
+
+impl FilledOrigDstMap {
+    const FILLER: u64 = 1 << 62;
+
+    pub fn fill(z: &Ztunnel) -> anyhow::Result<Self> {
+        use aya::maps::{HashMap, Map, MapData};
+        use ztunnel_common::orig_dst::{self, OrigDst};
+        let pin = z.pin_dir.join("maps").join(orig_dst::BY_COOKIE);
+        let mut map: HashMap<MapData, u64, OrigDst> =
+            HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+        let mut filled = 0u64;
+        while map
+            .insert(Self::FILLER + filled, OrigDst::default(), 0)
+            .is_ok()
+        {
+            filled += 1;
+            ensure!(
+                filled <= u64::from(orig_dst::MAX_ENTRIES),
+                "{} does not fill",
+                pin.display()
+            );
+        }
+        ensure!(
+            filled == u64::from(orig_dst::MAX_ENTRIES),
+            "{} filled at {filled}, not at its limit {}",
+            pin.display(),
+            orig_dst::MAX_ENTRIES
+        );
+        Ok(FilledOrigDstMap { map, filled })
+    }
+
+    /// Removes every entry [`FilledOrigDstMap::fill`] put in.
+    pub fn empty(mut self) -> anyhow::Result<()> {
+        for k in 0..self.filled {
+            self.map.remove(&(Self::FILLER + k))?;
+        }
+        Ok(())
+    }
 }

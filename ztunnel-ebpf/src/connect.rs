@@ -29,8 +29,8 @@ const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
-const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
-const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
+pub(crate) const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
+pub(crate) const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
 
 /// `struct sockaddr_in` (the bindings have only `sockaddr`).
 #[repr(C)]
@@ -182,25 +182,8 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         count(stats::CONNECT_SOURCE_LOOPBACK);
     }
 
-    let listener_port = u32::from(u16::to_be(crate::dns::tcp_listener(port)));
-    // SAFETY: context writes, one field per store: the verifier rejects merged stores.
-    unsafe {
-        if !v6 {
-            write_volatile(addr_of_mut!((*sa).user_ip4), LOOPBACK4);
-        } else if dst.family == AF_INET {
-            // A dual-stack socket dialling an IPv4-mapped address: stay on IPv4 loopback.
-            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[2]), V4_MAPPED_PREFIX);
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), LOOPBACK4);
-        } else {
-            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[2]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), u32::to_be(1));
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), listener_port);
-    }
+    // SAFETY: `sa` is the program's context.
+    unsafe { to_loopback(sa, v6, &dst, crate::dns::tcp_listener(port)) };
     count(stats::CONNECT_CAPTURED);
     Ok(ALLOW)
 }
@@ -337,4 +320,32 @@ unsafe fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         write_volatile(addr_of_mut!((*sa).user_port), port);
     }
     Ok(ALLOW)
+}
+
+/// Points the connect (or send) at ztunnel's listener on loopback `port`: `127.0.0.1`, or
+/// for an IPv6 socket `[::1]`, or `::ffff:127.0.0.1` when it dials an IPv4-mapped address
+/// (a dual-stack socket stays on IPv4).
+///
+/// # Safety
+/// `sa` must be the program's context.
+#[inline(always)]
+pub(crate) unsafe fn to_loopback(sa: *mut bpf_sock_addr, v6: bool, dst: &IpKey, port: u16) {
+    let port = u32::from(u16::to_be(port));
+    // SAFETY: context writes, one field per store: the verifier rejects merged stores.
+    unsafe {
+        if !v6 {
+            write_volatile(addr_of_mut!((*sa).user_ip4), LOOPBACK4);
+        } else if dst.family == AF_INET {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), V4_MAPPED_PREFIX);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), LOOPBACK4);
+        } else {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), 0);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), u32::to_be(1));
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), port);
+    }
 }

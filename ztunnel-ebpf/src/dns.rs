@@ -20,7 +20,7 @@ use aya_ebpf::{
 use ztunnel_common::{IpKey, config, orig_dst::OrigDst, ports, stats};
 
 use crate::{
-    connect::user_dst,
+    connect::{V4_MAPPED_PREFIX, user_dst},
     maps::{AF_INET, AF_INET6, ORIG_DST_COOKIE, count, is_loopback, is_unspecified, switch_on},
 };
 
@@ -28,8 +28,6 @@ use crate::{
 const ALLOW: i32 = 1;
 /// Refuse the syscall: the app's send fails with EPERM.
 const REFUSE: i32 = 0;
-const LOOPBACK4: u32 = u32::to_be(0x7f00_0001);
-const V4_MAPPED_PREFIX: u32 = u32::to_be(0xffff);
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4_dns(ctx: SockAddrContext) -> i32 {
@@ -126,24 +124,8 @@ pub fn tcp_listener(port: u16) -> u16 {
 /// `sa` must be the program's context.
 #[inline(always)]
 pub unsafe fn to_proxy(sa: *mut bpf_sock_addr, v6: bool, dst: &IpKey) {
-    let port = u32::from(u16::to_be(ports::DNS));
-    // SAFETY: context writes, one field per store: the verifier rejects merged stores.
-    unsafe {
-        if !v6 {
-            write_volatile(addr_of_mut!((*sa).user_ip4), LOOPBACK4);
-        } else if dst.family == AF_INET {
-            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[2]), V4_MAPPED_PREFIX);
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), LOOPBACK4);
-        } else {
-            write_volatile(addr_of_mut!((*sa).user_ip6[0]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[2]), 0);
-            write_volatile(addr_of_mut!((*sa).user_ip6[3]), u32::to_be(1));
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), port);
-    }
+    // SAFETY: as this function's.
+    unsafe { crate::connect::to_loopback(sa, v6, dst, ports::DNS) }
 }
 
 /// An answer from the proxy (`127.0.0.1:15053`, `[::1]:15053`) to a socket whose query

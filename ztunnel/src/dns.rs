@@ -826,7 +826,7 @@ fn qname(req: &Message) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{LocalConfig, Service, ServicePort};
+    use crate::state::{LocalConfig, Service};
 
     fn store(services: Vec<Service>) -> Store {
         Store::new(LocalConfig {
@@ -835,19 +835,9 @@ mod tests {
         })
     }
 
+    /// A service on port 80 (the state tests' fixture; DNS reads only its names and VIPs).
     fn service(name: &str, ns: &str, hostname: Option<&str>, vips: &[&str]) -> Service {
-        Service {
-            name: name.to_owned(),
-            namespace: ns.to_owned(),
-            hostname: hostname.map(str::to_owned),
-            addresses: vips.iter().map(|v| v.parse().expect("ip")).collect(),
-            ports: vec![ServicePort {
-                port: 80,
-                target_port: None,
-            }],
-            selector: BTreeMap::new(),
-            subject_alt_names: Vec::new(),
-        }
+        crate::state::tests::svc(name, ns, hostname, vips)
     }
 
     fn ips(v: &[&str]) -> Vec<IpAddr> {

@@ -877,7 +877,7 @@ fn check_mode(mode: &str) -> Result<(), String> {
 pub(crate) mod tests {
     use super::*;
 
-    fn svc(name: &str, ns: &str, hostname: Option<&str>, vips: &[&str]) -> Service {
+    pub(crate) fn svc(name: &str, ns: &str, hostname: Option<&str>, vips: &[&str]) -> Service {
         Service {
             name: name.to_owned(),
             namespace: ns.to_owned(),

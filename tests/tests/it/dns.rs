@@ -9,6 +9,26 @@ use ztunnel_tests::{Pod, PodProcess, Topology, Ztunnel, metric_sample};
 
 const DIG: &str = "/usr/bin/dig";
 
+/// `pod`'s DNS counters in the dump.
+fn pod_counters<'d>(
+    d: &'d ztunnel::admin::ConfigDump,
+    pod: &Pod,
+) -> anyhow::Result<&'d ztunnel::dns::PodStatsDump> {
+    d.dns
+        .pods
+        .get(&pod.key())
+        .with_context(|| format!("no DNS counters for {} in {:?}", pod.key(), d.dns))
+}
+
+/// What [`query`] returns for an answer NXDOMAIN from `server`.
+fn nxdomain_from(server: SocketAddr) -> (String, String, String) {
+    (
+        server.to_string(),
+        "Non-Existent Domain".to_owned(),
+        String::new(),
+    )
+}
+
 /// Runs `dig @127.0.0.1 -p 15053 <args>` in `pod` (one try, 10 s: a proxy that answers
 /// at all answers far sooner) and returns its output.
 fn dig(t: &mut Topology, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
@@ -254,11 +274,7 @@ fn enrolled_pod_resolves_services_locally_and_forwards_the_rest() -> anyhow::Res
     // again over TCP), 4 forwarded (`big` twice).
     let d = z.dump()?;
     assert!(d.dns.enabled);
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
+    let stats = pod_counters(&d, &client)?;
     assert_eq!(stats.answered_locally, 9, "{:?}", d.dns);
     assert_eq!(stats.forwarded, 4, "{:?}", d.dns);
     assert_eq!(stats.failures, 0, "{:?}", d.dns);
@@ -316,11 +332,7 @@ fn upstream_down_answers_servfail_within_the_timeout_and_the_next_query_works() 
         assert_eq!(a_records(&out), [vip.as_str()], "{out}");
     }
     let d = z.dump()?;
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
+    let stats = pod_counters(&d, &client)?;
     assert_eq!((stats.forwarded, stats.failures), (4, 4), "{:?}", d.dns);
     assert_eq!(
         d.dns.upstreams,
@@ -412,18 +424,10 @@ fn iptables_capture_sends_dns_to_the_proxy() -> anyhow::Result<()> {
     }
     assert_eq!(
         query(&mut t, &plain, server, web, "")?,
-        (
-            server.to_string(),
-            "Non-Existent Domain".to_owned(),
-            String::new()
-        )
+        nxdomain_from(server)
     );
     let d = z.dump()?;
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
+    let stats = pod_counters(&d, &client)?;
     assert_eq!(stats.answered_locally, 3, "{:?}", d.dns);
     Ok(())
 }
@@ -494,19 +498,11 @@ fn captured_queries_reach_the_proxy_and_answers_come_from_the_server_asked() -> 
     // A pod outside the mesh asks the upstream itself: it does not know the service.
     assert_eq!(
         query(&mut t, &plain, server, web, "")?,
-        (
-            server.to_string(),
-            "Non-Existent Domain".to_owned(),
-            String::new()
-        )
+        nxdomain_from(server)
     );
 
     let d = z.dump()?;
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
+    let stats = pod_counters(&d, &client)?;
     assert_eq!(
         (stats.answered_locally, stats.forwarded, stats.failures),
         (5, 3, 0),
@@ -683,11 +679,7 @@ fn sustained_queries_are_all_answered_locally_and_forwarded() -> anyhow::Result<
         total += n;
     }
     let d = z.dump()?;
-    let stats = d
-        .dns
-        .pods
-        .get(&client.key())
-        .context("client's DNS counters")?;
+    let stats = pod_counters(&d, &client)?;
     assert_eq!(stats.queries, total, "{:?}", d.dns);
     assert_eq!(stats.failures, 0, "{:?}", d.dns);
     Ok(())
@@ -698,11 +690,6 @@ fn sustained_queries_are_all_answered_locally_and_forwarded() -> anyhow::Result<
 /// is captured as usual.
 #[test]
 fn full_orig_dst_map_refuses_dns_queries_and_none_goes_direct() -> anyhow::Result<()> {
-    use aya::maps::{HashMap, Map, MapData};
-    use ztunnel_common::orig_dst::{self, OrigDst};
-    /// Keys no socket cookie reaches (cookies count up from 1 per boot).
-    const FILLER: u64 = 1 << 62;
-
     let Mesh {
         mut t,
         client,
@@ -712,17 +699,7 @@ fn full_orig_dst_map_refuses_dns_queries_and_none_goes_direct() -> anyhow::Resul
         _upstream,
         ..
     } = mesh(true, "5s")?;
-    let pin = z.pin_dir.join("maps").join(orig_dst::BY_COOKIE);
-    let mut map: HashMap<MapData, u64, OrigDst> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
-    let mut filled = 0u64;
-    while map.insert(FILLER + filled, OrigDst::default(), 0).is_ok() {
-        filled += 1;
-        assert!(
-            filled <= u64::from(orig_dst::MAX_ENTRIES),
-            "the map does not fill"
-        );
-    }
+    let full = ztunnel_tests::FilledOrigDstMap::fill(&z)?;
     let server = SocketAddr::new(dns.ip4.into(), 53);
     let web = "web.default.svc.cluster.local";
     for how in ["", "--connect"] {
@@ -747,9 +724,7 @@ fn full_orig_dst_map_refuses_dns_queries_and_none_goes_direct() -> anyhow::Resul
     // Nothing reached the proxy (the sends failed in the kernel).
     assert!(d.dns.pods[&client.key()].queries == 0, "{:?}", d.dns);
 
-    for k in 0..filled {
-        map.remove(&(FILLER + k))?;
-    }
+    full.empty()?;
     assert_eq!(
         query(&mut t, &client, server, web, "")?,
         (server.to_string(), "No Error".to_owned(), vip.clone())

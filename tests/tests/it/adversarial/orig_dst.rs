@@ -3,12 +3,8 @@
 //! also those of connects the kernel failed after the capture recorded them.
 use std::time::Duration;
 
-use aya::maps::{HashMap, Map, MapData};
-use ztunnel_common::orig_dst::{self, OrigDst};
-use ztunnel_tests::Topology;
-
-/// Keys no socket cookie reaches (cookies count up from 1 per boot).
-const FILLER: u64 = 1 << 62;
+use ztunnel_common::orig_dst;
+use ztunnel_tests::{FilledOrigDstMap, Topology};
 
 #[test]
 fn full_orig_dst_map_refuses_connects_and_nothing_goes_direct() -> anyhow::Result<()> {
@@ -18,19 +14,8 @@ fn full_orig_dst_map_refuses_connects_and_nothing_goes_direct() -> anyhow::Resul
     let _srv = t.serve(&b, b.addr(8080))?;
     let z = t.start_ztunnel(false)?;
 
-    // Fill the map through its pin, as a flood of connections would.
-    let pin = z.pin_dir.join("maps").join(orig_dst::BY_COOKIE);
-    let mut map: HashMap<MapData, u64, OrigDst> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
-    let mut filled = 0u64;
-    while map.insert(FILLER + filled, OrigDst::default(), 0).is_ok() {
-        filled += 1;
-        assert!(
-            filled <= u64::from(orig_dst::MAX_ENTRIES),
-            "the map does not fill"
-        );
-    }
-    assert_eq!(filled, u64::from(orig_dst::MAX_ENTRIES));
+    // Fill the map, as a flood of connections would.
+    let full = FilledOrigDstMap::fill(&z)?;
 
     let wire = t.dir.path().join("b-eth0.pcap");
     let cap = ztunnel_tests::Tcpdump::start(&b.netns, "eth0", wire)?;
@@ -55,9 +40,7 @@ fn full_orig_dst_map_refuses_connects_and_nothing_goes_direct() -> anyhow::Resul
     );
 
     // Room again: the next connect is captured as usual.
-    for k in 0..filled {
-        map.remove(&(FILLER + k))?;
-    }
+    full.empty()?;
     let out = t.call(&a, b.addr(8080), &[])?;
     assert!(out.contains("match=true"), "{out}");
     assert_eq!(z.dump()?.capture.counters["connect_captured"], 1);
