@@ -209,7 +209,8 @@ impl Reasons {
         if let Some(at) = self.panic_at.take() {
             self.record(&test, &format!("{} ({at})", line.trim()));
         } else if let Some(rest) = line.strip_prefix("thread '") {
-            if let Some((_, at)) = rest.split_once("' panicked at ") {
+            // `thread '<name>' panicked at …`, or `thread '<name>' (<tid>) panicked at …`.
+            if let Some((_, at)) = rest.split_once(" panicked at ") {
                 let at = at.trim_end_matches(':');
                 self.panic_at = Some(at.to_owned());
             }
@@ -245,7 +246,7 @@ mod tests {
             "Stack backtrace:",
             "   0: anyhow::error::<impl anyhow::Error>::msg",
             "---- c::d stdout ----",
-            "thread 'main' panicked at tests/tests/it/x.rs:12:5:",
+            "thread 'c::d' (31127) panicked at tests/tests/it/x.rs:12:5:",
             "ztunnel does not serve again",
             "note: run with `RUST_BACKTRACE=1`",
             "---- e::f stdout ----",

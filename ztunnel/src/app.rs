@@ -1199,11 +1199,23 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         // With ZDS, the pods are known only once istio-cni's snapshot is in.
         if synced.pods_known() {
             if first {
-                // Capture a previous ztunnel left pinned for pods no longer wanted goes
-                // now; what it left for pods still wanted stays, enrolled or not.
-                shared
-                    .capture
-                    .release_unclaimed(&wanted, &wanted_addrs, &shared.netns_cookies());
+                if shared.handover.predecessor().is_some() {
+                    // A live predecessor serves pods with the capture this would release:
+                    // a pod it serves that this ztunnel's view lacks (a wrong node name,
+                    // a partial snapshot) would go uncaptured once it exits. Its capture
+                    // stays pinned instead: fail closed until a ztunnel enrols the pod.
+                    tracing::info!(
+                        "a predecessor is serving: capture pinned for pods outside this ztunnel's view stays"
+                    );
+                } else {
+                    // Capture a previous ztunnel left pinned for pods no longer wanted
+                    // goes now; what it left for pods still wanted stays, enrolled or not.
+                    shared.capture.release_unclaimed(
+                        &wanted,
+                        &wanted_addrs,
+                        &shared.netns_cookies(),
+                    );
+                }
                 first = false;
             }
             let s = shared.clone();

@@ -422,6 +422,69 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
     Ok(())
 }
 
+/// A successor whose view lacks a pod the old ztunnel serves (here its file places a on
+/// another node; in life a wrong node name or a partial snapshot) takes over what it
+/// knows and never releases the rest: once the old ztunnel has gone, a's connects are
+/// still captured and refused, never sent direct in plaintext.
+#[test]
+fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        mut old,
+        stuck_file: _,
+        _servers,
+    } = overlap()?;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    let here = "  - name: a\n    namespace: default\n    node: node1\n";
+    let yaml = t.workloads_yaml();
+    anyhow::ensure!(
+        yaml.contains(here),
+        "a is not in the file as expected:\n{yaml}"
+    );
+    let partial = t.dir.path().join("partial.yaml");
+    std::fs::write(
+        &partial,
+        yaml.replace(
+            here,
+            "  - name: a\n    namespace: default\n    node: node9\n",
+        ),
+    )?;
+    let new = t.spawn_ztunnel("node1", false, &partial)?;
+    wait_handover(&new, "complete")?;
+    stop_drained(&mut old)?;
+    old.terminate();
+    upgrade::wait_exit(&mut old, "the old ztunnel")?;
+
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert!(
+        progs.contains("connect4_capture"),
+        "a's capture went with the old ztunnel:\n{progs}"
+    );
+    let before = new.dump()?.connections.opened_total;
+    let out = t.call(&a, b.addr(8080), &[]);
+    assert!(
+        !matches!(&out, Ok(o) if o.contains("match=true")),
+        "a reached b with no ztunnel serving it: {out:?}"
+    );
+    assert_eq!(
+        new.dump()?.connections.opened_total,
+        before,
+        "b's ztunnel carried a's call"
+    );
+    assert!(
+        new.log_text()
+            .contains("capture pinned for pods outside this ztunnel's view stays"),
+        "{}",
+        new.log_text()
+    );
+    // b is served by the successor as usual.
+    assert!(call_ok(&mut t, &c, b.addr(8080)));
+    Ok(())
+}
+
 /// Two ztunnels on one host's network namespace (systemd-style, no pod of their own)
 /// contend for the admin, metrics and readiness ports: the successor starts anyway,
 /// takes over, and serves those ports once its predecessor has exited.
