@@ -389,7 +389,8 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    // Bounded: a ztunnel that stops answering fails the call instead of hanging the test.
+    let call = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut send, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -406,9 +407,17 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String
         if !status.is_success() {
             bail!("{method} {path}: {status}: {body}");
         }
-        Ok(body)
+        anyhow::Ok(body)
+    };
+    rt.block_on(async {
+        tokio::time::timeout(HTTP_TIMEOUT, call)
+            .await
+            .with_context(|| format!("{method} http://{addr}{path}: no answer within {HTTP_TIMEOUT:?}"))?
     })
 }
+
+/// How long [`http`] waits for ztunnel's admin, metrics or readiness port.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One or two nodes: each a netns with a bridge (`10.<s>.<node>.1/24`) and pods attached
 /// to it; two nodes are joined by a veth "wire" and route between each other (forwarding

@@ -42,7 +42,19 @@ enum Command {
     Fuzz(fuzz::Options),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the run with their message and causes, without a backtrace: a reader of
+/// the log's tail (CI shows the tail) sees the failed tests' reasons printed just before.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Setup(options) = &cli.command {
         return setup::run(options);

@@ -61,6 +61,13 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             crate::setup::kubernetes_validate_bin()?,
         )
         .env("PODAPP_BIN", &podapp)
+        // A failed test's error is read from the tail of its output: with RUST_BACKTRACE
+        // set (as CI sets it), anyhow would bury each error, and the tools' errors a test
+        // quotes, under a stack of frames. Panics keep theirs.
+        .env(
+            "RUST_LIB_BACKTRACE",
+            std::env::var_os("RUST_LIB_BACKTRACE").unwrap_or_else(|| "0".into()),
+        )
         .args(["test", "--workspace", "--exclude", EBPF_CRATE])
         .args(["--exclude", FUZZ_CRATE])
         .args(["--", "--test-threads=1"])

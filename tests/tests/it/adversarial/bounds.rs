@@ -328,9 +328,36 @@ fn a_listener_at_its_cap_stops_accepting_and_catches_up_as_handshakes_time_out()
     Ok(())
 }
 
+/// Sets another process's descriptor limit (soft and hard), as `prlimit(1)` would.
+fn set_nofile(pid: u32, limit: u64) -> anyhow::Result<()> {
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: plain syscall on a pid; `new` outlives it and no old value is asked for.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "prlimit(pid {pid}, RLIMIT_NOFILE, {limit}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() -> anyhow::Result<()>
 {
+    // Each step says when it is done: a failure's output starts with how far it got.
+    let test_started = Instant::now();
+    let step = |what: &str| println!("[{:>6.1} s] {what}", test_started.elapsed().as_secs_f64());
     let mut t = Topology::new()?;
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
@@ -339,29 +366,25 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     // The half-open connections keep their descriptors for the whole test: no handshake
     // timeout frees one (and restarts the backoff) however slow the machine is.
     let z = start(&mut t, &[("ZTUNNEL_TLS_ACCEPT_TIMEOUT", "300s")])?;
+    step("ztunnel started, a and b enrolled");
     echo_ok(&mut t, &a, b.addr(8080)).context("the call before starving ztunnel")?;
-    assert_eq!(
-        z.metric("ztunnel_accept_errors_total", &[("error", "emfile")])?,
-        0
-    );
+    step("a -> b served");
+    let before = z
+        .metric("ztunnel_accept_errors_total", &[("error", "emfile")])
+        .context("metrics before starving ztunnel")?;
+    assert_eq!(before, 0, "EMFILE counted before starving ztunnel");
 
     // Leave ztunnel 16 spare descriptors, then take them: connections to b's :15008 that
     // never handshake. It accepts 16, then every accept fails with EMFILE while the rest
     // wait in the backlog.
     let pid = z.pid();
-    let limit = open_fds(pid)? + 16;
-    let out = Command::new("prlimit")
-        .arg("--pid")
-        .arg(pid.to_string())
-        .arg(format!("--nofile={limit}:{limit}"))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "prlimit failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let open = open_fds(pid).context("ztunnel's descriptors")?;
+    let limit = open + 16;
+    set_nofile(pid, limit)?;
+    step(&format!("ztunnel (pid {pid}) holds {open} descriptors, limit {limit}"));
     let starved_at = Instant::now();
-    let attack = half_open(&m, b.addr(15008), 64)?;
+    let attack = half_open(&m, b.addr(15008), 64).context("m's connections to b's :15008")?;
+    step("64 connections to b's :15008 open");
     wait_until(
         &format!("ztunnel (pid {pid}) to hold {limit} descriptors"),
         Duration::from_secs(60),
@@ -371,6 +394,7 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
                 .context("ztunnel exited while out of descriptors")
         },
     )?;
+    step("ztunnel out of descriptors");
     // Out of descriptors for a while.
     std::thread::sleep(Duration::from_secs(3));
 
@@ -379,9 +403,12 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     // last of the backlog being accepted and closed).
     let mut served = false;
     for _ in 0..20 {
-        if echo_ok(&mut t, &a, b.addr(8080)).is_ok() {
-            served = true;
-            break;
+        match echo_ok(&mut t, &a, b.addr(8080)) {
+            Ok(()) => {
+                served = true;
+                break;
+            }
+            Err(e) => step(&format!("a -> b not served yet: {e:#}")),
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -393,13 +420,16 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     // Every failed accept happened in this time (the last ones while the descriptors the
     // attack held were being freed).
     let starved_for = starved_at.elapsed();
+    step("a -> b served again");
 
     // It backed off instead of spinning: a hot loop makes hundreds of thousands of
     // accept calls a second; 10 ms doubling to 1 s makes about a dozen in these seconds.
-    let emfile = z.metric(
-        "ztunnel_accept_errors_total",
-        &[("listener", "hbone"), ("error", "emfile")],
-    )?;
+    let emfile = z
+        .metric(
+            "ztunnel_accept_errors_total",
+            &[("listener", "hbone"), ("error", "emfile")],
+        )
+        .context("metrics after starving ztunnel")?;
     assert!(emfile >= 1, "no EMFILE counted: {}", z.metrics_text()?);
     let bound = 20 + 2 * starved_for.as_secs();
     assert!(
