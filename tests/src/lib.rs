@@ -412,7 +412,9 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String
     rt.block_on(async {
         tokio::time::timeout(HTTP_TIMEOUT, call)
             .await
-            .with_context(|| format!("{method} http://{addr}{path}: no answer within {HTTP_TIMEOUT:?}"))?
+            .with_context(|| {
+                format!("{method} http://{addr}{path}: no answer within {HTTP_TIMEOUT:?}")
+            })?
     })
 }
 

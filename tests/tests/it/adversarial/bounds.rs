@@ -381,7 +381,9 @@ fn out_of_descriptors_ztunnel_backs_off_and_serves_again_once_they_are_free() ->
     let open = open_fds(pid).context("ztunnel's descriptors")?;
     let limit = open + 16;
     set_nofile(pid, limit)?;
-    step(&format!("ztunnel (pid {pid}) holds {open} descriptors, limit {limit}"));
+    step(&format!(
+        "ztunnel (pid {pid}) holds {open} descriptors, limit {limit}"
+    ));
     let starved_at = Instant::now();
     let attack = half_open(&m, b.addr(15008), 64).context("m's connections to b's :15008")?;
     step("64 connections to b's :15008 open");
