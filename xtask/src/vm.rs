@@ -145,6 +145,14 @@ const TESTS: &[(&str, Needs)] = &[
         Needs::Any,
     ),
     (
+        "iptables::iptables_a_changed_spec_reenrols_the_pod_without_a_moment_uncaptured",
+        Needs::Any,
+    ),
+    (
+        "adversarial::config::a_changed_spec_reenrols_the_pod_without_a_moment_uncaptured",
+        Needs::EbpfCapture,
+    ),
+    (
         "adversarial::packets::fragmented_ipv4_syn_is_dropped_under_strict",
         Needs::EbpfCapture,
     ),

@@ -178,15 +178,16 @@ impl Shared {
             .collect();
         for key in stale {
             if let (Some(new), Some(e)) = (desired.get(&key), pods.get(&key)) {
+                let same_netns = Netns::open(&new.netns)
+                    .and_then(|n| n.id())
+                    .is_ok_and(|id| id == e.netns_id);
                 // A new path to the same netns (another process of the pod found first)
                 // is the same pod: nothing to redo.
-                let same_pod = LocalPod {
-                    netns: new.netns.clone(),
-                    ..e.spec.clone()
-                } == *new
-                    && Netns::open(&new.netns)
-                        .and_then(|n| n.id())
-                        .is_ok_and(|id| id == e.netns_id);
+                let same_pod = same_netns
+                    && LocalPod {
+                        netns: new.netns.clone(),
+                        ..e.spec.clone()
+                    } == *new;
                 if same_pod {
                     if let Some(e) = pods.get_mut(&key) {
                         e.spec = new.clone();
@@ -202,24 +203,39 @@ impl Shared {
                     failed.insert(key, format!("failed to re-enrol pod {}: {reason}", new.key));
                     continue;
                 }
+                if same_netns {
+                    // Make before break: the old enrolment serves (and captures) until
+                    // the new one is complete, and stays if it cannot be.
+                    let Some(old) = pods.remove(&key) else {
+                        continue;
+                    };
+                    match self.reenrol(new, old) {
+                        Ok(e) => {
+                            tracing::info!(pod = %key, "pod re-enrolled for its changed spec");
+                            pods.insert(key, e);
+                        }
+                        Err((e, old)) => {
+                            let reason = format!("{e:#}");
+                            tracing::error!(pod = %key, error = %reason, "failed to re-enrol a pod for its changed spec; keeping its current enrolment; will retry");
+                            self.count_failure(&e);
+                            failed.insert(
+                                key.clone(),
+                                format!("failed to re-enrol pod {}: {reason}", new.key),
+                            );
+                            pods.insert(key, old);
+                        }
+                    }
+                    continue;
+                }
             }
+            // The pod left the mesh here, or came back in another netns (a new pod of
+            // the same name): the old one's enrolment goes.
             if let Some(mut e) = pods.remove(&key) {
                 // Capture first, so new connections go direct before the listeners close.
                 if let Some(c) = e.capture.take() {
                     self.capture.unenrol(c);
                 }
-                // The pod leaves the mesh unless it comes back in the same netns (a
-                // changed spec): then its return path stays for the re-enrolment.
-                let same_netns = desired.get(&key).is_some_and(|new| {
-                    Netns::open(&new.netns)
-                        .and_then(|n| n.id())
-                        .is_ok_and(|id| id == e.netns_id)
-                });
-                if same_netns {
-                    drop(e);
-                } else {
-                    e.listeners.leave_mesh();
-                }
+                e.listeners.leave_mesh();
                 tracing::info!(pod = %key, "pod unenrolled");
                 self.proxy.metrics.pod_unenrolled();
             }
@@ -369,6 +385,92 @@ impl Shared {
             capture: Some(capture),
             listeners,
         })
+    }
+
+    /// Re-enrols a pod whose spec changed in the same netns (identity, addresses,
+    /// cgroup), make before break: the new certificate, then new listeners on the same
+    /// listening sockets (accept queues and all), then the new capture attached beside
+    /// the old one; only when all of that stands do the old listeners and links go.
+    /// Whatever fails, the old enrolment comes back as it was, still serving and
+    /// capturing: the pod never runs uncaptured in between. Established connections
+    /// keep their tasks either way.
+    fn reenrol(
+        &self,
+        spec: &LocalPod,
+        mut old: Enrolled,
+    ) -> Result<Enrolled, (anyhow::Error, Enrolled)> {
+        let started = (|| -> anyhow::Result<PodListeners> {
+            let identity: Identity = spec.identity.parse()?;
+            tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
+            let pod = Arc::new(PodNet {
+                name: spec.key.clone(),
+                netns: Netns::open(&spec.netns)?,
+                addrs: spec.addresses.clone(),
+                identity,
+                return_path: Mutex::default(),
+                server_tls: Mutex::default(),
+            });
+            let own = old
+                .listeners
+                .dup_sockets()
+                .context("failed to share the pod's listening sockets with its new listeners")?;
+            Ok(self.proxy.restart_pod(pod, own)?)
+        })();
+        let listeners = match started {
+            Ok(l) => l,
+            Err(e) => {
+                old.listeners.reinstate();
+                return Err((e, old));
+            }
+        };
+        let sockets = listeners.inbound();
+        let inbound: Vec<_> = sockets
+            .iter()
+            .map(|(a, l)| {
+                use std::os::fd::AsFd as _;
+                (*a, l.as_fd())
+            })
+            .collect();
+        let replaced = match old.capture.take() {
+            Some(c) => self
+                .capture
+                .reenrol(
+                    c,
+                    &old.spec.addresses,
+                    &spec.netns,
+                    &spec.cgroup,
+                    &spec.addresses,
+                    &inbound,
+                )
+                .map_err(|(e, c)| (e, Some(c))),
+            None => self
+                .capture
+                .enrol(
+                    &spec.key,
+                    &spec.netns,
+                    &spec.cgroup,
+                    &spec.addresses,
+                    &inbound,
+                )
+                .map_err(|e| (e, None)),
+        };
+        drop(inbound);
+        drop(sockets);
+        match replaced {
+            Ok(capture) => Ok(Enrolled {
+                spec: spec.clone(),
+                netns_id: old.netns_id,
+                capture: Some(capture),
+                // The old listeners stop here; their sockets stay open in the new ones.
+                listeners,
+            }),
+            Err((e, capture)) => {
+                old.capture = capture;
+                drop(listeners);
+                old.listeners.reinstate();
+                Err((e.into(), old))
+            }
+        }
     }
 
     /// The pod's listening sockets from the predecessor, if one still serves (empty

@@ -33,6 +33,8 @@ pub enum Error {
     Netns(#[from] netns::Error),
     #[error("the same-node fast path needs eBPF capture; this ztunnel runs iptables capture")]
     FastPathNeedsEbpf,
+    #[error("the pod's capture is not of this ztunnel's kind (eBPF against iptables)")]
+    Mismatch,
 }
 
 pub enum Capture {
@@ -131,6 +133,50 @@ impl Capture {
                 addrs,
                 *dns,
             )?)),
+        }
+    }
+
+    /// Replaces a pod's capture for its changed spec in the same netns, never leaving
+    /// it uncaptured: see [`ebpf::Capture::reenrol`]. iptables rules are rewritten in
+    /// place (`iptables` has no atomic swap of a chain here): if the new rules cannot be
+    /// installed, the old ones (`old_addrs`) are put back. On failure the old capture
+    /// comes back with the reason.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reenrol(
+        &self,
+        old: PodCapture,
+        old_addrs: &[IpAddr],
+        netns_path: &Path,
+        cgroup_path: &Path,
+        addrs: &[IpAddr],
+        inbound: &[(SocketAddr, BorrowedFd<'_>)],
+    ) -> Result<PodCapture, (Error, PodCapture)> {
+        match (self, old) {
+            (Capture::Ebpf(c), PodCapture::Ebpf(p)) => c
+                .reenrol(p, netns_path, cgroup_path, addrs, inbound)
+                .map(PodCapture::Ebpf)
+                .map_err(|(e, p)| (e.into(), PodCapture::Ebpf(p))),
+            (Capture::Iptables { dns, .. }, PodCapture::Iptables(p)) => {
+                let install = |addrs: &[IpAddr]| -> Result<iptables::PodRules, Error> {
+                    Ok(iptables::install(
+                        &p.name,
+                        Netns::open(netns_path)?,
+                        addrs,
+                        *dns,
+                    )?)
+                };
+                match install(addrs) {
+                    Ok(rules) => Ok(PodCapture::Iptables(rules)),
+                    Err(e) => match install(old_addrs) {
+                        Ok(_) => Err((e, PodCapture::Iptables(p))),
+                        Err(again) => {
+                            tracing::error!(pod = %p.name, error = %again, "failed to put the pod's previous iptables rules back");
+                            Err((e, PodCapture::Iptables(p)))
+                        }
+                    },
+                }
+            }
+            (_, old) => Err((Error::Mismatch, old)),
         }
     }
 

@@ -528,6 +528,21 @@ impl Capture {
         addrs: &[IpAddr],
         inbound: &[(SocketAddr, BorrowedFd<'_>)],
     ) -> Result<PodCapture, Error> {
+        self.enrol_with(name, netns_path, cgroup_path, addrs, inbound, true)
+    }
+
+    /// [`Self::enrol`]; without `tc`, the tc program is left to the caller (a re-enrolment
+    /// in the same netns keeps the one on the pod's `eth0`: the kernel refuses the same
+    /// program twice on one TCX hook).
+    fn enrol_with(
+        &self,
+        name: &str,
+        netns_path: &Path,
+        cgroup_path: &Path,
+        addrs: &[IpAddr],
+        inbound: &[(SocketAddr, BorrowedFd<'_>)],
+        tc: bool,
+    ) -> Result<PodCapture, Error> {
         let netns = Netns::open(netns_path)?;
         let netns_cookie = netns.cookie(&self.home)?;
         let cgroup = open_cgroup(cgroup_path)?;
@@ -545,7 +560,7 @@ impl Capture {
             attached: Vec::new(),
         };
         let result = self
-            .attach_pod(&mut pod, &cgroup, &target)
+            .attach_pod(&mut pod, &cgroup, &target, tc)
             .and_then(|()| self.pin_pod(&mut pod));
         if let Err(e) = result {
             self.abandon(pod);
@@ -553,6 +568,90 @@ impl Capture {
         }
         self.add_tw_listeners(&pod, inbound);
         Ok(pod)
+    }
+
+    /// Replaces the capture of a pod whose spec changed in the same netns (addresses,
+    /// cgroup) without a moment uncaptured: the new links are attached beside the old
+    /// ones (cgroup and sk_lookup links stack; the tc program on the pod's `eth0`, the
+    /// same interface, stays and moves to the new capture), pinned over the old pins, and only then are the old links let go and the
+    /// address entries only the old spec had deleted. On failure the old capture is
+    /// handed back, untouched, with the reason (the new enrolment undoes only its own
+    /// steps, as [`Self::enrol`] does).
+    pub fn reenrol(
+        &self,
+        mut old: PodCapture,
+        netns_path: &Path,
+        cgroup_path: &Path,
+        addrs: &[IpAddr],
+        inbound: &[(SocketAddr, BorrowedFd<'_>)],
+    ) -> Result<PodCapture, (Error, PodCapture)> {
+        // Same netns, same `eth0`: the tc program stays as it is, moved to the new capture.
+        let tc_pin = old.pin_dir.join(program::TC_INGRESS);
+        let is_tc = |l: &Link| match l {
+            Link::TcNetlink(_) => true,
+            Link::Pinned { path, .. } => *path == tc_pin,
+            _ => false,
+        };
+        let keeps_tc = old.links.iter().any(is_tc);
+        let mut new = match self.enrol_with(
+            &old.name,
+            netns_path,
+            cgroup_path,
+            addrs,
+            inbound,
+            !keeps_tc,
+        ) {
+            Ok(new) => new,
+            Err(e) => return Err((e, old)),
+        };
+        if keeps_tc {
+            let (tc, rest): (Vec<Link>, Vec<Link>) = old.links.drain(..).partition(is_tc);
+            old.links = rest;
+            new.links.extend(tc);
+            new.attached.push(program::TC_INGRESS);
+        }
+        self.supersede(old, &new);
+        Ok(new)
+    }
+
+    /// Lets a replaced capture go (see [`Self::reenrol`]): its pins are the new links'
+    /// now, so its links are only closed, never unpinned.
+    fn supersede(&self, mut old: PodCapture, new: &PodCapture) {
+        for link in old.links.drain(..) {
+            match link {
+                // Not moved over: cannot happen (see `reenrol`); leave the filter be.
+                Link::TcNetlink(l) => std::mem::forget(l),
+                Link::Pinned { link, path } => {
+                    let repinned = new
+                        .links
+                        .iter()
+                        .any(|l| matches!(l, Link::Pinned { path: p, .. } if *p == path));
+                    if !repinned {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    drop(link);
+                }
+                other => drop(other),
+            }
+        }
+        old.new_links.clear();
+        let mut inner = self.lock();
+        let maps = &mut inner.maps;
+        for key in old.addrs.iter().filter(|k| !new.addrs.contains(k)) {
+            if maps
+                .pod_addrs
+                .get(key, 0)
+                .is_ok_and(|v| v.netns_cookie == old.netns_cookie)
+            {
+                let _ = maps.pod_addrs.remove(key);
+            }
+        }
+        for (key, _) in &old.sources_before {
+            if !new.sources_before.iter().any(|(k, _)| k == key) {
+                let _ = maps.pod_sources.remove(key);
+            }
+        }
+        tracing::info!(pod = %new.name, "capture replaced for the pod's new spec");
     }
 
     /// Puts the pod's `:15006` listeners into `TW_LISTENERS`. `sockops` does so when a
@@ -607,7 +706,13 @@ impl Capture {
         tracing::info!(pod = %pod.name, "failed enrolment undone; capture a predecessor left stays");
     }
 
-    fn attach_pod(&self, pod: &mut PodCapture, cgroup: &File, target: &str) -> Result<(), Error> {
+    fn attach_pod(
+        &self,
+        pod: &mut PodCapture,
+        cgroup: &File,
+        target: &str,
+        tc: bool,
+    ) -> Result<(), Error> {
         let mut inner = self.lock();
         let Inner { ebpf, maps, .. } = &mut *inner;
         for key in &pod.addrs {
@@ -700,6 +805,9 @@ impl Capture {
         pod.new_links.push((program::SK_LOOKUP, FdLink::from(link)));
         pod.attached.push(program::SK_LOOKUP);
 
+        if !tc {
+            return Ok(());
+        }
         // tc last: with clsact it replaces a predecessor's program in place, which a
         // failure after it could not take back.
         let tc: &mut SchedClassifier = program_mut(ebpf, program::TC_INGRESS)?;

@@ -803,7 +803,31 @@ impl Proxy {
     pub fn start_pod(
         self: &Arc<Self>,
         pod: Arc<PodNet>,
+        inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> Result<PodListeners, Error> {
+        self.open_pod(pod, inherited, true)
+    }
+
+    /// Starts a re-enrolled pod (same netns, changed spec) on `own`, this process's
+    /// listening sockets the pod's current listeners also hold (see
+    /// [`PodListeners::dup_sockets`]): the same sockets and accept queues, accepted on at
+    /// once, so no connection is refused or lost while one set of listeners replaces
+    /// the other. The new `pod` takes the old one's place in the proxy.
+    pub fn restart_pod(
+        self: &Arc<Self>,
+        pod: Arc<PodNet>,
+        own: Vec<(SocketAddr, std::net::TcpListener)>,
+    ) -> Result<PodListeners, Error> {
+        self.open_pod(pod, own, false)
+    }
+
+    /// `gated`: the sockets in `inherited` are a predecessor's, accepted on only once
+    /// the gate opens; otherwise they are this process's own.
+    fn open_pod(
+        self: &Arc<Self>,
+        pod: Arc<PodNet>,
         mut inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+        gated: bool,
     ) -> Result<PodListeners, Error> {
         let lease = self.return_paths.lease(&pod.netns, pod.has_v6())?;
         *pod.return_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
@@ -823,13 +847,17 @@ impl Proxy {
             let (l, gate) = match inherited.iter().position(|(a, _)| *a == addr) {
                 Some(i) => {
                     let (_, l) = inherited.swap_remove(i);
-                    listeners.inherited += 1;
                     let l = TcpListener::from_std(l).map_err(|source| Error::Listen {
                         addr,
                         netns: pod.netns.path().display().to_string(),
                         source,
                     })?;
-                    (l, Some(self.inherited_accepting.subscribe()))
+                    if !gated {
+                        (l, None)
+                    } else {
+                        listeners.inherited += 1;
+                        (l, Some(self.inherited_accepting.subscribe()))
+                    }
                 }
                 None => (self.listen(&pod, addr)?, None),
             };
@@ -1322,6 +1350,32 @@ impl PodListeners {
             .collect()
     }
 
+    /// Another descriptor of each listening socket still open, for [`Proxy::restart_pod`].
+    pub fn dup_sockets(&self) -> io::Result<Vec<(SocketAddr, std::net::TcpListener)>> {
+        use std::os::fd::AsFd as _;
+        self.sockets()
+            .into_iter()
+            .map(|(a, l)| {
+                Ok((
+                    a,
+                    std::net::TcpListener::from(l.as_fd().try_clone_to_owned()?),
+                ))
+            })
+            .collect()
+    }
+
+    /// Puts this pod back in the proxy's place after a replacement that failed (and whose
+    /// listeners, dropped, took the place away).
+    pub fn reinstate(&self) {
+        if let Some(proxy) = self.proxy.upgrade() {
+            proxy
+                .pods
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.pod.name.clone(), self.pod.clone());
+        }
+    }
+
     /// Stops accepting for good: the accept loops end and this process's descriptors of
     /// the listening sockets close. A successor holding the same sockets keeps accepting
     /// from their queues; without one they close. Returns the loops to wait for.
@@ -1361,11 +1415,14 @@ impl Drop for PodListeners {
                 .take(),
         );
         if let Some(proxy) = self.proxy.upgrade() {
-            proxy
-                .pods
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.pod.name);
+            let mut pods = proxy.pods.write().unwrap_or_else(|p| p.into_inner());
+            // A re-enrolled pod's new listeners may hold the place already.
+            if pods
+                .get(&self.pod.name)
+                .is_some_and(|p| Arc::ptr_eq(p, &self.pod))
+            {
+                pods.remove(&self.pod.name);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! node, and proof that enrolled pods' traffic stays mTLS and policed, or does not flow,
 //! and that ztunnel stays bounded through it. One module per surface.
 mod bounds;
-mod config;
+pub mod config;
 mod orig_dst;
 mod packets;
 mod ports;

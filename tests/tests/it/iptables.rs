@@ -85,3 +85,8 @@ fn iptables_unenrolment_removes_the_rules() -> anyhow::Result<()> {
 fn iptables_captured_app_sees_the_addresses_of_an_uncaptured_connect() -> anyhow::Result<()> {
     crate::outbound::captured_app_sees_what_an_uncaptured_one_sees(Some("iptables"))
 }
+
+#[test]
+fn iptables_a_changed_spec_reenrols_the_pod_without_a_moment_uncaptured() -> anyhow::Result<()> {
+    crate::adversarial::config::changed_spec_reenrols_without_a_moment_uncaptured(Some("iptables"))
+}

@@ -218,6 +218,154 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
 /// An empty file and an unreadable one (missing, then a directory in its place) are not
 /// versions: the last good config stays, a warning names the file and the explicit form,
 /// and each is counted. An explicit `workloads: []` is one.
+/// The trust-domain line a workload entry gains (after its `serviceAccount:` line).
+fn with_trust_domain(yaml: &str, pod: &str, trust_domain: &str) -> String {
+    let entry = format!("  - name: {pod}\n");
+    let start = yaml.find(&entry).expect("the pod's entry");
+    let sa = start
+        + yaml[start..]
+            .find("    serviceAccount:")
+            .expect("serviceAccount");
+    let end = sa + yaml[sa..].find('\n').expect("end of line") + 1;
+    format!(
+        "{}    trustDomain: {trust_domain}\n{}",
+        &yaml[..end],
+        &yaml[end..]
+    )
+}
+
+/// A pod's spec changes in place, twice: a new service account (re-enrolled with the new
+/// identity), then a trust domain the CA refuses (its re-enrolment fails). Before this
+/// was make-before-break, the pod's capture was detached first and a failed
+/// re-enrolment left it uncaptured: its calls went to the wire in clear. Now a
+/// connection opened before both changes keeps flowing, no call fails, nothing crosses
+/// the wire in clear, the refused spec leaves the pod enrolled as it was (and says why),
+/// and the pod's cgroup carries one set of programs, not two.
+#[test]
+fn a_changed_spec_reenrols_the_pod_without_a_moment_uncaptured() -> anyhow::Result<()> {
+    changed_spec_reenrols_without_a_moment_uncaptured(None)
+}
+
+/// See [`a_changed_spec_reenrols_the_pod_without_a_moment_uncaptured`]; `capture`: the
+/// ztunnels' `--capture` (iptables has no programs on the cgroup to count).
+pub fn changed_spec_reenrols_without_a_moment_uncaptured(
+    capture: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    t.capture = capture.map(str::to_owned);
+    let ebpf = capture.is_none();
+    t.add_node()?;
+    let a = t.add_pod_on(1, "a", true, false)?;
+    let b = t.add_pod_on(2, "b", true, false)?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let z1 = t.start_ztunnel(false)?;
+    let file = t.workloads_path();
+    let z2 = t.start_ztunnel_with_file("node2", false, &file)?;
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    let programs = cgroup_programs(&a.cgroup)?;
+    let links = programs.lines().count();
+    assert_eq!(links > 0, ebpf, "a's cgroup: {programs}");
+
+    let stop = t.dir.path().join("stop-hold");
+    let dst = b.addr(8080).to_string();
+    let stop_arg = stop.display().to_string();
+    let mut hold = t.spawn(
+        &a,
+        &["hold", &dst, "--secs", "300", "--stop-file", &stop_arg],
+    )?;
+    let first = hold.read_line()?;
+    assert!(first.starts_with("connected"), "{first}");
+    let cap = t.tcpdump_wire()?;
+    let mut failed = Vec::new();
+    let calls = |t: &mut Topology, n: usize, failed: &mut Vec<String>| {
+        for _ in 0..n {
+            match t.call(&a, b.addr(8080), &["--bytes", "2000", "--pattern", MARKER]) {
+                Ok(out) if out.contains("received=2000 match=true") => {}
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+    };
+
+    // 1. A new service account: re-enrolled with the new identity.
+    let renamed = t
+        .workloads_yaml()
+        .replace("    serviceAccount: a\n", "    serviceAccount: a-v2\n");
+    t.write_workloads_text(&renamed)?;
+    let new_identity = "spiffe://cluster.local/ns/default/sa/a-v2";
+    // Calls go on meanwhile; b's ztunnel sees the new identity once a is re-enrolled.
+    let from_new_identity = |z: &Ztunnel| -> anyhow::Result<bool> {
+        Ok(z.dump()?
+            .connections
+            .list
+            .iter()
+            .any(|r| r.src_identity.as_deref() == Some(new_identity)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !from_new_identity(&z2)? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "a never called b with its new identity\nztunnel log:\n{}",
+            z1.log_text()
+        );
+        calls(&mut t, 1, &mut failed);
+    }
+    calls(&mut t, 10, &mut failed);
+    assert_eq!(
+        cgroup_programs(&a.cgroup)?.lines().count(),
+        links,
+        "a's cgroup after the re-enrolment: {}",
+        cgroup_programs(&a.cgroup)?
+    );
+
+    // 2. A trust domain the built-in CA refuses: the re-enrolment fails after its checks
+    // pass (at the certificate), and a stays enrolled and captured as it was.
+    t.write_workloads_text(&with_trust_domain(&renamed, "a", "elsewhere.example"))?;
+    wait("the refused re-enrolment", &z1, || {
+        Ok(z1.metric("ztunnel_enrolment_failures_total", &[("reason", "error")])? >= 1)
+    })?;
+    calls(&mut t, 20, &mut failed);
+    let d = z1.dump()?;
+    assert!(
+        d.enrolled_pods.iter().any(|p| p.name == a.key()),
+        "a was unenrolled: {:?}",
+        d.enrolled_pods
+    );
+    assert_eq!(cgroup_programs(&a.cgroup)?.lines().count(), links);
+    let log = z1.log_text();
+    assert!(
+        log.contains("elsewhere.example"),
+        "the failure names the refused identity:\n{log}"
+    );
+    assert!(!log.contains("pod unenrolled"), "a was unenrolled:\n{log}");
+
+    // 3. The spec is fixed: a is re-enrolled again, to the same end as step 1.
+    t.write_workloads_text(&renamed)?;
+    calls(&mut t, 10, &mut failed);
+
+    std::fs::write(&stop, b"")?;
+    let held = hold
+        .wait_ok()
+        .context("the connection opened before the changes")?;
+    assert!(held.contains("pings="), "{held}");
+    let wire = cap.finish()?;
+    let plaintext = packets_with(&wire, MARKER);
+    assert!(
+        failed.is_empty() && plaintext == 0,
+        "{} calls failed and {plaintext} packets crossed the wire in clear: {failed:#?}",
+        failed.len()
+    );
+    let hbone = format!("{}.15008", b.ip4);
+    let (ia, ib) = (format!(" {}.", a.ip4), format!(" {}.", b.ip4));
+    for l in wire.lines().filter(|l| l.contains(" IP ")) {
+        if l.contains(&ia) && l.contains(&ib) {
+            assert!(l.contains(&hbone), "a ↔ b packet outside the tunnel: {l}");
+        }
+    }
+    println!("{held}");
+    Ok(())
+}
+
 #[test]
 fn empty_and_unreadable_workload_files_keep_the_last_good_config() -> anyhow::Result<()> {
     let mut t = Topology::new()?;
