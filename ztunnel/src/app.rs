@@ -214,7 +214,8 @@ impl Shared {
                             tracing::info!(pod = %key, "pod re-enrolled for its changed spec");
                             pods.insert(key, e);
                         }
-                        Err((e, old)) => {
+                        Err(refused) => {
+                            let (e, old) = *refused;
                             let reason = format!("{e:#}");
                             tracing::error!(pod = %key, error = %reason, "failed to re-enrol a pod for its changed spec; keeping its current enrolment; will retry");
                             self.count_failure(&e);
@@ -398,7 +399,7 @@ impl Shared {
         &self,
         spec: &LocalPod,
         mut old: Enrolled,
-    ) -> Result<Enrolled, (anyhow::Error, Enrolled)> {
+    ) -> Result<Enrolled, Box<(anyhow::Error, Enrolled)>> {
         let started = (|| -> anyhow::Result<PodListeners> {
             let identity: Identity = spec.identity.parse()?;
             tokio::runtime::Handle::current().block_on(self.proxy.certs.get(&identity))?;
@@ -420,7 +421,7 @@ impl Shared {
             Ok(l) => l,
             Err(e) => {
                 old.listeners.reinstate();
-                return Err((e, old));
+                return Err(Box::new((e, old)));
             }
         };
         let sockets = listeners.inbound();
@@ -442,7 +443,10 @@ impl Shared {
                     &spec.addresses,
                     &inbound,
                 )
-                .map_err(|(e, c)| (e, Some(c))),
+                .map_err(|b| {
+                    let (e, c) = *b;
+                    (e, Some(c))
+                }),
             None => self
                 .capture
                 .enrol(
@@ -468,7 +472,7 @@ impl Shared {
                 old.capture = capture;
                 drop(listeners);
                 old.listeners.reinstate();
-                Err((e.into(), old))
+                Err(Box::new((e.into(), old)))
             }
         }
     }

@@ -150,12 +150,15 @@ impl Capture {
         cgroup_path: &Path,
         addrs: &[IpAddr],
         inbound: &[(SocketAddr, BorrowedFd<'_>)],
-    ) -> Result<PodCapture, (Error, PodCapture)> {
+    ) -> Result<PodCapture, Box<(Error, PodCapture)>> {
         match (self, old) {
             (Capture::Ebpf(c), PodCapture::Ebpf(p)) => c
                 .reenrol(p, netns_path, cgroup_path, addrs, inbound)
                 .map(PodCapture::Ebpf)
-                .map_err(|(e, p)| (e.into(), PodCapture::Ebpf(p))),
+                .map_err(|b| {
+                    let (e, p) = *b;
+                    Box::new((e.into(), PodCapture::Ebpf(p)))
+                }),
             (Capture::Iptables { dns, .. }, PodCapture::Iptables(p)) => {
                 let install = |addrs: &[IpAddr]| -> Result<iptables::PodRules, Error> {
                     Ok(iptables::install(
@@ -168,15 +171,15 @@ impl Capture {
                 match install(addrs) {
                     Ok(rules) => Ok(PodCapture::Iptables(rules)),
                     Err(e) => match install(old_addrs) {
-                        Ok(_) => Err((e, PodCapture::Iptables(p))),
+                        Ok(_) => Err(Box::new((e, PodCapture::Iptables(p)))),
                         Err(again) => {
                             tracing::error!(pod = %p.name, error = %again, "failed to put the pod's previous iptables rules back");
-                            Err((e, PodCapture::Iptables(p)))
+                            Err(Box::new((e, PodCapture::Iptables(p))))
                         }
                     },
                 }
             }
-            (_, old) => Err((Error::Mismatch, old)),
+            (_, old) => Err(Box::new((Error::Mismatch, old))),
         }
     }
 

@@ -584,7 +584,7 @@ impl Capture {
         cgroup_path: &Path,
         addrs: &[IpAddr],
         inbound: &[(SocketAddr, BorrowedFd<'_>)],
-    ) -> Result<PodCapture, (Error, PodCapture)> {
+    ) -> Result<PodCapture, Box<(Error, PodCapture)>> {
         // Same netns, same `eth0`: the tc program stays as it is, moved to the new capture.
         let tc_pin = old.pin_dir.join(program::TC_INGRESS);
         let is_tc = |l: &Link| match l {
@@ -602,7 +602,7 @@ impl Capture {
             !keeps_tc,
         ) {
             Ok(new) => new,
-            Err(e) => return Err((e, old)),
+            Err(e) => return Err(Box::new((e, old))),
         };
         if keeps_tc {
             let (tc, rest): (Vec<Link>, Vec<Link>) = old.links.drain(..).partition(is_tc);
