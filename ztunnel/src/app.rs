@@ -48,6 +48,9 @@ struct Enrolled {
     netns_id: (u64, u64),
     capture: Option<PodCapture>,
     listeners: PodListeners,
+    /// A successor took the pod's listening sockets: the pod's pins, map entries and
+    /// return path are its successor's to keep or remove now.
+    taken: bool,
 }
 
 /// An upgrade as the admin API shows it (`/config_dump`, `handover`).
@@ -82,7 +85,16 @@ struct Handover {
     /// Set once a successor has taken over: this ztunnel enrols nothing more.
     handed_over: AtomicBool,
     status: Mutex<HandoverStatus>,
+    /// Since when every pod of this ztunnel's view is enrolled but the predecessor still
+    /// serves pods outside it (see [`Shared::advance_handover`]).
+    uncovered_since: Mutex<Option<Instant>>,
 }
+
+/// How long a successor with every pod of its view enrolled waits for that view to
+/// place the pods its predecessor still serves before it takes over anyway: a source
+/// that lags (a relist, a partial snapshot) catches up in seconds; a pod that is really
+/// gone, or a wrong node name, must not hold the upgrade forever.
+const COVER_WAIT: Duration = Duration::from_secs(30);
 
 impl Handover {
     fn status(&self) -> std::sync::MutexGuard<'_, HandoverStatus> {
@@ -109,6 +121,9 @@ pub struct Shared {
     /// Pods that should be enrolled (or re-enrolled with a new spec) but are not (yet),
     /// with the reason: readiness waits for them and says why.
     pending: Mutex<Vec<(String, String)>>,
+    /// Pods whose change (or removal) this ztunnel leaves to the successor that took
+    /// their sockets (logged once each).
+    deferred: Mutex<BTreeSet<String>>,
     scope: Option<Scope>,
     pub log: crate::telemetry::LogControl,
     /// The drain asked for, once one is (see [`Shared::request_drain`]).
@@ -171,12 +186,28 @@ impl Shared {
             return true;
         }
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        deferred.retain(|k| pods.get(k).is_some_and(|e| e.taken));
+        let mut left_to_successor = false;
         let stale: Vec<String> = pods
             .iter()
             .filter(|(k, e)| desired.get(*k) != Some(&e.spec))
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
+            if pods.get(&key).is_some_and(|e| e.taken) {
+                // A successor took this pod's sockets and serves it from its own view
+                // once it takes over; until then this ztunnel keeps accepting for it as
+                // it is. The change is the successor's to make: its pins, map entries
+                // and return path are shared with it (removing them would uncapture the
+                // pod under the successor). Should the successor go away instead, the
+                // change applies here at the next try.
+                left_to_successor = true;
+                if deferred.insert(key.clone()) {
+                    tracing::info!(pod = %key, "pod changed or left this ztunnel's view after a successor took its sockets; left to the successor");
+                }
+                continue;
+            }
             if let (Some(new), Some(e)) = (desired.get(&key), pods.get(&key)) {
                 let same_netns = Netns::open(&new.netns)
                     .and_then(|n| n.id())
@@ -241,7 +272,9 @@ impl Shared {
                 self.proxy.metrics.pod_unenrolled();
             }
         }
-        let mut ok = failed.is_empty();
+        drop(deferred);
+        // Retried until the successor takes over (or goes, and the change applies here).
+        let mut ok = failed.is_empty() && !left_to_successor;
         let mut results = BTreeMap::new();
         for (key, spec) in desired {
             if let Some(reason) = failed.get(key) {
@@ -385,6 +418,7 @@ impl Shared {
             netns_id,
             capture: Some(capture),
             listeners,
+            taken: false,
         })
     }
 
@@ -467,6 +501,7 @@ impl Shared {
                 capture: Some(capture),
                 // The old listeners stop here; their sockets stay open in the new ones.
                 listeners,
+                taken: old.taken,
             }),
             Err((e, capture)) => {
                 old.capture = capture;
@@ -581,10 +616,12 @@ impl Shared {
 
     /// After a reconcile with every pod known: finishes a takeover once every pod is
     /// enrolled (the predecessor then stops accepting), keeps its connection alive
-    /// meanwhile, and serves the handover socket once no predecessor does.
-    fn advance_handover(self: &Arc<Self>, all_ok: bool) {
+    /// meanwhile, and serves the handover socket once no predecessor does. Returns
+    /// whether it waits for something a later reconcile may bring (pods the predecessor
+    /// serves that this ztunnel's view does not place here yet).
+    fn advance_handover(self: &Arc<Self>, all_ok: bool) -> bool {
         if self.handover.handed_over.load(Ordering::SeqCst) {
-            return;
+            return false;
         }
         let taking = self.handover.predecessor().take();
         let state = self.handover.status().state.clone();
@@ -595,7 +632,40 @@ impl Shared {
                     Ok(()) => *self.handover.predecessor() = Some(p),
                     Err(e) => self.predecessor_gone(p.pid, &e, &["taking_over"]),
                 }
-                return;
+                return false;
+            }
+            // Every pod of this view is enrolled; the predecessor may serve more (this
+            // view lags, or is wrong). Those keep their accepting process a while.
+            let theirs = match p.pods() {
+                Ok(pods) => pods.unwrap_or_default(),
+                Err(e) => {
+                    self.predecessor_gone(p.pid, &e, &["taking_over"]);
+                    return false;
+                }
+            };
+            let missing: Vec<String> = {
+                let ours = self.pods();
+                theirs
+                    .into_iter()
+                    .filter(|k| !ours.contains_key(k))
+                    .collect()
+            };
+            if !missing.is_empty() {
+                let mut since = self
+                    .handover
+                    .uncovered_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let first = since.is_none();
+                let waited = since.get_or_insert_with(Instant::now).elapsed();
+                if waited < COVER_WAIT {
+                    if first {
+                        tracing::info!(pods = ?missing, wait_s = COVER_WAIT.as_secs(), "the predecessor serves pods this ztunnel's view does not place here; it keeps accepting for them while the view catches up");
+                    }
+                    *self.handover.predecessor() = Some(p);
+                    return true;
+                }
+                tracing::warn!(pods = ?missing, waited_s = waited.as_secs(), "taking over although the predecessor serves pods this ztunnel's view does not place here: their capture stays pinned and their new connections are refused until a ztunnel enrols them");
             }
             let (pid, taken) = (p.pid, p.taken);
             // Accepting before the predecessor stops: the sockets are never without an
@@ -635,6 +705,7 @@ impl Shared {
                 }
             }
         }
+        false
     }
 
     pub fn handover_status(&self) -> HandoverStatus {
@@ -833,6 +904,10 @@ impl handover::Serving for Serve {
         self.shared.handover.pod.clone()
     }
 
+    fn pods(&self) -> Vec<String> {
+        self.shared.pods().keys().cloned().collect()
+    }
+
     fn refuse(&self, pod: &str) -> Option<String> {
         let from = self
             .shared
@@ -852,19 +927,13 @@ impl handover::Serving for Serve {
         if self.shared.handed_over() {
             return None;
         }
-        let pods = self.shared.pods();
-        let e = pods.values().find(|e| e.netns_id == netns_id)?;
-        let dup: Result<Vec<_>, _> = e
-            .listeners
-            .sockets()
-            .into_iter()
-            .map(|(addr, l)| {
-                use std::os::fd::AsFd as _;
-                l.as_fd().try_clone_to_owned().map(|fd| (addr, fd))
-            })
-            .collect();
-        match dup {
-            Ok(l) => Some(l),
+        let mut pods = self.shared.pods();
+        let e = pods.values_mut().find(|e| e.netns_id == netns_id)?;
+        match e.listeners.dup_sockets() {
+            Ok(l) => {
+                e.taken = true;
+                Some(l.into_iter().map(|(a, l)| (a, OwnedFd::from(l))).collect())
+            }
             Err(e) => {
                 tracing::error!(error = %e, "failed to duplicate a listening socket for the successor");
                 None
@@ -898,6 +967,12 @@ impl handover::Serving for Serve {
         });
         self.shared.handover.status().state = "handed_over".to_owned();
         pods
+    }
+
+    fn successor_gone(&self) {
+        for e in self.shared.pods().values_mut() {
+            e.taken = false;
+        }
     }
 
     fn drain(&self) {
@@ -1147,6 +1222,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         proxy,
         pods: Mutex::default(),
         pending: Mutex::default(),
+        deferred: Mutex::default(),
         scope,
         log,
         drain_request: watch::Sender::new(None),
@@ -1154,6 +1230,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         enrol_results: results_tx,
         zds: std::sync::OnceLock::new(),
         handover: Handover {
+            uncovered_since: Mutex::default(),
             socket: cfg.handover_socket.clone(),
             started,
             pod: if cfg.istio.pod_name == DEFAULT_POD_NAME {
@@ -1250,6 +1327,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     tracing::info!(admin = %cfg.admin_addr, drain_timeout = %humantime::format_duration(drain_timeout), "ztunnel ready");
     let mut first = true;
+    // The handover waits for this view to cover the predecessor's pods.
+    let mut waiting = false;
     // istiod's and istio-cni's removals are explicit and final (a ZDS `del` waits for the
     // unenrolment); the file and the Kubernetes API only ever show whole states, in
     // which a removal may be a moment's gap.
@@ -1325,7 +1404,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
                 first = false;
             }
             let s = shared.clone();
-            tokio::task::spawn_blocking(move || s.advance_handover(all_ok)).await?;
+            waiting = tokio::task::spawn_blocking(move || s.advance_handover(all_ok)).await?;
         }
         release_free_heap();
         let settled = settler.next_deadline();
@@ -1334,7 +1413,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
                 shared.request_drain("the workload source ended", false);
                 break;
             },
-            _ = retry.tick(), if !all_ok => {}
+            _ = retry.tick(), if !all_ok || waiting => {}
             _ = tokio::time::sleep_until(settled.unwrap_or_else(std::time::Instant::now).into()), if settled.is_some() => {}
             _ = drain_requested.wait_for(Option::is_some) => break,
         }

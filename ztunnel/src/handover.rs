@@ -139,7 +139,12 @@ enum Reply {
         addrs: Vec<SocketAddr>,
     },
     NotEnrolled,
-    Pong,
+    /// `pods`: the pods the predecessor serves (`namespace/name`), for the successor to
+    /// check it covers them before it sends `done` (absent from an older predecessor).
+    Pong {
+        #[serde(default)]
+        pods: Option<Vec<String>>,
+    },
     /// No listener of the predecessor accepts any more; it drains.
     Stopped {
         pods: usize,
@@ -436,8 +441,13 @@ impl Predecessor {
         if self.last_sent.elapsed() < KEEPALIVE {
             return Ok(());
         }
+        self.pods().map(drop)
+    }
+
+    /// The pods the predecessor serves now (`None` from a predecessor too old to say).
+    pub fn pods(&mut self) -> Result<Option<Vec<String>>, Error> {
         match self.ask(&Request::Ping)?.0 {
-            Reply::Pong => Ok(()),
+            Reply::Pong { pods } => Ok(pods),
             other => Err(Error::Unexpected {
                 got: name(&other),
                 expected: "pong",
@@ -466,9 +476,17 @@ pub trait Serving: Send + Sync + 'static {
     /// container of the pod this ztunnel took over from would take the node back
     /// (a crash loop between an old and a new ztunnel).
     fn refuse(&self, pod: &str) -> Option<String>;
+    /// The pods this ztunnel serves (`namespace/name`).
+    fn pods(&self) -> Vec<String>;
     /// Duplicates of the listening sockets of the pod enrolled in the netns with this
     /// (device, inode), with their addresses; `None` when no such pod is enrolled here.
+    /// From then on the successor owns the pod's shared kernel state (pins, map entries,
+    /// return path): should this ztunnel's view drop the pod meanwhile, it lets go of
+    /// its own listeners and links only.
     fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>>;
+    /// The successor went away before taking over: the pods whose sockets it took are
+    /// this ztunnel's alone again (see [`Self::listeners`]).
+    fn successor_gone(&self);
     /// Stops accepting on every pod listener for good and closes this process's
     /// descriptors of them; returns once no accept loop runs, with the pod count.
     fn stop_accepting(&self) -> usize;
@@ -546,6 +564,7 @@ fn run(listener: OwnedFd, path: &Path, serving: &dyn Serving) {
             }
             Session::Ended(e) => {
                 serving.count("successor_gone");
+                serving.successor_gone();
                 tracing::warn!(error = %e, "the successor went away before taking over (it exited or crashed); this ztunnel keeps serving");
             }
         }
@@ -589,7 +608,13 @@ fn session(conn: &OwnedFd, serving: &dyn Serving) -> Session {
                         &[],
                     )?;
                 }
-                Request::Ping => send(conn.as_fd(), &Reply::Pong, &[])?,
+                Request::Ping => send(
+                    conn.as_fd(),
+                    &Reply::Pong {
+                        pods: Some(serving.pods()),
+                    },
+                    &[],
+                )?,
                 Request::Take { pod, netns } => match serving.listeners(netns) {
                     Some(listeners) => {
                         let addrs: Vec<SocketAddr> = listeners.iter().map(|(a, _)| *a).collect();
@@ -641,6 +666,10 @@ mod tests {
             (pod == "ztunnel-crashed").then(|| "it handed over to this one".to_owned())
         }
 
+        fn pods(&self) -> Vec<String> {
+            vec!["default/a".to_owned()]
+        }
+
         fn listeners(&self, netns_id: (u64, u64)) -> Option<Vec<(SocketAddr, OwnedFd)>> {
             if netns_id != self.netns {
                 return None;
@@ -663,6 +692,8 @@ mod tests {
         }
 
         fn drain(&self) {}
+
+        fn successor_gone(&self) {}
 
         fn count(&self, result: &'static str) {
             self.results.lock().expect("lock").push(result);
@@ -700,6 +731,8 @@ mod tests {
             .expect("a predecessor answers");
         assert_eq!(p.pid, std::process::id());
         assert_eq!(p.pod, "ztunnel-old");
+        // The pods it serves, for the successor to check it covers them.
+        assert_eq!(p.pods().expect("pods"), Some(vec!["default/a".to_owned()]));
         assert!(
             p.take("default/x", (7, 43), None, &addrs)
                 .expect("take")
@@ -735,6 +768,27 @@ mod tests {
         assert_eq!(*fake.results.lock().expect("lock"), ["refused", "complete"]);
         // Nobody takes over from a ztunnel that has handed over.
         assert!(Predecessor::connect(&path, "").expect("connect").is_none());
+    }
+
+    #[test]
+    fn pong_decodes_with_and_without_the_pod_list() {
+        // An older predecessor's pong has no list; an older successor ignores it.
+        let old: Reply = serde_json::from_str(r#"{"op":"pong"}"#).expect("old pong");
+        assert!(matches!(old, Reply::Pong { pods: None }));
+        let new = serde_json::to_string(&Reply::Pong {
+            pods: Some(vec!["default/a".to_owned()]),
+        })
+        .expect("encode");
+        assert_eq!(new, r#"{"op":"pong","pods":["default/a"]}"#);
+        #[derive(Deserialize)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        enum OldReply {
+            Pong,
+        }
+        assert!(matches!(
+            serde_json::from_str::<OldReply>(&new).expect("an older successor reads it"),
+            OldReply::Pong
+        ));
     }
 
     #[test]

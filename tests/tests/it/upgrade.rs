@@ -453,7 +453,21 @@ fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Re
         ),
     )?;
     let new = t.spawn_ztunnel("node1", false, &partial)?;
+    // While its view lacks a, the successor leaves the old ztunnel accepting for it (for
+    // `COVER_WAIT`, 30 s), then takes over anyway.
+    wait_log(&new, UNCOVERED)?;
+    assert_eq!(new.dump()?.handover.state, "taking_over");
+    assert!(
+        call_ok(&mut t, &a, b.addr(8080)),
+        "a is not served while the successor waits"
+    );
     wait_handover(&new, "complete")?;
+    assert!(
+        new.log_text()
+            .contains("taking over although the predecessor serves pods"),
+        "{}",
+        new.log_text()
+    );
     stop_drained(&mut old)?;
     old.terminate();
     upgrade::wait_exit(&mut old, "the old ztunnel")?;
@@ -482,6 +496,153 @@ fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Re
     );
     // b is served by the successor as usual.
     assert!(call_ok(&mut t, &c, b.addr(8080)));
+    Ok(())
+}
+
+/// What a successor logs when its predecessor serves pods its view does not place here.
+const UNCOVERED: &str = "the predecessor serves pods this ztunnel's view does not place here";
+
+/// Waits (generously) for `line` in a ztunnel's log.
+fn wait_log(z: &Ztunnel, line: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !z.log_text().contains(line) {
+        anyhow::ensure!(z.alive(), "the ztunnel exited\n{}", z.log_text());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no log line {line:?}\n{}",
+            z.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A successor whose view lags (its file does not place a here yet, as a relist or a
+/// partial snapshot would) has every pod of that view enrolled, but the old ztunnel
+/// still serves a: it does not tell the old one to stop until its view places a and a
+/// is enrolled. Before, it finished at once and a's new connections were refused until
+/// the view caught up. Steady calls from a and to a never fail.
+#[test]
+fn a_successor_whose_view_lags_takes_over_only_once_it_serves_every_pod() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        mut old,
+        stuck_file: _,
+        _servers,
+    } = overlap()?;
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+    let here = "  - name: a\n    namespace: default\n    node: node1\n";
+    let full = t.workloads_yaml();
+    anyhow::ensure!(
+        full.contains(here),
+        "a is not in the file as expected:\n{full}"
+    );
+    let lagging = t.dir.path().join("lagging.yaml");
+    std::fs::write(
+        &lagging,
+        full.replace(
+            here,
+            "  - name: a\n    namespace: default\n    node: node9\n",
+        ),
+    )?;
+    let new = t.spawn_ztunnel("node1", false, &lagging)?;
+    wait_log(&new, UNCOVERED)?;
+    new.wait_enrolled(&[&b])?;
+    assert_eq!(new.dump()?.handover.state, "taking_over");
+
+    // The view catches up (written whole, then renamed into place).
+    let tmp = t.dir.path().join(".lagging.yaml.tmp");
+    std::fs::write(&tmp, &full)?;
+    std::fs::rename(&tmp, &lagging)?;
+    wait_handover(&new, "complete")?;
+    new.wait_enrolled(&[&a, &b])?;
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
+    stop_drained(&mut old)?;
+    old.terminate();
+    upgrade::wait_exit(&mut old, "the old ztunnel")?;
+    let before = new.dump()?.connections.opened_total;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    new.wait_for("a's call through the successor", |d| {
+        d.connections.opened_total > before
+    })?;
+    Ok(())
+}
+
+/// During the overlap the old ztunnel's view drops pod a (its file places a elsewhere)
+/// after the successor took a's sockets and pinned its capture. Before, the old one
+/// unenrolled a as its own: it unpinned the successor's links (by path), deleted a's
+/// address entries from the shared maps and removed a's return path, so a ran uncaptured
+/// under the successor. Now it leaves the change to the successor and keeps accepting
+/// for a until the takeover; a is served throughout and stays captured after the old
+/// ztunnel exits.
+#[test]
+fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors()
+-> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c,
+        mut old,
+        stuck_file,
+        _servers,
+    } = overlap()?;
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+    // The successor stays in the overlap (pod d never enrols) with a and b taken over.
+    let new = t.spawn_ztunnel("node1", false, &stuck_file)?;
+    wait_handover(&new, "taking_over")?;
+    new.wait_enrolled(&[&a, &b])?;
+    let pins = t.pin_dir("node1").join("pods").join("default").join("a");
+    let pinned = || -> anyhow::Result<usize> { Ok(std::fs::read_dir(&pins)?.count()) };
+    let before = pinned()?;
+    assert!(before > 0, "no pin for a in {}", pins.display());
+
+    let here = "  - name: a\n    namespace: default\n    node: node1\n";
+    let yaml = t.workloads_yaml();
+    anyhow::ensure!(yaml.contains(here), "a is not in the file:\n{yaml}");
+    t.write_workloads_text(&yaml.replace(
+        here,
+        "  - name: a\n    namespace: default\n    node: node9\n",
+    ))?;
+    // Logged once the removal is due (after the settle period): a would go now.
+    wait_log(&old, "left to the successor")?;
+    assert_eq!(pinned()?, before, "a's pins went");
+    assert!(
+        !old.log_text().contains("pod unenrolled"),
+        "{}",
+        old.log_text()
+    );
+    assert!(return_path_rule(&a)?, "a's return path went");
+    assert_eq!(
+        new.dump()?.capture.occupancy.pod_addrs,
+        2,
+        "a's and b's addresses"
+    );
+
+    // The successor's view completes: it takes over, the old ztunnel drains and exits.
+    t.write_workloads_text(&yaml)?;
+    let tmp = t.dir.path().join(".stuck.yaml.tmp");
+    std::fs::write(&tmp, &yaml)?;
+    std::fs::rename(&tmp, &stuck_file)?;
+    wait_handover(&new, "complete")?;
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
+    stop_drained(&mut old)?;
+    old.terminate();
+    upgrade::wait_exit(&mut old, "the old ztunnel")?;
+    assert_eq!(pinned()?, before);
+    let before = new.dump()?.connections.opened_total;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    assert!(call_ok(&mut t, &c, a.addr(9000)));
+    new.wait_for("the calls through the successor", |d| {
+        d.connections.opened_total >= before + 2
+    })?;
     Ok(())
 }
 
