@@ -551,9 +551,16 @@ fn a_successor_whose_view_lags_takes_over_only_once_it_serves_every_pod() -> any
         ),
     )?;
     let new = t.spawn_ztunnel("node1", false, &lagging)?;
-    wait_log(&new, UNCOVERED)?;
     new.wait_enrolled(&[&b])?;
-    assert_eq!(new.dump()?.handover.state, "taking_over");
+    // Every pod of its view is enrolled; it keeps waiting (tried again every 2 s).
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        new.dump()?.handover.state,
+        "taking_over",
+        "took over from a predecessor still serving a:\n{}",
+        new.log_text()
+    );
+    assert!(new.log_text().contains(UNCOVERED), "{}", new.log_text());
 
     // The view catches up (written whole, then renamed into place).
     let tmp = t.dir.path().join(".lagging.yaml.tmp");
@@ -600,7 +607,13 @@ fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors(
     wait_handover(&new, "taking_over")?;
     new.wait_enrolled(&[&a, &b])?;
     let pins = t.pin_dir("node1").join("pods").join("default").join("a");
-    let pinned = || -> anyhow::Result<usize> { Ok(std::fs::read_dir(&pins)?.count()) };
+    let pinned = || -> anyhow::Result<usize> {
+        match std::fs::read_dir(&pins) {
+            Ok(d) => Ok(d.count()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    };
     let before = pinned()?;
     assert!(before > 0, "no pin for a in {}", pins.display());
 
@@ -611,8 +624,19 @@ fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors(
         here,
         "  - name: a\n    namespace: default\n    node: node9\n",
     ))?;
-    // Logged once the removal is due (after the settle period): a would go now.
-    wait_log(&old, "left to the successor")?;
+    // Once the removal is due (after the settle period, 3 s) the old ztunnel acts on it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !["left to the successor", "pod unenrolled"]
+        .iter()
+        .any(|l| old.log_text().contains(l))
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old ztunnel never acted on a's removal\n{}",
+            old.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(pinned()?, before, "a's pins went");
     assert!(
         !old.log_text().contains("pod unenrolled"),
