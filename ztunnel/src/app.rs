@@ -88,6 +88,11 @@ struct Handover {
     /// Since when every pod of this ztunnel's view is enrolled but the predecessor still
     /// serves pods outside it (see [`Shared::advance_handover`]).
     uncovered_since: Mutex<Option<Instant>>,
+    /// Why this ztunnel cannot take over from the one serving the handover socket (it
+    /// refused: this is a restarted container of the pod it took over from; or it is
+    /// busy with another successor): until that one is gone, this ztunnel releases no
+    /// capture and does not serve the handover socket (see [`Shared::blocked`]).
+    blocked: Mutex<Option<String>>,
 }
 
 /// How long a successor with every pod of its view enrolled waits for that view to
@@ -552,6 +557,7 @@ impl Shared {
         match handover::Predecessor::connect(&self.handover.socket, &self.handover.pod) {
             Ok(Some(p)) => {
                 drop(guard);
+                self.set_blocked(None);
                 tracing::info!(
                     predecessor_pid = p.pid,
                     "a predecessor answers on the handover socket now"
@@ -559,12 +565,52 @@ impl Shared {
                 self.taking_over(p);
                 true
             }
-            Ok(None) => false,
+            Ok(None) => {
+                self.set_blocked(None);
+                false
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "the handover socket answers, but not as a predecessor");
+                self.set_blocked(Some(crate::proxy::error_chain(&e)));
                 false
             }
         }
+    }
+
+    /// Why this ztunnel cannot take over from the ztunnel serving the handover socket,
+    /// while that is so.
+    fn blocked(&self) -> Option<String> {
+        self.handover
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records (or clears) why the ztunnel serving the handover socket cannot be taken
+    /// over from; logged when it changes.
+    fn set_blocked(&self, why: Option<String>) {
+        let mut blocked = self
+            .handover
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *blocked == why {
+            return;
+        }
+        match &why {
+            Some(reason) => {
+                tracing::warn!(socket = %self.handover.socket.display(), error = %reason, "another ztunnel serves this node and this one cannot take over from it: it enrols only what is free, releases no capture and does not serve the handover socket until that ztunnel is gone");
+                self.handover.status().state = "blocked".to_owned();
+            }
+            None => {
+                tracing::info!("the ztunnel that could not be taken over from is gone");
+                let mut st = self.handover.status();
+                if st.state == "blocked" {
+                    st.state = "none".to_owned();
+                }
+            }
+        }
+        *blocked = why;
     }
 
     /// The predecessor exited or crashed before stopping on request (noticed in a
@@ -622,6 +668,12 @@ impl Shared {
     fn advance_handover(self: &Arc<Self>, all_ok: bool) -> bool {
         if self.handover.handed_over.load(Ordering::SeqCst) {
             return false;
+        }
+        if self.blocked().is_some() {
+            // Whoever serves the handover socket goes on doing so (a successor of ours
+            // would find a ztunnel that holds nothing); try it again.
+            self.reconnect_predecessor();
+            return self.blocked().is_some();
         }
         let taking = self.handover.predecessor().take();
         let state = self.handover.status().state.clone();
@@ -850,6 +902,11 @@ impl Shared {
             return Err(format!(
                 "draining ({}): no new connections are accepted",
                 req.cause
+            ));
+        }
+        if let Some(why) = self.blocked() {
+            return Err(format!(
+                "another ztunnel serves this node and this one cannot take over from it: {why}"
             ));
         }
         {
@@ -1231,6 +1288,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         zds: std::sync::OnceLock::new(),
         handover: Handover {
             uncovered_since: Mutex::default(),
+            blocked: Mutex::default(),
             socket: cfg.handover_socket.clone(),
             started,
             pod: if cfg.istio.pod_name == DEFAULT_POD_NAME {
@@ -1257,9 +1315,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     {
         Ok(Some(p)) => shared.taking_over(p),
         Ok(None) => {}
-        Err(e) => {
-            tracing::warn!(socket = %cfg.handover_socket.display(), error = %crate::proxy::error_chain(&e), "the handover socket answers, but not as a predecessor; starting without one");
-        }
+        Err(e) => shared.set_blocked(Some(crate::proxy::error_chain(&e))),
     }
     if let Some(tx) = istio_tx {
         let running = istio::start(&cfg.istio, &cfg.node, &cfg.trust_domain, tx, results_rx)?;
@@ -1383,7 +1439,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
         let all_ok = tokio::task::spawn_blocking(move || s.reconcile(&desired, &known)).await?;
         // With ZDS, the pods are known only once istio-cni's snapshot is in.
         if synced.pods_known() {
-            if first {
+            // Nothing is released while another ztunnel serves this node un-taken-over.
+            if first && shared.blocked().is_none() {
                 if shared.handover.predecessor().is_some() {
                     // A live predecessor serves pods with the capture this would release:
                     // a pod it serves that this ztunnel's view lacks (a wrong node name,

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use ztunnel_tests::{
     Pod, PodProcess, Topology, Ztunnel, cgroup_programs,
     upgrade::{self, counts, hold, pings, stop_drained, wait_handover},
@@ -667,6 +668,90 @@ fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors(
     new.wait_for("the calls through the successor", |d| {
         d.connections.opened_total >= before + 2
     })?;
+    Ok(())
+}
+
+/// The inode of the handover socket's path: serving it renames a new socket over it.
+fn socket_inode(path: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("{}", path.display()))?
+        .ino())
+}
+
+/// After an upgrade from pod ztunnel-1 to ztunnel-2, ztunnel-1's container restarts (its
+/// pod is being replaced) with a view that lacks pod a. The new ztunnel refuses to hand
+/// the node back. Before, the refused one started as if alone: it released a's pinned
+/// capture (not in its view) and renamed its own handover socket over the path, so the
+/// next upgrade would find it instead of the ztunnel serving the node. Now it stays
+/// blocked: it releases nothing, serves no handover socket, says why in readiness, and
+/// a stays captured and served throughout.
+#[test]
+fn a_refused_ztunnel_releases_nothing_and_leaves_the_handover_socket_alone() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let c = t.add_pod("c", false, false)?;
+    let _servers = [t.serve(&a, a.addr(9000))?, t.serve(&b, b.addr(8080))?];
+    t.ztunnel_env.push(("POD_NAME".into(), "ztunnel-1".into()));
+    let mut old = t.start_ztunnel(false)?;
+    let file = t.workloads_path();
+    t.ztunnel_env.pop();
+    t.ztunnel_env.push(("POD_NAME".into(), "ztunnel-2".into()));
+    let new = t.spawn_ztunnel("node1", false, &file)?;
+    wait_handover(&new, "complete")?;
+    new.wait_for("the handover socket served", |d| d.handover.serving)?;
+    stop_drained(&mut old)?;
+    old.terminate();
+    upgrade::wait_exit(&mut old, "the old ztunnel")?;
+    let socket = t.handover_socket("node1");
+    let inode = socket_inode(&socket)?;
+    let stop = t.dir.path().join("stop");
+    let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
+    let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
+
+    // ztunnel-1's container again, with an older view that lacks a.
+    let here = "  - name: a\n    namespace: default\n    node: node1\n";
+    let yaml = t.workloads_yaml();
+    anyhow::ensure!(yaml.contains(here), "a is not in the file:\n{yaml}");
+    let older = t.dir.path().join("older.yaml");
+    std::fs::write(
+        &older,
+        yaml.replace(
+            here,
+            "  - name: a\n    namespace: default\n    node: node9\n",
+        ),
+    )?;
+    t.ztunnel_env.pop();
+    t.ztunnel_env.push(("POD_NAME".into(), "ztunnel-1".into()));
+    let restarted = t.spawn_ztunnel("node1", false, &older)?;
+    // Its first reconciles (every 2 s): nothing is released or taken meanwhile.
+    restarted.wait_for("the restarted ztunnel's admin port", |_| true)?;
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        socket_inode(&socket)?,
+        inode,
+        "the handover socket was replaced"
+    );
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert!(
+        progs.contains("connect4_capture"),
+        "a's capture was released:\n{progs}\n{}",
+        restarted.log_text()
+    );
+    let d = restarted.dump()?;
+    assert!(
+        !d.handover.serving,
+        "the refused ztunnel serves the handover socket"
+    );
+    assert_eq!(d.handover.state, "blocked");
+    let why = format!("{:#}", restarted.ready().expect_err("blocked"));
+    assert!(why.contains("does not take the node back"), "{why}");
+    restarted.terminate();
+    drop(restarted);
+    finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
+    assert!(new.dump()?.handover.serving);
+    assert_eq!(socket_inode(&socket)?, inode);
     Ok(())
 }
 
