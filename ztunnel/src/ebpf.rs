@@ -1291,6 +1291,20 @@ const PENDING_PIN: &str = "pending-";
 
 /// Pinned pod links under `<pin dir>/pods/<namespace>/<name>/<program>` (temporary
 /// names a ztunnel died pinning under, [`PENDING_PIN`], are removed).
+/// Whether a `pending-<pid>-<program>` pin was left by a process that is gone (one that
+/// died between pinning and renaming); a live ztunnel's (say, the predecessor's, enrolling
+/// a pod right now) is not.
+fn pending_pin_is_stale(name: &str) -> bool {
+    let pid = name
+        .strip_prefix(PENDING_PIN)
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(pid, _)| pid.parse::<u32>().ok());
+    match pid {
+        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+        None => true,
+    }
+}
+
 fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<Adopted>> {
     let mut out = BTreeMap::new();
     let Ok(namespaces) = std::fs::read_dir(dir) else {
@@ -1312,8 +1326,12 @@ fn adopt_pod_links(dir: &Path) -> BTreeMap<String, Vec<Adopted>> {
                 .flatten()
                 .filter_map(|f| {
                     let path = f.path();
-                    if f.file_name().to_string_lossy().starts_with(PENDING_PIN) {
-                        let _ = std::fs::remove_file(&path);
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(PENDING_PIN) {
+                        // A live ztunnel's is about to be renamed into place: leave it.
+                        if pending_pin_is_stale(&name) {
+                            let _ = std::fs::remove_file(&path);
+                        }
                         return None;
                     }
                     match PinnedLink::from_pin(&path) {
@@ -1367,6 +1385,16 @@ pub fn own_cgroup() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_dead_processs_pending_pin_is_stale() {
+        let own = format!("{PENDING_PIN}{}-connect4_capture", std::process::id());
+        assert!(!pending_pin_is_stale(&own), "a live process's pin");
+        // Above any pid_max (2^22).
+        assert!(pending_pin_is_stale("pending-4294967295-connect4_capture"));
+        assert!(pending_pin_is_stale("pending-connect4_capture"));
+        assert!(pending_pin_is_stale("pending-x-connect4_capture"));
+    }
 
     #[test]
     fn sources_are_the_first_address_of_each_family() {
