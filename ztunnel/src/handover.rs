@@ -575,9 +575,17 @@ fn session(conn: &OwnedFd, serving: &dyn Serving) -> Session {
     let step = || -> Result<Option<usize>, Error> {
         check_peer(conn)?;
         set_timeouts(conn, IDLE_TIMEOUT)?;
+        let mut welcomed = false;
         loop {
             // Descriptors a successor should not send are closed on the spot.
             let (req, _fds) = recv::<Request>(conn.as_fd())?;
+            // Nothing is handed out, and nothing stops, before a hello was accepted.
+            if !welcomed && !matches!(req, Request::Hello { .. }) {
+                return Err(Error::Unexpected {
+                    got: name(&req),
+                    expected: "hello",
+                });
+            }
             match req {
                 Request::Hello { version, pid, pod } => {
                     let refused = if version != VERSION {
@@ -597,6 +605,7 @@ fn session(conn: &OwnedFd, serving: &dyn Serving) -> Session {
                         )?;
                         return Err(Error::Refused { reason });
                     }
+                    welcomed = true;
                     tracing::info!(successor_pid = pid, successor_pod = %pod, "a successor connected to take over");
                     send(
                         conn.as_fd(),
@@ -768,6 +777,45 @@ mod tests {
         assert_eq!(*fake.results.lock().expect("lock"), ["refused", "complete"]);
         // Nobody takes over from a ztunnel that has handed over.
         assert!(Predecessor::connect(&path, "").expect("connect").is_none());
+    }
+
+    #[test]
+    fn nothing_is_handed_out_or_stopped_before_a_hello() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("handover.sock");
+        let l = listener();
+        let addr = l.local_addr().expect("addr");
+        let fake = Arc::new(Fake {
+            netns: (7, 42),
+            listeners: Mutex::new(vec![l]),
+            stopped: Mutex::default(),
+            results: Mutex::default(),
+        });
+        serve(&path, fake.clone()).expect("serve");
+        for req in [
+            Request::Done,
+            Request::Take {
+                pod: "default/a".to_owned(),
+                netns: (7, 42),
+            },
+        ] {
+            let fd = seqpacket().expect("socket");
+            socket::connect(fd.as_raw_fd(), &UnixAddr::new(&path).expect("addr")).expect("connect");
+            send(fd.as_fd(), &req, &[]).expect("send");
+            // The predecessor hangs up without an answer.
+            assert!(matches!(recv::<Reply>(fd.as_fd()), Err(Error::Closed)));
+        }
+        assert_eq!(
+            *fake.stopped.lock().expect("lock"),
+            None,
+            "stopped without a hello"
+        );
+        // A successor that says hello is still served.
+        let mut p = Predecessor::connect(&path, "ztunnel-new")
+            .expect("connect")
+            .expect("a predecessor answers");
+        let taken = p.take("default/a", (7, 42), None, &[addr]).expect("take");
+        assert_eq!(taken.len(), 1);
     }
 
     #[test]
