@@ -5,12 +5,19 @@
 //! an intermediate buffer. Socket → tunnel reads into a buffer that grows 1 KiB → 16 KiB
 //! → 256 KiB while reads keep filling it and shrinks back when traffic gets thin (Istio's
 //! buffers only grow, `HBONE.md`, "Copying"); what was read is handed to h2 without a
-//! copy. An idle tunnel therefore holds about 1 KiB of buffer.
+//! copy. At the smallest size the buffer is given up after each read and taken again
+//! only once the socket is readable: an idle tunnel holds no read buffer at all.
 
-use std::io;
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    sync::Mutex,
+    task::{Context, Poll},
+};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::stream::H2Stream;
 
@@ -21,6 +28,32 @@ pub struct Transferred {
     pub tunnel_to_socket: u64,
     /// Read from the socket and sent to the peer through the tunnel.
     pub socket_to_tunnel: u64,
+}
+
+/// A socket that can say it has something to read before a buffer is handed to it.
+pub trait ReadReady {
+    /// Ready once a read would find data, EOF or an error (it may be spurious: the read
+    /// then waits as usual).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<T: ReadReady> ReadReady for &mut T {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+/// In-memory pipes (tests) have no readiness of their own: the read is just tried.
+impl ReadReady for tokio::io::DuplexStream {
+    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 const BUFFER_SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
@@ -35,20 +68,36 @@ const SHRINK_AFTER: u8 = 4;
 /// resets it.
 pub async fn copy_bidirectional<S>(tunnel: &mut H2Stream, socket: S) -> io::Result<Transferred>
 where
-    S: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let (mut socket_read, mut socket_write) = tokio::io::split(socket);
+    // Both directions poll the one socket from this task, each under the (never
+    // contended) lock for the length of a poll: no split halves hiding its readiness.
+    let socket = Mutex::new(socket);
+    let with =
+        |cx: &mut Context<'_>,
+         f: &mut dyn FnMut(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<usize>>| {
+            let mut s = socket.lock().unwrap_or_else(|p| p.into_inner());
+            f(Pin::new(&mut *s), cx)
+        };
     let (recv, send) = tunnel.split_mut();
 
     let tunnel_to_socket = async {
         let mut total = 0u64;
         while let Some(chunk) = recv.chunk().await? {
             total += chunk.len() as u64;
-            socket_write.write_all(&chunk).await?;
+            let mut written = 0;
+            while written < chunk.len() {
+                let n = poll_fn(|cx| with(cx, &mut |s, cx| s.poll_write(cx, &chunk[written..])))
+                    .await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                written += n;
+            }
             // A no-op for TCP; pushes out records when the socket is TLS.
-            socket_write.flush().await?;
+            poll_fn(|cx| with(cx, &mut |s, cx| s.poll_flush(cx).map_ok(|()| 0))).await?;
         }
-        socket_write.shutdown().await?;
+        poll_fn(|cx| with(cx, &mut |s, cx| s.poll_shutdown(cx).map_ok(|()| 0))).await?;
         Ok::<_, io::Error>(total)
     };
 
@@ -56,26 +105,34 @@ where
         let mut total = 0u64;
         let mut buf = ReadBuffer::default();
         loop {
-            let spare = buf.prepare();
-            let read = tokio::select! {
-                read = socket_read.read_buf(&mut buf.bytes) => Some(read?),
+            if buf.bytes.capacity() == 0 {
+                let ready = poll_fn(|cx| {
+                    let s = socket.lock().unwrap_or_else(|p| p.into_inner());
+                    s.poll_read_ready(cx)
+                });
                 // The peer resetting the tunnel must end this direction even while the
                 // socket has nothing to say.
-                reset = send.reset() => match reset {
-                    Ok(reason) if reason == h2::Reason::NO_ERROR || reason == h2::Reason::CANCEL => None,
-                    Ok(reason) => return Err(super::stream::h2_to_io(reason.into())),
-                    Err(e) => return Err(super::stream::h2_to_io(e)),
-                },
-            };
-            match read {
-                None => return Ok(total),
-                Some(0) => break,
-                Some(n) => {
-                    total += n as u64;
-                    let chunk = buf.take(n, spare);
-                    send.send_bytes(chunk).await?;
+                tokio::select! {
+                    ready = ready => ready?,
+                    reset = peer_reset(send) => return reset.map(|()| total),
                 }
             }
+            let spare = buf.prepare();
+            let read = poll_fn(|cx| {
+                with(cx, &mut |s, cx| {
+                    tokio_util::io::poll_read_buf(s, cx, &mut buf.bytes)
+                })
+            });
+            let n = tokio::select! {
+                read = read => read?,
+                reset = peer_reset(send) => return reset.map(|()| total),
+            };
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            let chunk = buf.take(n, spare);
+            send.send_bytes(chunk).await?;
         }
         send.end().await?;
         Ok(total)
@@ -87,6 +144,15 @@ where
         tunnel_to_socket,
         socket_to_tunnel,
     })
+}
+
+/// Waits for the peer to reset the tunnel: `Ok` for a plain cancel, the error otherwise.
+async fn peer_reset(send: &mut super::stream::SendHalf) -> io::Result<()> {
+    match send.reset().await {
+        Ok(reason) if reason == h2::Reason::NO_ERROR || reason == h2::Reason::CANCEL => Ok(()),
+        Ok(reason) => Err(super::stream::h2_to_io(reason.into())),
+        Err(e) => Err(super::stream::h2_to_io(e)),
+    }
 }
 
 /// The socket → tunnel read buffer and its sizing policy.
@@ -130,6 +196,11 @@ impl ReadBuffer {
         } else {
             self.thin_reads = 0;
         }
+        if self.level == 0 {
+            // Smallest size: the read is all h2 gets, and nothing stays allocated here
+            // until the socket is readable again.
+            return std::mem::take(&mut self.bytes).freeze();
+        }
         self.bytes.split().freeze()
     }
 }
@@ -137,6 +208,18 @@ impl ReadBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_the_smallest_size_nothing_stays_allocated_between_reads() {
+        let mut b = ReadBuffer::default();
+        assert_eq!(b.bytes.capacity(), 0, "nothing before the first read");
+        let room = b.prepare();
+        b.bytes.extend_from_slice(b"hello");
+        let chunk = b.take(5, room);
+        assert_eq!(&chunk[..], b"hello");
+        assert_eq!(b.bytes.capacity(), 0, "the buffer went with the chunk");
+        assert_eq!(b.level, 0);
+    }
 
     #[test]
     fn buffer_grows_on_full_reads_and_shrinks_on_thin_ones() {
