@@ -282,6 +282,7 @@ impl IstioSource {
                         netns: None,
                         cgroup: None,
                         locality: None,
+                        waypoint: None,
                     }));
                     cfg.workloads.len() - 1
                 }
