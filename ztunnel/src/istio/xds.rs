@@ -102,7 +102,7 @@ pub struct XdsWorkload {
 #[derive(Debug, Clone, PartialEq)]
 pub enum XdsAddress {
     Workload(Box<XdsWorkload>),
-    Service(Service),
+    Service(Box<Service>),
 }
 
 /// What one `Authorization` resource holds.
@@ -213,7 +213,9 @@ pub fn convert_address(a: &workload::Address) -> Result<XdsAddress, String> {
         Some(workload::address::Type::Workload(w)) => {
             convert_workload(w).map(|w| XdsAddress::Workload(Box::new(w)))
         }
-        Some(workload::address::Type::Service(s)) => convert_service(s).map(XdsAddress::Service),
+        Some(workload::address::Type::Service(s)) => {
+            convert_service(s).map(|s| XdsAddress::Service(Box::new(s)))
+        }
         None => Err("address is neither a workload nor a service".into()),
     }
 }
