@@ -206,6 +206,19 @@ fn a_call_to_a_waypoint_fronted_service_reaches_the_waypoint_as_a_connect_for_th
     let d = z1.wait_for("the closed connection", |d| {
         d.connections.list.iter().any(|r| r.outcome.is_some())
     })?;
+    // /config_dump shows the service's waypoint as Istio's ztunnel does.
+    let web = d
+        .services
+        .iter()
+        .find(|s| s.name == "web")
+        .context("web in the dump")?;
+    assert_eq!(
+        web.waypoint,
+        Some(ztunnel::admin::GatewayAddressDump {
+            destination: "default/waypoint.default.svc.cluster.local".to_owned(),
+            hbone_mtls_port: 15008,
+        })
+    );
     let rec = &d.connections.list[0];
     assert_eq!(rec.dst, m.vip);
     assert_eq!(rec.outcome.as_deref(), Some("ok"));
