@@ -997,13 +997,6 @@ impl Store {
         }
     }
 
-    /// Whether workload `key` is one of the pods of waypoint `wp` (named by an object of
-    /// namespace `ns`): its own connections do not go through itself.
-    pub fn is_waypoint_pod(&self, wp: &WaypointRef, ns: &str, key: &str) -> bool {
-        let (pods, _) = self.waypoint_pods(wp, ns);
-        pods.iter().any(|i| self.cfg.workloads[*i].key() == key)
-    }
-
     /// The route through waypoint `wp` (named by `target`, of namespace `ns`) to `dst` as
     /// dialled: HBONE to one of its pods (round robin) at its port, `:authority` = `dst`,
     /// the pod's identity (and its service's alt names) expected; `None` when `src` is one
