@@ -371,6 +371,26 @@ impl FakeIstiod {
         lock(&self.state.initial_versions).clone()
     }
 
+    /// A certificate for `identity` from this istiod's CA, as a workload (or a waypoint)
+    /// would hold it: for test peers that must be trusted by ztunnels of this istiod.
+    pub fn issue(
+        &self,
+        identity: &ztunnel::identity::Identity,
+    ) -> anyhow::Result<ztunnel::identity::WorkloadCertificate> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .subject_alt_names
+            .push(SanType::URI(identity.to_string().try_into()?));
+        let key = KeyPair::generate()?;
+        let leaf = params.signed_by(&key, &self.state.issuer)?;
+        Ok(ztunnel::identity::WorkloadCertificate::new(
+            vec![leaf.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            vec![self.state.issuer.der().clone()],
+        )?)
+    }
+
     pub fn issued(&self) -> Vec<String> {
         lock(&self.state.issued).clone()
     }

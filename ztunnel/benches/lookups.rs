@@ -142,6 +142,7 @@ fn cluster(n: usize) -> LocalConfig {
                 netns: local.then(|| PathBuf::from(format!("/run/netns/{i}"))),
                 cgroup: local.then(|| PathBuf::from(format!("/sys/fs/cgroup/{i}"))),
                 locality: None,
+                waypoint: None,
             })
         })
         .collect();
@@ -157,6 +158,8 @@ fn cluster(n: usize) -> LocalConfig {
             }],
             selector: BTreeMap::from([("app".into(), format!("svc-{j}"))]),
             subject_alt_names: Vec::new(),
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
         })
         .collect();
     let from = |m: policy::Match| policy::Rule {
@@ -261,7 +264,7 @@ fn lookups(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(format!("vip/{n}"), |b| {
             let mut next = cycle(&vips);
-            b.iter(|| black_box(store.route(*next())))
+            b.iter(|| black_box(store.route(None, *next())))
         });
         let pods: Vec<SocketAddr> = spread(n)
             .into_iter()
@@ -269,7 +272,7 @@ fn lookups(c: &mut Criterion) {
             .collect();
         g.bench_function(format!("workload/{n}"), |b| {
             let mut next = cycle(&pods);
-            b.iter(|| black_box(store.route(*next())))
+            b.iter(|| black_box(store.route(None, *next())))
         });
         g.finish();
 
@@ -367,7 +370,7 @@ fn load_balance(c: &mut Criterion) {
     let mut g = c.benchmark_group("route");
     g.throughput(Throughput::Elements(1));
     g.bench_function("vip_one_service_10000_endpoints", |b| {
-        b.iter(|| black_box(store.route(dst)))
+        b.iter(|| black_box(store.route(None, dst)))
     });
     g.finish();
 }

@@ -92,6 +92,9 @@ pub struct WorkloadDump {
     pub cluster_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<crate::state::Locality>,
+    /// The workload's waypoint, in Istio's shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddressDump>,
     /// The services the workload backs, `namespace/hostname`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
@@ -116,10 +119,46 @@ pub struct ServiceDump {
     pub endpoints: BTreeMap<String, EndpointDump>,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The service's waypoint, in Istio's shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddressDump>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypointDump>,
     /// Istio's `canonical`: the service is a Kubernetes Service (not a ServiceEntry).
     pub canonical: bool,
     /// Istio's `visibility`: every client may reach it.
     pub visibility: String,
+}
+
+/// A waypoint reference as Istio's ztunnel dumps a `GatewayAddress`: `destination` is
+/// `<network>/<ip>` for an address, `<namespace>/<hostname>` for a hostname.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddressDump {
+    pub destination: String,
+    pub hbone_mtls_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedWaypointDump {
+    pub destination: GatewayAddressDump,
+    pub weight: u32,
+}
+
+impl GatewayAddressDump {
+    /// `namespace`: the referring object's, for a hostname that names none.
+    fn of(wp: &crate::state::WaypointRef, namespace: &str) -> Self {
+        let destination = match (&wp.address, &wp.hostname) {
+            (Some(a), _) => format!("/{a}"),
+            (None, Some(h)) => format!("{}/{h}", wp.namespace.as_deref().unwrap_or(namespace)),
+            (None, None) => String::new(),
+        };
+        Self {
+            destination,
+            hbone_mtls_port: wp.port,
+        }
+    }
 }
 
 /// One endpoint of a service, with Istio ztunnel's field names.
@@ -441,6 +480,10 @@ fn state_dump(
             status: "Healthy".to_owned(),
             cluster_id: store.cfg.cluster.clone(),
             locality: w.locality.clone(),
+            waypoint: w
+                .waypoint
+                .as_ref()
+                .map(|wp| GatewayAddressDump::of(wp, &w.namespace)),
             services: services_of(w),
             capacity: 1,
             identity: store.identity(w),
@@ -476,6 +519,18 @@ fn state_dump(
                     .collect(),
                 ports,
                 subject_alt_names: s.subject_alt_names.clone(),
+                waypoint: s
+                    .waypoint
+                    .as_ref()
+                    .map(|wp| GatewayAddressDump::of(wp, &s.namespace)),
+                weighted_waypoints: s
+                    .weighted_waypoints
+                    .iter()
+                    .map(|w| WeightedWaypointDump {
+                        destination: GatewayAddressDump::of(&w.waypoint, &s.namespace),
+                        weight: w.weight,
+                    })
+                    .collect(),
                 canonical: true,
                 visibility: "Public".to_owned(),
             }

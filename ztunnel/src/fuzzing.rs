@@ -243,7 +243,7 @@ pub fn exercise_store(cfg: &LocalConfig, node: &str) {
         .collect();
     for ip in &addrs {
         for port in &ports {
-            let _ = store.route(SocketAddr::new(*ip, *port));
+            let _ = store.route(None, SocketAddr::new(*ip, *port));
         }
     }
     for w in &cfg.workloads {

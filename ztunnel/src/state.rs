@@ -136,6 +136,106 @@ pub struct Service {
     /// Extra identities the service's endpoints may present (SPIFFE URIs).
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint that connections to this service's addresses go through (Istio's
+    /// `Service.waypoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+    /// Waypoints sharing the service's connections by weight (Istio's
+    /// `Service.weighted_waypoints`, for a canary); when empty or all weights are 0,
+    /// `waypoint` applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
+}
+
+/// One waypoint of a weighted set and its relative weight.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedWaypoint {
+    pub waypoint: WaypointRef,
+    pub weight: u32,
+}
+
+impl Service {
+    /// The waypoint for the `n`th connection: from the weighted set, each waypoint for its
+    /// share of every `sum of weights` connections in turn (Istio draws at random with the
+    /// same shares); else the single `waypoint`.
+    pub fn waypoint_for(&self, n: usize) -> Option<&WaypointRef> {
+        let total: u64 = self
+            .weighted_waypoints
+            .iter()
+            .map(|w| u64::from(w.weight))
+            .sum();
+        if total == 0 {
+            return self.waypoint.as_ref();
+        }
+        let mut pick = n as u64 % total;
+        for w in &self.weighted_waypoints {
+            if pick < u64::from(w.weight) {
+                return Some(&w.waypoint);
+            }
+            pick -= u64::from(w.weight);
+        }
+        self.waypoint.as_ref()
+    }
+}
+
+/// Istio's HBONE port of a waypoint (`GatewayAddress.hbone_mtls_port`'s usual value).
+pub const WAYPOINT_HBONE_PORT: u16 = 15008;
+
+/// A reference to a waypoint, as Istio's `GatewayAddress` names one: either an address (a
+/// waypoint pod's, or the VIP of the waypoint's service) or a service by namespace and
+/// hostname; the waypoint's pods are dialled at `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointRef {
+    /// A waypoint pod's address, or its service's VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpAddr>,
+    /// The waypoint service's hostname (with `namespace`), e.g.
+    /// `waypoint.shop.svc.cluster.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The waypoint service's namespace; defaults to the referring object's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The waypoint's HBONE port.
+    #[serde(default = "default_waypoint_port")]
+    pub port: u16,
+}
+
+fn default_waypoint_port() -> u16 {
+    WAYPOINT_HBONE_PORT
+}
+
+impl WaypointRef {
+    /// Why the reference names no waypoint, if it does not.
+    fn check(&self) -> Result<(), String> {
+        match (&self.address, &self.hostname) {
+            (Some(_), Some(_)) => {
+                Err("waypoint: give `address` or `hostname`, not both".to_owned())
+            }
+            (None, None) => Err("waypoint: needs an `address` or a `hostname`".to_owned()),
+            (None, Some(h)) if h.is_empty() => Err("waypoint: `hostname` is empty".to_owned()),
+            (Some(_), None) if self.namespace.is_some() => {
+                Err("waypoint: `namespace` goes with `hostname`, not `address`".to_owned())
+            }
+            _ if self.port == 0 => Err("waypoint: `port` must not be 0".to_owned()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for WaypointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.address, &self.hostname) {
+            (Some(a), _) => write!(f, "{}", SocketAddr::new(*a, self.port)),
+            (None, Some(h)) => match &self.namespace {
+                Some(ns) => write!(f, "{ns}/{h}:{}", self.port),
+                None => write!(f, "{h}:{}", self.port),
+            },
+            (None, None) => write!(f, "(none)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +321,10 @@ pub struct Workload {
     /// node labels): fills the `*_region` and `*_zone` metric labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<Locality>,
+    /// The waypoint that connections addressed to this workload go through (Istio's
+    /// `Workload.waypoint`); connections to a service it backs follow the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
 }
 
 /// A workload's locality, as istiod's `istio.workload.Locality` carries it.
@@ -366,6 +470,10 @@ impl LocalConfig {
             if let Some(mode) = w.labels.get(DATAPLANE_MODE) {
                 check_mode(mode).map_err(|reason| invalid(object.clone(), reason))?;
             }
+            if let Some(wp) = &w.waypoint {
+                wp.check()
+                    .map_err(|reason| invalid(object.clone(), reason))?;
+            }
         }
         let mut svc_keys = BTreeSet::new();
         for (i, svc) in self.services.iter().enumerate() {
@@ -391,6 +499,14 @@ impl LocalConfig {
                         format!("subjectAltNames entry {san:?} is not a spiffe:// identity"),
                     ));
                 }
+            }
+            for wp in svc
+                .waypoint
+                .iter()
+                .chain(svc.weighted_waypoints.iter().map(|w| &w.waypoint))
+            {
+                wp.check()
+                    .map_err(|reason| invalid(object.clone(), reason))?;
             }
         }
         policy::validate_all(
@@ -506,17 +622,32 @@ impl<'a> Enrolment<'a> {
 /// Where an outbound connection goes, decided from the destination the app dialled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// Through an HBONE tunnel to the endpoint's ztunnel.
+    /// Through an HBONE tunnel to the endpoint's ztunnel, or to the destination's
+    /// waypoint.
     Hbone {
-        /// The endpoint pod and target port (after VIP and port translation).
+        /// The CONNECT's `:authority`: the endpoint pod and target port (after VIP and
+        /// port translation); through a waypoint, the destination as the app dialled it.
         endpoint: SocketAddr,
-        /// `namespace/name` of the endpoint workload.
+        /// Where the tunnel goes: the endpoint's address at :15008, or a waypoint pod's
+        /// address at the waypoint's port.
+        next_hop: SocketAddr,
+        /// `namespace/name` of the workload at `next_hop` (the endpoint or the waypoint).
         workload: String,
         /// SPIFFE identities the server may present: the workload's, plus the
-        /// service's subject alt names when reached through a service.
+        /// service's subject alt names when reached through a service (the waypoint's and
+        /// its service's through a waypoint).
         identities: Vec<String>,
         /// The service hostname when the app dialled a VIP.
         service: Option<String>,
+        /// The waypoint reference followed, if any.
+        waypoint: Option<String>,
+    },
+    /// The destination names a waypoint that has no pod with an address: refuse the
+    /// connection (never bypass the waypoint).
+    NoWaypoint {
+        /// The service hostname or workload key the app's destination belongs to.
+        target: String,
+        waypoint: String,
     },
     /// Plain TCP to this address (a workload outside the mesh, or unknown).
     Passthrough { dst: SocketAddr },
@@ -550,9 +681,13 @@ pub struct Store {
     routable: Vec<Vec<usize>>,
     /// For the first workload of each key: the first service with an endpoint of that key.
     service_of: Vec<Option<usize>>,
+    /// Services by hostname (lowercase, no trailing dot), in config order.
+    by_hostname: HashMap<String, Vec<usize>>,
     policies: policy::Index,
     mtls: policy::MtlsIndex,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The turn of each connection to a service with weighted waypoints.
+    next_waypoint: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Where hostname-only services get their VIPs (Istio's auto-allocation range for
@@ -647,6 +782,8 @@ impl Store {
             first_of_key.push(*by_key.entry(w.key()).or_insert(i));
         }
         let mut by_vip = HashMap::with_capacity(cfg.services.len());
+        let mut by_hostname: HashMap<String, Vec<usize>> =
+            HashMap::with_capacity(cfg.services.len());
         // Services by their selector's first label: a workload without that label is not
         // an endpoint, so each workload is checked against the services filed under its
         // own labels only.
@@ -655,6 +792,10 @@ impl Store {
             for a in &svc.addresses {
                 by_vip.insert(*a, s);
             }
+            by_hostname
+                .entry(normal_hostname(&svc.hostname()))
+                .or_default()
+                .push(s);
             if let Some((k, v)) = svc.selector.iter().next() {
                 by_label
                     .entry((svc.namespace.as_str(), k.as_str(), v.as_str()))
@@ -709,9 +850,11 @@ impl Store {
             endpoints,
             routable,
             service_of,
+            by_hostname,
             policies,
             mtls,
             next: Default::default(),
+            next_waypoint: Default::default(),
         }
     }
 
@@ -811,10 +954,125 @@ impl Store {
         self.by_vip.get(&ip).copied()
     }
 
-    /// Decides the path for a connection to `dst`.
-    pub fn route(&self, dst: SocketAddr) -> Route {
+    /// The service with this hostname (any case, with or without the trailing dot) in
+    /// namespace `ns`, else the first of that hostname in any namespace when `ns` has none
+    /// (Istio's choice for a hostname: its own namespace's first).
+    pub fn service_by_hostname(&self, hostname: &str, ns: &str) -> Option<usize> {
+        let all = self.by_hostname.get(&normal_hostname(hostname))?;
+        all.iter()
+            .copied()
+            .find(|s| self.cfg.services[*s].namespace == ns)
+            .or_else(|| all.first().copied())
+    }
+
+    /// The pods (workload indices) of the waypoint `wp`, named by an object of namespace
+    /// `ns`: the workload at its address, else the routable endpoints of the service at its
+    /// address (a VIP); or the routable endpoints of the service of its hostname in its
+    /// namespace (the referrer's if it names none). Empty if none is known.
+    fn waypoint_pods(&self, wp: &WaypointRef, ns: &str) -> (Vec<usize>, Option<usize>) {
+        if let Some(addr) = wp.address {
+            if let Some(i) = self.by_addr.get(&addr) {
+                return (vec![*i], None);
+            }
+            return match self.service_by_vip(addr) {
+                Some(s) => (self.routable[s].clone(), Some(s)),
+                None => (Vec::new(), None),
+            };
+        }
+        let Some(host) = &wp.hostname else {
+            return (Vec::new(), None);
+        };
+        let ns = wp.namespace.as_deref().unwrap_or(ns);
+        let found = self
+            .by_hostname
+            .get(&normal_hostname(host))
+            .and_then(|all| {
+                all.iter()
+                    .copied()
+                    .find(|s| self.cfg.services[*s].namespace == ns)
+            });
+        match found {
+            Some(s) => (self.routable[s].clone(), Some(s)),
+            None => (Vec::new(), None),
+        }
+    }
+
+    /// The route through waypoint `wp` (named by `target`, of namespace `ns`) to `dst` as
+    /// dialled: HBONE to one of its pods (round robin) at its port, `:authority` = `dst`,
+    /// the pod's identity (and its service's alt names) expected; `None` when `src` is one
+    /// of the waypoint's own pods (its traffic goes on as if there were no waypoint).
+    fn via_waypoint(
+        &self,
+        wp: &WaypointRef,
+        ns: &str,
+        target: String,
+        src: Option<&str>,
+        dst: SocketAddr,
+        service: Option<String>,
+    ) -> Option<Route> {
+        let (pods, wp_service) = self.waypoint_pods(wp, ns);
+        if src.is_some_and(|src| pods.iter().any(|i| self.cfg.workloads[*i].key() == src)) {
+            return None;
+        }
+        if pods.is_empty() {
+            return Some(Route::NoWaypoint {
+                target,
+                waypoint: wp.to_string(),
+            });
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let w = &self.cfg.workloads[pods[n % pods.len()]];
+        // A waypoint named by a pod's address is dialled at that address; otherwise at the
+        // pod's address of the destination's family where it has one.
+        let ip = match wp.address {
+            Some(a) if w.addresses.contains(&a) => a,
+            _ => *w
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == dst.is_ipv4())
+                .unwrap_or(&w.addresses[0]),
+        };
+        let mut identities = vec![self.identity(w)];
+        if let Some(s) = wp_service {
+            identities.extend(self.cfg.services[s].subject_alt_names.iter().cloned());
+        }
+        Some(Route::Hbone {
+            endpoint: dst,
+            next_hop: SocketAddr::new(ip, wp.port),
+            workload: w.key(),
+            identities,
+            service,
+            waypoint: Some(wp.to_string()),
+        })
+    }
+
+    /// Decides the path for a connection from workload `src` (`namespace/name`, the
+    /// captured pod) to `dst`, Istio's order: a service VIP whose service names a waypoint
+    /// goes to that waypoint (whatever the port); else the service's endpoint, or the
+    /// workload at `dst`; a workload dialled by its own address (not through a service)
+    /// that names a waypoint goes to that waypoint. A waypoint's own pods skip it.
+    pub fn route(&self, src: Option<&str>, dst: SocketAddr) -> Route {
         if let Some(i) = self.service_by_vip(dst.ip()) {
             let svc = &self.cfg.services[i];
+            let weighted = !svc.weighted_waypoints.is_empty();
+            let n = if weighted {
+                self.next_waypoint
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            } else {
+                0
+            };
+            if let Some(wp) = svc.waypoint_for(n)
+                && let Some(route) = self.via_waypoint(
+                    wp,
+                    &svc.namespace,
+                    svc.hostname(),
+                    src,
+                    dst,
+                    Some(svc.hostname()),
+                )
+            {
+                return route;
+            }
             let Some(target) = svc.target_port(dst.port()) else {
                 return Route::NoEndpoint {
                     service: svc.hostname(),
@@ -843,24 +1101,41 @@ impl Store {
                     identities.extend(svc.subject_alt_names.iter().cloned());
                     Route::Hbone {
                         endpoint,
+                        next_hop: SocketAddr::new(endpoint.ip(), ztunnel_common::ports::HBONE),
                         workload: w.key(),
                         identities,
                         service: Some(svc.hostname()),
+                        waypoint: None,
                     }
                 }
                 Protocol::Tcp => Route::Passthrough { dst: endpoint },
             };
         }
-        match self.workload_by_addr(dst.ip()) {
-            Some(w) if self.protocol(w) == Protocol::Hbone => Route::Hbone {
+        let Some(w) = self.workload_by_addr(dst.ip()) else {
+            return Route::Passthrough { dst };
+        };
+        if let Some(wp) = &w.waypoint
+            && let Some(route) = self.via_waypoint(wp, &w.namespace, w.key(), src, dst, None)
+        {
+            return route;
+        }
+        match self.protocol(w) {
+            Protocol::Hbone => Route::Hbone {
                 endpoint: dst,
+                next_hop: SocketAddr::new(dst.ip(), ztunnel_common::ports::HBONE),
                 workload: w.key(),
                 identities: vec![self.identity(w)],
                 service: None,
+                waypoint: None,
             },
-            _ => Route::Passthrough { dst },
+            Protocol::Tcp => Route::Passthrough { dst },
         }
     }
+}
+
+/// A hostname as the indexes hold it: lowercase, without the trailing dot.
+fn normal_hostname(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
 }
 
 fn check_mode(mode: &str) -> Result<(), String> {
@@ -889,6 +1164,8 @@ pub(crate) mod tests {
             }],
             selector: BTreeMap::from([("app".to_owned(), "db".to_owned())]),
             subject_alt_names: Vec::new(),
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
         }
     }
 
@@ -987,6 +1264,7 @@ pub(crate) mod tests {
                 netns: None,
                 cgroup: None,
                 locality: None,
+                waypoint: None,
             })],
             services: vec![svc("db", "shop", Some("db.example.internal"), &[])],
             ..LocalConfig::default()
@@ -994,7 +1272,7 @@ pub(crate) mod tests {
         let vip = store.cfg.services[0].addresses[0];
         assert_eq!(vip, natural);
         // Not enrolled: plain TCP to the endpoint and target port, as through any VIP.
-        match store.route(SocketAddr::new(vip, 80)) {
+        match store.route(None, SocketAddr::new(vip, 80)) {
             Route::Passthrough { dst } => {
                 assert_eq!(dst, "10.0.0.9:8080".parse::<SocketAddr>().expect("addr"));
             }
@@ -1058,21 +1336,23 @@ workloads:
         let a: SocketAddr = "10.0.0.1:9000".parse().expect("addr");
         // a is enrolled (namespace label): HBONE, its own identity only.
         assert_eq!(
-            store.route(a),
+            store.route(None, a),
             Route::Hbone {
                 endpoint: a,
+                next_hop: "10.0.0.1:15008".parse().expect("addr"),
                 workload: "mesh/a".into(),
                 identities: vec!["spiffe://cluster.local/ns/mesh/sa/default".into()],
                 service: None,
+                waypoint: None,
             }
         );
         // b opted out: plain TCP; unknown addresses too.
         for dst in ["10.0.0.2:80", "192.0.2.9:443"] {
             let dst: SocketAddr = dst.parse().expect("addr");
-            assert_eq!(store.route(dst), Route::Passthrough { dst });
+            assert_eq!(store.route(None, dst), Route::Passthrough { dst });
         }
         // A VIP: endpoint a, port 80 → 8080, plus the service's SANs.
-        match store.route("10.96.0.1:80".parse().expect("addr")) {
+        match store.route(None, "10.96.0.1:80".parse().expect("addr")) {
             Route::Hbone {
                 endpoint,
                 identities,
@@ -1087,13 +1367,297 @@ workloads:
         }
         // A port the service does not expose, or no endpoints: refused.
         assert!(matches!(
-            store.route("10.96.0.1:81".parse().expect("addr")),
+            store.route(None, "10.96.0.1:81".parse().expect("addr")),
             Route::NoEndpoint { .. }
         ));
         assert!(matches!(
-            store.route("10.96.0.2:80".parse().expect("addr")),
+            store.route(None, "10.96.0.2:80".parse().expect("addr")),
             Route::NoEndpoint { .. }
         ));
+    }
+
+    /// BASE plus a waypoint (pods wp-0 and wp-1 behind service `waypoint`), a service `web`
+    /// (endpoint a) and a service `db` (endpoint c2), for the waypoint tests.
+    fn waypoint_config(web_waypoint: &str, a_waypoint: &str) -> String {
+        format!(
+            r#"{BASE}  - name: wp-0
+    namespace: mesh
+    node: node2
+    serviceAccount: waypoint
+    addresses: [10.0.1.10]
+    labels: {{ gateway.networking.k8s.io/gateway-name: waypoint }}
+  - name: wp-1
+    namespace: mesh
+    node: node2
+    serviceAccount: waypoint
+    addresses: [10.0.1.11]
+    labels: {{ gateway.networking.k8s.io/gateway-name: waypoint }}
+  - name: a2
+    namespace: mesh
+    node: node2
+    addresses: [10.0.1.5]
+    labels: {{ app: a }}
+{a_waypoint}services:
+  - name: waypoint
+    namespace: mesh
+    addresses: [10.96.0.15]
+    ports: [{{port: 15008}}]
+    selector: {{ gateway.networking.k8s.io/gateway-name: waypoint }}
+    subjectAltNames: [spiffe://cluster.local/ns/mesh/sa/waypoint-extra]
+  - name: web
+    namespace: mesh
+    addresses: [10.96.0.1]
+    ports: [{{port: 80, targetPort: 8080}}]
+    selector: {{ app: a }}
+{web_waypoint}"#
+        )
+    }
+
+    #[test]
+    fn a_service_with_a_waypoint_is_reached_through_it_with_the_vip_as_authority() {
+        for (how, reference) in [
+            (
+                "by hostname",
+                "    waypoint: { hostname: waypoint.mesh.svc.cluster.local }\n",
+            ),
+            ("by VIP", "    waypoint: { address: 10.96.0.15 }\n"),
+        ] {
+            let store = Store::new(parse(&waypoint_config(reference, "")).expect(how));
+            let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+            let mut hops = BTreeSet::new();
+            for _ in 0..4 {
+                match store.route(Some("mesh/a"), vip) {
+                    Route::Hbone {
+                        endpoint,
+                        next_hop,
+                        workload,
+                        identities,
+                        service,
+                        waypoint,
+                    } => {
+                        assert_eq!(endpoint, vip, "{how}: authority is the VIP:port as dialled");
+                        assert_eq!(next_hop.port(), 15008, "{how}");
+                        assert!(workload.starts_with("mesh/wp-"), "{how}: {workload}");
+                        assert_eq!(
+                            identities,
+                            [
+                                "spiffe://cluster.local/ns/mesh/sa/waypoint",
+                                "spiffe://cluster.local/ns/mesh/sa/waypoint-extra"
+                            ],
+                            "{how}"
+                        );
+                        assert_eq!(service.as_deref(), Some("web.mesh.svc.cluster.local"));
+                        assert!(waypoint.is_some(), "{how}");
+                        hops.insert(next_hop);
+                    }
+                    other => panic!("{how}: {other:?}"),
+                }
+            }
+            // Round robin over the waypoint's pods.
+            assert_eq!(hops.len(), 2, "{how}: {hops:?}");
+            // Any port of the VIP, as Istio: the waypoint decides.
+            assert!(matches!(
+                store.route(Some("mesh/a"), "10.96.0.1:81".parse().expect("addr")),
+                Route::Hbone {
+                    waypoint: Some(_),
+                    ..
+                }
+            ));
+            // The endpoint dialled by its own address: no waypoint (a has none).
+            assert!(matches!(
+                store.route(Some("mesh/c"), "10.0.0.1:8080".parse().expect("addr")),
+                Route::Hbone { waypoint: None, .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_waypoints_own_pods_and_unresolved_waypoints() {
+        let reference = "    waypoint: { hostname: waypoint.mesh.svc.cluster.local }\n";
+        let store = Store::new(parse(&waypoint_config(reference, "")).expect("valid"));
+        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+        // The waypoint's own outbound goes to the service's endpoints (no loop).
+        for wp in ["mesh/wp-0", "mesh/wp-1"] {
+            match store.route(Some(wp), vip) {
+                Route::Hbone {
+                    waypoint: None,
+                    endpoint,
+                    ..
+                } => assert_eq!(endpoint.port(), 8080),
+                other => panic!("{wp}: {other:?}"),
+            }
+        }
+        // A waypoint nobody knows: refused, never sent to the endpoint.
+        for (how, reference) in [
+            (
+                "unknown hostname",
+                "    waypoint: { hostname: nope.mesh.svc.cluster.local }\n",
+            ),
+            (
+                "other namespace",
+                "    waypoint: { hostname: waypoint.mesh.svc.cluster.local, namespace: plain }\n",
+            ),
+            ("unknown address", "    waypoint: { address: 10.9.9.9 }\n"),
+        ] {
+            let store = Store::new(parse(&waypoint_config(reference, "")).expect(how));
+            match store.route(Some("mesh/a"), vip) {
+                Route::NoWaypoint { target, .. } => {
+                    assert_eq!(target, "web.mesh.svc.cluster.local", "{how}");
+                }
+                other => panic!("{how}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_workload_waypoint_applies_only_when_the_workload_is_dialled_by_address() {
+        // a2 (an endpoint of web) names wp-1 by its pod address; web has no waypoint.
+        let cfg = waypoint_config("", "    waypoint: { address: 10.0.1.11 }\n");
+        let store = Store::new(parse(&cfg).expect("valid"));
+        let direct: SocketAddr = "10.0.1.5:8080".parse().expect("addr");
+        match store.route(Some("mesh/a"), direct) {
+            Route::Hbone {
+                endpoint,
+                next_hop,
+                workload,
+                ..
+            } => {
+                assert_eq!(endpoint, direct);
+                assert_eq!(next_hop, "10.0.1.11:15008".parse().expect("addr"));
+                assert_eq!(workload, "mesh/wp-1");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Through the service (which names none), no waypoint, as in Istio.
+        for _ in 0..4 {
+            assert!(matches!(
+                store.route(Some("mesh/a"), "10.96.0.1:80".parse().expect("addr")),
+                Route::Hbone { waypoint: None, .. }
+            ));
+        }
+        // The waypoint's own pod dials a2 directly.
+        assert!(matches!(
+            store.route(Some("mesh/wp-1"), direct),
+            Route::Hbone { waypoint: None, .. }
+        ));
+        // Not enrolled (plain TCP) workloads with a waypoint still go through it.
+        let cfg = cfg.replace(
+            "    addresses: [10.0.0.2]\n",
+            "    addresses: [10.0.0.2]\n    waypoint: { address: 10.96.0.15 }\n",
+        );
+        let store = Store::new(parse(&cfg).expect("valid"));
+        assert!(matches!(
+            store.route(Some("mesh/a"), "10.0.0.2:80".parse().expect("addr")),
+            Route::Hbone {
+                waypoint: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn weighted_waypoints_share_connections_by_weight_and_zero_weights_fall_back() {
+        let weighted = "    weightedWaypoints:\n      - { waypoint: { hostname: waypoint.mesh.svc.cluster.local }, weight: 3 }\n      - { waypoint: { address: 10.0.1.11 }, weight: 1 }\n";
+        let store = Store::new(parse(&waypoint_config(weighted, "")).expect("valid"));
+        let vip: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+        let mut by_ref: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..8 {
+            match store.route(Some("mesh/a"), vip) {
+                Route::Hbone {
+                    waypoint: Some(w), ..
+                } => *by_ref.entry(w).or_default() += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            by_ref,
+            BTreeMap::from([
+                ("10.0.1.11:15008".to_owned(), 2),
+                ("waypoint.mesh.svc.cluster.local:15008".to_owned(), 6)
+            ]),
+            "3:1 over 8 connections"
+        );
+        // All weights 0: the single `waypoint` applies; without one, none.
+        let zero = "    waypoint: { address: 10.0.1.10 }\n    weightedWaypoints:\n      - { waypoint: { address: 10.0.1.11 }, weight: 0 }\n";
+        let store = Store::new(parse(&waypoint_config(zero, "")).expect("valid"));
+        assert!(matches!(
+            store.route(Some("mesh/a"), vip),
+            Route::Hbone { waypoint: Some(w), .. } if w == "10.0.1.10:15008"
+        ));
+        let zero =
+            "    weightedWaypoints:\n      - { waypoint: { address: 10.0.1.11 }, weight: 0 }\n";
+        let store = Store::new(parse(&waypoint_config(zero, "")).expect("valid"));
+        assert!(matches!(
+            store.route(Some("mesh/a"), vip),
+            Route::Hbone { waypoint: None, .. }
+        ));
+        // A bad reference in the set is refused like a bad `waypoint`.
+        let bad = "    weightedWaypoints:\n      - { waypoint: { port: 15008 }, weight: 1 }\n";
+        let err = parse(&waypoint_config(bad, ""))
+            .expect_err("bad")
+            .to_string();
+        assert!(err.contains("needs an `address` or a `hostname`"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_waypoint_reference_names_the_object_and_the_reason() {
+        for (reference, reason) in [
+            (
+                "{ address: 10.0.0.9, hostname: w.mesh.svc.cluster.local }",
+                "not both",
+            ),
+            ("{ port: 15008 }", "needs an `address` or a `hostname`"),
+            ("{ hostname: \"\" }", "`hostname` is empty"),
+            (
+                "{ address: 10.0.0.9, namespace: mesh }",
+                "`namespace` goes with `hostname`",
+            ),
+            ("{ address: 10.0.0.9, port: 0 }", "`port` must not be 0"),
+        ] {
+            let text = waypoint_config(&format!("    waypoint: {reference}\n"), "");
+            let err = parse(&text).expect_err(reference).to_string();
+            assert!(err.contains("services[1] (mesh/web)"), "{err}");
+            assert!(err.contains(reason), "{reference}: {err}");
+            let text = waypoint_config("", &format!("    waypoint: {reference}\n"));
+            let err = parse(&text).expect_err(reference).to_string();
+            assert!(err.contains("(mesh/a2)"), "{err}");
+            assert!(err.contains(reason), "{reference}: {err}");
+        }
+        let err = parse(&waypoint_config("    waypoint: { adress: 10.0.0.9 }\n", ""))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn services_are_found_by_hostname_in_the_namespace_first() {
+        let mut other = svc(
+            "web",
+            "plain",
+            Some("web.mesh.svc.cluster.local"),
+            &["10.96.9.9"],
+        );
+        other.selector.clear();
+        let store = Store::new(LocalConfig {
+            services: vec![other, svc("web", "mesh", None, &["10.96.0.1"])],
+            ..LocalConfig::default()
+        });
+        assert_eq!(
+            store.service_by_hostname("web.mesh.svc.cluster.local", "mesh"),
+            Some(1)
+        );
+        assert_eq!(
+            store.service_by_hostname("WEB.mesh.svc.cluster.local.", "mesh"),
+            Some(1)
+        );
+        assert_eq!(
+            store.service_by_hostname("web.mesh.svc.cluster.local", "else"),
+            Some(0)
+        );
+        assert_eq!(
+            store.service_by_hostname("db.mesh.svc.cluster.local", "mesh"),
+            None
+        );
     }
 
     #[test]
@@ -1189,6 +1753,7 @@ workloads:
                         .random_bool(0.5)
                         .then(|| PathBuf::from("/sys/fs/cgroup/x")),
                     locality: None,
+                    waypoint: None,
                 })
             })
             .collect();
@@ -1210,6 +1775,8 @@ workloads:
                 }],
                 selector: labels(rng, false),
                 subject_alt_names: Vec::new(),
+                waypoint: None,
+                weighted_waypoints: Vec::new(),
             })
             .collect();
         let (policies, peer_authentications) = policy::tests::generated(rng);
@@ -1338,9 +1905,11 @@ workloads:
                         identities.extend(svc.subject_alt_names.iter().cloned());
                         Route::Hbone {
                             endpoint,
+                            next_hop: SocketAddr::new(endpoint.ip(), 15008),
                             workload: w.key(),
                             identities,
                             service: Some(svc.hostname()),
+                            waypoint: None,
                         }
                     }
                     Protocol::Tcp => Route::Passthrough { dst: endpoint },
@@ -1349,9 +1918,11 @@ workloads:
             match self.workload_by_addr(dst.ip()) {
                 Some(w) if self.cfg.protocol(w) == Protocol::Hbone => Route::Hbone {
                     endpoint: dst,
+                    next_hop: SocketAddr::new(dst.ip(), 15008),
                     workload: w.key(),
                     identities: vec![self.identity(w)],
                     service: None,
+                    waypoint: None,
                 },
                 _ => Route::Passthrough { dst },
             }
@@ -1420,7 +1991,7 @@ workloads:
                 for ip in &addrs {
                     for port in [80, 81] {
                         let dst = SocketAddr::new(*ip, port);
-                        let route = store.route(dst);
+                        let route = store.route(None, dst);
                         assert_eq!(route, scan.route(dst), "{dst}");
                         vip_routes += usize::from(matches!(
                             route,

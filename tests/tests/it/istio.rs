@@ -77,6 +77,8 @@ fn web_service(vip: [u8; 4]) -> workload::Address {
                 target_port: 8080,
             }],
             subject_alt_names: vec![],
+            waypoint: None,
+            weighted_waypoints: vec![],
         })),
     }
 }

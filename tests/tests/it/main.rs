@@ -21,3 +21,4 @@ mod policy;
 mod transfer;
 mod tunnel;
 mod upgrade;
+mod waypoint;

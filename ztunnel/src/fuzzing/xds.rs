@@ -167,6 +167,8 @@ fn service() -> workload::Address {
                 },
             ],
             subject_alt_names: vec!["spiffe://cluster.local/ns/shop/sa/web".into()],
+            waypoint: None,
+            weighted_waypoints: vec![],
         })),
     }
 }

@@ -180,10 +180,29 @@ mod tests {
         );
     }
 
+    fn waypoint_by_address() -> workload::GatewayAddress {
+        workload::GatewayAddress {
+            destination: Some(workload::gateway_address::Destination::Address(
+                workload::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 0, 15],
+                },
+            )),
+            hbone_mtls_port: 15008,
+        }
+    }
+
     #[test]
     fn workload_and_service_match_published_field_numbers() {
         let port = msg(&[int(1, 80), int(2, 8080)]);
         let services_entry = msg(&[bytes(1, b"shop/web.shop.svc"), bytes(2, &bytes(1, &port))]);
+        // GatewayAddress{address: NetworkAddress{address}, hbone_mtls_port: 15008}
+        let by_address = msg(&[bytes(2, &bytes(2, &[10, 96, 0, 15])), int(3, 15008)]);
+        // GatewayAddress{hostname: NamespacedHostname{namespace, hostname}, hbone_mtls_port}
+        let by_hostname = msg(&[
+            bytes(1, &msg(&[bytes(1, b"shop"), bytes(2, b"wp.shop.svc")])),
+            int(3, 15008),
+        ]);
         let workload = msg(&[
             bytes(1, b"web-0"),
             bytes(2, b"shop"),
@@ -192,6 +211,7 @@ mod tests {
             int(5, 1),
             bytes(6, b"td"),
             bytes(7, b"web"),
+            bytes(8, &by_address),
             bytes(9, b"node1"),
             bytes(10, b"web"),
             bytes(11, b"v1"),
@@ -218,6 +238,7 @@ mod tests {
                     tunnel_protocol: workload::TunnelProtocol::Hbone as i32,
                     trust_domain: "td".into(),
                     service_account: "web".into(),
+                    waypoint: Some(waypoint_by_address()),
                     node: "node1".into(),
                     canonical_name: "web".into(),
                     canonical_revision: "v1".into(),
@@ -251,6 +272,9 @@ mod tests {
             bytes(4, &msg(&[bytes(1, b"net1"), bytes(2, &[10, 96, 0, 1])])),
             bytes(5, &port),
             bytes(6, b"spiffe://td/ns/shop/sa/web"),
+            bytes(7, &by_hostname),
+            // WeightedWaypoint{destination, weight: 3}
+            bytes(13, &msg(&[bytes(1, &by_address), int(2, 3)])),
         ]);
         round_trip(
             &bytes(2, &service),
@@ -268,6 +292,19 @@ mod tests {
                         target_port: 8080,
                     }],
                     subject_alt_names: vec!["spiffe://td/ns/shop/sa/web".into()],
+                    waypoint: Some(workload::GatewayAddress {
+                        destination: Some(workload::gateway_address::Destination::Hostname(
+                            workload::NamespacedHostname {
+                                namespace: "shop".into(),
+                                hostname: "wp.shop.svc".into(),
+                            },
+                        )),
+                        hbone_mtls_port: 15008,
+                    }),
+                    weighted_waypoints: vec![workload::WeightedWaypoint {
+                        destination: Some(waypoint_by_address()),
+                        weight: 3,
+                    }],
                 })),
             },
         );

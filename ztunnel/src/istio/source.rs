@@ -222,7 +222,7 @@ impl IstioSource {
                     }
                     cfg.workloads.push(w.workload.clone());
                 }
-                XdsAddress::Service(s) => cfg.services.push(s.clone()),
+                XdsAddress::Service(s) => cfg.services.push((**s).clone()),
             }
         }
         // A named target port (0 on the wire) is resolved per workload by istiod; our
@@ -282,6 +282,7 @@ impl IstioSource {
                         netns: None,
                         cgroup: None,
                         locality: None,
+                        waypoint: None,
                     }));
                     cfg.workloads.len() - 1
                 }

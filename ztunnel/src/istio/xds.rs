@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     policy::{self, IpNet, StringMatch},
-    state::{Protocol, Service, ServicePort, Workload},
+    state::{Protocol, Service, ServicePort, WaypointRef, WeightedWaypoint, Workload},
 };
 
 /// Label given to a workload for each service it backs (`namespace/hostname`): our
@@ -102,7 +102,7 @@ pub struct XdsWorkload {
 #[derive(Debug, Clone, PartialEq)]
 pub enum XdsAddress {
     Workload(Box<XdsWorkload>),
-    Service(Service),
+    Service(Box<Service>),
 }
 
 /// What one `Authorization` resource holds.
@@ -213,8 +213,40 @@ pub fn convert_address(a: &workload::Address) -> Result<XdsAddress, String> {
         Some(workload::address::Type::Workload(w)) => {
             convert_workload(w).map(|w| XdsAddress::Workload(Box::new(w)))
         }
-        Some(workload::address::Type::Service(s)) => convert_service(s).map(XdsAddress::Service),
+        Some(workload::address::Type::Service(s)) => {
+            convert_service(s).map(|s| XdsAddress::Service(Box::new(s)))
+        }
         None => Err("address is neither a workload nor a service".into()),
+    }
+}
+
+/// Istio's `GatewayAddress` as our [`WaypointRef`]: an address (a waypoint pod's or its
+/// service's VIP) or a service by namespace and hostname, with the HBONE port (0 or
+/// absent, as istiod never sends it: 15008).
+fn convert_waypoint(g: &workload::GatewayAddress) -> Result<WaypointRef, String> {
+    let port = match port(g.hbone_mtls_port, "waypoint hbone_mtls_port")? {
+        0 => crate::state::WAYPOINT_HBONE_PORT,
+        p => p,
+    };
+    match &g.destination {
+        Some(workload::gateway_address::Destination::Address(a)) => Ok(WaypointRef {
+            address: Some(ip(&a.address).map_err(|e| format!("waypoint {e}"))?),
+            hostname: None,
+            namespace: None,
+            port,
+        }),
+        Some(workload::gateway_address::Destination::Hostname(h)) => {
+            if h.hostname.is_empty() {
+                return Err("waypoint hostname is empty".into());
+            }
+            Ok(WaypointRef {
+                address: None,
+                hostname: Some(h.hostname.clone()),
+                namespace: non_empty(&h.namespace),
+                port,
+            })
+        }
+        None => Err("waypoint has neither an address nor a hostname".into()),
     }
 }
 
@@ -290,6 +322,7 @@ fn convert_workload(w: &workload::Workload) -> Result<XdsWorkload, String> {
                     subzone: l.subzone.clone(),
                 })
                 .filter(|l| *l != crate::state::Locality::default()),
+            waypoint: w.waypoint.as_ref().map(convert_waypoint).transpose()?,
         }),
         healthy,
         services,
@@ -335,6 +368,21 @@ fn convert_service(s: &workload::Service) -> Result<Service, String> {
         ports,
         selector: BTreeMap::from([(format!("{SERVICE_LABEL_PREFIX}{key}"), SELECTED.to_owned())]),
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(convert_waypoint).transpose()?,
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|w| {
+                let destination = w
+                    .destination
+                    .as_ref()
+                    .ok_or("weighted waypoint has no destination")?;
+                Ok(WeightedWaypoint {
+                    waypoint: convert_waypoint(destination)?,
+                    weight: w.weight,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?,
     })
 }
 
@@ -756,6 +804,122 @@ mod tests {
             (l.region.as_str(), l.zone.as_str()),
             ("eu-west1", "eu-west1-b")
         );
+    }
+
+    #[test]
+    fn waypoint_fields_are_decoded_as_istio_defines_them() {
+        use workload::gateway_address::Destination;
+        let by_address = |bytes: Vec<u8>, port| workload::GatewayAddress {
+            destination: Some(Destination::Address(workload::NetworkAddress {
+                network: String::new(),
+                address: bytes,
+            })),
+            hbone_mtls_port: port,
+        };
+        // Workload.waypoint (8): an address and the HBONE port.
+        let mut w = workload("web-0", [10, 0, 0, 7]);
+        w.waypoint = Some(by_address(vec![10, 96, 0, 15], 15008));
+        let bytes = address(w).encode_to_vec();
+        let decoded = workload::Address::decode(bytes.as_slice()).expect("decodes");
+        let XdsAddress::Workload(got) = convert_address(&decoded).expect("valid") else {
+            panic!("not a workload")
+        };
+        assert_eq!(
+            got.workload.waypoint,
+            Some(WaypointRef {
+                address: Some(IpAddr::from([10, 96, 0, 15])),
+                hostname: None,
+                namespace: None,
+                port: 15008,
+            })
+        );
+        // Service.waypoint (7): a namespaced hostname; port 0 means 15008.
+        let svc = workload::Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            waypoint: Some(workload::GatewayAddress {
+                destination: Some(Destination::Hostname(workload::NamespacedHostname {
+                    namespace: "infra".into(),
+                    hostname: "waypoint.infra.svc.cluster.local".into(),
+                })),
+                hbone_mtls_port: 0,
+            }),
+            ..Default::default()
+        };
+        let as_address = |s: workload::Service| workload::Address {
+            r#type: Some(workload::address::Type::Service(s)),
+        };
+        let XdsAddress::Service(got) = convert_address(&as_address(svc.clone())).expect("valid")
+        else {
+            panic!("not a service")
+        };
+        assert_eq!(
+            got.waypoint,
+            Some(WaypointRef {
+                address: None,
+                hostname: Some("waypoint.infra.svc.cluster.local".into()),
+                namespace: Some("infra".into()),
+                port: 15008,
+            })
+        );
+        // Service.weighted_waypoints (13): each destination with its weight.
+        let mut weighted = svc.clone();
+        weighted.weighted_waypoints = vec![workload::WeightedWaypoint {
+            destination: Some(by_address(vec![10, 96, 0, 16], 15008)),
+            weight: 2,
+        }];
+        let XdsAddress::Service(got) =
+            convert_address(&as_address(weighted.clone())).expect("valid")
+        else {
+            panic!("not a service")
+        };
+        assert_eq!(
+            got.weighted_waypoints,
+            [WeightedWaypoint {
+                waypoint: WaypointRef {
+                    address: Some(IpAddr::from([10, 96, 0, 16])),
+                    hostname: None,
+                    namespace: None,
+                    port: 15008,
+                },
+                weight: 2,
+            }]
+        );
+        weighted.weighted_waypoints[0].destination = None;
+        let err = convert_address(&as_address(weighted)).expect_err("no destination");
+        assert!(
+            err.contains("weighted waypoint has no destination"),
+            "{err}"
+        );
+        // Bad references are refused with the reason (the resource is NACKed).
+        for (bad, reason) in [
+            (by_address(vec![1, 2, 3], 15008), "neither IPv4 nor IPv6"),
+            (by_address(vec![10, 0, 0, 1], 70000), "out of range"),
+            (
+                workload::GatewayAddress {
+                    destination: None,
+                    hbone_mtls_port: 15008,
+                },
+                "neither an address nor a hostname",
+            ),
+            (
+                workload::GatewayAddress {
+                    destination: Some(Destination::Hostname(Default::default())),
+                    hbone_mtls_port: 15008,
+                },
+                "hostname is empty",
+            ),
+        ] {
+            let mut s = svc.clone();
+            s.waypoint = Some(bad.clone());
+            let err = convert_address(&as_address(s)).expect_err(reason);
+            assert!(err.contains(reason), "{err}");
+            let mut w = workload("web-0", [10, 0, 0, 7]);
+            w.waypoint = Some(bad);
+            let err = convert_address(&address(w)).expect_err(reason);
+            assert!(err.contains(reason), "{err}");
+        }
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn pod(p: &Pod) -> Option<PodRecord> {
             cgroup: None,
             // The node's topology labels are not watched (see ARCHITECTURE.md).
             locality: None,
+            waypoint: None,
         },
     })
 }
@@ -218,6 +219,8 @@ pub fn service(s: &KubeService, pods: &BTreeMap<String, PodRecord>) -> Option<Se
         ports,
         selector,
         subject_alt_names: Vec::new(),
+        waypoint: None,
+        weighted_waypoints: Vec::new(),
     })
 }
 

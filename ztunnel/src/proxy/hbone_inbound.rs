@@ -3,7 +3,7 @@
 //! connection to the app, which is dialled inside the pod from the client's address.
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -87,7 +87,7 @@ async fn serve(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
     mut tls: tokio_rustls::server::TlsStream<tls::Transport>,
-    arrived_on: std::net::IpAddr,
+    arrived_on: IpAddr,
     peer: SocketAddr,
 ) -> io::Result<()> {
     let client = tls::peer_identity(tls.get_ref().1)
@@ -104,11 +104,11 @@ async fn serve(
         tls,
         settings,
         arrived_on,
-        (client, peer),
+        (client, peer, arrived_on),
         drain,
-        move |target: Target, (client, peer): (Identity, SocketAddr)| {
+        move |target: Target, (client, peer, arrived_on): (Identity, SocketAddr, IpAddr)| {
             let (proxy, pod) = (handler_proxy.clone(), pod.clone());
-            async move { open_stream(proxy, pod, target, client, peer).await }
+            async move { open_stream(proxy, pod, target, client, peer, arrived_on).await }
         },
     )
     .await;
@@ -124,12 +124,26 @@ async fn open_stream(
     target: Target,
     client: Identity,
     peer: SocketAddr,
+    arrived_on: IpAddr,
 ) -> Result<Accepted<Counted>, Rejection> {
-    let TargetAddr::Ip(dst) = target.addr else {
-        return Err(Rejection::unavailable(format!(
-            "unknown service {:?}",
-            target.addr
-        )));
+    let dst = match &target.addr {
+        TargetAddr::Ip(dst) => *dst,
+        // A service hostname and port, as Istio accepts them: the service of that
+        // hostname (this pod's namespace first), its target port for that port, on the
+        // address the client dialled (this pod's).
+        TargetAddr::Host { name, port } => {
+            let store = proxy.store();
+            let namespace = pod.name.split('/').next().unwrap_or_default();
+            let Some(svc) = store.service_by_hostname(name, namespace) else {
+                return Err(Rejection::unavailable(format!("unknown service {name}")));
+            };
+            let Some(target_port) = store.cfg.services[svc].target_port(*port) else {
+                return Err(Rejection::unavailable(format!(
+                    "service {name} has no port {port}"
+                )));
+            };
+            SocketAddr::new(arrived_on, target_port)
+        }
     };
     if ports::NEVER_CAPTURED.contains(&dst.port()) {
         return Err(Rejection::unavailable(format!(

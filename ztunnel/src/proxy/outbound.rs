@@ -113,7 +113,7 @@ async fn open(
 ) -> Option<Opened> {
     let started = Instant::now();
     let store = proxy.store();
-    match store.route(dst) {
+    match store.route(Some(&pod.name), dst) {
         Route::Passthrough { dst } => {
             let id = proxy
                 .connections
@@ -155,24 +155,47 @@ async fn open(
                 format!("refused: service {service} has no endpoint for port {port}"),
             );
         }
+        Route::NoWaypoint { target, waypoint } => {
+            let id = proxy
+                .connections
+                .open(Direction::Outbound, &pod.name, src, dst);
+            tracing::info!(%target, %waypoint, "waypoint not found; refusing the connection");
+            proxy.connections.close(
+                id,
+                0,
+                0,
+                started.elapsed(),
+                format!("refused: waypoint {waypoint} of {target} not found"),
+            );
+        }
         Route::Hbone {
             endpoint,
+            next_hop,
             workload: _,
             identities,
             service,
+            waypoint,
         } => {
             let dst_identities: Vec<Identity> =
                 identities.iter().filter_map(|i| i.parse().ok()).collect();
-            let Some(src_ip) = pod.addr_for(endpoint.ip()) else {
-                tracing::warn!(%endpoint, "pod has no address of the endpoint's family");
+            let Some(src_ip) = pod.addr_for(next_hop.ip()) else {
+                tracing::warn!(%next_hop, "pod has no address of the next hop's family");
                 return None;
+            };
+            if let Some(waypoint) = &waypoint {
+                tracing::debug!(%waypoint, %next_hop, "through the destination's waypoint");
+            }
+            // The record names where the tunnel goes: the endpoint, or the waypoint pod.
+            let upstream = match waypoint {
+                Some(_) => next_hop,
+                None => endpoint,
             };
             let id = proxy.connections.open_hbone(
                 Direction::Outbound,
                 &pod.name,
                 src,
                 dst,
-                endpoint,
+                upstream,
                 Some(pod.identity.to_string()),
                 identities.first().cloned(),
             );
@@ -180,7 +203,7 @@ async fn open(
                 src_pod: pod.name.clone(),
                 src_identity: pod.identity.clone(),
                 dst_identities,
-                next_hop: SocketAddr::new(endpoint.ip(), ztunnel_common::ports::HBONE),
+                next_hop,
                 src_ip,
             };
             let mut req =
