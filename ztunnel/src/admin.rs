@@ -1,6 +1,8 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/config_dump` (JSON of the
 //! running state), `/fast_path` (GET shows, POST `?enabled=true|false` switches),
-//! `/logging` and `/quitquitquit` (drain, then exit).
+//! `/bpf_stats` (GET shows the kernel's per-program statistics, POST
+//! `?enabled=true[&duration=10m]|false` switches them), `/logging` and `/quitquitquit`
+//! (drain, then exit).
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
@@ -630,6 +632,10 @@ pub struct CaptureDump {
     pub pin_dir: String,
     pub occupancy: Occupancy,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The kernel's run count and run time per program, counted only while statistics
+    /// are on (`/bpf_stats`).
+    #[serde(default)]
+    pub bpf_stats: crate::ebpf::run_stats::Status,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -678,6 +684,7 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            bpf_stats: shared.capture.run_stats(),
         },
         connections: {
             let pool = shared.proxy.pool_stats();
@@ -729,7 +736,7 @@ pub async fn serve(listener: TcpListener, cfg: Arc<Config>, shared: Arc<Shared>)
 fn handle(
     req: Request<Incoming>,
     cfg: &Config,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     _peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     tracing::debug!(method = %req.method(), uri = %req.uri(), "admin request");
@@ -759,6 +766,8 @@ fn handle(
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             }
         }
+        (&Method::GET, "/bpf_stats") => json(StatusCode::OK, &shared.capture.run_stats()),
+        (&Method::POST, "/bpf_stats") => bpf_stats(req.uri().query().unwrap_or(""), shared),
         (&Method::GET, "/logging") => text(StatusCode::OK, &format!("{}\n", shared.log.level())),
         (&Method::POST, "/logging") => {
             let level = req
@@ -785,9 +794,86 @@ fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /logging, POST /quitquitquit\n",
+            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /bpf_stats, GET|POST /logging, POST /quitquitquit\n",
         ),
     }
+}
+
+/// What a POST to `/bpf_stats` asks: `enabled=true` (with `duration=<humantime>`, at most
+/// an hour, 10 minutes if left out) or `enabled=false`.
+#[derive(Debug, PartialEq, Eq)]
+enum BpfStatsRequest {
+    On(std::time::Duration),
+    Off,
+}
+
+fn parse_bpf_stats(query: &str) -> Result<BpfStatsRequest, String> {
+    let (mut enabled, mut duration) = (None, None);
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("enabled", "true")) => enabled = Some(true),
+            Some(("enabled", "false")) => enabled = Some(false),
+            Some(("duration", d)) => {
+                duration = Some(
+                    humantime::parse_duration(d)
+                        .map_err(|e| format!("bad duration {d:?}: {e} (e.g. 30s, 10m, 1h)"))?,
+                );
+            }
+            _ => return Err(format!("unknown parameter {kv:?}")),
+        }
+    }
+    match (enabled, duration) {
+        (Some(true), d) => Ok(BpfStatsRequest::On(
+            d.unwrap_or(crate::ebpf::run_stats::DEFAULT_DURATION),
+        )),
+        (Some(false), None) => Ok(BpfStatsRequest::Off),
+        (Some(false), Some(_)) => Err("a duration goes with enabled=true only".to_owned()),
+        (None, _) => Err("expected ?enabled=true[&duration=10m] or ?enabled=false".to_owned()),
+    }
+}
+
+/// Turns the kernel's per-program statistics on for a bounded time (a timer turns them
+/// off again) or off at once, and answers with the new status.
+fn bpf_stats(query: &str, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+    let req = match parse_bpf_stats(query) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    };
+    match req {
+        BpfStatsRequest::On(duration) => match shared.capture.enable_run_stats(duration) {
+            Ok(until) => {
+                tracing::info!(duration = %humantime::format_duration(duration), "BPF program statistics on");
+                let shared = Arc::clone(shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    // A later request may have extended them; expire only what ran out.
+                    if shared.capture.expire_run_stats() {
+                        tracing::info!("BPF program statistics off: their time ran out");
+                    }
+                });
+            }
+            Err(e @ crate::capture::Error::RunStatsNeedEbpf) => {
+                return text(StatusCode::CONFLICT, &format!("{e}\n"));
+            }
+            Err(
+                e @ crate::capture::Error::RunStats(crate::ebpf::run_stats::Error::Enable {
+                    ..
+                }),
+            ) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("{:#}\n", anyhow::Error::new(e)),
+                );
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        },
+        BpfStatsRequest::Off => {
+            if shared.capture.disable_run_stats() {
+                tracing::info!("BPF program statistics off");
+            }
+        }
+    }
+    json(StatusCode::OK, &shared.capture.run_stats())
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -808,4 +894,39 @@ fn response(status: StatusCode, ty: &str, body: Vec<u8>) -> Response<Full<Bytes>
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{BpfStatsRequest as R, parse_bpf_stats};
+
+    #[test]
+    fn bpf_stats_requests_parse_and_bad_ones_say_why() {
+        use crate::ebpf::run_stats::DEFAULT_DURATION;
+        let table: [(&str, Result<R, &str>); 8] = [
+            ("enabled=true", Ok(R::On(DEFAULT_DURATION))),
+            (
+                "enabled=true&duration=30s",
+                Ok(R::On(Duration::from_secs(30))),
+            ),
+            (
+                "duration=2m&enabled=true",
+                Ok(R::On(Duration::from_secs(120))),
+            ),
+            ("enabled=false", Ok(R::Off)),
+            ("", Err("expected ?enabled=true")),
+            ("enabled=yes", Err("unknown parameter \"enabled=yes\"")),
+            ("enabled=true&duration=soon", Err("bad duration \"soon\"")),
+            ("enabled=false&duration=1m", Err("enabled=true only")),
+        ];
+        for (query, want) in table {
+            match (parse_bpf_stats(query), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{query}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{query}: {got}"),
+                (got, want) => panic!("{query}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

@@ -33,6 +33,10 @@ pub enum Error {
     Netns(#[from] netns::Error),
     #[error("the same-node fast path needs eBPF capture; this ztunnel runs iptables capture")]
     FastPathNeedsEbpf,
+    #[error(transparent)]
+    RunStats(#[from] ebpf::run_stats::Error),
+    #[error("BPF program statistics need eBPF capture; this ztunnel runs iptables capture")]
+    RunStatsNeedEbpf,
 }
 
 pub enum Capture {
@@ -227,6 +231,43 @@ impl Capture {
         match self {
             Capture::Ebpf(c) => c.stats(),
             Capture::Iptables { .. } => BTreeMap::new(),
+        }
+    }
+}
+
+/// The kernel's per-program statistics (eBPF capture only; see [`ebpf::run_stats`]).
+impl Capture {
+    pub fn run_stats(&self) -> ebpf::run_stats::Status {
+        match self {
+            Capture::Ebpf(c) => c.run_stats(),
+            Capture::Iptables { .. } => ebpf::run_stats::Status::new(None, Vec::new()),
+        }
+    }
+
+    /// Turns them on for `duration`; returns when they go off.
+    pub fn enable_run_stats(
+        &self,
+        duration: std::time::Duration,
+    ) -> Result<std::time::Instant, Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(c.enable_run_stats(duration)?),
+            Capture::Iptables { .. } => Err(Error::RunStatsNeedEbpf),
+        }
+    }
+
+    /// Turns them off; whether ztunnel held them on.
+    pub fn disable_run_stats(&self) -> bool {
+        match self {
+            Capture::Ebpf(c) => c.disable_run_stats(),
+            Capture::Iptables { .. } => false,
+        }
+    }
+
+    /// Turns them off if their time has run out; whether it did.
+    pub fn expire_run_stats(&self) -> bool {
+        match self {
+            Capture::Ebpf(c) => c.expire_run_stats(),
+            Capture::Iptables { .. } => false,
         }
     }
 }

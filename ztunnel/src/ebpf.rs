@@ -37,6 +37,8 @@ use ztunnel_common::{
 
 use crate::netns::{self, Netns};
 
+pub mod run_stats;
+
 /// The kernel object built by `build.rs` from `ztunnel-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel"));
 
@@ -237,6 +239,8 @@ pub struct Capture {
     features: Features,
     pin_dir: PathBuf,
     home: Netns,
+    /// The kernel's per-program statistics, on only while asked.
+    run_stats: run_stats::Switch,
 }
 
 /// Capture attached to one pod; [`Capture::unenrol`] takes it apart.
@@ -485,6 +489,7 @@ impl Capture {
             features,
             pin_dir: opts.pin_dir.clone(),
             home: Netns::current()?,
+            run_stats: run_stats::Switch::default(),
         })
     }
 
@@ -1013,6 +1018,45 @@ impl Capture {
                 (*name, total)
             })
             .collect()
+    }
+}
+
+impl Capture {
+    /// The kernel's statistics for this ztunnel's programs (see [`run_stats`]).
+    pub fn run_stats(&self) -> run_stats::Status {
+        let held_until = self.run_stats.held_until();
+        let inner = self.lock();
+        let programs = program::ALL
+            .iter()
+            .filter_map(|name| {
+                let info = inner.ebpf.program(name)?.info().ok()?;
+                Some(run_stats::ProgramRuns::new(
+                    name,
+                    info.id(),
+                    info.run_count(),
+                    info.run_time(),
+                ))
+            })
+            .collect();
+        run_stats::Status::new(held_until, programs)
+    }
+
+    /// Turns the kernel's statistics on for `duration`; see [`run_stats::Switch::enable`].
+    pub fn enable_run_stats(
+        &self,
+        duration: std::time::Duration,
+    ) -> Result<std::time::Instant, run_stats::Error> {
+        self.run_stats.enable(duration)
+    }
+
+    /// Turns them off; whether ztunnel held them on.
+    pub fn disable_run_stats(&self) -> bool {
+        self.run_stats.disable()
+    }
+
+    /// Turns them off if their time has run out; whether it did.
+    pub fn expire_run_stats(&self) -> bool {
+        self.run_stats.expire()
     }
 }
 

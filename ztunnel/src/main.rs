@@ -23,6 +23,8 @@ enum Command {
     Run(Box<Config>),
     #[command(flatten)]
     Inspect(cli::Command),
+    /// Show or switch the kernel's per-program BPF statistics (runs, run time).
+    BpfStats(cli::BpfStatsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +41,6 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(app::run(*cfg, log))
         }
         Command::Inspect(c) => cli::run(&c, &cli.inspect),
+        Command::BpfStats(a) => cli::run_bpf_stats(&a, &cli.inspect),
     }
 }
