@@ -11,7 +11,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -724,7 +725,15 @@ pub async fn serve(listener: TcpListener, cfg: Arc<Config>, shared: Arc<Shared>)
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (cfg, shared) = (cfg.clone(), shared.clone());
-                async move { Ok::<_, Infallible>(handle(req, &cfg, &shared, peer)) }
+                async move {
+                    Ok::<_, Infallible>(
+                        if req.method() == Method::GET && req.uri().path() == "/capture/watch" {
+                            capture_watch(req.uri().query().unwrap_or(""), &shared)
+                        } else {
+                            handle(req, &cfg, &shared, peer).map(BodyExt::boxed_unsync)
+                        },
+                    )
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -768,25 +777,40 @@ fn handle(
         }
         (&Method::GET, "/bpf_stats") => json(StatusCode::OK, &shared.capture.run_stats()),
         (&Method::POST, "/bpf_stats") => bpf_stats(req.uri().query().unwrap_or(""), shared),
-        (&Method::GET, "/logging") => text(StatusCode::OK, &format!("{}\n", shared.log.level())),
+        (&Method::GET, "/logging") => text(StatusCode::OK, &logging_status(shared)),
         (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("level="))
-                .unwrap_or("");
-            if level.is_empty() {
-                return text(StatusCode::BAD_REQUEST, "expected ?level=<filter>\n");
+            let query = req.uri().query().unwrap_or("");
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .filter(|v| !v.is_empty())
+            };
+            let (level, capture) = (param("level"), param("capture"));
+            if level.is_none() && capture.is_none() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "expected ?level=<filter> and/or ?capture=<off|warn|info|debug or program:level,…>\n",
+                );
             }
-            match shared.log.set(level) {
-                Ok(()) => {
-                    tracing::info!(level, "log level changed");
-                    text(StatusCode::OK, &format!("{level}\n"))
+            if let Some(spec) = capture {
+                match shared.diagnostics.set_log(shared, spec) {
+                    Ok(()) => {
+                        tracing::info!(capture = %shared.diagnostics.describe(), "capture log levels changed");
+                    }
+                    Err(e @ crate::diagnostics::Error::Spec { .. }) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+                    }
+                    Err(e) => return text(StatusCode::CONFLICT, &format!("{e}\n")),
                 }
-                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             }
+            if let Some(level) = level {
+                match shared.log.set(level) {
+                    Ok(()) => tracing::info!(level, "log level changed"),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+                }
+            }
+            text(StatusCode::OK, &logging_status(shared))
         }
         (&Method::POST, "/quitquitquit") => {
             shared.request_drain("POST /quitquitquit", false);
@@ -794,9 +818,73 @@ fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /bpf_stats, GET|POST /logging, POST /quitquitquit\n",
+            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /bpf_stats, GET|POST /logging, GET /capture/watch, POST /quitquitquit\n",
         ),
     }
+}
+
+/// The log filter, then, when any program group logs its decisions, a second line
+/// `capture: connect=debug tc=warn`.
+fn logging_status(shared: &Shared) -> String {
+    let capture = shared.diagnostics.describe();
+    if capture == "off" {
+        format!("{}\n", shared.log.level())
+    } else {
+        format!("{}\ncapture: {capture}\n", shared.log.level())
+    }
+}
+
+type StreamingBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long a watcher may leave its stream unread before it is disconnected.
+const WATCH_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `GET /capture/watch[?pod=ns/name]`: one JSON line per capture decision, for as long as
+/// the client reads (a client that stops reading for 30 s is disconnected); while any
+/// watcher is connected the programs report every decision.
+fn capture_watch(query: &str, shared: &Arc<Shared>) -> Response<StreamingBody> {
+    let pod = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("pod="))
+        .filter(|p| !p.is_empty())
+        .map(|p| p.replace("%2F", "/").replace("%2f", "/"));
+    let mut watch = match crate::diagnostics::watch(shared, pod.clone()) {
+        Ok(w) => w,
+        Err(e @ crate::diagnostics::Error::TooManyWatchers) => {
+            return text(StatusCode::TOO_MANY_REQUESTS, &format!("{e}\n"))
+                .map(BodyExt::boxed_unsync);
+        }
+        Err(e) => return text(StatusCode::CONFLICT, &format!("{e}\n")).map(BodyExt::boxed_unsync),
+    };
+    tracing::info!(pod = pod.as_deref().unwrap_or("*"), "capture watch started");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = tx.closed() => break,
+                e = watch.next() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            let mut line = serde_json::to_vec(&*event).unwrap_or_default();
+            line.push(b'\n');
+            if tx
+                .send_timeout(Ok(Frame::data(Bytes::from(line))), WATCH_SEND_TIMEOUT)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        tracing::info!("capture watch ended");
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut r = Response::new(body.boxed_unsync());
+    if let Ok(v) = "application/x-ndjson".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
 }
 
 /// What a POST to `/bpf_stats` asks: `enabled=true` (with `duration=<humantime>`, at most

@@ -37,6 +37,10 @@ pub enum Error {
     RunStats(#[from] ebpf::run_stats::Error),
     #[error("BPF program statistics need eBPF capture; this ztunnel runs iptables capture")]
     RunStatsNeedEbpf,
+    #[error(
+        "capture decision events come from the eBPF programs; this ztunnel runs iptables capture"
+    )]
+    EventsNeedEbpf,
 }
 
 pub enum Capture {
@@ -268,6 +272,24 @@ impl Capture {
         match self {
             Capture::Ebpf(c) => c.expire_run_stats(),
             Capture::Iptables { .. } => false,
+        }
+    }
+}
+
+/// The programs' decision events (eBPF capture only; see `ztunnel_common::events`).
+impl Capture {
+    /// The ring buffer's reader, once; `None` under iptables capture.
+    pub fn take_events(&self) -> Option<ebpf::events::Reader> {
+        match self {
+            Capture::Ebpf(c) => c.take_events(),
+            Capture::Iptables { .. } => None,
+        }
+    }
+
+    pub fn set_event_level(&self, source: u32, level: u32) -> Result<(), Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(c.set_event_level(source, level)?),
+            Capture::Iptables { .. } => Err(Error::EventsNeedEbpf),
         }
     }
 }

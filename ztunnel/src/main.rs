@@ -25,6 +25,11 @@ enum Command {
     Inspect(cli::Command),
     /// Show or switch the kernel's per-program BPF statistics (runs, run time).
     BpfStats(cli::BpfStatsArgs),
+    /// Show or switch the capture programs' decisions in the log.
+    CaptureLog(cli::CaptureLogArgs),
+    /// Watch the capture programs' decisions live.
+    #[command(subcommand)]
+    Capture(cli::CaptureCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +47,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Inspect(c) => cli::run(&c, &cli.inspect),
         Command::BpfStats(a) => cli::run_bpf_stats(&a, &cli.inspect),
+        Command::CaptureLog(a) => cli::run_capture_log(&a, &cli.inspect),
+        Command::Capture(c) => cli::run_capture(&c, &cli.inspect),
     }
 }
