@@ -667,6 +667,7 @@ impl Shared {
         ]);
         m.set_capture(&self.capture.stats(), &maps);
         m.set_bpf_stats(&self.capture.run_stats());
+        m.set_capture_watchers(self.diagnostics.watchers());
     }
 
     /// Ready when the workload file is loaded (it is, once this runs), every pod that

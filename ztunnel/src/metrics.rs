@@ -1001,6 +1001,16 @@ impl Metrics {
         snap.bpf_programs.clone_from(&status.programs);
     }
 
+    /// Sets the number of `capture watch` streams open (`ztunnel_capture_watchers`; at
+    /// most [`crate::diagnostics::MAX_WATCHERS`]).
+    pub fn set_capture_watchers(&self, n: usize) {
+        self.capture
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .watchers = n as i64;
+    }
+
     /// The whole exposition, OpenMetrics text ending in `# EOF`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -1044,6 +1054,7 @@ struct CaptureSnapshot {
     map_entries: BTreeMap<&'static str, u64>,
     bpf_stats_enabled: bool,
     bpf_programs: Vec<crate::ebpf::run_stats::ProgramRuns>,
+    watchers: i64,
 }
 
 impl Collector for CaptureCollector {
@@ -1073,6 +1084,12 @@ impl Collector for CaptureCollector {
                 ConstGauge::new(*entries).encode(family.encode_family(&labels)?)?;
             }
         }
+        ConstGauge::new(snap.watchers).encode(encoder.encode_descriptor(
+            "ztunnel_capture_watchers",
+            "Open `capture watch` streams (at most 8); while any is open the capture programs report every decision.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         ConstGauge::new(i64::from(snap.bpf_stats_enabled)).encode(encoder.encode_descriptor(
             "ztunnel_bpf_stats_enabled",
             "1 while the kernel keeps BPF program statistics (asked through /bpf_stats, or kernel.bpf_stats_enabled set); the run counters grow only then.",

@@ -132,7 +132,12 @@ fn bpf_stats_count_the_programs_a_transfer_ran() -> anyhow::Result<()> {
     let s = bpf_stats(&z, "GET", "")?;
     assert_eq!(s.enabled_until, None, "{s:?}");
     assert_eq!(s.enabled, s.sysctl == Some(true), "{s:?}\n{off}");
-    assert!(z.log_text().contains("BPF program statistics off"));
+    // The log is written by a thread of its own: wait for the line.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !z.log_text().contains("BPF program statistics off") {
+        anyhow::ensure!(Instant::now() < deadline, "{}", z.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
 
@@ -421,6 +426,11 @@ fn capture_watch_shows_a_pods_connect_live() -> anyhow::Result<()> {
             anyhow::ensure!(Instant::now() < deadline, "{}", z.log_text());
             std::thread::sleep(Duration::from_millis(100));
         }
+        let text = z.metrics_text()?;
+        anyhow::ensure!(
+            metric_sample(&text, "ztunnel_capture_watchers", &[]) == Some(1),
+            "{text}"
+        );
         let out = t.call(&a, b.addr(8080), &[])?;
         anyhow::ensure!(out.contains("match=true"), "{out}");
         let mut seen = Vec::new();
@@ -448,5 +458,11 @@ fn capture_watch_shows_a_pods_connect_live() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(decisions(&z).is_empty(), "{:?}", decisions(&z));
+    let text = z.metrics_text()?;
+    assert_eq!(
+        metric_sample(&text, "ztunnel_capture_watchers", &[]),
+        Some(0),
+        "{text}"
+    );
     Ok(())
 }
