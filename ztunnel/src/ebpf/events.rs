@@ -3,57 +3,28 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
 use ztunnel_common::{
     AF_INET, AF_INET6, IpKey,
     events::{Event, level, reason, source},
 };
 
-/// Reads the ring buffer as the kernel fills it (epoll on its descriptor).
+/// The ring buffer's reader. The programs write without waking it (a wake-up per event,
+/// an irq_work, cost more than the program itself), so its owner polls [`Reader::drain`].
 pub struct Reader {
-    ring: Option<RingBuf<MapData>>,
-    fd: Option<AsyncFd<RingBuf<MapData>>>,
+    ring: RingBuf<MapData>,
 }
 
 impl Reader {
     pub(super) fn new(ring: RingBuf<MapData>) -> Self {
-        Reader {
-            ring: Some(ring),
-            fd: None,
-        }
+        Reader { ring }
     }
 
-    /// Waits for events and appends every one ready to `out` (at most `max`).
-    /// Must run on a tokio runtime.
-    pub async fn next_batch(&mut self, out: &mut Vec<Event>, max: usize) -> std::io::Result<()> {
-        if self.fd.is_none()
-            && let Some(ring) = self.ring.take()
-        {
-            // SAFETY: the ring buffer owns its descriptor and keeps it open, unchanged,
-            // for as long as the AsyncFd owns the ring buffer.
-            let fd =
-                unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)?;
-            self.fd = Some(fd);
-        }
-        let Some(fd) = self.fd.as_mut() else {
-            return Err(std::io::Error::other("ring buffer reader lost"));
-        };
-        loop {
-            let mut guard = fd.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            while out.len() < max {
-                let Some(item) = ring.next() else { break };
-                if let Some(ev) = decode(&item) {
-                    out.push(ev);
-                }
-            }
-            if out.len() < max {
-                // Drained: wait for the kernel's next wake-up.
-                guard.clear_ready();
-            }
-            if !out.is_empty() {
-                return Ok(());
+    /// Appends the events waiting in the ring to `out`, at most `max`.
+    pub fn drain(&mut self, out: &mut Vec<Event>, max: usize) {
+        while out.len() < max {
+            let Some(item) = self.ring.next() else { break };
+            if let Some(ev) = decode(&item) {
+                out.push(ev);
             }
         }
     }
