@@ -466,3 +466,89 @@ fn capture_watch_shows_a_pods_connect_live() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The tuple map full (a flood of established captured connections): sockops cannot
+/// record the connection's original destination, so ztunnel finds none and closes it
+/// (fail closed). Both are counted (`tuple_record_failed` was never counted before) and,
+/// with the capture log at `warn`, each is a line naming the pod.
+#[test]
+fn a_full_tuple_map_is_counted_logged_and_fails_closed() -> anyhow::Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use ztunnel_common::orig_dst::{self, OrigDst, TupleKey};
+
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", false, false)?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let z = t.start_ztunnel(false)?;
+    capture_log(&z, &["on", "--level", "warn"])?;
+
+    // Filled through the pin with keys of no netns (cookies count up from 1 per boot).
+    let pin = z.pin_dir.join("maps").join(orig_dst::BY_TUPLE);
+    let mut map: HashMap<MapData, TupleKey, OrigDst> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+    let key = |k: u32| TupleKey {
+        netns_cookie: u64::MAX - u64::from(k),
+        ..TupleKey::default()
+    };
+    let mut filled = 0u32;
+    while map.insert(key(filled), OrigDst::default(), 0).is_ok() {
+        filled += 1;
+        anyhow::ensure!(
+            filled <= orig_dst::MAX_ENTRIES,
+            "{} does not fill",
+            pin.display()
+        );
+    }
+    assert_eq!(filled, orig_dst::MAX_ENTRIES);
+
+    let out = t.call(&a, b.addr(8080), &[]);
+    assert!(
+        !out.as_ref().is_ok_and(|o| o.contains("match=true")),
+        "a connection without an original destination was carried: {out:?}"
+    );
+    let d = z.wait_for("the failed record and the miss counted", |d| {
+        d.capture.counters.get("tuple_record_failed") == Some(&1)
+            && d.capture.counters.get("orig_dst_miss") == Some(&1)
+    })?;
+    assert_eq!(
+        d.capture.counters["connect_captured"], 1,
+        "{:?}",
+        d.capture.counters
+    );
+    let pod = format!("pod=\"{}\"", a.key());
+    let line = wait_decision(
+        &z,
+        &[
+            "program=\"sockops\"".into(),
+            "decision=\"failed\"".into(),
+            pod.clone(),
+            format!("dst=\"{}\"", b.addr(8080)),
+        ],
+    )?;
+    assert!(line.contains("tuple map full"), "{line}");
+    wait_decision(
+        &z,
+        &[
+            "program=\"sockopt\"".into(),
+            "decision=\"miss\"".into(),
+            pod,
+        ],
+    )?;
+    // At `warn` the captured connect itself is not logged.
+    assert!(
+        !decisions(&z)
+            .iter()
+            .any(|l| l.contains("decision=\"captured\"")),
+        "{:?}",
+        decisions(&z)
+    );
+
+    // Room again: the next connection is carried.
+    for k in 0..filled {
+        map.remove(&key(k))?;
+    }
+    let out = t.call(&a, b.addr(8080), &[])?;
+    assert!(out.contains("match=true"), "{out}");
+    Ok(())
+}
