@@ -92,11 +92,24 @@ impl Scenario {
         const BULK: &str = "not measured: a bulk sender on the fast path gets ENOMEM from \
             write() when ztunnel's socket has data queued (an sk_msg ingress redirect has no \
             backpressure; seen on 6.18), so the fast path suits request/response traffic only";
+        const NO_EBPF: &str = "not measured: iptables capture runs no eBPF programs; its \
+            kernel cost (netfilter NAT and conntrack) shows only in the CPU figures";
+        const NOT_OURS: &str = "not measured: the kernel's statistics are read through our \
+            admin port (`/bpf_stats`)";
         match self {
             Scenario::S3 => &[
                 ("tput_1_gbps", BULK),
                 ("tput_8_gbps", BULK),
                 ("cpu_s_per_gb", BULK),
+                ("ebpf_tc_ns_per_packet", BULK),
+            ],
+            Scenario::S1 => &[
+                ("ebpf_ns_per_conn", NO_EBPF),
+                ("ebpf_tc_ns_per_packet", NO_EBPF),
+            ],
+            Scenario::I => &[
+                ("ebpf_ns_per_conn", NOT_OURS),
+                ("ebpf_tc_ns_per_packet", NOT_OURS),
             ],
             _ => &[],
         }
@@ -219,6 +232,20 @@ pub const FIGURES: &[Figure] = &[
         true,
     ),
     fig("rss_peak_mib", "ztunnel RSS, peak", "MiB", false, true),
+    fig(
+        "ebpf_ns_per_conn",
+        "capture programs' kernel time per connection (both nodes)",
+        "ns",
+        false,
+        true,
+    ),
+    fig(
+        "ebpf_tc_ns_per_packet",
+        "tc ingress program per packet, bulk transfer",
+        "ns",
+        false,
+        true,
+    ),
 ];
 
 pub struct Options {
@@ -688,6 +715,18 @@ fn run_scenario(
         }
     }
 
+    if s.capture() == Some("ebpf") {
+        ebpf_cost(
+            &mut topo,
+            &ztunnels,
+            s,
+            [&client, &server],
+            &echo,
+            secs,
+            &mut f,
+        )?;
+    }
+
     if s.proxied() {
         if bytes > 0.0 {
             f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
@@ -704,6 +743,80 @@ fn run_scenario(
     }
     drop((ztunnels, istio));
     Ok(f)
+}
+
+/// Each capture program's (runs, run time in ns), summed over `ztunnels`, from the
+/// kernel's statistics (`/bpf_stats`).
+fn bpf_runs(ztunnels: &[crate::Ztunnel]) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let mut total = BTreeMap::new();
+    for z in ztunnels {
+        let body = crate::http(z.admin, "GET", "/bpf_stats")?;
+        let status: ztunnel::ebpf::run_stats::Status =
+            serde_json::from_str(&body).with_context(|| format!("bad /bpf_stats: {body}"))?;
+        for p in status.programs {
+            let e: &mut (u64, u64) = total.entry(p.program).or_default();
+            e.0 += p.runs;
+            e.1 += p.run_time_ns;
+        }
+    }
+    Ok(total)
+}
+
+/// What the capture programs cost, from the kernel's own statistics, switched on for
+/// this phase only (they add two clock reads to every BPF program's run, so the other
+/// figures are measured without them): kernel time of every program on both nodes per
+/// new connection (`conns`, one thread), and of tc ingress per packet during a bulk
+/// transfer (not on the fast path, whose bulk transfer is not measured).
+fn ebpf_cost(
+    topo: &mut Topology,
+    ztunnels: &[crate::Ztunnel],
+    s: Scenario,
+    [client, server]: [&Pod; 2],
+    echo: &str,
+    secs: f64,
+    f: &mut BTreeMap<&'static str, f64>,
+) -> anyhow::Result<()> {
+    let phase = format!("{}", secs.min(5.0));
+    for z in ztunnels {
+        crate::http(z.admin, "POST", "/bpf_stats?enabled=true&duration=10m")?;
+    }
+    let before = bpf_runs(ztunnels)?;
+    let v = json_line(
+        &topo
+            .spawn(client, &["conns", echo, "--secs", &phase, "--threads", "1"])?
+            .wait_ok()?,
+    )?;
+    let after = bpf_runs(ztunnels)?;
+    let conns = num(&v, "connections")?;
+    let ns: u64 = after
+        .iter()
+        .map(|(p, (_, t))| t - before.get(p).map_or(0, |b| b.1))
+        .sum();
+    if conns > 0.0 {
+        f.insert("ebpf_ns_per_conn", ns as f64 / conns);
+    }
+    if !s.fast_path() {
+        let port = IPERF_PORT.to_string();
+        let iperf = Path::new("iperf3");
+        let dst = server.ip4.to_string();
+        let mut iperf_server = topo.spawn_program(server, iperf, &["-s", "-p", &port])?;
+        wait_listening(server, IPERF_PORT, &mut iperf_server)?;
+        let before = bpf_runs(ztunnels)?;
+        let t = format!("{}", secs.min(5.0).ceil() as u64);
+        topo.spawn_program(client, iperf, &["-c", &dst, "-p", &port, "-t", &t, "-J"])?
+            .wait_ok()?;
+        let after = bpf_runs(ztunnels)?;
+        let tc = ztunnel_common::program::TC_INGRESS;
+        let (r0, t0) = before.get(tc).copied().unwrap_or_default();
+        let (r1, t1) = after.get(tc).copied().unwrap_or_default();
+        if r1 > r0 {
+            f.insert("ebpf_tc_ns_per_packet", (t1 - t0) as f64 / (r1 - r0) as f64);
+        }
+    }
+    for z in ztunnels {
+        crate::http(z.admin, "POST", "/bpf_stats?enabled=false")?;
+    }
+    Ok(())
 }
 
 /// `perf record` on the proxies for one phase, then a flame graph of it.

@@ -218,6 +218,17 @@ const TESTS: &[(&str, Needs)] = &[
         "upgrade::a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one",
         Needs::EbpfCapture,
     ),
+    // Diagnostics: the decision events' ring buffer and level map on every kernel the
+    // programs load on (the verifier sees each log site even when off), and the
+    // kernel's per-program statistics (BPF_ENABLE_STATS).
+    (
+        "diagnostics::capture_log_names_the_pod_and_reason_of_each_decision_only_when_on",
+        Needs::EbpfCapture,
+    ),
+    (
+        "diagnostics::bpf_stats_count_the_programs_a_transfer_ran",
+        Needs::EbpfCapture,
+    ),
 ];
 
 /// Printed by `/init` after the tests: `ZTUNNEL-VM-RESULT exit=<status>`.

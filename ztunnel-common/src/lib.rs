@@ -333,12 +333,15 @@ pub mod stats {
     pub const DNS_REFUSED: u32 = 18;
     /// DNS answers whose source was set back to the server the app asked.
     pub const DNS_ANSWER_RESTORED: u32 = 19;
+    /// Decision events a program wanted to report (see [`events`](super::events)) but
+    /// the ring buffer was full (nobody reading fast enough): lost, never waited for.
+    pub const EVENTS_LOST: u32 = 20;
     /// Room for more counters: a new slot needs no new map, and a map of another size
     /// is replaced at load (see `ebpf::replace_incompatible_pins`).
     pub const SLOTS: u32 = 32;
 
     /// Names for the metrics module, indexed by slot.
-    pub const NAMES: [&str; 20] = [
+    pub const NAMES: [&str; 21] = [
         "connect_captured",
         "tuple_recorded",
         "orig_dst_hit",
@@ -359,6 +362,167 @@ pub mod stats {
         "dns_captured",
         "dns_refused",
         "dns_answer_restored",
+        "events_lost",
     ];
     const _: () = assert!(NAMES.len() as u32 <= SLOTS);
+}
+
+pub mod events {
+    //! Capture decisions the programs report when asked (`/logging?capture=…`,
+    //! `ztunnel capture-log`, `ztunnel capture watch`): each decision point reads its
+    //! program's level from [`LEVELS`] first (one array lookup; 0 = off, the default)
+    //! and, when the decision's level is within it, writes one [`Event`] to the ring
+    //! buffer [`RING`], which ztunnel reads, names the pod by the netns cookie and logs.
+    //! Neither map is pinned: each ztunnel's programs report to their own reader.
+    use super::IpKey;
+
+    /// Ring buffer of [`Event`]s (Linux >= 5.8).
+    pub const RING: &str = "CAPTURE_EVENTS";
+    /// 4,681 events of 56 bytes (plus an 8-byte header each); a full ring drops new
+    /// events and counts them (`events_lost`), the programs never wait.
+    pub const RING_BYTES: u32 = 256 * 1024;
+    /// Array of one `u32` level per [`source`]: see [`level`].
+    pub const LEVELS: &str = "CAPTURE_EVENT_LEVELS";
+
+    pub mod source {
+        //! Which program group reports: the unit the level is switched per.
+        pub const CONNECT: u32 = 0;
+        pub const TC: u32 = 1;
+        pub const SK_LOOKUP: u32 = 2;
+        pub const SOCKOPS: u32 = 3;
+        pub const SOCKOPT: u32 = 4;
+        pub const DNS: u32 = 5;
+        pub const COUNT: u32 = 6;
+        /// Names on the admin port and in log lines, indexed by source.
+        pub const NAMES: [&str; COUNT as usize] =
+            ["connect", "tc", "sk_lookup", "sockops", "sockopt", "dns"];
+    }
+
+    pub mod level {
+        //! A program reports a decision when its level is at least the decision's.
+        pub const OFF: u32 = 0;
+        /// Dropped, refused, map full, map miss: what fails closed.
+        pub const WARN: u32 = 1;
+        /// And what was captured or steered.
+        pub const INFO: u32 = 2;
+        /// And what was left alone, and why.
+        pub const DEBUG: u32 = 3;
+        pub const NAMES: [&str; 4] = ["off", "warn", "info", "debug"];
+    }
+
+    pub mod reason {
+        //! Why a program decided what it did. The level of each is [`level_of`].
+        use super::level::{DEBUG, INFO, WARN};
+
+        pub const CONNECT_CAPTURED: u16 = 1;
+        pub const CONNECT_CAPTURED_SOURCE_LOOPBACK: u16 = 2;
+        pub const CONNECT_SKIPPED_LOOPBACK: u16 = 3;
+        pub const CONNECT_SKIPPED_UNSPECIFIED: u16 = 4;
+        pub const CONNECT_SKIPPED_RESERVED_PORT: u16 = 5;
+        pub const CONNECT_SKIPPED_OWN_ADDRESS: u16 = 6;
+        pub const CONNECT_REFUSED_MAP_FULL: u16 = 7;
+        pub const INBOUND_STEERED: u16 = 8;
+        pub const INBOUND_TIME_WAIT_HANDED_OVER: u16 = 9;
+        pub const INBOUND_SKIPPED_EXISTING_SOCKET: u16 = 10;
+        pub const INBOUND_SKIPPED_HBONE: u16 = 11;
+        pub const INBOUND_DROPPED_NO_LISTENER: u16 = 12;
+        pub const INBOUND_DROPPED_FRAGMENT: u16 = 13;
+        pub const INBOUND_DROPPED_TRUNCATED: u16 = 14;
+        pub const INBOUND_DROPPED_UNPARSEABLE: u16 = 15;
+        pub const TIME_WAIT_STEERED: u16 = 16;
+        pub const TIME_WAIT_DROPPED: u16 = 17;
+        pub const TUPLE_RECORDED: u16 = 18;
+        pub const TUPLE_MAP_FULL: u16 = 19;
+        pub const ORIG_DST_HIT: u16 = 20;
+        pub const ORIG_DST_MISS: u16 = 21;
+        pub const DNS_CAPTURED: u16 = 22;
+        pub const DNS_REFUSED_MAP_FULL: u16 = 23;
+        /// One past the last reason.
+        pub const COUNT: u16 = 24;
+
+        /// (decision, why) for log lines, indexed by reason; index 0 is unused.
+        pub const NAMES: [(&str, &str); COUNT as usize] = [
+            ("unknown", "unknown"),
+            ("captured", "redirected to ztunnel's :15001"),
+            (
+                "captured",
+                "redirected to :15001; source left loopback (no pod address to bind)",
+            ),
+            ("skipped", "loopback destination"),
+            ("skipped", "unspecified destination"),
+            ("skipped", "port reserved by ztunnel"),
+            ("skipped", "the pod's own address"),
+            ("refused", "original-destination map full (EPERM)"),
+            ("captured", "SYN steered to ztunnel's :15006"),
+            (
+                "captured",
+                "SYN meets a TIME_WAIT socket; handed to sk_lookup",
+            ),
+            ("skipped", "a socket owns the tuple"),
+            ("skipped", "HBONE port 15008"),
+            ("dropped", "ztunnel's :15006 listener missing"),
+            ("dropped", "IP fragment of TCP"),
+            ("dropped", "header cut short"),
+            ("dropped", "unparseable IP header or extension chain"),
+            ("captured", "TIME_WAIT SYN given ztunnel's :15006 listener"),
+            ("dropped", "TIME_WAIT hand-over impossible"),
+            ("recorded", "original destination keyed by tuple"),
+            (
+                "failed",
+                "tuple map full: ztunnel will close the connection",
+            ),
+            ("answered", "SO_ORIGINAL_DST from the tuple map"),
+            ("miss", "no original destination for this peer"),
+            ("captured", "DNS to ztunnel's :15053"),
+            ("refused", "original-destination map full (EPERM)"),
+        ];
+
+        /// The level a program must run at to report `reason`.
+        #[inline(always)]
+        pub const fn level_of(reason: u16) -> u32 {
+            match reason {
+                CONNECT_REFUSED_MAP_FULL
+                | INBOUND_DROPPED_NO_LISTENER
+                | INBOUND_DROPPED_FRAGMENT
+                | INBOUND_DROPPED_TRUNCATED
+                | INBOUND_DROPPED_UNPARSEABLE
+                | TIME_WAIT_DROPPED
+                | TUPLE_MAP_FULL
+                | ORIG_DST_MISS
+                | DNS_REFUSED_MAP_FULL => WARN,
+                CONNECT_CAPTURED
+                | CONNECT_CAPTURED_SOURCE_LOOPBACK
+                | INBOUND_STEERED
+                | INBOUND_TIME_WAIT_HANDED_OVER
+                | TIME_WAIT_STEERED
+                | DNS_CAPTURED => INFO,
+                _ => DEBUG,
+            }
+        }
+    }
+
+    /// One decision. Addresses a program does not know are zero (family 0).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Event {
+        /// The pod's network namespace; 0 when the program cannot tell (tc before
+        /// Linux 6.15 has no netns cookie: it names the pod by its address in
+        /// `POD_ADDRS`, and ztunnel by the destination address otherwise).
+        pub netns_cookie: u64,
+        pub src: IpKey,
+        pub dst: IpKey,
+        /// Host byte order.
+        pub src_port: u16,
+        /// Host byte order.
+        pub dst_port: u16,
+        /// [`source`].
+        pub source: u16,
+        /// [`reason`].
+        pub reason: u16,
+    }
+    const _: () = assert!(core::mem::size_of::<Event>() == 56);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain `repr(C)` data; every bit pattern is valid.
+    unsafe impl aya::Pod for Event {}
 }

@@ -15,11 +15,17 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use ztunnel_common::{IpKey, orig_dst::OrigDst, pod_addrs::SourceKey, ports, stats};
+use ztunnel_common::{
+    IpKey,
+    events::{reason, source},
+    orig_dst::OrigDst,
+    pod_addrs::SourceKey,
+    ports, stats,
+};
 
 use crate::maps::{
-    AF_INET, AF_INET6, ORIG_DST_COOKIE, POD_ADDRS, POD_SOURCES, count, ip4, ip6, is_loopback,
-    is_unspecified,
+    AF_INET, AF_INET6, NO_ADDR, ORIG_DST_COOKIE, POD_ADDRS, POD_SOURCES, count, ip4, ip6,
+    is_loopback, is_unspecified, report, reports,
 };
 
 /// Let the syscall proceed (cgroup sock_addr programs return 1 to allow).
@@ -152,7 +158,22 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     }
     // SAFETY: `sa` is the context.
     let (dst, port) = unsafe { user_dst(sa, v6) };
-    if is_loopback(&dst) || is_unspecified(&dst) || ports::NEVER_CAPTURED.contains(&port) {
+    let skipped = if is_loopback(&dst) {
+        reason::CONNECT_SKIPPED_LOOPBACK
+    } else if is_unspecified(&dst) {
+        reason::CONNECT_SKIPPED_UNSPECIFIED
+    } else if ports::NEVER_CAPTURED.contains(&port) {
+        reason::CONNECT_SKIPPED_RESERVED_PORT
+    } else {
+        0
+    };
+    if skipped != 0 {
+        // The netns cookie only when reporting: skipping costs one map read more.
+        if reports(source::CONNECT, skipped) {
+            // SAFETY: helper valid for cgroup sock_addr programs (Linux >= 5.7).
+            let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            report(source::CONNECT, skipped, netns, (&NO_ADDR, 0), (&dst, port));
+        }
         return Ok(ALLOW);
     }
     // SAFETY: helper valid for cgroup sock_addr programs (Linux >= 5.7).
@@ -162,6 +183,13 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
         && own.netns_cookie == netns
     {
         // The pod talking to itself stays local.
+        report(
+            source::CONNECT,
+            reason::CONNECT_SKIPPED_OWN_ADDRESS,
+            netns,
+            (&NO_ADDR, 0),
+            (&dst, port),
+        );
         return Ok(ALLOW);
     }
     // SAFETY: helper valid for cgroup sock_addr programs.
@@ -175,16 +203,29 @@ unsafe fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     // Fails only when the map is full (a plain hash map, never LRU: evicting another
     // connection's entry would break that connection instead); the caller refuses the
     // connect then.
-    ORIG_DST_COOKIE.insert(cookie, orig, 0)?;
+    if let Err(e) = ORIG_DST_COOKIE.insert(cookie, orig, 0) {
+        report(
+            source::CONNECT,
+            reason::CONNECT_REFUSED_MAP_FULL,
+            netns,
+            (&NO_ADDR, 0),
+            (&dst, port),
+        );
+        return Err(e);
+    }
 
     // SAFETY: `ctx` is the program's context.
-    if !unsafe { bind_source(ctx, v6, dst.family, netns) } {
+    let why = if unsafe { bind_source(ctx, v6, dst.family, netns) } {
+        reason::CONNECT_CAPTURED
+    } else {
         count(stats::CONNECT_SOURCE_LOOPBACK);
-    }
+        reason::CONNECT_CAPTURED_SOURCE_LOOPBACK
+    };
 
     // SAFETY: `sa` is the program's context.
     unsafe { to_loopback(sa, v6, &dst, crate::dns::tcp_listener(port)) };
     count(stats::CONNECT_CAPTURED);
+    report(source::CONNECT, why, netns, (&NO_ADDR, 0), (&dst, port));
     Ok(ALLOW)
 }
 

@@ -17,11 +17,19 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use ztunnel_common::{IpKey, config, orig_dst::OrigDst, ports, stats};
+use ztunnel_common::{
+    IpKey, config,
+    events::{reason, source},
+    orig_dst::OrigDst,
+    ports, stats,
+};
 
 use crate::{
     connect::{V4_MAPPED_PREFIX, user_dst},
-    maps::{AF_INET, AF_INET6, ORIG_DST_COOKIE, count, is_loopback, is_unspecified, switch_on},
+    maps::{
+        AF_INET, AF_INET6, NO_ADDR, ORIG_DST_COOKIE, count, is_loopback, is_unspecified, report,
+        switch_on,
+    },
 };
 
 /// Let the syscall proceed (cgroup sock_addr programs return 1 to allow).
@@ -97,11 +105,25 @@ pub unsafe fn redirect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i32> {
     };
     if ORIG_DST_COOKIE.insert(cookie, orig, 0).is_err() {
         count(stats::DNS_REFUSED);
+        report(
+            source::DNS,
+            reason::DNS_REFUSED_MAP_FULL,
+            netns,
+            (&NO_ADDR, 0),
+            (&dst, port),
+        );
         return Err(REFUSE);
     }
     // SAFETY: `sa` is the context.
     unsafe { to_proxy(sa, v6, &dst) };
     count(stats::DNS_CAPTURED);
+    report(
+        source::DNS,
+        reason::DNS_CAPTURED,
+        netns,
+        (&NO_ADDR, 0),
+        (&dst, port),
+    );
     Ok(ALLOW)
 }
 

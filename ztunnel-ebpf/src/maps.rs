@@ -1,10 +1,11 @@
 //! The maps every program shares, and small helpers around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
 };
 use ztunnel_common::{
     IpKey, config,
+    events::{self, Event},
     fast_path::{self, SockKey},
     orig_dst::{self, OrigDst, TupleKey},
     pod_addrs::{self, PodAddr, SourceKey},
@@ -43,8 +44,17 @@ pub static TW_LISTENERS: SockHash<ListenerKey> = SockHash::pinned(time_wait::MAX
 #[map]
 pub static TW_PENDING: PerCpuArray<Pending> = PerCpuArray::pinned(1, 0);
 
+// Decision events (issue 20): not pinned, each ztunnel's programs report to its reader.
+#[map]
+pub static CAPTURE_EVENTS: RingBuf = RingBuf::with_byte_size(events::RING_BYTES, 0);
+
+#[map]
+pub static CAPTURE_EVENT_LEVELS: Array<u32> = Array::with_max_entries(events::source::COUNT, 0);
+
 // The names above must equal the shared constants; a mismatch fails the build.
 const _: () = {
+    assert!(eq(events::RING, "CAPTURE_EVENTS"));
+    assert!(eq(events::LEVELS, "CAPTURE_EVENT_LEVELS"));
     assert!(eq(orig_dst::BY_COOKIE, "ORIG_DST_COOKIE"));
     assert!(eq(orig_dst::BY_TUPLE, "ORIG_DST_TUPLE"));
     assert!(eq(pod_addrs::NAME, "POD_ADDRS"));
@@ -78,6 +88,46 @@ pub fn count(slot: u32) {
         unsafe { *v += 1 };
     }
 }
+
+/// Whether `source` reports decisions of `reason`'s level: the one map read a decision
+/// point costs while reporting is off.
+#[inline(always)]
+pub fn reports(source: u32, reason: u16) -> bool {
+    matches!(CAPTURE_EVENT_LEVELS.get(source), Some(l) if *l >= events::reason::level_of(reason))
+}
+
+/// Reports a decision if `source` is asked to: one array read when not, else one
+/// ring-buffer write (a full ring loses the event and counts it; nothing waits).
+#[inline(always)]
+pub fn report(source: u32, reason: u16, netns_cookie: u64, src: (&IpKey, u16), dst: (&IpKey, u16)) {
+    if !reports(source, reason) {
+        return;
+    }
+    let ev = Event {
+        netns_cookie,
+        src: *src.0,
+        dst: *dst.0,
+        src_port: src.1,
+        dst_port: dst.1,
+        source: source as u16,
+        reason,
+    };
+    // No wake-up: ztunnel polls the ring every few milliseconds instead. Waking the
+    // reader for each event (an irq_work, a self-IPI) cost connect4 about ten times its
+    // own run time (measured with the kernel's statistics).
+    if CAPTURE_EVENTS
+        .output::<Event>(&ev, u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        count(stats::EVENTS_LOST);
+    }
+}
+
+/// An address a program does not know.
+pub const NO_ADDR: IpKey = IpKey {
+    addr: [0; 4],
+    family: 0,
+};
 
 #[inline(always)]
 pub fn switch_on(slot: u32) -> bool {

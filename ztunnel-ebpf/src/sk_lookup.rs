@@ -13,11 +13,13 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use ztunnel_common::{
-    IpKey, stats,
+    IpKey,
+    events::{reason, source},
+    stats,
     time_wait::{self, ListenerKey},
 };
 
-use crate::maps::{AF_INET, AF_INET6, POD_ADDRS, TW_LISTENERS, TW_PENDING, count};
+use crate::maps::{AF_INET, AF_INET6, POD_ADDRS, TW_LISTENERS, TW_PENDING, count, report};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -114,8 +116,17 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // answers the SYN with an ACK, the client resets it and retries, and tc steers the
     // retry to ztunnel, which refuses what is not the pod's.
     // SAFETY: the value is copied out at once.
+    let local_at = (&local, pending.local_port);
+    let remote_at = (&remote, pending.remote_port);
     let Some(netns_cookie) = (unsafe { POD_ADDRS.get(local) }).map(|p| p.netns_cookie) else {
         count(stats::INBOUND_DROP_TIME_WAIT);
+        report(
+            source::SK_LOOKUP,
+            reason::TIME_WAIT_DROPPED,
+            0,
+            remote_at,
+            local_at,
+        );
         return SK_DROP;
     };
     let key = ListenerKey {
@@ -125,9 +136,23 @@ unsafe fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     };
     if TW_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_err() {
         count(stats::INBOUND_DROP_TIME_WAIT);
+        report(
+            source::SK_LOOKUP,
+            reason::TIME_WAIT_DROPPED,
+            netns_cookie,
+            remote_at,
+            local_at,
+        );
         return SK_DROP;
     }
     count(stats::INBOUND_TIME_WAIT_STEERED);
     count(stats::INBOUND_STEERED);
+    report(
+        source::SK_LOOKUP,
+        reason::TIME_WAIT_STEERED,
+        netns_cookie,
+        remote_at,
+        local_at,
+    );
     SK_PASS
 }

@@ -19,12 +19,17 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use ztunnel_common::{
-    IpKey, config, fast_path::SockKey, orig_dst::TupleKey, ports, stats, time_wait::ListenerKey,
+    IpKey, config,
+    events::{reason, source},
+    fast_path::SockKey,
+    orig_dst::TupleKey,
+    ports, stats,
+    time_wait::ListenerKey,
 };
 
 use crate::maps::{
     AF_INET, AF_INET6, FAST_PATH_SOCKS, ORIG_DST_COOKIE, ORIG_DST_TUPLE, TW_LISTENERS, count, ip4,
-    ip6, is_loopback, switch_on,
+    ip6, is_loopback, report, switch_on,
 };
 
 /// sockops programs return 1; the value is not used for these callbacks.
@@ -127,8 +132,28 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
                 port: e.local_port,
                 _pad: 0,
             };
-            ORIG_DST_TUPLE.insert(key, orig, 0)?;
+            let at = (&e.local, e.local_port);
+            if let Err(err) = ORIG_DST_TUPLE.insert(key, orig, 0) {
+                // The map is full: ztunnel will find no original destination and
+                // close the connection (fail closed).
+                count(stats::TUPLE_RECORD_FAILED);
+                report(
+                    source::SOCKOPS,
+                    reason::TUPLE_MAP_FULL,
+                    netns,
+                    at,
+                    (&orig.ip, orig.port),
+                );
+                return Err(err);
+            }
             count(stats::TUPLE_RECORDED);
+            report(
+                source::SOCKOPS,
+                reason::TUPLE_RECORDED,
+                netns,
+                at,
+                (&orig.ip, orig.port),
+            );
             ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
             // SAFETY: `ops` is the context.
             unsafe { fast_path_insert(ctx, &e, netns) };

@@ -7,9 +7,13 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use ztunnel_common::{orig_dst::TupleKey, stats};
+use ztunnel_common::{
+    events::{reason, source},
+    orig_dst::TupleKey,
+    stats,
+};
 
-use crate::maps::{AF_INET, AF_INET6, ORIG_DST_TUPLE, count, ip4, ip6};
+use crate::maps::{AF_INET, AF_INET6, NO_ADDR, ORIG_DST_TUPLE, count, ip4, ip6, report};
 
 /// cgroup sockopt programs return 1 to let the syscall's (possibly rewritten) answer through.
 const ALLOW: i32 = 1;
@@ -78,6 +82,13 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
     // SAFETY: the value is copied out at once.
     let Some(orig) = (unsafe { ORIG_DST_TUPLE.get(key) }).copied() else {
         count(stats::ORIG_DST_MISS);
+        report(
+            source::SOCKOPT,
+            reason::ORIG_DST_MISS,
+            netns,
+            (&peer, peer_port),
+            (&NO_ADDR, 0),
+        );
         return;
     };
     // SAFETY: optval/optval_end bound the buffer the kernel lets us write; every store
@@ -125,4 +136,11 @@ unsafe fn try_getsockopt(ctx: &SockoptContext) {
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
     count(stats::ORIG_DST_HIT);
+    report(
+        source::SOCKOPT,
+        reason::ORIG_DST_HIT,
+        netns,
+        (&peer, peer_port),
+        (&orig.ip, orig.port),
+    );
 }

@@ -20,9 +20,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use ztunnel_common::{IpKey, ports, stats, time_wait::Pending};
+use ztunnel_common::{
+    IpKey,
+    events::{reason, source},
+    ports, stats,
+    time_wait::Pending,
+};
 
-use crate::maps::{AF_INET, AF_INET6, TW_PENDING, count};
+use crate::maps::{AF_INET, AF_INET6, NO_ADDR, POD_ADDRS, TW_PENDING, count, report, reports};
 
 const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT;
 const ETH_HLEN: usize = 14;
@@ -102,10 +107,80 @@ pub fn tc_ingress_capture(ctx: TcContext) -> i32 {
     // SAFETY: the kernel hands us a valid __sk_buff for the program's lifetime.
     match unsafe { try_tc(&ctx) } {
         Ok(action) => action,
-        Err(reason) => {
-            count(reason);
+        Err(slot) => {
+            count(slot);
+            let why = drop_reason(slot);
+            // The addresses are read again only when drops are reported, so the
+            // classification path stores nothing for the report.
+            if reports(source::TC, why) {
+                let (local, remote) = addresses(&ctx);
+                report_inbound(why, &local, 0, &remote, 0);
+            }
             TC_ACT_SHOT
         }
+    }
+}
+
+/// The event reason for a drop counted under `slot`.
+#[inline(always)]
+fn drop_reason(slot: u32) -> u16 {
+    match slot {
+        stats::INBOUND_NO_LISTENER => reason::INBOUND_DROPPED_NO_LISTENER,
+        stats::INBOUND_DROP_FRAGMENT => reason::INBOUND_DROPPED_FRAGMENT,
+        stats::INBOUND_DROP_TRUNCATED => reason::INBOUND_DROPPED_TRUNCATED,
+        stats::INBOUND_DROP_TIME_WAIT => reason::TIME_WAIT_DROPPED,
+        _ => reason::INBOUND_DROPPED_UNPARSEABLE,
+    }
+}
+
+/// (local, remote) addresses of the packet, as far as its IP header can be read.
+#[inline(always)]
+fn addresses(ctx: &TcContext) -> (IpKey, IpKey) {
+    match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => match ctx.load::<Ipv4Hdr>(ETH_HLEN) {
+            Ok(ip) => (
+                IpKey {
+                    addr: [ip.daddr, 0, 0, 0],
+                    family: AF_INET,
+                },
+                IpKey {
+                    addr: [ip.saddr, 0, 0, 0],
+                    family: AF_INET,
+                },
+            ),
+            Err(_) => (NO_ADDR, NO_ADDR),
+        },
+        ETH_P_IPV6 => match ctx.load::<Ipv6Hdr>(ETH_HLEN) {
+            Ok(ip) => (
+                IpKey {
+                    addr: ip.daddr,
+                    family: AF_INET6,
+                },
+                IpKey {
+                    addr: ip.saddr,
+                    family: AF_INET6,
+                },
+            ),
+            Err(_) => (NO_ADDR, NO_ADDR),
+        },
+        _ => (NO_ADDR, NO_ADDR),
+    }
+}
+
+/// Reports an inbound decision, naming the pod by the local address (tc has no netns
+/// cookie before Linux 6.15); 0 when the address is not an enrolled pod's.
+#[inline(always)]
+fn report_inbound(why: u16, local: &IpKey, local_port: u16, remote: &IpKey, remote_port: u16) {
+    if reports(source::TC, why) {
+        // SAFETY: read-only look-up; the value is copied out at once.
+        let netns = unsafe { POD_ADDRS.get(local) }.map_or(0, |p| p.netns_cookie);
+        report(
+            source::TC,
+            why,
+            netns,
+            (remote, remote_port),
+            (local, local_port),
+        );
     }
 }
 
@@ -219,7 +294,15 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
     if seg.end == 0 || doff < TCP_HLEN || seg.l4 + doff > seg.end {
         return Err(stats::INBOUND_DROP_TRUNCATED);
     }
-    if u16::from_be(seg.tcp.dest) == ports::HBONE {
+    let (local_port, remote_port) = (u16::from_be(seg.tcp.dest), u16::from_be(seg.tcp.source));
+    if local_port == ports::HBONE {
+        report_inbound(
+            reason::INBOUND_SKIPPED_HBONE,
+            &local,
+            local_port,
+            &remote,
+            remote_port,
+        );
         return Ok(TC_ACT_OK);
     }
 
@@ -238,6 +321,13 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
         } else if state != BPF_TCP_LISTEN {
             // A connection owns this tuple (a retransmitted SYN of a handshake under
             // way, a simultaneous open): the stack hands the SYN to it.
+            report_inbound(
+                reason::INBOUND_SKIPPED_EXISTING_SOCKET,
+                &local,
+                local_port,
+                &remote,
+                remote_port,
+            );
             return Ok(TC_ACT_OK);
         }
     }
@@ -276,12 +366,19 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
             *slot = Pending {
                 local,
                 remote,
-                local_port: u16::from_be(seg.tcp.dest),
-                remote_port: u16::from_be(seg.tcp.source),
+                local_port,
+                remote_port,
                 _pad: 0,
                 ktime_ns: bpf_ktime_get_ns(),
             };
         }
+        report_inbound(
+            reason::INBOUND_TIME_WAIT_HANDED_OVER,
+            &local,
+            local_port,
+            &remote,
+            remote_port,
+        );
         return Ok(TC_ACT_OK);
     }
     // SAFETY: valid skb and listening socket.
@@ -292,6 +389,13 @@ unsafe fn try_tc(ctx: &TcContext) -> Result<i32, u32> {
         return Err(stats::INBOUND_NO_LISTENER);
     }
     count(stats::INBOUND_STEERED);
+    report_inbound(
+        reason::INBOUND_STEERED,
+        &local,
+        local_port,
+        &remote,
+        remote_port,
+    );
     Ok(TC_ACT_OK)
 }
 

@@ -1,6 +1,8 @@
 //! The admin API on loopback (default 127.0.0.1:15000): `/config_dump` (JSON of the
 //! running state), `/fast_path` (GET shows, POST `?enabled=true|false` switches),
-//! `/logging` and `/quitquitquit` (drain, then exit).
+//! `/bpf_stats` (GET shows the kernel's per-program statistics, POST
+//! `?enabled=true[&duration=10m]|false` switches them), `/logging` and `/quitquitquit`
+//! (drain, then exit).
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
@@ -9,7 +11,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -685,6 +688,10 @@ pub struct CaptureDump {
     pub pin_dir: String,
     pub occupancy: Occupancy,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// The kernel's run count and run time per program, counted only while statistics
+    /// are on (`/bpf_stats`).
+    #[serde(default)]
+    pub bpf_stats: crate::ebpf::run_stats::Status,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -733,6 +740,7 @@ pub fn dump(cfg: &Config, shared: &Shared) -> ConfigDump {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            bpf_stats: shared.capture.run_stats(),
         },
         connections: {
             let pool = shared.proxy.pool_stats();
@@ -772,7 +780,15 @@ pub async fn serve(listener: TcpListener, cfg: Arc<Config>, shared: Arc<Shared>)
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let (cfg, shared) = (cfg.clone(), shared.clone());
-                async move { Ok::<_, Infallible>(handle(req, &cfg, &shared, peer)) }
+                async move {
+                    Ok::<_, Infallible>(
+                        if req.method() == Method::GET && req.uri().path() == "/capture/watch" {
+                            capture_watch(req.uri().query().unwrap_or(""), &shared)
+                        } else {
+                            handle(req, &cfg, &shared, peer).map(BodyExt::boxed_unsync)
+                        },
+                    )
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -784,7 +800,7 @@ pub async fn serve(listener: TcpListener, cfg: Arc<Config>, shared: Arc<Shared>)
 fn handle(
     req: Request<Incoming>,
     cfg: &Config,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     _peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     tracing::debug!(method = %req.method(), uri = %req.uri(), "admin request");
@@ -814,25 +830,42 @@ fn handle(
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
             }
         }
-        (&Method::GET, "/logging") => text(StatusCode::OK, &format!("{}\n", shared.log.level())),
+        (&Method::GET, "/bpf_stats") => json(StatusCode::OK, &shared.capture.run_stats()),
+        (&Method::POST, "/bpf_stats") => bpf_stats(req.uri().query().unwrap_or(""), shared),
+        (&Method::GET, "/logging") => text(StatusCode::OK, &logging_status(shared)),
         (&Method::POST, "/logging") => {
-            let level = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("level="))
-                .unwrap_or("");
-            if level.is_empty() {
-                return text(StatusCode::BAD_REQUEST, "expected ?level=<filter>\n");
+            let query = req.uri().query().unwrap_or("");
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .filter(|v| !v.is_empty())
+            };
+            let (level, capture) = (param("level"), param("capture"));
+            if level.is_none() && capture.is_none() {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "expected ?level=<filter> and/or ?capture=<off|warn|info|debug or program:level,…>\n",
+                );
             }
-            match shared.log.set(level) {
-                Ok(()) => {
-                    tracing::info!(level, "log level changed");
-                    text(StatusCode::OK, &format!("{level}\n"))
+            if let Some(spec) = capture {
+                match shared.diagnostics.set_log(shared, spec) {
+                    Ok(()) => {
+                        tracing::info!(capture = %shared.diagnostics.describe(), "capture log levels changed");
+                    }
+                    Err(e @ crate::diagnostics::Error::Spec { .. }) => {
+                        return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
+                    }
+                    Err(e) => return text(StatusCode::CONFLICT, &format!("{e}\n")),
                 }
-                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
             }
+            if let Some(level) = level {
+                match shared.log.set(level) {
+                    Ok(()) => tracing::info!(level, "log level changed"),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+                }
+            }
+            text(StatusCode::OK, &logging_status(shared))
         }
         (&Method::POST, "/quitquitquit") => {
             shared.request_drain("POST /quitquitquit", false);
@@ -840,9 +873,150 @@ fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /logging, POST /quitquitquit\n",
+            "endpoints: GET /config_dump, GET|POST /fast_path, GET|POST /bpf_stats, GET|POST /logging, GET /capture/watch, POST /quitquitquit\n",
         ),
     }
+}
+
+/// The log filter, then, when any program group logs its decisions, a second line
+/// `capture: connect=debug tc=warn`.
+fn logging_status(shared: &Shared) -> String {
+    let capture = shared.diagnostics.describe();
+    if capture == "off" {
+        format!("{}\n", shared.log.level())
+    } else {
+        format!("{}\ncapture: {capture}\n", shared.log.level())
+    }
+}
+
+type StreamingBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long a watcher may leave its stream unread before it is disconnected.
+const WATCH_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `GET /capture/watch[?pod=ns/name]`: one JSON line per capture decision, for as long as
+/// the client reads (a client that stops reading for 30 s is disconnected); while any
+/// watcher is connected the programs report every decision.
+fn capture_watch(query: &str, shared: &Arc<Shared>) -> Response<StreamingBody> {
+    let pod = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("pod="))
+        .filter(|p| !p.is_empty())
+        .map(|p| p.replace("%2F", "/").replace("%2f", "/"));
+    let mut watch = match crate::diagnostics::watch(shared, pod.clone()) {
+        Ok(w) => w,
+        Err(e @ crate::diagnostics::Error::TooManyWatchers) => {
+            return text(StatusCode::TOO_MANY_REQUESTS, &format!("{e}\n"))
+                .map(BodyExt::boxed_unsync);
+        }
+        Err(e) => return text(StatusCode::CONFLICT, &format!("{e}\n")).map(BodyExt::boxed_unsync),
+    };
+    tracing::info!(pod = pod.as_deref().unwrap_or("*"), "capture watch started");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = tx.closed() => break,
+                e = watch.next() => match e {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            let mut line = serde_json::to_vec(&*event).unwrap_or_default();
+            line.push(b'\n');
+            if tx
+                .send_timeout(Ok(Frame::data(Bytes::from(line))), WATCH_SEND_TIMEOUT)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        tracing::info!("capture watch ended");
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut r = Response::new(body.boxed_unsync());
+    if let Ok(v) = "application/x-ndjson".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// What a POST to `/bpf_stats` asks: `enabled=true` (with `duration=<humantime>`, at most
+/// an hour, 10 minutes if left out) or `enabled=false`.
+#[derive(Debug, PartialEq, Eq)]
+enum BpfStatsRequest {
+    On(std::time::Duration),
+    Off,
+}
+
+fn parse_bpf_stats(query: &str) -> Result<BpfStatsRequest, String> {
+    let (mut enabled, mut duration) = (None, None);
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("enabled", "true")) => enabled = Some(true),
+            Some(("enabled", "false")) => enabled = Some(false),
+            Some(("duration", d)) => {
+                duration = Some(
+                    humantime::parse_duration(d)
+                        .map_err(|e| format!("bad duration {d:?}: {e} (e.g. 30s, 10m, 1h)"))?,
+                );
+            }
+            _ => return Err(format!("unknown parameter {kv:?}")),
+        }
+    }
+    match (enabled, duration) {
+        (Some(true), d) => Ok(BpfStatsRequest::On(
+            d.unwrap_or(crate::ebpf::run_stats::DEFAULT_DURATION),
+        )),
+        (Some(false), None) => Ok(BpfStatsRequest::Off),
+        (Some(false), Some(_)) => Err("a duration goes with enabled=true only".to_owned()),
+        (None, _) => Err("expected ?enabled=true[&duration=10m] or ?enabled=false".to_owned()),
+    }
+}
+
+/// Turns the kernel's per-program statistics on for a bounded time (a timer turns them
+/// off again) or off at once, and answers with the new status.
+fn bpf_stats(query: &str, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+    let req = match parse_bpf_stats(query) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    };
+    match req {
+        BpfStatsRequest::On(duration) => match shared.capture.enable_run_stats(duration) {
+            Ok(until) => {
+                tracing::info!(duration = %humantime::format_duration(duration), "BPF program statistics on");
+                let shared = Arc::clone(shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(until.into()).await;
+                    // A later request may have extended them; expire only what ran out.
+                    if shared.capture.expire_run_stats() {
+                        tracing::info!("BPF program statistics off: their time ran out");
+                    }
+                });
+            }
+            Err(e @ crate::capture::Error::RunStatsNeedEbpf) => {
+                return text(StatusCode::CONFLICT, &format!("{e}\n"));
+            }
+            Err(
+                e @ crate::capture::Error::RunStats(crate::ebpf::run_stats::Error::Enable {
+                    ..
+                }),
+            ) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("{:#}\n", anyhow::Error::new(e)),
+                );
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        },
+        BpfStatsRequest::Off => {
+            if shared.capture.disable_run_stats() {
+                tracing::info!("BPF program statistics off");
+            }
+        }
+    }
+    json(StatusCode::OK, &shared.capture.run_stats())
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -863,4 +1037,39 @@ fn response(status: StatusCode, ty: &str, body: Vec<u8>) -> Response<Full<Bytes>
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{BpfStatsRequest as R, parse_bpf_stats};
+
+    #[test]
+    fn bpf_stats_requests_parse_and_bad_ones_say_why() {
+        use crate::ebpf::run_stats::DEFAULT_DURATION;
+        let table: [(&str, Result<R, &str>); 8] = [
+            ("enabled=true", Ok(R::On(DEFAULT_DURATION))),
+            (
+                "enabled=true&duration=30s",
+                Ok(R::On(Duration::from_secs(30))),
+            ),
+            (
+                "duration=2m&enabled=true",
+                Ok(R::On(Duration::from_secs(120))),
+            ),
+            ("enabled=false", Ok(R::Off)),
+            ("", Err("expected ?enabled=true")),
+            ("enabled=yes", Err("unknown parameter \"enabled=yes\"")),
+            ("enabled=true&duration=soon", Err("bad duration \"soon\"")),
+            ("enabled=false&duration=1m", Err("enabled=true only")),
+        ];
+        for (query, want) in table {
+            match (parse_bpf_stats(query), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{query}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{query}: {got}"),
+                (got, want) => panic!("{query}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

@@ -142,6 +142,8 @@ pub struct Shared {
     me: std::sync::Weak<Shared>,
     /// The Istio source, when it is the source (ZDS answers depend on enrolment).
     zds: std::sync::OnceLock<Arc<IstioSource>>,
+    /// The capture programs' decision events: log levels and watchers.
+    pub diagnostics: crate::diagnostics::Hub,
 }
 
 impl Shared {
@@ -893,6 +895,8 @@ impl Shared {
             ),
         ]);
         m.set_capture(&self.capture.stats(), &maps);
+        m.set_bpf_stats(&self.capture.run_stats());
+        m.set_capture_watchers(self.diagnostics.watchers());
     }
 
     /// Ready when the workload file is loaded (it is, once this runs), every pod that
@@ -1275,6 +1279,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     }
     let shared = Arc::new_cyclic(|me| Shared {
         me: me.clone(),
+        diagnostics: crate::diagnostics::Hub::default(),
         capture,
         proxy,
         pods: Mutex::default(),
@@ -1308,6 +1313,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     if let Some(table) = shared.capture.orig_dst_table()? {
         shared.proxy.set_orig_dst_table(table);
     }
+    crate::diagnostics::spawn(shared.clone());
     // A ztunnel still serving this node hands the pods over; until it stops accepting,
     // its capture links stay next to ours.
     let (socket, pod) = (cfg.handover_socket.clone(), shared.handover.pod.clone());

@@ -35,6 +35,14 @@ pub enum Error {
     FastPathNeedsEbpf,
     #[error("the pod's capture is not of this ztunnel's kind (eBPF against iptables)")]
     Mismatch,
+    #[error(transparent)]
+    RunStats(#[from] ebpf::run_stats::Error),
+    #[error("BPF program statistics need eBPF capture; this ztunnel runs iptables capture")]
+    RunStatsNeedEbpf,
+    #[error(
+        "capture decision events come from the eBPF programs; this ztunnel runs iptables capture"
+    )]
+    EventsNeedEbpf,
 }
 
 pub enum Capture {
@@ -276,6 +284,61 @@ impl Capture {
         match self {
             Capture::Ebpf(c) => c.stats(),
             Capture::Iptables { .. } => BTreeMap::new(),
+        }
+    }
+}
+
+/// The kernel's per-program statistics (eBPF capture only; see [`ebpf::run_stats`]).
+impl Capture {
+    pub fn run_stats(&self) -> ebpf::run_stats::Status {
+        match self {
+            Capture::Ebpf(c) => c.run_stats(),
+            Capture::Iptables { .. } => ebpf::run_stats::Status::new(None, Vec::new()),
+        }
+    }
+
+    /// Turns them on for `duration`; returns when they go off.
+    pub fn enable_run_stats(
+        &self,
+        duration: std::time::Duration,
+    ) -> Result<std::time::Instant, Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(c.enable_run_stats(duration)?),
+            Capture::Iptables { .. } => Err(Error::RunStatsNeedEbpf),
+        }
+    }
+
+    /// Turns them off; whether ztunnel held them on.
+    pub fn disable_run_stats(&self) -> bool {
+        match self {
+            Capture::Ebpf(c) => c.disable_run_stats(),
+            Capture::Iptables { .. } => false,
+        }
+    }
+
+    /// Turns them off if their time has run out; whether it did.
+    pub fn expire_run_stats(&self) -> bool {
+        match self {
+            Capture::Ebpf(c) => c.expire_run_stats(),
+            Capture::Iptables { .. } => false,
+        }
+    }
+}
+
+/// The programs' decision events (eBPF capture only; see `ztunnel_common::events`).
+impl Capture {
+    /// The ring buffer's reader, once; `None` under iptables capture.
+    pub fn take_events(&self) -> Option<ebpf::events::Reader> {
+        match self {
+            Capture::Ebpf(c) => c.take_events(),
+            Capture::Iptables { .. } => None,
+        }
+    }
+
+    pub fn set_event_level(&self, source: u32, level: u32) -> Result<(), Error> {
+        match self {
+            Capture::Ebpf(c) => Ok(c.set_event_level(source, level)?),
+            Capture::Iptables { .. } => Err(Error::EventsNeedEbpf),
         }
     }
 }

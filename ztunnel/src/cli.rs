@@ -98,6 +98,190 @@ pub struct Options {
 pub fn run(cmd: &Command, opts: &Options) -> anyhow::Result<()> {
     let dump = fetch_dump(opts.admin)?;
     let text = render(cmd, &dump, opts.output)?;
+    print(&text)
+}
+
+/// `ztunnel bpf-stats [show|on [--for D]|off]`: the kernel's run count and run time per
+/// capture program, which it keeps only while statistics are on.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct BpfStatsArgs {
+    #[command(subcommand)]
+    pub action: Option<BpfStatsAction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum BpfStatsAction {
+    /// Show each program's runs and run time (the default).
+    Show,
+    /// Turn statistics on for a while (they cost every BPF program on the node two clock
+    /// reads per run); at most an hour, asking again extends.
+    On {
+        /// How long, e.g. 30s, 10m, 1h.
+        #[arg(long = "for", default_value = "10m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Turn statistics off now.
+    Off,
+}
+
+/// Runs `ztunnel bpf-stats`: switches through `POST /bpf_stats` or reads `GET /bpf_stats`,
+/// and prints the status the daemon answers with.
+pub fn run_bpf_stats(args: &BpfStatsArgs, opts: &Options) -> anyhow::Result<()> {
+    let (method, path) = match &args.action {
+        None | Some(BpfStatsAction::Show) => (hyper::Method::GET, "/bpf_stats".to_owned()),
+        Some(BpfStatsAction::On { duration }) => (
+            hyper::Method::POST,
+            format!(
+                "/bpf_stats?enabled=true&duration={}s",
+                duration.as_secs().max(1)
+            ),
+        ),
+        Some(BpfStatsAction::Off) => (hyper::Method::POST, "/bpf_stats?enabled=false".to_owned()),
+    };
+    let body = block_on_request(opts.admin, method, &path)?;
+    let status: crate::ebpf::run_stats::Status = serde_json::from_slice(&body)
+        .with_context(|| format!("failed to parse the answer to {path} from {}", opts.admin))?;
+    print(&render::bpf_stats(&status, opts.output)?)
+}
+
+/// `ztunnel capture-log [show|on [--level L] [--program P]…|off [--program P]…]`: the
+/// capture programs' decisions in ztunnel's log (`POST /logging?capture=…`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct CaptureLogArgs {
+    #[command(subcommand)]
+    pub action: Option<CaptureLogAction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum CaptureLogAction {
+    /// Show the log filter and which program groups log their decisions (the default).
+    Show,
+    /// Log the decisions of every program group, or of those named.
+    On {
+        /// `warn` (what fails closed: drops, refusals, full maps, misses), `info` (and
+        /// what is captured or steered) or `debug` (and what is left alone, and why).
+        #[arg(long, default_value = "debug", value_parser = ["warn", "info", "debug"])]
+        level: String,
+        /// connect, tc, sk_lookup, sockops, sockopt or dns; all when left out.
+        #[arg(long = "program", value_delimiter = ',')]
+        programs: Vec<String>,
+    },
+    /// Stop logging the decisions of every program group, or of those named.
+    Off {
+        #[arg(long = "program", value_delimiter = ',')]
+        programs: Vec<String>,
+    },
+}
+
+impl CaptureLogAction {
+    /// The `capture=` setting this asks for (`None`: only show).
+    fn spec(&self) -> Option<String> {
+        let spec = |programs: &[String], level: &str| {
+            if programs.is_empty() {
+                level.to_owned()
+            } else {
+                programs
+                    .iter()
+                    .map(|p| format!("{p}:{level}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        match self {
+            CaptureLogAction::Show => None,
+            CaptureLogAction::On { level, programs } => Some(spec(programs, level)),
+            CaptureLogAction::Off { programs } => Some(spec(programs, "off")),
+        }
+    }
+}
+
+/// Runs `ztunnel capture-log`.
+pub fn run_capture_log(args: &CaptureLogArgs, opts: &Options) -> anyhow::Result<()> {
+    let (method, path) = match args.action.as_ref().and_then(CaptureLogAction::spec) {
+        None => (hyper::Method::GET, "/logging".to_owned()),
+        Some(spec) => (hyper::Method::POST, format!("/logging?capture={spec}")),
+    };
+    let body = block_on_request(opts.admin, method, &path)?;
+    print(&String::from_utf8_lossy(&body))
+}
+
+/// `ztunnel capture watch [--pod NS/NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum CaptureCommand {
+    /// Print each capture decision live, one line each (`-o json`: one JSON object
+    /// each), until interrupted. While anyone watches, the programs report every
+    /// decision (each costs a ring-buffer write).
+    Watch {
+        /// Only this pod's decisions (`namespace/name`).
+        #[arg(long)]
+        pod: Option<String>,
+    },
+}
+
+/// Runs `ztunnel capture watch`: streams `GET /capture/watch` and prints each event as
+/// it comes. Connecting and the answer's head are bounded by [`FETCH_TIMEOUT`]; the
+/// stream itself runs until interrupted or the daemon ends it.
+pub fn run_capture(cmd: &CaptureCommand, opts: &Options) -> anyhow::Result<()> {
+    let CaptureCommand::Watch { pod } = cmd;
+    let path = match pod {
+        Some(p) => format!("/capture/watch?pod={p}"),
+        None => "/capture/watch".to_owned(),
+    };
+    let addr = opts.admin;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start a runtime for the admin API client")?;
+    rt.block_on(async {
+        let resp = match tokio::time::timeout(FETCH_TIMEOUT, send(addr, hyper::Method::GET, &path))
+            .await
+        {
+            Ok(r) => r?,
+            Err(_elapsed) => bail!(
+                "the ztunnel admin API at {addr} did not answer GET {path} within {}s",
+                FETCH_TIMEOUT.as_secs()
+            ),
+        };
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if status != StatusCode::OK {
+            let text = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            bail!(
+                "the admin API at {addr} answered GET {path} with {status}: {}",
+                String::from_utf8_lossy(&text).trim()
+            );
+        }
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.with_context(|| format!("the stream from {addr} broke"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line[..end]).into_owned();
+                let text = match opts.output {
+                    Output::Json => line,
+                    Output::Table => {
+                        match serde_json::from_str::<crate::diagnostics::CaptureEvent>(&line) {
+                            Ok(e) => e.to_string(),
+                            Err(_) => line,
+                        }
+                    }
+                };
+                print(&format!("{text}\n"))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         // `ztunnel connections | head` closes the pipe early: that is not a failure.
@@ -106,21 +290,27 @@ pub fn run(cmd: &Command, opts: &Options) -> anyhow::Result<()> {
     }
 }
 
-/// GETs `/config_dump` from the admin API at `addr` and parses it.
-pub fn fetch_dump(addr: SocketAddr) -> anyhow::Result<ConfigDump> {
+/// One request to the admin API at `addr` on a runtime of its own, bounded by
+/// [`FETCH_TIMEOUT`]; the body of a 200 answer.
+fn block_on_request(addr: SocketAddr, method: hyper::Method, path: &str) -> anyhow::Result<Bytes> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("failed to start a runtime for the admin API client")?;
-    let body = rt.block_on(async {
-        match tokio::time::timeout(FETCH_TIMEOUT, get(addr, CONFIG_DUMP_PATH)).await {
+    rt.block_on(async {
+        match tokio::time::timeout(FETCH_TIMEOUT, request(addr, method.clone(), path)).await {
             Ok(body) => body,
             Err(_elapsed) => Err(anyhow!(
-                "the ztunnel admin API at {addr} did not answer GET {CONFIG_DUMP_PATH} within {}s",
+                "the ztunnel admin API at {addr} did not answer {method} {path} within {}s",
                 FETCH_TIMEOUT.as_secs()
             )),
         }
-    })?;
+    })
+}
+
+/// GETs `/config_dump` from the admin API at `addr` and parses it.
+pub fn fetch_dump(addr: SocketAddr) -> anyhow::Result<ConfigDump> {
+    let body = block_on_request(addr, hyper::Method::GET, CONFIG_DUMP_PATH)?;
     parse_dump(&body).with_context(|| {
         format!(
             "failed to parse {CONFIG_DUMP_PATH} from {addr} (is this ztunnel binary the same version as the running one?)"
@@ -128,8 +318,12 @@ pub fn fetch_dump(addr: SocketAddr) -> anyhow::Result<ConfigDump> {
     })
 }
 
-/// One HTTP/1.1 GET; the body of a 200 answer, an error naming the status otherwise.
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
+/// One HTTP/1.1 request; the answer, its body still to read.
+async fn send(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
     let stream = TcpStream::connect(addr).await.with_context(|| {
         format!(
             "failed to connect to the ztunnel admin API at {addr}; check that `ztunnel run` is up \
@@ -141,25 +335,32 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
         .with_context(|| format!("failed to start HTTP/1.1 with the admin API at {addr}"))?;
     // Drives the connection while the request is in flight; dropped with the runtime.
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = Request::builder()
+        .method(method.clone())
+        .uri(path)
         .header(header::HOST, addr.to_string())
         .header(header::ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())
         .with_context(|| format!("failed to build the request for {path}"))?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .with_context(|| format!("failed to GET {path} from the admin API at {addr}"))?;
+        .with_context(|| format!("failed to {method} {path} at the admin API at {addr}"))
+}
+
+/// One HTTP/1.1 request; the body of a 200 answer, an error naming the status otherwise.
+async fn request(addr: SocketAddr, method: hyper::Method, path: &str) -> anyhow::Result<Bytes> {
+    let resp = send(addr, method.clone(), path).await?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .with_context(|| format!("failed to read the answer to GET {path} from {addr}"))?
+        .with_context(|| format!("failed to read the answer to {method} {path} from {addr}"))?
         .to_bytes();
     if status != StatusCode::OK {
         bail!(
-            "the admin API at {addr} answered GET {path} with {status}: {}",
+            "the admin API at {addr} answered {method} {path} with {status}: {}",
             String::from_utf8_lossy(&body).trim()
         );
     }

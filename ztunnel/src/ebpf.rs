@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkLookup,
         SkMsg, SockOps, TcAttachType,
@@ -36,6 +36,9 @@ use ztunnel_common::{
 };
 
 use crate::netns::{self, Netns};
+
+pub mod events;
+pub mod run_stats;
 
 /// The kernel object built by `build.rs` from `ztunnel-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel"));
@@ -216,12 +219,16 @@ struct Maps {
     tw_listeners: SockHash<MapData, ListenerKey>,
     config: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
+    /// Each program group's decision-event level (`ztunnel_common::events`).
+    event_levels: Array<MapData, u32>,
 }
 
 struct Inner {
     ebpf: Ebpf,
     maps: Maps,
     _own_links: Vec<Link>,
+    /// The decision-event ring buffer, until its reader takes it.
+    events: Option<RingBuf<MapData>>,
     /// Pinned pod links left by a previous ztunnel, by pod key, until re-enrolled or released.
     adopted: BTreeMap<String, Vec<Adopted>>,
     /// While a predecessor still serves (a handover under way), its links of pods this
@@ -237,6 +244,8 @@ pub struct Capture {
     features: Features,
     pin_dir: PathBuf,
     home: Netns,
+    /// The kernel's per-program statistics, on only while asked.
+    run_stats: run_stats::Switch,
 }
 
 /// Capture attached to one pod; [`Capture::unenrol`] takes it apart.
@@ -428,7 +437,9 @@ impl Capture {
             tw_listeners: map(&mut ebpf, time_wait::LISTENERS)?,
             config: map(&mut ebpf, config::NAME)?,
             stats: map(&mut ebpf, stats::NAME)?,
+            event_levels: map(&mut ebpf, ztunnel_common::events::LEVELS)?,
         };
+        let events = map(&mut ebpf, ztunnel_common::events::RING)?;
         maps.config
             .set(config::FAST_PATH, u32::from(opts.fast_path), 0)
             .map_err(|source| Error::Map {
@@ -479,12 +490,14 @@ impl Capture {
                 ebpf,
                 maps,
                 _own_links: own_links,
+                events: Some(events),
                 adopted,
                 superseded: None,
             }),
             features,
             pin_dir: opts.pin_dir.clone(),
             home: Netns::current()?,
+            run_stats: run_stats::Switch::default(),
         })
     }
 
@@ -1121,6 +1134,64 @@ impl Capture {
                 (*name, total)
             })
             .collect()
+    }
+}
+
+impl Capture {
+    /// The kernel's statistics for this ztunnel's programs (see [`run_stats`]).
+    pub fn run_stats(&self) -> run_stats::Status {
+        let held_until = self.run_stats.held_until();
+        let inner = self.lock();
+        let programs = program::ALL
+            .iter()
+            .filter_map(|name| {
+                let info = inner.ebpf.program(name)?.info().ok()?;
+                Some(run_stats::ProgramRuns::new(
+                    name,
+                    info.id(),
+                    info.run_count(),
+                    info.run_time(),
+                ))
+            })
+            .collect();
+        run_stats::Status::new(held_until, programs)
+    }
+
+    /// Turns the kernel's statistics on for `duration`; see [`run_stats::Switch::enable`].
+    pub fn enable_run_stats(
+        &self,
+        duration: std::time::Duration,
+    ) -> Result<std::time::Instant, run_stats::Error> {
+        self.run_stats.enable(duration)
+    }
+
+    /// Turns them off; whether ztunnel held them on.
+    pub fn disable_run_stats(&self) -> bool {
+        self.run_stats.disable()
+    }
+
+    /// Turns them off if their time has run out; whether it did.
+    pub fn expire_run_stats(&self) -> bool {
+        self.run_stats.expire()
+    }
+
+    /// The decision-event ring buffer, for its one reader ([`events::Reader`]); `None`
+    /// once taken.
+    pub fn take_events(&self) -> Option<events::Reader> {
+        self.lock().events.take().map(events::Reader::new)
+    }
+
+    /// Sets the level at which the programs of `source` report decisions
+    /// (`ztunnel_common::events::level`); the next decision sees it.
+    pub fn set_event_level(&self, source: u32, level: u32) -> Result<(), Error> {
+        self.lock()
+            .maps
+            .event_levels
+            .set(source, level, 0)
+            .map_err(|source| Error::Map {
+                name: ztunnel_common::events::LEVELS,
+                source,
+            })
     }
 }
 

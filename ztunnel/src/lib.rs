@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod diagnostics;
 pub mod dns;
 pub mod drain;
 pub mod ebpf;

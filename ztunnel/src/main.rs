@@ -23,6 +23,13 @@ enum Command {
     Run(Box<Config>),
     #[command(flatten)]
     Inspect(cli::Command),
+    /// Show or switch the kernel's per-program BPF statistics (runs, run time).
+    BpfStats(cli::BpfStatsArgs),
+    /// Show or switch the capture programs' decisions in the log.
+    CaptureLog(cli::CaptureLogArgs),
+    /// Watch the capture programs' decisions live.
+    #[command(subcommand)]
+    Capture(cli::CaptureCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +46,8 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(app::run(*cfg, log))
         }
         Command::Inspect(c) => cli::run(&c, &cli.inspect),
+        Command::BpfStats(a) => cli::run_bpf_stats(&a, &cli.inspect),
+        Command::CaptureLog(a) => cli::run_capture_log(&a, &cli.inspect),
+        Command::Capture(c) => cli::run_capture(&c, &cli.inspect),
     }
 }

@@ -988,6 +988,29 @@ impl Metrics {
         snap.map_entries.clone_from(map_entries);
     }
 
+    /// Replaces the kernel's per-program statistics with a new reading
+    /// (`ztunnel_bpf_program_runs_total{program}`, `ztunnel_bpf_program_run_seconds_total{program}`,
+    /// `ztunnel_bpf_stats_enabled`).
+    pub fn set_bpf_stats(&self, status: &crate::ebpf::run_stats::Status) {
+        let mut snap = self
+            .capture
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        snap.bpf_stats_enabled = status.enabled;
+        snap.bpf_programs.clone_from(&status.programs);
+    }
+
+    /// Sets the number of `capture watch` streams open (`ztunnel_capture_watchers`; at
+    /// most [`crate::diagnostics::MAX_WATCHERS`]).
+    pub fn set_capture_watchers(&self, n: usize) {
+        self.capture
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .watchers = n as i64;
+    }
+
     /// The whole exposition, OpenMetrics text ending in `# EOF`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -1029,6 +1052,9 @@ struct CaptureCollector {
 struct CaptureSnapshot {
     events: BTreeMap<&'static str, u64>,
     map_entries: BTreeMap<&'static str, u64>,
+    bpf_stats_enabled: bool,
+    bpf_programs: Vec<crate::ebpf::run_stats::ProgramRuns>,
+    watchers: i64,
 }
 
 impl Collector for CaptureCollector {
@@ -1046,15 +1072,53 @@ impl Collector for CaptureCollector {
                 ConstCounter::new(*total).encode(family.encode_family(&labels)?)?;
             }
         }
-        let mut family = encoder.encode_descriptor(
-            "ztunnel_map_entries",
-            "Entries currently in each eBPF map, by map.",
+        {
+            let mut family = encoder.encode_descriptor(
+                "ztunnel_map_entries",
+                "Entries currently in each eBPF map, by map.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, entries) in &snap.map_entries {
+                let labels = [("map", escape(map))];
+                ConstGauge::new(*entries).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        ConstGauge::new(snap.watchers).encode(encoder.encode_descriptor(
+            "ztunnel_capture_watchers",
+            "Open `capture watch` streams (at most 8); while any is open the capture programs report every decision.",
             None,
             MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(snap.bpf_stats_enabled)).encode(encoder.encode_descriptor(
+            "ztunnel_bpf_stats_enabled",
+            "1 while the kernel keeps BPF program statistics (asked through /bpf_stats, or kernel.bpf_stats_enabled set); the run counters grow only then.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "ztunnel_bpf_program_runs",
+                "Runs of each capture program counted by the kernel while BPF statistics were on, by program.",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &snap.bpf_programs {
+                let labels = [("program", escape(&p.program))];
+                ConstCounter::new(p.runs).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "ztunnel_bpf_program_run_seconds",
+            "Time spent in each capture program counted by the kernel while BPF statistics were on, by program.",
+            None,
+            MetricType::Counter,
         )?;
-        for (map, entries) in &snap.map_entries {
-            let labels = [("map", escape(map))];
-            ConstGauge::new(*entries).encode(family.encode_family(&labels)?)?;
+        for p in &snap.bpf_programs {
+            let labels = [("program", escape(&p.program))];
+            // Exact up to 2^53 ns, over 100 days of run time.
+            let secs = p.run_time_ns as f64 / 1e9;
+            ConstCounter::new(secs).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

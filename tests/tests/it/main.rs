@@ -5,6 +5,7 @@ mod adversarial;
 mod bench;
 mod ca;
 mod demo;
+mod diagnostics;
 mod dns;
 mod drain;
 mod enrolment;

@@ -436,6 +436,33 @@ fn mtls_mode(mode: MtlsMode) -> &'static str {
     }
 }
 
+/// `ztunnel bpf-stats`: whether the kernel counts, then each program's runs, run time and
+/// cost per run.
+pub fn bpf_stats(
+    status: &crate::ebpf::run_stats::Status,
+    output: Output,
+) -> anyhow::Result<String> {
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(status)? + "\n");
+    }
+    let state = match (&status.enabled_until, status.sysctl) {
+        (Some(until), _) => format!("on until {until}"),
+        (None, Some(true)) => "on (kernel.bpf_stats_enabled=1)".to_owned(),
+        (None, _) => "off (ztunnel bpf-stats on [--for 10m])".to_owned(),
+    };
+    let rows = status.programs.iter().map(|p| {
+        vec![
+            p.program.clone(),
+            p.id.to_string(),
+            p.runs.to_string(),
+            format!("{:.6}", p.run_time_ns as f64 / 1e9),
+            p.ns_per_run.to_string(),
+        ]
+    });
+    Ok(format!("BPF statistics: {state}\n")
+        + &grid(&["PROGRAM", "ID", "RUNS", "RUN SECONDS", "NS/RUN"], rows))
+}
+
 /// A borderless table: a header line (unless `header` is empty), then one line per row,
 /// columns left-aligned and [`COLUMN_GAP`] apart, no trailing spaces.
 fn grid(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
@@ -574,6 +601,33 @@ mod tests {
         let written: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
         let reencoded = serde_json::to_value(&dump).expect("dump encodes");
         assert_eq!(reencoded, written);
+    }
+
+    #[test]
+    fn bpf_stats_table_says_until_when_and_shows_each_program() {
+        let (_, dump) = fixture();
+        let table = bpf_stats(&dump.capture.bpf_stats, Output::Table).expect("renders");
+        assert_eq!(
+            table,
+            "BPF statistics: on until 2025-06-01T09:10:00Z\n\
+             PROGRAM              ID    RUNS   RUN SECONDS   NS/RUN\n\
+             connect4_capture     812   41     0.000062      1500\n\
+             tc_ingress_capture   820   0      0.000000      0\n"
+        );
+        let mut off = dump.capture.bpf_stats.clone();
+        off.enabled_until = None;
+        off.enabled = false;
+        let table = bpf_stats(&off, Output::Table).expect("renders");
+        assert!(
+            table.starts_with("BPF statistics: off (ztunnel bpf-stats on [--for 10m])\n"),
+            "{table}"
+        );
+        off.sysctl = Some(true);
+        let table = bpf_stats(&off, Output::Table).expect("renders");
+        assert!(
+            table.starts_with("BPF statistics: on (kernel.bpf_stats_enabled=1)\n"),
+            "{table}"
+        );
     }
 
     #[test]
