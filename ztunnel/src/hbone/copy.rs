@@ -73,12 +73,6 @@ where
     // Both directions poll the one socket from this task, each under the (never
     // contended) lock for the length of a poll: no split halves hiding its readiness.
     let socket = Mutex::new(socket);
-    let with =
-        |cx: &mut Context<'_>,
-         f: &mut dyn FnMut(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<usize>>| {
-            let mut s = socket.lock().unwrap_or_else(|p| p.into_inner());
-            f(Pin::new(&mut *s), cx)
-        };
     let (recv, send) = tunnel.split_mut();
 
     let tunnel_to_socket = async {
@@ -87,17 +81,18 @@ where
             total += chunk.len() as u64;
             let mut written = 0;
             while written < chunk.len() {
-                let n = poll_fn(|cx| with(cx, &mut |s, cx| s.poll_write(cx, &chunk[written..])))
-                    .await?;
+                let n =
+                    poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_write(cx, &chunk[written..])))
+                        .await?;
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
                 written += n;
             }
             // A no-op for TCP; pushes out records when the socket is TLS.
-            poll_fn(|cx| with(cx, &mut |s, cx| s.poll_flush(cx).map_ok(|()| 0))).await?;
+            poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_flush(cx))).await?;
         }
-        poll_fn(|cx| with(cx, &mut |s, cx| s.poll_shutdown(cx).map_ok(|()| 0))).await?;
+        poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_shutdown(cx))).await?;
         Ok::<_, io::Error>(total)
     };
 
@@ -119,7 +114,7 @@ where
             }
             let spare = buf.prepare();
             let read = poll_fn(|cx| {
-                with(cx, &mut |s, cx| {
+                locked(&socket, cx, |s, cx| {
                     tokio_util::io::poll_read_buf(s, cx, &mut buf.bytes)
                 })
             });
@@ -144,6 +139,16 @@ where
         tunnel_to_socket,
         socket_to_tunnel,
     })
+}
+
+/// Polls the socket under its lock (see [`copy_bidirectional`]).
+fn locked<S: Unpin, T>(
+    socket: &Mutex<S>,
+    cx: &mut Context<'_>,
+    f: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<T>,
+) -> Poll<T> {
+    let mut s = socket.lock().unwrap_or_else(|p| p.into_inner());
+    f(Pin::new(&mut *s), cx)
 }
 
 /// Waits for the peer to reset the tunnel: `Ok` for a plain cancel, the error otherwise.
