@@ -96,6 +96,10 @@ impl Scenario {
             kernel cost (netfilter NAT and conntrack) shows only in the CPU figures";
         const NOT_OURS: &str = "not measured: the kernel's statistics are read through our \
             admin port (`/bpf_stats`)";
+        const NO_MESH_DNS: &str = "not measured: without a mesh nobody answers service names \
+            in the pod (the forwarded figure is the pod asking the upstream itself)";
+        const ISTIO_DNS_OFF: &str = "not measured: Istio's DNS proxy is opt-in \
+            (ISTIO_META_DNS_CAPTURE) and off in this setup";
         match self {
             Scenario::S3 => &[
                 ("tput_1_gbps", BULK),
@@ -110,6 +114,14 @@ impl Scenario {
             Scenario::I => &[
                 ("ebpf_ns_per_conn", NOT_OURS),
                 ("ebpf_tc_ns_per_packet", NOT_OURS),
+                ("dns_local_per_sec", ISTIO_DNS_OFF),
+                ("dns_local_p50_us", ISTIO_DNS_OFF),
+                ("dns_fwd_per_sec", ISTIO_DNS_OFF),
+                ("dns_fwd_p50_us", ISTIO_DNS_OFF),
+            ],
+            Scenario::S0 => &[
+                ("dns_local_per_sec", NO_MESH_DNS),
+                ("dns_local_p50_us", NO_MESH_DNS),
             ],
             _ => &[],
         }
@@ -232,6 +244,34 @@ pub const FIGURES: &[Figure] = &[
         true,
     ),
     fig("rss_peak_mib", "ztunnel RSS, peak", "MiB", false, true),
+    fig(
+        "dns_local_per_sec",
+        "DNS queries answered by the proxy (service name)",
+        "queries/s",
+        true,
+        false,
+    ),
+    fig(
+        "dns_local_p50_us",
+        "DNS query answered by the proxy, p50",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "dns_fwd_per_sec",
+        "DNS queries forwarded upstream (S0: asked directly)",
+        "queries/s",
+        true,
+        false,
+    ),
+    fig(
+        "dns_fwd_p50_us",
+        "DNS query forwarded upstream, p50",
+        "µs",
+        false,
+        false,
+    ),
     fig(
         "ebpf_ns_per_conn",
         "capture programs' kernel time per connection (both nodes)",
@@ -574,6 +614,25 @@ fn run_scenario(
     for p in [&client, &server] {
         tune_pod(p)?;
     }
+    // The cluster's DNS server, outside the mesh: a fake one that knows one external
+    // name; ztunnel forwards to it, and answers the service `web` itself.
+    let dns = topo.add_pod_on(1, "dns", false, false)?;
+    let mut upstream = topo.spawn(&dns, &["dns-upstream", &format!("{}:53", dns.ip4)])?;
+    let line = upstream.read_line()?;
+    if !line.starts_with("ready") {
+        bail!("the DNS upstream did not start: {line:?}");
+    }
+    let resolv = topo.dir.path().join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {}\n", dns.ip4))
+        .with_context(|| format!("failed to write {}", resolv.display()))?;
+    topo.ztunnel_env.push((
+        "ZTUNNEL_DNS_RESOLV_CONF".to_owned(),
+        resolv.display().to_string(),
+    ));
+    let web_vip = format!("10.{subnet}.250.10");
+    topo.services_yaml = format!(
+        "services:\n  - name: web\n    namespace: default\n    addresses: [{web_vip}]\n    ports: [{{port: {ECHO_PORT}}}]\n    selector: {{ app: server }}\n"
+    );
     let mut ztunnels = Vec::new();
     let mut istio = Vec::new();
     if s.ours() {
@@ -714,6 +773,48 @@ fn run_scenario(
             );
         }
     }
+
+    // DNS from the client pod to the cluster's server: captured and answered by the proxy
+    // (a service name) or forwarded (an external name); without a mesh, asked directly.
+    if s != Scenario::I {
+        let asked = format!("{}:53", dns.ip4);
+        let phases: &[(&str, &str, &str, &'static str, &'static str)] = &[
+            (
+                "local",
+                "web.default.svc.cluster.local",
+                &web_vip,
+                "dns_local_per_sec",
+                "dns_local_p50_us",
+            ),
+            (
+                "forwarded",
+                "external.example.org",
+                "198.51.100.7",
+                "dns_fwd_per_sec",
+                "dns_fwd_p50_us",
+            ),
+        ];
+        for &(what, name, expect, rate_key, p50_key) in phases {
+            if what == "local" && !s.ours() {
+                continue;
+            }
+            let v = json_line(
+                &topo
+                    .spawn(
+                        &client,
+                        &["dns-rr", &asked, name, "--expect", expect, "--secs", &secs_s],
+                    )?
+                    .wait_ok()?,
+            )?;
+            let wrong = num(&v, "wrong")?;
+            if wrong > 0.0 {
+                bail!("{wrong} DNS answers for {name} ({what}) were missing or wrong: {v}");
+            }
+            f.insert(rate_key, num(&v, "per_sec")?);
+            f.insert(p50_key, num(&v, "p50_us")?);
+        }
+    }
+    drop(upstream);
 
     if s.capture() == Some("ebpf") {
         ebpf_cost(

@@ -144,7 +144,7 @@ fn with_resolv(t: &mut Topology, pod: &Pod, resolv: &Path, cmd: &[&str]) -> anyh
 
 /// `podapp dns-query` in `pod`: `(answer's source, rcode, A records)`. `how`: `""`
 /// (unconnected UDP), `"--connect"` (connected UDP) or `"--tcp"`.
-fn query(
+pub fn query(
     t: &mut Topology,
     pod: &Pod,
     server: SocketAddr,

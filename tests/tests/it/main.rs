@@ -6,7 +6,7 @@ mod bench;
 mod ca;
 mod demo;
 mod diagnostics;
-mod dns;
+pub mod dns;
 mod drain;
 mod enrolment;
 mod inbound;

@@ -255,6 +255,68 @@ fn a_call_to_a_waypoint_fronted_service_reaches_the_waypoint_as_a_connect_for_th
     Ok(())
 }
 
+/// Issue 18's last part: a hostname-only service (ServiceEntry-like, no address) that
+/// names a waypoint. An enrolled pod resolves the name through the captured DNS to the
+/// service's auto-allocated VIP, and its call to that VIP goes to the waypoint with the
+/// VIP:port as `:authority`, as Istio's ztunnel sends it (a hostname authority only goes
+/// through east-west gateways); nothing goes to the endpoint directly.
+#[test]
+fn a_hostname_only_service_behind_a_waypoint_is_resolved_and_tunnelled_to_it() -> anyhow::Result<()>
+{
+    let mut m = mesh()?;
+    let ca = ca(&m.t)?;
+    let waypoint = fake_waypoint(
+        &m.wp,
+        ca.issue(&Identity::new("cluster.local", "default", "wp"))?,
+    )?;
+    let _srv = m.t.serve(&m.b, m.b.addr(8080))?;
+    let wp_vip = format!("10.{}.250.15", m.t.subnet());
+    let yaml = format!(
+        "{}services:\n  - name: db\n    namespace: default\n    hostname: db.example.internal\n    addresses: []\n    ports: [{{port: 80, targetPort: 8080}}]\n    selector: {{ app: b }}\n    waypoint: {BY_HOSTNAME}\n  - name: waypoint\n    namespace: default\n    addresses: [{wp_vip}]\n    ports: [{{port: 15008}}]\n    selector: {{ app: wp }}\n",
+        m.t.workloads_yaml(),
+    );
+    m.t.write_workloads_text(&yaml)?;
+    let file = m.t.workloads_path();
+    let z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+
+    let d = z1.dump()?;
+    let db = d
+        .services
+        .iter()
+        .find(|s| s.hostname == "db.example.internal")
+        .context("the hostname service")?;
+    let [vip] = db.vips.as_slice() else {
+        anyhow::bail!("one auto-allocated VIP: {db:?}");
+    };
+    let vip = vip.rsplit('/').next().unwrap_or(vip).to_owned();
+    // Any server the pod asks: the capture answers from the mesh.
+    let asked: SocketAddr = "192.0.2.53:53".parse()?;
+    let (_, rcode, answer) = crate::dns::query(&mut m.t, &m.a, asked, "db.example.internal", "")?;
+    assert_eq!(
+        (rcode.as_str(), answer.as_str()),
+        ("No Error", vip.as_str())
+    );
+
+    let dst: SocketAddr = format!("{vip}:80").parse()?;
+    let out = m.t.call(&m.a, dst, &["--bytes", "3000"])?;
+    assert!(out.contains("match=true"), "{out}");
+    assert_eq!(
+        waypoint.wait_seen(1)?,
+        [(
+            dst.to_string(),
+            "spiffe://cluster.local/ns/default/sa/a".to_owned()
+        )],
+        "the waypoint gets a CONNECT for the auto-allocated VIP:port"
+    );
+    assert_eq!(
+        z2.dump()?.connections.opened_total,
+        0,
+        "b was reached directly"
+    );
+    Ok(())
+}
+
 #[test]
 fn with_the_waypoint_down_calls_fail_and_nothing_goes_to_the_endpoint() -> anyhow::Result<()> {
     let mut m = mesh()?;
