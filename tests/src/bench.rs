@@ -327,6 +327,15 @@ impl Options {
         if self.quick { 1.0 } else { 5.0 }
     }
 
+    /// How long the idle connections stay idle before their memory is read.
+    fn idle_settle(&self) -> Duration {
+        if self.quick {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(11)
+        }
+    }
+
     fn idle_conns(&self) -> usize {
         if self.quick { 100 } else { 1000 }
     }
@@ -680,8 +689,11 @@ fn run_scenario(
     if line != format!("open={count}") {
         bail!("idle connections did not open: {line:?}");
     }
-    // The tunnels are all up once every connection echoed; give the allocator a moment.
-    std::thread::sleep(Duration::from_millis(300));
+    // The tunnels are all up once every connection echoed. Idle means idle for a while:
+    // what their opening used and freed goes back (ztunnel trims glibc's heap every 10 s,
+    // Istio's jemalloc decays dirty pages over 10 s), so a full run reads the memory 11 s
+    // later, a quick one at once.
+    std::thread::sleep(opts.idle_settle());
     let with_conns = max_rss(&proxies)?;
     drop(holder);
     let iperf = Path::new("iperf3");
@@ -802,7 +814,9 @@ fn run_scenario(
                 &topo
                     .spawn(
                         &client,
-                        &["dns-rr", &asked, name, "--expect", expect, "--secs", &secs_s],
+                        &[
+                            "dns-rr", &asked, name, "--expect", expect, "--secs", &secs_s,
+                        ],
                     )?
                     .wait_ok()?,
             )?;

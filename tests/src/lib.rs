@@ -21,6 +21,7 @@ pub mod bench;
 pub mod demo;
 pub mod fake_cni;
 pub mod fake_istiod;
+pub mod in_pod;
 pub mod istio;
 pub mod istioctl;
 pub mod upgrade;

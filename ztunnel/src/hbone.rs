@@ -22,7 +22,7 @@ mod test_wire;
 
 use std::time::Duration;
 
-pub use copy::{ReadReady, Transferred, copy_bidirectional};
+pub use copy::{Transferred, copy_bidirectional};
 pub use pool::{Pool, PoolSettings, PoolStats};
 pub use request::{Baggage, ConnectRequest, Rejection, Target, TargetAddr, parse_connect};
 pub use server::{Accepted, ServerSettings, serve};

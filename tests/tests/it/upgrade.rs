@@ -423,6 +423,20 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
     Ok(())
 }
 
+/// The workload file `yaml` with pod a placed on another node (node9): a view of node1
+/// that lacks a.
+fn a_elsewhere(yaml: &str) -> anyhow::Result<String> {
+    let here = "  - name: a\n    namespace: default\n    node: node1\n";
+    anyhow::ensure!(
+        yaml.contains(here),
+        "a is not in the file as expected:\n{yaml}"
+    );
+    Ok(yaml.replace(
+        here,
+        "  - name: a\n    namespace: default\n    node: node9\n",
+    ))
+}
+
 /// A successor whose view lacks a pod the old ztunnel serves (here its file places a on
 /// another node; in life a wrong node name or a partial snapshot) takes over what it
 /// knows and never releases the rest: once the old ztunnel has gone, a's connects are
@@ -439,20 +453,8 @@ fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Re
         _servers,
     } = overlap()?;
     assert!(call_ok(&mut t, &a, b.addr(8080)));
-    let here = "  - name: a\n    namespace: default\n    node: node1\n";
-    let yaml = t.workloads_yaml();
-    anyhow::ensure!(
-        yaml.contains(here),
-        "a is not in the file as expected:\n{yaml}"
-    );
     let partial = t.dir.path().join("partial.yaml");
-    std::fs::write(
-        &partial,
-        yaml.replace(
-            here,
-            "  - name: a\n    namespace: default\n    node: node9\n",
-        ),
-    )?;
+    std::fs::write(&partial, a_elsewhere(&t.workloads_yaml())?)?;
     let new = t.spawn_ztunnel("node1", false, &partial)?;
     // While its view lacks a, the successor leaves the old ztunnel accepting for it (for
     // `COVER_WAIT`, 30 s), then takes over anyway.
@@ -537,20 +539,9 @@ fn a_successor_whose_view_lags_takes_over_only_once_it_serves_every_pod() -> any
     let stop = t.dir.path().join("stop");
     let ab = rate(&mut t, &a, b.addr(8080), &stop)?;
     let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
-    let here = "  - name: a\n    namespace: default\n    node: node1\n";
     let full = t.workloads_yaml();
-    anyhow::ensure!(
-        full.contains(here),
-        "a is not in the file as expected:\n{full}"
-    );
     let lagging = t.dir.path().join("lagging.yaml");
-    std::fs::write(
-        &lagging,
-        full.replace(
-            here,
-            "  - name: a\n    namespace: default\n    node: node9\n",
-        ),
-    )?;
+    std::fs::write(&lagging, a_elsewhere(&full)?)?;
     let new = t.spawn_ztunnel("node1", false, &lagging)?;
     new.wait_enrolled(&[&b])?;
     // Every pod of its view is enrolled; it keeps waiting (tried again every 2 s).
@@ -618,13 +609,8 @@ fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors(
     let before = pinned()?;
     assert!(before > 0, "no pin for a in {}", pins.display());
 
-    let here = "  - name: a\n    namespace: default\n    node: node1\n";
     let yaml = t.workloads_yaml();
-    anyhow::ensure!(yaml.contains(here), "a is not in the file:\n{yaml}");
-    t.write_workloads_text(&yaml.replace(
-        here,
-        "  - name: a\n    namespace: default\n    node: node9\n",
-    ))?;
+    t.write_workloads_text(&a_elsewhere(&yaml)?)?;
     // Once the removal is due (after the settle period, 3 s) the old ztunnel acts on it.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !["left to the successor", "pod unenrolled"]
@@ -711,17 +697,8 @@ fn a_refused_ztunnel_releases_nothing_and_leaves_the_handover_socket_alone() -> 
     let ca = rate(&mut t, &c, a.addr(9000), &stop)?;
 
     // ztunnel-1's container again, with an older view that lacks a.
-    let here = "  - name: a\n    namespace: default\n    node: node1\n";
-    let yaml = t.workloads_yaml();
-    anyhow::ensure!(yaml.contains(here), "a is not in the file:\n{yaml}");
     let older = t.dir.path().join("older.yaml");
-    std::fs::write(
-        &older,
-        yaml.replace(
-            here,
-            "  - name: a\n    namespace: default\n    node: node9\n",
-        ),
-    )?;
+    std::fs::write(&older, a_elsewhere(&t.workloads_yaml())?)?;
     t.ztunnel_env.pop();
     t.ztunnel_env.push(("POD_NAME".into(), "ztunnel-1".into()));
     let restarted = t.spawn_ztunnel("node1", false, &older)?;

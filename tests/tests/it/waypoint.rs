@@ -16,27 +16,18 @@ use ztunnel::{
     netns::Netns,
     tls,
 };
-use ztunnel_tests::{Pod, Topology};
+use ztunnel_tests::{
+    Pod, Topology,
+    in_pod::{self, InPodServer},
+};
 
 /// What the fake waypoint saw: each CONNECT's `:authority` and the client's identity.
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
-/// A fake waypoint on `pod`'s :15008, served from a thread of its own until dropped.
+/// A fake waypoint on `pod`'s :15008, served until dropped.
 struct FakeWaypoint {
     seen: Seen,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for FakeWaypoint {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _server: InPodServer,
 }
 
 impl FakeWaypoint {
@@ -61,75 +52,49 @@ impl FakeWaypoint {
 }
 
 fn fake_waypoint(pod: &Pod, cert: WorkloadCertificate) -> anyhow::Result<FakeWaypoint> {
-    let ns = Netns::open(&pod.netns_path)?;
-    let listener = ns.run(&Netns::current()?, || {
-        std::net::TcpListener::bind(pod.addr(15008))
-    })??;
-    listener.set_nonblocking(true)?;
     let config = tls::server_config(&cert)?;
     let seen: Seen = Arc::default();
     let recorded = seen.clone();
-    let (stop, mut stopped) = tokio::sync::oneshot::channel();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the fake waypoint");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            loop {
-                let tcp = tokio::select! {
-                    _ = &mut stopped => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((tcp, _)) => tcp,
-                        Err(_) => continue,
-                    },
-                };
-                let (config, seen) = (config.clone(), recorded.clone());
-                // Tasks die with the runtime when the waypoint is dropped.
+    let server = in_pod::serve(pod, pod.addr(15008), move |tcp| {
+        let (config, seen) = (config.clone(), recorded.clone());
+        async move {
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
+                return;
+            };
+            let client = tls::peer_identity(tls.get_ref().1)
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            let Ok(mut conn) = h2::server::handshake(tls).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                let authority = request
+                    .uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                if let Ok(mut s) = seen.lock() {
+                    s.push((authority, client.clone()));
+                }
                 tokio::spawn(async move {
-                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
+                    let mut body = request.into_body();
+                    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
                         return;
                     };
-                    let client = tls::peer_identity(tls.get_ref().1)
-                        .map(|i| i.to_string())
-                        .unwrap_or_default();
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, mut respond))) = conn.accept().await {
-                        let authority = request
-                            .uri()
-                            .authority()
-                            .map(|a| a.to_string())
-                            .unwrap_or_default();
-                        if let Ok(mut s) = seen.lock() {
-                            s.push((authority, client.clone()));
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                        if send.send_data(data, false).is_err() {
+                            return;
                         }
-                        tokio::spawn(async move {
-                            let mut body = request.into_body();
-                            let Ok(mut send) =
-                                respond.send_response(http::Response::new(()), false)
-                            else {
-                                return;
-                            };
-                            while let Some(Ok(data)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(data.len());
-                                if send.send_data(data, false).is_err() {
-                                    return;
-                                }
-                            }
-                            let _ = send.send_data(Bytes::new(), true);
-                        });
                     }
+                    let _ = send.send_data(Bytes::new(), true);
                 });
             }
-        });
-    });
+        }
+    })?;
     Ok(FakeWaypoint {
         seen,
-        stop: Some(stop),
-        thread: Some(thread),
+        _server: server,
     })
 }
 

@@ -5,19 +5,19 @@
 //! an intermediate buffer. Socket → tunnel reads into a buffer that grows 1 KiB → 16 KiB
 //! → 256 KiB while reads keep filling it and shrinks back when traffic gets thin (Istio's
 //! buffers only grow, `HBONE.md`, "Copying"); what was read is handed to h2 without a
-//! copy. At the smallest size the buffer is given up after each read and taken again
-//! only once the socket is readable: an idle tunnel holds no read buffer at all.
+//! copy. At the smallest size reads land in a per-thread scratch buffer and leave as exact
+//! copies: an idle tunnel holds no read buffer at all.
 
 use std::{
+    cell::RefCell,
     future::poll_fn,
     io,
     pin::Pin,
-    sync::Mutex,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::stream::H2Stream;
 
@@ -30,30 +30,10 @@ pub struct Transferred {
     pub socket_to_tunnel: u64,
 }
 
-/// A socket that can say it has something to read before a buffer is handed to it.
-pub trait ReadReady {
-    /// Ready once a read would find data, EOF or an error (it may be spurious: the read
-    /// then waits as usual).
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-}
-
-impl ReadReady for tokio::net::TcpStream {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        tokio::net::TcpStream::poll_read_ready(self, cx)
-    }
-}
-
-impl<T: ReadReady> ReadReady for &mut T {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        (**self).poll_read_ready(cx)
-    }
-}
-
-/// In-memory pipes (tests) have no readiness of their own: the read is just tried.
-impl ReadReady for tokio::io::DuplexStream {
-    fn poll_read_ready(&self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
+thread_local! {
+    /// Where the smallest reads land before they leave as exact copies (see
+    /// [`ReadBuffer::poll_read`]): one per worker thread, not one per connection.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZES[0]]);
 }
 
 const BUFFER_SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
@@ -68,31 +48,20 @@ const SHRINK_AFTER: u8 = 4;
 /// resets it.
 pub async fn copy_bidirectional<S>(tunnel: &mut H2Stream, socket: S) -> io::Result<Transferred>
 where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    // Both directions poll the one socket from this task, each under the (never
-    // contended) lock for the length of a poll: no split halves hiding its readiness.
-    let socket = Mutex::new(socket);
+    let (mut socket_read, mut socket_write) = tokio::io::split(socket);
     let (recv, send) = tunnel.split_mut();
 
     let tunnel_to_socket = async {
         let mut total = 0u64;
         while let Some(chunk) = recv.chunk().await? {
             total += chunk.len() as u64;
-            let mut written = 0;
-            while written < chunk.len() {
-                let n =
-                    poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_write(cx, &chunk[written..])))
-                        .await?;
-                if n == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                written += n;
-            }
+            socket_write.write_all(&chunk).await?;
             // A no-op for TCP; pushes out records when the socket is TLS.
-            poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_flush(cx))).await?;
+            socket_write.flush().await?;
         }
-        poll_fn(|cx| locked(&socket, cx, |s, cx| s.poll_shutdown(cx))).await?;
+        socket_write.shutdown().await?;
         Ok::<_, io::Error>(total)
     };
 
@@ -100,33 +69,17 @@ where
         let mut total = 0u64;
         let mut buf = ReadBuffer::default();
         loop {
-            if buf.bytes.capacity() == 0 {
-                let ready = poll_fn(|cx| {
-                    let s = socket.lock().unwrap_or_else(|p| p.into_inner());
-                    s.poll_read_ready(cx)
-                });
-                // The peer resetting the tunnel must end this direction even while the
-                // socket has nothing to say.
-                tokio::select! {
-                    ready = ready => ready?,
-                    reset = peer_reset(send) => return reset.map(|()| total),
-                }
-            }
-            let spare = buf.prepare();
-            let read = poll_fn(|cx| {
-                locked(&socket, cx, |s, cx| {
-                    tokio_util::io::poll_read_buf(s, cx, &mut buf.bytes)
-                })
-            });
-            let n = tokio::select! {
+            let read = poll_fn(|cx| buf.poll_read(Pin::new(&mut socket_read), cx));
+            // The peer resetting the tunnel must end this direction even while the
+            // socket has nothing to say.
+            let chunk = tokio::select! {
                 read = read => read?,
                 reset = peer_reset(send) => return reset.map(|()| total),
             };
-            if n == 0 {
+            if chunk.is_empty() {
                 break;
             }
-            total += n as u64;
-            let chunk = buf.take(n, spare);
+            total += chunk.len() as u64;
             send.send_bytes(chunk).await?;
         }
         send.end().await?;
@@ -139,16 +92,6 @@ where
         tunnel_to_socket,
         socket_to_tunnel,
     })
-}
-
-/// Polls the socket under its lock (see [`copy_bidirectional`]).
-fn locked<S: Unpin, T>(
-    socket: &Mutex<S>,
-    cx: &mut Context<'_>,
-    f: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<T>,
-) -> Poll<T> {
-    let mut s = socket.lock().unwrap_or_else(|p| p.into_inner());
-    f(Pin::new(&mut *s), cx)
 }
 
 /// Waits for the peer to reset the tunnel: `Ok` for a plain cancel, the error otherwise.
@@ -179,9 +122,43 @@ impl ReadBuffer {
         self.bytes.capacity() - self.bytes.len()
     }
 
+    /// Reads what the socket has: at the smallest size into this thread's scratch buffer,
+    /// leaving as an exact copy (so an idle tunnel holds no buffer, and a small read
+    /// leaves no 1 KiB allocation behind in the heap), larger into the growing buffer,
+    /// handed over without a copy. An empty chunk is EOF.
+    fn poll_read<S: AsyncRead>(
+        &mut self,
+        socket: Pin<&mut S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Bytes>> {
+        if self.level == 0 {
+            return SCRATCH.with_borrow_mut(|scratch| {
+                let mut read = ReadBuf::new(scratch);
+                ready!(socket.poll_read(cx, &mut read))?;
+                let chunk = Bytes::copy_from_slice(read.filled());
+                self.adjust(chunk.len(), BUFFER_SIZES[0]);
+                Poll::Ready(Ok(chunk))
+            });
+        }
+        let room = self.prepare();
+        let n = ready!(tokio_util::io::poll_read_buf(socket, cx, &mut self.bytes))?;
+        Poll::Ready(Ok(self.take(n, room)))
+    }
+
     /// Takes the `n` bytes just read out of a buffer that had `room` free, and adjusts
     /// the size of the next read.
-    fn take(&mut self, n: usize, room: usize) -> bytes::Bytes {
+    fn take(&mut self, n: usize, room: usize) -> Bytes {
+        let shrunk = self.adjust(n, room);
+        let chunk = self.bytes.split().freeze();
+        if shrunk || self.level == 0 {
+            // Drop the large allocation's tail (the smallest reads use the scratch).
+            self.bytes = BytesMut::new();
+        }
+        chunk
+    }
+
+    /// Sizes the next read after one of `n` bytes into `room`; whether it shrank.
+    fn adjust(&mut self, n: usize, room: usize) -> bool {
         let size = BUFFER_SIZES[self.level];
         if n >= room && self.level + 1 < BUFFER_SIZES.len() {
             // The socket had at least as much as we could take: bigger reads mean fewer
@@ -193,20 +170,12 @@ impl ReadBuffer {
             if self.thin_reads >= SHRINK_AFTER {
                 self.level -= 1;
                 self.thin_reads = 0;
-                let chunk = self.bytes.split().freeze();
-                // Drop the large allocation's tail so an idle tunnel keeps little memory.
-                self.bytes = BytesMut::new();
-                return chunk;
+                return true;
             }
         } else {
             self.thin_reads = 0;
         }
-        if self.level == 0 {
-            // Smallest size: the read is all h2 gets, and nothing stays allocated here
-            // until the socket is readable again.
-            return std::mem::take(&mut self.bytes).freeze();
-        }
-        self.bytes.split().freeze()
+        false
     }
 }
 

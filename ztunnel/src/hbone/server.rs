@@ -139,7 +139,7 @@ where
     P: Clone + Send + Sync + 'static,
     H: Fn(Target, P) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Accepted<U>, Rejection>> + Send + 'static,
-    U: AsyncRead + AsyncWrite + super::copy::ReadReady + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let local = arrived_on;
     let handshake = settings.builder().handshake::<_, Bytes>(io);
@@ -203,7 +203,7 @@ async fn handle_stream<P, H, F, U>(
 ) where
     H: Fn(Target, P) -> F,
     F: Future<Output = Result<Accepted<U>, Rejection>>,
-    U: AsyncRead + AsyncWrite + super::copy::ReadReady + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     let Some((mut tunnel, upstream, dst)) =
         Box::pin(open_stream(req, respond, arrived_on, peer, handler)).await
@@ -235,7 +235,7 @@ async fn open_stream<P, H, F, U>(
 where
     H: Fn(Target, P) -> F,
     F: Future<Output = Result<Accepted<U>, Rejection>>,
-    U: AsyncRead + AsyncWrite + super::copy::ReadReady + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     let target = match parse_connect(&req, arrived_on) {
         Ok(target) => target,

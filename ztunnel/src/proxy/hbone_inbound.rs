@@ -225,12 +225,6 @@ pub(super) struct Counted {
     from_app: u64,
 }
 
-impl crate::hbone::ReadReady for Counted {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.poll_read_ready(cx)
-    }
-}
-
 impl AsyncRead for Counted {
     fn poll_read(
         mut self: Pin<&mut Self>,

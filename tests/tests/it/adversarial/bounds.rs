@@ -19,7 +19,10 @@ use ztunnel::{
     identity::{BuiltinCa, Identity, WorkloadCertificate},
     netns::Netns,
 };
-use ztunnel_tests::{Pod, Topology, Ztunnel};
+use ztunnel_tests::{
+    Pod, Topology, Ztunnel,
+    in_pod::{self, InPodServer},
+};
 
 /// The first bytes of a TLS ClientHello (record header announcing 512 bytes, handshake
 /// header, legacy version, part of the random): a handshake that never completes.
@@ -464,75 +467,32 @@ enum PeerMode {
     NoConnectAnswer(WorkloadCertificate),
 }
 
-/// A fake HBONE peer on `pod`'s :15008, served from a thread of its own until dropped.
-struct FakePeer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for FakePeer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn fake_peer(pod: &Pod, mode: PeerMode) -> anyhow::Result<FakePeer> {
-    let ns = Netns::open(&pod.netns_path)?;
-    let listener = ns.run(&Netns::current()?, || {
-        std::net::TcpListener::bind(pod.addr(15008))
-    })??;
-    listener.set_nonblocking(true)?;
+/// A fake HBONE peer on `pod`'s :15008, served until dropped.
+fn fake_peer(pod: &Pod, mode: PeerMode) -> anyhow::Result<InPodServer> {
     let tls = match mode {
         PeerMode::Silent => None,
         PeerMode::NoConnectAnswer(cert) => Some(ztunnel::tls::server_config(&cert)?),
     };
-    let (stop, mut stopped) = tokio::sync::oneshot::channel();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the fake peer");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            loop {
-                let tcp = tokio::select! {
-                    _ = &mut stopped => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((tcp, _)) => tcp,
-                        Err(_) => continue,
-                    },
-                };
-                let tls = tls.clone();
-                // Tasks die with the runtime when the peer is dropped.
-                tokio::spawn(async move {
-                    let Some(config) = tls else {
-                        let _silent = tcp;
-                        std::future::pending::<()>().await;
-                        return;
-                    };
-                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
-                        return;
-                    };
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    // Requests are taken (and pings answered) but never responded to.
-                    let mut unanswered = Vec::new();
-                    while let Some(Ok(request)) = conn.accept().await {
-                        unanswered.push(request);
-                    }
-                });
+    in_pod::serve(pod, pod.addr(15008), move |tcp| {
+        let tls = tls.clone();
+        async move {
+            let Some(config) = tls else {
+                let _silent = tcp;
+                std::future::pending::<()>().await;
+                return;
+            };
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
+                return;
+            };
+            let Ok(mut conn) = h2::server::handshake(tls).await else {
+                return;
+            };
+            // Requests are taken (and pings answered) but never responded to.
+            let mut unanswered = Vec::new();
+            while let Some(Ok(request)) = conn.accept().await {
+                unanswered.push(request);
             }
-        });
-    });
-    Ok(FakePeer {
-        stop: Some(stop),
-        thread: Some(thread),
+        }
     })
 }
 

@@ -47,6 +47,23 @@ fn wait(what: &str, z: &Ztunnel, cond: impl Fn() -> anyhow::Result<bool>) -> any
     }
 }
 
+/// No call failed, no packet carried the marker in clear, and every a ↔ b packet on the
+/// wire was HBONE (to or from b's :15008).
+fn no_failure_nor_plaintext(failed: &[String], plaintext: usize, wire: &str, a: &Pod, b: &Pod) {
+    assert!(
+        failed.is_empty() && plaintext == 0,
+        "{} calls failed and {plaintext} packets crossed the wire in clear: {failed:#?}",
+        failed.len()
+    );
+    let hbone = format!("{}.15008", b.ip4);
+    let (ia, ib) = (format!(" {}.", a.ip4), format!(" {}.", b.ip4));
+    for l in wire.lines().filter(|l| l.contains(" IP ")) {
+        if l.contains(&ia) && l.contains(&ib) {
+            assert!(l.contains(&hbone), "a ↔ b packet outside the tunnel: {l}");
+        }
+    }
+}
+
 /// How many packets of a `tcpdump -A` text carry `needle` in their payload.
 fn packets_with(dump: &str, needle: &str) -> usize {
     let mut packets = Vec::new();
@@ -176,18 +193,7 @@ fn in_place_rewrites_of_the_workload_file_leak_no_plaintext_and_fail_no_call() -
         "failed calls: {}, packets with the payload in clear: {plaintext}",
         failed.len()
     );
-    assert!(
-        failed.is_empty() && plaintext == 0,
-        "{} calls failed and {plaintext} packets crossed the wire in clear: {failed:#?}",
-        failed.len()
-    );
-    let hbone = format!("{}.15008", b.ip4);
-    let (ia, ib) = (format!(" {}.", a.ip4), format!(" {}.", b.ip4));
-    for l in wire.lines().filter(|l| l.contains(" IP ")) {
-        if l.contains(&ia) && l.contains(&ib) {
-            assert!(l.contains(&hbone), "a ↔ b packet outside the tunnel: {l}");
-        }
-    }
+    no_failure_nor_plaintext(&failed, plaintext, &wire, &a, &b);
     let mut partial = 0;
     for z in [&z1, &z2] {
         let log = z.log_text();
@@ -350,18 +356,7 @@ pub fn changed_spec_reenrols_without_a_moment_uncaptured(
     assert!(held.contains("pings="), "{held}");
     let wire = cap.finish()?;
     let plaintext = packets_with(&wire, MARKER);
-    assert!(
-        failed.is_empty() && plaintext == 0,
-        "{} calls failed and {plaintext} packets crossed the wire in clear: {failed:#?}",
-        failed.len()
-    );
-    let hbone = format!("{}.15008", b.ip4);
-    let (ia, ib) = (format!(" {}.", a.ip4), format!(" {}.", b.ip4));
-    for l in wire.lines().filter(|l| l.contains(" IP ")) {
-        if l.contains(&ia) && l.contains(&ib) {
-            assert!(l.contains(&hbone), "a ↔ b packet outside the tunnel: {l}");
-        }
-    }
+    no_failure_nor_plaintext(&failed, plaintext, &wire, &a, &b);
     println!("{held}");
     Ok(())
 }
