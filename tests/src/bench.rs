@@ -96,8 +96,6 @@ impl Scenario {
             kernel cost (netfilter NAT and conntrack) shows only in the CPU figures";
         const NOT_OURS: &str = "not measured: the kernel's statistics are read through our \
             admin port (`/bpf_stats`)";
-        const NO_MESH_DNS: &str = "not measured: without a mesh nobody answers service names \
-            in the pod (the forwarded figure is the pod asking the upstream itself)";
         const ISTIO_DNS_OFF: &str = "not measured: Istio's DNS proxy is opt-in \
             (ISTIO_META_DNS_CAPTURE) and off in this setup";
         match self {
@@ -118,10 +116,6 @@ impl Scenario {
                 ("dns_local_p50_us", ISTIO_DNS_OFF),
                 ("dns_fwd_per_sec", ISTIO_DNS_OFF),
                 ("dns_fwd_p50_us", ISTIO_DNS_OFF),
-            ],
-            Scenario::S0 => &[
-                ("dns_local_per_sec", NO_MESH_DNS),
-                ("dns_local_p50_us", NO_MESH_DNS),
             ],
             _ => &[],
         }
@@ -249,14 +243,14 @@ pub const FIGURES: &[Figure] = &[
         "DNS queries answered by the proxy (service name)",
         "queries/s",
         true,
-        false,
+        true,
     ),
     fig(
         "dns_local_p50_us",
         "DNS query answered by the proxy, p50",
         "µs",
         false,
-        false,
+        true,
     ),
     fig(
         "dns_fwd_per_sec",

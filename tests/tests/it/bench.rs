@@ -109,8 +109,8 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
     );
     let svg = std::fs::read_to_string(dir.path().join("bench.svg"))?;
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    // Ten bars per scenario (S3 without its two throughput bars) plus the legend.
-    assert_eq!(svg.matches("<rect").count(), ran.len() * 10 - 2 + ran.len());
+    // Twelve bars per scenario (S3 without its two throughput bars) plus the legend.
+    assert_eq!(svg.matches("<rect").count(), ran.len() * 12 - 2 + ran.len());
     assert!(
         bench::leftovers_gone()?,
         "the bench left namespaces, cgroups or pins"
