@@ -145,10 +145,9 @@ impl Capture {
     }
 
     /// Replaces a pod's capture for its changed spec in the same netns, never leaving
-    /// it uncaptured: see [`ebpf::Capture::reenrol`]. iptables rules are rewritten in
-    /// place (`iptables` has no atomic swap of a chain here): if the new rules cannot be
-    /// installed, the old ones (`old_addrs`) are put back. On failure the old capture
-    /// comes back with the reason.
+    /// it uncaptured: see [`ebpf::Capture::reenrol`] and [`iptables::reinstall`] (each
+    /// family's rules rewritten in one `iptables-restore` commit; `old_addrs` are put
+    /// back if a family fails). On failure the old capture comes back with the reason.
     #[allow(clippy::too_many_arguments)]
     pub fn reenrol(
         &self,
@@ -167,25 +166,13 @@ impl Capture {
                     let (e, p) = *b;
                     Box::new((e.into(), PodCapture::Ebpf(p)))
                 }),
-            (Capture::Iptables { dns, .. }, PodCapture::Iptables(p)) => {
-                let install = |addrs: &[IpAddr]| -> Result<iptables::PodRules, Error> {
-                    Ok(iptables::install(
-                        &p.name,
-                        Netns::open(netns_path)?,
-                        addrs,
-                        *dns,
-                    )?)
-                };
-                match install(addrs) {
-                    Ok(rules) => Ok(PodCapture::Iptables(rules)),
-                    Err(e) => match install(old_addrs) {
-                        Ok(_) => Err(Box::new((e, PodCapture::Iptables(p)))),
-                        Err(again) => {
-                            tracing::error!(pod = %p.name, error = %again, "failed to put the pod's previous iptables rules back");
-                            Err(Box::new((e, PodCapture::Iptables(p))))
-                        }
-                    },
-                }
+            (Capture::Iptables { .. }, PodCapture::Iptables(p)) => {
+                iptables::reinstall(p, old_addrs, addrs)
+                    .map(PodCapture::Iptables)
+                    .map_err(|b| {
+                        let (e, p) = *b;
+                        Box::new((e.into(), PodCapture::Iptables(p)))
+                    })
             }
             (_, old) => Err(Box::new((Error::Mismatch, old))),
         }

@@ -138,30 +138,87 @@ fn rules(addrs: &[IpAddr], v6: bool, dns: bool) -> Vec<Vec<String>> {
     out
 }
 
-/// Installs the chains and hooks them into OUTPUT and PREROUTING (replacing any left
-/// by a previous ztunnel).
 /// Whether every rule and both jumps are in place already (a predecessor's, still
 /// serving or not): `iptables -C` for each.
 fn installed(pod: &PodRules, addrs: &[IpAddr]) -> bool {
-    let mut families = vec![false];
-    if pod.v6 {
-        families.push(true);
-    }
-    families.into_iter().all(|fam| {
-        pod.jumps().iter().all(|j| {
-            let mut args = vec!["-t", "nat", "-C"];
-            args.extend_from_slice(j);
-            run(&pod.netns, fam, &args).is_ok()
-        }) && rules(addrs, fam, pod.dns).iter().all(|rule| {
-            let mut args = vec!["-t", "nat", "-C"];
-            args.extend(rule.iter().map(String::as_str));
-            run(&pod.netns, fam, &args).is_ok()
-        })
+    families(pod.v6).into_iter().all(|fam| {
+        pod.jumps().iter().all(|j| present(pod, fam, j))
+            && rules(addrs, fam, pod.dns).iter().all(|rule| {
+                let mut args = vec!["-t", "nat", "-C"];
+                args.extend(rule.iter().map(String::as_str));
+                run(&pod.netns, fam, &args).is_ok()
+            })
     })
 }
 
+/// IPv4 (`false`), then IPv6 (`true`) when the pod has an IPv6 address.
+fn families(v6: bool) -> Vec<bool> {
+    if v6 { vec![false, true] } else { vec![false] }
+}
+
+/// Whether the rule `rule` (chain first, as for `-A`) is in the nat table.
+fn present(pod: &PodRules, v6: bool, rule: &[&str]) -> bool {
+    let mut args = vec!["-t", "nat", "-C"];
+    args.extend_from_slice(rule);
+    run(&pod.netns, v6, &args).is_ok()
+}
+
+/// Every jump into our chains any ztunnel may have made (the DNS one too: a
+/// predecessor's, with `--dns-capture` set otherwise).
+const ALL_JUMPS: [&[&str]; 3] = [
+    &["OUTPUT", "-p", "tcp", "-j", OUT],
+    &["PREROUTING", "-p", "tcp", "-j", PRE],
+    &["OUTPUT", "-p", "udp", "--dport", "53", "-j", OUT],
+];
+
+/// One family's rules as an `iptables-restore --noflush` script, applied as one commit:
+/// both chains declared (created, or emptied when they exist) and filled, the jumps into
+/// them added where `present` says they are missing, and jumps no longer wanted (DNS)
+/// taken out. The nat table is never seen without the pod's complete rules.
+fn restore_script(
+    pod: &PodRules,
+    addrs: &[IpAddr],
+    v6: bool,
+    present: impl Fn(&[&str]) -> bool,
+) -> String {
+    let mut out = format!("*nat\n:{OUT} - [0:0]\n:{PRE} - [0:0]\n");
+    for rule in rules(addrs, v6, pod.dns) {
+        out += &format!("-A {}\n", rule.join(" "));
+    }
+    let wanted = pod.jumps();
+    for jump in ALL_JUMPS {
+        let want = wanted.iter().any(|w| w.as_slice() == jump);
+        match (want, present(jump)) {
+            (true, false) => out += &format!("-A {}\n", jump.join(" ")),
+            (false, true) => out += &format!("-D {}\n", jump.join(" ")),
+            _ => {}
+        }
+    }
+    out += "COMMIT\n";
+    out
+}
+
+/// Replaces the family's rules by the ones for `addrs` in one commit (see
+/// [`restore_script`]); on failure nothing changed.
+fn apply(pod: &PodRules, addrs: &[IpAddr], v6: bool) -> Result<(), netns::Error> {
+    let script = restore_script(pod, addrs, v6, |j| present(pod, v6, j));
+    // `-w`: wait (bounded) for the xtables lock another iptables user may hold.
+    pod.netns
+        .exec_with_input(
+            if v6 {
+                "ip6tables-restore"
+            } else {
+                "iptables-restore"
+            },
+            &["--noflush", "-w", "5"],
+            Some(script.as_bytes()),
+        )
+        .map(drop)
+}
+
 /// Installs the pod's rules. Rules already in place (a predecessor's) are left as they
-/// are: taking them out first would let connections pass uncaptured meanwhile.
+/// are; different ones (a predecessor's for another spec or version) are replaced in
+/// one commit per family, so the pod is never uncaptured meanwhile.
 pub fn install(
     name: &str,
     netns: Netns,
@@ -179,51 +236,67 @@ pub fn install(
         tracing::info!(pod = %pod.name, "iptables capture already in place; kept");
         return Ok(pod);
     }
-    remove_rules(&pod);
-    let mut families = vec![false];
-    if v6 {
-        families.push(true);
-    }
-    for fam in families {
-        for chain in [OUT, PRE] {
-            run(&pod.netns, fam, &["-t", "nat", "-N", chain])?;
-        }
-        for rule in rules(addrs, fam, pod.dns) {
-            let mut args = vec!["-t", "nat", "-A"];
-            args.extend(rule.iter().map(String::as_str));
-            run(&pod.netns, fam, &args)?;
-        }
-        for j in pod.jumps() {
-            let mut args = vec!["-t", "nat", "-A"];
-            args.extend_from_slice(&j);
-            run(&pod.netns, fam, &args)?;
-        }
+    for fam in families(v6) {
+        apply(&pod, addrs, fam)?;
     }
     Ok(pod)
 }
 
-fn remove_rules(pod: &PodRules) {
-    let mut families = vec![false];
-    if pod.v6 {
-        families.push(true);
+/// Rewrites a re-enrolled pod's rules for its changed addresses in place, one commit
+/// per family: the pod is captured by the old rules or the new ones at every moment.
+/// On failure the old rules are in force again (a family already rewritten is put
+/// back) and come back with the reason.
+pub fn reinstall(
+    old: PodRules,
+    old_addrs: &[IpAddr],
+    addrs: &[IpAddr],
+) -> Result<PodRules, Box<(netns::Error, PodRules)>> {
+    let v6 = addrs.iter().any(IpAddr::is_ipv6);
+    let new = PodRules {
+        name: old.name.clone(),
+        netns: match old.netns.try_clone() {
+            Ok(n) => n,
+            Err(e) => return Err(Box::new((e, old))),
+        },
+        v6,
+        dns: old.dns,
+    };
+    let mut done = Vec::new();
+    for fam in families(v6) {
+        if let Err(e) = apply(&new, addrs, fam) {
+            for fam in done {
+                if let Err(again) = apply(&old, old_addrs, fam) {
+                    tracing::error!(pod = %old.name, error = %again, "failed to put the pod's previous iptables rules back");
+                }
+            }
+            return Err(Box::new((e, old)));
+        }
+        done.push(fam);
     }
-    for fam in families {
-        // Each step may find nothing to remove (a fresh pod): errors are expected here.
-        // Every jump any ztunnel may have made, the DNS one too (a predecessor's, with
-        // `--dns-capture` set otherwise).
-        for j in [
-            &["OUTPUT", "-p", "tcp", "-j", OUT][..],
-            &["PREROUTING", "-p", "tcp", "-j", PRE],
-            &["OUTPUT", "-p", "udp", "--dport", "53", "-j", OUT],
-        ] {
-            let mut args = vec!["-t", "nat", "-D"];
-            args.extend_from_slice(j);
-            let _ = run(&pod.netns, fam, &args);
-        }
-        for chain in [OUT, PRE] {
-            let _ = run(&pod.netns, fam, &["-t", "nat", "-F", chain]);
-            let _ = run(&pod.netns, fam, &["-t", "nat", "-X", chain]);
-        }
+    // An IPv6 address gone: its family's rules go (the IPv4 ones are in place).
+    if old.v6 && !v6 {
+        remove_family(&old, true);
+    }
+    Ok(new)
+}
+
+fn remove_rules(pod: &PodRules) {
+    for fam in families(pod.v6) {
+        remove_family(pod, fam);
+    }
+}
+
+/// Takes one family's jumps and chains out. Each step may find nothing to remove (a
+/// fresh pod): errors are expected here.
+fn remove_family(pod: &PodRules, v6: bool) {
+    for j in ALL_JUMPS {
+        let mut args = vec!["-t", "nat", "-D"];
+        args.extend_from_slice(j);
+        let _ = run(&pod.netns, v6, &args);
+    }
+    for chain in [OUT, PRE] {
+        let _ = run(&pod.netns, v6, &["-t", "nat", "-F", chain]);
+        let _ = run(&pod.netns, v6, &["-t", "nat", "-X", chain]);
     }
 }
 
@@ -311,5 +384,48 @@ mod tests {
             "inbound redirect must not depend on the destination address: {:?}",
             inbound[1]
         );
+    }
+
+    #[test]
+    fn a_rewrite_is_one_commit_that_refills_the_chains_and_fixes_only_the_jumps() {
+        let pod = |dns| PodRules {
+            name: "default/a".to_owned(),
+            netns: Netns::current().expect("own netns"),
+            v6: false,
+            dns,
+        };
+        let addrs: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip")];
+        // Nothing in place: both chains declared (created or emptied), every rule and
+        // both jumps appended, all before the one COMMIT.
+        let fresh = restore_script(&pod(false), &addrs, false, |_| false);
+        let lines: Vec<&str> = fresh.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "*nat",
+                ":ZTUNNEL_OUTPUT - [0:0]",
+                ":ZTUNNEL_PREROUTING - [0:0]"
+            ]
+        );
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        assert_eq!(lines.iter().filter(|l| **l == "COMMIT").count(), 1);
+        let appended = lines
+            .iter()
+            .filter(|l| l.starts_with("-A ZTUNNEL_"))
+            .count();
+        assert_eq!(appended, rules(&addrs, false, false).len());
+        assert!(lines.contains(&"-A ZTUNNEL_OUTPUT -d 10.0.0.5 -j RETURN"));
+        assert!(lines.contains(&"-A OUTPUT -p tcp -j ZTUNNEL_OUTPUT"));
+        assert!(lines.contains(&"-A PREROUTING -p tcp -j ZTUNNEL_PREROUTING"));
+        assert!(!fresh.contains("--dport 53 -j ZTUNNEL_OUTPUT"), "{fresh}");
+        // Every jump in place, the DNS one too, without --dns-capture: the jumps stay
+        // (never removed and re-added), the DNS one goes, in the same commit.
+        let rewrite = restore_script(&pod(false), &addrs, false, |_| true);
+        assert!(!rewrite.contains("-A OUTPUT ") && !rewrite.contains("-A PREROUTING "));
+        assert!(rewrite.contains("\n-D OUTPUT -p udp --dport 53 -j ZTUNNEL_OUTPUT\n"));
+        // With --dns-capture and no DNS jump yet, it is added and nothing is deleted.
+        let dns = restore_script(&pod(true), &addrs, false, |j| j.len() == 5);
+        assert!(dns.contains("\n-A OUTPUT -p udp --dport 53 -j ZTUNNEL_OUTPUT\n"));
+        assert!(!dns.contains("-D "), "{dns}");
     }
 }

@@ -129,11 +129,29 @@ impl Netns {
 
     /// Runs a command (e.g. `ip rule …`) with this namespace as its network namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, Error> {
-        use std::os::unix::process::CommandExt as _;
+        self.exec_with_input(program, args, None)
+    }
+
+    /// [`Netns::exec`] with `input` on the command's standard input (e.g. a ruleset for
+    /// `iptables-restore`).
+    pub fn exec_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<String, Error> {
+        use std::{io::Write as _, os::unix::process::CommandExt as _, process::Stdio};
         let command = format!("{program} {}", args.join(" "));
         let fd = self.file.as_raw_fd();
         let mut cmd = std::process::Command::new(program);
-        cmd.args(args);
+        cmd.args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: only setns (async-signal-safe) on a descriptor opened before fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -143,18 +161,27 @@ impl Netns {
                 Ok(())
             });
         }
-        let out = cmd.output().map_err(|e| Error::Command {
+        let failed = |detail: String| Error::Command {
             path: self.path.clone(),
             command: command.clone(),
-            detail: e.to_string(),
-        })?;
+            detail,
+        };
+        let mut child = cmd.spawn().map_err(|e| failed(e.to_string()))?;
+        // stdin is dropped once written: the command sees the end of its input. A failed
+        // write (the command exited early) is reported after the command is reaped.
+        let wrote = match (input, child.stdin.take()) {
+            (Some(input), Some(mut stdin)) => stdin.write_all(input),
+            _ => Ok(()),
+        };
+        let out = child
+            .wait_with_output()
+            .map_err(|e| failed(e.to_string()))?;
         if !out.status.success() {
-            return Err(Error::Command {
-                path: self.path.clone(),
-                command,
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
         }
+        wrote.map_err(|e| failed(format!("writing its input: {e}")))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

@@ -45,6 +45,9 @@ const TOOLS: &[&str] = &[
     "bpftool",
     "iptables",
     "ip6tables",
+    "iptables-restore",
+    "ip6tables-restore",
+    "iptables-save",
 ];
 
 /// iptables' extensions, loaded with dlopen (Debian's multiarch path).

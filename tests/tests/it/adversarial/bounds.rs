@@ -350,16 +350,9 @@ fn starvation_report(pid: u32, limit: u64, pod: &Pod, log: &str) -> String {
         .unwrap_or_default();
     let highest = fds.iter().max().copied().unwrap_or(0);
     let ss = |args: &[&str]| -> String {
-        Command::new("nsenter")
-            .arg(format!("--net={}", pod.netns_path.display()))
-            .arg("ss")
-            .args(args)
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .trim()
-                    .replace('\n', " | ")
-            })
+        Netns::open(&pod.netns_path)
+            .and_then(|ns| ns.exec("ss", args))
+            .map(|o| o.trim().replace('\n', " | "))
             .unwrap_or_else(|e| format!("ss: {e}"))
     };
     let listen = ss(&["-Hltn", "sport", "=", ":15008"]);

@@ -240,11 +240,54 @@ fn with_trust_domain(yaml: &str, pod: &str, trust_domain: &str) -> String {
     )
 }
 
-/// A pod's spec changes in place, twice: a new service account (re-enrolled with the new
-/// identity), then a trust domain the CA refuses (its re-enrolment fails). Before this
-/// was make-before-break, the pod's capture was detached first and a failed
-/// re-enrolment left it uncaptured: its calls went to the wire in clear. Now a
-/// connection opened before both changes keeps flowing, no call fails, nothing crosses
+/// Reads a pod's nat table (`iptables-save`) over and over from another thread until
+/// finished, keeping each reading that lacks any part of the pod's capture: the jumps
+/// from OUTPUT and PREROUTING and the redirects to :15001 and :15006.
+struct RulesWatcher {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<(usize, Vec<String>)>>,
+}
+
+impl RulesWatcher {
+    fn start(pod: &Pod) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let netns = pod.netns_path.clone();
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let netns = ztunnel::netns::Netns::open(&netns)?;
+            let needed = [
+                "-A OUTPUT -p tcp -j ZTUNNEL_OUTPUT",
+                "-A PREROUTING -p tcp -j ZTUNNEL_PREROUTING",
+                "-A ZTUNNEL_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                "-A ZTUNNEL_PREROUTING -i eth0 -p tcp -j REDIRECT --to-ports 15006",
+            ];
+            let (mut snapshots, mut incomplete) = (0, Vec::new());
+            while !stopped.load(Ordering::Relaxed) {
+                let text = netns.exec("iptables-save", &["-t", "nat"])?;
+                snapshots += 1;
+                if !needed.iter().all(|n| text.lines().any(|l| l == *n)) {
+                    incomplete.push(text);
+                }
+            }
+            Ok((snapshots, incomplete))
+        });
+        RulesWatcher { stop, thread }
+    }
+
+    /// How many readings were taken, and the incomplete ones.
+    fn finish(self) -> anyhow::Result<(usize, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the rules watcher panicked"))?
+    }
+}
+
+/// A pod's spec changes in place: a new service account (re-enrolled with the new
+/// identity), a trust domain the CA refuses (its re-enrolment fails), then an address
+/// added and taken away three times. Before this was make-before-break, the pod's
+/// capture was detached first and a failed re-enrolment left it uncaptured: its calls
+/// went to the wire in clear. Now a connection opened before the changes keeps flowing, no call fails, nothing crosses
 /// the wire in clear, the refused spec leaves the pod enrolled as it was (and says why),
 /// and the pod's cgroup carries one set of programs, not two.
 #[test]
@@ -348,6 +391,51 @@ pub fn changed_spec_reenrols_without_a_moment_uncaptured(
     // 3. The spec is fixed: a is re-enrolled again, to the same end as step 1.
     t.write_workloads_text(&renamed)?;
     calls(&mut t, 10, &mut failed);
+
+    // 4. An address added, then taken away, three times: each change rewrites a's capture
+    // for its addresses. Under iptables the rules are read back all the while: before
+    // they were rewritten in one commit, a's jumps were gone while the chains were
+    // refilled, and its calls went out uncaptured.
+    let watcher = (!ebpf).then(|| RulesWatcher::start(&a));
+    let [o1, o2, o3, _] = a.ip4.octets();
+    let extra = std::net::Ipv4Addr::new(o1, o2, o3, 250);
+    let one = format!("addresses: [{}]", a.ip4);
+    assert!(renamed.contains(&one), "{renamed}");
+    let two = renamed.replace(&one, &format!("addresses: [{}, {extra}]", a.ip4));
+    let addresses = |z: &Ztunnel| -> anyhow::Result<usize> {
+        Ok(z.dump()?
+            .enrolled_pods
+            .iter()
+            .find(|p| p.name == a.key())
+            .map_or(0, |p| p.addresses.len()))
+    };
+    for round in 0..3 {
+        for (text, want) in [(&two, 2), (&renamed, 1)] {
+            t.write_workloads_text(text)?;
+            wait(
+                &format!("a with {want} address(es), round {round}"),
+                &z1,
+                || Ok(addresses(&z1)? == want),
+            )?;
+            calls(&mut t, 3, &mut failed);
+        }
+    }
+    if let Some(w) = watcher {
+        let (snapshots, incomplete) = w.finish()?;
+        assert!(
+            snapshots >= 10,
+            "the rules were read back only {snapshots} times"
+        );
+        assert!(
+            incomplete.is_empty(),
+            "{} of {snapshots} readings of a's nat table lacked its capture; the first:\n{}",
+            incomplete.len(),
+            incomplete[0]
+        );
+        println!(
+            "a's nat table read {snapshots} times during the address changes, complete each time"
+        );
+    }
 
     std::fs::write(&stop, b"")?;
     let held = hold
