@@ -204,6 +204,57 @@ impl Link {
     }
 }
 
+/// `bpf(2)` commands aya 0.14 does not wrap (`include/uapi/linux/bpf.h`).
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches `link` from its hook whoever else holds it (`BPF_LINK_DETACH`: the link
+/// stays as an object, attached to nothing, until its last holder closes it). Closing a
+/// descriptor only detaches a link nobody else holds; another process's descriptor (a
+/// predecessor ztunnel's) would keep it attached. Failures are logged: the link then
+/// goes when its last holder exits.
+fn detach_for_good(pod: &str, link: &FdLink) {
+    if let Err(e) = link_detach(link) {
+        tracing::warn!(pod, error = %e, "failed to detach a predecessor's capture link; it stays attached until the predecessor exits");
+    }
+}
+
+fn link_detach(link: &FdLink) -> io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let id = link.info().map_err(io::Error::other)?.id();
+    // `bpf_attr` for BPF_LINK_GET_FD_BY_ID: link_id, next_id, open_flags.
+    let by_id: [u32; 3] = [id, 0, 0];
+    // SAFETY: the attribute is a plain array of the size passed; the kernel reads it only.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            by_id.as_ptr(),
+            std::mem::size_of_val(&by_id),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just handed out this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // `bpf_attr` for BPF_LINK_DETACH: link_fd.
+    let detach: [u32; 1] = [fd.as_raw_fd() as u32];
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_ptr(),
+            std::mem::size_of_val(&detach),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A link a previous (or still running) ztunnel pinned for a pod.
 struct Adopted {
     link: FdLink,
@@ -234,8 +285,8 @@ struct Inner {
     /// While a predecessor still serves (a handover under way), its links of pods this
     /// ztunnel has re-enrolled stay attached next to ours until it stops accepting: the
     /// connections it accepts meanwhile are captured by programs that write the maps it
-    /// reads, whatever build it is. Their pins already name this ztunnel's links.
-    superseded: Option<Vec<FdLink>>,
+    /// reads, whatever build it is. Their pins already name this ztunnel's links. By pod.
+    superseded: Option<Vec<(String, FdLink)>>,
 }
 
 /// The loaded capture programs.
@@ -929,7 +980,7 @@ impl Capture {
                 let _ = std::fs::remove_file(&path);
             }
             match &mut inner.superseded {
-                Some(held) => held.push(link),
+                Some(held) => held.push((pod.name.clone(), link)),
                 None => drop(link),
             }
         }
@@ -945,15 +996,22 @@ impl Capture {
         }
     }
 
-    /// The predecessor stopped accepting (or is gone): its links go.
+    /// The predecessor stopped accepting (or is gone): its links go. Closing our
+    /// descriptors is not enough while the predecessor, draining, still holds its own:
+    /// each is detached for good (`BPF_LINK_DETACH`), so a pod this ztunnel unenrols
+    /// later is not still captured by them (its connects refused) until the predecessor
+    /// exits. Its established connections do not need them (the capture programs act on
+    /// connects and SYNs only).
     pub fn release_superseded(&self) {
         let held = self.lock().superseded.take().unwrap_or_default();
-        if !held.is_empty() {
-            tracing::info!(
-                links = held.len(),
-                "released the predecessor's capture links"
-            );
+        if held.is_empty() {
+            return;
         }
+        let links = held.len();
+        for (pod, link) in held {
+            detach_for_good(&pod, &link);
+        }
+        tracing::info!(links, "released the predecessor's capture links");
     }
 
     /// Detaches pinned capture a previous ztunnel left for pods the source no longer
@@ -1050,6 +1108,16 @@ impl Capture {
         pod.new_links.clear();
         let _ = std::fs::remove_dir(&pod.pin_dir);
         let mut inner = self.lock();
+        // A predecessor still draining holds its links of the pod: they go too, or the
+        // pod's connects would meet its programs (and a closed listener) until it exits.
+        if let Some(held) = &mut inner.superseded {
+            let (theirs, rest): (Vec<_>, Vec<_>) =
+                held.drain(..).partition(|(p, _)| *p == pod.name);
+            *held = rest;
+            for (_, link) in theirs {
+                detach_for_good(&pod.name, &link);
+            }
+        }
         let maps = &mut inner.maps;
         for key in &pod.addrs {
             let _ = maps.pod_addrs.remove(key);

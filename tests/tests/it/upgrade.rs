@@ -848,3 +848,75 @@ fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> an
     assert_eq!(progs.matches("connect4_capture").count(), 1, "{progs}");
     Ok(())
 }
+
+/// After a handover the old ztunnel stays until it is stopped (as the kubelet stops the
+/// old pod), and its capture links of every pod stay attached as long as it holds them.
+/// Then pod a leaves the mesh (relabelled) and the successor unenrols it. Before, the old
+/// ztunnel's links kept a's connects captured, sent to a :15001 nobody accepts on any
+/// more (refused), until the old process exited; now the successor detaches them for
+/// good (`BPF_LINK_DETACH`) once the old one has stopped accepting: a's programs are
+/// gone, a reaches c directly, and b, still in the mesh, is served by the successor.
+#[test]
+fn a_pod_leaving_the_mesh_while_the_old_ztunnel_lingers_is_not_captured_by_it() -> anyhow::Result<()>
+{
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let c = t.add_pod("c", false, false)?;
+    let _sb = t.serve(&b, b.addr(8080))?;
+    let _sc = t.serve(&c, c.addr(8080))?;
+    let mut old = t.start_ztunnel(false)?;
+    old.wait_for("readiness", |_| old.ready().is_ok())?;
+    assert!(
+        call_ok(&mut t, &a, c.addr(8080)),
+        "a → c before the upgrade"
+    );
+
+    let file = t.workloads_path();
+    let new = t.spawn_ztunnel("node1", false, &file)?;
+    wait_handover(&new, "complete")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !old.log_text().contains("handed over and drained") {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old ztunnel did not drain\n{}",
+            old.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::ensure!(old.alive(), "the old ztunnel exited\n{}", old.log_text());
+
+    t.set_ambient("a", false)?;
+    new.wait_for("a unenrolled by the successor", |d| {
+        !d.enrolled_pods.iter().any(|p| p.name == a.key())
+    })?;
+    anyhow::ensure!(old.alive(), "the old ztunnel exited\n{}", old.log_text());
+    let progs = cgroup_programs(&a.cgroup)?;
+    assert!(
+        !progs.contains("connect4_capture"),
+        "a's cgroup still runs capture programs after it left the mesh: {progs}\nsuccessor's log:\n{}",
+        new.log_text()
+    );
+    let to_c = |z: &Ztunnel| -> anyhow::Result<usize> {
+        Ok(z.dump()?
+            .connections
+            .list
+            .iter()
+            .filter(|r| r.dst == c.addr(8080))
+            .count())
+    };
+    let captured_before = to_c(&new)?;
+    let direct = t.call(&a, c.addr(8080), &[])?;
+    assert!(
+        direct.contains("match=true"),
+        "a → c after a left the mesh: {direct}"
+    );
+    let before = new.dump()?.connections.opened_total;
+    assert!(call_ok(&mut t, &c, b.addr(8080)), "c → b after a left");
+    new.wait_for("c → b through the successor", |d| {
+        d.connections.opened_total > before
+    })?;
+    assert_eq!(to_c(&new)?, captured_before, "a's call to c was captured");
+    stop_drained(&mut old)?;
+    Ok(())
+}
