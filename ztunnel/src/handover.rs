@@ -47,6 +47,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A successor that has not sent anything for this long pings.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+/// How often refusing a successor is logged (each refusal is counted).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Messages are a few hundred bytes; listeners per pod at most six.
 const MAX_MESSAGE: usize = 16 << 10;
 const MAX_FDS: usize = 8;
@@ -534,6 +536,9 @@ enum Session {
 
 fn run(listener: OwnedFd, path: &Path, serving: &dyn Serving) {
     tracing::info!(socket = %path.display(), "serving the handover socket for a successor");
+    // A refused successor (a restarted container of the pod this ztunnel replaced) asks
+    // again at each of its reconciles: one line a minute says so, with the count.
+    let mut refusals = crate::limits::RateLimit::new(REFUSAL_LOG_EVERY);
     loop {
         let accepted = socket::accept(listener.as_raw_fd());
         let conn = match accepted {
@@ -560,7 +565,9 @@ fn run(listener: OwnedFd, path: &Path, serving: &dyn Serving) {
             }
             Session::Ended(e @ Error::Refused { .. }) => {
                 serving.count("refused");
-                tracing::warn!(error = %e, "refused a successor");
+                if let Some(suppressed) = refusals.allow(Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "refused a successor");
+                }
             }
             Session::Ended(e) => {
                 serving.count("successor_gone");

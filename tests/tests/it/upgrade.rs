@@ -724,6 +724,18 @@ fn a_refused_ztunnel_releases_nothing_and_leaves_the_handover_socket_alone() -> 
     assert_eq!(d.handover.state, "blocked");
     let why = format!("{:#}", restarted.ready().expect_err("blocked"));
     assert!(why.contains("does not take the node back"), "{why}");
+    // It asked again at its reconciles; each refusal is counted, one line logged.
+    let refused = new.metric(
+        "ztunnel_handovers_total",
+        &[("role", "predecessor"), ("result", "refused")],
+    )?;
+    assert!(refused >= 2, "refusals counted: {refused}");
+    let lines = new
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("refused a successor"))
+        .count();
+    assert_eq!(lines, 1, "{refused} refusals logged in {lines} lines");
     restarted.terminate();
     drop(restarted);
     finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
