@@ -267,6 +267,13 @@ pub const FIGURES: &[Figure] = &[
         false,
     ),
     fig(
+        "capture_kernel_ns_per_conn",
+        "capture's kernel time per connection, perf: netfilter hooks or BPF programs (both nodes)",
+        "ns",
+        false,
+        true,
+    ),
+    fig(
         "ebpf_ns_per_conn",
         "capture programs' kernel time per connection (both nodes)",
         "ns",
@@ -824,6 +831,10 @@ fn run_scenario(
     }
     drop(upstream);
 
+    if s.proxied() {
+        let ns = capture_kernel_cost(&mut topo, &client, &echo, secs)?;
+        f.insert("capture_kernel_ns_per_conn", ns);
+    }
     if s.capture() == Some("ebpf") {
         ebpf_cost(
             &mut topo,
@@ -852,6 +863,115 @@ fn run_scenario(
     }
     drop((ztunnels, istio));
     Ok(f)
+}
+
+/// Whether a kernel symbol is one of ztunnel's BPF programs: `bpf_prog_<tag>_<name>`,
+/// the name cut to 15 bytes (`BPF_OBJ_NAME_LEN`).
+fn is_capture_program(sym: &str) -> bool {
+    let Some(rest) = sym.strip_prefix("bpf_prog_") else {
+        return false;
+    };
+    let name = rest.split_once('_').map_or("", |(_tag, name)| name);
+    !name.is_empty()
+        && ztunnel_common::program::ALL
+            .iter()
+            .any(|p| p.starts_with(name))
+}
+
+/// The sampling period of [`capture_kernel_cost`]'s profile: one sample per 250 µs of CPU.
+const CAPTURE_SAMPLE_NS: u64 = 250_000;
+
+/// Kernel time the capture machinery takes per new connection, the same measure for
+/// iptables and eBPF capture: a system-wide perf profile (`cpu-clock`, kernel stacks) of
+/// one connection-rate phase (`conns`, one thread), counting the samples whose stack
+/// passes through a netfilter hook (`nf_hook_slow`: iptables' NAT and conntrack, S1 and
+/// I's in-pod redirect) or one of ztunnel's BPF programs (`bpf_prog_<tag>_<name>`, with
+/// the helpers it calls: S2 and S3), times the period, per connection. Without
+/// the kernel's BPF statistics on (they would add to the programs' time).
+fn capture_kernel_cost(
+    topo: &mut Topology,
+    client: &Pod,
+    echo: &str,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    let phase = secs.min(5.0);
+    let data = topo.dir.path().join("capture.perf");
+    let period = CAPTURE_SAMPLE_NS.to_string();
+    let sleep = format!("{}", phase + 1.5);
+    let perf = Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-c",
+            &period,
+            "-a",
+            "-g",
+            "--quiet",
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &sleep])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("failed to run perf (Debian's linux-perf; `cargo xtask setup` installs it)")?;
+    // perf is sampling once it has set up its buffers.
+    std::thread::sleep(Duration::from_millis(500));
+    let v = json_line(
+        &topo
+            .spawn(
+                client,
+                &[
+                    "conns",
+                    echo,
+                    "--secs",
+                    &format!("{phase}"),
+                    "--threads",
+                    "1",
+                ],
+            )?
+            .wait_ok()?,
+    )?;
+    let out = perf.wait_with_output().context("perf record")?;
+    if !out.status.success() {
+        bail!(
+            "perf record failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let script = Command::new("perf")
+        .args(["script", "-F", "comm,ip,sym", "-i"])
+        .arg(&data)
+        .output()
+        .context("perf script")?;
+    if !script.status.success() {
+        bail!(
+            "perf script failed: {}",
+            String::from_utf8_lossy(&script.stderr).trim()
+        );
+    }
+    let samples = capture_samples(&String::from_utf8_lossy(&script.stdout));
+    let conns = num(&v, "connections")?;
+    if conns <= 0.0 {
+        bail!("no connection was made while perf sampled: {v}");
+    }
+    Ok((samples * CAPTURE_SAMPLE_NS) as f64 / conns)
+}
+
+/// How many samples of a `perf script -F comm,ip,sym` listing (one block per sample,
+/// its stack one frame a line, blocks apart by a blank line) ran in capture machinery:
+/// a netfilter hook or one of ztunnel's BPF programs anywhere on the stack.
+fn capture_samples(script: &str) -> u64 {
+    script
+        .split("\n\n")
+        .filter(|block| {
+            block.lines().skip(1).any(|frame| {
+                let sym = frame.split_whitespace().nth(1).unwrap_or("");
+                sym == "nf_hook_slow" || is_capture_program(sym)
+            })
+        })
+        .count() as u64
 }
 
 /// Each capture program's (runs, run time in ns), summed over `ztunnels`, from the
@@ -1748,6 +1868,37 @@ pub fn leftovers_gone() -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capture_samples_are_those_with_a_netfilter_hook_or_one_of_our_programs_on_the_stack() {
+        let script = "\
+conns 
+\tffffffff81e88420 nft_do_chain
+\tffffffff8208aab2 nf_hook_slow
+\tffffffff8208c08d ip_output
+
+ztunnel 
+\tffffffffc0012345 bpf_prog_6deef7357e7b4530_connect4_capture
+\tffffffff81234567 __cgroup_bpf_run_filter_sock_addr
+
+ztunnel 
+\tffffffffc0012345 bpf_prog_6deef7357e7b4530_tc_ingress_capt
+\tffffffff81234567 tcx_run
+
+other 
+\tffffffffc0012345 bpf_prog_aaaaaaaaaaaaaaaa_sd_fw_ingress
+\tffffffff81234567 __cgroup_bpf_run_filter_skb
+
+idle 
+\tffffffff81234567 default_idle
+";
+        assert_eq!(capture_samples(script), 3);
+        assert!(is_capture_program(
+            "bpf_prog_6deef7357e7b4530_sk_lookup_time"
+        ));
+        assert!(!is_capture_program("bpf_prog_6deef7357e7b4530_"));
+        assert!(!is_capture_program("nf_hook_slow"));
+    }
 
     fn opts(istio: Option<&str>, only: Vec<Scenario>) -> Options {
         Options {

@@ -32,12 +32,14 @@ const PACKAGES: &[&str] = &[
     "binutils",
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     "g++",
+    // The bench's capture cost per connection is a perf profile (and `--profile`).
+    "linux-perf",
 ];
 /// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.
 const KUBERNETES_VALIDATE: &str = "1.37.0";
 /// Installed when the release ships it; only debugging aids depend on it.
-const OPTIONAL_PACKAGES: &[&str] = &["bpftool", "linux-perf"];
+const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
 /// Nightly components: rust-src for `-Z build-std=core`, clippy for the eBPF lint.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 /// cargo-fuzz, for `cargo xtask fuzz` and the fuzzing in `cargo xtask test`. Pinned; it
