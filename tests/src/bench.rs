@@ -865,8 +865,17 @@ fn run_scenario(
     Ok(f)
 }
 
+/// Whether a kernel symbol is netfilter at work for a NAT redirect: a table's rules
+/// evaluated (iptables-nft or legacy), conntrack, NAT. Not `nf_hook_slow` itself: with
+/// `br_netfilter` loaded every bridged packet passes netfilter hooks, capture or not.
+fn is_netfilter_capture(sym: &str) -> bool {
+    matches!(sym, "nft_do_chain" | "ipt_do_table" | "ip6t_do_table")
+        || sym.starts_with("nf_conntrack_in")
+        || sym.starts_with("nf_nat_")
+}
+
 /// Whether a kernel symbol is one of ztunnel's BPF programs: `bpf_prog_<tag>_<name>`,
-/// the name cut to 15 bytes (`BPF_OBJ_NAME_LEN`).
+/// the name as the kernel lists it (its BTF name, or the object name cut to 15 bytes).
 fn is_capture_program(sym: &str) -> bool {
     let Some(rest) = sym.strip_prefix("bpf_prog_") else {
         return false;
@@ -884,8 +893,8 @@ const CAPTURE_SAMPLE_NS: u64 = 250_000;
 /// Kernel time the capture machinery takes per new connection, the same measure for
 /// iptables and eBPF capture: a system-wide perf profile (`cpu-clock`, kernel stacks) of
 /// one connection-rate phase (`conns`, one thread), counting the samples whose stack
-/// passes through a netfilter hook (`nf_hook_slow`: iptables' NAT and conntrack, S1 and
-/// I's in-pod redirect) or one of ztunnel's BPF programs (`bpf_prog_<tag>_<name>`, with
+/// passes through netfilter's rules, conntrack or NAT (iptables' redirect: S1 and I) or
+/// one of ztunnel's BPF programs (`bpf_prog_<tag>_<name>`, with
 /// the helpers it calls: S2 and S3), times the period, per connection. Without
 /// the kernel's BPF statistics on (they would add to the programs' time).
 fn capture_kernel_cost(
@@ -897,7 +906,7 @@ fn capture_kernel_cost(
     let phase = secs.min(5.0);
     let data = topo.dir.path().join("capture.perf");
     let period = CAPTURE_SAMPLE_NS.to_string();
-    let sleep = format!("{}", phase + 1.5);
+    // Until interrupted: it covers the whole phase however long the client takes.
     let perf = Command::new("perf")
         .args([
             "record",
@@ -911,32 +920,36 @@ fn capture_kernel_cost(
             "-o",
         ])
         .arg(&data)
-        .args(["--", "sleep", &sleep])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("failed to run perf (Debian's linux-perf; `cargo xtask setup` installs it)")?;
     // perf is sampling once it has set up its buffers.
     std::thread::sleep(Duration::from_millis(500));
-    let v = json_line(
-        &topo
-            .spawn(
-                client,
-                &[
-                    "conns",
-                    echo,
-                    "--secs",
-                    &format!("{phase}"),
-                    "--threads",
-                    "1",
-                ],
-            )?
-            .wait_ok()?,
-    )?;
+    let phase_s = format!("{phase}");
+    let run = (|| {
+        json_line(
+            &topo
+                .spawn(
+                    client,
+                    &["conns", echo, "--secs", &phase_s, "--threads", "1"],
+                )?
+                .wait_ok()?,
+        )
+    })();
+    // Stopped on every path: perf writes its data on SIGINT, then ends by that signal.
+    let stopped = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(perf.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
     let out = perf.wait_with_output().context("perf record")?;
-    if !out.status.success() {
+    let v = run?;
+    stopped.context("failed to stop perf record")?;
+    use std::os::unix::process::ExitStatusExt as _;
+    if !out.status.success() && out.status.signal() != Some(libc::SIGINT) {
         bail!(
-            "perf record failed: {}",
+            "perf record failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -961,14 +974,15 @@ fn capture_kernel_cost(
 
 /// How many samples of a `perf script -F comm,ip,sym` listing (one block per sample,
 /// its stack one frame a line, blocks apart by a blank line) ran in capture machinery:
-/// a netfilter hook or one of ztunnel's BPF programs anywhere on the stack.
+/// netfilter's rules, conntrack or NAT, or one of ztunnel's BPF programs, anywhere on
+/// the stack.
 fn capture_samples(script: &str) -> u64 {
     script
         .split("\n\n")
         .filter(|block| {
             block.lines().skip(1).any(|frame| {
                 let sym = frame.split_whitespace().nth(1).unwrap_or("");
-                sym == "nf_hook_slow" || is_capture_program(sym)
+                is_netfilter_capture(sym) || is_capture_program(sym)
             })
         })
         .count() as u64
@@ -1877,6 +1891,11 @@ conns
 \tffffffff8208aab2 nf_hook_slow
 \tffffffff8208c08d ip_output
 
+bridged 
+\tffffffff81e88420 ip_sabotage_in
+\tffffffff8208aab2 nf_hook_slow
+\tffffffff8208c08d ip_rcv_finish
+
 ztunnel 
 \tffffffffc0012345 bpf_prog_6deef7357e7b4530_connect4_capture
 \tffffffff81234567 __cgroup_bpf_run_filter_sock_addr
@@ -1898,6 +1917,9 @@ idle
         ));
         assert!(!is_capture_program("bpf_prog_6deef7357e7b4530_"));
         assert!(!is_capture_program("nf_hook_slow"));
+        assert!(is_capture_program(
+            "bpf_prog_f0489fc046b2b451_tc_ingress_capture"
+        ));
     }
 
     fn opts(istio: Option<&str>, only: Vec<Scenario>) -> Options {
