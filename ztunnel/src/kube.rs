@@ -1,5 +1,5 @@
-//! The Kubernetes source (`--source kube`): watches Pods, Namespaces and Services through
-//! the API server, turns them into the same [`LocalConfig`] the workload file produces, finds
+//! The Kubernetes source (`--source kube`): watches Pods, Namespaces, Services and
+//! waypoint Gateways through the API server, turns them into the same [`LocalConfig`] the workload file produces, finds
 //! each local pod's network namespace and cgroup on the node, and keeps the built-in CA's
 //! root in a Secret every node shares.
 //!
@@ -80,6 +80,14 @@ pub const API_ACCESS: &[Access] = &[
     Access {
         group: "",
         resource: "services",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    // Waypoints: Gateways of class `istio-waypoint` (an optional CRD: without it, or
+    // without this grant, ztunnel runs without waypoints).
+    Access {
+        group: "gateway.networking.k8s.io",
+        resource: "gateways",
         verbs: &["list", "watch"],
         namespaced: false,
     },

@@ -1,12 +1,111 @@
 //! Kubernetes objects → the store's types: a Pod becomes a [`Workload`], a Namespace a
-//! [`Namespace`], a Service with a selector and a cluster IP a [`Service`]. Each converter
-//! keeps only what the store uses; objects it cannot use are skipped with the reason.
+//! [`Namespace`], a Service with a selector and a cluster IP a [`Service`], a Gateway of
+//! class `istio-waypoint` a waypoint that `istio.io/use-waypoint` labels point at. Each
+//! converter keeps only what the store uses; objects it cannot use are skipped with the
+//! reason.
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod, Service as KubeService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::DynamicObject;
 
-use crate::state::{LocalConfig, Namespace, Protocol, Service, ServicePort, Workload};
+use crate::state::{
+    LocalConfig, Namespace, Protocol, Service, ServicePort, WAYPOINT_HBONE_PORT, WaypointRef,
+    Workload,
+};
+
+/// The Gateway API class of Istio's waypoints.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// On a namespace, service or pod: the waypoint (a Gateway's name) its traffic goes
+/// through; `none` opts out of a namespace's.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Beside [`USE_WAYPOINT`]: the waypoint's namespace, when not the object's own.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint Gateway: which traffic it takes (`service`, the default; `workload`;
+/// `all`; `none`).
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// On a Gateway's own pods and service: they never go through a waypoint themselves.
+pub const GATEWAY_NAME: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What ztunnel keeps of a waypoint Gateway: which traffic it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waypoint {
+    pub for_services: bool,
+    pub for_workloads: bool,
+}
+
+/// A Gateway of class `istio-waypoint` as a [`Waypoint`]; `None` for other classes.
+pub fn gateway(g: &DynamicObject) -> Option<Waypoint> {
+    if g.data["spec"]["gatewayClassName"].as_str() != Some(WAYPOINT_CLASS) {
+        return None;
+    }
+    let for_ = g
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(WAYPOINT_FOR))
+        .map_or("service", String::as_str);
+    let (for_services, for_workloads) = match for_ {
+        "service" => (true, false),
+        "workload" => (false, true),
+        "all" => (true, true),
+        "none" => (false, false),
+        other => {
+            tracing::warn!(gateway = %key(&g.metadata), value = other, "unknown {WAYPOINT_FOR}; taking it as `service`, the default");
+            (true, false)
+        }
+    };
+    Some(Waypoint {
+        for_services,
+        for_workloads,
+    })
+}
+
+/// The waypoint an object's traffic goes through, as Istio resolves it: the object's own
+/// `istio.io/use-waypoint` label, else its namespace's (`none` on the object opts out of
+/// the namespace's); the waypoint's namespace from `istio.io/use-waypoint-namespace`
+/// beside that label, else the object's. Only a Gateway of class `istio-waypoint` that
+/// takes this kind of traffic (`services`: a service's; else a workload's) counts; a
+/// label naming anything else is ignored, as istiod ignores it (the traffic goes to its
+/// destination directly, over HBONE and L4-policed). A Gateway's own pods and service
+/// never use a waypoint.
+pub fn use_waypoint(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    waypoints: &BTreeMap<String, Waypoint>,
+    services: bool,
+) -> Option<WaypointRef> {
+    if labels.contains_key(GATEWAY_NAME) {
+        return None;
+    }
+    let from = if labels.contains_key(USE_WAYPOINT) {
+        labels
+    } else {
+        namespace_labels.filter(|l| l.contains_key(USE_WAYPOINT))?
+    };
+    let name = from.get(USE_WAYPOINT)?;
+    if name.is_empty() || name == "none" {
+        return None;
+    }
+    let ns = from
+        .get(USE_WAYPOINT_NAMESPACE)
+        .map_or(namespace, String::as_str);
+    let w = waypoints.get(&format!("{ns}/{name}"))?;
+    if !(if services {
+        w.for_services
+    } else {
+        w.for_workloads
+    }) {
+        return None;
+    }
+    Some(WaypointRef {
+        address: None,
+        hostname: Some(format!("{name}.{ns}.svc.cluster.local")),
+        namespace: Some(ns.to_owned()),
+        port: WAYPOINT_HBONE_PORT,
+    })
+}
 
 /// Labels naming a workload's canonical service, most specific first (Istio's order).
 pub const CANONICAL_NAME_LABELS: &[&str] = &[
@@ -240,13 +339,22 @@ pub fn local_config(
     namespaces: &BTreeMap<String, Namespace>,
     pods: &BTreeMap<String, PodRecord>,
     services: &BTreeMap<String, KubeService>,
+    waypoints: &BTreeMap<String, Waypoint>,
     placements: &BTreeMap<String, Placement>,
 ) -> LocalConfig {
+    let ns_labels = |ns: &str| namespaces.get(ns).map(|n| &n.labels);
     let mut taken = std::collections::BTreeSet::new();
     let workloads = pods
         .values()
         .map(|p| {
             let mut w = p.workload.clone();
+            w.waypoint = use_waypoint(
+                &w.namespace,
+                &w.labels,
+                ns_labels(&w.namespace),
+                waypoints,
+                false,
+            );
             w.addresses.retain(|a| taken.insert(*a));
             if let Some(pl) = placements.get(&p.uid) {
                 w.netns = Some(pl.netns.clone());
@@ -257,7 +365,18 @@ pub fn local_config(
         .collect();
     let services = services
         .values()
-        .filter_map(|s| service(s, pods))
+        .filter_map(|k| {
+            let mut s = service(k, pods)?;
+            let labels = k.metadata.labels.clone().unwrap_or_default();
+            s.waypoint = use_waypoint(
+                &s.namespace,
+                &labels,
+                ns_labels(&s.namespace),
+                waypoints,
+                true,
+            );
+            Some(s)
+        })
         .filter(|s| s.addresses.iter().all(|a| taken.insert(*a)))
         .collect();
     LocalConfig {
@@ -316,6 +435,7 @@ mod tests {
             "example.org",
             &BTreeMap::new(),
             &BTreeMap::from([(w.key(), r.clone())]),
+            &BTreeMap::new(),
             &BTreeMap::new(),
             &BTreeMap::new(),
         );
@@ -411,6 +531,7 @@ mod tests {
             &pods,
             &BTreeMap::new(),
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         let with_addr: Vec<_> = cfg
             .workloads
@@ -419,5 +540,92 @@ mod tests {
             .map(|w| w.name.clone())
             .collect();
         assert_eq!(with_addr, vec!["web-7d9f-abcde".to_owned()]);
+    }
+
+    #[test]
+    fn use_waypoint_follows_istio_precedence_and_the_gateways_kind() {
+        let labels = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let gw = |class: &str, for_: Option<&str>| -> DynamicObject {
+            let mut v = serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "wp", "namespace": "shop", "labels": {}},
+                "spec": {"gatewayClassName": class, "listeners": []}
+            });
+            if let Some(f) = for_ {
+                v["metadata"]["labels"][WAYPOINT_FOR] = serde_json::json!(f);
+            }
+            serde_json::from_value(v).expect("gateway")
+        };
+        assert_eq!(
+            gateway(&gw("istio", None)),
+            None,
+            "another class is no waypoint"
+        );
+        let service_wp = gateway(&gw(WAYPOINT_CLASS, None)).expect("waypoint");
+        assert!(
+            service_wp.for_services && !service_wp.for_workloads,
+            "service by default"
+        );
+        let all = gateway(&gw(WAYPOINT_CLASS, Some("all"))).expect("waypoint");
+        let workload = gateway(&gw(WAYPOINT_CLASS, Some("workload"))).expect("waypoint");
+        let none = gateway(&gw(WAYPOINT_CLASS, Some("none"))).expect("waypoint");
+
+        let wp = |ns: &str| WaypointRef {
+            address: None,
+            hostname: Some(format!("wp.{ns}.svc.cluster.local")),
+            namespace: Some(ns.to_owned()),
+            port: 15008,
+        };
+        let ns_wp = labels(&[(USE_WAYPOINT, "wp")]);
+        let waypoints =
+            |w: Waypoint| BTreeMap::from([("shop/wp".to_owned(), w), ("infra/wp".to_owned(), w)]);
+        let svc = waypoints(service_wp);
+        // The namespace's label applies to a service without one.
+        assert_eq!(
+            use_waypoint("shop", &labels(&[]), Some(&ns_wp), &svc, true),
+            Some(wp("shop"))
+        );
+        // The object's own label wins; `none` opts out of the namespace's.
+        let own = labels(&[(USE_WAYPOINT, "wp"), (USE_WAYPOINT_NAMESPACE, "infra")]);
+        assert_eq!(
+            use_waypoint("shop", &own, Some(&ns_wp), &svc, true),
+            Some(wp("infra"))
+        );
+        let opt_out = labels(&[(USE_WAYPOINT, "none")]);
+        assert_eq!(
+            use_waypoint("shop", &opt_out, Some(&ns_wp), &svc, true),
+            None
+        );
+        // A name that is no waypoint Gateway: ignored, as istiod ignores it.
+        let missing = labels(&[(USE_WAYPOINT, "nope")]);
+        assert_eq!(use_waypoint("shop", &missing, None, &svc, true), None);
+        // A service waypoint takes no workload traffic, a workload one no service traffic.
+        assert_eq!(use_waypoint("shop", &ns_wp, None, &svc, false), None);
+        let wl = waypoints(workload);
+        assert_eq!(
+            use_waypoint("shop", &ns_wp, None, &wl, false),
+            Some(wp("shop"))
+        );
+        assert_eq!(use_waypoint("shop", &ns_wp, None, &wl, true), None);
+        for kind in [true, false] {
+            assert_eq!(
+                use_waypoint("shop", &ns_wp, None, &waypoints(all), kind),
+                Some(wp("shop"))
+            );
+            assert_eq!(
+                use_waypoint("shop", &ns_wp, None, &waypoints(none), kind),
+                None
+            );
+        }
+        // The waypoint's own pods and service never go through a waypoint.
+        let its_own = labels(&[(GATEWAY_NAME, "wp")]);
+        assert_eq!(
+            use_waypoint("shop", &its_own, Some(&ns_wp), &svc, true),
+            None
+        );
     }
 }

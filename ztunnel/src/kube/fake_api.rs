@@ -1,6 +1,6 @@
-//! An in-process Kubernetes API server for tests: core/v1 collections served as lists and
-//! watch streams with resource versions, bookmarks, closed streams and 410 Gone, plus Secret
-//! get and create. It records every call as (verb, resource, namespaced) so tests can check
+//! An in-process Kubernetes API server for tests: core/v1 collections (and Gateway API
+//! Gateways, once "installed") served as lists and watch streams with resource versions,
+//! bookmarks, closed streams and 410 Gone, plus Secret get and create. It records every call as (verb, resource, namespaced) so tests can check
 //! them against the RBAC rules.
 use std::{
     collections::BTreeMap,
@@ -44,6 +44,8 @@ struct Inner {
     calls: Vec<Call>,
     /// Created just before the next Secret create is handled: a ztunnel on another node won.
     race_secret: Option<Value>,
+    /// Whether the Gateway API's CRDs are installed: until then `gateways` is a 404.
+    gateway_api: bool,
 }
 
 #[derive(Clone)]
@@ -57,9 +59,20 @@ fn kind_of(resource: &str) -> &'static str {
         "pods" => "Pod",
         "namespaces" => "Namespace",
         "services" => "Service",
+        "gateways" => "Gateway",
         _ => "Unknown",
     }
 }
+
+fn api_version_of(resource: &str) -> &'static str {
+    match resource {
+        "gateways" => GATEWAY_API,
+        _ => "v1",
+    }
+}
+
+/// The Gateway API group and version Gateways are served under.
+const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
 
 fn object_key(obj: &Value) -> String {
     let m = &obj["metadata"];
@@ -122,7 +135,7 @@ impl FakeApi {
         let mut inner = self.lock();
         inner.rv += 1;
         let rv = inner.rv;
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(api_version_of(resource));
         obj["kind"] = json!(kind_of(resource));
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let c = inner.collections.entry(resource.to_owned()).or_default();
@@ -160,7 +173,7 @@ impl FakeApi {
         let rv = inner.rv.to_string();
         let kind = kind_of(resource);
         let c = inner.collections.entry(resource.to_owned()).or_default();
-        let ev = json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": kind,
+        let ev = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version_of(resource), "kind": kind,
             "metadata": {"resourceVersion": rv}}});
         c.watchers.retain(|w| w.send(line(&ev)).is_ok());
         rv
@@ -188,6 +201,11 @@ impl FakeApi {
         for w in c.watchers.drain(..) {
             let _ = w.send(line(&gone));
         }
+    }
+
+    /// Installs the Gateway API's CRDs: `gateways` is served from now on.
+    pub fn install_gateway_api(&self) {
+        self.lock().gateway_api = true;
     }
 
     pub fn secret(&self, key: &str) -> Option<Value> {
@@ -219,7 +237,22 @@ impl FakeApi {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let parts: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+        let gateways = format!("/apis/{GATEWAY_API}/");
+        let parts: Vec<&str> = match path.strip_prefix(&gateways) {
+            Some(rest) => {
+                if !self.lock().gateway_api {
+                    self.record("list", "gateways", false, None);
+                    // What an API server without the CRD answers.
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    );
+                }
+                rest.split('/').collect()
+            }
+            None => path.trim_start_matches("/api/v1/").split('/').collect(),
+        };
         match (method, parts.as_slice()) {
             (Method::GET, [resource]) => {
                 let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -303,7 +336,7 @@ impl FakeApi {
         let items: Vec<Value> = c.objects.values().cloned().collect();
         respond(
             StatusCode::OK,
-            &json!({"apiVersion": "v1", "kind": format!("{}List", kind_of(resource)),
+            &json!({"apiVersion": api_version_of(resource), "kind": format!("{}List", kind_of(resource)),
                 "metadata": {"resourceVersion": rv}, "items": items}),
         )
     }

@@ -12,6 +12,7 @@ use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod, Service as KubeService};
 use kube::{
     Api, Client,
+    core::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
         WatchStreamExt as _,
         watcher::{self, Event},
@@ -42,6 +43,23 @@ enum Ev {
     Pod(Box<Event<Pod>>),
     Namespace(Box<Event<KubeNamespace>>),
     Service(Box<Event<KubeService>>),
+    Gateway(Box<Event<DynamicObject>>),
+    /// Gateways cannot be listed: the Gateway API is not installed (404), or ztunnel's
+    /// role does not grant it (403, a ClusterRole from before waypoints). No waypoints
+    /// then; listed again with the watcher's backoff. Carries the API server's message.
+    NoGatewayApi {
+        forbidden: bool,
+        message: String,
+    },
+}
+
+/// Gateway API Gateways (`gateway.networking.k8s.io/v1`), for waypoints: an optional CRD.
+fn gateway_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "Gateway",
+    ))
 }
 
 /// The objects of one kind, kept across relists: a relist builds a fresh map and swaps it
@@ -100,6 +118,10 @@ struct State {
     pods: Mirror<PodRecord>,
     namespaces: Mirror<Namespace>,
     services: Mirror<KubeService>,
+    /// Gateways of class `istio-waypoint`, by `namespace/name`.
+    waypoints: Mirror<convert::Waypoint>,
+    /// The Gateway API was missing at the last try (said once until it comes).
+    no_gateway_api: bool,
     /// By pod UID: local enrolled pods found on the node.
     placements: BTreeMap<String, Placement>,
     /// Some local pod should be enrolled but was not found on the node yet.
@@ -121,11 +143,31 @@ impl State {
             Ev::Service(e) => self
                 .services
                 .apply(*e, |s| (convert::key(&s.metadata), Some(s.clone()))),
+            Ev::Gateway(e) => {
+                if std::mem::take(&mut self.no_gateway_api) {
+                    tracing::info!("the Gateway API is there now: waypoints are watched");
+                }
+                self.waypoints
+                    .apply(*e, |g| (convert::key(&g.metadata), convert::gateway(g)))
+            }
+            Ev::NoGatewayApi { forbidden, message } => {
+                if !self.no_gateway_api {
+                    if forbidden {
+                        tracing::warn!(%message, "not allowed to list gateways.gateway.networking.k8s.io (grant list and watch, as deploy/ does): no waypoints; tried again with backoff");
+                    } else {
+                        tracing::info!(%message, "the Gateway API is not installed (no gateways.gateway.networking.k8s.io): no waypoints; looked for again with backoff");
+                    }
+                }
+                self.no_gateway_api = true;
+                self.waypoints.items.clear();
+                self.waypoints.relisting = None;
+                self.waypoints.synced = true;
+            }
         }
     }
 
     fn synced(&self) -> bool {
-        self.pods.synced && self.namespaces.synced && self.services.synced
+        self.pods.synced && self.namespaces.synced && self.services.synced && self.waypoints.synced
     }
 
     fn build(&self) -> LocalConfig {
@@ -134,6 +176,7 @@ impl State {
             &self.namespaces.items,
             &self.pods.items,
             &self.services.items,
+            &self.waypoints.items,
             &self.placements,
         )
     }
@@ -218,9 +261,27 @@ async fn run(
         stream(Api::<KubeNamespace>::all(client.clone()), |e| {
             Ev::Namespace(Box::new(e))
         }),
-        stream(Api::<KubeService>::all(client), |e| {
+        stream(Api::<KubeService>::all(client.clone()), |e| {
             Ev::Service(Box::new(e))
         }),
+        watcher::watcher(
+            Api::<DynamicObject>::all_with(client, &gateway_resource()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .map(|r| match r {
+            Ok(e) => Ok(Ev::Gateway(Box::new(e))),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+                if s.is_not_found() || s.code == 403 =>
+            {
+                Ok(Ev::NoGatewayApi {
+                    forbidden: s.code == 403,
+                    message: s.message.clone(),
+                })
+            }
+            Err(e) => Err(e),
+        })
+        .boxed(),
     ]);
     let mut state = State {
         discovery: Discovery::new(opts.cgroup_root.clone(), opts.host_proc.clone()),
@@ -228,6 +289,8 @@ async fn run(
         pods: Mirror::default(),
         namespaces: Mirror::default(),
         services: Mirror::default(),
+        waypoints: Mirror::default(),
+        no_gateway_api: false,
         placements: BTreeMap::new(),
         unplaced: false,
     };
@@ -267,6 +330,7 @@ async fn run(
                 pods = state.pods.items.len(),
                 namespaces = state.namespaces.items.len(),
                 services = state.services.items.len(),
+                waypoints = state.waypoints.items.len(),
                 "kubernetes objects listed"
             );
             let _ = s.send(());
@@ -525,5 +589,81 @@ mod tests {
             .filter(|c| c.verb == "list" && c.resource == "pods")
             .count();
         assert_eq!(lists, lists_before + 1, "410 Gone relists once");
+    }
+
+    #[tokio::test]
+    async fn waypoints_come_from_gateways_and_labels_once_the_gateway_api_is_there() {
+        let api = FakeApi::start().await;
+        let node = FakeNode::new();
+        let mut ns = namespace(true);
+        api.apply("namespaces", ns.clone());
+        api.apply("pods", pod("web", WEB_UID, NODE, "10.1.0.11"));
+        let mut svc = json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": {}},
+            "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.20", "ports": [{"port": 80}]}
+        });
+        svc["metadata"]["labels"]["istio.io/use-waypoint"] = json!("wp");
+        api.apply("services", svc.clone());
+        // Without the Gateway API the watchers still sync (no waypoints).
+        let mut k = start(&api, &node).await;
+        let waypoint = |c: &LocalConfig| c.services.first().and_then(|s| s.waypoint.clone());
+        let cfg = wait_for(&mut k, "the service", |c| c.services.len() == 1).await;
+        assert_eq!(waypoint(&cfg), None, "no Gateway API: no waypoint");
+
+        // The CRDs are installed and the waypoint created: the labelled service uses it.
+        api.install_gateway_api();
+        let gw = json!({
+            "metadata": {"name": "wp", "namespace": "shop"},
+            "spec": {"gatewayClassName": "istio-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+        });
+        api.apply("gateways", gw);
+        let cfg = wait_for(&mut k, "the service's waypoint", |c| waypoint(c).is_some()).await;
+        assert_eq!(
+            waypoint(&cfg).and_then(|w| w.hostname),
+            Some("wp.shop.svc.cluster.local".to_owned())
+        );
+        assert_eq!(
+            cfg.workloads[0].waypoint, None,
+            "a service waypoint takes no pod's traffic"
+        );
+
+        // `none` on the service opts it out even when its namespace names the waypoint.
+        svc["metadata"]["labels"]["istio.io/use-waypoint"] = json!("none");
+        api.apply("services", svc);
+        ns["metadata"]["labels"]["istio.io/use-waypoint"] = json!("wp");
+        api.apply("namespaces", ns);
+        wait_for(&mut k, "the opt-out", |c| {
+            waypoint(c).is_none()
+                && c.namespaces
+                    .iter()
+                    .any(|n| n.labels.contains_key("istio.io/use-waypoint"))
+        })
+        .await;
+
+        // The Gateway goes: so does the waypoint of everything that named it.
+        api.apply(
+            "services",
+            json!({
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.20", "ports": [{"port": 80}]}
+            }),
+        );
+        wait_for(&mut k, "the namespace's waypoint", |c| {
+            waypoint(c).is_some()
+        })
+        .await;
+        api.delete("gateways", "shop/wp", true);
+        wait_for(&mut k, "no waypoint after the Gateway's deletion", |c| {
+            waypoint(c).is_none()
+        })
+        .await;
+        for call in api.calls() {
+            assert!(
+                API_ACCESS.iter().any(|a| a.resource == call.resource
+                    && a.namespaced == call.namespaced
+                    && a.verbs.contains(&call.verb.as_str())),
+                "call not covered by API_ACCESS: {call:?}"
+            );
+        }
     }
 }
