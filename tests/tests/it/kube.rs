@@ -297,3 +297,161 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     }
     Ok(())
 }
+
+/// Kube mode, waypoints (issue 17): Service `web` (b) and the waypoint `waypoint`, a Gateway
+/// of class `istio-waypoint` whose pod `wp` (outside the mesh, an HBONE server: a fake
+/// one here) its Service `waypoint` selects. Labelling `web` with `istio.io/use-waypoint`
+/// sends a's calls to web's VIP through the waypoint (a CONNECT for the VIP, with a's
+/// identity), with no pod restarted; `none` sends them directly to b again.
+#[test]
+fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_restart()
+-> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let api = rt.block_on(FakeApi::start());
+    api.install_gateway_api();
+    let mut t = Topology::new()?;
+    let uid = |n: u32| {
+        format!(
+            "{:08x}-6666-4a2b-9c3d-0123456789ab",
+            std::process::id() * 4 + n
+        )
+    };
+    let (uid_a, uid_b, uid_wp) = (uid(1), uid(2), uid(3));
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let wp = t.add_pod("wp", false, false)?;
+    let base = cgroup_base(&a)?;
+    let a = in_cgroup(
+        &a,
+        base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
+    )?;
+    let b = in_cgroup(
+        &b,
+        base.join(format!("kubepods/besteffort/pod{uid_b}/0b0b")),
+    )?;
+    let _a_app = t.serve(&a, a.addr(9090))?;
+    let _b_srv = t.serve(&b, b.addr(8080))?;
+
+    // The CA root every node shares, created first so the fake waypoint's certificate
+    // chains to what ztunnel trusts.
+    let ca = rt.block_on(async {
+        ztunnel::kube::ca_secret::load_or_create(
+            &api.client(),
+            "default",
+            "ztunnel-ca-root",
+            "cluster.local",
+            std::time::Duration::from_secs(3600),
+        )
+        .await
+    })?;
+    let wp_identity: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/default/sa/wp".parse()?;
+    let waypoint = crate::waypoint::fake_waypoint(&wp, ca.issue(&wp_identity)?)?;
+
+    let s = t.subnet();
+    let (vip, wp_vip) = (format!("10.{s}.250.10"), format!("10.{s}.250.15"));
+    api.apply("namespaces", namespace_object(true));
+    api.apply("pods", pod_object(&a, &uid_a));
+    api.apply("pods", pod_object(&b, &uid_b));
+    let mut wp_pod = pod_object(&wp, &uid_wp);
+    wp_pod["metadata"]["labels"] = json!({"app": "wp", "istio.io/dataplane-mode": "none",
+        "gateway.networking.k8s.io/gateway-name": "waypoint"});
+    api.apply("pods", wp_pod);
+    let web = |labels: serde_json::Value| {
+        json!({"metadata": {"name": "web", "namespace": "default", "labels": labels},
+            "spec": {"selector": {"app": "b"}, "clusterIP": vip, "ports": [{"port": 80, "targetPort": 8080}]}})
+    };
+    api.apply("services", web(json!({})));
+    api.apply(
+        "services",
+        json!({"metadata": {"name": "waypoint", "namespace": "default",
+                "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": "waypoint"},
+                "clusterIP": wp_vip, "ports": [{"name": "mesh", "port": 15008}]}}),
+    );
+    api.apply(
+        "gateways",
+        json!({"metadata": {"name": "waypoint", "namespace": "default",
+                "labels": {"istio.io/waypoint-for": "service"}},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            api.addr
+        ),
+    )?;
+    let mut source = Command::new("");
+    source
+        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let z = t.spawn_ztunnel_from("node1", false, &source)?;
+    z.wait_enrolled(&[&a, &b])?;
+    let dst: std::net::SocketAddr = format!("{vip}:80").parse()?;
+    let call = |t: &mut Topology| -> anyhow::Result<()> {
+        let out = t.call(&a, dst, &[])?;
+        anyhow::ensure!(out.contains("match=true"), "a → web: {out}");
+        Ok(())
+    };
+
+    // No label: directly to b.
+    call(&mut t)?;
+    assert!(waypoint.seen().is_empty(), "{:?}", waypoint.seen());
+
+    // The label, and nothing restarted: through the waypoint, a CONNECT for the VIP.
+    api.apply(
+        "services",
+        web(json!({"istio.io/use-waypoint": "waypoint"})),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while waypoint.seen().is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a's calls never reached the waypoint\n{}",
+            z.log_text()
+        );
+        call(&mut t)?;
+    }
+    let seen = waypoint.wait_seen(1)?;
+    assert_eq!(
+        seen[0],
+        (
+            dst.to_string(),
+            "spiffe://cluster.local/ns/default/sa/a".to_owned()
+        )
+    );
+    let enrolled: Vec<String> = z
+        .dump()?
+        .enrolled_pods
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        enrolled,
+        [a.key(), b.key()],
+        "the waypoint pod is outside the mesh"
+    );
+
+    // `none` opts the service out: directly to b again.
+    api.apply("services", web(json!({"istio.io/use-waypoint": "none"})));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let before = waypoint.seen().len();
+        call(&mut t)?;
+        if waypoint.seen().len() == before {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "calls still go through the waypoint after the opt-out"
+        );
+    }
+    Ok(())
+}

@@ -25,18 +25,18 @@ use ztunnel_tests::{
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 /// A fake waypoint on `pod`'s :15008, served until dropped.
-struct FakeWaypoint {
+pub(crate) struct FakeWaypoint {
     seen: Seen,
     _server: InPodServer,
 }
 
 impl FakeWaypoint {
-    fn seen(&self) -> Vec<(String, String)> {
+    pub(crate) fn seen(&self) -> Vec<(String, String)> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Waits (generously) until the waypoint has seen `n` CONNECTs.
-    fn wait_seen(&self, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+    pub(crate) fn wait_seen(&self, n: usize) -> anyhow::Result<Vec<(String, String)>> {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             let seen = self.seen();
@@ -51,7 +51,7 @@ impl FakeWaypoint {
     }
 }
 
-fn fake_waypoint(pod: &Pod, cert: WorkloadCertificate) -> anyhow::Result<FakeWaypoint> {
+pub(crate) fn fake_waypoint(pod: &Pod, cert: WorkloadCertificate) -> anyhow::Result<FakeWaypoint> {
     let config = tls::server_config(&cert)?;
     let seen: Seen = Arc::default();
     let recorded = seen.clone();
