@@ -45,6 +45,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a predecessor waits for a successor's next request. A successor still
 /// enrolling pings every [`KEEPALIVE`], so only a hung or stopped one hits this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a successor waits in all for a predecessor that is slow to answer (its
+/// connection open) before taking it as gone.
+const SLOW_REPLY_LIMIT: Duration = Duration::from_secs(60);
 /// A successor that has not sent anything for this long pings.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How often refusing a successor is logged (each refusal is counted).
@@ -75,6 +78,11 @@ pub enum Error {
     },
     #[error("the other ztunnel closed the handover connection")]
     Closed,
+    #[error(
+        "the predecessor did not answer for {}s with its connection open; taken as gone",
+        waited.as_secs()
+    )]
+    Slow { waited: Duration },
     #[error(
         "a handover message was truncated (longer than {MAX_MESSAGE} bytes or {MAX_FDS} descriptors)"
     )]
@@ -165,15 +173,23 @@ fn send(fd: BorrowedFd<'_>, msg: &impl Serialize, fds: &[RawFd]) -> Result<(), E
     } else {
         vec![ControlMessage::ScmRights(fds)]
     };
-    socket::sendmsg::<()>(
-        fd.as_raw_fd(),
-        &[IoSlice::new(&bytes)],
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io("send"))?;
-    Ok(())
+    // A socket call with a timeout set fails with EINTR when the process is stopped and
+    // resumed (signal(7)), handlers or not: a frozen ztunnel is not a broken connection.
+    loop {
+        match socket::sendmsg::<()>(
+            fd.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            &cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            sent => {
+                sent.map_err(io("send"))?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// One message and the descriptors that came with it (owned at once, so they are
@@ -183,13 +199,18 @@ fn recv<T: DeserializeOwned>(fd: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>), Er
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = socket::recvmsg::<()>(
-            fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io("recv"))?;
+        // EINTR: see `send`.
+        let msg = loop {
+            match socket::recvmsg::<()>(
+                fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Err(Errno::EINTR) => continue,
+                got => break got.map_err(io("recv"))?,
+            }
+        };
         let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(io("recv"))? {
             if let ControlMessageOwned::ScmRights(raw) = c {
@@ -313,10 +334,47 @@ impl Predecessor {
         }
     }
 
+    /// Sends a request and waits for its answer. A predecessor whose connection stays open
+    /// but that does not answer within [`REPLY_TIMEOUT`] is alive and slow (stopped,
+    /// starved, its node overloaded), not gone: it is waited for up to
+    /// [`SLOW_REPLY_LIMIT`] in all (said once), and only then taken as gone. A closed
+    /// connection is gone at once.
     fn ask(&mut self, req: &Request) -> Result<(Reply, Vec<OwnedFd>), Error> {
         send(self.conn.as_fd(), req, &[])?;
         self.last_sent = Instant::now();
-        recv(self.conn.as_fd())
+        let asked = Instant::now();
+        let mut said = false;
+        loop {
+            match recv(self.conn.as_fd()) {
+                Err(Error::Io {
+                    op: "recv",
+                    source: Errno::EAGAIN,
+                }) => {
+                    let waited = asked.elapsed();
+                    if waited >= SLOW_REPLY_LIMIT {
+                        return Err(Error::Slow { waited });
+                    }
+                    if !std::mem::replace(&mut said, true) {
+                        tracing::warn!(
+                            predecessor_pid = self.pid,
+                            waited_s = waited.as_secs(),
+                            limit_s = SLOW_REPLY_LIMIT.as_secs(),
+                            "the predecessor is slow to answer (its connection is open); waiting for it"
+                        );
+                    }
+                }
+                answer => {
+                    if said {
+                        tracing::info!(
+                            predecessor_pid = self.pid,
+                            waited_ms = asked.elapsed().as_millis() as u64,
+                            "the predecessor answered"
+                        );
+                    }
+                    return answer;
+                }
+            }
+        }
     }
 
     /// The listening sockets the predecessor holds for the pod whose netns has

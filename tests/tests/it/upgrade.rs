@@ -932,3 +932,56 @@ fn a_pod_leaving_the_mesh_while_the_old_ztunnel_lingers_is_not_captured_by_it() 
     stop_drained(&mut old)?;
     Ok(())
 }
+
+/// The old ztunnel is stopped (SIGSTOP: a frozen process, a starved node) for longer than
+/// the successor's 10 s reply timeout while the successor, still taking over, asks it for
+/// a new pod's sockets. Before, the unanswered request was taken for a predecessor gone:
+/// the successor opened its gates and went on alone while the old one, resumed, served
+/// too. Now an open connection means alive: the successor waits (bounded, 60 s), gets its
+/// answer once the old one resumes, and finishes the handover as usual.
+#[test]
+fn a_predecessor_frozen_for_a_while_is_waited_for_not_taken_for_gone() -> anyhow::Result<()> {
+    let Overlap {
+        mut t,
+        a,
+        b,
+        c: _,
+        mut old,
+        stuck_file,
+        _servers,
+    } = overlap()?;
+    let before = t.workloads_yaml();
+    let stuck = std::fs::read_to_string(&stuck_file)?;
+    let d_entry = stuck
+        .strip_prefix(&before)
+        .context("the stuck file starts with the workloads")?
+        .to_owned();
+    let new = t.spawn_ztunnel("node1", false, &stuck_file)?;
+    wait_handover(&new, "taking_over")?;
+    new.wait_enrolled(&[&a, &b])?;
+
+    let pid = nix::unistd::Pid::from_raw(old.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    // A new pod for the successor to ask the frozen predecessor about.
+    let e = t.add_pod("e", true, false)?;
+    let tmp = t.dir.path().join(".stuck.yaml.tmp");
+    std::fs::write(&tmp, format!("{}{d_entry}", t.workloads_yaml()))?;
+    std::fs::rename(&tmp, &stuck_file)?;
+    // Past the reply timeout (10 s) from the successor's request, whenever it came.
+    std::thread::sleep(Duration::from_secs(14));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    new.wait_enrolled(&[&a, &b, &e])?;
+    let state = new.dump()?.handover.state;
+    assert_eq!(state, "taking_over", "{}", new.log_text());
+    assert!(old.alive(), "{}", old.log_text());
+    let log = new.log_text();
+    assert!(log.contains("the predecessor is slow to answer"), "{log}");
+
+    // The view completes: the handover finishes as usual.
+    std::fs::write(&tmp, t.workloads_yaml())?;
+    std::fs::rename(&tmp, &stuck_file)?;
+    wait_handover(&new, "complete")?;
+    stop_drained(&mut old)?;
+    assert!(call_ok(&mut t, &a, b.addr(8080)));
+    Ok(())
+}
