@@ -223,36 +223,28 @@ fn link_detach(link: &FdLink) -> io::Result<()> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let id = link.info().map_err(io::Error::other)?.id();
     // `bpf_attr` for BPF_LINK_GET_FD_BY_ID: link_id, next_id, open_flags.
-    let by_id: [u32; 3] = [id, 0, 0];
-    // SAFETY: the attribute is a plain array of the size passed; the kernel reads it only.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            by_id.as_ptr(),
-            std::mem::size_of_val(&by_id),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &[id, 0, 0])?;
     // SAFETY: the kernel just handed out this descriptor; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // `bpf_attr` for BPF_LINK_DETACH: link_fd.
-    let detach: [u32; 1] = [fd.as_raw_fd() as u32];
-    // SAFETY: as above.
+    bpf(BPF_LINK_DETACH, &[fd.as_raw_fd() as u32]).map(drop)
+}
+
+/// `bpf(cmd, attr)` with `attr` the command's leading `bpf_attr` fields, all `__u32`.
+fn bpf(cmd: libc::c_long, attr: &[u32]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a plain array of the size passed; the kernel only reads it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            detach.as_ptr(),
-            std::mem::size_of_val(&detach),
+            cmd,
+            attr.as_ptr(),
+            std::mem::size_of_val(attr),
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 /// A link a previous (or still running) ztunnel pinned for a pod.

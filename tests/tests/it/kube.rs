@@ -18,6 +18,8 @@ use ztunnel_tests::{Pod, Topology};
 #[path = "../../../ztunnel/src/kube/fake_api.rs"]
 mod fake_api;
 use fake_api::FakeApi;
+// What the fake API server's RBAC check reads (`super::Access` there).
+use ztunnel::kube::Access;
 
 const UID_CGROUPFS: &str = "6f1d2c3b-1111-4a2b-9c3d-0123456789ab";
 const UID_SYSTEMD: &str = "6f1d2c3b-2222-4a2b-9c3d-0123456789ab";
@@ -184,6 +186,28 @@ fn namespace_object(ambient: bool) -> serde_json::Value {
     json!({"metadata": {"name": "default", "labels": labels}})
 }
 
+/// node1's ztunnel with `--source kube` against `api` (a kubeconfig pointing at it), its
+/// CA root in the Secret `default/ztunnel-ca-root`.
+fn spawn_kube_ztunnel(t: &mut Topology, api: &FakeApi) -> anyhow::Result<ztunnel_tests::Ztunnel> {
+    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
+            api.addr
+        ),
+    )?;
+    let mut source = Command::new("");
+    source
+        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    t.spawn_ztunnel_from("node1", false, &source)
+}
+
 #[test]
 fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
@@ -218,23 +242,7 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     api.apply("namespaces", namespace_object(false));
     api.apply("pods", pod_object(&a, &uid_a));
     api.apply("pods", pod_object(&b, &uid_b));
-    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
-            api.addr
-        ),
-    )?;
-    let mut source = Command::new("");
-    source
-        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let z = t.spawn_ztunnel_from("node1", false, &source)?;
+    let z = spawn_kube_ztunnel(&mut t, &api)?;
     let d = z.wait_for("both pods in the store", |d| d.workloads.len() == 2)?;
     assert!(
         d.enrolled_pods.is_empty(),
@@ -284,17 +292,7 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     // Deleting a pod unenrols it; the other stays.
     api.delete("pods", "default/b", true);
     z.wait_enrolled(&[&a])?;
-    let calls = api.calls();
-    for call in &calls {
-        assert!(
-            ztunnel::kube::API_ACCESS
-                .iter()
-                .any(|x| x.resource == call.resource
-                    && x.namespaced == call.namespaced
-                    && x.verbs.contains(&call.verb.as_str())),
-            "call not covered by the RBAC rules: {call:?}"
-        );
-    }
+    api.assert_calls_granted(ztunnel::kube::API_ACCESS);
     Ok(())
 }
 
@@ -376,23 +374,7 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
             "spec": {"gatewayClassName": "istio-waypoint",
                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
     );
-    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
-             users: [{{name: fake, user: {{}}}}]\n\
-             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
-            api.addr
-        ),
-    )?;
-    let mut source = Command::new("");
-    source
-        .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let z = t.spawn_ztunnel_from("node1", false, &source)?;
+    let z = spawn_kube_ztunnel(&mut t, &api)?;
     z.wait_enrolled(&[&a, &b])?;
     let dst: std::net::SocketAddr = format!("{vip}:80").parse()?;
     let call = |t: &mut Topology| -> anyhow::Result<()> {

@@ -152,14 +152,7 @@ mod tests {
             .parse()
             .expect("identity");
         a.issue(&id).expect("the root issues leaves");
-        for call in api.calls() {
-            assert!(
-                API_ACCESS.iter().any(|x| x.resource == call.resource
-                    && x.namespaced == call.namespaced
-                    && x.verbs.contains(&call.verb.as_str())),
-                "call not covered by API_ACCESS: {call:?}"
-            );
-        }
+        api.assert_calls_granted(API_ACCESS);
     }
 
     #[tokio::test]

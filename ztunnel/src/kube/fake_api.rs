@@ -130,6 +130,18 @@ impl FakeApi {
         self.lock().calls.clone()
     }
 
+    /// Panics unless every call so far is one `granted` (ztunnel's `API_ACCESS`) allows.
+    pub fn assert_calls_granted(&self, granted: &[super::Access]) {
+        for call in self.calls() {
+            assert!(
+                granted.iter().any(|a| a.resource == call.resource
+                    && a.namespaced == call.namespaced
+                    && a.verbs.contains(&call.verb.as_str())),
+                "call not covered by the RBAC rules (API_ACCESS): {call:?}"
+            );
+        }
+    }
+
     /// Adds or replaces an object, telling open watches.
     pub fn apply(&self, resource: &str, mut obj: Value) {
         let mut inner = self.lock();
