@@ -186,6 +186,15 @@ fn namespace_object(ambient: bool) -> serde_json::Value {
     json!({"metadata": {"name": "default", "labels": labels}})
 }
 
+/// A pod UID unique to this run and test (`tag`): ztunnel walks the machine's whole cgroup
+/// tree.
+fn run_uid(tag: u16, n: u32) -> String {
+    format!(
+        "{:08x}-{tag:04}-4a2b-9c3d-0123456789ab",
+        std::process::id() * 4 + n
+    )
+}
+
 /// node1's ztunnel with `--source kube` against `api` (a kubeconfig pointing at it), its
 /// CA root in the Secret `default/ztunnel-ca-root`.
 fn spawn_kube_ztunnel(t: &mut Topology, api: &FakeApi) -> anyhow::Result<ztunnel_tests::Ztunnel> {
@@ -213,13 +222,7 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     let rt = tokio::runtime::Runtime::new()?;
     let api = rt.block_on(FakeApi::start());
     let mut t = Topology::new()?;
-    // UIDs unique to this run: ztunnel walks the machine's whole cgroup tree.
-    let uid = |n: u32| {
-        format!(
-            "{:08x}-5555-4a2b-9c3d-0123456789ab",
-            std::process::id() * 4 + n
-        )
-    };
+    let uid = |n: u32| run_uid(5555, n);
     let (uid_a, uid_b) = (uid(1), uid(2));
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
@@ -308,12 +311,7 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
     let api = rt.block_on(FakeApi::start());
     api.install_gateway_api();
     let mut t = Topology::new()?;
-    let uid = |n: u32| {
-        format!(
-            "{:08x}-6666-4a2b-9c3d-0123456789ab",
-            std::process::id() * 4 + n
-        )
-    };
+    let uid = |n: u32| run_uid(6666, n);
     let (uid_a, uid_b, uid_wp) = (uid(1), uid(2), uid(3));
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
