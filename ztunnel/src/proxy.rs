@@ -5,6 +5,7 @@
 mod hbone_inbound;
 mod inbound;
 mod outbound;
+mod relay;
 pub mod return_path;
 
 use std::{
@@ -1433,8 +1434,8 @@ async fn relay(
     proxy: &Proxy,
     id: u64,
     started: Instant,
-    mut downstream: TcpStream,
-    mut upstream: TcpStream,
+    downstream: TcpStream,
+    upstream: TcpStream,
 ) {
     let _ = downstream.set_nodelay(true);
     {
@@ -1443,13 +1444,7 @@ async fn relay(
             .connections
             .attach(id, &[downstream.as_raw_fd(), upstream.as_raw_fd()]);
     }
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut downstream,
-        &mut upstream,
-        64 << 10,
-        64 << 10,
-    )
-    .await;
+    let result = relay::relay(&downstream, &upstream).await;
     let (sent, received, outcome) = match result {
         Ok((from_down, from_up)) => (from_down, from_up, "ok".to_owned()),
         Err(e) => (0, 0, format!("error: {e}")),
