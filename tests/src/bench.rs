@@ -237,6 +237,13 @@ pub const FIGURES: &[Figure] = &[
         false,
         true,
     ),
+    fig(
+        "kib_per_idle_plain_conn",
+        "ztunnel memory per idle connection outside the mesh (plain TCP)",
+        "KiB",
+        false,
+        true,
+    ),
     fig("rss_peak_mib", "ztunnel RSS, peak", "MiB", false, true),
     fig(
         "dns_local_per_sec",
@@ -697,6 +704,33 @@ fn run_scenario(
     std::thread::sleep(opts.idle_settle());
     let with_conns = max_rss(&proxies)?;
     drop(holder);
+    // The same to a destination outside the mesh (the cluster DNS pod's echo): relayed
+    // as plain TCP by the client's proxy. Per proxy, the one that grew most.
+    let kib_per_plain = if s.proxied() {
+        let _plain_echo = topo.serve(&dns, dns.addr(ECHO_PORT))?;
+        let plain = dns.addr(ECHO_PORT).to_string();
+        let before: Vec<u64> = proxies
+            .iter()
+            .map(|p| status_kib(*p, "VmRSS"))
+            .collect::<anyhow::Result<_>>()?;
+        let mut holder = topo.spawn(
+            &client,
+            &["parallel", &plain, "--count", &count, "--secs", "600"],
+        )?;
+        let line = holder.read_line()?;
+        if line != format!("open={count}") {
+            bail!("idle connections outside the mesh did not open: {line:?}");
+        }
+        std::thread::sleep(opts.idle_settle());
+        let mut grew = 0;
+        for (p, b) in proxies.iter().zip(before) {
+            grew = grew.max(status_kib(*p, "VmRSS")?.saturating_sub(b));
+        }
+        drop(holder);
+        Some(grew as f64 / opts.idle_conns() as f64)
+    } else {
+        None
+    };
     let iperf = Path::new("iperf3");
     let port = IPERF_PORT.to_string();
     let mut iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
@@ -859,6 +893,9 @@ fn run_scenario(
             "kib_per_idle_conn",
             with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
         );
+        if let Some(kib) = kib_per_plain {
+            f.insert("kib_per_idle_plain_conn", kib);
+        }
         f.insert("rss_peak_mib", mib(max_status(&proxies, "VmHWM")?));
     }
     drop((ztunnels, istio));
@@ -887,8 +924,9 @@ fn is_capture_program(sym: &str) -> bool {
             .any(|p| p.starts_with(name))
 }
 
-/// The sampling period of [`capture_kernel_cost`]'s profile: one sample per 250 µs of CPU.
-const CAPTURE_SAMPLE_NS: u64 = 250_000;
+/// The sampling period of [`capture_kernel_cost`]'s profile: one sample per 100 µs of CPU
+/// (a quick run's one-second phase still gets tens of samples in eBPF programs).
+const CAPTURE_SAMPLE_NS: u64 = 100_000;
 
 /// Kernel time the capture machinery takes per new connection, the same measure for
 /// iptables and eBPF capture: a system-wide perf profile (`cpu-clock`, kernel stacks) of
