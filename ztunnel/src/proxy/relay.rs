@@ -39,6 +39,9 @@ enum Step {
 async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
+        // Readiness and `try_read` take no part in tokio's cooperative budget: a direction
+        // that always has data would otherwise never let its worker run other tasks.
+        tokio::task::coop::consume_budget().await;
         from.readable().await?;
         let step = SCRATCH.with(|cell| -> io::Result<Step> {
             let mut buf = cell.borrow_mut();
@@ -64,8 +67,11 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
         match step {
             Step::Again => {}
             Step::Eof => {
-                socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
-                return Ok(total);
+                // A peer already gone (ENOTCONN) is the other direction's to report.
+                match socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
+                    _ => return Ok(total),
+                }
             }
             Step::Moved { n, rest } => {
                 total += n as u64;
