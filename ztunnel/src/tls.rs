@@ -197,23 +197,83 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Read buffer under TLS on an HBONE connection, once it is authenticated. rustls asks its
-/// transport for at most 4 KiB at a time, so a 16 KiB record would cost four `recvfrom`
-/// calls; reading the socket into this buffer first turns a busy tunnel's ciphertext into
-/// one syscall per several records (`cargo xtask bench`, "throughput", and the note on
-/// issue 7). It is given only after the TLS handshake ([`Transport::authenticated`]): a
-/// client that never finishes its handshake must not cost 128 KiB.
+/// Read buffer under TLS on an HBONE connection, once it is authenticated and busy. rustls
+/// asks its transport for at most 4 KiB at a time, so a 16 KiB record would cost four
+/// `recvfrom` calls; reading the socket into this buffer first turns a busy tunnel's
+/// ciphertext into one syscall per several records (`cargo xtask bench`, "throughput", and
+/// the note on issue 7). It is given only after the TLS handshake
+/// ([`Transport::authenticated`]), so a client that never finishes its handshake costs
+/// none, and only while reads keep finding more than rustls asked for: an idle or lightly
+/// used connection holds none (see [`LIGHT_READ`]).
 pub const READ_BUFFER: usize = 128 * 1024;
 
+/// A fill of [`READ_BUFFER`] smaller than this (a record's worth) means the traffic got
+/// light: the buffer is freed once it is read out, and reads go straight to rustls again.
+const LIGHT_READ: usize = 16 * 1024;
+
 /// The TCP connection an HBONE TLS session runs on: unbuffered during the handshake, with
-/// [`READ_BUFFER`] under it once [`Transport::authenticated`] is called.
+/// [`READ_BUFFER`] under it while busy once [`Transport::authenticated`] is called.
 #[derive(Debug)]
 pub struct Transport(Option<TransportInner>);
 
 #[derive(Debug)]
 enum TransportInner {
     Handshaking(tokio::net::TcpStream),
-    Authenticated(tokio::io::BufReader<tokio::net::TcpStream>),
+    Authenticated(Buffered),
+}
+
+/// An authenticated connection's read side: straight into the caller's buffer while a
+/// read finds no more than was asked for, through [`READ_BUFFER`] from the moment one
+/// fills what was asked (more is likely queued) until a fill comes back light.
+#[derive(Debug)]
+struct Buffered {
+    tcp: tokio::net::TcpStream,
+    /// Empty (no allocation) while traffic is light.
+    buf: Box<[u8]>,
+    /// `buf[pos..filled]` is read from the socket and not yet handed out.
+    pos: usize,
+    filled: usize,
+}
+
+impl Buffered {
+    fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        dst: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{Poll, ready};
+        use tokio::io::AsyncRead as _;
+        if dst.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if self.pos == self.filled {
+            if self.buf.is_empty() {
+                let asked = dst.remaining();
+                ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, dst))?;
+                if dst.remaining() == 0 && asked > 0 {
+                    // Filled all it was given: the socket likely holds more.
+                    self.buf = vec![0; READ_BUFFER].into_boxed_slice();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut fill = tokio::io::ReadBuf::new(&mut self.buf);
+            ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, &mut fill))?;
+            let n = fill.filled().len();
+            (self.pos, self.filled) = (0, n);
+            if n == 0 {
+                // End of stream: nothing more to buffer.
+                self.buf = Box::default();
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let n = dst.remaining().min(self.filled - self.pos);
+        dst.put_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos == self.filled && self.filled < LIGHT_READ {
+            (self.buf, self.pos, self.filled) = (Box::default(), 0, 0);
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Wraps a connected socket for TLS (see [`READ_BUFFER`]).
@@ -222,20 +282,25 @@ pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
 }
 
 impl Transport {
-    /// Gives the connection its read buffer; call once the handshake has authenticated the
-    /// peer. Nothing is buffered before, so nothing is lost.
+    /// Lets the connection buffer its reads from now on (see [`READ_BUFFER`]); call once
+    /// the handshake has authenticated the peer. Nothing is buffered before, so nothing
+    /// is lost.
     pub fn authenticated(&mut self) {
         if let Some(TransportInner::Handshaking(tcp)) = self.0.take() {
-            self.0 = Some(TransportInner::Authenticated(
-                tokio::io::BufReader::with_capacity(READ_BUFFER, tcp),
-            ));
+            self.0 = Some(TransportInner::Authenticated(Buffered {
+                tcp,
+                buf: Box::default(),
+                pos: 0,
+                filled: 0,
+            }));
         }
     }
 
-    /// The read buffer's size: 0 until [`Transport::authenticated`].
+    /// The read buffer's size now: 0 until [`Transport::authenticated`], and while the
+    /// connection's traffic is light.
     pub fn buffer_capacity(&self) -> usize {
         match &self.0 {
-            Some(TransportInner::Authenticated(_)) => READ_BUFFER,
+            Some(TransportInner::Authenticated(b)) => b.buf.len(),
             _ => 0,
         }
     }
@@ -244,7 +309,7 @@ impl Transport {
     pub fn tcp(&self) -> &tokio::net::TcpStream {
         match self.inner() {
             TransportInner::Handshaking(tcp) => tcp,
-            TransportInner::Authenticated(b) => b.get_ref(),
+            TransportInner::Authenticated(b) => &b.tcp,
         }
     }
 
@@ -263,6 +328,14 @@ impl Transport {
         )]
         self.0.as_mut().expect("transport is never left empty")
     }
+
+    /// The socket, for writing (writes are never buffered here).
+    fn tcp_mut(&mut self) -> &mut tokio::net::TcpStream {
+        match self.inner_mut() {
+            TransportInner::Handshaking(tcp) => tcp,
+            TransportInner::Authenticated(b) => &mut b.tcp,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Transport {
@@ -274,7 +347,7 @@ impl tokio::io::AsyncRead for Transport {
         use std::pin::Pin;
         match self.get_mut().inner_mut() {
             TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_read(cx, buf),
+            TransportInner::Authenticated(b) => b.poll_read(cx, buf),
         }
     }
 }
@@ -285,11 +358,7 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write(cx, data),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_write(cx, data),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
@@ -297,11 +366,7 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_write_vectored(cx, bufs),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -312,22 +377,14 @@ impl tokio::io::AsyncWrite for Transport {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_flush(cx),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_flush(cx),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_shutdown(cx),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_shutdown(cx)
     }
 }
 
@@ -640,7 +697,11 @@ mod tests {
                 .await
                 .expect("server handshake");
             tls.get_mut().0.authenticated();
-            assert_eq!(tls.get_ref().0.buffer_capacity(), READ_BUFFER);
+            assert_eq!(
+                tls.get_ref().0.buffer_capacity(),
+                0,
+                "no buffer until reads need one"
+            );
             let mut got = vec![0u8; 300_000];
             tls.read_exact(&mut got).await.expect("read");
             tls.write_all(&got).await.expect("echo");
@@ -665,6 +726,61 @@ mod tests {
         })
         .await
         .expect("finished in time");
+    }
+
+    /// Reads `n` bytes through `t` in `chunk`-sized reads, as rustls asks.
+    async fn read_through(t: &mut Transport, n: usize, chunk: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut buf = vec![0u8; chunk];
+            let k = t.read(&mut buf).await.expect("read");
+            assert!(k > 0, "end of stream after {} of {n} bytes", got.len());
+            got.extend_from_slice(&buf[..k]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_is_held_only_while_reads_find_more_than_asked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut t = transport(tcp);
+        t.authenticated();
+        assert_eq!(t.buffer_capacity(), 0, "idle: no buffer");
+        let wait = || tokio::time::sleep(Duration::from_millis(100));
+
+        // Light traffic: each read gets less than it asked for, straight from the socket.
+        peer.write_all(b"hello").await.expect("write");
+        assert_eq!(read_through(&mut t, 5, 4096).await, b"hello");
+        assert_eq!(t.buffer_capacity(), 0, "a light read takes no buffer");
+
+        // A burst: the first read fills the 4 KiB asked, so the next ones go through the
+        // buffer; the bytes arrive whole and in order either way.
+        let burst: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&burst).await.expect("write");
+        wait().await;
+        let first = read_through(&mut t, 4096, 4096).await;
+        assert_eq!(first, burst[..4096]);
+        assert_eq!(t.buffer_capacity(), READ_BUFFER, "busy: buffered");
+        let rest = read_through(&mut t, burst.len() - 4096, 4096).await;
+        assert!(rest == burst[4096..], "the buffered bytes differ");
+
+        // Light again: a small fill is handed out and the buffer goes with it.
+        peer.write_all(b"bye").await.expect("write");
+        wait().await;
+        assert_eq!(read_through(&mut t, 3, 4096).await, b"bye");
+        assert_eq!(t.buffer_capacity(), 0, "light again: buffer freed");
+
+        // End of stream reads as such, buffered or not.
+        drop(peer);
+        let mut buf = [0u8; 16];
+        assert_eq!(t.read(&mut buf).await.expect("read"), 0);
+        assert_eq!(t.buffer_capacity(), 0);
     }
 
     #[tokio::test]
