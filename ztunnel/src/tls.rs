@@ -207,9 +207,13 @@ pub fn client_config(
 /// used connection holds none (see [`LIGHT_READ`]).
 pub const READ_BUFFER: usize = 128 * 1024;
 
-/// A fill of [`READ_BUFFER`] smaller than this (a record's worth) means the traffic got
-/// light: the buffer is freed once it is read out, and reads go straight to rustls again.
+/// A fill of [`READ_BUFFER`] smaller than this (a record's worth) is a light one; after
+/// [`LIGHT_FILLS`] light fills in a row the buffer is freed once read out, and reads go
+/// straight to rustls again.
 const LIGHT_READ: usize = 16 * 1024;
+/// Consecutive light fills before the buffer is freed: a connection whose traffic comes
+/// and goes keeps it instead of allocating it again at every burst.
+const LIGHT_FILLS: u8 = 4;
 
 /// The TCP connection an HBONE TLS session runs on: unbuffered during the handshake, with
 /// [`READ_BUFFER`] under it while busy once [`Transport::authenticated`] is called.
@@ -224,15 +228,15 @@ enum TransportInner {
 
 /// An authenticated connection's read side: straight into the caller's buffer while a
 /// read finds no more than was asked for, through [`READ_BUFFER`] from the moment one
-/// fills what was asked (more is likely queued) until a fill comes back light.
+/// fills what was asked (more is likely queued) until fills come back light.
 #[derive(Debug)]
 struct Buffered {
     tcp: tokio::net::TcpStream,
-    /// Empty (no allocation) while traffic is light.
-    buf: Box<[u8]>,
-    /// `buf[pos..filled]` is read from the socket and not yet handed out.
-    pos: usize,
-    filled: usize,
+    /// Read from the socket and not yet handed out; `None` (no allocation) while traffic
+    /// is light. Never zeroed: reads go into its spare capacity.
+    buf: Option<bytes::BytesMut>,
+    /// Light fills in a row (see [`LIGHT_FILLS`]).
+    light_fills: u8,
 }
 
 impl Buffered {
@@ -241,36 +245,45 @@ impl Buffered {
         cx: &mut std::task::Context<'_>,
         dst: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        use bytes::Buf as _;
         use std::task::{Poll, ready};
         use tokio::io::AsyncRead as _;
         if dst.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        if self.pos == self.filled {
-            if self.buf.is_empty() {
-                let asked = dst.remaining();
-                ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, dst))?;
-                if dst.remaining() == 0 && asked > 0 {
-                    // Filled all it was given: the socket likely holds more.
-                    self.buf = vec![0; READ_BUFFER].into_boxed_slice();
-                }
-                return Poll::Ready(Ok(()));
+        let Some(buf) = &mut self.buf else {
+            ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, dst))?;
+            if dst.remaining() == 0 {
+                // Filled all it was given: the socket likely holds more.
+                self.buf = Some(bytes::BytesMut::with_capacity(READ_BUFFER));
+                self.light_fills = 0;
             }
-            let mut fill = tokio::io::ReadBuf::new(&mut self.buf);
-            ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, &mut fill))?;
-            let n = fill.filled().len();
-            (self.pos, self.filled) = (0, n);
+            return Poll::Ready(Ok(()));
+        };
+        if buf.is_empty() {
+            // Empty and ours alone: takes back the whole allocation, copying nothing.
+            buf.reserve(READ_BUFFER);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut self.tcp),
+                cx,
+                buf
+            ))?;
             if n == 0 {
                 // End of stream: nothing more to buffer.
-                self.buf = Box::default();
+                self.buf = None;
                 return Poll::Ready(Ok(()));
             }
+            self.light_fills = if n < LIGHT_READ {
+                self.light_fills.saturating_add(1)
+            } else {
+                0
+            };
         }
-        let n = dst.remaining().min(self.filled - self.pos);
-        dst.put_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        if self.pos == self.filled && self.filled < LIGHT_READ {
-            (self.buf, self.pos, self.filled) = (Box::default(), 0, 0);
+        let n = dst.remaining().min(buf.len());
+        dst.put_slice(&buf[..n]);
+        buf.advance(n);
+        if buf.is_empty() && self.light_fills >= LIGHT_FILLS {
+            self.buf = None;
         }
         Poll::Ready(Ok(()))
     }
@@ -289,9 +302,8 @@ impl Transport {
         if let Some(TransportInner::Handshaking(tcp)) = self.0.take() {
             self.0 = Some(TransportInner::Authenticated(Buffered {
                 tcp,
-                buf: Box::default(),
-                pos: 0,
-                filled: 0,
+                buf: None,
+                light_fills: 0,
             }));
         }
     }
@@ -300,7 +312,7 @@ impl Transport {
     /// connection's traffic is light.
     pub fn buffer_capacity(&self) -> usize {
         match &self.0 {
-            Some(TransportInner::Authenticated(b)) => b.buf.len(),
+            Some(TransportInner::Authenticated(Buffered { buf: Some(_), .. })) => READ_BUFFER,
             _ => 0,
         }
     }
@@ -770,11 +782,15 @@ mod tests {
         let rest = read_through(&mut t, burst.len() - 4096, 4096).await;
         assert!(rest == burst[4096..], "the buffered bytes differ");
 
-        // Light again: a small fill is handed out and the buffer goes with it.
-        peer.write_all(b"bye").await.expect("write");
-        wait().await;
-        assert_eq!(read_through(&mut t, 3, 4096).await, b"bye");
-        assert_eq!(t.buffer_capacity(), 0, "light again: buffer freed");
+        // Light again: the buffer stays through a few light fills (traffic that comes and
+        // goes does not allocate it at every burst), then goes.
+        for i in 1..=LIGHT_FILLS {
+            peer.write_all(b"bye").await.expect("write");
+            wait().await;
+            assert_eq!(read_through(&mut t, 3, 4096).await, b"bye");
+            let want = if i < LIGHT_FILLS { READ_BUFFER } else { 0 };
+            assert_eq!(t.buffer_capacity(), want, "after {i} light fills");
+        }
 
         // End of stream reads as such, buffered or not.
         drop(peer);
