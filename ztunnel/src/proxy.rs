@@ -9,7 +9,7 @@ mod relay;
 pub mod return_path;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -271,9 +271,36 @@ struct ConnState {
     outbound: usize,
     closed: VecDeque<ConnectionRecord>,
     opened_total: u64,
+    /// The distinct label sets of the active connections, each held once and shared by
+    /// every connection that has it (most of a node's connections share a handful): a
+    /// set is 28 strings, two kilobytes per connection when each kept its own copy. A
+    /// set leaves with the last connection holding it, so there are never more sets
+    /// than active connections.
+    tags: HashSet<Arc<Tags>>,
+}
+
+/// What a connection is counted and logged as, fixed when it opens (see
+/// [`ConnState::tags`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Tags {
+    /// Istio's metric labels.
+    labels: crate::metrics::ConnLabels,
+    /// The workloads' names for the access log (Istio's `src.workload`, `dst.workload`).
+    peers: Peers,
 }
 
 impl ConnState {
+    /// The shared copy of `tags`: the one an active connection already holds, or `tags`
+    /// itself, kept from now on.
+    fn intern(&mut self, tags: Tags) -> Arc<Tags> {
+        if let Some(shared) = self.tags.get(&tags) {
+            return shared.clone();
+        }
+        let shared = Arc::new(tags);
+        self.tags.insert(shared.clone());
+        shared
+    }
+
     fn insert(&mut self, a: Active) {
         if a.rec.direction == Direction::Outbound {
             self.outbound += 1;
@@ -286,6 +313,10 @@ impl ConnState {
         let a = self.active.remove(&id)?;
         if a.rec.direction == Direction::Outbound {
             self.outbound -= 1;
+        }
+        // Held by `tags` and this entry only, both under the lock: its last user.
+        if Arc::strong_count(&a.tags) == 2 {
+            self.tags.remove(&*a.tags);
         }
         Some(a)
     }
@@ -303,14 +334,13 @@ struct Active {
     fds: Vec<std::os::fd::RawFd>,
     /// Set when ztunnel ends the connection itself (e.g. a policy now denies it).
     closing: Option<String>,
-    /// Istio's metric labels, fixed when the connection opens.
-    labels: crate::metrics::ConnLabels,
-    /// The workloads' names for the access log (Istio's `src.workload`, `dst.workload`).
-    peers: Peers,
+    /// Its labels and peers, shared with the other active connections that have the same
+    /// (see [`ConnState::tags`]).
+    tags: Arc<Tags>,
 }
 
 /// The pod names of a connection's two ends, when they are workloads ztunnel knows.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Hash)]
 pub struct Peers {
     pub src: Option<String>,
     pub dst: Option<String>,
@@ -387,12 +417,13 @@ impl ConnectionLog {
         if !probe {
             self.metrics.connection_opened(&labels);
         }
-        self.lock().insert(Active {
+        let mut st = self.lock();
+        let tags = st.intern(Tags { labels, peers });
+        st.insert(Active {
             rec: Arc::new(rec),
             fds: Vec::new(),
             closing: None,
-            labels,
-            peers,
+            tags,
         });
         id
     }
@@ -474,11 +505,7 @@ impl ConnectionLog {
 
     fn close(&self, id: u64, sent: u64, received: u64, elapsed: Duration, outcome: String) {
         let Some(Active {
-            rec,
-            closing,
-            mut labels,
-            peers,
-            ..
+            rec, closing, tags, ..
         }) = self.lock().remove(id)
         else {
             return;
@@ -489,14 +516,26 @@ impl ConnectionLog {
         rec.bytes_received = received;
         rec.duration_ms = Some(elapsed.as_millis() as u64);
         let outcome = closing.unwrap_or(outcome);
-        labels.response_flags = response_flag(&outcome).to_owned();
+        let flag = response_flag(&outcome);
+        // The shared labels as they are when the flag is theirs (a connection that ended
+        // well), a copy with the flag otherwise.
+        let flagged;
+        let labels = if tags.labels.response_flags == flag {
+            &tags.labels
+        } else {
+            flagged = crate::metrics::ConnLabels {
+                response_flags: flag.to_owned(),
+                ..tags.labels.clone()
+            };
+            &flagged
+        };
         rec.outcome = Some(outcome);
         // Istio counts "sent" from the destination back to the source and "received"
         // from the source to the destination, whichever side reports.
         if !rec.probe {
-            self.metrics.connection_closed(&labels, received, sent);
+            self.metrics.connection_closed(labels, received, sent);
         }
-        access_log(&rec, &labels, &peers);
+        access_log(&rec, labels, &tags.peers);
         let mut st = self.lock();
         if st.closed.len() == CLOSED_KEPT {
             st.closed.pop_front();
@@ -999,10 +1038,10 @@ async fn accept_loop<H, F>(
     let mut drain = proxy.drain.subscribe();
     let serve = |stream: TcpStream, peer: SocketAddr, held: limits::Held| {
         let conn = handle(proxy.clone(), pod.clone(), stream, peer);
-        tokio::spawn(async move {
-            conn.await;
-            drop(held);
-        });
+        // `map`, not `async move { conn.await; drop(held) }`: awaiting a captured future
+        // moves it into a second slot of the block's state, and every task was twice the
+        // connection's future (2,176 bytes for a 1,016-byte one).
+        tokio::spawn(futures_util::FutureExt::map(conn, move |()| drop(held)));
     };
     loop {
         let slot = tokio::select! {
@@ -1545,6 +1584,42 @@ mod tests {
         assert_eq!(ids(&list), [kept, doomed]);
         assert_eq!(list[1].outcome.as_deref(), Some("denied"));
         assert_eq!(list[0].outcome, None);
+    }
+
+    #[test]
+    fn connections_with_the_same_labels_share_one_copy_until_the_last_closes() {
+        let log = log();
+        let tags_of = |id: u64| log.lock().active.get(&id).map(|a| a.tags.clone());
+        let a = log.open(Direction::Outbound, "ns/a", addr(1), addr(80));
+        let b = log.open(Direction::Outbound, "ns/a", addr(2), addr(80));
+        // Another direction reports from the other side: other labels.
+        let c = log.open(Direction::Inbound, "ns/a", addr(3), addr(80));
+        let (ta, tb, tc) = (tags_of(a), tags_of(b), tags_of(c));
+        let (Some(ta), Some(tb), Some(tc)) = (ta, tb, tc) else {
+            panic!("an open connection has no tags");
+        };
+        assert!(Arc::ptr_eq(&ta, &tb), "same labels, one copy");
+        assert!(!Arc::ptr_eq(&ta, &tc), "other labels, their own copy");
+        assert_eq!(ta.labels.reporter, crate::metrics::REPORTER_SOURCE);
+        assert_eq!(tc.labels.reporter, crate::metrics::REPORTER_DESTINATION);
+        drop((ta, tb, tc));
+        assert_eq!(log.lock().tags.len(), 2);
+
+        log.close(a, 0, 0, Duration::ZERO, "done".into());
+        assert_eq!(log.lock().tags.len(), 2, "b still holds the outbound set");
+        log.close(b, 0, 0, Duration::ZERO, "done".into());
+        assert_eq!(log.lock().tags.len(), 1, "the outbound set left with b");
+        // A later connection with those labels gets a fresh copy, equal to the old one.
+        let d = log.open(Direction::Outbound, "ns/a", addr(4), addr(80));
+        assert_eq!(log.lock().tags.len(), 2);
+        for id in [c, d] {
+            log.close(id, 0, 0, Duration::ZERO, "done".into());
+        }
+        assert!(
+            log.lock().tags.is_empty(),
+            "no active connection, no label set"
+        );
+        assert_eq!(log.snapshot().1.len(), 4, "every close still recorded");
     }
 
     #[test]

@@ -197,23 +197,96 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Read buffer under TLS on an HBONE connection, once it is authenticated. rustls asks its
-/// transport for at most 4 KiB at a time, so a 16 KiB record would cost four `recvfrom`
-/// calls; reading the socket into this buffer first turns a busy tunnel's ciphertext into
-/// one syscall per several records (`cargo xtask bench`, "throughput", and the note on
-/// issue 7). It is given only after the TLS handshake ([`Transport::authenticated`]): a
-/// client that never finishes its handshake must not cost 128 KiB.
+/// Read buffer under TLS on an HBONE connection, once it is authenticated and busy. rustls
+/// asks its transport for at most 4 KiB at a time, so a 16 KiB record would cost four
+/// `recvfrom` calls; reading the socket into this buffer first turns a busy tunnel's
+/// ciphertext into one syscall per several records (`cargo xtask bench`, "throughput", and
+/// the note on issue 7). It is given only after the TLS handshake
+/// ([`Transport::authenticated`]), so a client that never finishes its handshake costs
+/// none, and only while reads keep finding more than rustls asked for: an idle or lightly
+/// used connection holds none (see [`LIGHT_READ`]).
 pub const READ_BUFFER: usize = 128 * 1024;
 
+/// A fill of [`READ_BUFFER`] smaller than this (a record's worth) is a light one; after
+/// [`LIGHT_FILLS`] light fills in a row the buffer is freed once read out, and reads go
+/// straight to rustls again.
+const LIGHT_READ: usize = 16 * 1024;
+/// Consecutive light fills before the buffer is freed: a connection whose traffic comes
+/// and goes keeps it instead of allocating it again at every burst.
+const LIGHT_FILLS: u8 = 4;
+
 /// The TCP connection an HBONE TLS session runs on: unbuffered during the handshake, with
-/// [`READ_BUFFER`] under it once [`Transport::authenticated`] is called.
+/// [`READ_BUFFER`] under it while busy once [`Transport::authenticated`] is called.
 #[derive(Debug)]
 pub struct Transport(Option<TransportInner>);
 
 #[derive(Debug)]
 enum TransportInner {
     Handshaking(tokio::net::TcpStream),
-    Authenticated(tokio::io::BufReader<tokio::net::TcpStream>),
+    Authenticated(Buffered),
+}
+
+/// An authenticated connection's read side: straight into the caller's buffer while a
+/// read finds no more than was asked for, through [`READ_BUFFER`] from the moment one
+/// fills what was asked (more is likely queued) until fills come back light.
+#[derive(Debug)]
+struct Buffered {
+    tcp: tokio::net::TcpStream,
+    /// Read from the socket and not yet handed out; `None` (no allocation) while traffic
+    /// is light. Never zeroed: reads go into its spare capacity.
+    buf: Option<bytes::BytesMut>,
+    /// Light fills in a row (see [`LIGHT_FILLS`]).
+    light_fills: u8,
+}
+
+impl Buffered {
+    fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        dst: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use bytes::Buf as _;
+        use std::task::{Poll, ready};
+        use tokio::io::AsyncRead as _;
+        if dst.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(buf) = &mut self.buf else {
+            ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, dst))?;
+            if dst.remaining() == 0 {
+                // Filled all it was given: the socket likely holds more.
+                self.buf = Some(bytes::BytesMut::with_capacity(READ_BUFFER));
+                self.light_fills = 0;
+            }
+            return Poll::Ready(Ok(()));
+        };
+        if buf.is_empty() {
+            // Empty and ours alone: takes back the whole allocation, copying nothing.
+            buf.reserve(READ_BUFFER);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut self.tcp),
+                cx,
+                buf
+            ))?;
+            if n == 0 {
+                // End of stream: nothing more to buffer.
+                self.buf = None;
+                return Poll::Ready(Ok(()));
+            }
+            self.light_fills = if n < LIGHT_READ {
+                self.light_fills.saturating_add(1)
+            } else {
+                0
+            };
+        }
+        let n = dst.remaining().min(buf.len());
+        dst.put_slice(&buf[..n]);
+        buf.advance(n);
+        if buf.is_empty() && self.light_fills >= LIGHT_FILLS {
+            self.buf = None;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Wraps a connected socket for TLS (see [`READ_BUFFER`]).
@@ -222,20 +295,24 @@ pub fn transport(tcp: tokio::net::TcpStream) -> Transport {
 }
 
 impl Transport {
-    /// Gives the connection its read buffer; call once the handshake has authenticated the
-    /// peer. Nothing is buffered before, so nothing is lost.
+    /// Lets the connection buffer its reads from now on (see [`READ_BUFFER`]); call once
+    /// the handshake has authenticated the peer. Nothing is buffered before, so nothing
+    /// is lost.
     pub fn authenticated(&mut self) {
         if let Some(TransportInner::Handshaking(tcp)) = self.0.take() {
-            self.0 = Some(TransportInner::Authenticated(
-                tokio::io::BufReader::with_capacity(READ_BUFFER, tcp),
-            ));
+            self.0 = Some(TransportInner::Authenticated(Buffered {
+                tcp,
+                buf: None,
+                light_fills: 0,
+            }));
         }
     }
 
-    /// The read buffer's size: 0 until [`Transport::authenticated`].
+    /// The read buffer's size now: 0 until [`Transport::authenticated`], and while the
+    /// connection's traffic is light.
     pub fn buffer_capacity(&self) -> usize {
         match &self.0 {
-            Some(TransportInner::Authenticated(_)) => READ_BUFFER,
+            Some(TransportInner::Authenticated(Buffered { buf: Some(_), .. })) => READ_BUFFER,
             _ => 0,
         }
     }
@@ -244,7 +321,7 @@ impl Transport {
     pub fn tcp(&self) -> &tokio::net::TcpStream {
         match self.inner() {
             TransportInner::Handshaking(tcp) => tcp,
-            TransportInner::Authenticated(b) => b.get_ref(),
+            TransportInner::Authenticated(b) => &b.tcp,
         }
     }
 
@@ -263,6 +340,14 @@ impl Transport {
         )]
         self.0.as_mut().expect("transport is never left empty")
     }
+
+    /// The socket, for writing (writes are never buffered here).
+    fn tcp_mut(&mut self) -> &mut tokio::net::TcpStream {
+        match self.inner_mut() {
+            TransportInner::Handshaking(tcp) => tcp,
+            TransportInner::Authenticated(b) => &mut b.tcp,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Transport {
@@ -274,7 +359,7 @@ impl tokio::io::AsyncRead for Transport {
         use std::pin::Pin;
         match self.get_mut().inner_mut() {
             TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_read(cx, buf),
+            TransportInner::Authenticated(b) => b.poll_read(cx, buf),
         }
     }
 }
@@ -285,11 +370,7 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write(cx, data),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_write(cx, data),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
@@ -297,11 +378,7 @@ impl tokio::io::AsyncWrite for Transport {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_write_vectored(cx, bufs),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -312,22 +389,14 @@ impl tokio::io::AsyncWrite for Transport {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_flush(cx),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_flush(cx),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        use std::pin::Pin;
-        match self.get_mut().inner_mut() {
-            TransportInner::Handshaking(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            TransportInner::Authenticated(b) => Pin::new(b).poll_shutdown(cx),
-        }
+        std::pin::Pin::new(self.get_mut().tcp_mut()).poll_shutdown(cx)
     }
 }
 
@@ -640,7 +709,11 @@ mod tests {
                 .await
                 .expect("server handshake");
             tls.get_mut().0.authenticated();
-            assert_eq!(tls.get_ref().0.buffer_capacity(), READ_BUFFER);
+            assert_eq!(
+                tls.get_ref().0.buffer_capacity(),
+                0,
+                "no buffer until reads need one"
+            );
             let mut got = vec![0u8; 300_000];
             tls.read_exact(&mut got).await.expect("read");
             tls.write_all(&got).await.expect("echo");
@@ -665,6 +738,65 @@ mod tests {
         })
         .await
         .expect("finished in time");
+    }
+
+    /// Reads `n` bytes through `t` in `chunk`-sized reads, as rustls asks.
+    async fn read_through(t: &mut Transport, n: usize, chunk: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut buf = vec![0u8; chunk];
+            let k = t.read(&mut buf).await.expect("read");
+            assert!(k > 0, "end of stream after {} of {n} bytes", got.len());
+            got.extend_from_slice(&buf[..k]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_is_held_only_while_reads_find_more_than_asked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut t = transport(tcp);
+        t.authenticated();
+        assert_eq!(t.buffer_capacity(), 0, "idle: no buffer");
+        let wait = || tokio::time::sleep(Duration::from_millis(100));
+
+        // Light traffic: each read gets less than it asked for, straight from the socket.
+        peer.write_all(b"hello").await.expect("write");
+        assert_eq!(read_through(&mut t, 5, 4096).await, b"hello");
+        assert_eq!(t.buffer_capacity(), 0, "a light read takes no buffer");
+
+        // A burst: the first read fills the 4 KiB asked, so the next ones go through the
+        // buffer; the bytes arrive whole and in order either way.
+        let burst: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&burst).await.expect("write");
+        wait().await;
+        let first = read_through(&mut t, 4096, 4096).await;
+        assert_eq!(first, burst[..4096]);
+        assert_eq!(t.buffer_capacity(), READ_BUFFER, "busy: buffered");
+        let rest = read_through(&mut t, burst.len() - 4096, 4096).await;
+        assert!(rest == burst[4096..], "the buffered bytes differ");
+
+        // Light again: the buffer stays through a few light fills (traffic that comes and
+        // goes does not allocate it at every burst), then goes.
+        for i in 1..=LIGHT_FILLS {
+            peer.write_all(b"bye").await.expect("write");
+            wait().await;
+            assert_eq!(read_through(&mut t, 3, 4096).await, b"bye");
+            let want = if i < LIGHT_FILLS { READ_BUFFER } else { 0 };
+            assert_eq!(t.buffer_capacity(), want, "after {i} light fills");
+        }
+
+        // End of stream reads as such, buffered or not.
+        drop(peer);
+        let mut buf = [0u8; 16];
+        assert_eq!(t.read(&mut buf).await.expect("read"), 0);
+        assert_eq!(t.buffer_capacity(), 0);
     }
 
     #[tokio::test]

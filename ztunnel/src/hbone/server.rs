@@ -192,32 +192,38 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|draining| *draining).await;
 }
 
-/// One CONNECT stream: opened (boxed, see [`open_stream`]), then copied until both sides
-/// are done. A long-lived stream's task holds only what the copy needs.
-async fn handle_stream<P, H, F, U>(
+/// One CONNECT stream: opened, then copied until both sides are done. The opening (the
+/// request's headers, policy, the upstream dial: kilobytes) is boxed and freed once
+/// answered, and this is a plain function returning a future that captures only that
+/// box: an `async fn` keeps its arguments (the request alone is hundreds of bytes) in its
+/// state for as long as it runs, and an inline `Box::pin(open_stream(..)).await` kept room
+/// for the unboxed opening too. A long-lived stream's task holds only what the copy needs.
+fn handle_stream<P, H, F, U>(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     arrived_on: IpAddr,
     peer: P,
     handler: Arc<H>,
-) where
+) -> impl Future<Output = ()>
+where
     H: Fn(Target, P) -> F,
     F: Future<Output = Result<Accepted<U>, Rejection>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some((mut tunnel, upstream, dst)) =
-        Box::pin(open_stream(req, respond, arrived_on, peer, handler)).await
-    else {
-        return;
-    };
-    match copy_bidirectional(&mut tunnel, upstream).await {
-        Ok(t) => tracing::debug!(
-            %dst,
-            received = t.tunnel_to_socket,
-            sent = t.socket_to_tunnel,
-            "tunnel closed"
-        ),
-        Err(error) => tracing::debug!(%dst, %error, "tunnel failed"),
+    let opening = Box::pin(open_stream(req, respond, arrived_on, peer, handler));
+    async move {
+        let Some((mut tunnel, upstream, dst)) = opening.await else {
+            return;
+        };
+        match copy_bidirectional(&mut tunnel, upstream).await {
+            Ok(t) => tracing::debug!(
+                %dst,
+                received = t.tunnel_to_socket,
+                sent = t.socket_to_tunnel,
+                "tunnel closed"
+            ),
+            Err(error) => tracing::debug!(%dst, %error, "tunnel failed"),
+        }
     }
 }
 
