@@ -93,7 +93,8 @@ impl Scenario {
             write() when ztunnel's socket has data queued (an sk_msg ingress redirect has no \
             backpressure; seen on 6.18), so the fast path suits request/response traffic only";
         const NO_EBPF: &str = "not measured: iptables capture runs no eBPF programs; its \
-            kernel cost (netfilter NAT and conntrack) shows only in the CPU figures";
+            kernel cost (netfilter NAT and conntrack) is in \"capture's kernel time per \
+            connection, perf\"";
         const NOT_OURS: &str = "not measured: the kernel's statistics are read through our \
             admin port (`/bpf_stats`)";
         const ISTIO_DNS_OFF: &str = "not measured: Istio's DNS proxy is opt-in \
