@@ -698,14 +698,7 @@ fn run_scenario(
     // Idle connections first, before bulk transfers have grown the heap.
     let echo = server.addr(ECHO_PORT).to_string();
     let count = opts.idle_conns().to_string();
-    let mut holder = topo.spawn(
-        &client,
-        &["parallel", &echo, "--count", &count, "--secs", "600"],
-    )?;
-    let line = holder.read_line()?;
-    if line != format!("open={count}") {
-        bail!("idle connections did not open: {line:?}");
-    }
+    let holder = hold_idle(&mut topo, &client, &echo, &count, "idle connections")?;
     // The tunnels are all up once every connection echoed. Idle means idle for a while:
     // what their opening used and freed goes back (ztunnel trims glibc's heap every 10 s,
     // Istio's jemalloc decays dirty pages over 10 s), so a full run reads the memory 11 s
@@ -725,17 +718,13 @@ fn run_scenario(
             .iter()
             .map(|p| status_kib(*p, "VmRSS"))
             .collect::<anyhow::Result<_>>()?;
-        let mut holder = topo.spawn(
+        let holder = hold_idle(
+            &mut topo,
             &client,
-            &["parallel", &plain, "--count", &count, "--secs", "600"],
+            &plain,
+            &count,
+            "idle connections outside the mesh",
         )?;
-        let line = holder.read_line()?;
-        if line != format!("open={count}") {
-            bail!(
-                "idle connections outside the mesh did not open: {line:?} {}",
-                holder.stderr_text()
-            );
-        }
         std::thread::sleep(opts.idle_settle());
         let mut grew = 0;
         for (p, b) in proxies.iter().zip(before) {
@@ -937,6 +926,26 @@ fn is_capture_program(sym: &str) -> bool {
         && ztunnel_common::program::ALL
             .iter()
             .any(|p| p.starts_with(name))
+}
+
+/// `count` connections from `client` to the echo at `dst`, each having echoed once, held
+/// open (idle) until the returned process is dropped.
+fn hold_idle(
+    topo: &mut Topology,
+    client: &Pod,
+    dst: &str,
+    count: &str,
+    what: &str,
+) -> anyhow::Result<crate::PodProcess> {
+    let mut holder = topo.spawn(
+        client,
+        &["parallel", dst, "--count", count, "--secs", "600"],
+    )?;
+    let line = holder.read_line()?;
+    if line != format!("open={count}") {
+        bail!("{what} did not open: {line:?} {}", holder.stderr_text());
+    }
+    Ok(holder)
 }
 
 /// The sampling period of [`capture_kernel_cost`]'s profile: one sample per 100 µs of CPU

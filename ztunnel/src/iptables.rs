@@ -144,9 +144,11 @@ fn installed(pod: &PodRules, addrs: &[IpAddr]) -> bool {
     families(pod.v6).into_iter().all(|fam| {
         pod.jumps().iter().all(|j| present(pod, fam, j))
             && rules(addrs, fam, pod.dns).iter().all(|rule| {
-                let mut args = vec!["-t", "nat", "-C"];
-                args.extend(rule.iter().map(String::as_str));
-                run(&pod.netns, fam, &args).is_ok()
+                present(
+                    pod,
+                    fam,
+                    &rule.iter().map(String::as_str).collect::<Vec<_>>(),
+                )
             })
     })
 }
