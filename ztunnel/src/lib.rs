@@ -28,3 +28,4 @@ pub mod proxy;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod waypoint;

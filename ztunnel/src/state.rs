@@ -78,6 +78,13 @@ pub struct LocalConfig {
     /// mTLS modes (Istio's PeerAuthentication; STRICT refuses plaintext).
     #[serde(default)]
     pub peer_authentications: Vec<policy::PeerAuthentication>,
+    /// L7 authorization policies enforced by waypoints (Istio's AuthorizationPolicy with
+    /// `targetRefs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waypoint_policies: Vec<crate::waypoint::authz::WaypointPolicy>,
+    /// Gateway API HTTPRoutes applied by waypoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<crate::waypoint::route::HttpRoute>,
 }
 
 impl Default for LocalConfig {
@@ -91,6 +98,8 @@ impl Default for LocalConfig {
             root_namespace: default_root_namespace(),
             policies: Vec::new(),
             peer_authentications: Vec::new(),
+            waypoint_policies: Vec::new(),
+            http_routes: Vec::new(),
         }
     }
 }
@@ -238,10 +247,17 @@ impl std::fmt::Display for WaypointRef {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
+    /// The port's name; `http…`, `http2…` and `grpc…` name an HTTP port (Istio's
+    /// protocol selection by port name) when there is no `appProtocol`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Kubernetes' `appProtocol` (`http`, `http2`, `grpc`, `tcp`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
     /// Defaults to `port`.
     #[serde(default)]
     pub target_port: Option<u16>,
@@ -1161,6 +1177,8 @@ pub(crate) mod tests {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: Some(8080),
+                name: None,
+                app_protocol: None,
             }],
             selector: BTreeMap::from([("app".to_owned(), "db".to_owned())]),
             subject_alt_names: Vec::new(),
@@ -1772,6 +1790,8 @@ workloads:
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: rng.random_bool(0.5).then_some(8080),
+                    name: None,
+                    app_protocol: None,
                 }],
                 selector: labels(rng, false),
                 subject_alt_names: Vec::new(),

@@ -349,6 +349,10 @@ fn convert_service(s: &workload::Service) -> Result<Service, String> {
                     0 => None,
                     t => Some(t),
                 },
+                // Istio's workload API carries no port name or protocol: the waypoint
+                // that would need them is Istio's own there.
+                name: None,
+                app_protocol: None,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;

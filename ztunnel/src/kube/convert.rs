@@ -305,7 +305,12 @@ pub fn service(s: &KubeService, pods: &BTreeMap<String, PodRecord>) -> Option<Se
                 }
             }
         };
-        ports.push(ServicePort { port, target_port });
+        ports.push(ServicePort {
+            port,
+            target_port,
+            name: sp.name.clone(),
+            app_protocol: sp.app_protocol.clone(),
+        });
     }
     if ports.is_empty() {
         return None;
