@@ -1,8 +1,9 @@
-//! ztunnel's command line: `ztunnel run …` starts the node proxy; `ztunnel status`,
+//! ztunnel's command line: `ztunnel run …` starts the node proxy, `ztunnel waypoint …` a
+//! waypoint; `ztunnel status`,
 //! `workloads`, `services`, `policies`, `certificates` and `connections` read a running
 //! one's admin port.
 use clap::{Parser, Subcommand};
-use ztunnel::{app, cli, config::Config, telemetry};
+use ztunnel::{app, cli, config::Config, telemetry, waypoint};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the node proxy.
     Run(Box<Config>),
+    /// Run a waypoint: the L7 proxy of the services and workloads that name it.
+    Waypoint(Box<waypoint::Args>),
     #[command(flatten)]
     Inspect(cli::Command),
     /// Show or switch the kernel's per-program BPF statistics (runs, run time).
@@ -44,6 +47,14 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(app::run(*cfg, log))
+        }
+        Command::Waypoint(args) => {
+            let (_log, _flush) = telemetry::init(args.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(waypoint::run(*args))
         }
         Command::Inspect(c) => cli::run(&c, &cli.inspect),
         Command::BpfStats(a) => cli::run_bpf_stats(&a, &cli.inspect),

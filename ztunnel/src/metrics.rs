@@ -29,6 +29,7 @@ use prometheus_client::{
 mod server;
 
 pub use server::{
+    serve_encoded,
     METRICS_CONTENT_TYPE, METRICS_PATH, READINESS_PATH, serve_metrics, serve_readiness,
 };
 

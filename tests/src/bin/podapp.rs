@@ -153,6 +153,39 @@ enum Cmd {
         #[arg(long)]
         rate: Option<u32>,
     },
+    /// An HTTP server (HTTP/1.1 and HTTP/2, detected) on `addr`: every request is
+    /// answered 200 with `<name> <method> <path> <version> host=<host>` and a newline
+    /// (header `x-served-by: <name>`), except `/status/<code>`, answered with that code,
+    /// and `/slow/<ms>`, answered after that long. Prints `ready <addr>`.
+    HttpServe {
+        addr: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+    /// `count` HTTP requests to `addr` (one connection, kept alive), printing one line per
+    /// answer, `status=<code> body=<first line>`, then `summary {"<status> <served-by>":
+    /// count, …}` as JSON. `--h2` speaks HTTP/2 (prior knowledge). A request that fails is
+    /// a line `error=<reason>` and the client connects again.
+    HttpGet {
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        h2: bool,
+        /// Extra request headers, `name:value`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// The `Host` header (default: `addr`).
+        #[arg(long)]
+        host: Option<String>,
+        /// Send this text as the body.
+        #[arg(long)]
+        body: Option<String>,
+    },
     /// New connections per second: `threads` loops of connect, one byte each way, close,
     /// for `secs` seconds. Prints one JSON line.
     Conns {
@@ -239,7 +272,212 @@ fn main() -> anyhow::Result<()> {
             secs,
             threads,
         } => conns(addr, Duration::from_secs_f64(secs), threads),
+        Cmd::HttpServe { addr, name } => http_serve(addr, name),
+        Cmd::HttpGet {
+            addr,
+            path,
+            method,
+            count,
+            h2,
+            headers,
+            host,
+            body,
+        } => http_get(&HttpGet {
+            addr,
+            path,
+            method,
+            count,
+            h2,
+            headers,
+            host,
+            body,
+        }),
     }
+}
+
+/// See [`Cmd::HttpServe`].
+fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to bind {addr}"))?;
+        println!("ready {addr}");
+        std::io::stdout().flush()?;
+        let name = std::sync::Arc::new(name);
+        loop {
+            let (tcp, _) = l.accept().await?;
+            let name = name.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let name = name.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_owned)
+                            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                            .unwrap_or_default();
+                        let mut status = 200u16;
+                        if let Some(code) = path.strip_prefix("/status/") {
+                            status = code.parse().unwrap_or(400);
+                        }
+                        if let Some(ms) = path.strip_prefix("/slow/") {
+                            let ms: u64 = ms.parse().unwrap_or(0);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        let text = format!(
+                            "{name} {} {path} {:?} host={host}\n",
+                            req.method(),
+                            req.version()
+                        );
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .header("x-served-by", name.as_str())
+                            .body(Full::new(bytes::Bytes::from(text)))?;
+                        anyhow::Ok(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    })
+}
+
+struct HttpGet {
+    addr: SocketAddr,
+    path: String,
+    method: String,
+    count: usize,
+    h2: bool,
+    headers: Vec<String>,
+    host: Option<String>,
+    body: Option<String>,
+}
+
+/// See [`Cmd::HttpGet`].
+fn http_get(o: &HttpGet) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    type Sender = Box<
+        dyn FnMut(
+            hyper::Request<Full<bytes::Bytes>>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = hyper::Result<hyper::Response<hyper::body::Incoming>>,
+                    > + Send,
+            >,
+        >,
+    >;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let connect = || async {
+            let tcp = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(o.addr),
+            )
+            .await
+            .context("connect timed out")??;
+            let sender: Sender = if o.h2 {
+                let (send, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await?;
+                tokio::spawn(conn);
+                Box::new(move |r| {
+                    let mut send = send.clone();
+                    Box::pin(async move { send.send_request(r).await })
+                })
+            } else {
+                let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                let send = std::sync::Arc::new(tokio::sync::Mutex::new(send));
+                Box::new(move |r| {
+                    let send = send.clone();
+                    Box::pin(async move {
+                        let mut s = send.lock().await;
+                        s.ready().await?;
+                        s.send_request(r).await
+                    })
+                })
+            };
+            anyhow::Ok(sender)
+        };
+        let mut summary = std::collections::BTreeMap::<String, usize>::new();
+        let mut sender = None;
+        for _ in 0..o.count {
+            if sender.is_none() {
+                match connect().await {
+                    Ok(s) => sender = Some(s),
+                    Err(e) => {
+                        println!("error=connect: {e:#}");
+                        *summary.entry("error".to_owned()).or_default() += 1;
+                        continue;
+                    }
+                }
+            }
+            let Some(send) = sender.as_mut() else { continue };
+            let host = o.host.clone().unwrap_or_else(|| o.addr.to_string());
+            let uri = if o.h2 {
+                format!("http://{host}{}", o.path)
+            } else {
+                o.path.clone()
+            };
+            let mut b = hyper::Request::builder().method(o.method.as_str()).uri(uri);
+            if !o.h2 {
+                b = b.header(hyper::header::HOST, host);
+            }
+            for h in &o.headers {
+                let (k, v) = h.split_once(':').context("--header wants name:value")?;
+                b = b.header(k.trim(), v.trim());
+            }
+            let body = o.body.clone().unwrap_or_default();
+            let req = b.body(Full::new(bytes::Bytes::from(body)))?;
+            let answer = tokio::time::timeout(Duration::from_secs(30), async {
+                let resp = send(req).await?;
+                let status = resp.status().as_u16();
+                let by = resp
+                    .headers()
+                    .get("x-served-by")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned();
+                let body = resp.into_body().collect().await?.to_bytes();
+                anyhow::Ok((status, by, String::from_utf8_lossy(&body).into_owned()))
+            })
+            .await;
+            match answer {
+                Ok(Ok((status, by, body))) => {
+                    println!("status={status} body={}", body.lines().next().unwrap_or(""));
+                    *summary.entry(format!("{status} {by}")).or_default() += 1;
+                }
+                Ok(Err(e)) => {
+                    println!("error={e:#}");
+                    *summary.entry("error".to_owned()).or_default() += 1;
+                    sender = None;
+                }
+                Err(_) => {
+                    println!("error=no answer within 30s");
+                    *summary.entry("error".to_owned()).or_default() += 1;
+                    sender = None;
+                }
+            }
+        }
+        println!("summary {}", serde_json::to_string(&summary)?);
+        std::io::stdout().flush()?;
+        anyhow::Ok(())
+    })
 }
 
 /// See [`Cmd::Upload`].

@@ -23,3 +23,4 @@ mod transfer;
 mod tunnel;
 mod upgrade;
 mod waypoint;
+mod waypoint_proxy;

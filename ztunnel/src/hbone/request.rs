@@ -328,6 +328,15 @@ impl Rejection {
 /// (401) is for the caller. Malformed `forwarded` or `baggage` headers are ignored rather
 /// than refused: they inform telemetry, not routing.
 pub fn parse_connect<B>(req: &http::Request<B>, arrived_on: IpAddr) -> Result<Target, Rejection> {
+    parse_connect_on(req, Some(arrived_on))
+}
+
+/// [`parse_connect`], where `None` takes an IP authority whatever address the connection
+/// arrived on (a waypoint: the authority is the service VIP or workload behind it).
+pub fn parse_connect_on<B>(
+    req: &http::Request<B>,
+    arrived_on: Option<IpAddr>,
+) -> Result<Target, Rejection> {
     if req.method() != Method::CONNECT {
         return Err(Rejection::bad_request(format!(
             "method {} is not CONNECT",
@@ -342,7 +351,7 @@ pub fn parse_connect<B>(req: &http::Request<B>, arrived_on: IpAddr) -> Result<Ta
         .as_str()
         .parse::<TargetAddr>()
         .map_err(|e| Rejection::bad_request(e.to_string()))?;
-    if let TargetAddr::Ip(ip) = &addr {
+    if let (TargetAddr::Ip(ip), Some(arrived_on)) = (&addr, arrived_on) {
         // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
         if ip.ip().to_canonical() != arrived_on.to_canonical() {
             return Err(Rejection::bad_request(format!(

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::copy::copy_bidirectional;
 use super::keepalive;
-use super::request::{BAGGAGE, Baggage, Rejection, Target, TargetAddr, parse_connect};
+use super::request::{BAGGAGE, Baggage, Rejection, Target, TargetAddr, parse_connect_on};
 use super::stream::H2Stream;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,10 @@ pub struct ServerSettings {
     pub ping_timeout: Duration,
     /// A client that has not sent its connection preface within this long is dropped.
     pub handshake_timeout: Duration,
+    /// Whether an IP `:authority` must be the address the connection arrived on (a pod's
+    /// ztunnel: 400 otherwise). A waypoint takes authorities naming the service VIP or
+    /// workload behind it, so it turns this off.
+    pub authority_is_local: bool,
 }
 
 impl Default for ServerSettings {
@@ -80,6 +84,7 @@ impl Default for ServerSettings {
             ping_interval: super::PING_INTERVAL,
             ping_timeout: super::PING_TIMEOUT,
             handshake_timeout: super::HANDSHAKE_TIMEOUT,
+            authority_is_local: true,
         }
     }
 }
@@ -118,7 +123,8 @@ impl<U> Accepted<U> {
 
 /// Serves one HBONE connection until the client closes it, it fails, or it is drained.
 ///
-/// - `arrived_on`: the pod IP the client dialled; IP authorities must match it (400).
+/// - `arrived_on`: the pod IP the client dialled; IP authorities must match it (400)
+///   unless `settings.authority_is_local` is off.
 /// - `peer`: whatever the caller knows about the client (TLS identity, address), passed
 ///   to `handler` with every stream.
 /// - `handler`: decides each stream: resolves the target, checks policy, connects
@@ -167,7 +173,8 @@ where
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let span = tracing::debug_span!("hbone_stream", id = respond.stream_id().as_u32());
-                    let stream = handle_stream(req, respond, arrived_on, peer.clone(), handler.clone());
+                    let check = settings.authority_is_local.then_some(arrived_on);
+                    let stream = handle_stream(req, respond, check, peer.clone(), handler.clone());
                     tokio::spawn(stream.instrument(span));
                     false
                 }
@@ -201,7 +208,7 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
 fn handle_stream<P, H, F, U>(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    arrived_on: IpAddr,
+    arrived_on: Option<IpAddr>,
     peer: P,
     handler: Arc<H>,
 ) -> impl Future<Output = ()>
@@ -234,7 +241,7 @@ where
 async fn open_stream<P, H, F, U>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    arrived_on: IpAddr,
+    arrived_on: Option<IpAddr>,
     peer: P,
     handler: Arc<H>,
 ) -> Option<(H2Stream, U, TargetAddr)>
@@ -243,7 +250,7 @@ where
     F: Future<Output = Result<Accepted<U>, Rejection>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let target = match parse_connect(&req, arrived_on) {
+    let target = match parse_connect_on(&req, arrived_on) {
         Ok(target) => target,
         Err(rejection) => {
             reject(respond, rejection);

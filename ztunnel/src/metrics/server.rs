@@ -68,6 +68,22 @@ pub async fn serve_metrics(
     .await
 }
 
+/// Serves `GET /metrics` from `encode` (a registry of the caller's own: the waypoint's)
+/// until the task is dropped, with the same paths and answers as [`serve_metrics`].
+pub async fn serve_encoded(listener: TcpListener, encode: impl Fn() -> String + Send + Sync + 'static) {
+    let encode = Arc::new(encode);
+    serve(listener, "metrics", move |req: Request<Incoming>| {
+        let encode = encode.clone();
+        async move {
+            if let Some(resp) = route(&req, METRICS_PATH) {
+                return resp;
+            }
+            respond(StatusCode::OK, METRICS_CONTENT_TYPE, encode())
+        }
+    })
+    .await
+}
+
 /// Serves `GET /healthz/ready` until the task is dropped: 200 `ready\n` when `ready()` is
 /// `Ok`, else 503 with the reason and a newline. Other paths get 404, other methods 405.
 pub async fn serve_readiness(

@@ -1,0 +1,275 @@
+//! Our own waypoint (`ztunnel waypoint`, issue 17 build 2) between two nodes' ztunnels:
+//! L7 policy, HTTPRoute splits, HTTP/1.1 and HTTP/2, metrics, TCP ports at L4.
+use std::{
+    fs::File,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use ztunnel::netns::Netns;
+use ztunnel_tests::{Pod, PodProcess, Topology, metric_sample, ztunnel_bin};
+
+/// node1: `a` (enrolled, the client) and `c` (enrolled, another client). node2: `b1`
+/// and `b2` (enrolled, HTTP servers v1 and v2 on :8080, an echo server on :9000) and
+/// `wp` (not enrolled: the waypoint's pod). Services: `db` (VIP :80 → 8080, port named
+/// `http`; :9000 plain TCP) selecting b1 and naming the waypoint, `db-v1` and `db-v2`
+/// (one each), `waypoint` selecting wp.
+struct Mesh {
+    t: Topology,
+    a: Pod,
+    c: Pod,
+    b1: Pod,
+    b2: Pod,
+    wp: Pod,
+    db: SocketAddr,
+    _servers: Vec<PodProcess>,
+}
+
+fn mesh() -> anyhow::Result<Mesh> {
+    let mut t = Topology::new()?;
+    t.add_node()?;
+    let a = t.add_pod_on(1, "a", true, false)?;
+    let c = t.add_pod_on(1, "c", true, false)?;
+    let b1 = t.add_pod_on(2, "b1", true, false)?;
+    let b2 = t.add_pod_on(2, "b2", true, false)?;
+    let wp = t.add_pod_on(2, "wp", false, false)?;
+    let db: SocketAddr = format!("10.{}.250.20:80", t.subnet()).parse()?;
+    let mut servers = Vec::new();
+    for (pod, name) in [(&b1, "v1"), (&b2, "v2")] {
+        let addr = pod.addr(8080).to_string();
+        let mut p = t.spawn(pod, &["http-serve", &addr, "--name", name])?;
+        let line = p.read_line()?;
+        anyhow::ensure!(line.starts_with("ready"), "http server in {}: {line}", pod.name);
+        servers.push(p);
+        servers.push(t.serve(pod, pod.addr(9000))?);
+    }
+    Ok(Mesh {
+        t,
+        a,
+        c,
+        b1,
+        b2,
+        wp,
+        db,
+        _servers: servers,
+    })
+}
+
+/// The L7 config: a policy letting `a` GET `/orders/*` and nothing else (so POST is
+/// refused), and a route sending 90% of db's requests to db-v1 and 10% to db-v2.
+const L7: &str = r#"waypointPolicies:
+  - name: orders-read
+    namespace: default
+    targetRefs: [{ kind: Service, group: "", name: db }]
+    action: ALLOW
+    rules:
+      - from: [{ source: { principals: ["cluster.local/ns/default/sa/a"] } }]
+        to: [{ operation: { methods: ["GET"], paths: ["/orders/*"] } }]
+httpRoutes:
+  - name: db-split
+    namespace: default
+    parentRefs: [{ kind: Service, group: "", name: db }]
+    rules:
+      - backendRefs:
+          - { name: db-v1, port: 80, weight: 90 }
+          - { name: db-v2, port: 80, weight: 10 }
+"#;
+
+impl Mesh {
+    fn write(&self, extra: &str) -> anyhow::Result<()> {
+        let s = self.t.subnet();
+        let yaml = format!(
+            "{}services:
+  - name: db
+    namespace: default
+    addresses: [{db}]
+    ports: [{{port: 80, targetPort: 8080, name: http}}, {{port: 9000}}]
+    selector: {{ app: b1 }}
+    waypoint: {{ hostname: waypoint.default.svc.cluster.local }}
+  - name: db-v1
+    namespace: default
+    addresses: [10.{s}.250.21]
+    ports: [{{port: 80, targetPort: 8080, name: http}}]
+    selector: {{ app: b1 }}
+  - name: db-v2
+    namespace: default
+    addresses: [10.{s}.250.22]
+    ports: [{{port: 80, targetPort: 8080, appProtocol: http}}]
+    selector: {{ app: b2 }}
+  - name: waypoint
+    namespace: default
+    addresses: [10.{s}.250.15]
+    ports: [{{port: 15008}}]
+    selector: {{ app: wp }}
+{extra}",
+            self.t.workloads_yaml(),
+            db = self.db.ip(),
+        );
+        self.t.write_workloads_text(&yaml)
+    }
+
+    /// Starts `ztunnel waypoint` in wp's netns and waits until it serves metrics.
+    fn start_waypoint(&mut self) -> anyhow::Result<Waypoint> {
+        let log = self.t.dir.path().join("waypoint.log");
+        let mut cmd = Command::new(ztunnel_bin());
+        cmd.args(["waypoint", "--gateway", "waypoint", "--namespace", "default"])
+            .args(["--pod", "wp", "--service-account", "wp"])
+            .arg("--workloads")
+            .arg(self.t.workloads_path())
+            .arg("--ca-dir")
+            .arg(self.t.dir.path().join("ca"))
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let proc = self
+            .t
+            .spawn_command(&self.wp, cmd, "ztunnel waypoint in wp".to_owned())?;
+        let w = Waypoint {
+            _proc: proc,
+            log,
+            pod: self.wp.clone(),
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while w.metrics().is_err() {
+            if Instant::now() > end {
+                bail!("the waypoint did not start: {}", w.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(w)
+    }
+
+    /// `podapp http-get` from `pod` to db's VIP; its stdout.
+    fn get(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+        let pod = pod.clone();
+        let dst = self.db.to_string();
+        let mut all = vec!["http-get", dst.as_str()];
+        all.extend_from_slice(args);
+        self.t.spawn(&pod, &all)?.wait_ok()
+    }
+}
+
+struct Waypoint {
+    _proc: PodProcess,
+    log: std::path::PathBuf,
+    pod: Pod,
+}
+
+impl Waypoint {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics` of the waypoint, read from inside its pod.
+    fn metrics(&self) -> anyhow::Result<String> {
+        let ns = Netns::open(&self.pod.netns_path)?;
+        let addr = self.pod.addr(15020);
+        ns.run(&Netns::current()?, || {
+            ztunnel_tests::http(addr, "GET", "/metrics")
+        })?
+    }
+}
+
+/// The `summary {...}` line of `podapp http-get`.
+fn summary(out: &str) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("summary "))
+        .with_context(|| format!("no summary in {out}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+#[test]
+fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> anyhow::Result<()>
+{
+    let mut m = mesh()?;
+    m.write(L7)?;
+    let file = m.t.workloads_path();
+    let z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+    let w = m.start_waypoint()?;
+    let (a, c) = (m.a.clone(), m.c.clone());
+
+    // 100 GETs over HTTP/1.1 on one connection: every one allowed, split exactly 90/10
+    // (the waypoint takes backends in turns).
+    let out = m.get(&a, &["--path", "/orders/7", "--count", "100"])?;
+    let got = summary(&out)?;
+    assert_eq!(
+        got,
+        [("200 v1".to_owned(), 90), ("200 v2".to_owned(), 10)].into(),
+        "{out}\n{}",
+        w.log_text()
+    );
+    // The backend saw the client's Host and path.
+    assert!(
+        out.contains(&format!("GET /orders/7 HTTP/1.1 host={}", m.db)),
+        "{out}"
+    );
+
+    // HTTP/2 from the client is served too (and policed the same).
+    let out = m.get(&a, &["--path", "/orders/8", "--count", "10", "--h2"])?;
+    let got = summary(&out)?;
+    assert_eq!(got.values().sum::<usize>(), 10, "{out}");
+    assert!(got.keys().all(|k| k.starts_with("200 ")), "{out}");
+
+    // POST is not in the ALLOW policy: 403 with Istio's body, and never reaches a backend.
+    let out = m.get(&a, &["--path", "/orders/7", "--method", "POST", "--body", "x"])?;
+    assert!(
+        out.contains("status=403 body=RBAC: access denied"),
+        "{out}\n{}",
+        w.log_text()
+    );
+    // Neither does a path outside /orders/, nor a client the policy does not name.
+    let out = m.get(&a, &["--path", "/admin"])?;
+    assert!(out.contains("status=403"), "{out}");
+    let out = m.get(&c, &["--path", "/orders/7"])?;
+    assert!(out.contains("status=403"), "{out}");
+
+    // The waypoint's metrics count both outcomes with Istio's labels.
+    let text = w.metrics()?;
+    let ok = metric_sample(
+        &text,
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("response_code", "200"),
+            ("destination_service", "db-v1.default.svc.cluster.local"),
+            ("source_principal", "spiffe://cluster.local/ns/default/sa/a"),
+        ],
+    )
+    .unwrap_or(0);
+    assert!(ok >= 90, "{text}");
+    let denied: u64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"403\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(denied, 3, "{text}");
+
+    // The tunnels into b1 and b2 came from the waypoint, not from a: b's ztunnel saw
+    // the waypoint's identity.
+    let d = z2.dump()?;
+    assert!(
+        d.connections.list.iter().all(|r| r.src_identity.as_deref()
+            == Some("spiffe://cluster.local/ns/default/sa/wp")),
+        "{:?}",
+        d.connections.list
+    );
+    assert!(!d.connections.list.is_empty());
+    // And a's ztunnel sent everything to the waypoint.
+    let d = z1.dump()?;
+    assert!(
+        d.connections
+            .list
+            .iter()
+            .all(|r| r.hbone_addr == Some(m.wp.addr(15008))),
+        "{:?}",
+        d.connections.list
+    );
+    let _ = (&m.b1, &m.b2);
+    Ok(())
+}
