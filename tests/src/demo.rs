@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the whole system on one machine. Two nodes, four pods, a ztunnel
 //! per node with the built-in CA; a call in plaintext, live enrolment without restarts,
-//! the same call as mTLS on the wire, a DENY policy, a summary, node1's ztunnel upgraded
-//! while calls flow both ways, and a clean teardown.
+//! the same call as mTLS on the wire, a DENY policy, L7 through a waypoint (a 403 and a
+//! 90/10 split), a summary, node1's ztunnel upgraded while calls flow both ways, and a
+//! clean teardown.
 //! Every claim printed is checked first; a claim that does not hold is an error.
 use std::{
     io::IsTerminal as _,
@@ -33,6 +34,10 @@ pub struct Report {
     pub identities_in_access_log: bool,
     pub long_lived_connection_survived: bool,
     pub policy_refused: bool,
+    /// Through db's waypoint: backend's `POST /orders` answered 403 `RBAC: access denied`.
+    pub waypoint_refused_post: bool,
+    /// Through db's waypoint: how 100 `GET /orders/42` split between db v1 and v2.
+    pub waypoint_split: (usize, usize),
     /// frontend resolved `backend.default.svc.cluster.local` to its VIP through the DNS
     /// capture (the answer from the server it asked) and called it by that VIP.
     pub resolved_by_name: bool,
@@ -45,6 +50,26 @@ pub struct Report {
     pub old_ztunnel_exited: bool,
     pub nothing_left_behind: bool,
 }
+
+/// db's waypoint config: backend may `GET /orders/*` (anything else is refused with 403),
+/// and db's requests split 90/10 between its two versions.
+const DB_WAYPOINT: &str = r#"waypointPolicies:
+  - name: db-orders-read
+    namespace: default
+    targetRefs: [{ kind: Service, group: "", name: db }]
+    action: ALLOW
+    rules:
+      - from: [{ source: { principals: ["cluster.local/ns/default/sa/backend"] } }]
+        to: [{ operation: { methods: ["GET"], paths: ["/orders/*"] } }]
+httpRoutes:
+  - name: db-canary
+    namespace: default
+    parentRefs: [{ kind: Service, group: "", name: db }]
+    rules:
+      - backendRefs:
+          - { name: db-v1, port: 80, weight: 90 }
+          - { name: db-v2, port: 80, weight: 10 }
+"#;
 
 struct Out {
     colour: bool,
@@ -117,13 +142,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     // A previous `--keep` run, or one that was killed, may have left things behind.
     teardown(ID)?;
 
-    out.step("Creating two nodes and four pods (network namespaces, a bridge per node, cgroups)");
+    out.step("Creating two nodes and six pods (network namespaces, a bridge per node, cgroups)");
     let mut t = Topology::named(ID, SUBNET)?;
     t.add_node()?;
     let frontend = t.add_pod_on(1, "frontend", false, false)?;
     let batch = t.add_pod_on(1, "batch", false, false)?;
     let backend = t.add_pod_on(2, "backend", false, false)?;
     let db = t.add_pod_on(2, "db", false, false)?;
+    let db_v2 = t.add_pod_on(2, "db-v2", false, false)?;
+    let waypoint_pod = t.add_pod_on(2, "waypoint", false, false)?;
     let mut servers = Vec::new();
     for p in [&frontend, &batch, &backend, &db] {
         servers.push(t.serve(p, p.addr(8080))?);
@@ -132,9 +159,51 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             p.name, p.node, p.ip4
         ));
     }
+    for (p, version) in [(&db, "v1"), (&db_v2, "v2")] {
+        let addr = p.addr(8081).to_string();
+        let mut server = t.spawn(p, &["http-serve", &addr, "--name", version])?;
+        let line = server.read_line()?;
+        ensure!(line.starts_with("ready"), "http server in {}: {line}", p.name);
+        servers.push(server);
+        out.note(&format!(
+            "{:<9} {:<6} {}  serving HTTP :8081 (db {version})",
+            p.name, p.node, p.ip4
+        ));
+    }
+    out.note(&format!(
+        "{:<9} {:<6} {}  db's waypoint (not enrolled, as Istio's waypoints are not)",
+        waypoint_pod.name, waypoint_pod.node, waypoint_pod.ip4
+    ));
     let backend_vip = format!("10.{SUBNET}.250.80");
     t.services_yaml = format!(
-        "services:\n  - name: backend\n    namespace: default\n    addresses: [{backend_vip}]\n    ports: [{{port: 80, targetPort: 8080}}]\n    selector: {{ app: backend }}\n"
+        "services:
+  - name: backend
+    namespace: default
+    addresses: [{backend_vip}]
+    ports: [{{port: 80, targetPort: 8080}}]
+    selector: {{ app: backend }}
+  - name: db
+    namespace: default
+    addresses: [10.{SUBNET}.250.90]
+    ports: [{{port: 80, targetPort: 8081, name: http}}]
+    selector: {{ app: db }}
+    waypoint: {{ hostname: waypoint.default.svc.cluster.local }}
+  - name: db-v1
+    namespace: default
+    addresses: [10.{SUBNET}.250.91]
+    ports: [{{port: 80, targetPort: 8081, name: http}}]
+    selector: {{ app: db }}
+  - name: db-v2
+    namespace: default
+    addresses: [10.{SUBNET}.250.92]
+    ports: [{{port: 80, targetPort: 8081, name: http}}]
+    selector: {{ app: db-v2 }}
+  - name: waypoint
+    namespace: default
+    addresses: [10.{SUBNET}.250.95]
+    ports: [{{port: 15008}}]
+    selector: {{ app: waypoint }}
+"
     );
     out.step("Starting one ztunnel per node (built-in CA, workload file, eBPF capture)");
     let mut z1 = t.start_ztunnel_on("node1", false)?;
@@ -163,12 +232,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.ok("pinging every 50 ms");
 
     out.step("Enrolling every pod live: istio.io/dataplane-mode=ambient, no restart");
-    for name in ["frontend", "batch", "backend", "db"] {
+    for name in ["frontend", "batch", "backend", "db", "db-v2"] {
         t.set_ambient(name, true)?;
     }
     wait_enrolled(&z1, &enrolled_pods(&t, "node1"))?;
     wait_enrolled(&z2, &enrolled_pods(&t, "node2"))?;
-    out.ok("capture attached to all four pods; their apps kept running");
+    out.ok("capture attached to the five app pods; their apps kept running");
 
     out.step("After enrolment: the same call");
     let wire = call_on_the_wire(&mut t, &frontend, &backend)?;
@@ -276,8 +345,15 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         held.trim()
     ));
 
+    let waypoint = l7_through_the_waypoint(&out, &mut t, &backend, &waypoint_pod, &mut report)?;
+
     out.step("Summary");
     summary(&out, &t, &[&z1, &z2])?;
+    println!(
+        "    {:<22} GET /orders/42 x100: {} to db v1, {} to db v2; POST /orders: 403",
+        "backend → db (L7)", report.waypoint_split.0, report.waypoint_split.1
+    );
+    drop(waypoint);
 
     let z1 = upgrade_node1(&out, &mut t, z1, &frontend, &batch, &backend, &mut report)?;
 
@@ -300,6 +376,67 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         started.elapsed().as_secs_f64()
     ));
     Ok(report)
+}
+
+/// db behind its waypoint: backend's GETs allowed and split 90/10 between db's two
+/// versions by an HTTPRoute, its POST refused by the waypoint's L7 policy with 403.
+fn l7_through_the_waypoint(
+    out: &Out,
+    t: &mut Topology,
+    backend: &Pod,
+    waypoint_pod: &Pod,
+    report: &mut Report,
+) -> anyhow::Result<crate::waypoint::Waypoint> {
+    out.step("L7 with a waypoint: db gets one (ztunnel waypoint), with an HTTP policy and a 90/10 route");
+    t.write_workloads_text(&format!("{}{DENY_DB}{DB_WAYPOINT}", t.workloads_yaml()))?;
+    let waypoint = crate::waypoint::Waypoint::start(t, waypoint_pod, "waypoint")?;
+    out.ok(&format!(
+        "waypoint serving HBONE on {}:15008 as spiffe://cluster.local/ns/default/sa/waypoint",
+        waypoint_pod.ip4
+    ));
+    let db_vip = format!("10.{SUBNET}.250.90:80");
+    let get = |t: &mut Topology, extra: &[&str]| -> anyhow::Result<String> {
+        let mut args = vec!["http-get", db_vip.as_str()];
+        args.extend_from_slice(extra);
+        t.spawn(backend, &args)?.wait_ok()
+    };
+    // The nodes' ztunnels take the new file within a moment: until then backend's
+    // request goes straight to db (no policy there refuses it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let post = loop {
+        let post = get(t, &["--path", "/orders", "--method", "POST", "--body", "{}"])?;
+        if post.contains("status=403") {
+            break post;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the waypoint never refused the POST: {post}\n{}",
+            waypoint.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    report.waypoint_refused_post = post.contains("status=403 body=RBAC: access denied");
+    ensure!(report.waypoint_refused_post, "POST: {post}");
+    out.ok("backend → POST /orders: 403 RBAC: access denied (policy default/db-orders-read allows only GET /orders/*)");
+    let gets = get(t, &["--path", "/orders/42", "--count", "100"])?;
+    let line = gets
+        .lines()
+        .find_map(|l| l.strip_prefix("summary "))
+        .with_context(|| format!("no summary from http-get: {gets}"))?;
+    let counts: std::collections::BTreeMap<String, usize> = serde_json::from_str(line)?;
+    let v1 = counts.get("200 v1").copied().unwrap_or(0);
+    let v2 = counts.get("200 v2").copied().unwrap_or(0);
+    report.waypoint_split = (v1, v2);
+    ensure!(
+        v1 + v2 == 100,
+        "expected 100 answers from db v1 and v2: {counts:?}\n{}",
+        waypoint.log_text()
+    );
+    ensure!((v1, v2) == (90, 10), "expected a 90/10 split: {counts:?}");
+    out.ok(&format!(
+        "backend → GET /orders/42 x100: 200 each; {v1} served by db v1, {v2} by db v2 (HTTPRoute default/db-canary, 90/10)"
+    ));
+    Ok(waypoint)
 }
 
 /// node1's ztunnel upgraded as a DaemonSet rollout does it, while frontend (node1) and

@@ -25,6 +25,7 @@ pub mod in_pod;
 pub mod istio;
 pub mod istioctl;
 pub mod upgrade;
+pub mod waypoint;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

@@ -2,7 +2,7 @@
 use ztunnel_tests::demo;
 
 #[test]
-fn the_demo_shows_plaintext_then_mtls_then_a_refusal_then_an_upgrade_and_leaves_nothing()
+fn the_demo_shows_plaintext_then_mtls_then_refusals_at_l4_and_l7_then_an_upgrade_and_leaves_nothing()
 -> anyhow::Result<()> {
     ztunnel_tests::require_root();
     let r = demo::run(&demo::Options { keep: false })?;
@@ -12,6 +12,8 @@ fn the_demo_shows_plaintext_then_mtls_then_a_refusal_then_an_upgrade_and_leaves_
     assert!(r.long_lived_connection_survived);
     assert!(r.policy_refused);
     assert!(r.resolved_by_name);
+    assert!(r.waypoint_refused_post);
+    assert_eq!(r.waypoint_split, (90, 10));
     assert!(r.upgrade_calls > 0, "no call during the upgrade");
     assert_eq!(r.upgrade_failed_calls, 0);
     assert!(

@@ -1,15 +1,9 @@
 //! Our own waypoint (`ztunnel waypoint`, issue 17 build 2) between two nodes' ztunnels:
 //! L7 policy, HTTPRoute splits, HTTP/1.1 and HTTP/2, metrics, TCP ports at L4.
-use std::{
-    fs::File,
-    net::SocketAddr,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::net::SocketAddr;
 
-use anyhow::{Context as _, bail};
-use ztunnel::netns::Netns;
-use ztunnel_tests::{Pod, PodProcess, Topology, metric_sample, ztunnel_bin};
+use anyhow::Context as _;
+use ztunnel_tests::{Pod, PodProcess, Topology, metric_sample, waypoint::Waypoint};
 
 /// node1: `a` (enrolled, the client) and `c` (enrolled, another client). node2: `b1`
 /// and `b2` (enrolled, HTTP servers v1 and v2 on :8080, an echo server on :9000) and
@@ -110,34 +104,9 @@ impl Mesh {
         self.t.write_workloads_text(&yaml)
     }
 
-    /// Starts `ztunnel waypoint` in wp's netns and waits until it serves metrics.
     fn start_waypoint(&mut self) -> anyhow::Result<Waypoint> {
-        let log = self.t.dir.path().join("waypoint.log");
-        let mut cmd = Command::new(ztunnel_bin());
-        cmd.args(["waypoint", "--gateway", "waypoint", "--namespace", "default"])
-            .args(["--pod", "wp", "--service-account", "wp"])
-            .arg("--workloads")
-            .arg(self.t.workloads_path())
-            .arg("--ca-dir")
-            .arg(self.t.dir.path().join("ca"))
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
-        let proc = self
-            .t
-            .spawn_command(&self.wp, cmd, "ztunnel waypoint in wp".to_owned())?;
-        let w = Waypoint {
-            _proc: proc,
-            log,
-            pod: self.wp.clone(),
-        };
-        let end = Instant::now() + Duration::from_secs(30);
-        while w.metrics().is_err() {
-            if Instant::now() > end {
-                bail!("the waypoint did not start: {}", w.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(w)
+        let wp = self.wp.clone();
+        Waypoint::start(&mut self.t, &wp, "waypoint")
     }
 
     /// `podapp http-get` from `pod` to db's VIP; its stdout.
@@ -147,27 +116,6 @@ impl Mesh {
         let mut all = vec!["http-get", dst.as_str()];
         all.extend_from_slice(args);
         self.t.spawn(&pod, &all)?.wait_ok()
-    }
-}
-
-struct Waypoint {
-    _proc: PodProcess,
-    log: std::path::PathBuf,
-    pod: Pod,
-}
-
-impl Waypoint {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `/metrics` of the waypoint, read from inside its pod.
-    fn metrics(&self) -> anyhow::Result<String> {
-        let ns = Netns::open(&self.pod.netns_path)?;
-        let addr = self.pod.addr(15020);
-        ns.run(&Netns::current()?, || {
-            ztunnel_tests::http(addr, "GET", "/metrics")
-        })?
     }
 }
 

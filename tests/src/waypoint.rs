@@ -1,0 +1,63 @@
+//! `ztunnel waypoint` run as a waypoint pod's process (tests and the demo).
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use ztunnel::netns::Netns;
+
+use crate::{Pod, PodProcess, Topology, ztunnel_bin};
+
+/// A running waypoint; killed when dropped.
+pub struct Waypoint {
+    proc: PodProcess,
+    pub log: PathBuf,
+    pub pod: Pod,
+}
+
+impl Waypoint {
+    /// Starts `ztunnel waypoint` in `pod`'s netns as the Gateway `gateway` of namespace
+    /// `default` (identity: the pod's service account), following the topology's workload
+    /// file and the nodes' built-in CA (start a ztunnel first: it creates the CA); waits
+    /// until it serves its metrics.
+    pub fn start(t: &mut Topology, pod: &Pod, gateway: &str) -> anyhow::Result<Waypoint> {
+        let log = t.dir.path().join(format!("waypoint-{}.log", pod.name));
+        let mut cmd = Command::new(ztunnel_bin());
+        cmd.args(["waypoint", "--gateway", gateway, "--namespace", "default"])
+            .args(["--pod", &pod.name, "--service-account", &pod.service_account])
+            .arg("--workloads")
+            .arg(t.workloads_path())
+            .arg("--ca-dir")
+            .arg(t.dir.path().join("ca"))
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let proc = t.spawn_command(pod, cmd, format!("ztunnel waypoint in {}", pod.name))?;
+        let mut w = Waypoint {
+            proc,
+            log,
+            pod: pod.clone(),
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while w.metrics().is_err() {
+            if w.proc.exited() || Instant::now() > end {
+                bail!("the waypoint did not start: {}", w.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(w)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics` of the waypoint (:15020), read from inside its pod.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let ns = Netns::open(&self.pod.netns_path)?;
+        let addr = self.pod.addr(15020);
+        ns.run(&Netns::current()?, || crate::http(addr, "GET", "/metrics"))?
+    }
+}
