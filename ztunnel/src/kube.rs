@@ -41,6 +41,8 @@ pub enum Error {
     },
     #[error("secret {secret} has no `{key}` entry; delete it to let ztunnel create a new root")]
     SecretKey { secret: String, key: &'static str },
+    #[error("secret {secret} does not exist yet; the nodes' ztunnels create it")]
+    SecretMissing { secret: String },
     #[error("secret {secret} holds an unusable ca root")]
     SecretRoot {
         secret: String,
@@ -99,6 +101,55 @@ pub const API_ACCESS: &[Access] = &[
     },
 ];
 
+/// Every API call of `ztunnel waypoint --source kube`: the kinds a node's ztunnel
+/// watches, a waypoint's own (HTTPRoutes, AuthorizationPolicies), and reading — never
+/// creating — the CA root Secret. `deploy/waypoint/rbac.yaml` grants exactly these (a
+/// test compares them).
+pub const WAYPOINT_API_ACCESS: &[Access] = &[
+    Access {
+        group: "",
+        resource: "pods",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "",
+        resource: "namespaces",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "gateway.networking.k8s.io",
+        resource: "gateways",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "security.istio.io",
+        resource: "authorizationpolicies",
+        verbs: &["list", "watch"],
+        namespaced: false,
+    },
+    Access {
+        group: "",
+        resource: "secrets",
+        verbs: &["get"],
+        namespaced: true,
+    },
+];
+
 /// `namespace/name` → `(namespace, name)`, both non-empty.
 pub fn split_secret_ref(value: &str) -> Option<(&str, &str)> {
     let (ns, name) = value.split_once('/')?;
@@ -123,6 +174,9 @@ pub struct Options {
     /// The cgroup v2 mount holding the node's whole cgroup tree.
     pub cgroup_root: PathBuf,
     pub host_proc: PathBuf,
+    /// Also watch what a waypoint applies (HTTPRoutes, AuthorizationPolicies with
+    /// `targetRefs`): `ztunnel waypoint --source kube`; a node's ztunnel does not.
+    pub waypoint_config: bool,
 }
 
 impl Options {
@@ -132,6 +186,7 @@ impl Options {
             trust_domain: cfg.trust_domain.clone(),
             cgroup_root,
             host_proc: cfg.host_proc.clone(),
+            waypoint_config: false,
         }
     }
 }
@@ -153,6 +208,20 @@ pub async fn start_with(client: Client, opts: Options) -> Result<Kube, Error> {
         updates,
         guard,
     })
+}
+
+/// The built-in CA with its root from the shared Secret, which must exist: a waypoint
+/// reads the root the nodes' ztunnels created, and may not create one.
+pub async fn builtin_ca_existing(
+    client: &Client,
+    secret_ref: &str,
+    trust_domain: &str,
+    lifetime: std::time::Duration,
+) -> Result<BuiltinCa, Error> {
+    let (namespace, name) = split_secret_ref(secret_ref).ok_or_else(|| Error::SecretRef {
+        value: secret_ref.to_owned(),
+    })?;
+    ca_secret::load(client, namespace, name, trust_domain, lifetime).await
 }
 
 /// The built-in CA with its root from the shared Secret (created if missing).

@@ -50,9 +50,17 @@ pub use metrics::Metrics;
 /// `istioctl waypoint apply` deploys it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The workload file (the nodes' ztunnels read the same one).
+    /// Where workloads, services, routes and policies come from: the workload file, or
+    /// the Kubernetes API (Gateways, HTTPRoutes, AuthorizationPolicies with `targetRefs`).
+    #[arg(long, env = "ZTUNNEL_SOURCE", value_enum, default_value = "file")]
+    pub source: crate::config::Source,
+    /// The workload file (the nodes' ztunnels read the same one); with `--source file`.
     #[arg(long, env = "ZTUNNEL_WORKLOADS")]
-    pub workloads: PathBuf,
+    pub workloads: Option<PathBuf>,
+    /// With `--source kube`: the Secret (`namespace/name`) holding the built-in CA's
+    /// root, shared with the nodes' ztunnels.
+    #[arg(long, env = "ZTUNNEL_CA_SECRET")]
+    pub ca_secret: Option<String>,
     /// The waypoint's Gateway (`istio-waypoint` class): its name.
     #[arg(long, env = "GATEWAY_NAME")]
     pub gateway: String,
@@ -69,7 +77,7 @@ pub struct Args {
     pub service_account: String,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// The built-in CA's directory, shared with the nodes' ztunnels.
+    /// With `--source file`: the built-in CA's directory, shared with the nodes' ztunnels.
     #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
     pub ca_dir: PathBuf,
     #[arg(long, env = "ZTUNNEL_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -469,20 +477,66 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let identity = Identity::new(&args.trust_domain, &args.namespace, &args.service_account);
-    let ca = BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_lifetime)
-        .with_context(|| format!("failed to load the built-in CA from {}", args.ca_dir.display()))?;
+    let metrics = Metrics::new();
+    // A waypoint pod is on no node of its own: with an empty node name every pod is
+    // "elsewhere", so no pod needs the netns and cgroup a node's pods do.
+    let (ca, initial, mut rx, _source): (_, _, _, Box<dyn std::any::Any + Send>) =
+        match args.source {
+            crate::config::Source::File => {
+                let path = args
+                    .workloads
+                    .clone()
+                    .context("--workloads is required with --source file")?;
+                let ca = BuiltinCa::load_or_create(
+                    &args.ca_dir,
+                    &args.trust_domain,
+                    args.cert_lifetime,
+                )
+                .with_context(|| {
+                    format!("failed to load the built-in CA from {}", args.ca_dir.display())
+                })?;
+                let initial = state::file::load_settled(&path, "")
+                    .with_context(|| format!("failed to read {}", path.display()))?;
+                let (tx, rx) = watch::channel(initial.clone());
+                let watch = state::file::watch(
+                    path.clone(),
+                    String::new(),
+                    tx,
+                    crate::metrics::Metrics::new(),
+                )
+                .with_context(|| format!("failed to watch {}", path.display()))?;
+                (ca, initial, rx, Box::new(watch))
+            }
+            crate::config::Source::Kube => {
+                let secret = args
+                    .ca_secret
+                    .clone()
+                    .context("--ca-secret is required with --source kube")?;
+                let opts = crate::kube::Options {
+                    node: String::new(),
+                    trust_domain: args.trust_domain.clone(),
+                    cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+                    host_proc: PathBuf::from("/proc"),
+                    waypoint_config: true,
+                };
+                let k = crate::kube::start(opts).await?;
+                let ca = crate::kube::builtin_ca_existing(
+                    &k.client,
+                    &secret,
+                    &args.trust_domain,
+                    args.cert_lifetime,
+                )
+                .await?;
+                let initial = k.updates.borrow().clone();
+                (ca, initial, k.updates, Box::new(k.guard))
+            }
+            crate::config::Source::Istio => anyhow::bail!(
+                "a waypoint follows the workload file or the Kubernetes API; with istiod, Istio's own waypoint serves"
+            ),
+        };
     let cert = ca
         .issue(&identity)
         .with_context(|| format!("failed to issue a certificate for {identity}"))?;
-    let metrics = Metrics::new();
-    let node_metrics = crate::metrics::Metrics::new();
-    let initial = state::file::load_settled(&args.workloads, "")
-        .with_context(|| format!("failed to read {}", args.workloads.display()))?;
-    let (tx, mut rx) = watch::channel(initial.clone());
-    // A waypoint pod is on no node of its own: with an empty node name every pod is
-    // "elsewhere", so no pod needs the netns and cgroup a node's pods do.
-    let _watch = state::file::watch(args.workloads.clone(), String::new(), tx, node_metrics)
-        .with_context(|| format!("failed to watch {}", args.workloads.display()))?;
 
     let waypoint = Arc::new_cyclic(|me: &Weak<Waypoint>| {
         let dialer_of = me.clone();

@@ -409,3 +409,145 @@ fn every_environment_variable_in_the_manifests_is_one_ztunnel_reads() {
         }
     }
 }
+
+/// The waypoint's manifests (deploy/waypoint): Kubernetes objects valid for the schemas
+/// (the Gateway, a CRD kind the validator has no schema for, checked by what the nodes'
+/// ztunnels make of it), its RBAC exactly the calls `ztunnel waypoint --source kube`
+/// makes, every environment variable one of its flags, and its Service selecting its pods.
+#[test]
+fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
+    use clap::{Args as _, FromArgMatches as _};
+    let docs = render(&deploy().join("waypoint"));
+    let (gateways, builtin): (Vec<&Value>, Vec<&Value>) =
+        docs.iter().partition(|d| d["kind"] == "Gateway");
+    let [gw] = gateways[..] else {
+        panic!("expected one Gateway");
+    };
+    let gw_obj: kube::core::DynamicObject =
+        serde_json::from_value(gw.clone()).expect("the Gateway is a Kubernetes object");
+    assert!(
+        ztunnel::kube::convert::gateway(&gw_obj).is_some_and(|w| w.for_services),
+        "the nodes' ztunnels take it as a waypoint for services: {gw}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("waypoint.yaml");
+    let text: String = builtin
+        .iter()
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+        .collect();
+    std::fs::write(&file, text).expect("write rendered manifests");
+    let out = Command::new(validator())
+        .args(["--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION])
+        .arg(&file)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "deploy/waypoint is not valid for Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let roles: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .collect();
+    let needed: BTreeSet<(bool, String, String, String)> = ztunnel::kube::WAYPOINT_API_ACCESS
+        .iter()
+        .flat_map(|a| {
+            a.verbs.iter().map(move |v| {
+                (
+                    a.namespaced,
+                    a.group.to_owned(),
+                    a.resource.to_owned(),
+                    (*v).to_owned(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(
+        grants(&roles),
+        needed,
+        "deploy/waypoint/rbac.yaml vs ztunnel::kube::WAYPOINT_API_ACCESS"
+    );
+
+    let [deployment] = find(&docs, "Deployment")[..] else {
+        panic!("expected one Deployment");
+    };
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        serde_json::json!(["waypoint"])
+    );
+    // The bindings name the Deployment's service account in its namespace.
+    let sa = &pod["spec"]["serviceAccountName"];
+    for b in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        assert_eq!(&b["subjects"][0]["name"], sa);
+        assert_eq!(b["subjects"][0]["namespace"], deployment["metadata"]["namespace"]);
+    }
+    // The Service selects the waypoint's pods and serves HBONE on 15008.
+    let [svc] = find(&docs, "Service")[..] else {
+        panic!("expected one Service");
+    };
+    let labels = pod["metadata"]["labels"].as_object().expect("pod labels");
+    for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(labels.get(k), Some(v), "the Service selects the waypoint's pods");
+    }
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["port"] == 15008)
+    );
+    assert_eq!(
+        labels.get("istio.io/dataplane-mode"),
+        Some(&serde_json::json!("none")),
+        "the waypoint is not captured"
+    );
+
+    // Every variable is one of `ztunnel waypoint`'s flags, and they parse (the fieldRef
+    // ones given here as the kubelet would).
+    let cmd = ztunnel::waypoint::Args::augment_args(clap::Command::new("waypoint"));
+    let flag_of: BTreeMap<String, String> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            Some((
+                a.get_env()?.to_string_lossy().into_owned(),
+                a.get_long()?.to_owned(),
+            ))
+        })
+        .collect();
+    let mut argv = vec!["waypoint".to_owned()];
+    for e in pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env list")
+    {
+        let name = e["name"].as_str().expect("env name");
+        if name == "RUST_LOG" {
+            continue;
+        }
+        let long = flag_of
+            .get(name)
+            .unwrap_or_else(|| panic!("the waypoint sets {name}, which no flag reads"));
+        let value = e["value"].as_str().unwrap_or_else(|| match name {
+            "POD_NAME" => "waypoint-5d8f7c9b4-abcde",
+            "POD_NAMESPACE" => "default",
+            "SERVICE_ACCOUNT" => "waypoint",
+            other => panic!("{other} from a fieldRef the test does not know"),
+        });
+        argv.push(format!("--{long}={value}"));
+    }
+    let matches = cmd
+        .try_get_matches_from(&argv)
+        .unwrap_or_else(|e| panic!("the waypoint's settings {argv:?} do not parse: {e}"));
+    let args = ztunnel::waypoint::Args::from_arg_matches(&matches)
+        .unwrap_or_else(|e| panic!("the waypoint's settings {argv:?} do not parse: {e}"));
+    assert_eq!(args.source, ztunnel::config::Source::Kube);
+    assert_eq!(args.gateway, gw["metadata"]["name"].as_str().expect("name"));
+    assert_eq!(args.ca_secret.as_deref(), Some("istio-system/ztunnel-ca-root"));
+}

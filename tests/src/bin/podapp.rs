@@ -156,7 +156,8 @@ enum Cmd {
     /// An HTTP server (HTTP/1.1 and HTTP/2, detected) on `addr`: every request is
     /// answered 200 with `<name> <method> <path> <version> host=<host>` and a newline
     /// (header `x-served-by: <name>`), except `/status/<code>`, answered with that code,
-    /// and `/slow/<ms>`, answered after that long. Prints `ready <addr>`.
+    /// `/slow/<ms>`, answered after that long, and a request with an `Upgrade` header,
+    /// answered 101 and then echoed byte for byte. Prints `ready <addr>`.
     HttpServe {
         addr: SocketAddr,
         #[arg(long)]
@@ -185,6 +186,14 @@ enum Cmd {
         /// Send this text as the body.
         #[arg(long)]
         body: Option<String>,
+    },
+    /// An HTTP/1.1 upgrade to `addr` (`Upgrade: echo`, as a WebSocket client asks for
+    /// one), then `bytes` pseudo-random bytes through the upgraded connection, read back
+    /// and compared. Prints `status=<code> sent=… received=… match=true|false`.
+    HttpUpgrade {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 4096)]
+        bytes: usize,
     },
     /// New connections per second: `threads` loops of connect, one byte each way, close,
     /// for `secs` seconds. Prints one JSON line.
@@ -273,6 +282,7 @@ fn main() -> anyhow::Result<()> {
             threads,
         } => conns(addr, Duration::from_secs_f64(secs), threads),
         Cmd::HttpServe { addr, name } => http_serve(addr, name),
+        Cmd::HttpUpgrade { addr, bytes } => http_upgrade(addr, bytes),
         Cmd::HttpGet {
             addr,
             path,
@@ -314,9 +324,25 @@ fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
             let (tcp, _) = l.accept().await?;
             let name = name.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
                     async move {
+                        if let Some(proto) = req.headers().get(hyper::header::UPGRADE).cloned() {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let resp = hyper::Response::builder()
+                                .status(101)
+                                .header(hyper::header::CONNECTION, "upgrade")
+                                .header(hyper::header::UPGRADE, proto)
+                                .header("x-served-by", name.as_str())
+                                .body(Full::new(bytes::Bytes::new()))?;
+                            return anyhow::Ok(resp);
+                        }
                         let path = req.uri().path().to_owned();
                         let host = req
                             .headers()
@@ -351,6 +377,45 @@ fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
             });
         }
     })
+}
+
+/// See [`Cmd::HttpUpgrade`].
+fn http_upgrade(addr: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )?;
+    // The response head, byte by byte: nothing after it may be consumed here.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            bail!("connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head.split(' ').nth(1).unwrap_or("?").to_owned();
+    if status != "101" {
+        println!("status={status} sent=0 received=0 match=false");
+        return Ok(());
+    }
+    let mut payload = vec![0u8; bytes];
+    StdRng::seed_from_u64(7).fill_bytes(&mut payload);
+    let mut writer = s.try_clone()?;
+    let sent = payload.clone();
+    let w = std::thread::spawn(move || writer.write_all(&sent));
+    let mut got = vec![0u8; bytes];
+    s.read_exact(&mut got)?;
+    w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    println!(
+        "status=101 sent={bytes} received={} match={}",
+        got.len(),
+        got == payload
+    );
+    Ok(())
 }
 
 struct HttpGet {

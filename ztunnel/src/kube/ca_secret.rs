@@ -16,6 +16,30 @@ use kube::{
 use super::Error;
 use crate::identity::{BuiltinCa, ROOT_CERT_FILE, ROOT_KEY_FILE};
 
+/// Loads the root from `namespace/name`, which must exist ([`Error::SecretMissing`]).
+pub async fn load(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<BuiltinCa, Error> {
+    let secret = format!("{namespace}/{name}");
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Secret {
+            action: "read",
+            secret: secret.clone(),
+            source,
+        })?
+        .ok_or_else(|| Error::SecretMissing {
+            secret: secret.clone(),
+        })?;
+    root_of_secret(existing, secret, trust_domain, lifetime)
+}
+
 /// Loads the root from `namespace/name`, creating the Secret first if it does not exist.
 pub async fn load_or_create(
     client: &Client,
@@ -87,6 +111,16 @@ pub async fn load_or_create(
             }
         }
     };
+    root_of_secret(existing, secret, trust_domain, lifetime)
+}
+
+/// The CA of a root Secret's two entries.
+fn root_of_secret(
+    existing: Secret,
+    secret: String,
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<BuiltinCa, Error> {
     let data = existing.data.unwrap_or_default();
     let entry = |key: &'static str| {
         data.get(key)
@@ -119,6 +153,36 @@ mod tests {
 
     fn root_of(ca: &BuiltinCa) -> Vec<u8> {
         ca.root().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_reads_the_nodes_root_and_never_creates_one() {
+        let api = FakeApi::start().await;
+        let client = api.client();
+        let err = load(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
+            .await
+            .err()
+            .expect("no secret yet");
+        assert!(
+            matches!(err, Error::SecretMissing { ref secret } if secret == "istio-system/ztunnel-ca-root"),
+            "{err}"
+        );
+        assert!(api.secret("istio-system/ztunnel-ca-root").is_none(), "created nothing");
+        let node = load_or_create(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
+            .await
+            .expect("a node creates it");
+        let waypoint = load(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
+            .await
+            .expect("the waypoint reads it");
+        assert_eq!(root_of(&node), root_of(&waypoint));
+        assert!(
+            api.calls()
+                .iter()
+                .filter(|c| c.verb == "create")
+                .count()
+                == 1,
+            "only the node created the secret"
+        );
     }
 
     #[tokio::test]

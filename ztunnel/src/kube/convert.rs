@@ -61,6 +61,62 @@ pub fn gateway(g: &DynamicObject) -> Option<Waypoint> {
     })
 }
 
+/// An object's spec with its name and namespace: the shape the workload file writes a
+/// waypoint's routes and policies in.
+fn flattened(o: &DynamicObject) -> serde_json::Value {
+    let mut v = match &o.data["spec"] {
+        serde_json::Value::Object(m) => serde_json::Value::Object(m.clone()),
+        _ => serde_json::json!({}),
+    };
+    v["name"] = o.metadata.name.clone().unwrap_or_default().into();
+    v["namespace"] = o.metadata.namespace.clone().unwrap_or_default().into();
+    v
+}
+
+/// An HTTPRoute for a waypoint; `None` (warned about, naming the object and the field)
+/// when it does not parse or is invalid: istiod likewise leaves an invalid route out.
+pub fn http_route(o: &DynamicObject) -> Option<crate::waypoint::route::HttpRoute> {
+    let object = format!("HTTPRoute {}", key(&o.metadata));
+    let route: crate::waypoint::route::HttpRoute =
+        match serde_path_to_error::deserialize(flattened(o)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an HTTPRoute that does not parse");
+                return None;
+            }
+        };
+    if let Err(reason) = crate::waypoint::route::validate_all(std::slice::from_ref(&route)) {
+        tracing::warn!(%object, %reason, "ignoring an invalid HTTPRoute");
+        return None;
+    }
+    Some(route)
+}
+
+/// An AuthorizationPolicy a waypoint enforces: one with `targetRefs` (or `targetRef`);
+/// `None` for the others, which are the node ztunnels' (`selector` or namespace-wide, L4,
+/// carried by istiod's xDS, not read here), and for one that does not parse or is invalid
+/// (warned about, naming the object and the field).
+pub fn waypoint_policy(o: &DynamicObject) -> Option<crate::waypoint::authz::WaypointPolicy> {
+    let spec = &o.data["spec"];
+    if spec.get("targetRefs").is_none() && spec.get("targetRef").is_none() {
+        return None;
+    }
+    let object = format!("AuthorizationPolicy {}", key(&o.metadata));
+    let policy: crate::waypoint::authz::WaypointPolicy =
+        match serde_path_to_error::deserialize(flattened(o)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an AuthorizationPolicy that does not parse");
+                return None;
+            }
+        };
+    if let Err(reason) = crate::waypoint::authz::validate_all(std::slice::from_ref(&policy)) {
+        tracing::warn!(%object, %reason, "ignoring an invalid AuthorizationPolicy");
+        return None;
+    }
+    Some(policy)
+}
+
 /// The waypoint an object's traffic goes through, as Istio resolves it: the object's own
 /// `istio.io/use-waypoint` label, else its namespace's (`none` on the object opts out of
 /// the namespace's); the waypoint's namespace from `istio.io/use-waypoint-namespace`

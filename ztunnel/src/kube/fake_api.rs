@@ -1,5 +1,5 @@
 //! An in-process Kubernetes API server for tests: core/v1 collections (and Gateway API
-//! Gateways, once "installed") served as lists and watch streams with resource versions,
+//! Gateways and HTTPRoutes, and Istio's AuthorizationPolicies, once "installed") served as lists and watch streams with resource versions,
 //! bookmarks, closed streams and 410 Gone, plus Secret get and create. It records every call as (verb, resource, namespaced) so tests can check
 //! them against the RBAC rules.
 use std::{
@@ -44,8 +44,11 @@ struct Inner {
     calls: Vec<Call>,
     /// Created just before the next Secret create is handled: a ztunnel on another node won.
     race_secret: Option<Value>,
-    /// Whether the Gateway API's CRDs are installed: until then `gateways` is a 404.
+    /// Whether the Gateway API's CRDs are installed: until then `gateways` and
+    /// `httproutes` are a 404.
     gateway_api: bool,
+    /// Whether Istio's CRDs are installed: until then `authorizationpolicies` is a 404.
+    istio_crds: bool,
 }
 
 #[derive(Clone)]
@@ -60,19 +63,24 @@ fn kind_of(resource: &str) -> &'static str {
         "namespaces" => "Namespace",
         "services" => "Service",
         "gateways" => "Gateway",
+        "httproutes" => "HTTPRoute",
+        "authorizationpolicies" => "AuthorizationPolicy",
         _ => "Unknown",
     }
 }
 
 fn api_version_of(resource: &str) -> &'static str {
     match resource {
-        "gateways" => GATEWAY_API,
+        "gateways" | "httproutes" => GATEWAY_API,
+        "authorizationpolicies" => ISTIO_SECURITY_API,
         _ => "v1",
     }
 }
 
 /// The Gateway API group and version Gateways are served under.
 const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+/// Istio's security group and version (AuthorizationPolicy).
+const ISTIO_SECURITY_API: &str = "security.istio.io/v1";
 
 fn object_key(obj: &Value) -> String {
     let m = &obj["metadata"];
@@ -220,6 +228,11 @@ impl FakeApi {
         self.lock().gateway_api = true;
     }
 
+    /// Installs Istio's CRDs: `authorizationpolicies` is served from now on.
+    pub fn install_istio_crds(&self) {
+        self.lock().istio_crds = true;
+    }
+
     pub fn secret(&self, key: &str) -> Option<Value> {
         self.lock().secrets.get(key).cloned()
     }
@@ -250,10 +263,22 @@ impl FakeApi {
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         let gateways = format!("/apis/{GATEWAY_API}/");
-        let parts: Vec<&str> = match path.strip_prefix(&gateways) {
-            Some(rest) => {
+        let istio = format!("/apis/{ISTIO_SECURITY_API}/");
+        let parts: Vec<&str> = match (path.strip_prefix(&gateways), path.strip_prefix(&istio)) {
+            (None, Some(rest)) => {
+                if !self.lock().istio_crds {
+                    self.record("list", rest, false, None);
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    );
+                }
+                rest.split('/').collect()
+            }
+            (Some(rest), _) => {
                 if !self.lock().gateway_api {
-                    self.record("list", "gateways", false, None);
+                    self.record("list", rest, false, None);
                     // What an API server without the CRD answers.
                     return status(
                         StatusCode::NOT_FOUND,
@@ -263,7 +288,7 @@ impl FakeApi {
                 }
                 rest.split('/').collect()
             }
-            None => path.trim_start_matches("/api/v1/").split('/').collect(),
+            (None, None) => path.trim_start_matches("/api/v1/").split('/').collect(),
         };
         match (method, parts.as_slice()) {
             (Method::GET, [resource]) => {

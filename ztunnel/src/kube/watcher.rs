@@ -51,6 +51,47 @@ enum Ev {
         forbidden: bool,
         message: String,
     },
+    /// A waypoint's: HTTPRoutes and Istio's AuthorizationPolicies.
+    Route(Box<Event<DynamicObject>>),
+    AuthzPolicy(Box<Event<DynamicObject>>),
+    /// One of the waypoint's kinds cannot be listed (404: its CRD is not installed; 403:
+    /// not granted): none of it, listed again with the watcher's backoff.
+    NoL7Kind {
+        kind: L7Kind,
+        forbidden: bool,
+        message: String,
+    },
+}
+
+/// The kinds only a waypoint watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum L7Kind {
+    HttpRoute,
+    AuthorizationPolicy,
+}
+
+impl L7Kind {
+    fn resource(self) -> ApiResource {
+        match self {
+            L7Kind::HttpRoute => ApiResource::from_gvk(&GroupVersionKind::gvk(
+                "gateway.networking.k8s.io",
+                "v1",
+                "HTTPRoute",
+            )),
+            L7Kind::AuthorizationPolicy => ApiResource::from_gvk(&GroupVersionKind::gvk(
+                "security.istio.io",
+                "v1",
+                "AuthorizationPolicy",
+            )),
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            L7Kind::HttpRoute => "httproutes.gateway.networking.k8s.io",
+            L7Kind::AuthorizationPolicy => "authorizationpolicies.security.istio.io",
+        }
+    }
 }
 
 /// Gateway API Gateways (`gateway.networking.k8s.io/v1`), for waypoints: an optional CRD.
@@ -122,6 +163,11 @@ struct State {
     waypoints: Mirror<convert::Waypoint>,
     /// The Gateway API was missing at the last try (said once until it comes).
     no_gateway_api: bool,
+    /// A waypoint's routes and L7 policies (only with `opts.waypoint_config`).
+    routes: Mirror<crate::waypoint::route::HttpRoute>,
+    l7_policies: Mirror<crate::waypoint::authz::WaypointPolicy>,
+    /// The waypoint kinds that were missing at the last try (said once until they come).
+    no_l7_kinds: BTreeSet<&'static str>,
     /// By pod UID: local enrolled pods found on the node.
     placements: BTreeMap<String, Placement>,
     /// Some local pod should be enrolled but was not found on the node yet.
@@ -163,22 +209,71 @@ impl State {
                 self.waypoints.relisting = None;
                 self.waypoints.synced = true;
             }
+            Ev::Route(e) => {
+                if self.no_l7_kinds.remove(L7Kind::HttpRoute.plural()) {
+                    tracing::info!("HTTPRoutes can be listed now: they are watched");
+                }
+                self.routes
+                    .apply(*e, |o| (convert::key(&o.metadata), convert::http_route(o)))
+            }
+            Ev::AuthzPolicy(e) => {
+                if self.no_l7_kinds.remove(L7Kind::AuthorizationPolicy.plural()) {
+                    tracing::info!("AuthorizationPolicies can be listed now: they are watched");
+                }
+                self.l7_policies.apply(*e, |o| {
+                    (convert::key(&o.metadata), convert::waypoint_policy(o))
+                })
+            }
+            Ev::NoL7Kind {
+                kind,
+                forbidden,
+                message,
+            } => {
+                if self.no_l7_kinds.insert(kind.plural()) {
+                    let what = kind.plural();
+                    if forbidden {
+                        tracing::warn!(%message, "not allowed to list {what} (grant list and watch, as deploy/'s waypoint role does): none applied; tried again with backoff");
+                    } else {
+                        tracing::info!(%message, "{what} is not installed: none applied; looked for again with backoff");
+                    }
+                }
+                let mirror_clear = |synced: &mut bool| *synced = true;
+                match kind {
+                    L7Kind::HttpRoute => {
+                        self.routes.items.clear();
+                        self.routes.relisting = None;
+                        mirror_clear(&mut self.routes.synced);
+                    }
+                    L7Kind::AuthorizationPolicy => {
+                        self.l7_policies.items.clear();
+                        self.l7_policies.relisting = None;
+                        mirror_clear(&mut self.l7_policies.synced);
+                    }
+                }
+            }
         }
     }
 
     fn synced(&self) -> bool {
-        self.pods.synced && self.namespaces.synced && self.services.synced && self.waypoints.synced
+        self.pods.synced
+            && self.namespaces.synced
+            && self.services.synced
+            && self.waypoints.synced
+            && (!self.opts.waypoint_config || (self.routes.synced && self.l7_policies.synced))
     }
 
     fn build(&self) -> LocalConfig {
-        convert::local_config(
+        let mut cfg = convert::local_config(
             &self.opts.trust_domain,
             &self.namespaces.items,
             &self.pods.items,
             &self.services.items,
             &self.waypoints.items,
             &self.placements,
-        )
+        );
+        cfg.http_routes = self.routes.items.values().cloned().collect();
+        cfg.waypoint_policies = self.l7_policies.items.values().cloned().collect();
+        cfg
     }
 
     fn rebuild(&mut self) -> LocalConfig {
@@ -250,13 +345,39 @@ where
         .boxed()
 }
 
+/// A waypoint kind's watch; a 404 or 403 on its list is "none of it" (optional CRDs).
+fn l7_stream(client: Client, kind: L7Kind) -> BoxStream<'static, Result<Ev, watcher::Error>> {
+    watcher::watcher(
+        Api::<DynamicObject>::all_with(client, &kind.resource()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(move |r| match r {
+        Ok(e) => Ok(match kind {
+            L7Kind::HttpRoute => Ev::Route(Box::new(e)),
+            L7Kind::AuthorizationPolicy => Ev::AuthzPolicy(Box::new(e)),
+        }),
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+            if s.is_not_found() || s.code == 403 =>
+        {
+            Ok(Ev::NoL7Kind {
+                kind,
+                forbidden: s.code == 403,
+                message: s.message.clone(),
+            })
+        }
+        Err(e) => Err(e),
+    })
+    .boxed()
+}
+
 async fn run(
     client: Client,
     opts: Options,
     tx: watch::Sender<LocalConfig>,
     synced: oneshot::Sender<()>,
 ) {
-    let mut events = futures_util::stream::select_all([
+    let mut streams = vec![
         stream(Api::<Pod>::all(client.clone()), |e| Ev::Pod(Box::new(e))),
         stream(Api::<KubeNamespace>::all(client.clone()), |e| {
             Ev::Namespace(Box::new(e))
@@ -265,7 +386,7 @@ async fn run(
             Ev::Service(Box::new(e))
         }),
         watcher::watcher(
-            Api::<DynamicObject>::all_with(client, &gateway_resource()),
+            Api::<DynamicObject>::all_with(client.clone(), &gateway_resource()),
             watcher::Config::default(),
         )
         .default_backoff()
@@ -282,7 +403,13 @@ async fn run(
             Err(e) => Err(e),
         })
         .boxed(),
-    ]);
+    ];
+    if opts.waypoint_config {
+        for kind in [L7Kind::HttpRoute, L7Kind::AuthorizationPolicy] {
+            streams.push(l7_stream(client.clone(), kind));
+        }
+    }
+    let mut events = futures_util::stream::select_all(streams);
     let mut state = State {
         discovery: Discovery::new(opts.cgroup_root.clone(), opts.host_proc.clone()),
         opts,
@@ -291,6 +418,9 @@ async fn run(
         services: Mirror::default(),
         waypoints: Mirror::default(),
         no_gateway_api: false,
+        routes: Mirror::default(),
+        l7_policies: Mirror::default(),
+        no_l7_kinds: BTreeSet::new(),
         placements: BTreeMap::new(),
         unplaced: false,
     };
@@ -416,6 +546,11 @@ mod tests {
     }
 
     async fn start(api: &FakeApi, node: &FakeNode) -> Kube {
+        start_as(api, node, false).await
+    }
+
+    /// [`start`], as a waypoint (`waypoint_config`) or a node's ztunnel.
+    async fn start_as(api: &FakeApi, node: &FakeNode, waypoint_config: bool) -> Kube {
         super::super::start_with(
             api.client(),
             Options {
@@ -423,6 +558,7 @@ mod tests {
                 trust_domain: "cluster.local".to_owned(),
                 cgroup_root: node.cgroup_root(),
                 host_proc: node.proc_root(),
+                waypoint_config,
             },
         )
         .await
@@ -582,6 +718,96 @@ mod tests {
             .filter(|c| c.verb == "list" && c.resource == "pods")
             .count();
         assert_eq!(lists, lists_before + 1, "410 Gone relists once");
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_watches_routes_and_targeted_policies_and_a_node_does_not() {
+        let api = FakeApi::start().await;
+        let node = FakeNode::new();
+        api.apply("namespaces", namespace(true));
+        // Without the CRDs a waypoint still syncs, with no routes and no policies.
+        let mut k = start_as(&api, &node, true).await;
+        let cfg = k.updates.borrow().clone();
+        assert!(cfg.http_routes.is_empty() && cfg.waypoint_policies.is_empty());
+
+        api.install_gateway_api();
+        api.install_istio_crds();
+        api.apply(
+            "httproutes",
+            json!({
+                "metadata": {"name": "db-split", "namespace": "shop"},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "db"}],
+                    "rules": [{"backendRefs": [
+                        {"name": "db-v1", "port": 80, "weight": 90},
+                        {"name": "db-v2", "port": 80, "weight": 10}
+                    ]}]
+                }
+            }),
+        );
+        // Invalid: a path match of a type Gateway API does not have. Left out, warned.
+        api.apply(
+            "httproutes",
+            json!({
+                "metadata": {"name": "bad", "namespace": "shop"},
+                "spec": {
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "db"}],
+                    "rules": [{"matches": [{"path": {"type": "Glob", "value": "/x"}}],
+                               "backendRefs": [{"name": "db-v1", "port": 80}]}]
+                }
+            }),
+        );
+        api.apply(
+            "authorizationpolicies",
+            json!({
+                "metadata": {"name": "orders-read", "namespace": "shop"},
+                "spec": {
+                    "targetRefs": [{"group": "", "kind": "Service", "name": "db"}],
+                    "action": "ALLOW",
+                    "rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/orders/*"]}}]}]
+                }
+            }),
+        );
+        // A node ztunnel's policy (a selector, no targetRefs): not the waypoint's.
+        api.apply(
+            "authorizationpolicies",
+            json!({
+                "metadata": {"name": "l4", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "db"}}, "action": "DENY",
+                         "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}
+            }),
+        );
+        let cfg = wait_for(&mut k, "the route and the policy", |c| {
+            !c.http_routes.is_empty() && !c.waypoint_policies.is_empty()
+        })
+        .await;
+        let routes: Vec<_> = cfg.http_routes.iter().map(|r| r.name.clone()).collect();
+        assert_eq!(routes, ["db-split"], "the invalid route is left out");
+        let policies: Vec<_> = cfg
+            .waypoint_policies
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        assert_eq!(policies, ["orders-read"]);
+        api.assert_calls_granted(super::super::WAYPOINT_API_ACCESS);
+
+        // A node's ztunnel never asks for them.
+        drop(k);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = api
+            .calls()
+            .iter()
+            .filter(|c| c.resource == "httproutes" || c.resource == "authorizationpolicies")
+            .count();
+        let node2 = FakeNode::new();
+        let k2 = start_as(&api, &node2, false).await;
+        assert!(k2.updates.borrow().http_routes.is_empty());
+        let after = api
+            .calls()
+            .iter()
+            .filter(|c| c.resource == "httproutes" || c.resource == "authorizationpolicies")
+            .count();
+        assert_eq!(before, after, "a node ztunnel listed waypoint kinds");
     }
 
     #[tokio::test]

@@ -359,8 +359,13 @@ fn labels(
 }
 
 /// Decides and forwards one request.
-async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    // An HTTP/1.1 upgrade (WebSocket): once the backend answers 101, the two upgraded
+    // connections are joined byte for byte.
+    let upgrade = (req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE))
+    .then(|| hyper::upgrade::on(&mut req));
     let w = ctx.waypoint.clone();
     let snap = w.snapshot();
     let store = &snap.store;
@@ -518,6 +523,9 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
             onward.headers_mut().insert(header::HOST, h);
         }
         *onward.version_mut() = http::Version::HTTP_11;
+        if upgrade.is_none() {
+            strip_hop_by_hop(onward.headers_mut());
+        }
         let sent = client.request(onward);
         let result = match timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
@@ -539,7 +547,15 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
                         .boxed(),
                 );
             }
-            Ok(resp) => {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(down) = upgrade
+                {
+                    let up = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(join_upgraded(down, up));
+                    let resp = resp.map(|b| b.map_err(Into::into).boxed());
+                    return finish(report, resp);
+                }
                 let resp = resp.map(|b| b.map_err(Into::into).boxed());
                 return finish(report, resp);
             }
@@ -562,6 +578,49 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
     match last {
         Some(resp) => finish(report, resp),
         None => finish(report, local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE)),
+    }
+}
+
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1): not
+/// forwarded, except for an upgrade, which needs `connection` and `upgrade`.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Copies between the client's and the backend's upgraded connections until both end.
+async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((to_backend, to_client)) => {
+            tracing::debug!(to_backend, to_client, "upgraded connection closed");
+        }
+        Err(error) => tracing::debug!(%error, "upgraded connection failed"),
     }
 }
 
