@@ -699,6 +699,9 @@ pub struct Store {
     service_of: Vec<Option<usize>>,
     /// Services by hostname (lowercase, no trailing dot), in config order.
     by_hostname: HashMap<String, Vec<usize>>,
+    /// Service by `namespace/name`; of two with one key (never in a valid config), the
+    /// first.
+    service_by_key: HashMap<String, usize>,
     policies: policy::Index,
     mtls: policy::MtlsIndex,
     next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -804,7 +807,9 @@ impl Store {
         // an endpoint, so each workload is checked against the services filed under its
         // own labels only.
         let mut by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        let mut service_by_key = HashMap::with_capacity(cfg.services.len());
         for (s, svc) in cfg.services.iter().enumerate() {
+            service_by_key.entry(svc.key()).or_insert(s);
             for a in &svc.addresses {
                 by_vip.insert(*a, s);
             }
@@ -867,6 +872,7 @@ impl Store {
             routable,
             service_of,
             by_hostname,
+            service_by_key,
             policies,
             mtls,
             next: Default::default(),
@@ -973,6 +979,13 @@ impl Store {
     /// The service with this hostname (any case, with or without the trailing dot) in
     /// namespace `ns`, else the first of that hostname in any namespace when `ns` has none
     /// (Istio's choice for a hostname: its own namespace's first).
+    /// The service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.service_by_key
+            .get(&format!("{namespace}/{name}"))
+            .map(|i| &self.cfg.services[*i])
+    }
+
     pub fn service_by_hostname(&self, hostname: &str, ns: &str) -> Option<usize> {
         let all = self.by_hostname.get(&normal_hostname(hostname))?;
         all.iter()
@@ -1981,6 +1994,19 @@ workloads:
                 assert!(same(found, scan.service_of(w)), "{}", w.key());
                 with_service += usize::from(found.is_some());
             }
+            for svc in &store.cfg.services {
+                let scanned = store
+                    .cfg
+                    .services
+                    .iter()
+                    .find(|s| s.namespace == svc.namespace && s.name == svc.name);
+                assert!(
+                    same(store.service(&svc.namespace, &svc.name), scanned),
+                    "{}",
+                    svc.key()
+                );
+            }
+            assert!(store.service("shop", "nobody").is_none());
             for (i, svc) in store.cfg.services.iter().enumerate() {
                 let indexed: Vec<*const Workload> =
                     store.endpoints(i).map(std::ptr::from_ref).collect();

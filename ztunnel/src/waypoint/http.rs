@@ -626,9 +626,5 @@ async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUp
 
 /// A service by namespace and name.
 fn service<'s>(store: &'s Store, r: &ObjectRef) -> Option<&'s crate::state::Service> {
-    store
-        .cfg
-        .services
-        .iter()
-        .find(|s| s.namespace == r.namespace && s.name == r.name)
+    store.service(&r.namespace, &r.name)
 }
