@@ -624,7 +624,9 @@ fn compile_condition(field: &str, c: &Condition) -> Result<ConditionMatch, Field
             k if k.starts_with("request.auth.") => {
                 return Err((
                     format!("{field}.key"),
-                    format!("key {k:?} is not supported: there is no JWT authentication at this waypoint"),
+                    format!(
+                        "key {k:?} is not supported: there is no JWT authentication at this waypoint"
+                    ),
                 ));
             }
             k => {
@@ -839,7 +841,8 @@ fn check_all(policies: &[WaypointPolicy], root_namespace: Option<&str>) -> Resul
         if !seen.insert((p.namespace.as_str(), p.name.as_str())) {
             return Err(format!("{object}: duplicate policy"));
         }
-        check(p, root_namespace).map_err(|(field, reason)| format!("{object}: {field}: {reason}"))?;
+        check(p, root_namespace)
+            .map_err(|(field, reason)| format!("{object}: {field}: {reason}"))?;
     }
     Ok(())
 }
@@ -939,7 +942,10 @@ impl PolicyIndex {
         if applicable.is_empty() {
             return Decision::Allow;
         }
-        let path = match normalize_path(req.path) {
+        // The query is not part of the path (istio.io normalization, "path with query"),
+        // whether or not the caller already stripped it.
+        let raw_path = req.path.split(['?', '#']).next().unwrap_or(req.path);
+        let path = match normalize_path(raw_path) {
             Ok(p) => p,
             Err(e) => {
                 return Decision::Deny {
@@ -1074,7 +1080,11 @@ impl OperationMatch {
         (self.hosts.is_empty() || self.hosts.iter().any(|m| ctx.host_matches(m)))
             && !self.not_hosts.iter().any(|m| ctx.host_matches(m))
             && ports_hold(&self.ports, &self.not_ports, ctx.req.port)
-            && strings_hold(&self.methods, &self.not_methods, Some(ctx.req.method.as_str()))
+            && strings_hold(
+                &self.methods,
+                &self.not_methods,
+                Some(ctx.req.method.as_str()),
+            )
             && strings_hold(&self.paths, &self.not_paths, Some(ctx.path))
     }
 }
@@ -1091,12 +1101,12 @@ impl ConditionMatch {
                     })
                 })
             }
-            (Values::Strings(list), Attribute::SourceNamespace) => {
-                ctx.namespace.is_some_and(|v| list.iter().any(|m| m.matches(v)))
-            }
-            (Values::Strings(list), Attribute::SourcePrincipal) => {
-                ctx.principal.is_some_and(|v| list.iter().any(|m| m.matches(v)))
-            }
+            (Values::Strings(list), Attribute::SourceNamespace) => ctx
+                .namespace
+                .is_some_and(|v| list.iter().any(|m| m.matches(v))),
+            (Values::Strings(list), Attribute::SourcePrincipal) => ctx
+                .principal
+                .is_some_and(|v| list.iter().any(|m| m.matches(v))),
             (Values::Ips(list), Attribute::SourceIp) => {
                 list.iter().any(|n| n.contains(ctx.req.source_ip))
             }
@@ -1129,5 +1139,410 @@ impl CompiledPolicy {
             Ok(rule) => rule.matches(ctx),
             Err(()) => self.action == Action::Deny,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: (&str, &str) = ("shop", "waypoint");
+    const SVC: (&str, &str) = ("shop", "db");
+
+    /// A request as the table writes it: method, path, host, port, client identity.
+    struct Req {
+        method: &'static str,
+        path: &'static str,
+        host: &'static str,
+        port: u16,
+        principal: Option<&'static str>,
+        headers: &'static [(&'static str, &'static str)],
+        src: &'static str,
+    }
+
+    const GET_ORDERS: Req = Req {
+        method: "GET",
+        path: "/orders/1",
+        host: "db.shop.svc.cluster.local:8080",
+        port: 8080,
+        principal: Some("spiffe://cluster.local/ns/shop/sa/backend"),
+        headers: &[],
+        src: "10.0.0.5",
+    };
+
+    fn decide(policies: &str, service: Option<(&str, &str)>, req: &Req) -> Decision {
+        let policies: Vec<WaypointPolicy> = serde_yaml::from_str(policies).expect("yaml");
+        validate_all_in_root(&policies, "istio-system").expect("valid");
+        let index = PolicyIndex::new(&policies, "istio-system");
+        let method = http::Method::from_bytes(req.method.as_bytes()).expect("method");
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in req.headers {
+            headers.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let attrs = RequestAttrs {
+            method: &method,
+            path: req.path,
+            host: req.host,
+            port: req.port,
+            headers: &headers,
+            source_principal: req.principal,
+            source_ip: req.src.parse().expect("ip"),
+            destination_ip: "10.96.0.10".parse().expect("ip"),
+        };
+        let service = service.map(|(ns, n)| ObjectRef::new(ns, n));
+        index.evaluate(&ObjectRef::new(GW.0, GW.1), service.as_ref(), &attrs)
+    }
+
+    fn allowed(policies: &str, req: &Req) -> bool {
+        decide(policies, Some(SVC), req) == Decision::Allow
+    }
+
+    /// One ALLOW policy on service db with the given rules.
+    fn allow_rules(rules: &str) -> String {
+        format!(
+            "- name: p\n  namespace: shop\n  targetRefs: [{{kind: Service, name: db}}]\n  rules:\n{rules}"
+        )
+    }
+
+    #[test]
+    fn operations_match_as_istio_does() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, Req, bool)] = &[
+            ("exact path", "  - to: [{operation: {paths: [/orders/1]}}]\n", GET_ORDERS, true),
+            ("prefix path", "  - to: [{operation: {paths: [/orders/*]}}]\n", GET_ORDERS, true),
+            ("suffix path", "  - to: [{operation: {paths: ['*/1']}}]\n", GET_ORDERS, true),
+            ("any path", "  - to: [{operation: {paths: ['*']}}]\n", GET_ORDERS, true),
+            ("other path", "  - to: [{operation: {paths: [/users]}}]\n", GET_ORDERS, false),
+            ("query is not path", "  - to: [{operation: {paths: [/orders/1]}}]\n", Req { path: "/orders/1?a=b", ..GET_ORDERS }, true),
+            ("query cannot dodge notPaths", "  - to: [{operation: {notPaths: [/orders/1]}}]\n", Req { path: "/orders/1?a=b", ..GET_ORDERS }, false),
+            ("notPaths excludes", "  - to: [{operation: {notPaths: [/orders/*]}}]\n", GET_ORDERS, false),
+            ("notPaths passes others", "  - to: [{operation: {notPaths: [/admin*]}}]\n", GET_ORDERS, true),
+            ("paths and notPaths", "  - to: [{operation: {paths: [/orders/*], notPaths: [/orders/1]}}]\n", GET_ORDERS, false),
+            ("method case-sensitive", "  - to: [{operation: {methods: [get]}}]\n", GET_ORDERS, false),
+            ("method exact", "  - to: [{operation: {methods: [GET]}}]\n", GET_ORDERS, true),
+            ("notMethods", "  - to: [{operation: {notMethods: [POST]}}]\n", Req { method: "POST", ..GET_ORDERS }, false),
+            ("host with port", "  - to: [{operation: {hosts: [db.shop.svc.cluster.local]}}]\n", GET_ORDERS, true),
+            ("host case-insensitive", "  - to: [{operation: {hosts: [DB.Shop.svc.cluster.local]}}]\n", GET_ORDERS, true),
+            ("host written with port", "  - to: [{operation: {hosts: ['db.shop.svc.cluster.local:8080']}}]\n", GET_ORDERS, true),
+            ("host suffix", "  - to: [{operation: {hosts: ['*.cluster.local']}}]\n", GET_ORDERS, true),
+            ("host prefix", "  - to: [{operation: {hosts: ['db.*']}}]\n", GET_ORDERS, true),
+            ("other host", "  - to: [{operation: {hosts: [web.shop]}}]\n", GET_ORDERS, false),
+            ("notHosts", "  - to: [{operation: {notHosts: ['*.cluster.local']}}]\n", GET_ORDERS, false),
+            ("port", "  - to: [{operation: {ports: ['8080']}}]\n", GET_ORDERS, true),
+            ("other port", "  - to: [{operation: {ports: ['9090']}}]\n", GET_ORDERS, false),
+            ("notPorts", "  - to: [{operation: {notPorts: ['8080']}}]\n", GET_ORDERS, false),
+            ("fields AND", "  - to: [{operation: {methods: [GET], paths: [/users]}}]\n", GET_ORDERS, false),
+            ("entries OR", "  - to: [{operation: {paths: [/users]}}, {operation: {methods: [GET]}}]\n", GET_ORDERS, true),
+            ("rules OR", "  - to: [{operation: {paths: [/users]}}]\n  - to: [{operation: {methods: [GET]}}]\n", GET_ORDERS, true),
+            ("from and to AND", "  - from: [{source: {namespaces: [web]}}]\n    to: [{operation: {methods: [GET]}}]\n", GET_ORDERS, false),
+            ("empty rule matches all", "  - {}\n", GET_ORDERS, true),
+        ];
+        for (name, rules, req, want) in cases {
+            assert_eq!(allowed(&allow_rules(rules), req), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn sources_and_conditions_match_as_istio_does() {
+        let plaintext = Req {
+            principal: None,
+            ..GET_ORDERS
+        };
+        let tenant = Req {
+            headers: &[("x-tenant", "acme"), ("X-Tenant", "beta")],
+            ..GET_ORDERS
+        };
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, &Req, bool)] = &[
+            ("principal minus spiffe://", "  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend]}}]\n", &GET_ORDERS, true),
+            ("principal with spiffe:// never matches", "  - from: [{source: {principals: ['spiffe://cluster.local/ns/shop/sa/backend']}}]\n", &GET_ORDERS, false),
+            ("principal suffix", "  - from: [{source: {principals: ['*/sa/backend']}}]\n", &GET_ORDERS, true),
+            ("namespace of identity", "  - from: [{source: {namespaces: [shop]}}]\n", &GET_ORDERS, true),
+            ("notNamespaces", "  - from: [{source: {notNamespaces: [shop]}}]\n", &GET_ORDERS, false),
+            ("no identity: principals never", "  - from: [{source: {principals: ['*']}}]\n", &plaintext, false),
+            ("no identity: namespaces never", "  - from: [{source: {namespaces: [shop]}}]\n", &plaintext, false),
+            ("no identity: notPrincipals always", "  - from: [{source: {notPrincipals: ['*']}}]\n", &plaintext, true),
+            ("no identity: notNamespaces always", "  - from: [{source: {notNamespaces: [shop]}}]\n", &plaintext, true),
+            ("identity: notPrincipals * excludes", "  - from: [{source: {notPrincipals: ['*']}}]\n", &GET_ORDERS, false),
+            ("ipBlocks", "  - from: [{source: {ipBlocks: [10.0.0.0/24]}}]\n", &GET_ORDERS, true),
+            ("notIpBlocks", "  - from: [{source: {notIpBlocks: [10.0.0.5]}}]\n", &GET_ORDERS, false),
+            ("header values joined", "  - when: [{key: 'request.headers[x-tenant]', values: ['acme,beta']}]\n", &tenant, true),
+            ("header prefix", "  - when: [{key: 'request.headers[X-TENANT]', values: ['acme*']}]\n", &tenant, true),
+            ("missing header never in values", "  - when: [{key: 'request.headers[x-tenant]', values: ['*']}]\n", &GET_ORDERS, false),
+            ("missing header always notValues", "  - when: [{key: 'request.headers[x-tenant]', notValues: [acme]}]\n", &GET_ORDERS, true),
+            ("header present", "  - when: [{key: 'request.headers[x-tenant]', values: ['*']}]\n", &tenant, true),
+            ("source.ip", "  - when: [{key: source.ip, values: [10.0.0.0/8]}]\n", &GET_ORDERS, true),
+            ("source.ip notValues", "  - when: [{key: source.ip, notValues: [10.0.0.0/8]}]\n", &GET_ORDERS, false),
+            ("source.namespace", "  - when: [{key: source.namespace, values: [shop]}]\n", &GET_ORDERS, true),
+            ("source.principal", "  - when: [{key: source.principal, values: [cluster.local/ns/shop/sa/backend]}]\n", &GET_ORDERS, true),
+            ("destination.port", "  - when: [{key: destination.port, values: ['9090']}]\n", &GET_ORDERS, false),
+            ("destination.ip", "  - when: [{key: destination.ip, values: [10.96.0.0/16]}]\n", &GET_ORDERS, true),
+            ("conditions AND", "  - when: [{key: destination.ip, values: [10.96.0.0/16]}, {key: source.namespace, values: [web]}]\n", &GET_ORDERS, false),
+            ("values and notValues", "  - when: [{key: source.ip, values: [10.0.0.0/8], notValues: [10.0.0.5]}]\n", &GET_ORDERS, false),
+        ];
+        for (name, rules, req, want) in cases {
+            assert_eq!(allowed(&allow_rules(rules), req), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn paths_are_normalised_as_istio_default_does() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str)] = &[
+            ("/a/../b", "/b"),
+            ("//a", "/a"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/..", "/"),
+            ("/../../x", "/x"),
+            ("/a%2Fb", "/a%2Fb"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a%5cb", "/a%5Cb"),
+            ("/%61%62%63", "/abc"),
+            ("/a%2E%2E/b", "/a../b"),
+            ("/a/%2E%2E/b", "/b"),
+            ("/a\\b", "/a/b"),
+            ("/a//../b", "/a/b"),
+            ("/a/", "/a/"),
+            ("/", "/"),
+            ("/%7e%2D%5f", "/~-_"),
+            ("/caf\u{e9}/%zz", "/caf\u{e9}/%zz"),
+            ("*", "*"),
+        ];
+        for (input, want) in cases {
+            let got = normalize_path(input).expect(input);
+            assert_eq!(got, *want, "{input}");
+            assert_eq!(
+                normalize_path(&got).expect("again"),
+                got,
+                "idempotent on {input}"
+            );
+        }
+        assert!(matches!(
+            normalize_path("/a%00b"),
+            Err(PathError::EncodedNul { .. })
+        ));
+    }
+
+    #[test]
+    fn a_normalised_path_is_what_policy_sees() {
+        let deny_admin = "- name: no-admin\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin*]}}]\n";
+        for path in [
+            "/orders/../admin",
+            "//admin",
+            "/%61dmin",
+            "/./admin/x",
+            "\\admin",
+        ] {
+            let req = Req { path, ..GET_ORDERS };
+            assert!(!allowed(deny_admin, &req), "{path} slipped past the DENY");
+        }
+        let req = Req {
+            path: "/a%00/admin",
+            ..GET_ORDERS
+        };
+        match decide(deny_admin, Some(SVC), &req) {
+            Decision::Deny { reason, .. } => assert!(reason.contains("%00"), "{reason}"),
+            Decision::Allow => panic!("%00 allowed"),
+        }
+    }
+
+    #[test]
+    fn deny_comes_before_allow_and_the_verdict_names_the_policy() {
+        let both = "- name: allow-all\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  rules: [{}]\n- name: no-post\n  namespace: shop\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  action: DENY\n  rules:\n  - to: [{operation: {methods: [POST]}}]\n";
+        let post = Req {
+            method: "POST",
+            ..GET_ORDERS
+        };
+        assert_eq!(
+            decide(both, Some(SVC), &post),
+            Decision::Deny {
+                policy: "shop/no-post".into(),
+                reason: "matched a DENY policy".into()
+            }
+        );
+        assert_eq!(decide(both, Some(SVC), &GET_ORDERS), Decision::Allow);
+
+        let two_allows = "- name: a\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  rules: [{to: [{operation: {methods: [PUT]}}]}]\n- name: b\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  rules: [{to: [{operation: {methods: [DELETE]}}]}]\n";
+        assert_eq!(
+            decide(two_allows, Some(SVC), &GET_ORDERS),
+            Decision::Deny {
+                policy: "shop/a,shop/b".into(),
+                reason: "no ALLOW policy matched".into()
+            }
+        );
+    }
+
+    #[test]
+    fn empty_rules_allow_nothing_and_deny_nothing() {
+        let allow_nothing =
+            "- name: nothing\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n";
+        assert!(!allowed(allow_nothing, &GET_ORDERS));
+        let deny_nothing = "- name: nothing\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  action: DENY\n";
+        assert!(allowed(deny_nothing, &GET_ORDERS));
+        assert!(allowed("[]", &GET_ORDERS), "no policy at all allows");
+    }
+
+    #[test]
+    fn policies_apply_by_target() {
+        let allow_nothing = |refs: &str, ns: &str| {
+            format!("- name: p\n  namespace: {ns}\n  targetRefs: [{refs}]\n")
+        };
+        #[rustfmt::skip]
+        let cases: &[(&str, String, Option<(&str, &str)>, bool)] = &[
+            ("this service", allow_nothing("{kind: Service, name: db}", "shop"), Some(SVC), true),
+            ("service, core group", allow_nothing("{kind: Service, group: core, name: db}", "shop"), Some(SVC), true),
+            ("another service", allow_nothing("{kind: Service, name: web}", "shop"), Some(SVC), false),
+            ("same-named service elsewhere", allow_nothing("{kind: Service, name: db}", "web"), Some(SVC), false),
+            ("service, request to a workload", allow_nothing("{kind: Service, name: db}", "shop"), None, false),
+            ("this gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), Some(SVC), true),
+            ("gateway, request to a workload", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), None, true),
+            ("another gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: other}", "shop"), Some(SVC), false),
+            ("same-named gateway elsewhere", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "web"), Some(SVC), false),
+            ("waypoint class from root", allow_nothing("{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}", "istio-system"), None, true),
+        ];
+        for (name, policy, service, applies) in cases {
+            let denied = decide(policy, *service, &GET_ORDERS) != Decision::Allow;
+            assert_eq!(denied, *applies, "{name}");
+        }
+        let singular = "- name: p\n  namespace: shop\n  targetRef: {kind: Service, name: db}\n";
+        assert!(
+            !allowed(singular, &GET_ORDERS),
+            "the singular targetRef applies"
+        );
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_naming_object_field_and_reason() {
+        let base = "- name: p\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n";
+        #[rustfmt::skip]
+        let cases: &[(&str, String, &str)] = &[
+            ("bad method list entry", format!("{base}  rules: [{{to: [{{operation: {{methods: [GET, 'P*T']}}}}]}}]\n"), "rules[0].to[0].operation.methods[1]"),
+            ("port not a number", format!("{base}  rules: [{{to: [{{operation: {{ports: ['80', 'http']}}}}]}}]\n"), "rules[0].to[0].operation.ports[1]"),
+            ("bad cidr", format!("{base}  rules: [{{from: [{{source: {{ipBlocks: [10.0.0.0/33]}}}}]}}]\n"), "rules[0].from[0].source.ipBlocks[0]"),
+            ("jwt", format!("{base}  rules: [{{from: [{{source: {{requestPrincipals: ['*']}}}}]}}]\n"), "no JWT"),
+            ("remote ip", format!("{base}  rules: [{{from: [{{source: {{remoteIpBlocks: [1.2.3.4]}}}}]}}]\n"), "rules[0].from[0].source.remoteIpBlocks"),
+            ("empty source", format!("{base}  rules: [{{from: [{{source: {{}}}}]}}]\n"), "rules[0].from[0].source: an empty source"),
+            ("missing operation", format!("{base}  rules: [{{to: [{{}}]}}]\n"), "rules[0].to[0].operation: missing"),
+            ("unknown key", format!("{base}  rules: [{{when: [{{key: 'request.regex.headers[x]', values: [a]}}]}}]\n"), "\"request.regex.headers[x]\" is not supported"),
+            ("jwt key", format!("{base}  rules: [{{when: [{{key: 'request.auth.claims[iss]', values: [a]}}]}}]\n"), "rules[0].when[0].key"),
+            ("condition without values", format!("{base}  rules: [{{when: [{{key: source.ip}}]}}]\n"), "rules[0].when[0]: a condition needs"),
+            ("empty value", format!("{base}  rules: [{{to: [{{operation: {{paths: ['']}}}}]}}]\n"), "rules[0].to[0].operation.paths[0]: empty value"),
+            ("selector", "- name: p\n  namespace: shop\n  selector: {matchLabels: {app: db}}\n".to_owned(), "selector: a policy with a selector"),
+            ("no targets", "- name: p\n  namespace: shop\n".to_owned(), "targetRefs: missing"),
+            ("both target forms", "- name: p\n  namespace: shop\n  targetRef: {kind: Service, name: db}\n  targetRefs: [{kind: Service, name: db}]\n".to_owned(), "not both"),
+            ("cross-namespace target", "- name: p\n  namespace: shop\n  targetRefs: [{kind: Service, name: db, namespace: web}]\n".to_owned(), "targetRefs[0].namespace"),
+            ("service in wrong group", "- name: p\n  namespace: shop\n  targetRefs: [{kind: Service, group: apps, name: db}]\n".to_owned(), "targetRefs[0].group"),
+            ("gateway in core group", "- name: p\n  namespace: shop\n  targetRefs: [{kind: Gateway, name: waypoint}]\n".to_owned(), "targetRefs[0].group"),
+            ("service entry", "- name: p\n  namespace: shop\n  targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: x}]\n".to_owned(), "ServiceEntry is not supported"),
+            ("class outside root", "- name: p\n  namespace: shop\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]\n".to_owned(), "only from the root namespace"),
+            ("other class", "- name: p\n  namespace: istio-system\n  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio}]\n".to_owned(), "targetRefs[0].name"),
+            ("duplicate", format!("{base}{base}"), "waypointPolicies[1] (shop/p): duplicate policy"),
+        ];
+        for (name, yaml, want) in cases {
+            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(yaml).expect(name);
+            let err = validate_all_in_root(&policies, "istio-system").expect_err(name);
+            assert!(err.contains("waypointPolicies["), "{name}: {err}");
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn unsupported_actions_and_unknown_fields_fail_to_parse_with_the_reason() {
+        let parse = |yaml: &str| serde_yaml::from_str::<Vec<WaypointPolicy>>(yaml).map(|_| ());
+        let head = "- name: p\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n";
+        for (action, want) in [
+            ("CUSTOM", "no external authorizer"),
+            ("AUDIT", "audit provider"),
+            ("allow", "expected ALLOW or DENY"),
+        ] {
+            let err = parse(&format!("{head}  action: {action}\n")).expect_err(action);
+            assert!(err.to_string().contains(want), "{action}: {err}");
+        }
+        let err = parse(&format!("{head}  provider: {{name: ext}}\n")).expect_err("provider");
+        assert!(err.to_string().contains("provider"), "{err}");
+        let err = parse(&format!(
+            "{head}  rules: [{{to: [{{operation: {{method: [GET]}}}}]}}]\n"
+        ))
+        .expect_err("typo");
+        assert!(err.to_string().contains("method"), "{err}");
+        let p: Vec<WaypointPolicy> = serde_yaml::from_str(head).expect("default action");
+        assert_eq!(p[0].action, Action::Allow);
+    }
+
+    #[test]
+    fn a_policy_that_skipped_validation_fails_closed() {
+        let index = |action: &str| {
+            let yaml = format!(
+                "- name: p\n  namespace: shop\n  targetRefs: [{{kind: Service, name: db}}]\n  action: {action}\n  rules:\n  - to: [{{operation: {{ports: [http]}}}}]\n"
+            );
+            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("yaml");
+            assert!(validate_all(&policies).is_err());
+            PolicyIndex::new(&policies, "istio-system")
+        };
+        let method = http::Method::GET;
+        let headers = http::HeaderMap::new();
+        let attrs = RequestAttrs {
+            method: &method,
+            path: "/",
+            host: "db",
+            port: 80,
+            headers: &headers,
+            source_principal: None,
+            source_ip: "10.0.0.1".parse().expect("ip"),
+            destination_ip: "10.0.0.2".parse().expect("ip"),
+        };
+        let gw = ObjectRef::new("shop", "waypoint");
+        let svc = ObjectRef::new("shop", "db");
+        for action in ["DENY", "ALLOW"] {
+            assert!(
+                matches!(
+                    index(action).evaluate(&gw, Some(&svc), &attrs),
+                    Decision::Deny { .. }
+                ),
+                "a broken {action} rule let the request through"
+            );
+        }
+    }
+
+    /// The module documentation's example parses, validates and means what it says.
+    #[test]
+    fn the_documented_example_parses_and_decides() {
+        let doc = include_str!("authz.rs");
+        let yaml: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! waypointPolicies:"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.trim_start_matches("//!").strip_prefix(' ').unwrap_or("")
+                )
+            })
+            .collect();
+        let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("doc example");
+        assert_eq!(policies.len(), 1);
+        assert_eq!(policies[0].target_refs.len(), 2);
+        let tenant = Req {
+            path: "/orders/7",
+            headers: &[("x-tenant", "acme")],
+            ..GET_ORDERS
+        };
+        assert!(allowed(&yaml, &tenant));
+        let admin = Req {
+            path: "/orders/admin/x",
+            ..tenant
+        };
+        assert!(!allowed(&yaml, &admin), "notPaths");
+        let other = Req {
+            principal: Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+            ..tenant
+        };
+        assert!(!allowed(&yaml, &other), "principal");
     }
 }

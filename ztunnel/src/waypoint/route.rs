@@ -69,8 +69,10 @@
 //! - **Backends.** A `Service` (the only kind; group `""`/`core`) in the route's namespace
 //!   (another namespace needs a ReferenceGrant, not modelled: refused); `port` optional here
 //!   (absent: the port the client dialled); weight 1 by default. Weighted backends are taken
-//!   in turns, each its weight's share of every run of `sum of weights` requests matching
-//!   the rule, exactly (a counter per rule; Istio/Envoy draws at random). A rule without
+//!   in turns: weights are divided by their greatest common divisor, and each backend takes
+//!   its weight's run of every `sum` requests matching the rule (90/10: 9 then 1 of every
+//!   10), so the shares hold exactly over any run of `sum` requests (a counter per rule;
+//!   Istio/Envoy draws at random). A new config version starts the turns afresh. A rule without
 //!   backendRefs, whose weights are all 0, or a turn landing on an invalid backend answers
 //!   500 ([`NoBackend`], status 500), as the spec requires.
 //! - **Timeouts** are Gateway API durations (`1h`, `10s`, `500ms`, up to four parts of up to
@@ -337,7 +339,10 @@ fn is_core(group: &str) -> bool {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Parent {
-    Service { service: ObjectRef, port: Option<u16> },
+    Service {
+        service: ObjectRef,
+        port: Option<u16>,
+    },
     Gateway(ObjectRef),
 }
 
@@ -486,7 +491,10 @@ fn compile_match(field: &str, m: &RouteMatch) -> Result<CompiledMatch, FieldErro
         None => None,
         Some(name) if METHODS.contains(&name.as_str()) => {
             Some(http::Method::from_bytes(name.as_bytes()).map_err(|_| {
-                (format!("{field}.method"), format!("{name:?} is not a method"))
+                (
+                    format!("{field}.method"),
+                    format!("{name:?} is not a method"),
+                )
             })?)
         }
         Some(name) => {
@@ -542,36 +550,39 @@ fn backend(
     field: &str,
     b: &BackendRef,
 ) -> Result<(ObjectRef, Option<u16>), FieldError> {
-        if !b.group.as_deref().is_none_or(is_core) {
-            return Err((
-                format!("{field}.group"),
-                format!("{:?}: backends are Services, in the core group", b.group),
-            ));
-        }
-        if b.kind.as_deref().is_some_and(|k| k != "Service") {
-            return Err((
-                format!("{field}.kind"),
-                format!("{:?}: only Service backends are supported", b.kind),
-            ));
-        }
-        if b.name.is_empty() {
-            return Err((format!("{field}.name"), "must not be empty".into()));
-        }
-        if let Some(ns) = &b.namespace
-            && ns != &route.namespace
-        {
-            return Err((
-                format!("{field}.namespace"),
-                format!(
-                    "{ns:?} is not the route's namespace {:?}: a cross-namespace backend needs a ReferenceGrant, which is not supported",
-                    route.namespace
-                ),
-            ));
-        }
-        if b.port == Some(0) {
-            return Err((format!("{field}.port"), "must not be 0".into()));
-        }
-        Ok((ObjectRef::new(route.namespace.clone(), b.name.clone()), b.port))
+    if !b.group.as_deref().is_none_or(is_core) {
+        return Err((
+            format!("{field}.group"),
+            format!("{:?}: backends are Services, in the core group", b.group),
+        ));
+    }
+    if b.kind.as_deref().is_some_and(|k| k != "Service") {
+        return Err((
+            format!("{field}.kind"),
+            format!("{:?}: only Service backends are supported", b.kind),
+        ));
+    }
+    if b.name.is_empty() {
+        return Err((format!("{field}.name"), "must not be empty".into()));
+    }
+    if let Some(ns) = &b.namespace
+        && ns != &route.namespace
+    {
+        return Err((
+            format!("{field}.namespace"),
+            format!(
+                "{ns:?} is not the route's namespace {:?}: a cross-namespace backend needs a ReferenceGrant, which is not supported",
+                route.namespace
+            ),
+        ));
+    }
+    if b.port == Some(0) {
+        return Err((format!("{field}.port"), "must not be 0".into()));
+    }
+    Ok((
+        ObjectRef::new(route.namespace.clone(), b.name.clone()),
+        b.port,
+    ))
 }
 
 #[derive(Debug)]
@@ -630,7 +641,9 @@ fn compile_rule(
     {
         return Err((
             format!("{field}.timeouts.backendRequest"),
-            format!("{b:?} is longer than timeouts.request {t:?} (Gateway API requires it not to be)"),
+            format!(
+                "{b:?} is longer than timeouts.request {t:?} (Gateway API requires it not to be)"
+            ),
         ));
     }
     let retry = r.retry.clone().unwrap_or_default();
@@ -644,6 +657,14 @@ fn compile_rule(
     }
     let retry_backoff = optional_duration(retry.backoff.as_ref())
         .map_err(|e| (format!("{field}.retry.backoff"), e))?;
+    // Weights divided by their greatest common divisor, so 90/10 takes turns over every
+    // 10 requests (9 then 1), not every 100.
+    let gcd = backends.iter().fold(0u32, |g, b| gcd(g, b.weight));
+    if gcd > 1 {
+        for b in &mut backends {
+            b.weight /= gcd;
+        }
+    }
     Ok(CompiledRule {
         matches,
         total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
@@ -659,6 +680,10 @@ fn compile_rule(
         },
         retry_backoff,
     })
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[derive(Debug)]
@@ -741,7 +766,13 @@ fn rank(m: &CompiledMatch) -> (u8, usize, bool, usize, usize) {
         PathRule::Regex(_, len) => (2, *len),
         PathRule::Prefix(p) => (1, p.len()),
     };
-    (kind, len, m.method.is_some(), m.headers.len(), m.query.len())
+    (
+        kind,
+        len,
+        m.method.is_some(),
+        m.headers.len(),
+        m.query.len(),
+    )
 }
 
 /// Whether `host` (lower-cased, port stripped) matches a route hostname.
@@ -757,11 +788,20 @@ fn hostname_matches(pattern: &str, host: &str) -> bool {
 fn request_host(req: &RequestParts) -> Option<String> {
     let raw = match req.uri.authority() {
         Some(a) => a.as_str().to_owned(),
-        None => req.headers.get(http::header::HOST)?.to_str().ok()?.to_owned(),
+        None => req
+            .headers
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()?
+            .to_owned(),
     };
     let host = raw.rsplit_once('@').map_or(raw.as_str(), |(_, h)| h);
     let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h,
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h
+        }
         _ => host,
     };
     Some(host.to_ascii_lowercase())
@@ -878,9 +918,10 @@ impl RouteTable {
         host: Option<&str>,
     ) -> bool {
         route.parents.iter().any(|p| match p {
-            Parent::Service { service: s, port: p } => {
-                s == service && p.is_none_or(|p| p == port)
-            }
+            Parent::Service {
+                service: s,
+                port: p,
+            } => s == service && p.is_none_or(|p| p == port),
             Parent::Gateway(g) => {
                 g == gateway
                     && (route.hostnames.is_empty()
@@ -984,5 +1025,355 @@ impl CompiledRule {
             retry_codes: self.retry_codes.clone(),
             retry_backoff: self.retry_backoff,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw() -> ObjectRef {
+        ObjectRef::new("shop", "waypoint")
+    }
+
+    fn db() -> ObjectRef {
+        ObjectRef::new("shop", "db")
+    }
+
+    fn table(yaml: &str) -> RouteTable {
+        let routes: Vec<HttpRoute> = serde_yaml::from_str(yaml).expect("yaml");
+        validate_all(&routes).expect("valid");
+        RouteTable::new(&routes)
+    }
+
+    fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> RequestParts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    fn get(uri: &str) -> RequestParts {
+        request("GET", uri, &[("host", "db.shop.svc.cluster.local:8080")])
+    }
+
+    /// The backend name chosen for a request to shop/db:8080.
+    fn pick(t: &RouteTable, req: &RequestParts) -> String {
+        match t.select(&gw(), &db(), 8080, req) {
+            Ok(Some(c)) => c.service.name,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One Service-attached route with one rule per `(match, backend)`.
+    fn route(name: &str, rules: &[(&str, &str)]) -> String {
+        let mut y = format!(
+            "- name: {name}\n  namespace: shop\n  parentRefs: [{{kind: Service, group: \"\", name: db}}]\n  rules:\n"
+        );
+        for (m, backend) in rules {
+            y.push_str(&format!(
+                "  - matches: [{m}]\n    backendRefs: [{{name: {backend}, port: 8080}}]\n"
+            ));
+        }
+        y
+    }
+
+    #[test]
+    fn precedence_follows_gateway_api() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &[(&str, &str)], RequestParts, &str)] = &[
+            ("exact beats prefix", &[("{path: {type: PathPrefix, value: /a}}", "prefix"), ("{path: {type: Exact, value: /a/b}}", "exact")], get("/a/b"), "exact"),
+            ("longest prefix", &[("{path: {value: /a}}", "short"), ("{path: {value: /a/b}}", "long")], get("/a/b/c"), "long"),
+            ("method after path", &[("{path: {value: /a}}", "plain"), ("{path: {value: /a}, method: GET}", "method")], get("/a"), "method"),
+            ("path before method", &[("{path: {value: /a}, method: GET}", "method"), ("{path: {value: /a/b}}", "longer")], get("/a/b"), "longer"),
+            ("more headers", &[("{headers: [{name: x-a, value: '1'}]}", "one"), ("{headers: [{name: x-a, value: '1'}, {name: x-b, value: '2'}]}", "two")], request("GET", "/", &[("x-a", "1"), ("x-b", "2")]), "two"),
+            ("headers before query", &[("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "query"), ("{headers: [{name: x-a, value: '1'}]}", "header")], request("GET", "/?q=1&r=2", &[("x-a", "1")]), "header"),
+            ("more query params", &[("{queryParams: [{name: q, value: '1'}]}", "one"), ("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "two")], get("/?q=1&r=2"), "two"),
+            ("then the first rule", &[("{path: {value: /a}}", "first"), ("{path: {value: /a}}", "second")], get("/a"), "first"),
+            ("regex between exact and prefix", &[("{path: {type: PathPrefix, value: /a/b/c}}", "prefix"), ("{path: {type: RegularExpression, value: '/a/.*'}}", "regex")], get("/a/b/c"), "regex"),
+            ("a failing better match yields", &[("{path: {type: Exact, value: /a}}", "exact"), ("{path: {value: /}}", "root")], get("/b"), "root"),
+        ];
+        for (name, rules, req, want) in cases {
+            let t = table(&route("r", rules));
+            assert_eq!(pick(&t, req), *want, "{name}");
+        }
+        // Across routes: ties go to the route first by namespace/name, whatever the order listed.
+        let two = format!(
+            "{}{}",
+            route("zeta", &[("{path: {value: /a}}", "zeta")]),
+            route("alpha", &[("{path: {value: /a}}", "alpha")])
+        );
+        assert_eq!(pick(&table(&two), &get("/a")), "alpha");
+        // …but a better match in a later route wins.
+        let two = format!(
+            "{}{}",
+            route("alpha", &[("{path: {value: /a}}", "alpha")]),
+            route("zeta", &[("{path: {value: /a/b}}", "zeta")])
+        );
+        assert_eq!(pick(&table(&two), &get("/a/b")), "zeta");
+    }
+
+    #[test]
+    fn matches_follow_gateway_api() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str, RequestParts, bool)] = &[
+            ("prefix on segment", "{path: {value: /foo}}", get("/foo/bar"), true),
+            ("prefix itself", "{path: {value: /foo}}", get("/foo"), true),
+            ("prefix not mid-segment", "{path: {value: /foo}}", get("/foobar"), false),
+            ("prefix trailing slash ignored", "{path: {value: /foo/}}", get("/foo"), true),
+            ("prefix / matches all", "{path: {value: /}}", get("/anything"), true),
+            ("empty match is prefix /", "{}", get("/x/y"), true),
+            ("exact", "{path: {type: Exact, value: /foo}}", get("/foo"), true),
+            ("exact not prefix", "{path: {type: Exact, value: /foo}}", get("/foo/"), false),
+            ("exact ignores query", "{path: {type: Exact, value: /foo}}", get("/foo?x=1"), true),
+            ("path normalised", "{path: {type: Exact, value: /b}}", get("/a/../b"), true),
+            ("slashes merged", "{path: {value: /a/b}}", get("//a//b"), true),
+            ("regex whole path", "{path: {type: RegularExpression, value: '/v[0-9]+'}}", get("/v12"), true),
+            ("regex anchored", "{path: {type: RegularExpression, value: '/v[0-9]+'}}", get("/v12/x"), false),
+            ("method", "{method: POST}", get("/"), false),
+            ("header name any case", "{headers: [{name: X-Canary, value: 'yes'}]}", request("GET", "/", &[("x-canary", "yes")]), true),
+            ("header value exact", "{headers: [{name: x-canary, value: 'yes'}]}", request("GET", "/", &[("x-canary", "Yes")]), false),
+            ("header absent", "{headers: [{name: x-canary, value: 'yes'}]}", get("/"), false),
+            ("header regex", "{headers: [{type: RegularExpression, name: x-v, value: 'v[12]'}]}", request("GET", "/", &[("x-v", "v2")]), true),
+            ("header first entry counts", "{headers: [{name: x-a, value: '1'}, {name: x-a, value: '2'}]}", request("GET", "/", &[("x-a", "1")]), true),
+            ("query exact", "{queryParams: [{name: v, value: '2'}]}", get("/p?a=1&v=2"), true),
+            ("query first value", "{queryParams: [{name: v, value: '2'}]}", get("/p?v=1&v=2"), false),
+            ("query decoded", "{queryParams: [{name: v, value: 'a b'}]}", get("/p?v=a%20b"), true),
+            ("query absent", "{queryParams: [{name: v, value: '2'}]}", get("/p"), false),
+        ];
+        for (name, m, req, want) in cases {
+            let t = table(&route("r", &[(m, "hit")]));
+            let got = match t.select(&gw(), &db(), 8080, req) {
+                Ok(Some(_)) => true,
+                Err(e) if e.status == http::StatusCode::NOT_FOUND => false,
+                other => panic!("{name}: {other:?}"),
+            };
+            assert_eq!(got, *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn weighted_backends_take_exact_turns() {
+        let t = table(
+            "- name: split\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - backendRefs:\n    - {name: v1, port: 8080, weight: 90}\n    - {name: v2, port: 8080, weight: 10}\n    - {name: never, port: 8080, weight: 0}\n",
+        );
+        let picks: Vec<String> = (0..1000).map(|_| pick(&t, &get("/"))).collect();
+        assert_eq!(picks.iter().filter(|p| *p == "v1").count(), 900);
+        assert_eq!(picks.iter().filter(|p| *p == "v2").count(), 100);
+        for window in picks.windows(10) {
+            assert_eq!(
+                window.iter().filter(|p| *p == "v2").count(),
+                1,
+                "every run of 10 holds 9/1"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rule_without_a_usable_backend_answers_500_and_no_match_404() {
+        let zero = table(
+            "- name: z\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - matches: [{path: {value: /z}}]\n    backendRefs: [{name: v1, port: 8080, weight: 0}]\n  - matches: [{path: {value: /none}}]\n",
+        );
+        let err = zero
+            .select(&gw(), &db(), 8080, &get("/z"))
+            .expect_err("weight 0");
+        assert_eq!(err.status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!((err.route.as_str(), err.rule), ("shop/z", 0));
+        assert!(err.reason.contains("weight 0"), "{err}");
+        let err = zero
+            .select(&gw(), &db(), 8080, &get("/none"))
+            .expect_err("no backends");
+        assert_eq!((err.status.as_u16(), err.rule), (500, 1));
+        let err = zero
+            .select(&gw(), &db(), 8080, &get("/other"))
+            .expect_err("no rule matches");
+        assert_eq!(err.status, http::StatusCode::NOT_FOUND);
+        assert_eq!(err.route, "shop/z");
+
+        // A backend that skipped validation keeps its turns and answers 500 for them.
+        let routes: Vec<HttpRoute> = serde_yaml::from_str(
+            "- name: bad\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - backendRefs:\n    - {name: v1, port: 8080}\n    - {kind: ConfigMap, name: v2, port: 8080}\n",
+        )
+        .expect("yaml");
+        assert!(validate_all(&routes).is_err());
+        let t = RouteTable::new(&routes);
+        assert_eq!(pick(&t, &get("/")), "v1");
+        let err = t
+            .select(&gw(), &db(), 8080, &get("/"))
+            .expect_err("invalid");
+        assert!(err.reason.contains("backendRefs[1].kind"), "{err}");
+    }
+
+    #[test]
+    fn routes_attach_by_service_port_and_gateway_hostnames() {
+        let yaml = "- name: svc\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, port: 8080}]\n  rules: [{backendRefs: [{name: by-service}]}]\n- name: zgw\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  hostnames: ['*.example.com', web.shop]\n  rules: [{backendRefs: [{name: by-gateway}]}]\n";
+        let t = table(yaml);
+        let host = |h: &str| request("GET", "/", &[("host", h)]);
+        let select = |svc: &ObjectRef, port: u16, req: &RequestParts| {
+            t.select(&gw(), svc, port, req)
+                .expect("no error")
+                .map(|c| c.service.name)
+        };
+        let web = ObjectRef::new("shop", "web");
+        #[rustfmt::skip]
+        let cases: &[(&str, &ObjectRef, u16, RequestParts, Option<&str>)] = &[
+            ("service and port", &db(), 8080, host("db"), Some("by-service")),
+            ("service, other port", &db(), 9090, host("db"), None),
+            ("other service, no hostname", &web, 80, host("web.other"), None),
+            ("gateway hostname", &web, 80, host("web.shop"), Some("by-gateway")),
+            ("gateway hostname with port, any case", &web, 80, host("WEB.shop:80"), Some("by-gateway")),
+            ("wildcard hostname", &web, 80, host("a.b.example.com"), Some("by-gateway")),
+            ("wildcard needs a label", &web, 80, host("example.com"), None),
+            ("authority form", &web, 80, request("GET", "http://x.example.com:80/", &[]), Some("by-gateway")),
+            ("same-named service elsewhere", &ObjectRef::new("web", "db"), 8080, host("db"), None),
+        ];
+        for (name, svc, port, req, want) in cases {
+            assert_eq!(select(svc, *port, req).as_deref(), *want, "{name}");
+        }
+        let other_gw = t
+            .select(
+                &ObjectRef::new("shop", "other"),
+                &web,
+                80,
+                &host("web.shop"),
+            )
+            .expect("no error");
+        assert_eq!(other_gw, None, "another waypoint");
+        assert_eq!(
+            RouteTable::new(&[]).select(&gw(), &db(), 80, &host("db")),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn timeouts_and_retries_are_carried() {
+        for (input, want) in [
+            ("10s", Duration::from_secs(10)),
+            ("500ms", Duration::from_millis(500)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1h2m3s4ms", Duration::from_millis(3_723_004)),
+            ("0s", Duration::ZERO),
+        ] {
+            assert_eq!(parse_duration(input), Ok(want), "{input}");
+        }
+        for bad in [
+            "",
+            "10",
+            "1.5s",
+            "123456s",
+            "1h1h1h1h1h",
+            "10 s",
+            "-1s",
+            "1d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+        let t = table(
+            "- name: r\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db}]\n  rules:\n  - matches: [{path: {value: /slow}}]\n    backendRefs: [{name: v1}]\n    timeouts: {request: 10s, backendRequest: 2s}\n    retry: {attempts: 5, codes: [502, 503], backoff: 100ms}\n  - backendRefs: [{name: v1, port: 9090}]\n    timeouts: {request: 0s}\n",
+        );
+        let slow = t
+            .select(&gw(), &db(), 8080, &get("/slow"))
+            .expect("ok")
+            .expect("routed");
+        assert_eq!(slow.timeout, Some(Duration::from_secs(10)));
+        assert_eq!(slow.try_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(slow.retries, 5);
+        assert_eq!(slow.retry_codes, vec![502, 503]);
+        assert_eq!(slow.retry_backoff, Some(Duration::from_millis(100)));
+        assert_eq!(
+            (slow.port, slow.rule, slow.route.as_str()),
+            (None, 0, "shop/r")
+        );
+        let plain = t
+            .select(&gw(), &db(), 8080, &get("/"))
+            .expect("ok")
+            .expect("routed");
+        assert_eq!(plain.timeout, None, "0s disables");
+        assert_eq!(plain.retries, DEFAULT_RETRIES);
+        assert_eq!(plain.retry_codes, DEFAULT_RETRY_CODES);
+        assert_eq!(plain.port, Some(9090));
+    }
+
+    #[test]
+    fn invalid_routes_are_refused_naming_object_field_and_reason() {
+        let head =
+            "- name: r\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db}]\n";
+        #[rustfmt::skip]
+        let cases: &[(&str, String, &str)] = &[
+            ("path without /", format!("{head}  rules: [{{matches: [{{path: {{value: foo}}}}]}}]\n"), "rules[0].matches[0].path.value"),
+            ("bad regex", format!("{head}  rules: [{{matches: [{{path: {{type: RegularExpression, value: '(a'}}}}]}}]\n"), "not a valid regular expression"),
+            ("bad header regex", format!("{head}  rules: [{{matches: [{{headers: [{{type: RegularExpression, name: x, value: '['}}]}}]}}]\n"), "rules[0].matches[0].headers[0].value"),
+            ("bad header name", format!("{head}  rules: [{{matches: [{{headers: [{{name: 'a b', value: x}}]}}]}}]\n"), "rules[0].matches[0].headers[0].name"),
+            ("bad method", format!("{head}  rules: [{{matches: [{{method: get}}]}}]\n"), "rules[0].matches[0].method"),
+            ("bad timeout", format!("{head}  rules: [{{timeouts: {{request: 10}}}}]\n"), "rules[0].timeouts.request"),
+            ("try longer than request", format!("{head}  rules: [{{timeouts: {{request: 1s, backendRequest: 2s}}}}]\n"), "rules[0].timeouts.backendRequest"),
+            ("bad retry code", format!("{head}  rules: [{{retry: {{codes: [200]}}}}]\n"), "rules[0].retry.codes[0]"),
+            ("backend kind", format!("{head}  rules: [{{backendRefs: [{{name: a}}, {{kind: ServiceImport, name: b}}]}}]\n"), "rules[0].backendRefs[1].kind"),
+            ("backend elsewhere", format!("{head}  rules: [{{backendRefs: [{{name: a, namespace: web}}]}}]\n"), "ReferenceGrant"),
+            ("backend port 0", format!("{head}  rules: [{{backendRefs: [{{name: a, port: 0}}]}}]\n"), "rules[0].backendRefs[0].port"),
+            ("no parents", "- name: r\n  namespace: shop\n".to_owned(), "parentRefs: missing"),
+            ("consumer route", "- name: r\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, namespace: web}]\n".to_owned(), "parentRefs[0].namespace"),
+            ("service in wrong group", "- name: r\n  namespace: shop\n  parentRefs: [{kind: Service, name: db}]\n".to_owned(), "parentRefs[0].group"),
+            ("other parent kind", "- name: r\n  namespace: shop\n  parentRefs: [{kind: ServiceImport, group: '', name: db}]\n".to_owned(), "parentRefs[0].kind"),
+            ("bad hostname", format!("{head}  hostnames: ['db:80']\n"), "hostnames[0]"),
+            ("wildcard inside", format!("{head}  hostnames: ['a.*.com']\n"), "hostnames[0]"),
+            ("duplicate", format!("{head}{head}"), "httpRoutes[1] (shop/r): duplicate route"),
+        ];
+        for (name, yaml, want) in cases {
+            let routes: Vec<HttpRoute> = serde_yaml::from_str(yaml).expect(name);
+            let err = validate_all(&routes).expect_err(name);
+            assert!(err.contains("httpRoutes["), "{name}: {err}");
+            assert!(err.contains(want), "{name}: {err}");
+        }
+        for (field, yaml) in [
+            ("filters", format!("{head}  rules: [{{filters: []}}]\n")),
+            (
+                "sectionName",
+                "- name: r\n  namespace: shop\n  parentRefs: [{name: w, sectionName: mesh}]\n"
+                    .to_owned(),
+            ),
+            (
+                "type",
+                format!("{head}  rules: [{{matches: [{{path: {{type: Prefix, value: /}}}}]}}]\n"),
+            ),
+        ] {
+            let err = serde_yaml::from_str::<Vec<HttpRoute>>(&yaml).expect_err(field);
+            assert!(
+                err.to_string().contains(field) || err.to_string().contains("Prefix"),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    /// The module documentation's example parses, validates and routes as it says.
+    #[test]
+    fn the_documented_example_parses_and_routes() {
+        let doc = include_str!("route.rs");
+        let yaml: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! httpRoutes:"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.trim_start_matches("//!").strip_prefix(' ').unwrap_or("")
+                )
+            })
+            .collect();
+        let routes: Vec<HttpRoute> = serde_yaml::from_str(&yaml).expect("doc example");
+        assert_eq!(routes[0].rules[0].backend_refs.len(), 2);
+        let t = table(&yaml);
+        let req = request(
+            "GET",
+            "/orders/7?v=12",
+            &[("host", "db.shop.svc.cluster.local"), ("x-canary", "yes")],
+        );
+        let picks: Vec<String> = (0..10).map(|_| pick(&t, &req)).collect();
+        assert_eq!(picks.iter().filter(|p| *p == "db-v1").count(), 9);
+        let miss = request("GET", "/users", &[("host", "db.shop.svc.cluster.local")]);
+        let err = t.select(&gw(), &db(), 8080, &miss).expect_err("no rule");
+        assert_eq!(err.status, http::StatusCode::NOT_FOUND);
     }
 }
