@@ -535,6 +535,14 @@ impl LocalConfig {
             object: "policies".to_owned(),
             reason: e.to_string(),
         })?;
+        // The message is `<list>[i] (ns/name): <field>: <reason>`; names have no ": ".
+        let split = |message: String| match message.split_once(": ") {
+            Some((object, reason)) => invalid(object.to_owned(), reason.to_owned()),
+            None => invalid("waypoint config".to_owned(), message),
+        };
+        crate::waypoint::authz::validate_all_in_root(&self.waypoint_policies, &self.root_namespace)
+            .map_err(split)?;
+        crate::waypoint::route::validate_all(&self.http_routes).map_err(split)?;
         for (i, ns) in self.namespaces.iter().enumerate() {
             if let Some(mode) = ns.labels.get(DATAPLANE_MODE) {
                 check_mode(mode)
@@ -1724,6 +1732,31 @@ workloads:
         let bad_mode = BASE.replace("dataplane-mode: none", "dataplane-mode: sidecar");
         let err = parse(&bad_mode).expect_err("bad label").to_string();
         assert!(err.contains("\"sidecar\""), "{err}");
+    }
+
+    #[test]
+    fn a_bad_http_route_or_waypoint_policy_rejects_the_file_naming_object_and_field() {
+        let route = "httpRoutes:\n- name: split\n  namespace: shop\n  parentRefs: [{kind: Service, group: \"\", name: db}]\n  rules:\n  - matches:\n    - path: {type: PathPrefix, value: orders}\n    backendRefs: [{name: db-v1, port: 8080}]\n";
+        let err = parse(route).expect_err("path without /").to_string();
+        assert!(
+            err.contains("httpRoutes[0] (shop/split)")
+                && err.contains("rules[0].matches[0].path.value")
+                && err.contains("must start with /"),
+            "{err}"
+        );
+
+        let policy = "waypointPolicies:\n- name: ro\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - to:\n    - operation: {ports: [\"http\"]}\n";
+        let err = parse(policy).expect_err("port not a number").to_string();
+        assert!(
+            err.contains("waypointPolicies[0] (shop/ro)")
+                && err.contains("rules[0].to[0].operation.ports[0]"),
+            "{err}"
+        );
+
+        let good = "waypointPolicies:\n- name: ro\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n  rules:\n  - to:\n    - operation: {methods: [GET]}\nhttpRoutes:\n- name: split\n  namespace: shop\n  parentRefs: [{kind: Service, group: \"\", name: db}]\n  rules:\n  - backendRefs: [{name: db-v1, port: 8080}]\n";
+        let cfg = parse(good).expect("a valid policy and route");
+        assert_eq!(cfg.waypoint_policies.len(), 1);
+        assert_eq!(cfg.http_routes.len(), 1);
     }
 
     /// A config drawn from a few namespaces, names, labels and addresses, so that
