@@ -350,7 +350,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     out.step("Summary");
     summary(&out, &t, &[&z1, &z2])?;
     println!(
-        "    {:<22} GET /orders/42 x100: {} to db v1, {} to db v2; POST /orders: 403",
+        "    {:<30} GET /orders/42 x100: {} to db v1, {} to db v2; POST /orders: 403",
         "backend → db (L7)", report.waypoint_split.0, report.waypoint_split.1
     );
     drop(waypoint);
@@ -562,11 +562,20 @@ fn summary(out: &Out, t: &Topology, zs: &[&Ztunnel]) -> anyhow::Result<()> {
             .filter(|r| r.direction == ztunnel::proxy::Direction::Outbound)
         {
             let from = r.pod.trim_start_matches("default/").to_owned();
+            let vip = |ip: std::net::IpAddr| {
+                dumps.iter().flat_map(|d| d.services.iter()).find(|s| {
+                    s.vips
+                        .iter()
+                        .any(|v| v.rsplit('/').next() == Some(ip.to_string().as_str()))
+                })
+            };
             let to = t
                 .pods
                 .iter()
                 .find(|p| p.addr(0).ip() == r.dst.ip())
-                .map_or_else(|| r.dst.ip().to_string(), |p| p.name.clone());
+                .map(|p| p.name.clone())
+                .or_else(|| vip(r.dst.ip()).map(|s| format!("{} (service)", s.name)))
+                .unwrap_or_else(|| r.dst.ip().to_string());
             let status = if r.outcome.as_deref().is_some_and(|o| o.contains("401")) {
                 "denied by policy".to_owned()
             } else if r.security_policy == "mutual_tls" {
@@ -577,13 +586,13 @@ fn summary(out: &Out, t: &Topology, zs: &[&Ztunnel]) -> anyhow::Result<()> {
             pairs.insert((from, to), status);
         }
     }
-    println!("    {:<22} MTLS", "SERVICES");
+    println!("    {:<30} MTLS", "SERVICES");
     println!(
-        "    {:<22} plaintext (before enrolment)",
+        "    {:<30} plaintext (before enrolment)",
         "frontend → backend"
     );
     for ((from, to), status) in pairs {
-        println!("    {:<22} {status}", format!("{from} → {to}"));
+        println!("    {:<30} {status}", format!("{from} → {to}"));
     }
     let _ = out;
     Ok(())
