@@ -162,6 +162,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         name: String,
+        /// Answer every `n`th request 503 (a flaky backend).
+        #[arg(long)]
+        fail_every: Option<u64>,
     },
     /// `count` HTTP requests to `addr` (one connection, kept alive), printing one line per
     /// answer, `status=<code> body=<first line>`, then `summary {"<status> <served-by>":
@@ -281,7 +284,11 @@ fn main() -> anyhow::Result<()> {
             secs,
             threads,
         } => conns(addr, Duration::from_secs_f64(secs), threads),
-        Cmd::HttpServe { addr, name } => http_serve(addr, name),
+        Cmd::HttpServe {
+            addr,
+            name,
+            fail_every,
+        } => http_serve(addr, name, fail_every),
         Cmd::HttpUpgrade { addr, bytes } => http_upgrade(addr, bytes),
         Cmd::HttpGet {
             addr,
@@ -306,7 +313,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// See [`Cmd::HttpServe`].
-fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
+fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow::Result<()> {
     use http_body_util::Full;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -320,12 +327,14 @@ fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
         println!("ready {addr}");
         std::io::stdout().flush()?;
         let name = std::sync::Arc::new(name);
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         loop {
             let (tcp, _) = l.accept().await?;
-            let name = name.clone();
+            let (name, served) = (name.clone(), served.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
+                    let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     async move {
                         if let Some(proto) = req.headers().get(hyper::header::UPGRADE).cloned() {
                             let on = hyper::upgrade::on(&mut req);
@@ -352,6 +361,9 @@ fn http_serve(addr: SocketAddr, name: String) -> anyhow::Result<()> {
                             .or_else(|| req.uri().authority().map(|a| a.to_string()))
                             .unwrap_or_default();
                         let mut status = 200u16;
+                        if fail_every.is_some_and(|every| every > 0 && n % every == 0) {
+                            status = 503;
+                        }
                         if let Some(code) = path.strip_prefix("/status/") {
                             status = code.parse().unwrap_or(400);
                         }

@@ -22,6 +22,11 @@ struct Mesh {
 }
 
 fn mesh() -> anyhow::Result<Mesh> {
+    mesh_with(&[])
+}
+
+/// [`mesh`], with `v2_args` added to db v2's HTTP server.
+fn mesh_with(v2_args: &[&str]) -> anyhow::Result<Mesh> {
     let mut t = Topology::new()?;
     t.add_node()?;
     let a = t.add_pod_on(1, "a", true, false)?;
@@ -33,7 +38,11 @@ fn mesh() -> anyhow::Result<Mesh> {
     let mut servers = Vec::new();
     for (pod, name) in [(&b1, "v1"), (&b2, "v2")] {
         let addr = pod.addr(8080).to_string();
-        let mut p = t.spawn(pod, &["http-serve", &addr, "--name", name])?;
+        let mut args = vec!["http-serve", addr.as_str(), "--name", name];
+        if name == "v2" {
+            args.extend_from_slice(v2_args);
+        }
+        let mut p = t.spawn(pod, &args)?;
         let line = p.read_line()?;
         anyhow::ensure!(line.starts_with("ready"), "http server in {}: {line}", pod.name);
         servers.push(p);
@@ -79,7 +88,7 @@ impl Mesh {
   - name: db
     namespace: default
     addresses: [{db}]
-    ports: [{{port: 80, targetPort: 8080, name: http}}, {{port: 9000}}]
+    ports: [{{port: 80, targetPort: 8080, name: http}}, {{port: 81, targetPort: 8080, name: http2-api}}, {{port: 9000}}]
     selector: {{ app: b1 }}
     waypoint: {{ hostname: waypoint.default.svc.cluster.local }}
   - name: db-v1
@@ -219,5 +228,74 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
         d.connections.list
     );
     let _ = (&m.b1, &m.b2);
+    Ok(())
+}
+
+/// Routes with a request timeout and a flaky backend (every 2nd answer 503); no policy.
+const RESILIENCE: &str = r#"httpRoutes:
+  - name: db-resilience
+    namespace: default
+    parentRefs: [{ kind: Service, group: "", name: db, port: 80 }]
+    rules:
+      - matches: [{ path: { type: PathPrefix, value: /slow } }]
+        backendRefs: [{ name: db-v1, port: 80 }]
+        timeouts: { request: 500ms }
+      - matches: [{ path: { type: PathPrefix, value: /flaky } }]
+        backendRefs: [{ name: db-v2, port: 80 }]
+      - backendRefs: [{ name: db-v1, port: 80 }]
+"#;
+
+#[test]
+fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upgrades_http2_and_tcp()
+-> anyhow::Result<()> {
+    let mut m = mesh_with(&["--fail-every", "2"])?;
+    m.write(RESILIENCE)?;
+    let file = m.t.workloads_path();
+    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+    let w = m.start_waypoint()?;
+    let a = m.a.clone();
+
+    // Every second answer of db v2 is a 503; Istio's default retry (2, on 503) hides
+    // them: 20 requests, 20 times 200.
+    let out = m.get(&a, &["--path", "/flaky/1", "--count", "20"])?;
+    assert_eq!(
+        summary(&out)?,
+        [("200 v2".to_owned(), 20)].into(),
+        "{out}\n{}",
+        w.log_text()
+    );
+    // A request slower than the route's 500 ms request timeout: 504, Envoy's body.
+    let out = m.get(&a, &["--path", "/slow/5000"])?;
+    assert!(
+        out.contains("status=504 body=upstream request timeout"),
+        "{out}\n{}",
+        w.log_text()
+    );
+
+    // An HTTP/1.1 upgrade (as WebSocket does) is joined through: 101, then bytes both ways.
+    let dst = m.db.to_string();
+    let out = m
+        .t
+        .spawn(&a, &["http-upgrade", &dst, "--bytes", "100000"])?
+        .wait_ok()?;
+    assert!(
+        out.contains("status=101 sent=100000 received=100000 match=true"),
+        "{out}\n{}",
+        w.log_text()
+    );
+
+    // A port named `http2-…` goes to the backend as HTTP/2, whatever the client spoke.
+    let h2 = format!("{}:81", m.db.ip());
+    let out = m
+        .t
+        .spawn(&a, &["http-get", &h2, "--path", "/h2"])?
+        .wait_ok()?;
+    assert!(out.contains("status=200 body=v1 GET /h2 HTTP/2.0"), "{out}");
+
+    // A port without an HTTP protocol is relayed at L4 to db's endpoint.
+    let tcp: SocketAddr = format!("{}:9000", m.db.ip()).parse()?;
+    let out = m.t.call(&a, tcp, &["--bytes", "20000"])?;
+    assert!(out.contains("match=true"), "{out}\n{}", w.log_text());
     Ok(())
 }

@@ -430,25 +430,36 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         Ok(c) => c,
         Err(no) => {
             report.detail = Some(no.to_string());
-            return finish(report, local(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"));
+            let body = if no.status == StatusCode::NOT_FOUND { "" } else { "no backend\n" };
+            return finish(report, local(no.status, body));
         }
     };
-    let (backend_ref, port, timeout, retries) = match &chosen {
-        Some(c) => (
-            c.service.clone(),
-            c.port.unwrap_or(ctx.dst.addr.port()),
-            c.timeout,
-            c.retries,
-        ),
-        None => (dst_ref.clone(), ctx.dst.addr.port(), None, 0),
+    // No route attaches: the service dialled, with Istio's default retries.
+    let plan = match &chosen {
+        Some(c) => Plan {
+            backend: c.service.clone(),
+            port: c.port.unwrap_or(ctx.dst.addr.port()),
+            timeout: c.timeout,
+            try_timeout: c.try_timeout,
+            retries: c.retries,
+            retry_codes: c.retry_codes.clone(),
+            backoff: c.retry_backoff.unwrap_or(DEFAULT_BACKOFF),
+        },
+        None => Plan {
+            backend: dst_ref.clone(),
+            port: ctx.dst.addr.port(),
+            timeout: None,
+            try_timeout: None,
+            retries: super::route::DEFAULT_RETRIES,
+            retry_codes: super::route::DEFAULT_RETRY_CODES.to_vec(),
+            backoff: DEFAULT_BACKOFF,
+        },
     };
-    let Some(backend) = service(store, &backend_ref) else {
-        report.detail = Some(format!(
-            "backend service {}/{} not found",
-            backend_ref.namespace, backend_ref.name
-        ));
+    let Some(backend) = service(store, &plan.backend) else {
+        report.detail = Some(format!("backend service {} not found", plan.backend));
         return finish(report, local(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"));
     };
+    let port = plan.port;
     let protocol = backend
         .ports
         .iter()
@@ -461,8 +472,12 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
     };
     report.labels = labels(store, &ctx, Some(backend), None, protocol);
+    if is_grpc(&parts.headers) {
+        report.labels.conn.request_protocol = "grpc".to_owned();
+    }
 
-    // A request without a body can be sent again; one with a body goes once.
+    // A request without a body can be sent again; one with a body goes once (it is not
+    // buffered).
     let replayable = body.is_end_stream();
     let mut body = Some(
         CountIn {
@@ -476,9 +491,13 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
     } else {
         &w.clients.http1
     };
-    let attempts = if replayable { 1 + retries } else { 1 };
+    let tries = if replayable { 1 + plan.retries } else { 1 };
+    let deadline = plan.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut last: Option<Response<Body>> = None;
-    for attempt in 0..attempts {
+    for attempt in 0..tries {
+        if attempt > 0 {
+            tokio::time::sleep(backoff(plan.backoff, attempt)).await;
+        }
         let endpoint = match store.route(Some(&w.own_key), SocketAddr::new(vip, port)) {
             Route::Hbone { endpoint, .. } => endpoint,
             Route::Passthrough { dst } => dst,
@@ -491,15 +510,11 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
                 return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
             }
         };
-        report.labels = labels(store, &ctx, Some(backend), Some(endpoint), protocol);
-        let mut onward = Request::from_parts(
-            parts.clone(),
-            body.take().unwrap_or_else(|| {
-                Full::new(Bytes::new())
-                    .map_err(|never| match never {})
-                    .boxed()
-            }),
-        );
+        report.labels.conn = labels(store, &ctx, Some(backend), Some(endpoint), protocol).conn;
+        if is_grpc(&parts.headers) {
+            report.labels.conn.request_protocol = "grpc".to_owned();
+        }
+        let mut onward = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty));
         let path = parts
             .uri
             .path_and_query()
@@ -526,26 +541,38 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         if upgrade.is_none() {
             strip_hop_by_hop(onward.headers_mut());
         }
+        // This try's bound: the rule's per-try timeout, within what is left of the whole.
+        let now = tokio::time::Instant::now();
+        let try_deadline = [
+            plan.try_timeout.map(|t| now + t),
+            deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let sent = client.request(onward);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
+        let result = match try_deadline {
+            Some(at) => match tokio::time::timeout_at(at, sent).await {
                 Ok(r) => r,
-                Err(_) => {
-                    report.detail = Some(format!("no response within {t:?}"));
+                Err(_) if Some(at) == deadline || attempt + 1 >= tries => {
+                    report.detail = Some("no response in time (timeouts.request)".to_owned());
                     return finish(report, local(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT));
+                }
+                Err(_) => {
+                    // Envoy retries a per-try timeout like a reset.
+                    report.detail = Some("no response in time (timeouts.backendRequest)".to_owned());
+                    last = Some(local(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT));
+                    continue;
                 }
             },
             None => sent.await,
         };
         match result {
-            Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE && attempt + 1 < attempts => {
-                tracing::debug!(%endpoint, attempt, "503 from the backend; retrying");
+            Ok(resp)
+                if plan.retry_codes.contains(&resp.status().as_u16()) && attempt + 1 < tries =>
+            {
+                tracing::debug!(%endpoint, attempt, status = %resp.status(), "retrying");
                 last = Some(resp.map(|b| b.map_err(Into::into).boxed()));
-                body = Some(
-                    Full::new(Bytes::new())
-                        .map_err(|never| match never {})
-                        .boxed(),
-                );
             }
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -553,8 +580,6 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
                 {
                     let up = hyper::upgrade::on(&mut resp);
                     tokio::spawn(join_upgraded(down, up));
-                    let resp = resp.map(|b| b.map_err(Into::into).boxed());
-                    return finish(report, resp);
                 }
                 let resp = resp.map(|b| b.map_err(Into::into).boxed());
                 return finish(report, resp);
@@ -564,12 +589,7 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
                 tracing::debug!(%endpoint, attempt, error = %why, "onward request failed");
                 report.detail = Some(why);
                 last = None;
-                body = Some(
-                    Full::new(Bytes::new())
-                        .map_err(|never| match never {})
-                        .boxed(),
-                );
-                if attempt + 1 >= attempts {
+                if !replayable {
                     break;
                 }
             }
@@ -579,6 +599,45 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         Some(resp) => finish(report, resp),
         None => finish(report, local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE)),
     }
+}
+
+/// Envoy's default base interval between retries.
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Where and how one request goes: from the route, or Istio's defaults.
+struct Plan {
+    backend: ObjectRef,
+    port: u16,
+    timeout: Option<Duration>,
+    try_timeout: Option<Duration>,
+    retries: u32,
+    retry_codes: Vec<u16>,
+    backoff: Duration,
+}
+
+/// Envoy's retry back-off: fully jittered, exponential from `base`, capped at ten times
+/// it.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1 << attempt.min(10))
+        .min(base.saturating_mul(10));
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rand::random_range(0..=nanos))
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// gRPC is HTTP/2 with this content type (`application/grpc`, `application/grpc+proto`,
+/// …), which is how Istio tells `grpc` from `http` in `request_protocol`.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1): not
