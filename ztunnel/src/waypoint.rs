@@ -137,16 +137,23 @@ impl PortProtocol {
 struct Snapshot {
     store: Store,
     policies: authz::PolicyIndex,
+    /// The policies as they apply to TCP streams ([`tcp_policy::for_tcp`]).
+    tcp_policies: authz::PolicyIndex,
     routes: route::RouteTable,
 }
 
 impl Snapshot {
     fn new(cfg: LocalConfig) -> Self {
         let policies = authz::PolicyIndex::new(&cfg.waypoint_policies, &cfg.root_namespace);
+        let tcp_policies = authz::PolicyIndex::new(
+            &tcp_policy::for_tcp(&cfg.waypoint_policies),
+            &cfg.root_namespace,
+        );
         let routes = route::RouteTable::new(&cfg.http_routes);
         Snapshot {
             store: Store::new(cfg),
             policies,
+            tcp_policies,
             routes,
         }
     }
@@ -364,7 +371,7 @@ impl Waypoint {
             destination_ip: dst.addr.ip(),
         };
         if let authz::Decision::Deny { policy, reason } =
-            tcp_policy::evaluate(&snap.policies, &self.gateway, dst.service.as_ref(), &conn)
+            tcp_policy::evaluate(&snap.tcp_policies, &self.gateway, dst.service.as_ref(), &conn)
         {
             self.metrics.tcp_denied();
             tracing::info!(src = %client, dst = %dst.addr, %policy, %reason, "connection denied by waypoint policy");
