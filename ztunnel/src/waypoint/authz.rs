@@ -1392,18 +1392,84 @@ mod tests {
         let allow_nothing = |refs: &str, ns: &str| {
             format!("- name: p\n  namespace: {ns}\n  targetRefs: [{refs}]\n")
         };
+        type Case<'a> = (&'a str, String, Option<(&'a str, &'a str)>, bool);
         #[rustfmt::skip]
-        let cases: &[(&str, String, Option<(&str, &str)>, bool)] = &[
-            ("this service", allow_nothing("{kind: Service, name: db}", "shop"), Some(SVC), true),
-            ("service, core group", allow_nothing("{kind: Service, group: core, name: db}", "shop"), Some(SVC), true),
-            ("another service", allow_nothing("{kind: Service, name: web}", "shop"), Some(SVC), false),
-            ("same-named service elsewhere", allow_nothing("{kind: Service, name: db}", "web"), Some(SVC), false),
-            ("service, request to a workload", allow_nothing("{kind: Service, name: db}", "shop"), None, false),
-            ("this gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), Some(SVC), true),
-            ("gateway, request to a workload", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), None, true),
-            ("another gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: other}", "shop"), Some(SVC), false),
-            ("same-named gateway elsewhere", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "web"), Some(SVC), false),
-            ("waypoint class from root", allow_nothing("{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}", "istio-system"), None, true),
+        let cases: &[Case] = &[
+            (
+                "this service",
+                allow_nothing("{kind: Service, name: db}", "shop"),
+                Some(SVC),
+                true,
+            ),
+            (
+                "service, core group",
+                allow_nothing("{kind: Service, group: core, name: db}", "shop"),
+                Some(SVC),
+                true,
+            ),
+            (
+                "another service",
+                allow_nothing("{kind: Service, name: web}", "shop"),
+                Some(SVC),
+                false,
+            ),
+            (
+                "same-named service elsewhere",
+                allow_nothing("{kind: Service, name: db}", "web"),
+                Some(SVC),
+                false,
+            ),
+            (
+                "service, request to a workload",
+                allow_nothing("{kind: Service, name: db}", "shop"),
+                None,
+                false,
+            ),
+            (
+                "this gateway",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "shop",
+                ),
+                Some(SVC),
+                true,
+            ),
+            (
+                "gateway, request to a workload",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "shop",
+                ),
+                None,
+                true,
+            ),
+            (
+                "another gateway",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: other}",
+                    "shop",
+                ),
+                Some(SVC),
+                false,
+            ),
+            (
+                "same-named gateway elsewhere",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "web",
+                ),
+                Some(SVC),
+                false,
+            ),
+            (
+                "waypoint class from root",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}",
+                    "istio-system",
+                ),
+                None,
+                true,
+            ),
         ];
         for (name, policy, service, applies) in cases {
             let denied = decide(policy, *service, &GET_ORDERS) != Decision::Allow;

@@ -1081,18 +1081,108 @@ mod tests {
 
     #[test]
     fn precedence_follows_gateway_api() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], RequestParts, &'a str);
         #[rustfmt::skip]
-        let cases: &[(&str, &[(&str, &str)], RequestParts, &str)] = &[
-            ("exact beats prefix", &[("{path: {type: PathPrefix, value: /a}}", "prefix"), ("{path: {type: Exact, value: /a/b}}", "exact")], get("/a/b"), "exact"),
-            ("longest prefix", &[("{path: {value: /a}}", "short"), ("{path: {value: /a/b}}", "long")], get("/a/b/c"), "long"),
-            ("method after path", &[("{path: {value: /a}}", "plain"), ("{path: {value: /a}, method: GET}", "method")], get("/a"), "method"),
-            ("path before method", &[("{path: {value: /a}, method: GET}", "method"), ("{path: {value: /a/b}}", "longer")], get("/a/b"), "longer"),
-            ("more headers", &[("{headers: [{name: x-a, value: '1'}]}", "one"), ("{headers: [{name: x-a, value: '1'}, {name: x-b, value: '2'}]}", "two")], request("GET", "/", &[("x-a", "1"), ("x-b", "2")]), "two"),
-            ("headers before query", &[("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "query"), ("{headers: [{name: x-a, value: '1'}]}", "header")], request("GET", "/?q=1&r=2", &[("x-a", "1")]), "header"),
-            ("more query params", &[("{queryParams: [{name: q, value: '1'}]}", "one"), ("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "two")], get("/?q=1&r=2"), "two"),
-            ("then the first rule", &[("{path: {value: /a}}", "first"), ("{path: {value: /a}}", "second")], get("/a"), "first"),
-            ("regex between exact and prefix", &[("{path: {type: PathPrefix, value: /a/b/c}}", "prefix"), ("{path: {type: RegularExpression, value: '/a/.*'}}", "regex")], get("/a/b/c"), "regex"),
-            ("a failing better match yields", &[("{path: {type: Exact, value: /a}}", "exact"), ("{path: {value: /}}", "root")], get("/b"), "root"),
+        let cases: &[Case] = &[
+            (
+                "exact beats prefix",
+                &[
+                    ("{path: {type: PathPrefix, value: /a}}", "prefix"),
+                    ("{path: {type: Exact, value: /a/b}}", "exact"),
+                ],
+                get("/a/b"),
+                "exact",
+            ),
+            (
+                "longest prefix",
+                &[
+                    ("{path: {value: /a}}", "short"),
+                    ("{path: {value: /a/b}}", "long"),
+                ],
+                get("/a/b/c"),
+                "long",
+            ),
+            (
+                "method after path",
+                &[
+                    ("{path: {value: /a}}", "plain"),
+                    ("{path: {value: /a}, method: GET}", "method"),
+                ],
+                get("/a"),
+                "method",
+            ),
+            (
+                "path before method",
+                &[
+                    ("{path: {value: /a}, method: GET}", "method"),
+                    ("{path: {value: /a/b}}", "longer"),
+                ],
+                get("/a/b"),
+                "longer",
+            ),
+            (
+                "more headers",
+                &[
+                    ("{headers: [{name: x-a, value: '1'}]}", "one"),
+                    (
+                        "{headers: [{name: x-a, value: '1'}, {name: x-b, value: '2'}]}",
+                        "two",
+                    ),
+                ],
+                request("GET", "/", &[("x-a", "1"), ("x-b", "2")]),
+                "two",
+            ),
+            (
+                "headers before query",
+                &[
+                    (
+                        "{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}",
+                        "query",
+                    ),
+                    ("{headers: [{name: x-a, value: '1'}]}", "header"),
+                ],
+                request("GET", "/?q=1&r=2", &[("x-a", "1")]),
+                "header",
+            ),
+            (
+                "more query params",
+                &[
+                    ("{queryParams: [{name: q, value: '1'}]}", "one"),
+                    (
+                        "{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}",
+                        "two",
+                    ),
+                ],
+                get("/?q=1&r=2"),
+                "two",
+            ),
+            (
+                "then the first rule",
+                &[
+                    ("{path: {value: /a}}", "first"),
+                    ("{path: {value: /a}}", "second"),
+                ],
+                get("/a"),
+                "first",
+            ),
+            (
+                "regex between exact and prefix",
+                &[
+                    ("{path: {type: PathPrefix, value: /a/b/c}}", "prefix"),
+                    ("{path: {type: RegularExpression, value: '/a/.*'}}", "regex"),
+                ],
+                get("/a/b/c"),
+                "regex",
+            ),
+            (
+                "a failing better match yields",
+                &[
+                    ("{path: {type: Exact, value: /a}}", "exact"),
+                    ("{path: {value: /}}", "root"),
+                ],
+                get("/b"),
+                "root",
+            ),
         ];
         for (name, rules, req, want) in cases {
             let t = table(&route("r", rules));
