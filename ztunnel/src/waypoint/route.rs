@@ -72,9 +72,11 @@
 //!   in turns: weights are divided by their greatest common divisor, and each backend takes
 //!   its weight's run of every `sum` requests matching the rule (90/10: 9 then 1 of every
 //!   10), so the shares hold exactly over any run of `sum` requests (a counter per rule;
-//!   Istio/Envoy draws at random). A new config version starts the turns afresh. A rule without
-//!   backendRefs, whose weights are all 0, or a turn landing on an invalid backend answers
-//!   500 ([`NoBackend`], status 500), as the spec requires.
+//!   Istio/Envoy draws at random). A new config version starts the turns afresh. A rule
+//!   without backendRefs sends the request to the parent Service when the route attached
+//!   through one (GAMMA, GEP-1426); through a Gateway it answers 500, as do a rule whose
+//!   weights are all 0 and a turn landing on an invalid backend ([`NoBackend`], status
+//!   500), as the spec requires.
 //! - **Timeouts** are Gateway API durations (`1h`, `10s`, `500ms`, up to four parts of up to
 //!   five digits each); `0s` disables. `request` bounds the whole request including retries,
 //!   `backendRequest` each try.
@@ -744,6 +746,14 @@ pub fn validate_all(routes: &[HttpRoute]) -> Result<(), String> {
     Ok(())
 }
 
+/// How a route attaches to a request; through its Service parent when both would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attached {
+    No,
+    Service,
+    Gateway,
+}
+
 /// One match of one rule, in precedence order.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -916,12 +926,18 @@ impl RouteTable {
         service: &ObjectRef,
         port: u16,
         host: Option<&str>,
-    ) -> bool {
-        route.parents.iter().any(|p| match p {
+    ) -> Attached {
+        let by_service = route.parents.iter().any(|p| match p {
             Parent::Service {
                 service: s,
                 port: p,
             } => s == service && p.is_none_or(|p| p == port),
+            Parent::Gateway(_) => false,
+        });
+        if by_service {
+            return Attached::Service;
+        }
+        let by_gateway = route.parents.iter().any(|p| match p {
             Parent::Gateway(g) => {
                 g == gateway
                     && (route.hostnames.is_empty()
@@ -929,7 +945,13 @@ impl RouteTable {
                             route.hostnames.iter().any(|pat| hostname_matches(pat, h))
                         }))
             }
-        })
+            Parent::Service { .. } => false,
+        });
+        if by_gateway {
+            Attached::Gateway
+        } else {
+            Attached::No
+        }
     }
 
     /// The backend for a request to `service`:`port` through the waypoint `gateway`.
@@ -947,32 +969,35 @@ impl RouteTable {
             return Ok(None);
         }
         let host = request_host(req);
-        let attached: Vec<bool> = self
+        let attached: Vec<Attached> = self
             .routes
             .iter()
             .map(|r| Self::attaches(r, gateway, service, port, host.as_deref()))
             .collect();
-        if !attached.iter().any(|a| *a) {
+        if attached.iter().all(|a| *a == Attached::No) {
             return Ok(None);
         }
         // A path that does not normalise (%00) is matched as sent; authorization refuses it.
         let raw = req.uri.path();
         let path = normalize_path(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
         for e in &self.entries {
-            if !attached[e.route] {
+            if attached[e.route] == Attached::No {
                 continue;
             }
             let route = &self.routes[e.route];
             let rule = &route.rules[e.rule];
             if rule.matches[e.matched].matches(&path, req) {
-                return rule.choose(&route.id, e.rule).map(Some);
+                // GAMMA (GEP-1426): a rule without backendRefs on a Service parent sends the
+                // request to that service; on a Gateway it has nowhere to go.
+                let parent = (attached[e.route] == Attached::Service).then_some(service);
+                return rule.choose(&route.id, e.rule, parent).map(Some);
             }
         }
         let considered = self
             .routes
             .iter()
             .zip(&attached)
-            .filter(|(_, a)| **a)
+            .filter(|(_, a)| **a != Attached::No)
             .map(|(r, _)| r)
             .collect::<Vec<_>>();
         Err(NoBackend {
@@ -990,15 +1015,36 @@ impl RouteTable {
 }
 
 impl CompiledRule {
-    fn choose(&self, route: &str, rule: usize) -> Result<Chosen, NoBackend> {
+    fn choose(
+        &self,
+        route: &str,
+        rule: usize,
+        parent: Option<&ObjectRef>,
+    ) -> Result<Chosen, NoBackend> {
         let fail = |reason: String| NoBackend {
             route: route.to_owned(),
             rule,
             reason,
             status: http::StatusCode::INTERNAL_SERVER_ERROR,
         };
+        let chosen = |service: ObjectRef, port: Option<u16>| Chosen {
+            route: route.to_owned(),
+            rule,
+            service,
+            port,
+            timeout: self.timeout,
+            retries: self.retries,
+            try_timeout: self.try_timeout,
+            retry_codes: self.retry_codes.clone(),
+            retry_backoff: self.retry_backoff,
+        };
         if self.backends.is_empty() {
-            return Err(fail("the rule has no backendRefs".to_owned()));
+            return match parent {
+                Some(service) => Ok(chosen(service.clone(), None)),
+                None => Err(fail(
+                    "the rule has no backendRefs and the route is attached to a Gateway".to_owned(),
+                )),
+            };
         }
         if self.total_weight == 0 {
             return Err(fail("every backendRef has weight 0".to_owned()));
@@ -1014,17 +1060,7 @@ impl CompiledRule {
             })
             .expect("turn < total_weight, the sum of the weights");
         let (service, port) = backend.target.clone().map_err(fail)?;
-        Ok(Chosen {
-            route: route.to_owned(),
-            rule,
-            service,
-            port,
-            timeout: self.timeout,
-            retries: self.retries,
-            try_timeout: self.try_timeout,
-            retry_codes: self.retry_codes.clone(),
-            retry_backoff: self.retry_backoff,
-        })
+        Ok(chosen(service, port))
     }
 }
 
@@ -1261,7 +1297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_without_a_usable_backend_answers_500_and_no_match_404() {
+    fn a_rule_without_a_usable_backend_answers_500_and_no_match_404_as_gateway_api_says() {
         let zero = table(
             "- name: z\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - matches: [{path: {value: /z}}]\n    backendRefs: [{name: v1, port: 8080, weight: 0}]\n  - matches: [{path: {value: /none}}]\n",
         );
@@ -1271,10 +1307,20 @@ mod tests {
         assert_eq!(err.status, http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!((err.route.as_str(), err.rule), ("shop/z", 0));
         assert!(err.reason.contains("weight 0"), "{err}");
-        let err = zero
+        // GAMMA: no backendRefs on a Service parent → the parent service itself.
+        let parent = zero
             .select(&gw(), &db(), 8080, &get("/none"))
-            .expect_err("no backends");
-        assert_eq!((err.status.as_u16(), err.rule), (500, 1));
+            .expect("to the parent")
+            .expect("routed");
+        assert_eq!((parent.service, parent.port, parent.rule), (db(), None, 1));
+        let on_gateway = table(
+            "- name: g\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  rules: [{matches: [{path: {value: /none}}]}]\n",
+        );
+        let err = on_gateway
+            .select(&gw(), &db(), 8080, &get("/none"))
+            .expect_err("no backends on a gateway");
+        assert_eq!((err.status.as_u16(), err.rule), (500, 0));
+        assert!(err.reason.contains("no backendRefs"), "{err}");
         let err = zero
             .select(&gw(), &db(), 8080, &get("/other"))
             .expect_err("no rule matches");
