@@ -1593,6 +1593,9 @@ mod tests {
             .collect();
         let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("doc example");
         assert_eq!(policies.len(), 1);
+        let dumped = serde_yaml::to_string(&policies).expect("dump");
+        let again: Vec<WaypointPolicy> = serde_yaml::from_str(&dumped).expect("read the dump");
+        assert_eq!(again, policies);
         assert_eq!(policies[0].target_refs.len(), 2);
         let tenant = Req {
             path: "/orders/7",

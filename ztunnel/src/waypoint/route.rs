@@ -1343,7 +1343,7 @@ mod tests {
 
     #[test]
     fn routes_attach_by_service_port_and_gateway_hostnames() {
-        let yaml = "- name: svc\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, port: 8080}]\n  rules: [{backendRefs: [{name: by-service}]}]\n- name: zgw\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  hostnames: ['*.example.com', web.shop]\n  rules: [{backendRefs: [{name: by-gateway}]}]\n";
+        let yaml = "- name: svc\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, port: 8080}]\n  hostnames: [db.shop]\n  rules: [{backendRefs: [{name: by-service}]}]\n- name: zgw\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  hostnames: ['*.example.com', web.shop]\n  rules: [{backendRefs: [{name: by-gateway}]}]\n";
         let t = table(yaml);
         let host = |h: &str| request("GET", "/", &[("host", h)]);
         let select = |svc: &ObjectRef, port: u16, req: &RequestParts| {
@@ -1356,6 +1356,7 @@ mod tests {
         let cases: &[(&str, &ObjectRef, u16, RequestParts, Option<&str>)] = &[
             ("service and port", &db(), 8080, host("db"), Some("by-service")),
             ("service, other port", &db(), 9090, host("db"), None),
+            ("hostnames do not apply to a service parent", &db(), 8080, host("elsewhere.org"), Some("by-service")),
             ("other service, no hostname", &web, 80, host("web.other"), None),
             ("gateway hostname", &web, 80, host("web.shop"), Some("by-gateway")),
             ("gateway hostname with port, any case", &web, 80, host("WEB.shop:80"), Some("by-gateway")),
@@ -1500,6 +1501,10 @@ mod tests {
             .collect();
         let routes: Vec<HttpRoute> = serde_yaml::from_str(&yaml).expect("doc example");
         assert_eq!(routes[0].rules[0].backend_refs.len(), 2);
+        // The admin port dumps what it read; it reads back the same.
+        let dumped = serde_yaml::to_string(&routes).expect("dump");
+        let again: Vec<HttpRoute> = serde_yaml::from_str(&dumped).expect("read the dump");
+        assert_eq!(again, routes);
         let t = table(&yaml);
         let req = request(
             "GET",
