@@ -53,7 +53,8 @@
 //!   one such match. Within a match every condition holds (path, method, every header, every
 //!   query parameter). `PathPrefix` matches on segment boundaries (`/foo` matches `/foo` and
 //!   `/foo/bar`, not `/foobar`; a trailing `/` in the value is ignored, as Istio does).
-//!   Regular expressions (the `regex` crate, RE2-like) must match the whole value. Header
+//!   Regular expressions (the `regex` crate, RE2-like: linear time) must match the whole
+//!   value; one compiled expression may take at most [`REGEX_SIZE_LIMIT`] (1 MiB). Header
 //!   names compare case-insensitively, values exactly; several values of one header are
 //!   joined with `,` (Envoy); of repeated query parameters the first counts; a repeated
 //!   header or query name within one match: the first entry counts. The path is matched
@@ -425,8 +426,14 @@ fn check_hostname(h: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most memory one compiled expression may take (the `regex` crate's own default is
+/// 10 MiB); matching time is linear in the input whatever the pattern.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 fn regex_full(pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(&format!("^(?:{pattern})$"))
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
         .map_err(|e| format!("{pattern:?} is not a valid regular expression: {e}"))
 }
 
@@ -1441,6 +1448,7 @@ mod tests {
             ("path without /", format!("{head}  rules: [{{matches: [{{path: {{value: foo}}}}]}}]\n"), "rules[0].matches[0].path.value"),
             ("bad regex", format!("{head}  rules: [{{matches: [{{path: {{type: RegularExpression, value: '(a'}}}}]}}]\n"), "not a valid regular expression"),
             ("bad header regex", format!("{head}  rules: [{{matches: [{{headers: [{{type: RegularExpression, name: x, value: '['}}]}}]}}]\n"), "rules[0].matches[0].headers[0].value"),
+            ("regex too big", format!("{head}  rules: [{{matches: [{{path: {{type: RegularExpression, value: '/(?:\\w{{100}}){{100}}'}}}}]}}]\n"), "size limit"),
             ("bad header name", format!("{head}  rules: [{{matches: [{{headers: [{{name: 'a b', value: x}}]}}]}}]\n"), "rules[0].matches[0].headers[0].name"),
             ("bad method", format!("{head}  rules: [{{matches: [{{method: get}}]}}]\n"), "rules[0].matches[0].method"),
             ("bad timeout", format!("{head}  rules: [{{timeouts: {{request: 10}}}}]\n"), "rules[0].timeouts.request"),
