@@ -1759,6 +1759,27 @@ workloads:
         assert_eq!(cfg.http_routes.len(), 1);
     }
 
+    #[test]
+    fn a_waypoint_class_policy_must_come_from_the_files_root_namespace() {
+        let policy = |ns: &str| {
+            format!(
+                "waypointPolicies:\n- name: all\n  namespace: {ns}\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}}]\n"
+            )
+        };
+        let err = parse(&policy("shop"))
+            .expect_err("not the root")
+            .to_string();
+        assert!(
+            err.contains("waypointPolicies[0] (shop/all)") && err.contains("root namespace"),
+            "{err}"
+        );
+        parse(&policy("istio-system")).expect("the default root namespace");
+        let custom = format!("rootNamespace: mesh-root\n{}", policy("mesh-root"));
+        parse(&custom).expect("the file's own root namespace");
+        let custom = format!("rootNamespace: mesh-root\n{}", policy("istio-system"));
+        parse(&custom).expect_err("no longer the root");
+    }
+
     /// A config drawn from a few namespaces, names, labels and addresses, so that
     /// selectors overlap and miss, and including what validation refuses (two workloads
     /// under one key or one address, a VIP that is also a pod's address, namespaces listed

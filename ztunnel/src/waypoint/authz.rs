@@ -83,6 +83,11 @@
 //!   header for `request.headers[…]` (Envoy's `not_rule` over a header matcher).
 //! - **Headers**: the name case-insensitively; several values of one header are joined with
 //!   `,` before matching (istio.io normalization, "duplicate headers"); `*` means present.
+//! - **TCP streams** through the waypoint (a port that is not HTTP) are decided by
+//!   [`PolicyIndex::evaluate_connection`] with the same policies, as Istio's network RBAC
+//!   filter does (`pilot/pkg/security/authz/model`, `forTCP`): an ALLOW rule naming anything
+//!   HTTP-only (hosts, methods, paths, `request.headers[…]`) matches no connection; a DENY
+//!   rule is taken without those fields, so it matches more. Both err on refusing.
 //! - `source.ip` / `ipBlocks` is the client's address as the waypoint knows it (the tunnel's
 //!   source), `destination.ip` the address the client dialled.
 //!
@@ -958,10 +963,47 @@ impl PolicyIndex {
                 };
             }
         };
-        let ctx = Context::new(req, &path);
-        for &i in &applicable {
+        let ctx = Context::new(
+            req.source_principal,
+            req.port,
+            req.source_ip,
+            req.destination_ip,
+            Some(HttpView::new(req, &path)),
+        );
+        self.decide(&applicable, &ctx)
+    }
+
+    /// Decides a TCP connection (a stream on a port that is not HTTP) through waypoint
+    /// `gateway` to `service`, as Istio's network RBAC filter does with the same policies:
+    /// an ALLOW rule naming anything HTTP-only (hosts, methods, paths, their `not…` forms,
+    /// `request.headers[…]`) matches no connection; in a DENY rule those fields are left
+    /// out, so the rule matches more (istio/istio `pilot/pkg/security/authz/model`,
+    /// `forTCP`; istio.io "authorization for TCP traffic").
+    pub fn evaluate_connection(
+        &self,
+        gateway: &ObjectRef,
+        service: Option<&ObjectRef>,
+        conn: &ConnectionAttrs<'_>,
+    ) -> Decision {
+        let applicable = self.applicable(gateway, service);
+        if applicable.is_empty() {
+            return Decision::Allow;
+        }
+        let ctx = Context::new(
+            conn.source_principal,
+            conn.port,
+            conn.source_ip,
+            conn.destination_ip,
+            None,
+        );
+        self.decide(&applicable, &ctx)
+    }
+
+    /// DENY first, then ALLOW, over the applicable policies.
+    fn decide(&self, applicable: &[usize], ctx: &Context<'_>) -> Decision {
+        for &i in applicable {
             let p = &self.policies[i];
-            if p.action == Action::Deny && p.matches(&ctx) {
+            if p.action == Action::Deny && p.matches(ctx) {
                 return Decision::Deny {
                     policy: p.id.clone(),
                     reason: "matched a DENY policy".to_owned(),
@@ -973,7 +1015,7 @@ impl PolicyIndex {
             .map(|&i| &self.policies[i])
             .filter(|p| p.action == Action::Allow)
             .collect();
-        if allows.is_empty() || allows.iter().any(|p| p.matches(&ctx)) {
+        if allows.is_empty() || allows.iter().any(|p| p.matches(ctx)) {
             return Decision::Allow;
         }
         Decision::Deny {
@@ -987,37 +1029,35 @@ impl PolicyIndex {
     }
 }
 
-/// The request as matching reads it, derived once.
-struct Context<'r, 'a> {
-    req: &'r RequestAttrs<'a>,
+/// What a policy sees of one TCP connection through the waypoint.
+#[derive(Debug, Clone)]
+pub struct ConnectionAttrs<'a> {
+    /// The service port the client dialled.
+    pub port: u16,
+    /// The client's SPIFFE identity (`spiffe://td/ns/x/sa/y`); `None` for none.
+    pub source_principal: Option<&'a str>,
+    pub source_ip: IpAddr,
+    pub destination_ip: IpAddr,
+}
+
+/// The HTTP side of a request, derived once.
+struct HttpView<'r> {
+    method: &'r str,
     path: &'r str,
-    principal: Option<&'a str>,
-    namespace: Option<&'a str>,
+    headers: &'r http::HeaderMap,
     host: String,
     /// The host without a `:port`, when it has one.
     host_no_port: Option<String>,
 }
 
-impl<'r, 'a> Context<'r, 'a> {
-    fn new(req: &'r RequestAttrs<'a>, path: &'r str) -> Self {
-        let principal = req
-            .source_principal
-            .map(|p| p.strip_prefix(SPIFFE_PREFIX).unwrap_or(p));
-        // `td/ns/<ns>/sa/<sa>`
-        let namespace = principal.and_then(|p| {
-            let mut parts = p.split('/');
-            match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                (Some(_), Some("ns"), Some(ns), Some("sa")) if !ns.is_empty() => Some(ns),
-                _ => None,
-            }
-        });
+impl<'r> HttpView<'r> {
+    fn new(req: &'r RequestAttrs<'_>, path: &'r str) -> Self {
         let host = req.host.to_ascii_lowercase();
         let host_no_port = strip_port(&host).map(str::to_owned);
-        Context {
-            req,
+        HttpView {
+            method: req.method.as_str(),
             path,
-            principal,
-            namespace,
+            headers: req.headers,
             host,
             host_no_port,
         }
@@ -1029,7 +1069,7 @@ impl<'r, 'a> Context<'r, 'a> {
 
     /// The header's values joined with `,`; `None` when absent.
     fn header(&self, name: &http::HeaderName) -> Option<String> {
-        let mut values = self.req.headers.get_all(name).iter().peekable();
+        let mut values = self.headers.get_all(name).iter().peekable();
         values.peek()?;
         Some(
             values
@@ -1037,6 +1077,44 @@ impl<'r, 'a> Context<'r, 'a> {
                 .collect::<Vec<_>>()
                 .join(","),
         )
+    }
+}
+
+/// A request or connection as matching reads it; `http` is `None` for a TCP connection.
+struct Context<'r> {
+    principal: Option<&'r str>,
+    namespace: Option<&'r str>,
+    port: u16,
+    source_ip: IpAddr,
+    destination_ip: IpAddr,
+    http: Option<HttpView<'r>>,
+}
+
+impl<'r> Context<'r> {
+    fn new(
+        source_principal: Option<&'r str>,
+        port: u16,
+        source_ip: IpAddr,
+        destination_ip: IpAddr,
+        http: Option<HttpView<'r>>,
+    ) -> Self {
+        let principal = source_principal.map(|p| p.strip_prefix(SPIFFE_PREFIX).unwrap_or(p));
+        // `td/ns/<ns>/sa/<sa>`
+        let namespace = principal.and_then(|p| {
+            let mut parts = p.split('/');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(_), Some("ns"), Some(ns), Some("sa")) if !ns.is_empty() => Some(ns),
+                _ => None,
+            }
+        });
+        Context {
+            principal,
+            namespace,
+            port,
+            source_ip,
+            destination_ip,
+            http,
+        }
     }
 }
 
@@ -1068,39 +1146,50 @@ fn ports_hold(pos: &[u16], neg: &[u16], port: u16) -> bool {
 }
 
 impl SourceMatch {
-    fn matches(&self, ctx: &Context<'_, '_>) -> bool {
+    fn matches(&self, ctx: &Context<'_>) -> bool {
         strings_hold(&self.principals, &self.not_principals, ctx.principal)
             && strings_hold(&self.namespaces, &self.not_namespaces, ctx.namespace)
-            && ips_hold(&self.ip_blocks, &self.not_ip_blocks, ctx.req.source_ip)
+            && ips_hold(&self.ip_blocks, &self.not_ip_blocks, ctx.source_ip)
     }
 }
 
 impl OperationMatch {
-    fn matches(&self, ctx: &Context<'_, '_>) -> bool {
-        (self.hosts.is_empty() || self.hosts.iter().any(|m| ctx.host_matches(m)))
-            && !self.not_hosts.iter().any(|m| ctx.host_matches(m))
-            && ports_hold(&self.ports, &self.not_ports, ctx.req.port)
-            && strings_hold(
-                &self.methods,
-                &self.not_methods,
-                Some(ctx.req.method.as_str()),
-            )
-            && strings_hold(&self.paths, &self.not_paths, Some(ctx.path))
+    fn uses_http(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+
+    /// For a TCP connection the HTTP fields are left out (only a DENY rule gets here with
+    /// them; see [`PolicyIndex::evaluate_connection`]).
+    fn matches(&self, ctx: &Context<'_>) -> bool {
+        ports_hold(&self.ports, &self.not_ports, ctx.port)
+            && ctx.http.as_ref().is_none_or(|h| {
+                (self.hosts.is_empty() || self.hosts.iter().any(|m| h.host_matches(m)))
+                    && !self.not_hosts.iter().any(|m| h.host_matches(m))
+                    && strings_hold(&self.methods, &self.not_methods, Some(h.method))
+                    && strings_hold(&self.paths, &self.not_paths, Some(h.path))
+            })
     }
 }
 
 impl ConditionMatch {
-    fn holds(&self, values: &Values, ctx: &Context<'_, '_>) -> bool {
+    fn holds(&self, values: &Values, ctx: &Context<'_>) -> bool {
         match (values, &self.attribute) {
-            (Values::Strings(list), Attribute::Header(name)) => {
-                ctx.header(name).is_some_and(|v| {
+            (Values::Strings(list), Attribute::Header(name)) => ctx
+                .http
+                .as_ref()
+                .and_then(|h| h.header(name))
+                .is_some_and(|v| {
                     list.iter().any(|m| match m {
                         // Envoy's present_match: the header is there, whatever its value.
                         StringMatch::Presence => true,
                         m => m.matches(&v),
                     })
-                })
-            }
+                }),
             (Values::Strings(list), Attribute::SourceNamespace) => ctx
                 .namespace
                 .is_some_and(|v| list.iter().any(|m| m.matches(v))),
@@ -1108,25 +1197,37 @@ impl ConditionMatch {
                 .principal
                 .is_some_and(|v| list.iter().any(|m| m.matches(v))),
             (Values::Ips(list), Attribute::SourceIp) => {
-                list.iter().any(|n| n.contains(ctx.req.source_ip))
+                list.iter().any(|n| n.contains(ctx.source_ip))
             }
             (Values::Ips(list), Attribute::DestinationIp) => {
-                list.iter().any(|n| n.contains(ctx.req.destination_ip))
+                list.iter().any(|n| n.contains(ctx.destination_ip))
             }
-            (Values::Ports(list), Attribute::DestinationPort) => list.contains(&ctx.req.port),
+            (Values::Ports(list), Attribute::DestinationPort) => list.contains(&ctx.port),
             // compile_condition pairs every attribute with its kind of value.
             _ => false,
         }
     }
 
-    fn matches(&self, ctx: &Context<'_, '_>) -> bool {
+    fn matches(&self, ctx: &Context<'_>) -> bool {
+        if ctx.http.is_none() && matches!(self.attribute, Attribute::Header(_)) {
+            // Left out for a TCP connection (only a DENY rule gets here with it).
+            return true;
+        }
         self.values.as_ref().is_none_or(|v| self.holds(v, ctx))
             && !self.not_values.as_ref().is_some_and(|v| self.holds(v, ctx))
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, ctx: &Context<'_, '_>) -> bool {
+    fn uses_http(&self) -> bool {
+        self.to.iter().any(OperationMatch::uses_http)
+            || self
+                .when
+                .iter()
+                .any(|c| matches!(c.attribute, Attribute::Header(_)))
+    }
+
+    fn matches(&self, ctx: &Context<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(ctx)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(ctx)))
             && self.when.iter().all(|c| c.matches(ctx))
@@ -1134,8 +1235,12 @@ impl CompiledRule {
 }
 
 impl CompiledPolicy {
-    fn matches(&self, ctx: &Context<'_, '_>) -> bool {
+    fn matches(&self, ctx: &Context<'_>) -> bool {
         self.rules.iter().any(|r| match r {
+            // An ALLOW rule about HTTP never matches a TCP connection.
+            Ok(rule) if ctx.http.is_none() && self.action == Action::Allow && rule.uses_http() => {
+                false
+            }
             Ok(rule) => rule.matches(ctx),
             Err(()) => self.action == Action::Deny,
         })
@@ -1392,18 +1497,84 @@ mod tests {
         let allow_nothing = |refs: &str, ns: &str| {
             format!("- name: p\n  namespace: {ns}\n  targetRefs: [{refs}]\n")
         };
+        type Case<'a> = (&'a str, String, Option<(&'a str, &'a str)>, bool);
         #[rustfmt::skip]
-        let cases: &[(&str, String, Option<(&str, &str)>, bool)] = &[
-            ("this service", allow_nothing("{kind: Service, name: db}", "shop"), Some(SVC), true),
-            ("service, core group", allow_nothing("{kind: Service, group: core, name: db}", "shop"), Some(SVC), true),
-            ("another service", allow_nothing("{kind: Service, name: web}", "shop"), Some(SVC), false),
-            ("same-named service elsewhere", allow_nothing("{kind: Service, name: db}", "web"), Some(SVC), false),
-            ("service, request to a workload", allow_nothing("{kind: Service, name: db}", "shop"), None, false),
-            ("this gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), Some(SVC), true),
-            ("gateway, request to a workload", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "shop"), None, true),
-            ("another gateway", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: other}", "shop"), Some(SVC), false),
-            ("same-named gateway elsewhere", allow_nothing("{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}", "web"), Some(SVC), false),
-            ("waypoint class from root", allow_nothing("{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}", "istio-system"), None, true),
+        let cases: &[Case] = &[
+            (
+                "this service",
+                allow_nothing("{kind: Service, name: db}", "shop"),
+                Some(SVC),
+                true,
+            ),
+            (
+                "service, core group",
+                allow_nothing("{kind: Service, group: core, name: db}", "shop"),
+                Some(SVC),
+                true,
+            ),
+            (
+                "another service",
+                allow_nothing("{kind: Service, name: web}", "shop"),
+                Some(SVC),
+                false,
+            ),
+            (
+                "same-named service elsewhere",
+                allow_nothing("{kind: Service, name: db}", "web"),
+                Some(SVC),
+                false,
+            ),
+            (
+                "service, request to a workload",
+                allow_nothing("{kind: Service, name: db}", "shop"),
+                None,
+                false,
+            ),
+            (
+                "this gateway",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "shop",
+                ),
+                Some(SVC),
+                true,
+            ),
+            (
+                "gateway, request to a workload",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "shop",
+                ),
+                None,
+                true,
+            ),
+            (
+                "another gateway",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: other}",
+                    "shop",
+                ),
+                Some(SVC),
+                false,
+            ),
+            (
+                "same-named gateway elsewhere",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}",
+                    "web",
+                ),
+                Some(SVC),
+                false,
+            ),
+            (
+                "waypoint class from root",
+                allow_nothing(
+                    "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}",
+                    "istio-system",
+                ),
+                None,
+                true,
+            ),
         ];
         for (name, policy, service, applies) in cases {
             let denied = decide(policy, *service, &GET_ORDERS) != Decision::Allow;
@@ -1509,6 +1680,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn tcp_connections_are_policed_as_istio_network_rbac_does() {
+        let decide_tcp = |policies: &str, port: u16| {
+            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(policies).expect("yaml");
+            validate_all_in_root(&policies, "istio-system").expect("valid");
+            let conn = ConnectionAttrs {
+                port,
+                source_principal: Some("spiffe://cluster.local/ns/shop/sa/backend"),
+                source_ip: "10.0.0.5".parse().expect("ip"),
+                destination_ip: "10.96.0.10".parse().expect("ip"),
+            };
+            PolicyIndex::new(&policies, "istio-system").evaluate_connection(
+                &ObjectRef::new(GW.0, GW.1),
+                Some(&ObjectRef::new(SVC.0, SVC.1)),
+                &conn,
+            ) == Decision::Allow
+        };
+        let deny = |rules: &str| {
+            format!(
+                "- name: d\n  namespace: shop\n  targetRefs: [{{kind: Service, name: db}}]\n  action: DENY\n  rules:\n{rules}"
+            )
+        };
+        #[rustfmt::skip]
+        let cases: &[(&str, String, u16, bool)] = &[
+            ("no policy", "[]".to_owned(), 8080, true),
+            ("allow by port", allow_rules("  - to: [{operation: {ports: ['8080']}}]\n"), 8080, true),
+            ("allow by other port", allow_rules("  - to: [{operation: {ports: ['9090']}}]\n"), 8080, false),
+            ("allow by principal", allow_rules("  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend]}}]\n"), 8080, true),
+            ("allow by source.ip", allow_rules("  - when: [{key: source.ip, values: [10.0.0.0/8]}]\n"), 8080, true),
+            ("allow rule with methods never matches", allow_rules("  - from: [{source: {namespaces: [shop]}}]\n    to: [{operation: {methods: [GET]}}]\n"), 8080, false),
+            ("allow rule with a header never matches", allow_rules("  - when: [{key: 'request.headers[x]', values: ['*']}]\n"), 8080, false),
+            ("other allow rule still can", allow_rules("  - to: [{operation: {paths: [/x]}}]\n  - to: [{operation: {ports: ['8080']}}]\n"), 8080, true),
+            ("deny by paths matches more", deny("  - to: [{operation: {paths: [/admin]}}]\n"), 8080, false),
+            ("deny by header matches more", deny("  - when: [{key: 'request.headers[x]', values: [a]}]\n"), 8080, false),
+            ("deny keeps its ports", deny("  - to: [{operation: {ports: ['9090'], methods: [POST]}}]\n"), 8080, true),
+            ("deny keeps its source", deny("  - from: [{source: {namespaces: [web]}}]\n    to: [{operation: {methods: [POST]}}]\n"), 8080, true),
+        ];
+        for (name, policies, port, want) in cases {
+            assert_eq!(decide_tcp(policies, *port), *want, "{name}");
+        }
+    }
+
     /// The module documentation's example parses, validates and means what it says.
     #[test]
     fn the_documented_example_parses_and_decides() {
@@ -1527,6 +1740,9 @@ mod tests {
             .collect();
         let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("doc example");
         assert_eq!(policies.len(), 1);
+        let dumped = serde_yaml::to_string(&policies).expect("dump");
+        let again: Vec<WaypointPolicy> = serde_yaml::from_str(&dumped).expect("read the dump");
+        assert_eq!(again, policies);
         assert_eq!(policies[0].target_refs.len(), 2);
         let tenant = Req {
             path: "/orders/7",

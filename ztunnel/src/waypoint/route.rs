@@ -53,7 +53,8 @@
 //!   one such match. Within a match every condition holds (path, method, every header, every
 //!   query parameter). `PathPrefix` matches on segment boundaries (`/foo` matches `/foo` and
 //!   `/foo/bar`, not `/foobar`; a trailing `/` in the value is ignored, as Istio does).
-//!   Regular expressions (the `regex` crate, RE2-like) must match the whole value. Header
+//!   Regular expressions (the `regex` crate, RE2-like: linear time) must match the whole
+//!   value; one compiled expression may take at most [`REGEX_SIZE_LIMIT`] (1 MiB). Header
 //!   names compare case-insensitively, values exactly; several values of one header are
 //!   joined with `,` (Envoy); of repeated query parameters the first counts; a repeated
 //!   header or query name within one match: the first entry counts. The path is matched
@@ -72,9 +73,11 @@
 //!   in turns: weights are divided by their greatest common divisor, and each backend takes
 //!   its weight's run of every `sum` requests matching the rule (90/10: 9 then 1 of every
 //!   10), so the shares hold exactly over any run of `sum` requests (a counter per rule;
-//!   Istio/Envoy draws at random). A new config version starts the turns afresh. A rule without
-//!   backendRefs, whose weights are all 0, or a turn landing on an invalid backend answers
-//!   500 ([`NoBackend`], status 500), as the spec requires.
+//!   Istio/Envoy draws at random). A new config version starts the turns afresh. A rule
+//!   without backendRefs sends the request to the parent Service when the route attached
+//!   through one (GAMMA, GEP-1426); through a Gateway it answers 500, as do a rule whose
+//!   weights are all 0 and a turn landing on an invalid backend ([`NoBackend`], status
+//!   500), as the spec requires.
 //! - **Timeouts** are Gateway API durations (`1h`, `10s`, `500ms`, up to four parts of up to
 //!   five digits each); `0s` disables. `request` bounds the whole request including retries,
 //!   `backendRequest` each try.
@@ -423,8 +426,14 @@ fn check_hostname(h: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most memory one compiled expression may take (the `regex` crate's own default is
+/// 10 MiB); matching time is linear in the input whatever the pattern.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 fn regex_full(pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(&format!("^(?:{pattern})$"))
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
         .map_err(|e| format!("{pattern:?} is not a valid regular expression: {e}"))
 }
 
@@ -744,6 +753,14 @@ pub fn validate_all(routes: &[HttpRoute]) -> Result<(), String> {
     Ok(())
 }
 
+/// How a route attaches to a request; through its Service parent when both would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attached {
+    No,
+    Service,
+    Gateway,
+}
+
 /// One match of one rule, in precedence order.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -916,12 +933,18 @@ impl RouteTable {
         service: &ObjectRef,
         port: u16,
         host: Option<&str>,
-    ) -> bool {
-        route.parents.iter().any(|p| match p {
+    ) -> Attached {
+        let by_service = route.parents.iter().any(|p| match p {
             Parent::Service {
                 service: s,
                 port: p,
             } => s == service && p.is_none_or(|p| p == port),
+            Parent::Gateway(_) => false,
+        });
+        if by_service {
+            return Attached::Service;
+        }
+        let by_gateway = route.parents.iter().any(|p| match p {
             Parent::Gateway(g) => {
                 g == gateway
                     && (route.hostnames.is_empty()
@@ -929,7 +952,13 @@ impl RouteTable {
                             route.hostnames.iter().any(|pat| hostname_matches(pat, h))
                         }))
             }
-        })
+            Parent::Service { .. } => false,
+        });
+        if by_gateway {
+            Attached::Gateway
+        } else {
+            Attached::No
+        }
     }
 
     /// The backend for a request to `service`:`port` through the waypoint `gateway`.
@@ -947,32 +976,35 @@ impl RouteTable {
             return Ok(None);
         }
         let host = request_host(req);
-        let attached: Vec<bool> = self
+        let attached: Vec<Attached> = self
             .routes
             .iter()
             .map(|r| Self::attaches(r, gateway, service, port, host.as_deref()))
             .collect();
-        if !attached.iter().any(|a| *a) {
+        if attached.iter().all(|a| *a == Attached::No) {
             return Ok(None);
         }
         // A path that does not normalise (%00) is matched as sent; authorization refuses it.
         let raw = req.uri.path();
         let path = normalize_path(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
         for e in &self.entries {
-            if !attached[e.route] {
+            if attached[e.route] == Attached::No {
                 continue;
             }
             let route = &self.routes[e.route];
             let rule = &route.rules[e.rule];
             if rule.matches[e.matched].matches(&path, req) {
-                return rule.choose(&route.id, e.rule).map(Some);
+                // GAMMA (GEP-1426): a rule without backendRefs on a Service parent sends the
+                // request to that service; on a Gateway it has nowhere to go.
+                let parent = (attached[e.route] == Attached::Service).then_some(service);
+                return rule.choose(&route.id, e.rule, parent).map(Some);
             }
         }
         let considered = self
             .routes
             .iter()
             .zip(&attached)
-            .filter(|(_, a)| **a)
+            .filter(|(_, a)| **a != Attached::No)
             .map(|(r, _)| r)
             .collect::<Vec<_>>();
         Err(NoBackend {
@@ -990,15 +1022,36 @@ impl RouteTable {
 }
 
 impl CompiledRule {
-    fn choose(&self, route: &str, rule: usize) -> Result<Chosen, NoBackend> {
+    fn choose(
+        &self,
+        route: &str,
+        rule: usize,
+        parent: Option<&ObjectRef>,
+    ) -> Result<Chosen, NoBackend> {
         let fail = |reason: String| NoBackend {
             route: route.to_owned(),
             rule,
             reason,
             status: http::StatusCode::INTERNAL_SERVER_ERROR,
         };
+        let chosen = |service: ObjectRef, port: Option<u16>| Chosen {
+            route: route.to_owned(),
+            rule,
+            service,
+            port,
+            timeout: self.timeout,
+            retries: self.retries,
+            try_timeout: self.try_timeout,
+            retry_codes: self.retry_codes.clone(),
+            retry_backoff: self.retry_backoff,
+        };
         if self.backends.is_empty() {
-            return Err(fail("the rule has no backendRefs".to_owned()));
+            return match parent {
+                Some(service) => Ok(chosen(service.clone(), None)),
+                None => Err(fail(
+                    "the rule has no backendRefs and the route is attached to a Gateway".to_owned(),
+                )),
+            };
         }
         if self.total_weight == 0 {
             return Err(fail("every backendRef has weight 0".to_owned()));
@@ -1014,17 +1067,7 @@ impl CompiledRule {
             })
             .expect("turn < total_weight, the sum of the weights");
         let (service, port) = backend.target.clone().map_err(fail)?;
-        Ok(Chosen {
-            route: route.to_owned(),
-            rule,
-            service,
-            port,
-            timeout: self.timeout,
-            retries: self.retries,
-            try_timeout: self.try_timeout,
-            retry_codes: self.retry_codes.clone(),
-            retry_backoff: self.retry_backoff,
-        })
+        Ok(chosen(service, port))
     }
 }
 
@@ -1081,18 +1124,108 @@ mod tests {
 
     #[test]
     fn precedence_follows_gateway_api() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], RequestParts, &'a str);
         #[rustfmt::skip]
-        let cases: &[(&str, &[(&str, &str)], RequestParts, &str)] = &[
-            ("exact beats prefix", &[("{path: {type: PathPrefix, value: /a}}", "prefix"), ("{path: {type: Exact, value: /a/b}}", "exact")], get("/a/b"), "exact"),
-            ("longest prefix", &[("{path: {value: /a}}", "short"), ("{path: {value: /a/b}}", "long")], get("/a/b/c"), "long"),
-            ("method after path", &[("{path: {value: /a}}", "plain"), ("{path: {value: /a}, method: GET}", "method")], get("/a"), "method"),
-            ("path before method", &[("{path: {value: /a}, method: GET}", "method"), ("{path: {value: /a/b}}", "longer")], get("/a/b"), "longer"),
-            ("more headers", &[("{headers: [{name: x-a, value: '1'}]}", "one"), ("{headers: [{name: x-a, value: '1'}, {name: x-b, value: '2'}]}", "two")], request("GET", "/", &[("x-a", "1"), ("x-b", "2")]), "two"),
-            ("headers before query", &[("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "query"), ("{headers: [{name: x-a, value: '1'}]}", "header")], request("GET", "/?q=1&r=2", &[("x-a", "1")]), "header"),
-            ("more query params", &[("{queryParams: [{name: q, value: '1'}]}", "one"), ("{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}", "two")], get("/?q=1&r=2"), "two"),
-            ("then the first rule", &[("{path: {value: /a}}", "first"), ("{path: {value: /a}}", "second")], get("/a"), "first"),
-            ("regex between exact and prefix", &[("{path: {type: PathPrefix, value: /a/b/c}}", "prefix"), ("{path: {type: RegularExpression, value: '/a/.*'}}", "regex")], get("/a/b/c"), "regex"),
-            ("a failing better match yields", &[("{path: {type: Exact, value: /a}}", "exact"), ("{path: {value: /}}", "root")], get("/b"), "root"),
+        let cases: &[Case] = &[
+            (
+                "exact beats prefix",
+                &[
+                    ("{path: {type: PathPrefix, value: /a}}", "prefix"),
+                    ("{path: {type: Exact, value: /a/b}}", "exact"),
+                ],
+                get("/a/b"),
+                "exact",
+            ),
+            (
+                "longest prefix",
+                &[
+                    ("{path: {value: /a}}", "short"),
+                    ("{path: {value: /a/b}}", "long"),
+                ],
+                get("/a/b/c"),
+                "long",
+            ),
+            (
+                "method after path",
+                &[
+                    ("{path: {value: /a}}", "plain"),
+                    ("{path: {value: /a}, method: GET}", "method"),
+                ],
+                get("/a"),
+                "method",
+            ),
+            (
+                "path before method",
+                &[
+                    ("{path: {value: /a}, method: GET}", "method"),
+                    ("{path: {value: /a/b}}", "longer"),
+                ],
+                get("/a/b"),
+                "longer",
+            ),
+            (
+                "more headers",
+                &[
+                    ("{headers: [{name: x-a, value: '1'}]}", "one"),
+                    (
+                        "{headers: [{name: x-a, value: '1'}, {name: x-b, value: '2'}]}",
+                        "two",
+                    ),
+                ],
+                request("GET", "/", &[("x-a", "1"), ("x-b", "2")]),
+                "two",
+            ),
+            (
+                "headers before query",
+                &[
+                    (
+                        "{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}",
+                        "query",
+                    ),
+                    ("{headers: [{name: x-a, value: '1'}]}", "header"),
+                ],
+                request("GET", "/?q=1&r=2", &[("x-a", "1")]),
+                "header",
+            ),
+            (
+                "more query params",
+                &[
+                    ("{queryParams: [{name: q, value: '1'}]}", "one"),
+                    (
+                        "{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}",
+                        "two",
+                    ),
+                ],
+                get("/?q=1&r=2"),
+                "two",
+            ),
+            (
+                "then the first rule",
+                &[
+                    ("{path: {value: /a}}", "first"),
+                    ("{path: {value: /a}}", "second"),
+                ],
+                get("/a"),
+                "first",
+            ),
+            (
+                "regex between exact and prefix",
+                &[
+                    ("{path: {type: PathPrefix, value: /a/b/c}}", "prefix"),
+                    ("{path: {type: RegularExpression, value: '/a/.*'}}", "regex"),
+                ],
+                get("/a/b/c"),
+                "regex",
+            ),
+            (
+                "a failing better match yields",
+                &[
+                    ("{path: {type: Exact, value: /a}}", "exact"),
+                    ("{path: {value: /}}", "root"),
+                ],
+                get("/b"),
+                "root",
+            ),
         ];
         for (name, rules, req, want) in cases {
             let t = table(&route("r", rules));
@@ -1171,7 +1304,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_without_a_usable_backend_answers_500_and_no_match_404() {
+    fn a_rule_without_a_usable_backend_answers_500_and_no_match_404_as_gateway_api_says() {
         let zero = table(
             "- name: z\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - matches: [{path: {value: /z}}]\n    backendRefs: [{name: v1, port: 8080, weight: 0}]\n  - matches: [{path: {value: /none}}]\n",
         );
@@ -1181,10 +1314,20 @@ mod tests {
         assert_eq!(err.status, http::StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!((err.route.as_str(), err.rule), ("shop/z", 0));
         assert!(err.reason.contains("weight 0"), "{err}");
-        let err = zero
+        // GAMMA: no backendRefs on a Service parent → the parent service itself.
+        let parent = zero
             .select(&gw(), &db(), 8080, &get("/none"))
-            .expect_err("no backends");
-        assert_eq!((err.status.as_u16(), err.rule), (500, 1));
+            .expect("to the parent")
+            .expect("routed");
+        assert_eq!((parent.service, parent.port, parent.rule), (db(), None, 1));
+        let on_gateway = table(
+            "- name: g\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  rules: [{matches: [{path: {value: /none}}]}]\n",
+        );
+        let err = on_gateway
+            .select(&gw(), &db(), 8080, &get("/none"))
+            .expect_err("no backends on a gateway");
+        assert_eq!((err.status.as_u16(), err.rule), (500, 0));
+        assert!(err.reason.contains("no backendRefs"), "{err}");
         let err = zero
             .select(&gw(), &db(), 8080, &get("/other"))
             .expect_err("no rule matches");
@@ -1207,7 +1350,7 @@ mod tests {
 
     #[test]
     fn routes_attach_by_service_port_and_gateway_hostnames() {
-        let yaml = "- name: svc\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, port: 8080}]\n  rules: [{backendRefs: [{name: by-service}]}]\n- name: zgw\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  hostnames: ['*.example.com', web.shop]\n  rules: [{backendRefs: [{name: by-gateway}]}]\n";
+        let yaml = "- name: svc\n  namespace: shop\n  parentRefs: [{kind: Service, group: '', name: db, port: 8080}]\n  hostnames: [db.shop]\n  rules: [{backendRefs: [{name: by-service}]}]\n- name: zgw\n  namespace: shop\n  parentRefs: [{name: waypoint}]\n  hostnames: ['*.example.com', web.shop]\n  rules: [{backendRefs: [{name: by-gateway}]}]\n";
         let t = table(yaml);
         let host = |h: &str| request("GET", "/", &[("host", h)]);
         let select = |svc: &ObjectRef, port: u16, req: &RequestParts| {
@@ -1220,6 +1363,7 @@ mod tests {
         let cases: &[(&str, &ObjectRef, u16, RequestParts, Option<&str>)] = &[
             ("service and port", &db(), 8080, host("db"), Some("by-service")),
             ("service, other port", &db(), 9090, host("db"), None),
+            ("hostnames do not apply to a service parent", &db(), 8080, host("elsewhere.org"), Some("by-service")),
             ("other service, no hostname", &web, 80, host("web.other"), None),
             ("gateway hostname", &web, 80, host("web.shop"), Some("by-gateway")),
             ("gateway hostname with port, any case", &web, 80, host("WEB.shop:80"), Some("by-gateway")),
@@ -1304,6 +1448,7 @@ mod tests {
             ("path without /", format!("{head}  rules: [{{matches: [{{path: {{value: foo}}}}]}}]\n"), "rules[0].matches[0].path.value"),
             ("bad regex", format!("{head}  rules: [{{matches: [{{path: {{type: RegularExpression, value: '(a'}}}}]}}]\n"), "not a valid regular expression"),
             ("bad header regex", format!("{head}  rules: [{{matches: [{{headers: [{{type: RegularExpression, name: x, value: '['}}]}}]}}]\n"), "rules[0].matches[0].headers[0].value"),
+            ("regex too big", format!("{head}  rules: [{{matches: [{{path: {{type: RegularExpression, value: '/(?:\\w{{100}}){{100}}'}}}}]}}]\n"), "size limit"),
             ("bad header name", format!("{head}  rules: [{{matches: [{{headers: [{{name: 'a b', value: x}}]}}]}}]\n"), "rules[0].matches[0].headers[0].name"),
             ("bad method", format!("{head}  rules: [{{matches: [{{method: get}}]}}]\n"), "rules[0].matches[0].method"),
             ("bad timeout", format!("{head}  rules: [{{timeouts: {{request: 10}}}}]\n"), "rules[0].timeouts.request"),
@@ -1364,6 +1509,10 @@ mod tests {
             .collect();
         let routes: Vec<HttpRoute> = serde_yaml::from_str(&yaml).expect("doc example");
         assert_eq!(routes[0].rules[0].backend_refs.len(), 2);
+        // The admin port dumps what it read; it reads back the same.
+        let dumped = serde_yaml::to_string(&routes).expect("dump");
+        let again: Vec<HttpRoute> = serde_yaml::from_str(&dumped).expect("read the dump");
+        assert_eq!(again, routes);
         let t = table(&yaml);
         let req = request(
             "GET",
