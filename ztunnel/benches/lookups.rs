@@ -155,6 +155,8 @@ fn cluster(n: usize) -> LocalConfig {
             ports: vec![ServicePort {
                 port: 80,
                 target_port: Some(8080),
+                name: None,
+                app_protocol: None,
             }],
             selector: BTreeMap::from([("app".into(), format!("svc-{j}"))]),
             subject_alt_names: Vec::new(),

@@ -25,7 +25,6 @@ pub mod authz;
 mod http;
 mod metrics;
 pub mod route;
-mod tcp_policy;
 
 use std::future::Future;
 use std::io;
@@ -137,23 +136,17 @@ impl PortProtocol {
 struct Snapshot {
     store: Store,
     policies: authz::PolicyIndex,
-    /// The policies as they apply to TCP streams ([`tcp_policy::for_tcp`]).
-    tcp_policies: authz::PolicyIndex,
     routes: route::RouteTable,
 }
 
 impl Snapshot {
     fn new(cfg: LocalConfig) -> Self {
         let policies = authz::PolicyIndex::new(&cfg.waypoint_policies, &cfg.root_namespace);
-        let tcp_policies = authz::PolicyIndex::new(
-            &tcp_policy::for_tcp(&cfg.waypoint_policies),
-            &cfg.root_namespace,
-        );
+
         let routes = route::RouteTable::new(&cfg.http_routes);
         Snapshot {
             store: Store::new(cfg),
             policies,
-            tcp_policies,
             routes,
         }
     }
@@ -364,14 +357,15 @@ impl Waypoint {
         }
         let snap = self.snapshot();
         let principal = peer.identity.as_ref().map(|i| i.to_string());
-        let conn = tcp_policy::ConnAttrs {
+        let conn = authz::ConnectionAttrs {
             port: dst.addr.port(),
             source_principal: principal.as_deref(),
             source_ip: client.ip(),
             destination_ip: dst.addr.ip(),
         };
         if let authz::Decision::Deny { policy, reason } =
-            tcp_policy::evaluate(&snap.tcp_policies, &self.gateway, dst.service.as_ref(), &conn)
+            snap.policies
+                .evaluate_connection(&self.gateway, dst.service.as_ref(), &conn)
         {
             self.metrics.tcp_denied();
             tracing::info!(src = %client, dst = %dst.addr, %policy, %reason, "connection denied by waypoint policy");

@@ -182,6 +182,17 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     assert!(out.contains("status=403"), "{out}");
     let out = m.get(&c, &["--path", "/orders/7"])?;
     assert!(out.contains("status=403"), "{out}");
+    // The path is normalised before policy sees it: `/orders/../admin` is `/admin`.
+    let out = m.get(&a, &["--path", "/orders/../admin"])?;
+    assert!(out.contains("status=403"), "{out}");
+    // A path with an encoded NUL is refused outright, as Istio refuses it.
+    let out = m.get(&a, &["--path", "/orders/%00"])?;
+    assert!(out.contains("status=400"), "{out}");
+    // db's TCP port: the ALLOW policy names only HTTP attributes, which no TCP stream
+    // has, so nothing is allowed on it (Istio's rule for TCP): the connection fails.
+    let tcp: SocketAddr = format!("{}:9000", m.db.ip()).parse()?;
+    let res = m.t.call(&a, tcp, &["--bytes", "100"]);
+    assert!(res.is_err(), "a TCP stream the policy does not allow went through: {res:?}");
 
     // The waypoint's metrics count both outcomes with Istio's labels.
     let text = w.metrics()?;
@@ -205,7 +216,12 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert_eq!(denied, 3, "{text}");
+    assert_eq!(denied, 4, "{text}");
+    assert_eq!(
+        metric_sample(&text, "ztunnel_waypoint_connections_denied_total", &[]),
+        Some(1),
+        "{text}"
+    );
 
     // The tunnels into b1 and b2 came from the waypoint, not from a: b's ztunnel saw
     // the waypoint's identity.

@@ -395,6 +395,36 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         )
     };
 
+    // Istio's path normalisation: what policy and routes see is what the backend gets;
+    // a path it cannot normalise (`%00`) is refused with 400, as Istio refuses it.
+    let mut parts = parts;
+    match super::authz::normalize_path(parts.uri.path()) {
+        Err(e) => {
+            report.detail = Some(e.to_string());
+            return finish(report, local(StatusCode::BAD_REQUEST, "bad request\n"));
+        }
+        Ok(std::borrow::Cow::Owned(normal)) => {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{normal}?{q}"),
+                None => normal,
+            };
+            let mut uri = http::uri::Parts::from(parts.uri.clone());
+            match pq.parse() {
+                Ok(pq) => {
+                    uri.path_and_query = Some(pq);
+                    if let Ok(u) = Uri::from_parts(uri) {
+                        parts.uri = u;
+                    }
+                }
+                Err(e) => {
+                    report.detail = Some(format!("normalised path {pq:?}: {e}"));
+                    return finish(report, local(StatusCode::BAD_REQUEST, "bad request\n"));
+                }
+            }
+            report.path = parts.uri.path().to_owned();
+        }
+        Ok(std::borrow::Cow::Borrowed(_)) => {}
+    }
     let host = {
         let r = Request::from_parts(parts.clone(), ());
         host_of(&r)
