@@ -163,7 +163,11 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         let addr = p.addr(8081).to_string();
         let mut server = t.spawn(p, &["http-serve", &addr, "--name", version])?;
         let line = server.read_line()?;
-        ensure!(line.starts_with("ready"), "http server in {}: {line}", p.name);
+        ensure!(
+            line.starts_with("ready"),
+            "http server in {}: {line}",
+            p.name
+        );
         servers.push(server);
         out.note(&format!(
             "{:<9} {:<6} {}  serving HTTP :8081 (db {version})",
@@ -387,7 +391,9 @@ fn l7_through_the_waypoint(
     waypoint_pod: &Pod,
     report: &mut Report,
 ) -> anyhow::Result<crate::waypoint::Waypoint> {
-    out.step("L7 with a waypoint: db gets one (ztunnel waypoint), with an HTTP policy and a 90/10 route");
+    out.step(
+        "L7 with a waypoint: db gets one (ztunnel waypoint), with an HTTP policy and a 90/10 route",
+    );
     t.write_workloads_text(&format!("{}{DENY_DB}{DB_WAYPOINT}", t.workloads_yaml()))?;
     let waypoint = crate::waypoint::Waypoint::start(t, waypoint_pod, "waypoint")?;
     out.ok(&format!(
@@ -404,7 +410,10 @@ fn l7_through_the_waypoint(
     // request goes straight to db (no policy there refuses it).
     let deadline = Instant::now() + Duration::from_secs(30);
     let post = loop {
-        let post = get(t, &["--path", "/orders", "--method", "POST", "--body", "{}"])?;
+        let post = get(
+            t,
+            &["--path", "/orders", "--method", "POST", "--body", "{}"],
+        )?;
         if post.contains("status=403") {
             break post;
         }

@@ -29,8 +29,8 @@ use prometheus_client::{
 mod server;
 
 pub use server::{
-    serve_encoded,
-    METRICS_CONTENT_TYPE, METRICS_PATH, READINESS_PATH, serve_metrics, serve_readiness,
+    METRICS_CONTENT_TYPE, METRICS_PATH, READINESS_PATH, serve_encoded, serve_metrics,
+    serve_readiness,
 };
 
 /// The value Istio uses for a label it cannot fill.

@@ -209,8 +209,8 @@ impl Waypoint {
     /// Dials an onward HBONE connection: TCP to the next hop, then mTLS as the waypoint,
     /// accepting only the expected identities.
     async fn dial(&self, hop: &Hop) -> io::Result<HboneIo> {
-        let config = tls::client_config(&self.cert(), hop.identities.clone())
-            .map_err(io::Error::other)?;
+        let config =
+            tls::client_config(&self.cert(), hop.identities.clone()).map_err(io::Error::other)?;
         let dial = async {
             let tcp = TcpStream::connect(hop.next_hop).await?;
             tcp.set_nodelay(true)?;
@@ -341,7 +341,11 @@ impl Waypoint {
     /// Decides one CONNECT stream: HTTP streams are handed to the HTTP server through an
     /// in-memory pipe; TCP ones are authorized as a connection and relayed to an
     /// endpoint.
-    async fn open(self: Arc<Self>, target: Target, peer: Peer) -> Result<Accepted<Downstream>, Rejection> {
+    async fn open(
+        self: Arc<Self>,
+        target: Target,
+        peer: Peer,
+    ) -> Result<Accepted<Downstream>, Rejection> {
         let dst = self.destination(&target)?;
         let client = target.forwarded_for.unwrap_or(peer.addr);
         if dst.protocol.is_http() {
@@ -369,7 +373,9 @@ impl Waypoint {
         {
             self.metrics.tcp_denied();
             tracing::info!(src = %client, dst = %dst.addr, %policy, %reason, "connection denied by waypoint policy");
-            return Err(Rejection::unauthorized(format!("denied by {policy}: {reason}")));
+            return Err(Rejection::unauthorized(format!(
+                "denied by {policy}: {reason}"
+            )));
         }
         let endpoint = match snap.store.route(Some(&self.own_key), dst.addr) {
             Route::Hbone { endpoint, .. } => endpoint,
@@ -481,60 +487,60 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     // A waypoint pod is on no node of its own: with an empty node name every pod is
     // "elsewhere", so no pod needs the netns and cgroup a node's pods do.
-    let (ca, initial, mut rx, _source): (_, _, _, Box<dyn std::any::Any + Send>) =
-        match args.source {
-            crate::config::Source::File => {
-                let path = args
-                    .workloads
-                    .clone()
-                    .context("--workloads is required with --source file")?;
-                let ca = BuiltinCa::load_or_create(
-                    &args.ca_dir,
-                    &args.trust_domain,
-                    args.cert_lifetime,
-                )
-                .with_context(|| {
-                    format!("failed to load the built-in CA from {}", args.ca_dir.display())
-                })?;
-                let initial = state::file::load_settled(&path, "")
-                    .with_context(|| format!("failed to read {}", path.display()))?;
-                let (tx, rx) = watch::channel(initial.clone());
-                let watch = state::file::watch(
-                    path.clone(),
-                    String::new(),
-                    tx,
-                    crate::metrics::Metrics::new(),
-                )
-                .with_context(|| format!("failed to watch {}", path.display()))?;
-                (ca, initial, rx, Box::new(watch))
-            }
-            crate::config::Source::Kube => {
-                let secret = args
-                    .ca_secret
-                    .clone()
-                    .context("--ca-secret is required with --source kube")?;
-                let opts = crate::kube::Options {
-                    node: String::new(),
-                    trust_domain: args.trust_domain.clone(),
-                    cgroup_root: PathBuf::from("/sys/fs/cgroup"),
-                    host_proc: PathBuf::from("/proc"),
-                    waypoint_config: true,
-                };
-                let k = crate::kube::start(opts).await?;
-                let ca = crate::kube::builtin_ca_existing(
-                    &k.client,
-                    &secret,
-                    &args.trust_domain,
-                    args.cert_lifetime,
-                )
-                .await?;
-                let initial = k.updates.borrow().clone();
-                (ca, initial, k.updates, Box::new(k.guard))
-            }
-            crate::config::Source::Istio => anyhow::bail!(
-                "a waypoint follows the workload file or the Kubernetes API; with istiod, Istio's own waypoint serves"
-            ),
-        };
+    let (ca, initial, mut rx, _source): (_, _, _, Box<dyn std::any::Any + Send>) = match args.source
+    {
+        crate::config::Source::File => {
+            let path = args
+                .workloads
+                .clone()
+                .context("--workloads is required with --source file")?;
+            let ca =
+                BuiltinCa::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_lifetime)
+                    .with_context(|| {
+                        format!(
+                            "failed to load the built-in CA from {}",
+                            args.ca_dir.display()
+                        )
+                    })?;
+            let initial = state::file::load_settled(&path, "")
+                .with_context(|| format!("failed to read {}", path.display()))?;
+            let (tx, rx) = watch::channel(initial.clone());
+            let watch = state::file::watch(
+                path.clone(),
+                String::new(),
+                tx,
+                crate::metrics::Metrics::new(),
+            )
+            .with_context(|| format!("failed to watch {}", path.display()))?;
+            (ca, initial, rx, Box::new(watch))
+        }
+        crate::config::Source::Kube => {
+            let secret = args
+                .ca_secret
+                .clone()
+                .context("--ca-secret is required with --source kube")?;
+            let opts = crate::kube::Options {
+                node: String::new(),
+                trust_domain: args.trust_domain.clone(),
+                cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+                host_proc: PathBuf::from("/proc"),
+                waypoint_config: true,
+            };
+            let k = crate::kube::start(opts).await?;
+            let ca = crate::kube::builtin_ca_existing(
+                &k.client,
+                &secret,
+                &args.trust_domain,
+                args.cert_lifetime,
+            )
+            .await?;
+            let initial = k.updates.borrow().clone();
+            (ca, initial, k.updates, Box::new(k.guard))
+        }
+        crate::config::Source::Istio => anyhow::bail!(
+            "a waypoint follows the workload file or the Kubernetes API; with istiod, Istio's own waypoint serves"
+        ),
+    };
     let cert = ca
         .issue(&identity)
         .with_context(|| format!("failed to issue a certificate for {identity}"))?;

@@ -438,7 +438,12 @@ fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
         .collect();
     std::fs::write(&file, text).expect("write rendered manifests");
     let out = Command::new(validator())
-        .args(["--strict", "--quiet", "--kubernetes-version", KUBERNETES_VERSION])
+        .args([
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
         .arg(&file)
         .output()
         .expect("run kubernetes-validate");
@@ -487,7 +492,10 @@ fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
         .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
     {
         assert_eq!(&b["subjects"][0]["name"], sa);
-        assert_eq!(b["subjects"][0]["namespace"], deployment["metadata"]["namespace"]);
+        assert_eq!(
+            b["subjects"][0]["namespace"],
+            deployment["metadata"]["namespace"]
+        );
     }
     // The Service selects the waypoint's pods and serves HBONE on 15008.
     let [svc] = find(&docs, "Service")[..] else {
@@ -495,7 +503,11 @@ fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
     };
     let labels = pod["metadata"]["labels"].as_object().expect("pod labels");
     for (k, v) in svc["spec"]["selector"].as_object().expect("selector") {
-        assert_eq!(labels.get(k), Some(v), "the Service selects the waypoint's pods");
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the Service selects the waypoint's pods"
+        );
     }
     assert!(
         svc["spec"]["ports"]
@@ -549,5 +561,8 @@ fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
         .unwrap_or_else(|e| panic!("the waypoint's settings {argv:?} do not parse: {e}"));
     assert_eq!(args.source, ztunnel::config::Source::Kube);
     assert_eq!(args.gateway, gw["metadata"]["name"].as_str().expect("name"));
-    assert_eq!(args.ca_secret.as_deref(), Some("istio-system/ztunnel-ca-root"));
+    assert_eq!(
+        args.ca_secret.as_deref(),
+        Some("istio-system/ztunnel-ca-root")
+    );
 }

@@ -332,57 +332,60 @@ fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow
             let (tcp, _) = l.accept().await?;
             let (name, served) = (name.clone(), served.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    let name = name.clone();
-                    let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    async move {
-                        if let Some(proto) = req.headers().get(hyper::header::UPGRADE).cloned() {
-                            let on = hyper::upgrade::on(&mut req);
-                            tokio::spawn(async move {
-                                if let Ok(up) = on.await {
-                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
-                                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                                }
-                            });
+                let svc = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        let name = name.clone();
+                        let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        async move {
+                            if let Some(proto) = req.headers().get(hyper::header::UPGRADE).cloned()
+                            {
+                                let on = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(up) = on.await {
+                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                let resp = hyper::Response::builder()
+                                    .status(101)
+                                    .header(hyper::header::CONNECTION, "upgrade")
+                                    .header(hyper::header::UPGRADE, proto)
+                                    .header("x-served-by", name.as_str())
+                                    .body(Full::new(bytes::Bytes::new()))?;
+                                return anyhow::Ok(resp);
+                            }
+                            let path = req.uri().path().to_owned();
+                            let host = req
+                                .headers()
+                                .get(hyper::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .map(str::to_owned)
+                                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                                .unwrap_or_default();
+                            let mut status = 200u16;
+                            if fail_every.is_some_and(|every| every > 0 && n % every == 0) {
+                                status = 503;
+                            }
+                            if let Some(code) = path.strip_prefix("/status/") {
+                                status = code.parse().unwrap_or(400);
+                            }
+                            if let Some(ms) = path.strip_prefix("/slow/") {
+                                let ms: u64 = ms.parse().unwrap_or(0);
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            let text = format!(
+                                "{name} {} {path} {:?} host={host}\n",
+                                req.method(),
+                                req.version()
+                            );
                             let resp = hyper::Response::builder()
-                                .status(101)
-                                .header(hyper::header::CONNECTION, "upgrade")
-                                .header(hyper::header::UPGRADE, proto)
+                                .status(status)
                                 .header("x-served-by", name.as_str())
-                                .body(Full::new(bytes::Bytes::new()))?;
-                            return anyhow::Ok(resp);
+                                .body(Full::new(bytes::Bytes::from(text)))?;
+                            anyhow::Ok(resp)
                         }
-                        let path = req.uri().path().to_owned();
-                        let host = req
-                            .headers()
-                            .get(hyper::header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                            .map(str::to_owned)
-                            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                            .unwrap_or_default();
-                        let mut status = 200u16;
-                        if fail_every.is_some_and(|every| every > 0 && n % every == 0) {
-                            status = 503;
-                        }
-                        if let Some(code) = path.strip_prefix("/status/") {
-                            status = code.parse().unwrap_or(400);
-                        }
-                        if let Some(ms) = path.strip_prefix("/slow/") {
-                            let ms: u64 = ms.parse().unwrap_or(0);
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                        }
-                        let text = format!(
-                            "{name} {} {path} {:?} host={host}\n",
-                            req.method(),
-                            req.version()
-                        );
-                        let resp = hyper::Response::builder()
-                            .status(status)
-                            .header("x-served-by", name.as_str())
-                            .body(Full::new(bytes::Bytes::from(text)))?;
-                        anyhow::Ok(resp)
-                    }
-                });
+                    },
+                );
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
                     .await;
@@ -404,7 +407,10 @@ fn http_upgrade(addr: SocketAddr, bytes: usize) -> anyhow::Result<()> {
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         if s.read(&mut b)? == 0 {
-            bail!("connection closed in the response head: {:?}", String::from_utf8_lossy(&head));
+            bail!(
+                "connection closed in the response head: {:?}",
+                String::from_utf8_lossy(&head)
+            );
         }
         head.push(b[0]);
     }
@@ -504,7 +510,9 @@ fn http_get(o: &HttpGet) -> anyhow::Result<()> {
                     }
                 }
             }
-            let Some(send) = sender.as_mut() else { continue };
+            let Some(send) = sender.as_mut() else {
+                continue;
+            };
             let host = o.host.clone().unwrap_or_else(|| o.addr.to_string());
             let uri = if o.h2 {
                 format!("http://{host}{}", o.path)

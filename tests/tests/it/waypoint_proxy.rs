@@ -44,7 +44,11 @@ fn mesh_with(v2_args: &[&str]) -> anyhow::Result<Mesh> {
         }
         let mut p = t.spawn(pod, &args)?;
         let line = p.read_line()?;
-        anyhow::ensure!(line.starts_with("ready"), "http server in {}: {line}", pod.name);
+        anyhow::ensure!(
+            line.starts_with("ready"),
+            "http server in {}: {line}",
+            pod.name
+        );
         servers.push(p);
         servers.push(t.serve(pod, pod.addr(9000))?);
     }
@@ -138,8 +142,7 @@ fn summary(out: &str) -> anyhow::Result<std::collections::BTreeMap<String, usize
 }
 
 #[test]
-fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> anyhow::Result<()>
-{
+fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> anyhow::Result<()> {
     let mut m = mesh()?;
     m.write(L7)?;
     let file = m.t.workloads_path();
@@ -171,7 +174,10 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     assert!(got.keys().all(|k| k.starts_with("200 ")), "{out}");
 
     // POST is not in the ALLOW policy: 403 with Istio's body, and never reaches a backend.
-    let out = m.get(&a, &["--path", "/orders/7", "--method", "POST", "--body", "x"])?;
+    let out = m.get(
+        &a,
+        &["--path", "/orders/7", "--method", "POST", "--body", "x"],
+    )?;
     assert!(
         out.contains("status=403 body=RBAC: access denied"),
         "{out}\n{}",
@@ -192,7 +198,10 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     // has, so nothing is allowed on it (Istio's rule for TCP): the connection fails.
     let tcp: SocketAddr = format!("{}:9000", m.db.ip()).parse()?;
     let res = m.t.call(&a, tcp, &["--bytes", "100"]);
-    assert!(res.is_err(), "a TCP stream the policy does not allow went through: {res:?}");
+    assert!(
+        res.is_err(),
+        "a TCP stream the policy does not allow went through: {res:?}"
+    );
 
     // The waypoint's metrics count both outcomes with Istio's labels.
     let text = w.metrics()?;
@@ -210,10 +219,7 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     assert!(ok >= 90, "{text}");
     let denied: u64 = text
         .lines()
-        .filter(|l| {
-            l.starts_with("istio_requests_total{")
-                && l.contains("response_code=\"403\"")
-        })
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"403\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(denied, 4, "{text}");
@@ -227,8 +233,10 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     // the waypoint's identity.
     let d = z2.dump()?;
     assert!(
-        d.connections.list.iter().all(|r| r.src_identity.as_deref()
-            == Some("spiffe://cluster.local/ns/default/sa/wp")),
+        d.connections
+            .list
+            .iter()
+            .all(|r| r.src_identity.as_deref() == Some("spiffe://cluster.local/ns/default/sa/wp")),
         "{:?}",
         d.connections.list
     );
@@ -291,10 +299,9 @@ fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upg
 
     // An HTTP/1.1 upgrade (as WebSocket does) is joined through: 101, then bytes both ways.
     let dst = m.db.to_string();
-    let out = m
-        .t
-        .spawn(&a, &["http-upgrade", &dst, "--bytes", "100000"])?
-        .wait_ok()?;
+    let out =
+        m.t.spawn(&a, &["http-upgrade", &dst, "--bytes", "100000"])?
+            .wait_ok()?;
     assert!(
         out.contains("status=101 sent=100000 received=100000 match=true"),
         "{out}\n{}",
@@ -303,10 +310,9 @@ fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upg
 
     // A port named `http2-…` goes to the backend as HTTP/2, whatever the client spoke.
     let h2 = format!("{}:81", m.db.ip());
-    let out = m
-        .t
-        .spawn(&a, &["http-get", &h2, "--path", "/h2"])?
-        .wait_ok()?;
+    let out =
+        m.t.spawn(&a, &["http-get", &h2, "--path", "/h2"])?
+            .wait_ok()?;
     assert!(out.contains("status=200 body=v1 GET /h2 HTTP/2.0"), "{out}");
 
     // A port without an HTTP protocol is relayed at L4 to db's endpoint.

@@ -159,28 +159,45 @@ mod tests {
     async fn a_waypoint_reads_the_nodes_root_and_never_creates_one() {
         let api = FakeApi::start().await;
         let client = api.client();
-        let err = load(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
-            .await
-            .err()
-            .expect("no secret yet");
+        let err = load(
+            &client,
+            "istio-system",
+            "ztunnel-ca-root",
+            "cluster.local",
+            DAY,
+        )
+        .await
+        .err()
+        .expect("no secret yet");
         assert!(
             matches!(err, Error::SecretMissing { ref secret } if secret == "istio-system/ztunnel-ca-root"),
             "{err}"
         );
-        assert!(api.secret("istio-system/ztunnel-ca-root").is_none(), "created nothing");
-        let node = load_or_create(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
-            .await
-            .expect("a node creates it");
-        let waypoint = load(&client, "istio-system", "ztunnel-ca-root", "cluster.local", DAY)
-            .await
-            .expect("the waypoint reads it");
+        assert!(
+            api.secret("istio-system/ztunnel-ca-root").is_none(),
+            "created nothing"
+        );
+        let node = load_or_create(
+            &client,
+            "istio-system",
+            "ztunnel-ca-root",
+            "cluster.local",
+            DAY,
+        )
+        .await
+        .expect("a node creates it");
+        let waypoint = load(
+            &client,
+            "istio-system",
+            "ztunnel-ca-root",
+            "cluster.local",
+            DAY,
+        )
+        .await
+        .expect("the waypoint reads it");
         assert_eq!(root_of(&node), root_of(&waypoint));
         assert!(
-            api.calls()
-                .iter()
-                .filter(|c| c.verb == "create")
-                .count()
-                == 1,
+            api.calls().iter().filter(|c| c.verb == "create").count() == 1,
             "only the node created the secret"
         );
     }

@@ -77,14 +77,15 @@ fn flattened(o: &DynamicObject) -> serde_json::Value {
 /// when it does not parse or is invalid: istiod likewise leaves an invalid route out.
 pub fn http_route(o: &DynamicObject) -> Option<crate::waypoint::route::HttpRoute> {
     let object = format!("HTTPRoute {}", key(&o.metadata));
-    let route: crate::waypoint::route::HttpRoute =
-        match serde_path_to_error::deserialize(flattened(o)) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an HTTPRoute that does not parse");
-                return None;
-            }
-        };
+    let route: crate::waypoint::route::HttpRoute = match serde_path_to_error::deserialize(
+        flattened(o),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an HTTPRoute that does not parse");
+            return None;
+        }
+    };
     if let Err(reason) = crate::waypoint::route::validate_all(std::slice::from_ref(&route)) {
         tracing::warn!(%object, %reason, "ignoring an invalid HTTPRoute");
         return None;
@@ -102,14 +103,15 @@ pub fn waypoint_policy(o: &DynamicObject) -> Option<crate::waypoint::authz::Wayp
         return None;
     }
     let object = format!("AuthorizationPolicy {}", key(&o.metadata));
-    let policy: crate::waypoint::authz::WaypointPolicy =
-        match serde_path_to_error::deserialize(flattened(o)) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an AuthorizationPolicy that does not parse");
-                return None;
-            }
-        };
+    let policy: crate::waypoint::authz::WaypointPolicy = match serde_path_to_error::deserialize(
+        flattened(o),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%object, field = %e.path(), error = %e.inner(), "ignoring an AuthorizationPolicy that does not parse");
+            return None;
+        }
+    };
     if let Err(reason) = crate::waypoint::authz::validate_all(std::slice::from_ref(&policy)) {
         tracing::warn!(%object, %reason, "ignoring an invalid AuthorizationPolicy");
         return None;

@@ -217,7 +217,10 @@ impl State {
                     .apply(*e, |o| (convert::key(&o.metadata), convert::http_route(o)))
             }
             Ev::AuthzPolicy(e) => {
-                if self.no_l7_kinds.remove(L7Kind::AuthorizationPolicy.plural()) {
+                if self
+                    .no_l7_kinds
+                    .remove(L7Kind::AuthorizationPolicy.plural())
+                {
                     tracing::info!("AuthorizationPolicies can be listed now: they are watched");
                 }
                 self.l7_policies.apply(*e, |o| {

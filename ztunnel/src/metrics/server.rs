@@ -70,7 +70,10 @@ pub async fn serve_metrics(
 
 /// Serves `GET /metrics` from `encode` (a registry of the caller's own: the waypoint's)
 /// until the task is dropped, with the same paths and answers as [`serve_metrics`].
-pub async fn serve_encoded(listener: TcpListener, encode: impl Fn() -> String + Send + Sync + 'static) {
+pub async fn serve_encoded(
+    listener: TcpListener,
+    encode: impl Fn() -> String + Send + Sync + 'static,
+) {
     let encode = Arc::new(encode);
     serve(listener, "metrics", move |req: Request<Incoming>| {
         let encode = encode.clone();

@@ -174,10 +174,8 @@ fn local(status: StatusCode, text: &str) -> Response<Body> {
             .boxed(),
     );
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
@@ -285,7 +283,8 @@ impl hyper::body::Body for CountOut {
                     r.resp_bytes += data.len() as u64;
                 }
                 if let Some(trailers) = frame.trailers_ref()
-                    && let (Some(status), Some(r)) = (trailers.get("grpc-status"), self.report.as_mut())
+                    && let (Some(status), Some(r)) =
+                        (trailers.get("grpc-status"), self.report.as_mut())
                 {
                     r.labels.grpc_response_status = status.to_str().unwrap_or_default().to_owned();
                 }
@@ -451,7 +450,10 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
     // The backend: the route's choice, else the service the client dialled.
     let Some(dst_ref) = ctx.dst.service.as_ref() else {
         report.detail = Some("no service for an HTTP stream".to_owned());
-        return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
+        return finish(
+            report,
+            local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
+        );
     };
     let chosen = match snap
         .routes
@@ -460,7 +462,11 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         Ok(c) => c,
         Err(no) => {
             report.detail = Some(no.to_string());
-            let body = if no.status == StatusCode::NOT_FOUND { "" } else { "no backend\n" };
+            let body = if no.status == StatusCode::NOT_FOUND {
+                ""
+            } else {
+                "no backend\n"
+            };
             return finish(report, local(no.status, body));
         }
     };
@@ -487,7 +493,10 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
     };
     let Some(backend) = service(store, &plan.backend) else {
         report.detail = Some(format!("backend service {} not found", plan.backend));
-        return finish(report, local(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"));
+        return finish(
+            report,
+            local(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"),
+        );
     };
     let port = plan.port;
     let protocol = backend
@@ -499,7 +508,10 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         .unwrap_or(ctx.dst.protocol);
     let Some(vip) = backend.addresses.first().copied() else {
         report.detail = Some(format!("backend service {} has no address", backend.key()));
-        return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
+        return finish(
+            report,
+            local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
+        );
     };
     report.labels = labels(store, &ctx, Some(backend), None, protocol);
     if is_grpc(&parts.headers) {
@@ -533,11 +545,17 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
             Route::Passthrough { dst } => dst,
             Route::NoWaypoint { target, waypoint } => {
                 report.detail = Some(format!("waypoint {waypoint} of {target} not found"));
-                return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
+                return finish(
+                    report,
+                    local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
+                );
             }
             Route::NoEndpoint { service, port } => {
                 report.detail = Some(format!("service {service} has no endpoint for port {port}"));
-                return finish(report, local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM));
+                return finish(
+                    report,
+                    local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
+                );
             }
         };
         report.labels.conn = labels(store, &ctx, Some(backend), Some(endpoint), protocol).conn;
@@ -573,13 +591,10 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         }
         // This try's bound: the rule's per-try timeout, within what is left of the whole.
         let now = tokio::time::Instant::now();
-        let try_deadline = [
-            plan.try_timeout.map(|t| now + t),
-            deadline,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let try_deadline = [plan.try_timeout.map(|t| now + t), deadline]
+            .into_iter()
+            .flatten()
+            .min();
         let sent = client.request(onward);
         let result = match try_deadline {
             Some(at) => match tokio::time::timeout_at(at, sent).await {
@@ -590,7 +605,8 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
                 }
                 Err(_) => {
                     // Envoy retries a per-try timeout like a reset.
-                    report.detail = Some("no response in time (timeouts.backendRequest)".to_owned());
+                    report.detail =
+                        Some("no response in time (timeouts.backendRequest)".to_owned());
                     last = Some(local(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT));
                     continue;
                 }
@@ -627,7 +643,10 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
     }
     match last {
         Some(resp) => finish(report, resp),
-        None => finish(report, local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE)),
+        None => finish(
+            report,
+            local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE),
+        ),
     }
 }
 

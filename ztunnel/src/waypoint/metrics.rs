@@ -18,8 +18,8 @@ pub const REPORTER_WAYPOINT: &str = "waypoint";
 /// Istio's buckets for `istio_request_duration_milliseconds` (its stats filter's
 /// defaults).
 const DURATION_BUCKETS_MS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// Istio's buckets for `istio_request_bytes` and `istio_response_bytes`: powers of ten
@@ -96,7 +96,13 @@ impl Metrics {
     }
 
     /// Counts one finished request.
-    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        req_bytes: u64,
+        resp_bytes: u64,
+    ) {
         self.requests.get_or_create(labels).inc();
         self.duration.get_or_create(labels).observe(duration_ms);
         self.request_bytes
