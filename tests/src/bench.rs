@@ -1,7 +1,8 @@
 //! The performance harness behind `cargo xtask bench`: the same two-node topology run
 //! as S0 (no mesh), I (Istio's ztunnel, when a binary is given: see [`crate::istio`]),
 //! S1 (our ztunnel, iptables capture), S2 (eBPF capture) and S3 (S2 plus the sk_msg fast
-//! path), a fresh topology per scenario, alternating scenarios round by round so that
+//! path), S4 (S2 with a waypoint, `ztunnel waypoint`, on the destination service: HTTP
+//! only), a fresh topology per scenario, alternating scenarios round by round so that
 //! machine drift spreads over all of them. Each figure is the median over the rounds, with
 //! its ratio to S0; ours (S1–S3) also with their ratio to I, and the targets are stated
 //! against I when it ran. Then the upgrade under load:
@@ -27,7 +28,9 @@ const IPERF_PORT: u16 = 5201;
 const ID_PREFIX: &str = "ztbenchx";
 /// The upgrade rounds' topologies: `ztbenchu<round>`.
 const UPGRADE_ID_PREFIX: &str = "ztbenchu";
-const MAX_ROUNDS: usize = 9;
+const MAX_ROUNDS: usize = 7;
+/// The HTTP server's port (`podapp http-serve`), behind the service port 80.
+const HTTP_PORT: u16 = 8081;
 /// New connections per second through the upgraded ztunnel: half from its node's pod to
 /// the other node's, half the other way, so both the outbound and the inbound (HBONE)
 /// listeners are handed over under load.
@@ -44,15 +47,18 @@ pub enum Scenario {
     S1,
     S2,
     S3,
+    /// S2 with a waypoint (`ztunnel waypoint`) on the destination service: HTTP only.
+    S4,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::S0,
         Scenario::I,
         Scenario::S1,
         Scenario::S2,
         Scenario::S3,
+        Scenario::S4,
     ];
 
     pub fn describe(self) -> &'static str {
@@ -62,12 +68,21 @@ impl Scenario {
             Scenario::S1 => "ztunnel, iptables capture",
             Scenario::S2 => "ztunnel, eBPF capture",
             Scenario::S3 => "ztunnel, eBPF capture + sk_msg fast path",
+            Scenario::S4 => "ztunnel, eBPF capture, and a waypoint (ztunnel waypoint) on the service",
         }
     }
 
     /// Our ztunnel runs (and the pods are enrolled in it).
     pub fn ours(self) -> bool {
-        matches!(self, Scenario::S1 | Scenario::S2 | Scenario::S3)
+        matches!(
+            self,
+            Scenario::S1 | Scenario::S2 | Scenario::S3 | Scenario::S4
+        )
+    }
+
+    /// The HTTP figures (`http_*`) are measured: no mesh, S2 and S2 with a waypoint.
+    fn http(self) -> bool {
+        matches!(self, Scenario::S0 | Scenario::S2 | Scenario::S4)
     }
 
     /// Some proxy carries the traffic (ours or Istio's).
@@ -79,7 +94,7 @@ impl Scenario {
         match self {
             Scenario::S0 | Scenario::I => None,
             Scenario::S1 => Some("iptables"),
-            Scenario::S2 | Scenario::S3 => Some("ebpf"),
+            Scenario::S2 | Scenario::S3 | Scenario::S4 => Some("ebpf"),
         }
     }
 
@@ -99,16 +114,56 @@ impl Scenario {
             admin port (`/bpf_stats`)";
         const ISTIO_DNS_OFF: &str = "not measured: Istio's DNS proxy is opt-in \
             (ISTIO_META_DNS_CAPTURE) and off in this setup";
+        const NO_HTTP: &str = "not measured: the HTTP figures compare the waypoint (S4) \
+            with S2 and no mesh";
+        const HTTP_ONLY: &str = "not measured: S4 measures HTTP through the waypoint; \
+            its L4 figures are S2's";
+        const NO_WAYPOINT: &str = "not measured: no waypoint in this scenario";
+        const fn pairs<const N: usize>(
+            keys: [&'static str; N],
+            why: &'static str,
+        ) -> [(&'static str, &'static str); N] {
+            let mut out = [("", ""); N];
+            let mut i = 0;
+            while i < N {
+                out[i] = (keys[i], why);
+                i += 1;
+            }
+            out
+        }
+        const NO_HTTP_PAIRS: [(&str, &str); 6] = pairs(
+            [
+                "http_fixed_p50_us",
+                "http_fixed_p99_us",
+                "http_max_per_sec",
+                "http_max_p50_us",
+                "http_max_p99_us",
+                "waypoint_cpu_ms_per_1k_req",
+            ],
+            NO_HTTP,
+        );
         match self {
             Scenario::S3 => &[
                 ("tput_1_gbps", BULK),
                 ("tput_8_gbps", BULK),
                 ("cpu_s_per_gb", BULK),
                 ("ebpf_tc_ns_per_packet", BULK),
+                NO_HTTP_PAIRS[0],
+                NO_HTTP_PAIRS[1],
+                NO_HTTP_PAIRS[2],
+                NO_HTTP_PAIRS[3],
+                NO_HTTP_PAIRS[4],
+                NO_HTTP_PAIRS[5],
             ],
             Scenario::S1 => &[
                 ("ebpf_ns_per_conn", NO_EBPF),
                 ("ebpf_tc_ns_per_packet", NO_EBPF),
+                NO_HTTP_PAIRS[0],
+                NO_HTTP_PAIRS[1],
+                NO_HTTP_PAIRS[2],
+                NO_HTTP_PAIRS[3],
+                NO_HTTP_PAIRS[4],
+                NO_HTTP_PAIRS[5],
             ],
             Scenario::I => &[
                 ("ebpf_ns_per_conn", NOT_OURS),
@@ -117,8 +172,41 @@ impl Scenario {
                 ("dns_local_p50_us", ISTIO_DNS_OFF),
                 ("dns_fwd_per_sec", ISTIO_DNS_OFF),
                 ("dns_fwd_p50_us", ISTIO_DNS_OFF),
+                NO_HTTP_PAIRS[0],
+                NO_HTTP_PAIRS[1],
+                NO_HTTP_PAIRS[2],
+                NO_HTTP_PAIRS[3],
+                NO_HTTP_PAIRS[4],
+                NO_HTTP_PAIRS[5],
             ],
-            _ => &[],
+            Scenario::S2 => &[("waypoint_cpu_ms_per_1k_req", NO_WAYPOINT)],
+            Scenario::S0 => &[],
+            Scenario::S4 => &[
+                ("tput_1_gbps", HTTP_ONLY),
+                ("tput_8_gbps", HTTP_ONLY),
+                ("rr_fixed_p50_us", HTTP_ONLY),
+                ("rr_fixed_p90_us", HTTP_ONLY),
+                ("rr_fixed_p99_us", HTTP_ONLY),
+                ("rr_max_p50_us", HTTP_ONLY),
+                ("rr_max_p90_us", HTTP_ONLY),
+                ("rr_max_p99_us", HTTP_ONLY),
+                ("rr_max_per_sec", HTTP_ONLY),
+                ("conn_per_sec", HTTP_ONLY),
+                ("cpu_s_per_gb", HTTP_ONLY),
+                ("cpu_s_per_1k_conn", HTTP_ONLY),
+                ("rss_idle_mib", HTTP_ONLY),
+                ("rss_idle_conns_mib", HTTP_ONLY),
+                ("kib_per_idle_conn", HTTP_ONLY),
+                ("kib_per_idle_plain_conn", HTTP_ONLY),
+                ("rss_peak_mib", HTTP_ONLY),
+                ("dns_local_per_sec", HTTP_ONLY),
+                ("dns_local_p50_us", HTTP_ONLY),
+                ("dns_fwd_per_sec", HTTP_ONLY),
+                ("dns_fwd_p50_us", HTTP_ONLY),
+                ("capture_kernel_ns_per_conn", HTTP_ONLY),
+                ("ebpf_ns_per_conn", HTTP_ONLY),
+                ("ebpf_tc_ns_per_packet", HTTP_ONLY),
+            ],
         }
     }
 }
@@ -273,6 +361,48 @@ pub const FIGURES: &[Figure] = &[
         "µs",
         false,
         false,
+    ),
+    fig(
+        "http_fixed_p50_us",
+        "HTTP GET at 1,000 req/s (one connection), p50",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "http_fixed_p99_us",
+        "HTTP GET at 1,000 req/s (one connection), p99",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "http_max_per_sec",
+        "HTTP GET at max rate (wrk, 16 connections)",
+        "req/s",
+        true,
+        false,
+    ),
+    fig(
+        "http_max_p50_us",
+        "HTTP GET at max rate (wrk), p50",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "http_max_p99_us",
+        "HTTP GET at max rate (wrk), p99",
+        "µs",
+        false,
+        false,
+    ),
+    fig(
+        "waypoint_cpu_ms_per_1k_req",
+        "waypoint CPU per 1,000 HTTP requests (max rate)",
+        "CPU ms",
+        false,
+        true,
     ),
     fig(
         "capture_kernel_ns_per_conn",
@@ -648,9 +778,21 @@ fn run_scenario(
         resolv.display().to_string(),
     ));
     let web_vip = format!("10.{subnet}.250.10");
+    // S4: the waypoint's pod (not enrolled, as Istio's waypoints are not) and service, and
+    // `web` naming it.
+    let waypoint_pod = if s == Scenario::S4 {
+        Some(topo.add_pod_on(2, "waypoint", false, false)?)
+    } else {
+        None
+    };
     topo.services_yaml = format!(
-        "services:\n  - name: web\n    namespace: default\n    addresses: [{web_vip}]\n    ports: [{{port: {ECHO_PORT}}}]\n    selector: {{ app: server }}\n"
+        "services:\n  - name: web\n    namespace: default\n    addresses: [{web_vip}]\n    ports: [{{port: {ECHO_PORT}}}, {{port: 80, targetPort: {HTTP_PORT}, name: http}}]\n    selector: {{ app: server }}\n"
     );
+    if waypoint_pod.is_some() {
+        topo.services_yaml += &format!(
+            "    waypoint: {{ hostname: waypoint.default.svc.cluster.local }}\n  - name: waypoint\n    namespace: default\n    addresses: [10.{subnet}.250.15]\n    ports: [{{port: 15008}}]\n    selector: {{ app: waypoint }}\n"
+        );
+    }
     let mut ztunnels = Vec::new();
     let mut istio = Vec::new();
     if s.ours() {
@@ -679,6 +821,17 @@ fn run_scenario(
         for p in [&client, &server] {
             istio.push(IstioZtunnel::start(&mut topo, p, bin, &file)?);
         }
+    }
+    // S4 measures HTTP through the waypoint, and nothing else.
+    if let Some(wp) = &waypoint_pod {
+        let waypoint = crate::waypoint::Waypoint::start(&mut topo, wp, "waypoint")?;
+        let _http = start_http_server(&mut topo, &server)?;
+        let mut f = BTreeMap::new();
+        let dst: std::net::SocketAddr = format!("{web_vip}:80").parse()?;
+        http_figures(&mut topo, &client, dst, opts.secs(), Some(waypoint.pid()), &mut f)?;
+        drop(waypoint);
+        drop((ztunnels, istio));
+        return Ok(f);
     }
     // The proxies whose CPU and memory are measured: one per node (or per pod, for I).
     let proxies: Vec<u32> = ztunnels
@@ -797,6 +950,17 @@ fn run_scenario(
         }
     }
 
+    if s.http() {
+        let _http = start_http_server(&mut topo, &server)?;
+        // No mesh: the server itself; S2: the service, as S4 calls it.
+        let dst: std::net::SocketAddr = if s.proxied() {
+            format!("{web_vip}:80").parse()?
+        } else {
+            server.addr(HTTP_PORT)
+        };
+        http_figures(&mut topo, &client, dst, secs, None, &mut f)?;
+    }
+
     let cpu0 = cpu_seconds(&proxies)?;
     let perf = Profiler::start(opts, s, "connections", &proxies)?;
     let v = json_line(
@@ -904,6 +1068,122 @@ fn run_scenario(
     }
     drop((ztunnels, istio));
     Ok(f)
+}
+
+/// `podapp http-serve` on the server pod's [`HTTP_PORT`], listening.
+fn start_http_server(topo: &mut Topology, server: &Pod) -> anyhow::Result<crate::PodProcess> {
+    let addr = server.addr(HTTP_PORT).to_string();
+    let mut p = topo.spawn(server, &["http-serve", &addr, "--name", "server"])?;
+    let line = p.read_line()?;
+    if !line.starts_with("ready") {
+        bail!("the HTTP server did not start: {line:?}");
+    }
+    Ok(p)
+}
+
+/// The HTTP figures from `client` to `dst`: latency at 1,000 requests/s on one
+/// connection (`podapp http-rr`, from the scheduled time), then wrk at its max rate; with
+/// a waypoint, its CPU per 1,000 of wrk's requests.
+fn http_figures(
+    topo: &mut Topology,
+    client: &Pod,
+    dst: std::net::SocketAddr,
+    secs: f64,
+    waypoint: Option<u32>,
+    f: &mut BTreeMap<&'static str, f64>,
+) -> anyhow::Result<()> {
+    let dst_s = dst.to_string();
+    let secs_s = format!("{secs}");
+    let v = json_line(
+        &topo
+            .spawn(
+                client,
+                &["http-rr", &dst_s, "--secs", &secs_s, "--rate", "1000"],
+            )?
+            .wait_ok()?,
+    )?;
+    f.insert("http_fixed_p50_us", num(&v, "p50_us")?);
+    f.insert("http_fixed_p99_us", num(&v, "p99_us")?);
+    let cpu0 = waypoint.map(|p| cpu_seconds(&[p])).transpose()?;
+    let out = topo
+        .spawn_program(
+            client,
+            Path::new("wrk"),
+            &[
+                "-t1",
+                "-c16",
+                &format!("-d{}s", secs.ceil() as u64),
+                "--latency",
+                &format!("http://{dst_s}/"),
+            ],
+        )?
+        .wait_ok()?;
+    let w = wrk_result(&out)?;
+    f.insert("http_max_per_sec", w.per_sec);
+    f.insert("http_max_p50_us", w.p50_us);
+    f.insert("http_max_p99_us", w.p99_us);
+    if let (Some(pid), Some(cpu0)) = (waypoint, cpu0) {
+        let cpu = cpu_seconds(&[pid])? - cpu0;
+        f.insert(
+            "waypoint_cpu_ms_per_1k_req",
+            cpu * 1000.0 / (w.requests / 1000.0),
+        );
+    }
+    Ok(())
+}
+
+/// What `wrk --latency` printed.
+#[derive(Debug, PartialEq)]
+struct Wrk {
+    requests: f64,
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Parses `wrk --latency`'s report; a run with failed or non-2xx answers is an error.
+fn wrk_result(out: &str) -> anyhow::Result<Wrk> {
+    let duration_us = |v: &str| -> anyhow::Result<f64> {
+        let split = v
+            .find(|c: char| c.is_ascii_alphabetic())
+            .with_context(|| format!("wrk latency {v:?} has no unit"))?;
+        let (n, unit) = v.split_at(split);
+        let n: f64 = n.parse().with_context(|| format!("wrk latency {v:?}"))?;
+        Ok(match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            "m" => n * 60e6,
+            other => bail!("wrk latency unit {other:?} in {v:?}"),
+        })
+    };
+    let mut w = Wrk {
+        requests: f64::NAN,
+        per_sec: f64::NAN,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+    };
+    for line in out.lines().map(str::trim) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["50%", v] => w.p50_us = duration_us(v)?,
+            ["99%", v] => w.p99_us = duration_us(v)?,
+            ["Requests/sec:", v] => w.per_sec = v.parse()?,
+            [n, "requests", "in", ..] => w.requests = n.parse()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                bail!("wrk got {n} answers that were not 2xx or 3xx:\n{out}")
+            }
+            ["Socket", "errors:", ..] => bail!("wrk: {line}\n{out}"),
+            _ => {}
+        }
+    }
+    if [w.requests, w.per_sec, w.p50_us, w.p99_us]
+        .iter()
+        .any(|v| v.is_nan())
+    {
+        bail!("wrk's report lacks a figure:\n{out}");
+    }
+    Ok(w)
 }
 
 /// Whether a kernel symbol is netfilter at work for a NAT redirect: a table's rules
@@ -1858,6 +2138,7 @@ fn color(s: Scenario) -> &'static str {
         Scenario::S1 => "#e07b39",
         Scenario::S2 => "#3a7dc9",
         Scenario::S3 => "#3aa35b",
+        Scenario::S4 => "#9b59b6",
     }
 }
 
@@ -1953,6 +2234,38 @@ pub fn leftovers_gone() -> anyhow::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wrk_reports_are_read_and_failures_refused() {
+        let out = "Running 1s test @ http://10.1.250.10:80/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.21ms  310.55us   9.87ms   90.12%
+    Req/Sec    13.21k   512.10    14.02k    70.00%
+  Latency Distribution
+     50%  812.00us
+     75%    1.30ms
+     90%    1.71ms
+     99%    2.50ms
+  13301 requests in 1.00s, 1.98MB read
+Requests/sec:  13290.12
+Transfer/sec:      1.98MB
+";
+        assert_eq!(
+            super::wrk_result(out).expect("parses"),
+            super::Wrk {
+                requests: 13301.0,
+                per_sec: 13290.12,
+                p50_us: 812.0,
+                p99_us: 2500.0,
+            }
+        );
+        let failed = format!("{out}  Non-2xx or 3xx responses: 12\n");
+        assert!(super::wrk_result(&failed).is_err());
+        let errors = format!("{out}  Socket errors: connect 0, read 3, write 0, timeout 0\n");
+        assert!(super::wrk_result(&errors).is_err());
+        assert!(super::wrk_result("Requests/sec: 1\n").is_err(), "incomplete");
+    }
+
     use super::*;
 
     #[test]

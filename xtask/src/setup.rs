@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "g++",
     // The bench's capture cost per connection is a perf profile (and `--profile`).
     "linux-perf",
+    // The bench's HTTP load at max rate (S0, S2 and S4, the waypoint).
+    "wrk",
 ];
 /// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.

@@ -198,6 +198,19 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         bytes: usize,
     },
+    /// HTTP request/response latency on one kept-alive HTTP/1.1 connection: `GET path`,
+    /// read the whole answer (it must be 200), repeat for `secs` seconds; back to back, or
+    /// at `rate` requests per second with each latency counted from the request's
+    /// scheduled time. Prints one JSON line, as `rr` does.
+    HttpRr {
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        rate: Option<u32>,
+    },
     /// New connections per second: `threads` loops of connect, one byte each way, close,
     /// for `secs` seconds. Prints one JSON line.
     Conns {
@@ -290,6 +303,12 @@ fn main() -> anyhow::Result<()> {
             fail_every,
         } => http_serve(addr, name, fail_every),
         Cmd::HttpUpgrade { addr, bytes } => http_upgrade(addr, bytes),
+        Cmd::HttpRr {
+            addr,
+            path,
+            secs,
+            rate,
+        } => http_rr(addr, &path, Duration::from_secs_f64(secs), rate),
         Cmd::HttpGet {
             addr,
             path,
@@ -391,6 +410,67 @@ fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow
                     .await;
             });
         }
+    })
+}
+
+/// See [`Cmd::HttpRr`].
+fn http_rr(addr: SocketAddr, path: &str, secs: Duration, rate: Option<u32>) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::TokioIo;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("failed to connect to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1_000, 10_000_000_000, 3)?;
+        let interval = rate.map(|r| Duration::from_secs_f64(1.0 / f64::from(r.max(1))));
+        let start = tokio::time::Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < secs {
+            let t0 = match interval {
+                Some(i) => {
+                    let due = start + i * u32::try_from(n)?;
+                    tokio::time::sleep_until(due).await;
+                    due
+                }
+                None => tokio::time::Instant::now(),
+            };
+            send.ready().await?;
+            let req = hyper::Request::builder()
+                .uri(path)
+                .header(hyper::header::HOST, addr.to_string())
+                .body(Empty::<bytes::Bytes>::new())?;
+            let resp = send
+                .send_request(req)
+                .await
+                .with_context(|| format!("request {n}"))?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            if status != hyper::StatusCode::OK {
+                bail!("request {n}: {status}");
+            }
+            hist.saturating_record(u64::try_from(t0.elapsed().as_nanos())?.max(1_000));
+            n += 1;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let us = |q: f64| hist.value_at_quantile(q) as f64 / 1_000.0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "requests": n,
+                "per_sec": n as f64 / elapsed,
+                "p50_us": us(0.50),
+                "p90_us": us(0.90),
+                "p99_us": us(0.99),
+                "max_us": hist.max() as f64 / 1_000.0,
+            })
+        );
+        anyhow::Ok(())
     })
 }
 

@@ -151,13 +151,13 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
     let w = m.start_waypoint()?;
     let (a, c) = (m.a.clone(), m.c.clone());
 
-    // 100 GETs over HTTP/1.1 on one connection: every one allowed, split exactly 90/10
+    // 1,000 GETs over HTTP/1.1 on one connection: every one allowed, split exactly 90/10
     // (the waypoint takes backends in turns).
-    let out = m.get(&a, &["--path", "/orders/7", "--count", "100"])?;
+    let out = m.get(&a, &["--path", "/orders/7", "--count", "1000"])?;
     let got = summary(&out)?;
     assert_eq!(
         got,
-        [("200 v1".to_owned(), 90), ("200 v2".to_owned(), 10)].into(),
+        [("200 v1".to_owned(), 900), ("200 v2".to_owned(), 100)].into(),
         "{out}\n{}",
         w.log_text()
     );
@@ -216,7 +216,7 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
         ],
     )
     .unwrap_or(0);
-    assert!(ok >= 90, "{text}");
+    assert!(ok >= 900, "{text}");
     let denied: u64 = text
         .lines()
         .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"403\""))
