@@ -24,21 +24,50 @@ impl Waypoint {
     /// file and the nodes' built-in CA (start a ztunnel first: it creates the CA); waits
     /// until it serves its metrics.
     pub fn start(t: &mut Topology, pod: &Pod, gateway: &str) -> anyhow::Result<Waypoint> {
+        let mut cmd = Command::new(ztunnel_bin());
+        cmd.arg("--workloads")
+            .arg(t.workloads_path())
+            .arg("--ca-dir")
+            .arg(t.dir.path().join("ca"));
+        Self::start_with(t, pod, gateway, cmd)
+    }
+
+    /// [`Waypoint::start`] with `--source kube`: the API server `kubeconfig` points at, the
+    /// nodes' CA root in the Secret `ca_secret` (`namespace/name`).
+    pub fn start_kube(
+        t: &mut Topology,
+        pod: &Pod,
+        gateway: &str,
+        kubeconfig: &std::path::Path,
+        ca_secret: &str,
+    ) -> anyhow::Result<Waypoint> {
+        let mut cmd = Command::new(ztunnel_bin());
+        cmd.args(["--source", "kube", "--ca-secret", ca_secret])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        Self::start_with(t, pod, gateway, cmd)
+    }
+
+    /// `source`'s arguments and environment, as `ztunnel waypoint`'s.
+    fn start_with(
+        t: &mut Topology,
+        pod: &Pod,
+        gateway: &str,
+        source: Command,
+    ) -> anyhow::Result<Waypoint> {
         let log = t.dir.path().join(format!("waypoint-{}.log", pod.name));
         let mut cmd = Command::new(ztunnel_bin());
         cmd.args(["waypoint", "--gateway", gateway, "--namespace", "default"])
-            .args([
-                "--pod",
-                &pod.name,
-                "--service-account",
-                &pod.service_account,
-            ])
-            .arg("--workloads")
-            .arg(t.workloads_path())
-            .arg("--ca-dir")
-            .arg(t.dir.path().join("ca"))
+            .args(["--pod", &pod.name, "--service-account", &pod.service_account])
+            .args(source.get_args())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
+        for (k, v) in source.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
         let proc = t.spawn_command(pod, cmd, format!("ztunnel waypoint in {}", pod.name))?;
         let mut w = Waypoint {
             proc,

@@ -195,10 +195,18 @@ fn run_uid(tag: u16, n: u32) -> String {
     )
 }
 
-/// node1's ztunnel with `--source kube` against `api` (a kubeconfig pointing at it), its
-/// CA root in the Secret `default/ztunnel-ca-root`.
-fn spawn_kube_ztunnel(t: &mut Topology, api: &FakeApi) -> anyhow::Result<ztunnel_tests::Ztunnel> {
-    let kubeconfig = t.dir.path().join("kubeconfig.yaml");
+/// A kubeconfig pointing at `api`, in the topology's directory.
+fn write_kubeconfig(t: &Topology, api: &FakeApi) -> anyhow::Result<PathBuf> {
+    write_kubeconfig_for(t, api.addr, "kubeconfig.yaml")
+}
+
+/// A kubeconfig (file `name`) pointing at the API server at `addr`.
+fn write_kubeconfig_for(
+    t: &Topology,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> anyhow::Result<PathBuf> {
+    let kubeconfig = t.dir.path().join(name);
     std::fs::write(
         &kubeconfig,
         format!(
@@ -206,9 +214,16 @@ fn spawn_kube_ztunnel(t: &mut Topology, api: &FakeApi) -> anyhow::Result<ztunnel
              clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]\n\
              users: [{{name: fake, user: {{}}}}]\n\
              contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n",
-            api.addr
+            addr
         ),
     )?;
+    Ok(kubeconfig)
+}
+
+/// node1's ztunnel with `--source kube` against `api` (a kubeconfig pointing at it), its
+/// CA root in the Secret `default/ztunnel-ca-root`.
+fn spawn_kube_ztunnel(t: &mut Topology, api: &FakeApi) -> anyhow::Result<ztunnel_tests::Ztunnel> {
+    let kubeconfig = write_kubeconfig(t, api)?;
     let mut source = Command::new("");
     source
         .args(["--source", "kube", "--ca-secret", "default/ztunnel-ca-root"])
@@ -433,5 +448,146 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
             "calls still go through the waypoint after the opt-out"
         );
     }
+    Ok(())
+}
+
+/// Kube mode with our own waypoint (`ztunnel waypoint --source kube`): `web` (b, HTTP on
+/// its port named `http`) labelled to use the Gateway `waypoint`, whose pod `wp` runs the
+/// waypoint; an AuthorizationPolicy targeting `web` allows only GET. a's GET is answered
+/// by b through the waypoint, its POST refused there with 403; a DENY policy created
+/// afterwards applies live; the waypoint read the nodes' CA root and created nothing.
+#[test]
+fn our_waypoint_follows_gateways_routes_and_policies_from_the_api_server() -> anyhow::Result<()>
+{
+    let rt = tokio::runtime::Runtime::new()?;
+    let api = rt.block_on(FakeApi::start());
+    api.install_gateway_api();
+    api.install_istio_crds();
+    let mut t = Topology::new()?;
+    let uid = |n: u32| run_uid(7777, n);
+    let (uid_a, uid_b, uid_wp) = (uid(1), uid(2), uid(3));
+    let a = t.add_pod("a", true, false)?;
+    let b = t.add_pod("b", true, false)?;
+    let wp = t.add_pod("wp", false, false)?;
+    let base = cgroup_base(&a)?;
+    let a = in_cgroup(
+        &a,
+        base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
+    )?;
+    let b = in_cgroup(
+        &b,
+        base.join(format!("kubepods/besteffort/pod{uid_b}/0b0b")),
+    )?;
+    let _a_app = t.serve(&a, a.addr(9090))?;
+    let b_addr = b.addr(8080).to_string();
+    let mut b_srv = t.spawn(&b, &["http-serve", &b_addr, "--name", "b"])?;
+    anyhow::ensure!(b_srv.read_line()?.starts_with("ready"), "b's HTTP server");
+
+    let s = t.subnet();
+    let (vip, wp_vip) = (format!("10.{s}.250.10"), format!("10.{s}.250.15"));
+    api.apply("namespaces", namespace_object(true));
+    api.apply("pods", pod_object(&a, &uid_a));
+    api.apply("pods", pod_object(&b, &uid_b));
+    let mut wp_pod = pod_object(&wp, &uid_wp);
+    wp_pod["metadata"]["labels"] = json!({"app": "wp", "istio.io/dataplane-mode": "none",
+        "gateway.networking.k8s.io/gateway-name": "waypoint"});
+    api.apply("pods", wp_pod);
+    api.apply(
+        "services",
+        json!({"metadata": {"name": "web", "namespace": "default",
+                "labels": {"istio.io/use-waypoint": "waypoint"}},
+            "spec": {"selector": {"app": "b"}, "clusterIP": vip,
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+    );
+    api.apply(
+        "services",
+        json!({"metadata": {"name": "waypoint", "namespace": "default",
+                "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": "waypoint"},
+                "clusterIP": wp_vip, "ports": [{"name": "mesh", "port": 15008}]}}),
+    );
+    api.apply(
+        "gateways",
+        json!({"metadata": {"name": "waypoint", "namespace": "default"},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    api.apply(
+        "authorizationpolicies",
+        json!({"metadata": {"name": "web-read", "namespace": "default"},
+            "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "action": "ALLOW",
+                "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}}),
+    );
+    // node1's ztunnel creates the CA root; the waypoint reads it.
+    let z = spawn_kube_ztunnel(&mut t, &api)?;
+    z.wait_enrolled(&[&a, &b])?;
+    // The waypoint runs in its pod's network namespace: the API server answers there too
+    // (as a cluster's does on the pod network).
+    let in_wp = ztunnel::netns::Netns::open(&wp.netns_path)?;
+    let api_in_wp = wp.addr(6443);
+    let listener = in_wp.run(&ztunnel::netns::Netns::current()?, || {
+        std::net::TcpListener::bind(api_in_wp)
+    })??;
+    rt.block_on(async { api.serve_on(listener) })?;
+    let kubeconfig = write_kubeconfig_for(&t, api_in_wp, "kubeconfig-waypoint.yaml")?;
+    let w = ztunnel_tests::waypoint::Waypoint::start_kube(
+        &mut t,
+        &wp,
+        "waypoint",
+        &kubeconfig,
+        "default/ztunnel-ca-root",
+    )?;
+
+    let dst = format!("{vip}:80");
+    let get = |t: &mut Topology, extra: &[&str]| -> anyhow::Result<String> {
+        let mut args = vec!["http-get", dst.as_str()];
+        args.extend_from_slice(extra);
+        t.spawn(&a, &args)?.wait_ok()
+    };
+    let out = get(&mut t, &["--path", "/items", "--count", "5"])?;
+    assert!(
+        out.contains("summary {\"200 b\":5}"),
+        "{out}\n{}",
+        w.log_text()
+    );
+    let out = get(&mut t, &["--path", "/items", "--method", "POST", "--body", "x"])?;
+    assert!(
+        out.contains("status=403 body=RBAC: access denied"),
+        "{out}\n{}",
+        w.log_text()
+    );
+
+    // A DENY policy on the Gateway itself, created now: every request refused, live.
+    api.apply(
+        "authorizationpolicies",
+        json!({"metadata": {"name": "lockdown", "namespace": "default"},
+            "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+                "action": "DENY", "rules": [{}]}}),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let out = get(&mut t, &["--path", "/items"])?;
+        if out.contains("status=403") {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the DENY policy never applied: {out}\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Only node1's ztunnel created anything (the CA root); the waypoint's calls are the
+    // ones its role grants.
+    let creates: Vec<_> = api
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb == "create")
+        .collect();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    let mut both: Vec<Access> = ztunnel::kube::API_ACCESS.to_vec();
+    both.extend_from_slice(ztunnel::kube::WAYPOINT_API_ACCESS);
+    api.assert_calls_granted(&both);
     Ok(())
 }

@@ -107,7 +107,20 @@ impl FakeApi {
             addr,
             inner: Arc::default(),
         };
-        let served = api.clone();
+        api.serve(listener);
+        api
+    }
+
+    /// Also serves on `listener` (one bound in a pod's network namespace, for a client
+    /// there); must be called inside a tokio runtime.
+    pub fn serve_on(&self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        self.serve(tokio::net::TcpListener::from_std(listener)?);
+        Ok(())
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let served = self.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
                 let api = served.clone();
@@ -122,7 +135,6 @@ impl FakeApi {
                 });
             }
         });
-        api
     }
 
     pub fn client(&self) -> kube::Client {
