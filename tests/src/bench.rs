@@ -68,7 +68,9 @@ impl Scenario {
             Scenario::S1 => "ztunnel, iptables capture",
             Scenario::S2 => "ztunnel, eBPF capture",
             Scenario::S3 => "ztunnel, eBPF capture + sk_msg fast path",
-            Scenario::S4 => "ztunnel, eBPF capture, and a waypoint (ztunnel waypoint) on the service",
+            Scenario::S4 => {
+                "ztunnel, eBPF capture, and a waypoint (ztunnel waypoint) on the service"
+            }
         }
     }
 
@@ -828,7 +830,14 @@ fn run_scenario(
         let _http = start_http_server(&mut topo, &server)?;
         let mut f = BTreeMap::new();
         let dst: std::net::SocketAddr = format!("{web_vip}:80").parse()?;
-        http_figures(&mut topo, &client, dst, opts.secs(), Some(waypoint.pid()), &mut f)?;
+        http_figures(
+            &mut topo,
+            &client,
+            dst,
+            opts.secs(),
+            Some(waypoint.pid()),
+            &mut f,
+        )?;
         drop(waypoint);
         drop((ztunnels, istio));
         return Ok(f);
@@ -2263,7 +2272,10 @@ Transfer/sec:      1.98MB
         assert!(super::wrk_result(&failed).is_err());
         let errors = format!("{out}  Socket errors: connect 0, read 3, write 0, timeout 0\n");
         assert!(super::wrk_result(&errors).is_err());
-        assert!(super::wrk_result("Requests/sec: 1\n").is_err(), "incomplete");
+        assert!(
+            super::wrk_result("Requests/sec: 1\n").is_err(),
+            "incomplete"
+        );
     }
 
     use super::*;

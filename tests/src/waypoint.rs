@@ -58,7 +58,12 @@ impl Waypoint {
         let log = t.dir.path().join(format!("waypoint-{}.log", pod.name));
         let mut cmd = Command::new(ztunnel_bin());
         cmd.args(["waypoint", "--gateway", gateway, "--namespace", "default"])
-            .args(["--pod", &pod.name, "--service-account", &pod.service_account])
+            .args([
+                "--pod",
+                &pod.name,
+                "--service-account",
+                &pod.service_account,
+            ])
             .args(source.get_args())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);

@@ -121,7 +121,11 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
                 .count()
         })
         .sum();
-    assert!(bars >= ran.len() * 5, "{bars} bars for {} scenarios", ran.len());
+    assert!(
+        bars >= ran.len() * 5,
+        "{bars} bars for {} scenarios",
+        ran.len()
+    );
     assert_eq!(svg.matches("<rect").count(), bars + ran.len());
     assert!(
         bench::leftovers_gone()?,

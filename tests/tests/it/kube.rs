@@ -457,8 +457,7 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
 /// by b through the waypoint, its POST refused there with 403; a DENY policy created
 /// afterwards applies live; the waypoint read the nodes' CA root and created nothing.
 #[test]
-fn our_waypoint_follows_gateways_routes_and_policies_from_the_api_server() -> anyhow::Result<()>
-{
+fn our_waypoint_follows_gateways_routes_and_policies_from_the_api_server() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let api = rt.block_on(FakeApi::start());
     api.install_gateway_api();
@@ -551,7 +550,10 @@ fn our_waypoint_follows_gateways_routes_and_policies_from_the_api_server() -> an
         "{out}\n{}",
         w.log_text()
     );
-    let out = get(&mut t, &["--path", "/items", "--method", "POST", "--body", "x"])?;
+    let out = get(
+        &mut t,
+        &["--path", "/items", "--method", "POST", "--body", "x"],
+    )?;
     assert!(
         out.contains("status=403 body=RBAC: access denied"),
         "{out}\n{}",

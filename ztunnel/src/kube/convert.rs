@@ -119,6 +119,30 @@ pub fn waypoint_policy(o: &DynamicObject) -> Option<crate::waypoint::authz::Wayp
     Some(policy)
 }
 
+/// The name of the policy standing in for AuthorizationPolicies that exist but may not be
+/// listed (403): it denies every request at every waypoint until they can be read.
+pub const DENY_ALL_UNREADABLE: &str = "authorizationpolicies-not-readable";
+
+/// A DENY policy matching every request at every waypoint (GatewayClass
+/// `istio-waypoint`, from the root namespace): what a waypoint applies while it may not
+/// read AuthorizationPolicies, so that a policy it cannot see is never bypassed.
+pub fn deny_all_waypoints(root_namespace: &str) -> crate::waypoint::authz::WaypointPolicy {
+    crate::waypoint::authz::WaypointPolicy {
+        name: DENY_ALL_UNREADABLE.to_owned(),
+        namespace: root_namespace.to_owned(),
+        target_refs: vec![crate::waypoint::authz::TargetRef {
+            group: crate::waypoint::authz::GATEWAY_GROUP.to_owned(),
+            kind: "GatewayClass".to_owned(),
+            name: WAYPOINT_CLASS.to_owned(),
+            namespace: None,
+        }],
+        target_ref: None,
+        selector: None,
+        action: crate::policy::Action::Deny,
+        rules: vec![crate::waypoint::authz::PolicyRule::default()],
+    }
+}
+
 /// The waypoint an object's traffic goes through, as Istio resolves it: the object's own
 /// `istio.io/use-waypoint` label, else its namespace's (`none` on the object opts out of
 /// the namespace's); the waypoint's namespace from `istio.io/use-waypoint-namespace`

@@ -49,6 +49,8 @@ struct Inner {
     gateway_api: bool,
     /// Whether Istio's CRDs are installed: until then `authorizationpolicies` is a 404.
     istio_crds: bool,
+    /// Resources whose list and watch are refused with 403 (a role without the grant).
+    forbidden: std::collections::BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -240,6 +242,12 @@ impl FakeApi {
         self.lock().gateway_api = true;
     }
 
+    /// Refuses list and watch of `resource` with 403 from now on, as the API server does
+    /// for a role without the grant.
+    pub fn forbid(&self, resource: &str) {
+        self.lock().forbidden.insert(resource.to_owned());
+    }
+
     /// Installs Istio's CRDs: `authorizationpolicies` is served from now on.
     pub fn install_istio_crds(&self) {
         self.lock().istio_crds = true;
@@ -303,6 +311,14 @@ impl FakeApi {
             (None, None) => path.trim_start_matches("/api/v1/").split('/').collect(),
         };
         match (method, parts.as_slice()) {
+            (Method::GET, [resource]) if self.lock().forbidden.contains(*resource) => {
+                self.record("list", resource, false, None);
+                status(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("{resource} is forbidden: the role does not grant list"),
+                )
+            }
             (Method::GET, [resource]) => {
                 let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
                 let rv = query.get("resourceVersion").cloned();

@@ -168,6 +168,10 @@ struct State {
     l7_policies: Mirror<crate::waypoint::authz::WaypointPolicy>,
     /// The waypoint kinds that were missing at the last try (said once until they come).
     no_l7_kinds: BTreeSet<&'static str>,
+    /// AuthorizationPolicies exist but may not be listed (403): the waypoint refuses
+    /// every request until they can be (fail closed), rather than allow what a policy
+    /// it cannot see might deny.
+    l7_policies_forbidden: bool,
     /// By pod UID: local enrolled pods found on the node.
     placements: BTreeMap<String, Placement>,
     /// Some local pod should be enrolled but was not found on the node yet.
@@ -217,6 +221,7 @@ impl State {
                     .apply(*e, |o| (convert::key(&o.metadata), convert::http_route(o)))
             }
             Ev::AuthzPolicy(e) => {
+                self.l7_policies_forbidden = false;
                 if self
                     .no_l7_kinds
                     .remove(L7Kind::AuthorizationPolicy.plural())
@@ -235,7 +240,7 @@ impl State {
                 if self.no_l7_kinds.insert(kind.plural()) {
                     let what = kind.plural();
                     if forbidden {
-                        tracing::warn!(%message, "not allowed to list {what} (grant list and watch, as deploy/'s waypoint role does): none applied; tried again with backoff");
+                        tracing::warn!(%message, "not allowed to list {what} (grant list and watch, as deploy/'s waypoint role does); tried again with backoff");
                     } else {
                         tracing::info!(%message, "{what} is not installed: none applied; looked for again with backoff");
                     }
@@ -248,6 +253,7 @@ impl State {
                         mirror_clear(&mut self.routes.synced);
                     }
                     L7Kind::AuthorizationPolicy => {
+                        self.l7_policies_forbidden = forbidden;
                         self.l7_policies.items.clear();
                         self.l7_policies.relisting = None;
                         mirror_clear(&mut self.l7_policies.synced);
@@ -276,6 +282,10 @@ impl State {
         );
         cfg.http_routes = self.routes.items.values().cloned().collect();
         cfg.waypoint_policies = self.l7_policies.items.values().cloned().collect();
+        if self.l7_policies_forbidden {
+            cfg.waypoint_policies
+                .push(convert::deny_all_waypoints(&cfg.root_namespace));
+        }
         cfg
     }
 
@@ -424,6 +434,7 @@ async fn run(
         routes: Mirror::default(),
         l7_policies: Mirror::default(),
         no_l7_kinds: BTreeSet::new(),
+        l7_policies_forbidden: false,
         placements: BTreeMap::new(),
         unplaced: false,
     };
@@ -811,6 +822,45 @@ mod tests {
             .filter(|c| c.resource == "httproutes" || c.resource == "authorizationpolicies")
             .count();
         assert_eq!(before, after, "a node ztunnel listed waypoint kinds");
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_that_may_not_read_policies_denies_every_request() {
+        use crate::waypoint::authz::{Decision, ObjectRef, PolicyIndex, RequestAttrs};
+        let api = FakeApi::start().await;
+        let node = FakeNode::new();
+        api.apply("namespaces", namespace(true));
+        api.install_gateway_api();
+        api.install_istio_crds();
+        api.forbid("authorizationpolicies");
+        let k = start_as(&api, &node, true).await;
+        let cfg = k.updates.borrow().clone();
+        let names: Vec<_> = cfg
+            .waypoint_policies
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        assert_eq!(names, [convert::DENY_ALL_UNREADABLE]);
+        let index = PolicyIndex::new(&cfg.waypoint_policies, &cfg.root_namespace);
+        let headers = http::HeaderMap::new();
+        let decision = index.evaluate(
+            &ObjectRef::new("shop", "waypoint"),
+            Some(&ObjectRef::new("shop", "db")),
+            &RequestAttrs {
+                method: &http::Method::GET,
+                path: "/",
+                host: "db",
+                port: 80,
+                headers: &headers,
+                source_principal: Some("spiffe://cluster.local/ns/shop/sa/web"),
+                source_ip: "10.1.0.11".parse().expect("ip"),
+                destination_ip: "10.96.0.30".parse().expect("ip"),
+            },
+        );
+        assert!(
+            matches!(&decision, Decision::Deny { policy, .. } if policy.contains(convert::DENY_ALL_UNREADABLE)),
+            "{decision:?}"
+        );
     }
 
     #[tokio::test]
