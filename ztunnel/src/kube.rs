@@ -67,6 +67,20 @@ pub struct Access {
 
 /// Every API call of the watchers and the CA Secret.
 pub const API_ACCESS: &[Access] = &[
+    WATCHED[0],
+    WATCHED[1],
+    WATCHED[2],
+    WATCHED[3],
+    Access {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "create"],
+        namespaced: true,
+    },
+];
+
+/// What both a node's ztunnel and a waypoint list and watch, cluster-wide.
+const WATCHED: [Access; 4] = [
     Access {
         group: "",
         resource: "pods",
@@ -93,12 +107,6 @@ pub const API_ACCESS: &[Access] = &[
         verbs: &["list", "watch"],
         namespaced: false,
     },
-    Access {
-        group: "",
-        resource: "secrets",
-        verbs: &["get", "create"],
-        namespaced: true,
-    },
 ];
 
 /// Every API call of `ztunnel waypoint --source kube`: the kinds a node's ztunnel
@@ -106,30 +114,10 @@ pub const API_ACCESS: &[Access] = &[
 /// creating — the CA root Secret. `deploy/waypoint/rbac.yaml` grants exactly these (a
 /// test compares them).
 pub const WAYPOINT_API_ACCESS: &[Access] = &[
-    Access {
-        group: "",
-        resource: "pods",
-        verbs: &["list", "watch"],
-        namespaced: false,
-    },
-    Access {
-        group: "",
-        resource: "namespaces",
-        verbs: &["list", "watch"],
-        namespaced: false,
-    },
-    Access {
-        group: "",
-        resource: "services",
-        verbs: &["list", "watch"],
-        namespaced: false,
-    },
-    Access {
-        group: "gateway.networking.k8s.io",
-        resource: "gateways",
-        verbs: &["list", "watch"],
-        namespaced: false,
-    },
+    WATCHED[0],
+    WATCHED[1],
+    WATCHED[2],
+    WATCHED[3],
     Access {
         group: "gateway.networking.k8s.io",
         resource: "httproutes",

@@ -117,37 +117,45 @@ fn env_of(daemonset: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Runs kubernetes-validate (strict, offline schemas) on `docs`, failing with its output
+/// under `what`.
+fn assert_valid_kubernetes(docs: &[&Value], what: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rendered.yaml");
+    let text: String = docs
+        .iter()
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+        .collect();
+    std::fs::write(&file, text).expect("write rendered manifests");
+    let out = Command::new(validator())
+        .args([
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
+        .arg(&file)
+        .output()
+        .expect("run kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "{what} is not valid for Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
 #[test]
 fn overlays_are_valid_kubernetes_objects() {
-    let bin = validator();
-    let dir = tempfile::tempdir().expect("tempdir");
     for overlay in ["standalone", "istio"] {
         let docs = render(&deploy().join("overlays").join(overlay));
-        let file = dir.path().join(format!("{overlay}.yaml"));
-        let text: String = docs
-            .iter()
-            .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
-            .collect();
-        std::fs::write(&file, text).expect("write rendered overlay");
-        let out = Command::new(&bin)
-            .args([
-                "--strict",
-                "--quiet",
-                "--kubernetes-version",
-                KUBERNETES_VERSION,
-            ])
-            .arg(&file)
-            .output()
-            .expect("run kubernetes-validate");
-        assert!(
-            out.status.success(),
-            "overlay {overlay} is not valid for Kubernetes {KUBERNETES_VERSION}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        assert_valid_kubernetes(
+            &docs.iter().collect::<Vec<_>>(),
+            &format!("overlay {overlay}"),
         );
         let [ds] = find(&docs, "DaemonSet")[..] else {
             panic!("overlay {overlay}: expected one DaemonSet");
@@ -238,15 +246,9 @@ fn grants(docs: &[&Value]) -> BTreeSet<(bool, String, String, String)> {
     out
 }
 
-#[test]
-fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
-    let docs = render(&deploy().join("overlays/standalone"));
-    let roles: Vec<&Value> = docs
-        .iter()
-        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
-        .collect();
-    let granted = grants(&roles);
-    let needed: BTreeSet<(bool, String, String, String)> = ztunnel::kube::API_ACCESS
+/// The (namespaced, group, resource, verb) grants a list of API calls needs.
+fn needed_grants(access: &[ztunnel::kube::Access]) -> BTreeSet<(bool, String, String, String)> {
+    access
         .iter()
         .flat_map(|a| {
             a.verbs.iter().map(move |v| {
@@ -258,7 +260,18 @@ fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
                 )
             })
         })
+        .collect()
+}
+
+#[test]
+fn standalone_rbac_grants_exactly_the_calls_the_watchers_make() {
+    let docs = render(&deploy().join("overlays/standalone"));
+    let roles: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
         .collect();
+    let granted = grants(&roles);
+    let needed = needed_grants(ztunnel::kube::API_ACCESS);
     assert_eq!(
         granted, needed,
         "deploy/overlays/standalone/rbac.yaml vs ztunnel::kube::API_ACCESS"
@@ -430,47 +443,13 @@ fn waypoint_manifests_are_valid_and_grant_exactly_the_waypoints_calls() {
         "the nodes' ztunnels take it as a waypoint for services: {gw}"
     );
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("waypoint.yaml");
-    let text: String = builtin
-        .iter()
-        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
-        .collect();
-    std::fs::write(&file, text).expect("write rendered manifests");
-    let out = Command::new(validator())
-        .args([
-            "--strict",
-            "--quiet",
-            "--kubernetes-version",
-            KUBERNETES_VERSION,
-        ])
-        .arg(&file)
-        .output()
-        .expect("run kubernetes-validate");
-    assert!(
-        out.status.success(),
-        "deploy/waypoint is not valid for Kubernetes {KUBERNETES_VERSION}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_valid_kubernetes(&builtin, "deploy/waypoint");
 
     let roles: Vec<&Value> = docs
         .iter()
         .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
         .collect();
-    let needed: BTreeSet<(bool, String, String, String)> = ztunnel::kube::WAYPOINT_API_ACCESS
-        .iter()
-        .flat_map(|a| {
-            a.verbs.iter().map(move |v| {
-                (
-                    a.namespaced,
-                    a.group.to_owned(),
-                    a.resource.to_owned(),
-                    (*v).to_owned(),
-                )
-            })
-        })
-        .collect();
+    let needed = needed_grants(ztunnel::kube::WAYPOINT_API_ACCESS);
     assert_eq!(
         grants(&roles),
         needed,

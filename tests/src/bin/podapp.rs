@@ -170,26 +170,7 @@ enum Cmd {
     /// answer, `status=<code> body=<first line>`, then `summary {"<status> <served-by>":
     /// count, …}` as JSON. `--h2` speaks HTTP/2 (prior knowledge). A request that fails is
     /// a line `error=<reason>` and the client connects again.
-    HttpGet {
-        addr: SocketAddr,
-        #[arg(long, default_value = "/")]
-        path: String,
-        #[arg(long, default_value = "GET")]
-        method: String,
-        #[arg(long, default_value_t = 1)]
-        count: usize,
-        #[arg(long)]
-        h2: bool,
-        /// Extra request headers, `name:value`.
-        #[arg(long = "header")]
-        headers: Vec<String>,
-        /// The `Host` header (default: `addr`).
-        #[arg(long)]
-        host: Option<String>,
-        /// Send this text as the body.
-        #[arg(long)]
-        body: Option<String>,
-    },
+    HttpGet(HttpGet),
     /// An HTTP/1.1 upgrade to `addr` (`Upgrade: echo`, as a WebSocket client asks for
     /// one), then `bytes` pseudo-random bytes through the upgraded connection, read back
     /// and compared. Prints `status=<code> sent=… received=… match=true|false`.
@@ -309,25 +290,7 @@ fn main() -> anyhow::Result<()> {
             secs,
             rate,
         } => http_rr(addr, &path, Duration::from_secs_f64(secs), rate),
-        Cmd::HttpGet {
-            addr,
-            path,
-            method,
-            count,
-            h2,
-            headers,
-            host,
-            body,
-        } => http_get(&HttpGet {
-            addr,
-            path,
-            method,
-            count,
-            h2,
-            headers,
-            host,
-            body,
-        }),
+        Cmd::HttpGet(o) => http_get(&o),
     }
 }
 
@@ -516,14 +479,26 @@ fn http_upgrade(addr: SocketAddr, bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+// `podapp http-get`'s options (its help is `Cmd::HttpGet`'s).
+#[derive(clap::Args)]
 struct HttpGet {
     addr: SocketAddr,
+    #[arg(long, default_value = "/")]
     path: String,
+    #[arg(long, default_value = "GET")]
     method: String,
+    #[arg(long, default_value_t = 1)]
     count: usize,
+    #[arg(long)]
     h2: bool,
+    /// Extra request headers, `name:value`.
+    #[arg(long = "header")]
     headers: Vec<String>,
+    /// The `Host` header (default: `addr`).
+    #[arg(long)]
     host: Option<String>,
+    /// Send this text as the body.
+    #[arg(long)]
     body: Option<String>,
 }
 

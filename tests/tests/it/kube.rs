@@ -314,19 +314,21 @@ fn kube_source_enrols_by_namespace_label_and_unenrols_deleted_pods() -> anyhow::
     Ok(())
 }
 
-/// Kube mode, waypoints (issue 17): Service `web` (b) and the waypoint `waypoint`, a Gateway
-/// of class `istio-waypoint` whose pod `wp` (outside the mesh, an HBONE server: a fake
-/// one here) its Service `waypoint` selects. Labelling `web` with `istio.io/use-waypoint`
-/// sends a's calls to web's VIP through the waypoint (a CONNECT for the VIP, with a's
-/// identity), with no pod restarted; `none` sends them directly to b again.
-#[test]
-fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_restart()
--> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    let api = rt.block_on(FakeApi::start());
-    api.install_gateway_api();
-    let mut t = Topology::new()?;
-    let uid = |n: u32| run_uid(6666, n);
+/// A kube-mode waypoint setup: pods `a` and `b` (enrolled, in kubelet cgroups named by
+/// UIDs of `tag`, with a's app on :9090) and `wp` (not enrolled: the waypoint's pod), and
+/// the API objects: the ambient namespace, the three pods (wp labelled as the Gateway's),
+/// the waypoint's Service and its Gateway (class `istio-waypoint`, for services).
+struct WaypointMesh {
+    a: Pod,
+    b: Pod,
+    wp: Pod,
+    /// The VIP the test gives `web`.
+    vip: String,
+    _a_app: ztunnel_tests::PodProcess,
+}
+
+fn waypoint_mesh(t: &mut Topology, api: &FakeApi, tag: u16) -> anyhow::Result<WaypointMesh> {
+    let uid = |n: u32| run_uid(tag, n);
     let (uid_a, uid_b, uid_wp) = (uid(1), uid(2), uid(3));
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
@@ -340,7 +342,53 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
         &b,
         base.join(format!("kubepods/besteffort/pod{uid_b}/0b0b")),
     )?;
-    let _a_app = t.serve(&a, a.addr(9090))?;
+    let a_app = t.serve(&a, a.addr(9090))?;
+    let s = t.subnet();
+    let (vip, wp_vip) = (format!("10.{s}.250.10"), format!("10.{s}.250.15"));
+    api.apply("namespaces", namespace_object(true));
+    api.apply("pods", pod_object(&a, &uid_a));
+    api.apply("pods", pod_object(&b, &uid_b));
+    let mut wp_pod = pod_object(&wp, &uid_wp);
+    wp_pod["metadata"]["labels"] = json!({"app": "wp", "istio.io/dataplane-mode": "none",
+        "gateway.networking.k8s.io/gateway-name": "waypoint"});
+    api.apply("pods", wp_pod);
+    api.apply(
+        "services",
+        json!({"metadata": {"name": "waypoint", "namespace": "default",
+                "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": "waypoint"},
+                "clusterIP": wp_vip, "ports": [{"name": "mesh", "port": 15008}]}}),
+    );
+    api.apply(
+        "gateways",
+        json!({"metadata": {"name": "waypoint", "namespace": "default",
+                "labels": {"istio.io/waypoint-for": "service"}},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    Ok(WaypointMesh {
+        a,
+        b,
+        wp,
+        vip,
+        _a_app: a_app,
+    })
+}
+
+/// Kube mode, waypoints (issue 17): Service `web` (b) and the waypoint `waypoint`, a Gateway
+/// of class `istio-waypoint` whose pod `wp` (outside the mesh, an HBONE server: a fake
+/// one here) its Service `waypoint` selects. Labelling `web` with `istio.io/use-waypoint`
+/// sends a's calls to web's VIP through the waypoint (a CONNECT for the VIP, with a's
+/// identity), with no pod restarted; `none` sends them directly to b again.
+#[test]
+fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_restart()
+-> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let api = rt.block_on(FakeApi::start());
+    api.install_gateway_api();
+    let mut t = Topology::new()?;
+    let m = waypoint_mesh(&mut t, &api, 6666)?;
+    let (a, b, wp, vip) = (m.a.clone(), m.b.clone(), m.wp.clone(), m.vip.clone());
     let _b_srv = t.serve(&b, b.addr(8080))?;
 
     // The CA root every node shares, created first so the fake waypoint's certificate
@@ -359,34 +407,11 @@ fn a_use_waypoint_label_sends_a_services_traffic_through_its_waypoint_without_a_
         "spiffe://cluster.local/ns/default/sa/wp".parse()?;
     let waypoint = crate::waypoint::fake_waypoint(&wp, ca.issue(&wp_identity)?)?;
 
-    let s = t.subnet();
-    let (vip, wp_vip) = (format!("10.{s}.250.10"), format!("10.{s}.250.15"));
-    api.apply("namespaces", namespace_object(true));
-    api.apply("pods", pod_object(&a, &uid_a));
-    api.apply("pods", pod_object(&b, &uid_b));
-    let mut wp_pod = pod_object(&wp, &uid_wp);
-    wp_pod["metadata"]["labels"] = json!({"app": "wp", "istio.io/dataplane-mode": "none",
-        "gateway.networking.k8s.io/gateway-name": "waypoint"});
-    api.apply("pods", wp_pod);
     let web = |labels: serde_json::Value| {
         json!({"metadata": {"name": "web", "namespace": "default", "labels": labels},
             "spec": {"selector": {"app": "b"}, "clusterIP": vip, "ports": [{"port": 80, "targetPort": 8080}]}})
     };
     api.apply("services", web(json!({})));
-    api.apply(
-        "services",
-        json!({"metadata": {"name": "waypoint", "namespace": "default",
-                "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
-            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": "waypoint"},
-                "clusterIP": wp_vip, "ports": [{"name": "mesh", "port": 15008}]}}),
-    );
-    api.apply(
-        "gateways",
-        json!({"metadata": {"name": "waypoint", "namespace": "default",
-                "labels": {"istio.io/waypoint-for": "service"}},
-            "spec": {"gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
-    );
     let z = spawn_kube_ztunnel(&mut t, &api)?;
     z.wait_enrolled(&[&a, &b])?;
     let dst: std::net::SocketAddr = format!("{vip}:80").parse()?;
@@ -463,53 +488,18 @@ fn our_waypoint_follows_gateways_routes_and_policies_from_the_api_server() -> an
     api.install_gateway_api();
     api.install_istio_crds();
     let mut t = Topology::new()?;
-    let uid = |n: u32| run_uid(7777, n);
-    let (uid_a, uid_b, uid_wp) = (uid(1), uid(2), uid(3));
-    let a = t.add_pod("a", true, false)?;
-    let b = t.add_pod("b", true, false)?;
-    let wp = t.add_pod("wp", false, false)?;
-    let base = cgroup_base(&a)?;
-    let a = in_cgroup(
-        &a,
-        base.join(format!("kubepods/besteffort/pod{uid_a}/0a0a")),
-    )?;
-    let b = in_cgroup(
-        &b,
-        base.join(format!("kubepods/besteffort/pod{uid_b}/0b0b")),
-    )?;
-    let _a_app = t.serve(&a, a.addr(9090))?;
+    let m = waypoint_mesh(&mut t, &api, 7777)?;
+    let (a, b, wp, vip) = (m.a.clone(), m.b.clone(), m.wp.clone(), m.vip.clone());
     let b_addr = b.addr(8080).to_string();
     let mut b_srv = t.spawn(&b, &["http-serve", &b_addr, "--name", "b"])?;
     anyhow::ensure!(b_srv.read_line()?.starts_with("ready"), "b's HTTP server");
 
-    let s = t.subnet();
-    let (vip, wp_vip) = (format!("10.{s}.250.10"), format!("10.{s}.250.15"));
-    api.apply("namespaces", namespace_object(true));
-    api.apply("pods", pod_object(&a, &uid_a));
-    api.apply("pods", pod_object(&b, &uid_b));
-    let mut wp_pod = pod_object(&wp, &uid_wp);
-    wp_pod["metadata"]["labels"] = json!({"app": "wp", "istio.io/dataplane-mode": "none",
-        "gateway.networking.k8s.io/gateway-name": "waypoint"});
-    api.apply("pods", wp_pod);
     api.apply(
         "services",
         json!({"metadata": {"name": "web", "namespace": "default",
                 "labels": {"istio.io/use-waypoint": "waypoint"}},
             "spec": {"selector": {"app": "b"}, "clusterIP": vip,
                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
-    );
-    api.apply(
-        "services",
-        json!({"metadata": {"name": "waypoint", "namespace": "default",
-                "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
-            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": "waypoint"},
-                "clusterIP": wp_vip, "ports": [{"name": "mesh", "port": 15008}]}}),
-    );
-    api.apply(
-        "gateways",
-        json!({"metadata": {"name": "waypoint", "namespace": "default"},
-            "spec": {"gatewayClassName": "istio-waypoint",
-                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
     );
     api.apply(
         "authorizationpolicies",
