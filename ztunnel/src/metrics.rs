@@ -167,6 +167,45 @@ pub struct ConnLabels {
     pub destination_zone: String,
 }
 
+/// A workload's region and zone, [`UNKNOWN`] where it has none.
+fn locality_labels(w: &crate::state::Workload) -> (String, String) {
+    let l = w.locality.clone().unwrap_or_default();
+    let known = |v: String| if v.is_empty() { UNKNOWN.to_owned() } else { v };
+    (known(l.region), known(l.zone))
+}
+
+impl ConnLabels {
+    /// The source workload's labels (Istio's filling rules, above).
+    pub fn set_source(&mut self, w: &crate::state::Workload, cluster: &str) {
+        self.source_workload = w.workload_name();
+        self.source_canonical_service = w.canonical_name();
+        self.source_canonical_revision = w.canonical_revision();
+        self.source_workload_namespace = w.namespace.clone();
+        self.source_app = w.canonical_name();
+        self.source_version = w.canonical_revision();
+        self.source_cluster = cluster.to_owned();
+        (self.source_region, self.source_zone) = locality_labels(w);
+    }
+
+    /// The destination workload's labels (not its principal).
+    pub fn set_destination(&mut self, w: &crate::state::Workload, cluster: &str) {
+        self.destination_workload = w.workload_name();
+        self.destination_canonical_service = w.canonical_name();
+        self.destination_canonical_revision = w.canonical_revision();
+        self.destination_workload_namespace = w.namespace.clone();
+        self.destination_app = w.canonical_name();
+        self.destination_version = w.canonical_revision();
+        self.destination_cluster = cluster.to_owned();
+        (self.destination_region, self.destination_zone) = locality_labels(w);
+    }
+
+    pub fn set_destination_service(&mut self, svc: &crate::state::Service) {
+        self.destination_service = svc.hostname();
+        self.destination_service_name = svc.name.clone();
+        self.destination_service_namespace = svc.namespace.clone();
+    }
+}
+
 impl Default for ConnLabels {
     fn default() -> Self {
         let u = || UNKNOWN.to_owned();

@@ -1141,45 +1141,18 @@ pub fn metric_labels(store: &Store, rec: &ConnectionRecord) -> (crate::metrics::
             )
         }
     };
-    let locality = |w: &crate::state::Workload| {
-        let l = w.locality.clone().unwrap_or_default();
-        let known = |v: String| {
-            if v.is_empty() {
-                crate::metrics::UNKNOWN.to_owned()
-            } else {
-                v
-            }
-        };
-        (known(l.region), known(l.zone))
-    };
     if let Some(w) = src_w {
-        l.source_workload = w.workload_name();
-        l.source_canonical_service = w.canonical_name();
-        l.source_canonical_revision = w.canonical_revision();
-        l.source_workload_namespace = w.namespace.clone();
-        l.source_app = w.canonical_name();
-        l.source_version = w.canonical_revision();
-        l.source_cluster = store.cfg.cluster.clone();
-        (l.source_region, l.source_zone) = locality(w);
+        l.set_source(w, &store.cfg.cluster);
     }
     let vip_service = store
         .service_by_vip(rec.dst.ip())
         .map(|i| &store.cfg.services[i]);
     if let Some(w) = dst_w {
-        l.destination_workload = w.workload_name();
-        l.destination_canonical_service = w.canonical_name();
-        l.destination_canonical_revision = w.canonical_revision();
-        l.destination_workload_namespace = w.namespace.clone();
-        l.destination_app = w.canonical_name();
-        l.destination_version = w.canonical_revision();
-        l.destination_cluster = store.cfg.cluster.clone();
-        (l.destination_region, l.destination_zone) = locality(w);
+        l.set_destination(w, &store.cfg.cluster);
     }
     let service = vip_service.or_else(|| store.service_of(dst_w?));
     if let Some(svc) = service {
-        l.destination_service = svc.hostname();
-        l.destination_service_name = svc.name.clone();
-        l.destination_service_namespace = svc.namespace.clone();
+        l.set_destination_service(svc);
     }
     if let Some(p) = &rec.src_identity {
         l.source_principal = p.clone();

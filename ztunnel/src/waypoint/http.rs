@@ -323,30 +323,16 @@ fn labels(
         ..ConnLabels::default()
     };
     if let Some(w) = store.workload_by_addr(ctx.client.ip()) {
-        l.source_workload = w.workload_name();
-        l.source_canonical_service = w.canonical_name();
-        l.source_canonical_revision = w.canonical_revision();
-        l.source_workload_namespace = w.namespace.clone();
-        l.source_app = w.canonical_name();
-        l.source_version = w.canonical_revision();
-        l.source_cluster = store.cfg.cluster.clone();
+        l.set_source(w, &store.cfg.cluster);
     }
     if let Some(id) = &ctx.peer.identity {
         l.source_principal = id.to_string();
     }
     if let Some(svc) = service {
-        l.destination_service = svc.hostname();
-        l.destination_service_name = svc.name.clone();
-        l.destination_service_namespace = svc.namespace.clone();
+        l.set_destination_service(svc);
     }
     if let Some(w) = endpoint.and_then(|e| store.workload_by_addr(e.ip())) {
-        l.destination_workload = w.workload_name();
-        l.destination_canonical_service = w.canonical_name();
-        l.destination_canonical_revision = w.canonical_revision();
-        l.destination_workload_namespace = w.namespace.clone();
-        l.destination_app = w.canonical_name();
-        l.destination_version = w.canonical_revision();
-        l.destination_cluster = store.cfg.cluster.clone();
+        l.set_destination(w, &store.cfg.cluster);
         l.destination_principal = store.identity(w);
     }
     l.connection_security_policy = crate::metrics::SECURITY_MUTUAL_TLS.to_owned();
