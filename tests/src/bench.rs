@@ -593,9 +593,68 @@ impl Report {
 }
 
 /// Runs every scenario and writes `bench.md`, `bench.json` and `bench.svg` to `out_dir`.
+/// One bench at a time on a machine: runs share fixed topology names, and each removes
+/// what another left at its start — a running bench's topology included. Held for the
+/// whole run; the kernel releases it if the bench dies.
+const LOCK_PATH: &str = "/run/ztunnel-bench.lock";
+/// How long a bench waits for another to finish before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// Takes the machine's bench lock (`flock` on `path`, our pid written in it), waiting at
+/// most `wait` for the bench holding it, which is named once.
+fn lock_machine(path: &Path, wait: Duration) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::{errno::Errno, fcntl::Flock, fcntl::FlockArg};
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("failed to open the bench lock {}", path.display()))
+    };
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    let mut file = open()?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                use std::io::Seek as _;
+                lock.set_len(0)?;
+                lock.rewind()?;
+                write!(lock, "{}", std::process::id())?;
+                return Ok(lock);
+            }
+            Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) => {
+                let holder = std::fs::read_to_string(path).unwrap_or_default();
+                let holder = holder.trim();
+                if Instant::now() >= deadline {
+                    bail!(
+                        "another bench (pid {holder}) still holds {} after {wait:?}: two benches \
+                         at once would tear down each other's topologies",
+                        path.display()
+                    );
+                }
+                if !said {
+                    eprintln!(
+                        "bench: another bench (pid {holder}) is running; waiting for it (at most {wait:?})"
+                    );
+                    said = true;
+                }
+                file = f;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err((_, errno)) => {
+                bail!("failed to lock {}: {errno}", path.display())
+            }
+        }
+    }
+}
+
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
     crate::require_root();
     let scenarios = opts.scenarios()?;
+    let _machine = lock_machine(Path::new(LOCK_PATH), LOCK_WAIT)?;
     if let Some(bin) = &opts.istio_ztunnel {
         anyhow::ensure!(
             bin.is_file(),
@@ -2243,6 +2302,23 @@ pub fn leftovers_gone() -> anyhow::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_bench_waits_for_the_first_and_names_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bench.lock");
+        let first = super::lock_machine(&path, std::time::Duration::ZERO).expect("free");
+        let err = super::lock_machine(&path, std::time::Duration::from_millis(300))
+            .err()
+            .expect("held by the first");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(first);
+        super::lock_machine(&path, std::time::Duration::ZERO).expect("free again");
+    }
+
     #[test]
     fn wrk_reports_are_read_and_failures_refused() {
         let out = "Running 1s test @ http://10.1.250.10:80/
