@@ -24,12 +24,18 @@ impl Waypoint {
     /// file and the nodes' built-in CA (start a ztunnel first: it creates the CA); waits
     /// until it serves its metrics.
     pub fn start(t: &mut Topology, pod: &Pod, gateway: &str) -> anyhow::Result<Waypoint> {
+        let source = Self::file_source(t);
+        Self::start_with(t, pod, gateway, source)
+    }
+
+    /// The arguments that point a waypoint at the topology's workload file and CA.
+    pub fn file_source(t: &Topology) -> Command {
         let mut cmd = Command::new(ztunnel_bin());
         cmd.arg("--workloads")
             .arg(t.workloads_path())
             .arg("--ca-dir")
             .arg(t.dir.path().join("ca"));
-        Self::start_with(t, pod, gateway, cmd)
+        cmd
     }
 
     /// [`Waypoint::start`] with `--source kube`: the API server `kubeconfig` points at, the
@@ -48,8 +54,8 @@ impl Waypoint {
         Self::start_with(t, pod, gateway, cmd)
     }
 
-    /// `source`'s arguments and environment, as `ztunnel waypoint`'s.
-    fn start_with(
+    /// `ztunnel waypoint` with `source`'s arguments and environment added.
+    pub fn start_with(
         t: &mut Topology,
         pod: &Pod,
         gateway: &str,
@@ -91,6 +97,26 @@ impl Waypoint {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Sends SIGTERM, as the kubelet does to a terminating pod.
+    pub fn terminate(&self) {
+        if let Ok(pid) = i32::try_from(self.pid()) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits (at most `secs`) for the process to exit; whether it did.
+    pub fn wait_exit(&mut self, secs: u64) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while !self.proc.exited() {
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
     }
 
     pub fn log_text(&self) -> String {

@@ -88,6 +88,10 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::config::LogFormat,
+    /// On SIGTERM, how long open connections may run before they are closed (the pod's
+    /// termination grace period, 30 s in deploy/waypoint, less a margin).
+    #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// How long an upstream (the HBONE dial, or a TCP connect outside the mesh) may take.
     #[arg(long, env = "ZTUNNEL_HBONE_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -175,6 +179,9 @@ pub struct Waypoint {
     clients: http::Clients,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
+    /// `true` once the waypoint drains: HBONE connections send GOAWAY, HTTP connections
+    /// close after their request in flight.
+    drain: watch::Sender<bool>,
 }
 
 /// What the waypoint knows of the client of one HBONE connection.
@@ -573,6 +580,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             clients: http::Clients::new(me.clone()),
             metrics: metrics.clone(),
             connect_timeout: args.connect_timeout,
+            drain: watch::Sender::new(false),
         }
     });
 
@@ -618,8 +626,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let listener = bind_hbone(args.hbone_addr).await?;
     tracing::info!(identity = %identity, gateway = %format!("{}/{}", args.namespace, args.gateway), addr = %args.hbone_addr, "waypoint serving");
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let accept = async {
+    let drain_rx = waypoint.drain.subscribe();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let connections = tracker.clone();
+    let w = waypoint.clone();
+    // Owns the listener: when the select below drops it, the port is closed.
+    let accept = async move {
         loop {
             let (tcp, peer_addr) = match listener.accept().await {
                 Ok(a) => a,
@@ -629,8 +641,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            tokio::spawn(serve_connection(
-                waypoint.clone(),
+            connections.spawn(serve_connection(
+                w.clone(),
                 tcp,
                 peer_addr,
                 drain_rx.clone(),
@@ -638,12 +650,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        () = accept => {}
-        _ = term.recv() => tracing::info!("SIGTERM: waypoint stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: waypoint stopping"),
+    let cause = tokio::select! {
+        () = accept => "accept loop ended",
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    // Drain, as Istio's waypoint does on termination: no new connections (the port is
+    // closed), GOAWAY on the open ones, each HTTP connection closed after its request in
+    // flight; what is still open after the drain timeout is closed.
+    let open = tracker.len();
+    tracing::info!(cause, connections = open, timeout = ?args.drain_timeout, "waypoint draining");
+    let _ = waypoint.drain.send(true);
+    tracker.close();
+    match tokio::time::timeout(args.drain_timeout, tracker.wait()).await {
+        Ok(()) => tracing::info!("waypoint drained: every connection ended"),
+        Err(_) => tracing::warn!(
+            connections = tracker.len(),
+            timeout = ?args.drain_timeout,
+            "waypoint drain timed out; closing what is left"
+        ),
     }
-    let _ = drain_tx.send(true);
     Ok(())
 }
 

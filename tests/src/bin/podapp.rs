@@ -156,7 +156,7 @@ enum Cmd {
     /// An HTTP server (HTTP/1.1 and HTTP/2, detected) on `addr`: every request is
     /// answered 200 with `<name> <method> <path> <version> host=<host>` and a newline
     /// (header `x-served-by: <name>`), except `/status/<code>`, answered with that code,
-    /// `/slow/<ms>`, answered after that long, and a request with an `Upgrade` header,
+    /// `/slow/<ms>` and `/sleep/<ms>`, answered after that long, and a request with an `Upgrade` header,
     /// answered 101 and then echoed byte for byte. Prints `ready <addr>`.
     HttpServe {
         addr: SocketAddr,
@@ -351,7 +351,10 @@ fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow
                             if let Some(code) = path.strip_prefix("/status/") {
                                 status = code.parse().unwrap_or(400);
                             }
-                            if let Some(ms) = path.strip_prefix("/slow/") {
+                            if let Some(ms) = path
+                                .strip_prefix("/slow/")
+                                .or_else(|| path.strip_prefix("/sleep/"))
+                            {
                                 let ms: u64 = ms.parse().unwrap_or(0);
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
                             }

@@ -1,6 +1,6 @@
 //! Our own waypoint (`ztunnel waypoint`, issue 17 build 2) between two nodes' ztunnels:
 //! L7 policy, HTTPRoute splits, HTTP/1.1 and HTTP/2, metrics, TCP ports at L4.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
 use ztunnel_tests::{Pod, PodProcess, Topology, metric_sample, waypoint::Waypoint};
@@ -319,5 +319,57 @@ fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upg
     let tcp: SocketAddr = format!("{}:9000", m.db.ip()).parse()?;
     let out = m.t.call(&a, tcp, &["--bytes", "20000"])?;
     assert!(out.contains("match=true"), "{out}\n{}", w.log_text());
+    Ok(())
+}
+
+/// SIGTERM drains the waypoint as Istio's does: a request in flight is answered, new
+/// connections are refused, and the waypoint exits once its connections have closed
+/// (not at its drain timeout).
+#[test]
+fn sigterm_drains_the_waypoint_answering_what_is_in_flight() -> anyhow::Result<()> {
+    let mut m = mesh()?;
+    m.write(RESILIENCE)?;
+    let file = m.t.workloads_path();
+    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+    let mut source = Waypoint::file_source(&m.t);
+    source.arg("--drain-timeout").arg("120s");
+    let wp = m.wp.clone();
+    let mut w = Waypoint::start_with(&mut m.t, &wp, "waypoint", source)?;
+    let a = m.a.clone();
+    // Warm: the tunnels are up.
+    let out = m.get(&a, &["--path", "/orders/1"])?;
+    assert!(out.contains("status=200"), "{out}\n{}", w.log_text());
+
+    // A request the backend answers in 3 s (the route's timeout is for /slow only; this
+    // path takes the default rule).
+    let dst = m.db.to_string();
+    let in_flight =
+        m.t.spawn(&a, &["http-get", &dst, "--path", "/sleep/3000"])?;
+    std::thread::sleep(Duration::from_millis(1000));
+    w.terminate();
+    let out = in_flight.wait_ok()?;
+    assert!(
+        out.contains("status=200"),
+        "the request in flight during the drain: {out}\n{}",
+        w.log_text()
+    );
+    // The waypoint no longer takes connections: a new call fails.
+    let out = m.get(&a, &["--path", "/orders/2"]);
+    assert!(
+        out.as_ref().map_or(true, |o| !o.contains("status=200")),
+        "a new request after SIGTERM: {out:?}"
+    );
+    assert!(
+        w.wait_exit(100),
+        "the waypoint did not exit:\n{}",
+        w.log_text()
+    );
+    let log = w.log_text();
+    assert!(log.contains("waypoint draining"), "{log}");
+    assert!(
+        log.contains("waypoint drained: every connection ended"),
+        "the connections did not close before the drain timeout:\n{log}"
+    );
     Ok(())
 }

@@ -49,14 +49,24 @@ pub(super) struct StreamContext {
 
 /// Serves HTTP on `io` until the client's side closes.
 pub(super) async fn serve(ctx: StreamContext, io: tokio::io::DuplexStream) {
+    let mut drain = ctx.waypoint.drain.subscribe();
     let ctx = Arc::new(ctx);
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await;
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    // On drain, the request in flight is answered and the connection closed after it
+    // (HTTP/1.1 `connection: close`, HTTP/2 GOAWAY).
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = async { drop(drain.wait_for(|d| *d).await) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(error) = served {
         tracing::debug!(%error, "waypoint http connection ended with an error");
     }
