@@ -115,6 +115,9 @@ impl FakeApi {
 
     /// Also serves on `listener` (one bound in a pod's network namespace, for a client
     /// there); must be called inside a tokio runtime.
+    // Used by the privileged tests (tests/tests/it/kube.rs includes this file), not by
+    // ztunnel's own unit tests.
+    #[allow(dead_code)]
     pub fn serve_on(&self, listener: std::net::TcpListener) -> std::io::Result<()> {
         listener.set_nonblocking(true)?;
         self.serve(tokio::net::TcpListener::from_std(listener)?);
