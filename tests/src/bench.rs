@@ -2308,8 +2308,7 @@ mod tests {
         let path = dir.path().join("bench.lock");
         let first = super::lock_machine(&path, std::time::Duration::ZERO).expect("free");
         let err = super::lock_machine(&path, std::time::Duration::from_millis(300))
-            .err()
-            .expect("held by the first");
+            .expect_err("held by the first");
         let text = err.to_string();
         assert!(
             text.contains(&format!("pid {}", std::process::id())),
