@@ -183,6 +183,20 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
         "{out}\n{}",
         w.log_text()
     );
+    // The same over HTTP/2.
+    let out = m.get(
+        &a,
+        &[
+            "--path",
+            "/orders/7",
+            "--method",
+            "POST",
+            "--body",
+            "x",
+            "--h2",
+        ],
+    )?;
+    assert!(out.contains("status=403 body=RBAC: access denied"), "{out}");
     // Neither does a path outside /orders/, nor a client the policy does not name.
     let out = m.get(&a, &["--path", "/admin"])?;
     assert!(out.contains("status=403"), "{out}");
@@ -222,7 +236,7 @@ fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> an
         .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"403\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert_eq!(denied, 4, "{text}");
+    assert_eq!(denied, 5, "{text}");
     assert_eq!(
         metric_sample(&text, "ztunnel_waypoint_connections_denied_total", &[]),
         Some(1),
