@@ -2572,8 +2572,11 @@ idle
     #[test]
     fn scenario_i_runs_only_with_a_binary() -> anyhow::Result<()> {
         use Scenario::*;
-        assert_eq!(opts(None, vec![]).scenarios()?, [S0, S1, S2, S3]);
-        assert_eq!(opts(Some("/x"), vec![]).scenarios()?, [S0, I, S1, S2, S3]);
+        assert_eq!(opts(None, vec![]).scenarios()?, [S0, S1, S2, S3, S4]);
+        assert_eq!(
+            opts(Some("/x"), vec![]).scenarios()?,
+            [S0, I, S1, S2, S3, S4]
+        );
         assert_eq!(
             opts(Some("/x"), vec![S2, I, S0]).scenarios()?,
             [S0, I, S2],
