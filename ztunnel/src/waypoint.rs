@@ -88,6 +88,9 @@ pub struct Args {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "ZTUNNEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::config::LogFormat,
+    /// HBONE connections open at once; one more is closed at once (and counted).
+    #[arg(long, env = "WAYPOINT_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub max_connections: usize,
     /// On SIGTERM, how long open connections may run before they are closed (the pod's
     /// termination grace period, 30 s in deploy/waypoint, less a margin).
     #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
@@ -630,6 +633,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let tracker = tokio_util::task::TaskTracker::new();
     let connections = tracker.clone();
     let w = waypoint.clone();
+    let max_connections = args.max_connections;
+    let mut over_limit_log: Option<std::time::Instant> = None;
     // Owns the listener: when the select below drops it, the port is closed.
     let accept = async move {
         loop {
@@ -641,12 +646,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            connections.spawn(serve_connection(
-                w.clone(),
-                tcp,
-                peer_addr,
-                drain_rx.clone(),
-            ));
+            if connections.len() >= max_connections {
+                w.metrics.over_limit.inc();
+                let said_lately = over_limit_log
+                    .is_some_and(|t: std::time::Instant| t.elapsed() < Duration::from_secs(60));
+                if !said_lately {
+                    over_limit_log = Some(std::time::Instant::now());
+                    tracing::warn!(max_connections, peer = %peer_addr, "waypoint at its connection limit: closing new connections (logged once a minute)");
+                }
+                drop(tcp);
+                continue;
+            }
+            let open = w.metrics.connections.clone();
+            open.inc();
+            let served = serve_connection(w.clone(), tcp, peer_addr, drain_rx.clone());
+            connections.spawn(async move {
+                served.await;
+                open.dec();
+            });
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -387,3 +387,49 @@ fn sigterm_drains_the_waypoint_answering_what_is_in_flight() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// The waypoint's connection limit: with `--max-connections 1`, a's ztunnel holds the one
+/// HBONE connection (pooled), c's is closed at once and counted; a is still served.
+#[test]
+fn the_waypoint_closes_connections_over_its_limit_and_counts_them() -> anyhow::Result<()> {
+    let mut m = mesh()?;
+    m.write(RESILIENCE)?;
+    let file = m.t.workloads_path();
+    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+    let mut source = Waypoint::file_source(&m.t);
+    source.arg("--max-connections").arg("1");
+    let wp = m.wp.clone();
+    let w = Waypoint::start_with(&mut m.t, &wp, "waypoint", source)?;
+    let (a, c) = (m.a.clone(), m.c.clone());
+    let out = m.get(&a, &["--path", "/orders/1"])?;
+    assert!(out.contains("status=200"), "{out}\n{}", w.log_text());
+    // c is another pod: its ztunnel dials a connection of its own, one over the limit.
+    let out = m.get(&c, &["--path", "/orders/1"]);
+    assert!(
+        out.as_ref().map_or(true, |o| !o.contains("status=200")),
+        "c was served over the limit: {out:?}"
+    );
+    let text = w.metrics()?;
+    assert!(
+        metric_sample(&text, "ztunnel_waypoint_connections_over_limit_total", &[])
+            .is_some_and(|n| n >= 1),
+        "{text}"
+    );
+    assert_eq!(
+        metric_sample(&text, "ztunnel_waypoint_connections", &[]),
+        Some(1),
+        "{text}"
+    );
+    assert!(
+        w.log_text().contains("waypoint at its connection limit"),
+        "{}",
+        w.log_text()
+    );
+    let out = m.get(&a, &["--path", "/orders/2"])?;
+    assert!(
+        out.contains("status=200"),
+        "a's connection still serves: {out}"
+    );
+    Ok(())
+}

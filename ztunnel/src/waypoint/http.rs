@@ -24,6 +24,18 @@ use super::{Destination, Peer, PortProtocol, Upstream, Waypoint};
 use crate::metrics::ConnLabels;
 use crate::state::{Route, Store};
 
+/// How long a request's headers may take to arrive (HTTP/1.1; HTTP/2 streams are bounded
+/// by their connection's).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle onward connections kept per endpoint.
+const IDLE_PER_ENDPOINT: usize = 32;
+
+/// Streams one client HTTP/2 connection may have open at once: what an HBONE connection
+/// carries.
+fn hbone_streams() -> u32 {
+    crate::hbone::SERVER_MAX_CONCURRENT_STREAMS
+}
+
 /// The in-memory pipe between a tunnelled stream and its HTTP server.
 pub(super) const PIPE_BUFFER: usize = 64 * 1024;
 
@@ -55,7 +67,16 @@ pub(super) async fn serve(ctx: StreamContext, io: tokio::io::DuplexStream) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that opens a request and never finishes its headers is dropped.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(hbone_streams());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // On drain, the request in flight is answered and the connection closed after it
@@ -84,10 +105,12 @@ impl Clients {
         Clients {
             http1: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(IDLE_PER_ENDPOINT)
                 .build(connector.clone()),
             http2: Client::builder(TokioExecutor::new())
                 .http2_only(true)
                 .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(IDLE_PER_ENDPOINT)
                 .build(connector),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -44,6 +44,10 @@ pub struct Metrics {
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
     tcp_denied: Counter,
+    /// HBONE connections open.
+    pub connections: Gauge,
+    /// HBONE connections closed at once because `connections` was at its limit.
+    pub over_limit: Counter,
 }
 
 impl Metrics {
@@ -85,8 +89,22 @@ impl Metrics {
             "TCP streams through the waypoint refused by its authorization policies",
             tcp_denied.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "ztunnel_waypoint_connections",
+            "HBONE connections open on the waypoint",
+            connections.clone(),
+        );
+        let over_limit = Counter::default();
+        registry.register(
+            "ztunnel_waypoint_connections_over_limit",
+            "HBONE connections closed at once because the waypoint had --max-connections open",
+            over_limit.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            connections,
+            over_limit,
             requests,
             duration,
             request_bytes,
