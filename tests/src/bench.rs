@@ -978,7 +978,9 @@ fn rr_phases(
     let run = topo
         .spawn(
             client,
-            &["rr", echo, "--size", "1024", "--secs", &secs_s, "--rate", "1000"],
+            &[
+                "rr", echo, "--size", "1024", "--secs", &secs_s, "--rate", "1000",
+            ],
         )
         .and_then(|p| p.wait_ok());
     // SAFETY: signalling our own child; SIGINT makes perf stat write its counts and exit.

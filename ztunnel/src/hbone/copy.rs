@@ -327,10 +327,14 @@ mod tests {
         // The app reads nothing, so the tunnel → socket direction is stuck writing: the
         // reset can only be seen on the send half.
         let (_app, task, _) = start_copy(tunnel, 1024);
-        peer.write_all(&[7u8; 32 * 1024]).await.expect("peer writes");
+        peer.write_all(&[7u8; 32 * 1024])
+            .await
+            .expect("peer writes");
         tokio::time::sleep(Duration::from_millis(200)).await;
         peer.split_mut().1.send_reset(Reason::INTERNAL_ERROR);
-        ended(task).await.expect_err("an error reset fails the copy");
+        ended(task)
+            .await
+            .expect_err("an error reset fails the copy");
     }
 
     #[tokio::test]
@@ -346,7 +350,9 @@ mod tests {
         assert_eq!(got, b"last");
         // The app keeps its side open; the peer gives up on it.
         peer.split_mut().1.send_reset(Reason::INTERNAL_ERROR);
-        ended(task).await.expect_err("an error reset fails the copy");
+        ended(task)
+            .await
+            .expect_err("an error reset fails the copy");
     }
 
     /// A request/response exchange polls the copy once per message: nothing wakes it
@@ -364,7 +370,9 @@ mod tests {
             app.write_all(&request).await.expect("app writes");
             peer.read_exact(&mut buf).await.expect("peer reads");
             peer.write_all(&buf).await.expect("peer answers");
-            app.read_exact(&mut buf).await.expect("app reads the answer");
+            app.read_exact(&mut buf)
+                .await
+                .expect("app reads the answer");
         };
         exchange(&mut app, &mut peer).await;
         let before = polls.load(Ordering::Relaxed);

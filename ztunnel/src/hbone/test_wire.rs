@@ -72,4 +72,3 @@ pub(crate) async fn stream_pair(
         vec![client_driver, server_driver],
     )
 }
-
