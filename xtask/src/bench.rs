@@ -31,6 +31,10 @@ pub struct Options {
     /// a ztunnel hands over to a successor at 200 new connections/s
     #[arg(long, conflicts_with = "scenarios")]
     pub upgrade_only: bool,
+    /// Measure only request/response latency, and the proxies' context switches,
+    /// syscalls and CPU per request (a short loop while working on latency)
+    #[arg(long, conflicts_with = "upgrade_only")]
+    pub latency_only: bool,
 }
 
 /// The Istio ztunnel binary as an absolute path (the harness runs it inside pods), or a
@@ -93,6 +97,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     if options.upgrade_only {
         cmd.arg("--upgrade-only");
+    }
+    if options.latency_only {
+        cmd.arg("--latency-only");
     }
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);

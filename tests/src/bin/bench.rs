@@ -19,6 +19,10 @@ struct Cli {
     /// a fixed connection rate), not S0–S3.
     #[arg(long, conflicts_with = "only")]
     upgrade_only: bool,
+    /// Measure only request/response latency, and the proxies' context switches,
+    /// syscalls and CPU per request.
+    #[arg(long, conflicts_with = "upgrade_only")]
+    latency_only: bool,
     /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
     #[arg(long)]
     profile: bool,
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         out_dir: cli.out.clone(),
         istio_ztunnel: cli.istio_ztunnel,
         upgrade_only: cli.upgrade_only,
+        latency_only: cli.latency_only,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(

@@ -18,6 +18,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         out_dir: dir.path().to_owned(),
         istio_ztunnel,
         upgrade_only: false,
+        latency_only: false,
     })?;
     let ran: Vec<Scenario> = Scenario::ALL
         .into_iter()

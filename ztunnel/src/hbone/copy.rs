@@ -2,17 +2,21 @@
 //! on the client side, the connection to the destination pod on the server side).
 //!
 //! Tunnel → socket takes DATA frames from h2 as they arrived and writes them out without
-//! an intermediate buffer. Socket → tunnel reads into a buffer that grows 1 KiB → 16 KiB
-//! → 256 KiB while reads keep filling it and shrinks back when traffic gets thin (Istio's
-//! buffers only grow, `HBONE.md`, "Copying"); what was read is handed to h2 without a
-//! copy. At the smallest size reads land in a per-thread scratch buffer and leave as exact
-//! copies: an idle tunnel holds no read buffer at all.
+//! an intermediate buffer. Socket → tunnel reads go into a per-thread 16 KiB scratch
+//! buffer and leave as exact copies, so an idle tunnel holds no read buffer at all; once
+//! a read fills the scratch, into a 256 KiB buffer of the connection's own, handed to h2
+//! without a copy, until traffic gets thin again (Istio's buffers only grow, `HBONE.md`,
+//! "Copying"). The scratch is larger than a typical message so that a read of a whole
+//! message does not fill it: tokio then knows the socket is drained and does not try
+//! another read that would only say `EAGAIN` (a 1 KiB scratch cost one such `recvfrom`
+//! every few 1 KiB messages).
 
 use std::{
     cell::RefCell,
     future::poll_fn,
     io,
     pin::Pin,
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
     task::{Context, Poll, ready},
 };
 
@@ -36,7 +40,8 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; BUFFER_SIZES[0]]);
 }
 
-const BUFFER_SIZES: [usize; 3] = [1024, 16 * 1024, 256 * 1024];
+/// The scratch buffer's size, then the connection's own buffer's.
+const BUFFER_SIZES: [usize; 2] = [16 * 1024, 256 * 1024];
 /// Reads this many times smaller than the current size count as "thin traffic".
 const SHRINK_RATIO: usize = 8;
 /// Consecutive thin reads before stepping the size down.
@@ -46,21 +51,38 @@ const SHRINK_AFTER: u8 = 4;
 /// peer's END_STREAM shuts down the socket's write side, the socket's EOF sends
 /// END_STREAM. An error in either direction ends both; dropping the tunnel afterwards
 /// resets it.
+///
+/// A peer's reset must end the copy even while the socket has nothing to say. While the
+/// tunnel → socket direction waits on h2 for data, a reset reaches it there (as EOF or an
+/// error). Only while that direction is elsewhere — writing to a socket that does not
+/// take the data, or finished after the peer's END_STREAM — does the socket → tunnel
+/// direction also watch for the reset on the send half. It does not watch all the time:
+/// h2 keeps a single waker per stream for "send capacity or reset", and a task left
+/// registered there is woken each time the connection task hands the stream capacity,
+/// that is, after every message it sends: a second, useless wakeup of this task per
+/// message that also pushed it onto tokio's shared run queue, waking the other worker
+/// thread to steal it (ARCHITECTURE.md, "Performance": "Latency").
 pub async fn copy_bidirectional<S>(tunnel: &mut H2Stream, socket: S) -> io::Result<Transferred>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut socket_read, mut socket_write) = tokio::io::split(socket);
     let (recv, send) = tunnel.split_mut();
+    // Whether the tunnel → socket direction is not waiting on h2 (so a reset would not
+    // reach it): then the other direction watches for one. Both directions run in this
+    // one task: an atomic only because the future must be `Send`.
+    let watch_reset = AtomicBool::new(false);
 
     let tunnel_to_socket = async {
         let mut total = 0u64;
         while let Some(chunk) = recv.chunk().await? {
             total += chunk.len() as u64;
-            socket_write.write_all(&chunk).await?;
-            // A no-op for TCP; pushes out records when the socket is TLS.
-            socket_write.flush().await?;
+            write_all_watching(&mut socket_write, &chunk, &watch_reset).await?;
         }
+        // The tunnel's receiving side is done: a reset can only come through the send
+        // half from now on. Polled again at once so that the other direction starts
+        // watching.
+        watch_from_now(&watch_reset).await;
         socket_write.shutdown().await?;
         Ok::<_, io::Error>(total)
     };
@@ -69,12 +91,19 @@ where
         let mut total = 0u64;
         let mut buf = ReadBuffer::default();
         loop {
-            let read = poll_fn(|cx| buf.poll_read(Pin::new(&mut socket_read), cx));
-            // The peer resetting the tunnel must end this direction even while the
-            // socket has nothing to say.
-            let chunk = tokio::select! {
-                read = read => read?,
-                reset = peer_reset(send) => return reset.map(|()| total),
+            let chunk = poll_fn(|cx| {
+                if let Poll::Ready(read) = buf.poll_read(Pin::new(&mut socket_read), cx) {
+                    return Poll::Ready(read.map(Some));
+                }
+                if watch_reset.load(Relaxed) {
+                    return send.poll_peer_reset(cx).map_ok(|()| None);
+                }
+                Poll::Pending
+            })
+            .await?;
+            let Some(chunk) = chunk else {
+                // Reset by the peer as a normal end.
+                return Ok(total);
             };
             if chunk.is_empty() {
                 break;
@@ -94,13 +123,65 @@ where
     })
 }
 
-/// Waits for the peer to reset the tunnel: `Ok` for a plain cancel, the error otherwise.
-async fn peer_reset(send: &mut super::stream::SendHalf) -> io::Result<()> {
-    match send.reset().await {
-        Ok(reason) if reason == h2::Reason::NO_ERROR || reason == h2::Reason::CANCEL => Ok(()),
-        Ok(reason) => Err(super::stream::h2_to_io(reason.into())),
-        Err(e) => Err(super::stream::h2_to_io(e)),
-    }
+/// Writes (and flushes) `data`; while the socket does not take it, `watch_reset` is set
+/// and the task polled again at once, so that the other direction watches for the
+/// peer's reset (see [`copy_bidirectional`]).
+async fn write_all_watching<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    watch_reset: &AtomicBool,
+) -> io::Result<()> {
+    let mut rest = data;
+    let mut flushed = false;
+    poll_fn(|cx| {
+        let step = loop {
+            if !rest.is_empty() {
+                match Pin::new(&mut *w).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => rest = &rest[n..],
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            } else if !flushed {
+                // A no-op for TCP; pushes out records when the socket is TLS.
+                match Pin::new(&mut *w).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => flushed = true,
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            } else {
+                break Poll::Ready(Ok(()));
+            }
+        };
+        match step {
+            Poll::Pending => {
+                if !watch_reset.swap(true, Relaxed) {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+            done => {
+                watch_reset.store(false, Relaxed);
+                done
+            }
+        }
+    })
+    .await
+}
+
+/// Sets `watch_reset` and has the task polled again once (see [`copy_bidirectional`]).
+async fn watch_from_now(watch_reset: &AtomicBool) {
+    watch_reset.store(true, Relaxed);
+    let mut woken = false;
+    poll_fn(|cx| {
+        if woken {
+            return Poll::Ready(());
+        }
+        woken = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 /// The socket → tunnel read buffer and its sizing policy.
@@ -124,7 +205,7 @@ impl ReadBuffer {
 
     /// Reads what the socket has: at the smallest size into this thread's scratch buffer,
     /// leaving as an exact copy (so an idle tunnel holds no buffer, and a small read
-    /// leaves no 1 KiB allocation behind in the heap), larger into the growing buffer,
+    /// leaves no 16 KiB allocation behind in the heap), larger into the growing buffer,
     /// handed over without a copy. An empty chunk is EOF.
     fn poll_read<S: AsyncRead>(
         &mut self,
@@ -181,7 +262,132 @@ impl ReadBuffer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use std::time::Duration;
+
+    use h2::Reason;
+    use tokio::io::{AsyncReadExt as _, DuplexStream};
+
     use super::*;
+    use crate::hbone::test_wire::stream_pair;
+
+    /// Generous: only a copy that never ends takes this long.
+    const ENDS_WITHIN: Duration = Duration::from_secs(20);
+
+    /// Runs the copy for `tunnel` against a socket whose other end (the app's) is
+    /// returned with the copy's task, counting how often the copy is polled.
+    fn start_copy(
+        mut tunnel: H2Stream,
+        socket_buffer: usize,
+    ) -> (
+        DuplexStream,
+        tokio::task::JoinHandle<io::Result<Transferred>>,
+        Arc<AtomicUsize>,
+    ) {
+        let (app, proxy_side) = tokio::io::duplex(socket_buffer);
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let task = tokio::spawn(async move {
+            let mut copy = std::pin::pin!(copy_bidirectional(&mut tunnel, proxy_side));
+            poll_fn(|cx| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                copy.as_mut().poll(cx)
+            })
+            .await
+        });
+        (app, task, polls)
+    }
+
+    async fn ended(
+        task: tokio::task::JoinHandle<io::Result<Transferred>>,
+    ) -> io::Result<Transferred> {
+        tokio::time::timeout(ENDS_WITHIN, task)
+            .await
+            .expect("the copy ended after the peer's reset")
+            .expect("copy task")
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_ends_the_copy_while_the_socket_is_idle() {
+        for (reason, graceful) in [(Reason::CANCEL, true), (Reason::INTERNAL_ERROR, false)] {
+            let (mut peer, tunnel, _drivers) = stream_pair(64 * 1024).await;
+            let (_app, task, _) = start_copy(tunnel, 64 * 1024);
+            peer.split_mut().1.send_reset(reason);
+            let result = ended(task).await;
+            assert_eq!(result.is_ok(), graceful, "{reason:?}: {result:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_ends_the_copy_while_the_app_does_not_read() {
+        let (mut peer, tunnel, _drivers) = stream_pair(64 * 1024).await;
+        // The app reads nothing, so the tunnel → socket direction is stuck writing: the
+        // reset can only be seen on the send half.
+        let (_app, task, _) = start_copy(tunnel, 1024);
+        peer.write_all(&[7u8; 32 * 1024])
+            .await
+            .expect("peer writes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peer.split_mut().1.send_reset(Reason::INTERNAL_ERROR);
+        ended(task)
+            .await
+            .expect_err("an error reset fails the copy");
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_after_its_end_stream_ends_the_copy() {
+        let (mut peer, tunnel, _drivers) = stream_pair(64 * 1024).await;
+        let (mut app, task, _) = start_copy(tunnel, 64 * 1024);
+        peer.write_all(b"last").await.expect("peer writes");
+        peer.shutdown().await.expect("peer's END_STREAM");
+        let mut got = Vec::new();
+        app.read_to_end(&mut got)
+            .await
+            .expect("the app reads the peer's half-close");
+        assert_eq!(got, b"last");
+        // The app keeps its side open; the peer gives up on it.
+        peer.split_mut().1.send_reset(Reason::INTERNAL_ERROR);
+        ended(task)
+            .await
+            .expect_err("an error reset fails the copy");
+    }
+
+    /// A request/response exchange polls the copy once per message: nothing wakes it
+    /// besides the data. With the copy always registered for "send capacity or reset",
+    /// h2 woke it once more after every message it sent: 3 polls per exchange, not 2.
+    #[tokio::test]
+    async fn request_response_polls_the_copy_once_per_message() {
+        const EXCHANGES: usize = 200;
+        let (mut peer, tunnel, _drivers) = stream_pair(64 * 1024).await;
+        let (mut app, task, polls) = start_copy(tunnel, 64 * 1024);
+        let request = [1u8; 1024];
+        let mut buf = [0u8; 1024];
+        // One exchange first: the copy's start is not what is measured.
+        let mut exchange = async |app: &mut DuplexStream, peer: &mut H2Stream| {
+            app.write_all(&request).await.expect("app writes");
+            peer.read_exact(&mut buf).await.expect("peer reads");
+            peer.write_all(&buf).await.expect("peer answers");
+            app.read_exact(&mut buf)
+                .await
+                .expect("app reads the answer");
+        };
+        exchange(&mut app, &mut peer).await;
+        let before = polls.load(Ordering::Relaxed);
+        for _ in 0..EXCHANGES {
+            exchange(&mut app, &mut peer).await;
+        }
+        let per_exchange = (polls.load(Ordering::Relaxed) - before) as f64 / EXCHANGES as f64;
+        assert!(
+            per_exchange <= 2.5,
+            "{per_exchange} polls of the copy per request/response"
+        );
+        drop(app);
+        peer.shutdown().await.expect("peer's END_STREAM");
+        ended(task).await.expect("copy ends after both half-closes");
+    }
 
     #[test]
     fn at_the_smallest_size_nothing_stays_allocated_between_reads() {
@@ -198,20 +404,29 @@ mod tests {
     #[test]
     fn buffer_grows_on_full_reads_and_shrinks_on_thin_ones() {
         let mut b = ReadBuffer::default();
-        assert!(b.prepare() >= 1024);
-        b.bytes.resize(1024, 0);
-        b.take(1024, 1024);
-        assert!(b.prepare() >= 16 * 1024);
+        // A read that fills the scratch: the socket likely holds more.
+        assert!(!b.adjust(BUFFER_SIZES[0], BUFFER_SIZES[0]));
+        assert_eq!(b.level, 1);
         let room = b.prepare();
+        assert!(room >= 256 * 1024);
         b.bytes.resize(room, 0);
         b.take(room, room);
-        assert!(b.prepare() >= 256 * 1024);
+        assert_eq!(b.level, 1, "the largest size stays");
         for _ in 0..SHRINK_AFTER {
             b.prepare();
             b.bytes.resize(10, 0);
             b.take(10, 256 * 1024);
         }
-        assert_eq!(b.level, 1);
-        assert!(b.bytes.capacity() < 256 * 1024);
+        assert_eq!(b.level, 0);
+        assert_eq!(b.bytes.capacity(), 0, "back to the scratch");
+    }
+
+    #[test]
+    fn a_whole_small_message_does_not_fill_the_scratch() {
+        // tokio takes a read that filled its buffer as "maybe more", and reads again.
+        let mut b = ReadBuffer::default();
+        assert!(BUFFER_SIZES[0] > 4 * 1024);
+        assert!(!b.adjust(1024, BUFFER_SIZES[0]));
+        assert_eq!(b.level, 0);
     }
 }

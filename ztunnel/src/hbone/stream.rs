@@ -238,6 +238,23 @@ impl SendHalf {
     pub async fn reset(&mut self) -> Result<Reason, h2::Error> {
         poll_fn(|cx| self.send.poll_reset(cx)).await
     }
+
+    /// Resets the stream with `reason`, as a peer would.
+    #[cfg(test)]
+    pub(crate) fn send_reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+
+    /// Ready when the peer has reset the stream: `Ok` for a normal end (CANCEL or
+    /// NO_ERROR), the error otherwise. Pending registers the task in h2's one waker slot
+    /// for "send capacity or reset" (see `copy::copy_bidirectional` for what that costs).
+    pub fn poll_peer_reset(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(reason) if is_graceful(reason) => Ok(()),
+            Ok(reason) => Err(h2_to_io(reason.into())),
+            Err(e) => Err(h2_to_io(e)),
+        })
+    }
 }
 
 impl AsyncWrite for SendHalf {
@@ -289,44 +306,10 @@ pub(crate) fn h2_to_io(e: h2::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A client and a server stream over an in-memory connection, both already past the
-    /// CONNECT/200 exchange. The returned task handles drive the two connections.
     async fn pair() -> (H2Stream, H2Stream, Vec<tokio::task::JoinHandle<()>>) {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(b).await.expect("server handshake");
-            let (req, mut respond) = conn
-                .accept()
-                .await
-                .expect("a stream")
-                .expect("stream accepted");
-            let send = respond
-                .send_response(Response::new(()), false)
-                .expect("response sent");
-            let stream = H2Stream::new(send, req.into_body());
-            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            (stream, driver)
-        });
-        let (mut client, conn) = h2::client::handshake(a).await.expect("client handshake");
-        let client_driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut req = Request::new(());
-        *req.method_mut() = Method::CONNECT;
-        *req.uri_mut() = "10.0.0.1:80".parse().expect("uri");
-        let (resp, send) = client.send_request(req, false).expect("request sent");
-        let resp = resp.await.expect("response");
-        assert_eq!(resp.status(), StatusCode::OK);
-        let client_stream = H2Stream::new(send, resp.into_body());
-        let (server_stream, server_driver) = server.await.expect("server task");
-        (
-            client_stream,
-            server_stream,
-            vec![client_driver, server_driver],
-        )
+        crate::hbone::test_wire::stream_pair(64 * 1024).await
     }
 
     #[tokio::test]

@@ -37,16 +37,17 @@ pub(super) fn accept(
     let opening = Box::pin(async move {
         let (src, dst) = destination(&proxy, &pod, &stream, src)?;
         let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
-        let opened = open(&proxy, &pod, stream, src, dst)
-            .instrument(span.clone())
-            .await?;
-        Some((opened, span))
+        open(&proxy, &pod, stream, src, dst).instrument(span).await
     });
+    // The `outbound` span names the connection in what the opening logs. The copy logs
+    // nothing (the access line has no parent span), so it runs outside the span: no
+    // span entered and left at every poll of a busy connection, and none kept by an idle
+    // one (393 bytes of the client's share per connection in the heap profile above).
     async move {
-        let Some((opened, span)) = opening.await else {
+        let Some(opened) = opening.await else {
             return;
         };
-        copy(&closer, opened).instrument(span).await;
+        copy(&closer, opened).await;
     }
 }
 
