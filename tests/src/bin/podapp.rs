@@ -398,10 +398,16 @@ fn http_rr(addr: SocketAddr, path: &str, secs: Duration, rate: Option<u32>) -> a
         let start = tokio::time::Instant::now();
         let mut n = 0u64;
         while start.elapsed() < secs {
+            // The clock starts at the scheduled time. Waiting with the thread's sleep, as
+            // `rr` does: tokio's timer has a 1 ms granularity, which would add up to a
+            // millisecond to every latency (nothing else runs on this runtime between
+            // requests).
             let t0 = match interval {
                 Some(i) => {
                     let due = start + i * u32::try_from(n)?;
-                    tokio::time::sleep_until(due).await;
+                    if let Some(wait) = due.checked_duration_since(tokio::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
                     due
                 }
                 None => tokio::time::Instant::now(),
