@@ -21,11 +21,7 @@ struct Mesh {
     _servers: Vec<PodProcess>,
 }
 
-fn mesh() -> anyhow::Result<Mesh> {
-    mesh_with(&[])
-}
-
-/// [`mesh`], with `v2_args` added to db v2's HTTP server.
+/// The mesh above, with `v2_args` added to db v2's HTTP server.
 fn mesh_with(v2_args: &[&str]) -> anyhow::Result<Mesh> {
     let mut t = Topology::new()?;
     t.add_node()?;
@@ -84,6 +80,28 @@ httpRoutes:
           - { name: db-v2, port: 80, weight: 10 }
 "#;
 
+/// A mesh whose file holds `config`, with both nodes' ztunnels and the waypoint
+/// running; `v2_args` go to db v2's server, `waypoint_args` to the waypoint.
+struct Running {
+    m: Mesh,
+    w: Waypoint,
+    z1: ztunnel_tests::Ztunnel,
+    z2: ztunnel_tests::Ztunnel,
+}
+
+fn running(config: &str, v2_args: &[&str], waypoint_args: &[&str]) -> anyhow::Result<Running> {
+    let mut m = mesh_with(v2_args)?;
+    m.write(config)?;
+    let file = m.t.workloads_path();
+    let z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
+    let z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
+    let mut source = Waypoint::file_source(&m.t);
+    source.args(waypoint_args);
+    let wp = m.wp.clone();
+    let w = Waypoint::start_with(&mut m.t, &wp, "waypoint", source)?;
+    Ok(Running { m, w, z1, z2 })
+}
+
 impl Mesh {
     fn write(&self, extra: &str) -> anyhow::Result<()> {
         let s = self.t.subnet();
@@ -117,11 +135,6 @@ impl Mesh {
         self.t.write_workloads_text(&yaml)
     }
 
-    fn start_waypoint(&mut self) -> anyhow::Result<Waypoint> {
-        let wp = self.wp.clone();
-        Waypoint::start(&mut self.t, &wp, "waypoint")
-    }
-
     /// `podapp http-get` from `pod` to db's VIP; its stdout.
     fn get(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
         let pod = pod.clone();
@@ -143,12 +156,7 @@ fn summary(out: &str) -> anyhow::Result<std::collections::BTreeMap<String, usize
 
 #[test]
 fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> anyhow::Result<()> {
-    let mut m = mesh()?;
-    m.write(L7)?;
-    let file = m.t.workloads_path();
-    let z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
-    let z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
-    let w = m.start_waypoint()?;
+    let Running { mut m, w, z1, z2 } = running(L7, &[], &[])?;
     let (a, c) = (m.a.clone(), m.c.clone());
 
     // 1,000 GETs over HTTP/1.1 on one connection: every one allowed, split exactly 90/10
@@ -286,12 +294,12 @@ const RESILIENCE: &str = r#"httpRoutes:
 #[test]
 fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upgrades_http2_and_tcp()
 -> anyhow::Result<()> {
-    let mut m = mesh_with(&["--fail-every", "2"])?;
-    m.write(RESILIENCE)?;
-    let file = m.t.workloads_path();
-    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
-    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
-    let w = m.start_waypoint()?;
+    let Running {
+        mut m,
+        w,
+        z1: _z1,
+        z2: _z2,
+    } = running(RESILIENCE, &["--fail-every", "2"], &[])?;
     let a = m.a.clone();
 
     // Every second answer of db v2 is a 503; Istio's default retry (2, on 503) hides
@@ -341,15 +349,12 @@ fn the_waypoint_retries_a_failing_backend_times_out_slow_requests_and_passes_upg
 /// (not at its drain timeout).
 #[test]
 fn sigterm_drains_the_waypoint_answering_what_is_in_flight() -> anyhow::Result<()> {
-    let mut m = mesh()?;
-    m.write(RESILIENCE)?;
-    let file = m.t.workloads_path();
-    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
-    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
-    let mut source = Waypoint::file_source(&m.t);
-    source.arg("--drain-timeout").arg("120s");
-    let wp = m.wp.clone();
-    let mut w = Waypoint::start_with(&mut m.t, &wp, "waypoint", source)?;
+    let Running {
+        mut m,
+        mut w,
+        z1: _z1,
+        z2: _z2,
+    } = running(RESILIENCE, &[], &["--drain-timeout", "120s"])?;
     let a = m.a.clone();
     // Warm: the tunnels are up.
     let out = m.get(&a, &["--path", "/orders/1"])?;
@@ -392,15 +397,12 @@ fn sigterm_drains_the_waypoint_answering_what_is_in_flight() -> anyhow::Result<(
 /// HBONE connection (pooled), c's is closed at once and counted; a is still served.
 #[test]
 fn the_waypoint_closes_connections_over_its_limit_and_counts_them() -> anyhow::Result<()> {
-    let mut m = mesh()?;
-    m.write(RESILIENCE)?;
-    let file = m.t.workloads_path();
-    let _z1 = m.t.start_ztunnel_with_file("node1", false, &file)?;
-    let _z2 = m.t.start_ztunnel_with_file("node2", false, &file)?;
-    let mut source = Waypoint::file_source(&m.t);
-    source.arg("--max-connections").arg("1");
-    let wp = m.wp.clone();
-    let w = Waypoint::start_with(&mut m.t, &wp, "waypoint", source)?;
+    let Running {
+        mut m,
+        w,
+        z1: _z1,
+        z2: _z2,
+    } = running(RESILIENCE, &[], &["--max-connections", "1"])?;
     let (a, c) = (m.a.clone(), m.c.clone());
     let out = m.get(&a, &["--path", "/orders/1"])?;
     assert!(out.contains("status=200"), "{out}\n{}", w.log_text());
