@@ -341,18 +341,17 @@ impl hyper::body::Body for CountOut {
 }
 
 /// Labels for a request from the stream's client to `endpoint` of `service`.
+/// A request's labels as far as the source and the service dialled are known; the
+/// backend and its endpoint are filled in once chosen.
 fn labels(
     store: &Store,
     ctx: &StreamContext,
     service: Option<&crate::state::Service>,
-    endpoint: Option<SocketAddr>,
-    protocol: PortProtocol,
+    headers: &http::HeaderMap,
 ) -> RequestLabels {
-    let _ = protocol;
     let mut l = ConnLabels {
         reporter: REPORTER_WAYPOINT.to_owned(),
-        // `grpc` for gRPC requests is set per request, from the content type.
-        request_protocol: "http".to_owned(),
+        request_protocol: if is_grpc(headers) { "grpc" } else { "http" }.to_owned(),
         ..ConnLabels::default()
     };
     if let Some(w) = store.workload_by_addr(ctx.client.ip()) {
@@ -363,10 +362,6 @@ fn labels(
     }
     if let Some(svc) = service {
         l.set_destination_service(svc);
-    }
-    if let Some(w) = endpoint.and_then(|e| store.workload_by_addr(e.ip())) {
-        l.set_destination(w, &store.cfg.cluster);
-        l.destination_principal = store.identity(w);
     }
     l.connection_security_policy = crate::metrics::SECURITY_MUTUAL_TLS.to_owned();
     RequestLabels {
@@ -392,7 +387,7 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
     let dst_service = ctx.dst.service.as_ref().and_then(|s| service(store, s));
     let mut report = Report {
         ctx: ctx.clone(),
-        labels: labels(store, &ctx, dst_service, None, ctx.dst.protocol),
+        labels: labels(store, &ctx, dst_service, &parts.headers),
         method: parts.method.clone(),
         path: parts.uri.path().to_owned(),
         start,
@@ -532,10 +527,7 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
             local(StatusCode::SERVICE_UNAVAILABLE, NO_HEALTHY_UPSTREAM),
         );
     };
-    report.labels = labels(store, &ctx, Some(backend), None, protocol);
-    if is_grpc(&parts.headers) {
-        report.labels.conn.request_protocol = "grpc".to_owned();
-    }
+    report.labels.conn.set_destination_service(backend);
 
     // A request without a body can be sent again; one with a body goes once (it is not
     // buffered).
@@ -577,9 +569,9 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
                 );
             }
         };
-        report.labels.conn = labels(store, &ctx, Some(backend), Some(endpoint), protocol).conn;
-        if is_grpc(&parts.headers) {
-            report.labels.conn.request_protocol = "grpc".to_owned();
+        if let Some(wl) = store.workload_by_addr(endpoint.ip()) {
+            report.labels.conn.set_destination(wl, &store.cfg.cluster);
+            report.labels.conn.destination_principal = store.identity(wl);
         }
         let mut onward = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty));
         let path = parts
