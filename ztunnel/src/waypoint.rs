@@ -176,7 +176,7 @@ pub struct Waypoint {
     /// `namespace/name` of the waypoint's pod in the workload file.
     own_key: String,
     identity: Identity,
-    cert: RwLock<Arc<WorkloadCertificate>>,
+    creds: RwLock<Arc<Credentials>>,
     snapshot: RwLock<Arc<Snapshot>>,
     pool: hbone::Pool<Hop, Dialer>,
     clients: http::Clients,
@@ -185,6 +185,24 @@ pub struct Waypoint {
     /// `true` once the waypoint drains: HBONE connections send GOAWAY, HTTP connections
     /// close after their request in flight.
     drain: watch::Sender<bool>,
+}
+
+/// The waypoint's certificate and the TLS server config built from it once (not per
+/// connection); replaced together at renewal.
+struct Credentials {
+    cert: Arc<WorkloadCertificate>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl Credentials {
+    fn new(cert: WorkloadCertificate) -> anyhow::Result<Self> {
+        let server = tls::server_config(&cert)
+            .with_context(|| format!("no TLS server config for {}", cert.identity))?;
+        Ok(Credentials {
+            cert: Arc::new(cert),
+            server,
+        })
+    }
 }
 
 /// What the waypoint knows of the client of one HBONE connection.
@@ -212,15 +230,15 @@ impl Waypoint {
             .clone()
     }
 
-    fn cert(&self) -> Arc<WorkloadCertificate> {
-        self.cert.read().unwrap_or_else(|p| p.into_inner()).clone()
+    fn creds(&self) -> Arc<Credentials> {
+        self.creds.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Dials an onward HBONE connection: TCP to the next hop, then mTLS as the waypoint,
     /// accepting only the expected identities.
     async fn dial(&self, hop: &Hop) -> io::Result<HboneIo> {
         let config =
-            tls::client_config(&self.cert(), hop.identities.clone()).map_err(io::Error::other)?;
+            tls::client_config(&self.creds().cert, hop.identities.clone()).map_err(io::Error::other)?;
         let dial = async {
             let tcp = TcpStream::connect(hop.next_hop).await?;
             tcp.set_nodelay(true)?;
@@ -554,6 +572,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cert = ca
         .issue(&identity)
         .with_context(|| format!("failed to issue a certificate for {identity}"))?;
+    let creds = Credentials::new(cert)?;
 
     let waypoint = Arc::new_cyclic(|me: &Weak<Waypoint>| {
         let dialer_of = me.clone();
@@ -577,7 +596,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             },
             own_key: format!("{}/{}", args.namespace, args.pod),
             identity: identity.clone(),
-            cert: RwLock::new(Arc::new(cert)),
+            creds: RwLock::new(Arc::new(creds)),
             snapshot: RwLock::new(Arc::new(Snapshot::new(initial))),
             pool: hbone::Pool::new(settings, dialer),
             clients: http::Clients::new(me.clone()),
@@ -601,14 +620,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let w = waypoint.clone();
     tokio::spawn(async move {
         loop {
-            let at = w.cert().refresh_at();
+            let at = w.creds().cert.refresh_at();
             let wait = at
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or(Duration::from_secs(1));
             tokio::time::sleep(wait).await;
-            match ca.issue(&w.identity) {
-                Ok(cert) => {
-                    *w.cert.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cert);
+            match ca
+                .issue(&w.identity)
+                .map_err(anyhow::Error::from)
+                .and_then(Credentials::new)
+            {
+                Ok(creds) => {
+                    *w.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(creds);
                     tracing::info!(identity = %w.identity, "waypoint certificate renewed");
                 }
                 Err(error) => {
@@ -702,14 +725,7 @@ async fn serve_connection(
         Ok(a) => a.ip(),
         Err(_) => return,
     };
-    let config = match tls::server_config(&w.cert()) {
-        Ok(c) => c,
-        Err(error) => {
-            tracing::warn!(%error, "no TLS config for the waypoint's certificate");
-            return;
-        }
-    };
-    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tls::transport(tcp));
+    let handshake = tokio_rustls::TlsAcceptor::from(w.creds().server.clone()).accept(tls::transport(tcp));
     let tls = match tokio::time::timeout(hbone::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(mut tls)) => {
             tls.get_mut().0.authenticated();
