@@ -64,13 +64,12 @@ impl Waypoint {
         let log = t.dir.path().join(format!("waypoint-{}.log", pod.name));
         let mut cmd = Command::new(ztunnel_bin());
         cmd.args(["waypoint", "--gateway", gateway, "--namespace", "default"])
-            .args([
-                "--pod",
-                &pod.name,
-                "--service-account",
-                &pod.service_account,
-            ])
-            .args(source.get_args())
+            .args(["--service-account", &pod.service_account]);
+        // The pod's own name unless `source` names another (a misconfigured waypoint).
+        if !source.get_args().any(|a| a == "--pod") {
+            cmd.args(["--pod", &pod.name]);
+        }
+        cmd.args(source.get_args())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
         for (k, v) in source.get_envs() {

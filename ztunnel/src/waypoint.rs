@@ -237,8 +237,8 @@ impl Waypoint {
     /// Dials an onward HBONE connection: TCP to the next hop, then mTLS as the waypoint,
     /// accepting only the expected identities.
     async fn dial(&self, hop: &Hop) -> io::Result<HboneIo> {
-        let config =
-            tls::client_config(&self.creds().cert, hop.identities.clone()).map_err(io::Error::other)?;
+        let config = tls::client_config(&self.creds().cert, hop.identities.clone())
+            .map_err(io::Error::other)?;
         let dial = async {
             let tcp = TcpStream::connect(hop.next_hop).await?;
             tcp.set_nodelay(true)?;
@@ -261,6 +261,25 @@ impl Waypoint {
             })?
     }
 
+    /// Where the waypoint sends traffic for `dst`: as its own pod would, which skips its
+    /// waypoint. A route that still goes through a waypoint means the waypoint's own pod
+    /// is not in the config (a wrong `--pod`) — or a backend names another waypoint: it
+    /// is refused, never sent back through a waypoint (a loop through itself).
+    fn onward_route(&self, store: &Store, dst: SocketAddr) -> Route {
+        match store.route(Some(&self.own_key), dst) {
+            Route::Hbone {
+                waypoint: Some(wp), ..
+            } => Route::NoWaypoint {
+                target: dst.to_string(),
+                waypoint: format!(
+                    "{wp}: not through a waypoint again (is this waypoint's pod {} in the config?)",
+                    self.own_key
+                ),
+            },
+            route => route,
+        }
+    }
+
     /// Opens the path to `endpoint` (a workload's address and target port) as the
     /// waypoint's own pod would: an HBONE tunnel to a mesh workload, plain TCP to one
     /// outside the mesh.
@@ -269,7 +288,7 @@ impl Waypoint {
         endpoint: SocketAddr,
         forwarded_for: SocketAddr,
     ) -> Result<Upstream, UpstreamError> {
-        let route = self.snapshot().store.route(Some(&self.own_key), endpoint);
+        let route = self.onward_route(&self.snapshot().store, endpoint);
         match route {
             Route::Hbone {
                 endpoint,
@@ -405,7 +424,7 @@ impl Waypoint {
                 "denied by {policy}: {reason}"
             )));
         }
-        let endpoint = match snap.store.route(Some(&self.own_key), dst.addr) {
+        let endpoint = match self.onward_route(&snap.store, dst.addr) {
             Route::Hbone { endpoint, .. } => endpoint,
             Route::Passthrough { dst } => dst,
             Route::NoWaypoint { target, waypoint } => {
@@ -725,7 +744,8 @@ async fn serve_connection(
         Ok(a) => a.ip(),
         Err(_) => return,
     };
-    let handshake = tokio_rustls::TlsAcceptor::from(w.creds().server.clone()).accept(tls::transport(tcp));
+    let handshake =
+        tokio_rustls::TlsAcceptor::from(w.creds().server.clone()).accept(tls::transport(tcp));
     let tls = match tokio::time::timeout(hbone::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(mut tls)) => {
             tls.get_mut().0.authenticated();

@@ -435,3 +435,34 @@ fn the_waypoint_closes_connections_over_its_limit_and_counts_them() -> anyhow::R
     );
     Ok(())
 }
+
+/// A waypoint started with a `--pod` the config does not have cannot tell its own traffic
+/// from anyone's: a request it sends on to db (which names the waypoint; no route here)
+/// would go through the waypoint again, to itself.
+/// It is refused (503, the reason in the access log) instead of looping.
+#[test]
+fn a_waypoint_that_does_not_know_its_own_pod_refuses_rather_than_loops() -> anyhow::Result<()> {
+    let Running {
+        mut m,
+        w,
+        z1: _z1,
+        z2: _z2,
+    } = running("", &[], &["--pod", "not-in-the-config"])?;
+    let a = m.a.clone();
+    let out = m.get(&a, &["--path", "/orders/1"])?;
+    assert!(out.contains("status=503"), "{out}\n{}", w.log_text());
+    let log = w.log_text();
+    assert!(
+        log.contains("not through a waypoint again") && log.contains("default/not-in-the-config"),
+        "{log}"
+    );
+    // One request in, one answer: nothing went round.
+    let text = w.metrics()?;
+    let total: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(total, 1, "{text}");
+    Ok(())
+}

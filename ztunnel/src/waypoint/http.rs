@@ -551,7 +551,7 @@ async fn handle(ctx: Arc<StreamContext>, mut req: Request<Incoming>) -> Response
         if attempt > 0 {
             tokio::time::sleep(backoff(plan.backoff, attempt)).await;
         }
-        let endpoint = match store.route(Some(&w.own_key), SocketAddr::new(vip, port)) {
+        let endpoint = match w.onward_route(store, SocketAddr::new(vip, port)) {
             Route::Hbone { endpoint, .. } => endpoint,
             Route::Passthrough { dst } => dst,
             Route::NoWaypoint { target, waypoint } => {
