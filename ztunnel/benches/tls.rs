@@ -1,0 +1,239 @@
+//! What TLS costs per byte on an established HBONE connection, for each cipher suite
+//! ztunnel offers (`cargo bench -p ztunnel --bench tls`). A client and a server session
+//! (the server with ztunnel's own `tls::server_config`) hand 16 KiB writes to each other
+//! in memory: the client encrypts, the server decrypts — what the two ztunnels on a
+//! tunnel's path do to each byte. No sockets, so the figures are the crypto and rustls'
+//! record layer alone, free of the bench topology's noise.
+//!
+//! The client offers a single suite, so the handshake settles on it; its certificate check
+//! is skipped (the handshake is not what is measured). Time is the bench thread's CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`), not the wall clock: on a shared machine, time spent
+//! waiting for a core is not charged to the suite.
+use std::{
+    io::{Read as _, Write as _},
+    sync::Arc,
+    time::Duration,
+};
+
+use criterion::{
+    Criterion, Throughput,
+    measurement::{Measurement, ValueFormatter, WallTime},
+};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, ServerConnection, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use ztunnel::{
+    identity::{BuiltinCa, Identity},
+    tls,
+};
+
+const TD: &str = "cluster.local";
+/// One write: a full TLS record's worth of plaintext, as a busy tunnel sends.
+const CHUNK: usize = 16 * 1024;
+/// Plaintext moved per iteration.
+const PER_ITER: usize = 64 * CHUNK;
+
+/// The calling thread's CPU time (user and system), in the wall clock's units and format.
+struct ThreadCpu;
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu()
+    }
+
+    fn end(&self, start: Duration) -> Duration {
+        thread_cpu().saturating_sub(start)
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, d: &Duration) -> f64 {
+        d.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        static WALL: WallTime = WallTime;
+        WALL.formatter()
+    }
+}
+
+#[derive(Debug)]
+struct AcceptAny(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+fn pump_to_server(
+    client: &mut ClientConnection,
+    server: &mut ServerConnection,
+    wire: &mut Vec<u8>,
+) {
+    wire.clear();
+    while client.wants_write() {
+        client.write_tls(wire).expect("client writes records");
+    }
+    let mut rd = &wire[..];
+    while !rd.is_empty() {
+        server.read_tls(&mut rd).expect("server takes records");
+        server.process_new_packets().expect("server decrypts");
+    }
+}
+
+fn pump_to_client(
+    server: &mut ServerConnection,
+    client: &mut ClientConnection,
+    wire: &mut Vec<u8>,
+) {
+    wire.clear();
+    while server.wants_write() {
+        server.write_tls(wire).expect("server writes records");
+    }
+    let mut rd = &wire[..];
+    while !rd.is_empty() {
+        client.read_tls(&mut rd).expect("client takes records");
+        client.process_new_packets().expect("client decrypts");
+    }
+}
+
+fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConnection) {
+    let (root_pem, key_pem) = BuiltinCa::generate_root_pem(TD).expect("root");
+    let ca = BuiltinCa::from_pem(
+        "bench",
+        root_pem.as_bytes(),
+        key_pem.as_bytes(),
+        TD,
+        Duration::from_secs(3600),
+    )
+    .expect("ca");
+    let server_cert = ca
+        .issue(&Identity::new(TD, "bench", "server"))
+        .expect("server cert");
+    let client_cert = ca
+        .issue(&Identity::new(TD, "bench", "client"))
+        .expect("client cert");
+    let server_config = tls::server_config(&server_cert).expect("server config");
+
+    let base = tls::provider();
+    let provider = Arc::new(CryptoProvider {
+        cipher_suites: vec![suite],
+        ..(*base).clone()
+    });
+    let algorithms = provider.signature_verification_algorithms;
+    let mut client_config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(algorithms)))
+        .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
+        .expect("client config");
+    client_config.alpn_protocols = vec![b"h2".to_vec()];
+
+    let mut client = ClientConnection::new(
+        Arc::new(client_config),
+        ServerName::try_from("bench.invalid").expect("name"),
+    )
+    .expect("client session");
+    let mut server = ServerConnection::new(server_config).expect("server session");
+    let mut wire = Vec::new();
+    while client.is_handshaking() || server.is_handshaking() {
+        pump_to_server(&mut client, &mut server, &mut wire);
+        pump_to_client(&mut server, &mut client, &mut wire);
+    }
+    assert_eq!(
+        client.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(suite.suite()),
+        "the handshake settled on the suite the client offered"
+    );
+    (client, server)
+}
+
+fn suites(c: &mut Criterion<ThreadCpu>) {
+    let mut group = c.benchmark_group("tls/record");
+    group.throughput(Throughput::Bytes(PER_ITER as u64));
+    for suite in tls::provider().cipher_suites.iter().copied() {
+        let (mut client, mut server) = session(suite);
+        let chunk = vec![0x5au8; CHUNK];
+        let mut wire = Vec::with_capacity(2 * CHUNK);
+        let mut out = vec![0u8; CHUNK];
+        let name = format!("{:?}", suite.suite());
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                // Record by record: rustls buffers a limited amount of plaintext each way.
+                for _ in 0..PER_ITER / CHUNK {
+                    client.writer().write_all(&chunk).expect("client plaintext");
+                    pump_to_server(&mut client, &mut server, &mut wire);
+                    let mut got = 0;
+                    while got < CHUNK {
+                        let n = server.reader().read(&mut out).expect("server plaintext");
+                        assert!(n > 0, "the server got all the client sent");
+                        got += n;
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .with_measurement(ThreadCpu)
+        .configure_from_args();
+    suites(&mut c);
+    c.final_summary();
+}
