@@ -29,6 +29,9 @@ const ID_PREFIX: &str = "ztbenchx";
 /// The upgrade rounds' topologies: `ztbenchu<round>`.
 const UPGRADE_ID_PREFIX: &str = "ztbenchu";
 const MAX_ROUNDS: usize = 7;
+/// Connections the connection-rate client (`podapp conns`) keeps in flight: enough that
+/// without a mesh the client and the echo server, not the wait for each answer, set the rate.
+const CONN_CONCURRENCY: usize = 32;
 /// The HTTP server's port (`podapp http-serve`), behind the service port 80.
 const HTTP_PORT: u16 = 8081;
 /// New connections per second through the upgraded ztunnel: half from its node's pod to
@@ -941,7 +944,7 @@ fn run_scenario(
     std::thread::sleep(Duration::from_millis(500));
     let idle = max_rss(&proxies)?;
 
-    let _echo = topo.serve(&server, server.addr(ECHO_PORT))?;
+    let echo_threads = topo.serve(&server, server.addr(ECHO_PORT))?;
     let echo = server.addr(ECHO_PORT).to_string();
     if opts.latency_only {
         rr_phases(&mut topo, &client, &echo, opts.secs(), &proxies, &mut f)?;
@@ -1049,13 +1052,25 @@ fn run_scenario(
         http_figures(&mut topo, &client, dst, secs, None, &mut f)?;
     }
 
+    // New connections: the echo server becomes an event loop (a thread per connection
+    // would be most of what the rate measures), the same for every scenario.
+    drop(echo_threads);
+    let _echo = topo.serve_with(&server, server.addr(ECHO_PORT), &["--event-loop"])?;
     let cpu0 = cpu_seconds(&proxies)?;
     let perf = Profiler::start(opts, s, "connections", &proxies)?;
+    let concurrency = CONN_CONCURRENCY.to_string();
     let v = json_line(
         &topo
             .spawn(
                 &client,
-                &["conns", &echo, "--secs", &secs_s, "--threads", "4"],
+                &[
+                    "conns",
+                    &echo,
+                    "--secs",
+                    &secs_s,
+                    "--concurrency",
+                    &concurrency,
+                ],
             )?
             .wait_ok()?,
     )?;
@@ -1459,7 +1474,7 @@ fn capture_kernel_cost(
             &topo
                 .spawn(
                     client,
-                    &["conns", echo, "--secs", &phase_s, "--threads", "1"],
+                    &["conns", echo, "--secs", &phase_s, "--concurrency", "1"],
                 )?
                 .wait_ok()?,
         )
@@ -1553,7 +1568,10 @@ fn ebpf_cost(
     let before = bpf_runs(ztunnels)?;
     let v = json_line(
         &topo
-            .spawn(client, &["conns", echo, "--secs", &phase, "--threads", "1"])?
+            .spawn(
+                client,
+                &["conns", echo, "--secs", &phase, "--concurrency", "1"],
+            )?
             .wait_ok()?,
     )?;
     let after = bpf_runs(ztunnels)?;

@@ -143,6 +143,8 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     store: RwLock<Arc<Store>>,
     pub certs: Arc<CertificateManager>,
+    /// The HBONE dials' TLS client configs, per source certificate and expected identities.
+    client_configs: tls::ClientConfigs,
     pods: RwLock<HashMap<String, Arc<PodNet>>>,
     pool: hbone::Pool<PoolKey, Connector>,
     /// `true` tells every HBONE server connection to drain (GOAWAY).
@@ -596,6 +598,7 @@ impl Proxy {
                 metrics,
                 store: RwLock::new(store),
                 certs,
+                client_configs: tls::ClientConfigs::new(tls::CLIENT_CONFIGS_LIMIT),
                 pods: RwLock::default(),
                 pool,
                 drain: tokio::sync::watch::Sender::new(false),
@@ -799,8 +802,10 @@ impl Proxy {
             .get(&key.src_identity)
             .await
             .map_err(io::Error::other)?;
-        let config =
-            tls::client_config(&cert, key.dst_identities.clone()).map_err(io::Error::other)?;
+        let config = self
+            .client_configs
+            .get(&cert, &key.dst_identities)
+            .map_err(io::Error::other)?;
         let tcp = self
             .connect_from_pod(&pod, Some(key.src_ip), key.next_hop, ZTUNNEL_MARK)
             .await?;

@@ -5,6 +5,7 @@
 //!
 //! Configs are built per certificate: when the [`crate::identity::CertificateManager`] renews
 //! one, callers build new configs for new connections and existing connections keep theirs.
+//! Client configs are kept per certificate and expected peer identities ([`ClientConfigs`]).
 
 mod verifier;
 
@@ -195,6 +196,140 @@ pub fn client_config(
     config.enable_sni = false;
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// Client configs the dialling side keeps (see [`ClientConfigs`]): one per source identity
+/// and expected server identities, so about one per pair of service accounts that talk.
+pub const CLIENT_CONFIGS_LIMIT: usize = 1024;
+
+/// The configs [`client_config`] builds, kept per source certificate and expected server
+/// identities: building one parses the roots, builds the verifier and copies the key, which
+/// a dial should not pay each time. An entry is used only while its source identity's
+/// certificate is the one it was built from (chain, key and roots): a renewed certificate
+/// gets a new config, which replaces the old one. At most `limit` entries; adding one at
+/// the limit evicts the least recently used.
+#[derive(Debug)]
+pub struct ClientConfigs {
+    limit: usize,
+    inner: std::sync::Mutex<ConfigsInner>,
+}
+
+#[derive(Debug, Default)]
+struct ConfigsInner {
+    /// Source identity → expected server identities → config.
+    by_source:
+        std::collections::HashMap<Identity, std::collections::HashMap<Vec<Identity>, CachedConfig>>,
+    len: usize,
+    /// Bumped at every lookup: the entries' `used` orders them for eviction.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct CachedConfig {
+    /// Held, so that the pointer compared in [`same_certificate`] cannot be reused.
+    cert: Arc<WorkloadCertificate>,
+    config: Arc<ClientConfig>,
+    used: u64,
+}
+
+fn same_certificate(a: &Arc<WorkloadCertificate>, b: &Arc<WorkloadCertificate>) -> bool {
+    Arc::ptr_eq(a, b)
+        || (a.chain == b.chain && a.roots == b.roots && a.key.secret_der() == b.key.secret_der())
+}
+
+impl ClientConfigs {
+    /// A cache of at most `limit` configs (at least one).
+    pub fn new(limit: usize) -> Self {
+        ClientConfigs {
+            limit: limit.max(1),
+            inner: std::sync::Mutex::new(ConfigsInner::default()),
+        }
+    }
+
+    /// The config [`client_config`] gives for `cert` and `expected`, built once per
+    /// certificate and expected identities.
+    pub fn get(
+        &self,
+        cert: &Arc<WorkloadCertificate>,
+        expected: &[Identity],
+    ) -> Result<Arc<ClientConfig>, Error> {
+        {
+            let mut inner = self.lock();
+            inner.clock += 1;
+            let now = inner.clock;
+            if let Some(e) = inner
+                .by_source
+                .get_mut(&cert.identity)
+                .and_then(|m| m.get_mut(expected))
+                .filter(|e| same_certificate(&e.cert, cert))
+            {
+                e.used = now;
+                return Ok(e.config.clone());
+            }
+        }
+        // Built without the lock: it takes a while, and other dials go on meanwhile.
+        let config = client_config(cert, expected.to_vec())?;
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let replaces = inner
+            .by_source
+            .get(&cert.identity)
+            .is_some_and(|m| m.contains_key(expected));
+        if !replaces && inner.len >= self.limit {
+            inner.evict_least_recently_used();
+        }
+        let entry = CachedConfig {
+            cert: cert.clone(),
+            config: config.clone(),
+            used: now,
+        };
+        if inner
+            .by_source
+            .entry(cert.identity.clone())
+            .or_default()
+            .insert(expected.to_vec(), entry)
+            .is_none()
+        {
+            inner.len += 1;
+        }
+        Ok(config)
+    }
+
+    /// Configs held.
+    pub fn len(&self) -> usize {
+        self.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConfigsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ConfigsInner {
+    /// Drops the least recently used entry: a scan, paid only when a new entry finds the
+    /// cache full.
+    fn evict_least_recently_used(&mut self) {
+        let oldest = self
+            .by_source
+            .iter()
+            .flat_map(|(src, m)| m.iter().map(move |(exp, e)| (e.used, src, exp)))
+            .min_by_key(|(used, _, _)| *used)
+            .map(|(_, src, exp)| (src.clone(), exp.clone()));
+        let Some((src, exp)) = oldest else { return };
+        if let Some(m) = self.by_source.get_mut(&src) {
+            if m.remove(&exp).is_some() {
+                self.len -= 1;
+            }
+            if m.is_empty() {
+                self.by_source.remove(&src);
+            }
+        }
+    }
 }
 
 /// Read buffer under TLS on an HBONE connection, once it is authenticated and busy. rustls
@@ -1015,6 +1150,110 @@ mod tests {
             err.to_string().contains("unusable root certificate"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn cached_client_config_is_reused_until_the_certificate_is_renewed() {
+        let pki = pki();
+        let server_cfg = server_config(&issue(&pki.ca, TD, "server")).expect("server config");
+        let expected = [id(TD, "server")];
+        let cache = ClientConfigs::new(8);
+        let cert = Arc::new(issue(&pki.ca, TD, "client"));
+        let first = cache.get(&cert, &expected).expect("config");
+        let again = cache.get(&cert, &expected).expect("config");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the same certificate built a second config"
+        );
+        // The same certificate in another allocation (the manager's copy of it) too.
+        let copy = Arc::new(WorkloadCertificate {
+            identity: cert.identity.clone(),
+            chain: cert.chain.clone(),
+            key: cert.key.clone_key(),
+            roots: cert.roots.clone(),
+            not_before: cert.not_before,
+            not_after: cert.not_after,
+        });
+        assert!(Arc::ptr_eq(
+            &first,
+            &cache.get(&copy, &expected).expect("config")
+        ));
+
+        let renewed = Arc::new(issue(&pki.ca, TD, "client"));
+        assert_ne!(renewed.chain, cert.chain);
+        let new = cache.get(&renewed, &expected).expect("config");
+        assert!(
+            !Arc::ptr_eq(&first, &new),
+            "a renewed certificate got the old config"
+        );
+        assert_eq!(
+            cache.len(),
+            1,
+            "the renewed certificate's config replaces the old one"
+        );
+        // The new config presents the new certificate.
+        let (server, client) = handshake(server_cfg, new).await;
+        client.expect("client handshake");
+        let server = server.expect("server handshake");
+        let presented = server
+            .get_ref()
+            .1
+            .peer_certificates()
+            .expect("client chain")[0]
+            .clone();
+        assert_eq!(presented, renewed.chain[0]);
+    }
+
+    #[tokio::test]
+    async fn cached_client_configs_differ_by_expected_identities() {
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        let cache = ClientConfigs::new(8);
+        let cert = Arc::new(issue(&pki.ca, TD, "client"));
+        let to_db = cache.get(&cert, &[id(TD, "db")]).expect("config");
+        let to_server = cache.get(&cert, &[id(TD, "server")]).expect("config");
+        assert!(!Arc::ptr_eq(&to_db, &to_server));
+        assert_eq!(cache.len(), 2);
+        let server_cfg = server_config(&server_cert).expect("server config");
+        let err = client_error(handshake(server_cfg.clone(), to_db).await);
+        assert!(err.contains("is not one of"), "{err}");
+        handshake(server_cfg, to_server)
+            .await
+            .1
+            .expect("the config expecting the server's identity accepts it");
+        // An unusable request is refused, not cached.
+        let err = cache.get(&cert, &[]).expect_err("no expected identities");
+        assert!(matches!(err, Error::NoExpectedIdentities { .. }), "{err}");
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn cached_client_configs_stay_within_the_limit_dropping_the_least_recently_used() {
+        let pki = pki();
+        let cache = ClientConfigs::new(2);
+        let a = Arc::new(issue(&pki.ca, TD, "a"));
+        let b = Arc::new(issue(&pki.ca, TD, "b"));
+        let c = Arc::new(issue(&pki.ca, TD, "c"));
+        let to = [id(TD, "server")];
+        let a1 = cache.get(&a, &to).expect("config");
+        let b1 = cache.get(&b, &to).expect("config");
+        // `a` is used again, so `b` is the least recently used when `c` arrives.
+        cache.get(&a, &to).expect("config");
+        cache.get(&c, &to).expect("config");
+        assert_eq!(cache.len(), 2);
+        assert!(Arc::ptr_eq(&a1, &cache.get(&a, &to).expect("config")));
+        assert!(
+            !Arc::ptr_eq(&b1, &cache.get(&b, &to).expect("config")),
+            "b was kept"
+        );
+        assert_eq!(cache.len(), 2);
+        // Many more sources: still two.
+        for sa in ["d", "e", "f", "g"] {
+            cache
+                .get(&Arc::new(issue(&pki.ca, TD, sa)), &to)
+                .expect("config");
+            assert_eq!(cache.len(), 2);
+        }
     }
 
     #[tokio::test]

@@ -177,6 +177,8 @@ pub struct Waypoint {
     own_key: String,
     identity: Identity,
     creds: RwLock<Arc<Credentials>>,
+    /// Onward dials' TLS client configs, per certificate and expected identities.
+    client_configs: tls::ClientConfigs,
     snapshot: RwLock<Arc<Snapshot>>,
     pool: hbone::Pool<Hop, Dialer>,
     clients: http::Clients,
@@ -237,7 +239,9 @@ impl Waypoint {
     /// Dials an onward HBONE connection: TCP to the next hop, then mTLS as the waypoint,
     /// accepting only the expected identities.
     async fn dial(&self, hop: &Hop) -> io::Result<HboneIo> {
-        let config = tls::client_config(&self.creds().cert, hop.identities.clone())
+        let config = self
+            .client_configs
+            .get(&self.creds().cert, &hop.identities)
             .map_err(io::Error::other)?;
         let dial = async {
             let tcp = TcpStream::connect(hop.next_hop).await?;
@@ -616,6 +620,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             own_key: format!("{}/{}", args.namespace, args.pod),
             identity: identity.clone(),
             creds: RwLock::new(Arc::new(creds)),
+            client_configs: tls::ClientConfigs::new(tls::CLIENT_CONFIGS_LIMIT),
             snapshot: RwLock::new(Arc::new(Snapshot::new(initial))),
             pool: hbone::Pool::new(settings, dialer),
             clients: http::Clients::new(me.clone()),

@@ -28,6 +28,10 @@ enum Cmd {
         /// Read everything and answer nothing (a sink), then close.
         #[arg(long)]
         discard: bool,
+        /// One event loop (tokio, one thread) instead of a thread per connection: what a
+        /// server taking many short connections does.
+        #[arg(long, conflicts_with_all = ["log_peers", "discard"])]
+        event_loop: bool,
     },
     /// Send `bytes` zero bytes, half-close, read whatever comes back until EOF. Prints
     /// `sent=… received=…`.
@@ -192,14 +196,15 @@ enum Cmd {
         #[arg(long)]
         rate: Option<u32>,
     },
-    /// New connections per second: `threads` loops of connect, one byte each way, close,
-    /// for `secs` seconds. Prints one JSON line.
+    /// New connections per second: one event loop keeping `concurrency` connections in
+    /// flight, each a connect, one byte each way and a close, for `secs` seconds. Prints
+    /// one JSON line; a connection that fails or times out fails the run.
     Conns {
         addr: SocketAddr,
         #[arg(long)]
         secs: f64,
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
     },
 }
 
@@ -207,8 +212,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Serve {
             addr,
+            event_loop: true,
+            ..
+        } => serve_event_loop(addr),
+        Cmd::Serve {
+            addr,
             log_peers,
             discard,
+            event_loop: false,
         } => serve(addr, log_peers, discard),
         Cmd::Upload { addr, bytes } => upload(addr, bytes),
         Cmd::Parallel { addr, count, secs } => parallel(addr, count, secs),
@@ -276,8 +287,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Conns {
             addr,
             secs,
-            threads,
-        } => conns(addr, Duration::from_secs_f64(secs), threads),
+            concurrency,
+        } => conns(addr, Duration::from_secs_f64(secs), concurrency),
         Cmd::HttpServe {
             addr,
             name,
@@ -680,6 +691,42 @@ fn serve(addr: SocketAddr, log_peers: bool, discard: bool) -> anyhow::Result<()>
         });
     }
     Ok(())
+}
+
+/// [`serve`]'s echo on one event loop (see [`Cmd::Serve`]).
+fn serve_event_loop(addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to bind {addr}"))?;
+        println!("ready {addr}");
+        std::io::stdout().flush()?;
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                // Out of descriptors or memory: wait instead of spinning.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    })
 }
 
 /// The pseudo-random payload a client sends, chunk by chunk, with its running checksum.
@@ -1119,32 +1166,48 @@ fn rr(addr: SocketAddr, size: usize, secs: Duration, rate: Option<u32>) -> anyho
     Ok(())
 }
 
-fn conns(addr: SocketAddr, secs: Duration, threads: usize) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let workers: Vec<_> = (0..threads.max(1))
-        .map(|_| {
-            std::thread::spawn(move || -> anyhow::Result<u64> {
+/// How long one connection of [`conns`] may take (connect, echo) before the run fails.
+const CONN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// See [`Cmd::Conns`]. One thread: on a small machine the client's own CPU is part of what
+/// limits the rate, and an event loop spends the least of it per connection.
+fn conns(addr: SocketAddr, secs: Duration, concurrency: usize) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (total, elapsed) = rt.block_on(async move {
+        let start = tokio::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.max(1) {
+            tasks.spawn(async move {
                 let mut n = 0u64;
                 while start.elapsed() < secs {
-                    let mut s = TcpStream::connect(addr)
-                        .with_context(|| format!("connection {n} to {addr} failed"))?;
-                    s.write_all(b"x")?;
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b)
-                        .with_context(|| format!("connection {n}: no echo"))?;
+                    let one = async {
+                        let mut s = tokio::net::TcpStream::connect(addr)
+                            .await
+                            .with_context(|| format!("connection to {addr} failed"))?;
+                        s.write_all(b"x").await.context("write failed")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b).await.context("no echo")?;
+                        anyhow::Ok(())
+                    };
+                    tokio::time::timeout(CONN_TIMEOUT, one)
+                        .await
+                        .map_err(|_| anyhow::anyhow!("took longer than {CONN_TIMEOUT:?}"))
+                        .and_then(|r| r)
+                        .with_context(|| format!("connection {n} of a loop"))?;
                     n += 1;
                 }
-                Ok(n)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for w in workers {
-        total += w
-            .join()
-            .map_err(|_| anyhow::anyhow!("connection worker panicked"))??;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+                anyhow::Ok(n)
+            });
+        }
+        let mut total = 0;
+        while let Some(done) = tasks.join_next().await {
+            total += done.context("connection loop panicked")??;
+        }
+        anyhow::Ok((total, start.elapsed().as_secs_f64()))
+    })?;
     let out = serde_json::json!({ "connections": total, "per_sec": total as f64 / elapsed });
     println!("{out}");
     Ok(())
