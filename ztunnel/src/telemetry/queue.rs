@@ -180,7 +180,10 @@ mod tests {
         }
     }
 
-    fn gated() -> (Gate, Arc<Mutex<Vec<u8>>>, Receiver<()>, mpsc::Sender<()>) {
+    /// The output, what it wrote, its "write started" signals, and what lets a write finish.
+    type Gated = (Gate, Arc<Mutex<Vec<u8>>>, Receiver<()>, mpsc::Sender<()>);
+
+    fn gated() -> Gated {
         let written = Arc::new(Mutex::new(Vec::new()));
         let (entered, entered_rx) = mpsc::channel();
         let (open_tx, open) = mpsc::channel();
