@@ -360,10 +360,19 @@ pub fn spawn(shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut names = PodNames::default();
         let mut batch = Vec::with_capacity(BATCH);
+        let mut unreadable = false;
         loop {
             batch.clear();
-            reader.drain(&mut batch, BATCH);
             let hub = &shared.diagnostics;
+            match reader.drain(&mut batch, BATCH, hub.active()) {
+                Ok(()) => unreadable = false,
+                // Tried again at each poll; the programs count what the full ring loses.
+                Err(e) if !unreadable => {
+                    unreadable = true;
+                    tracing::warn!(error = %crate::proxy::error_chain(&e), "cannot map the capture decision ring buffer; its events wait in the kernel until it can be");
+                }
+                Err(_) => {}
+            }
             if batch.is_empty() {
                 let pause = if hub.active() { POLL } else { IDLE_POLL };
                 tokio::select! {

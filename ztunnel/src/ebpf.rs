@@ -270,8 +270,8 @@ struct Inner {
     ebpf: Ebpf,
     maps: Maps,
     _own_links: Vec<Link>,
-    /// The decision-event ring buffer, until its reader takes it.
-    events: Option<RingBuf<MapData>>,
+    /// The decision-event ring buffer (unmapped), until its reader takes it.
+    events: Option<MapData>,
     /// Pinned pod links left by a previous ztunnel, by pod key, until re-enrolled or released.
     adopted: BTreeMap<String, Vec<Adopted>>,
     /// While a predecessor still serves (a handover under way), its links of pods this
@@ -411,6 +411,18 @@ where
     T::try_from(m).map_err(|source| Error::Map { name, source })
 }
 
+/// A ring buffer map, left unmapped ([`events::Reader`] maps it while it reads). Mapped
+/// once here, so that a ring that cannot be read fails the load.
+fn ring(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, Error> {
+    let m = ebpf.take_map(name).ok_or(Error::MissingMap { name })?;
+    drop(RingBuf::<&MapData>::try_from(&m).map_err(|source| Error::Map { name, source })?);
+    match m {
+        aya::maps::Map::RingBuf(data) => Ok(data),
+        // `try_from` above accepts only a ring buffer.
+        _ => Err(Error::MissingMap { name }),
+    }
+}
+
 fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup {
         path: path.to_owned(),
@@ -482,7 +494,7 @@ impl Capture {
             stats: map(&mut ebpf, stats::NAME)?,
             event_levels: map(&mut ebpf, ztunnel_common::events::LEVELS)?,
         };
-        let events = map(&mut ebpf, ztunnel_common::events::RING)?;
+        let events = ring(&mut ebpf, ztunnel_common::events::RING)?;
         maps.config
             .set(config::FAST_PATH, u32::from(opts.fast_path), 0)
             .map_err(|source| Error::Map {

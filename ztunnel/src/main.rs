@@ -2,6 +2,7 @@
 //! waypoint; `ztunnel status`,
 //! `workloads`, `services`, `policies`, `certificates` and `connections` read a running
 //! one's admin port.
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ztunnel::{app, cli, config::Config, telemetry, waypoint};
 
@@ -41,7 +42,8 @@ fn main() -> anyhow::Result<()> {
         Command::Run(cfg) => {
             // Declared before the runtime, so dropped after it: what the last tasks logged
             // is written out.
-            let (log, _flush) = telemetry::init(cfg.log_format);
+            let (log, _flush) =
+                telemetry::init(cfg.log_format).context("failed to start the log writer thread")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.resolved_worker_threads())
                 .enable_all()
@@ -49,7 +51,8 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(app::run(*cfg, log))
         }
         Command::Waypoint(args) => {
-            let (_log, _flush) = telemetry::init(args.log_format);
+            let (_log, _flush) = telemetry::init(args.log_format)
+                .context("failed to start the log writer thread")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

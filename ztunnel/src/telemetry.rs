@@ -13,12 +13,15 @@
 //! `scope`, the message and fields, then each span as an object under its name. The scope
 //! is the event's target without `ztunnel::` (`access` for access log lines).
 
+mod queue;
+
 use std::{
     fmt, io,
     sync::{Mutex, OnceLock},
 };
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+pub use queue::Flush;
+use queue::LogQueue;
 
 use serde::ser::{SerializeMap as _, Serializer as _};
 use tracing::{
@@ -87,25 +90,21 @@ impl LogControl {
 /// Lines that may wait for the writer thread (about 10 MiB of typical access lines).
 pub const LOG_QUEUE_LINES: usize = 65_536;
 
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+static QUEUE: OnceLock<LogQueue> = OnceLock::new();
 
 /// Log lines dropped because the queue to the writer thread was full.
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    QUEUE.get().map_or(0, LogQueue::dropped_lines)
 }
 
 /// Installs the global subscriber. Access lines (target `access`) share the format. Keep
 /// the returned guard until the process ends: dropping it writes out what is queued.
-pub fn init(format: LogFormat) -> (LogControl, WorkerGuard) {
+pub fn init(format: LogFormat) -> io::Result<(LogControl, Flush)> {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(true)
-        .thread_name("ztunnel-log")
-        .finish(std::io::stderr());
-    let _ = DROPPED.set(writer.error_counter());
+    let (writer, guard) = LogQueue::start(std::io::stderr(), LOG_QUEUE_LINES, "ztunnel-log")?;
+    let _ = QUEUE.set(writer.clone());
     let json = format == LogFormat::Json;
     let text_layer = (!json).then(|| {
         tracing_subscriber::fmt::layer()
@@ -130,7 +129,7 @@ pub fn init(format: LogFormat) -> (LogControl, WorkerGuard) {
         handle,
         current: Mutex::new(spec),
     };
-    (control, guard)
+    Ok((control, guard))
 }
 
 /// A level as Istio's ztunnel writes it, without allocating per line.

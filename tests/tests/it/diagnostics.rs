@@ -283,6 +283,38 @@ fn capture_log(z: &Ztunnel, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// How many of `z`'s mappings are of a BPF map: the decision ring buffer's two (its
+/// positions and its data) while mapped, none otherwise (ztunnel maps no other map).
+fn bpf_map_mappings(z: &Ztunnel) -> anyhow::Result<usize> {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", z.pid()))?;
+    Ok(maps
+        .lines()
+        .filter(|l| l.ends_with("anon_inode:bpf-map"))
+        .count())
+}
+
+/// Waits (at most 5 s: the reader polls every second while idle) until the ring is
+/// mapped or not.
+fn wait_ring_mapped(z: &Ztunnel, mapped: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = bpf_map_mappings(z)?;
+        if (n > 0) == mapped {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the ring buffer is {} after 5 s ({n} BPF map mappings)",
+            if mapped {
+                "still unmapped"
+            } else {
+                "still mapped"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn capture_log_names_the_pod_and_reason_of_each_decision_only_when_on() -> anyhow::Result<()> {
     let mut t = Topology::new()?;
@@ -310,9 +342,12 @@ fn capture_log_names_the_pod_and_reason_of_each_decision_only_when_on() -> anyho
         d.capture.counters.get("inbound_drop_fragment") == Some(&1)
     })?;
     assert!(decisions(&z).is_empty(), "{:?}", decisions(&z));
+    // Nor is the ring mapped (its 520 KiB would count in ztunnel's memory).
+    assert_eq!(bpf_map_mappings(&z)?, 0, "the ring is mapped while off");
 
     let on = capture_log(&z, &["on"])?;
     assert!(on.contains("capture: connect=debug tc=debug"), "{on}");
+    wait_ring_mapped(&z, true)?;
     exercise(&mut t)?;
     let pod = |p: &Pod| format!("pod=\"{}\"", p.key());
     let line = wait_decision(
@@ -373,6 +408,8 @@ fn capture_log_names_the_pod_and_reason_of_each_decision_only_when_on() -> anyho
     })?;
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(decisions(&z).len(), before, "{:?}", decisions(&z));
+    // Read until empty, then unmapped.
+    wait_ring_mapped(&z, false)?;
 
     // One program at one level: tc's drops only.
     let on = capture_log(&z, &["on", "--program", "tc", "--level", "warn"])?;

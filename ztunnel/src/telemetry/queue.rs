@@ -1,0 +1,238 @@
+//! The queue between the threads that format log lines and the thread that writes them.
+//!
+//! Bounded by a count, not by a preallocated ring: `tracing-appender`'s writer (used
+//! before) allocates and touches its whole bounded channel up front, 32 bytes a slot,
+//! 2 MiB for 65,536 lines held by every idle ztunnel. Here the lines travel over an
+//! unbounded channel, which takes memory in small blocks as lines arrive and frees them
+//! as they leave, and a counter keeps the number queued at most the limit; a line that
+//! would go over it is dropped and counted, never waited for.
+
+use std::{
+    io::{self, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+/// How long dropping the [`Flush`] guard waits for the writer thread to write out what
+/// is queued (a stuck stderr must not hold up the exit).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+enum Msg {
+    Line(Vec<u8>),
+    /// Write out everything before this, flush, answer and stop.
+    Shutdown(mpsc::Sender<()>),
+}
+
+/// The sending side: a `MakeWriter` for the formatting layers. Each `write` is one line
+/// (the `fmt` layer writes a formatted event at once).
+#[derive(Clone)]
+pub struct LogQueue {
+    tx: mpsc::Sender<Msg>,
+    counts: Arc<Counts>,
+    limit: usize,
+}
+
+struct Counts {
+    queued: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+/// Keep until the process ends: dropping it writes out what is queued (waiting at most
+/// [`FLUSH_TIMEOUT`]) and stops the writer thread.
+pub struct Flush {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl LogQueue {
+    /// Starts the writer thread `name`, writing to `out` at most `limit` queued lines.
+    pub fn start<W: Write + Send + 'static>(
+        out: W,
+        limit: usize,
+        name: &str,
+    ) -> io::Result<(LogQueue, Flush)> {
+        let (tx, rx) = mpsc::channel();
+        let counts = Arc::new(Counts {
+            queued: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+        });
+        let c = counts.clone();
+        thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || write_lines(out, rx, &c))?;
+        let flush = Flush { tx: tx.clone() };
+        Ok((LogQueue { tx, counts, limit }, flush))
+    }
+
+    /// Lines dropped because the queue was full (or the writer thread had stopped).
+    pub fn dropped_lines(&self) -> u64 {
+        self.counts.dropped.load(Ordering::Relaxed) as u64
+    }
+
+    fn push(&self, line: &[u8]) {
+        // Counted before it is sent, so the count never reads below what is queued and
+        // the queue never holds more than `limit`.
+        if self.counts.queued.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.counts.queued.fetch_sub(1, Ordering::AcqRel);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.send(Msg::Line(line.to_vec())).is_err() {
+            self.counts.queued.fetch_sub(1, Ordering::AcqRel);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The writer thread: writes lines in order, flushes whenever the queue runs empty.
+/// A failed write loses that line, as `tracing-appender` did (there is nowhere to
+/// report it).
+fn write_lines<W: Write>(mut out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
+    let mut next = rx.recv();
+    loop {
+        match next {
+            Ok(Msg::Line(line)) => {
+                counts.queued.fetch_sub(1, Ordering::AcqRel);
+                let _ = out.write_all(&line);
+            }
+            Ok(Msg::Shutdown(done)) => {
+                let _ = out.flush();
+                // Closed before the answer: a line logged after the flush is dropped and
+                // counted, not queued for no one.
+                drop(rx);
+                let _ = done.send(());
+                return;
+            }
+            // Every sender is gone: nothing more can come.
+            Err(_) => {
+                let _ = out.flush();
+                return;
+            }
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(mpsc::TryRecvError::Empty) => {
+                let _ = out.flush();
+                rx.recv()
+            }
+            Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
+        };
+    }
+}
+
+impl Write for &LogQueue {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogQueue {
+    type Writer = &'a LogQueue;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Msg::Shutdown(done)).is_ok() {
+            let _ = wait.recv_timeout(FLUSH_TIMEOUT);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, mpsc::Receiver};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// An output that says when a write starts and finishes it only when let through.
+    struct Gate {
+        written: Arc<Mutex<Vec<u8>>>,
+        entered: mpsc::Sender<()>,
+        open: Receiver<()>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let _ = self.entered.send(());
+            self.open
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| io::Error::other("gate never opened"))?;
+            self.written.lock().expect("written").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The output, what it wrote, its "write started" signals, and what lets a write finish.
+    type Gated = (Gate, Arc<Mutex<Vec<u8>>>, Receiver<()>, mpsc::Sender<()>);
+
+    fn gated() -> Gated {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let (entered, entered_rx) = mpsc::channel();
+        let (open_tx, open) = mpsc::channel();
+        let gate = Gate {
+            written: written.clone(),
+            entered,
+            open,
+        };
+        (gate, written, entered_rx, open_tx)
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_the_rest_is_written_in_order() {
+        let (gate, written, entered, open) = gated();
+        let (q, flush) = LogQueue::start(gate, 4, "test-log").expect("start");
+        // The writer takes the first line and blocks on it: the queue is then empty.
+        (&q).write_all(b"0\n").expect("write");
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer took the first line");
+        for i in 1..=7 {
+            (&q).write_all(format!("{i}\n").as_bytes()).expect("write");
+        }
+        assert_eq!(q.dropped_lines(), 3, "4 queued, 3 over the limit");
+        for _ in 0..5 {
+            open.send(()).expect("open");
+        }
+        drop(flush);
+        assert_eq!(*written.lock().expect("written"), b"0\n1\n2\n3\n4\n");
+        // The queue has room again once written out... but the writer has stopped.
+        (&q).write_all(b"late\n").expect("write");
+        assert_eq!(q.dropped_lines(), 4, "a line after the flush is dropped");
+    }
+
+    #[test]
+    fn dropping_the_guard_waits_for_a_stuck_writer_at_most_the_timeout() {
+        let (gate, written, entered, _open) = gated();
+        let (q, flush) = LogQueue::start(gate, 4, "test-log").expect("start");
+        (&q).write_all(b"stuck\n").expect("write");
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("entered");
+        let t = Instant::now();
+        drop(flush);
+        let waited = t.elapsed();
+        assert!(
+            waited >= FLUSH_TIMEOUT && waited < FLUSH_TIMEOUT * 3,
+            "waited {waited:?}"
+        );
+        assert!(written.lock().expect("written").is_empty());
+    }
+}
