@@ -5,8 +5,8 @@
 //! tunnel's path do to each byte. No sockets, so the figures are the crypto and rustls'
 //! record layer alone, free of the bench topology's noise.
 //!
-//! The client offers a single suite, so the handshake settles on it; its certificate check
-//! is skipped (the handshake is not what is measured). Time is the bench thread's CPU time
+//! The client (ztunnel's `tls::client_config_with`) offers a single suite, so the handshake
+//! settles on it. Time is the bench thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`), not the wall clock: on a shared machine, time spent
 //! waiting for a core is not charged to the suite.
 use std::{
@@ -19,12 +19,7 @@ use criterion::{
     Criterion, Throughput,
     measurement::{Measurement, ValueFormatter, WallTime},
 };
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, ServerConnection, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
+use rustls::{ClientConnection, ServerConnection, crypto::CryptoProvider, pki_types::ServerName};
 use ztunnel::{
     identity::{BuiltinCa, Identity},
     tls,
@@ -80,44 +75,6 @@ impl Measurement for ThreadCpu {
     }
 }
 
-#[derive(Debug)]
-struct AcceptAny(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
 fn pump_to_server(
     client: &mut ClientConnection,
     server: &mut ServerConnection,
@@ -168,23 +125,16 @@ fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConn
         .expect("client cert");
     let server_config = tls::server_config(&server_cert).expect("server config");
 
-    let base = tls::provider();
     let provider = Arc::new(CryptoProvider {
         cipher_suites: vec![suite],
-        ..(*base).clone()
+        ..(*tls::provider()).clone()
     });
-    let algorithms = provider.signature_verification_algorithms;
-    let mut client_config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(algorithms)))
-        .with_client_auth_cert(client_cert.chain.clone(), client_cert.key.clone_key())
-        .expect("client config");
-    client_config.alpn_protocols = vec![b"h2".to_vec()];
+    let client_config =
+        tls::client_config_with(&client_cert, vec![server_cert.identity.clone()], provider)
+            .expect("client config");
 
     let mut client = ClientConnection::new(
-        Arc::new(client_config),
+        client_config,
         ServerName::try_from("bench.invalid").expect("name"),
     )
     .expect("client session");

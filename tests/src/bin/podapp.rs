@@ -305,6 +305,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A tokio listener on `addr`, announced with `ready <addr>` once it listens.
+async fn listen_announced(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind {addr}"))?;
+    println!("ready {addr}");
+    std::io::stdout().flush()?;
+    Ok(l)
+}
+
 /// See [`Cmd::HttpServe`].
 fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow::Result<()> {
     use http_body_util::Full;
@@ -314,11 +324,7 @@ fn http_serve(addr: SocketAddr, name: String, fail_every: Option<u64>) -> anyhow
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("failed to bind {addr}"))?;
-        println!("ready {addr}");
-        std::io::stdout().flush()?;
+        let l = listen_announced(addr).await?;
         let name = std::sync::Arc::new(name);
         let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         loop {
@@ -700,11 +706,7 @@ fn serve_event_loop(addr: SocketAddr) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("failed to bind {addr}"))?;
-        println!("ready {addr}");
-        std::io::stdout().flush()?;
+        let l = listen_announced(addr).await?;
         loop {
             let Ok((mut s, _)) = l.accept().await else {
                 // Out of descriptors or memory: wait instead of spinning.
