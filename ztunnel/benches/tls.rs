@@ -19,7 +19,10 @@ use criterion::{
     Criterion, Throughput,
     measurement::{Measurement, ValueFormatter, WallTime},
 };
-use rustls::{ClientConnection, ServerConnection, crypto::CryptoProvider, pki_types::ServerName};
+use rustls::{
+    ClientConnection, ConnectionCommon, ServerConnection, crypto::CryptoProvider,
+    pki_types::ServerName,
+};
 use ztunnel::{
     identity::{BuiltinCa, Identity},
     tls,
@@ -75,35 +78,16 @@ impl Measurement for ThreadCpu {
     }
 }
 
-fn pump_to_server(
-    client: &mut ClientConnection,
-    server: &mut ServerConnection,
-    wire: &mut Vec<u8>,
-) {
+/// Moves every record `from` has queued to `to`, which decrypts them.
+fn pump<A, B>(from: &mut ConnectionCommon<A>, to: &mut ConnectionCommon<B>, wire: &mut Vec<u8>) {
     wire.clear();
-    while client.wants_write() {
-        client.write_tls(wire).expect("client writes records");
+    while from.wants_write() {
+        from.write_tls(wire).expect("records written");
     }
     let mut rd = &wire[..];
     while !rd.is_empty() {
-        server.read_tls(&mut rd).expect("server takes records");
-        server.process_new_packets().expect("server decrypts");
-    }
-}
-
-fn pump_to_client(
-    server: &mut ServerConnection,
-    client: &mut ClientConnection,
-    wire: &mut Vec<u8>,
-) {
-    wire.clear();
-    while server.wants_write() {
-        server.write_tls(wire).expect("server writes records");
-    }
-    let mut rd = &wire[..];
-    while !rd.is_empty() {
-        client.read_tls(&mut rd).expect("client takes records");
-        client.process_new_packets().expect("client decrypts");
+        to.read_tls(&mut rd).expect("records taken");
+        to.process_new_packets().expect("records decrypted");
     }
 }
 
@@ -141,8 +125,8 @@ fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConn
     let mut server = ServerConnection::new(server_config).expect("server session");
     let mut wire = Vec::new();
     while client.is_handshaking() || server.is_handshaking() {
-        pump_to_server(&mut client, &mut server, &mut wire);
-        pump_to_client(&mut server, &mut client, &mut wire);
+        pump(&mut *client, &mut *server, &mut wire);
+        pump(&mut *server, &mut *client, &mut wire);
     }
     assert_eq!(
         client.negotiated_cipher_suite().map(|s| s.suite()),
@@ -166,7 +150,7 @@ fn suites(c: &mut Criterion<ThreadCpu>) {
                 // Record by record: rustls buffers a limited amount of plaintext each way.
                 for _ in 0..PER_ITER / CHUNK {
                     client.writer().write_all(&chunk).expect("client plaintext");
-                    pump_to_server(&mut client, &mut server, &mut wire);
+                    pump(&mut *client, &mut *server, &mut wire);
                     let mut got = 0;
                     while got < CHUNK {
                         let n = server.reader().read(&mut out).expect("server plaintext");
