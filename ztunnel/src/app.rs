@@ -867,6 +867,7 @@ impl Shared {
         m.set_active("inbound", inb as i64);
         let pool = self.proxy.pool_stats();
         m.set_pool(pool.connections as i64, pool.active_streams as i64);
+        m.set_tls_client_configs(self.proxy.client_configs_held() as i64);
         let now = std::time::SystemTime::now();
         for c in self.proxy.certs.snapshot() {
             if let Some(t) = c.not_after {

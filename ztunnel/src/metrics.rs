@@ -405,6 +405,7 @@ pub struct Metrics {
     active_connections: Family<DirectionLabels, Gauge>,
     pool_connections: Gauge,
     pool_streams: Gauge,
+    tls_client_configs: Gauge,
     policy_denials: Family<DenyLabels, Counter>,
     certificate_expiry: Family<IdentityLabels, Gauge>,
     control_plane_up: Family<ComponentLabels, Gauge>,
@@ -657,6 +658,16 @@ impl Metrics {
             "CONNECT streams open on pooled HBONE connections",
             pool_streams.clone(),
         );
+        let tls_client_configs = Gauge::default();
+        registry.register(
+            "ztunnel_tls_client_configs",
+            format!(
+                "TLS client configs kept for HBONE dials, one per source certificate and \
+                 expected server identities (at most {}; the least recently used is dropped)",
+                crate::tls::CLIENT_CONFIGS_LIMIT
+            ),
+            tls_client_configs.clone(),
+        );
         let policy_denials = Family::<DenyLabels, Counter>::default();
         registry.register(
             "ztunnel_policy_denials",
@@ -745,6 +756,7 @@ impl Metrics {
             active_connections,
             pool_connections,
             pool_streams,
+            tls_client_configs,
             policy_denials,
             certificate_expiry,
             control_plane_up,
@@ -990,6 +1002,11 @@ impl Metrics {
     pub fn set_pool(&self, connections: i64, streams: i64) {
         self.pool_connections.set(connections);
         self.pool_streams.set(streams);
+    }
+
+    /// Sets how many TLS client configs the HBONE dials keep (`tls::ClientConfigs`).
+    pub fn set_tls_client_configs(&self, configs: i64) {
+        self.tls_client_configs.set(configs);
     }
 
     /// Sets the seconds left before `identity`'s certificate expires (`not_after - now`;
@@ -1817,6 +1834,7 @@ mod tests {
         m.set_enrolled_pods(3);
         m.set_active("outbound", 7);
         m.set_pool(2, 5);
+        m.set_tls_client_configs(3);
         m.policy_denied(deny_reason::POLICY, "test/deny-sleep");
         m.policy_denied(deny_reason::POLICY, "test/deny-sleep");
         m.policy_denied(deny_reason::STRICT_MTLS, "");
@@ -1833,6 +1851,7 @@ mod tests {
         );
         assert_line(&text, "ztunnel_hbone_pool_connections 2");
         assert_line(&text, "ztunnel_hbone_pool_streams 5");
+        assert_line(&text, "ztunnel_tls_client_configs 3");
         assert_line(&text, "# TYPE ztunnel_policy_denials counter");
         assert_line(
             &text,

@@ -786,6 +786,11 @@ impl Proxy {
         self.pool.stats()
     }
 
+    /// TLS client configs the HBONE dials keep (`tls::ClientConfigs`).
+    pub fn client_configs_held(&self) -> usize {
+        self.client_configs.len()
+    }
+
     /// Dials an HBONE connection for `key`: TCP from the source pod's netns to the next
     /// hop's :15008, then mTLS as the source identity, accepting only the expected
     /// destination identities.

@@ -220,18 +220,8 @@ pub const CLIENT_CONFIGS_LIMIT: usize = 1024;
 /// the limit evicts the least recently used.
 #[derive(Debug)]
 pub struct ClientConfigs {
-    limit: usize,
-    inner: std::sync::Mutex<ConfigsInner>,
-}
-
-#[derive(Debug, Default)]
-struct ConfigsInner {
-    /// Source identity → expected server identities → config.
-    by_source:
-        std::collections::HashMap<Identity, std::collections::HashMap<Vec<Identity>, CachedConfig>>,
-    len: usize,
-    /// Bumped at every lookup: the entries' `used` orders them for eviction.
-    clock: u64,
+    /// (source identity, expected server identities) → config.
+    inner: std::sync::Mutex<lru::LruCache<(Identity, Vec<Identity>), CachedConfig>>,
 }
 
 #[derive(Debug)]
@@ -239,7 +229,6 @@ struct CachedConfig {
     /// Held, so that the pointer compared in [`same_certificate`] cannot be reused.
     cert: Arc<WorkloadCertificate>,
     config: Arc<ClientConfig>,
-    used: u64,
 }
 
 fn same_certificate(a: &Arc<WorkloadCertificate>, b: &Arc<WorkloadCertificate>) -> bool {
@@ -250,9 +239,9 @@ fn same_certificate(a: &Arc<WorkloadCertificate>, b: &Arc<WorkloadCertificate>) 
 impl ClientConfigs {
     /// A cache of at most `limit` configs (at least one).
     pub fn new(limit: usize) -> Self {
+        let limit = std::num::NonZeroUsize::new(limit).unwrap_or(std::num::NonZeroUsize::MIN);
         ClientConfigs {
-            limit: limit.max(1),
-            inner: std::sync::Mutex::new(ConfigsInner::default()),
+            inner: std::sync::Mutex::new(lru::LruCache::new(limit)),
         }
     }
 
@@ -263,82 +252,42 @@ impl ClientConfigs {
         cert: &Arc<WorkloadCertificate>,
         expected: &[Identity],
     ) -> Result<Arc<ClientConfig>, Error> {
+        // A dial pays a TLS handshake: the key's copy is not worth avoiding.
+        let key = (cert.identity.clone(), expected.to_vec());
+        if let Some(e) = self
+            .lock()
+            .get(&key)
+            .filter(|e| same_certificate(&e.cert, cert))
         {
-            let mut inner = self.lock();
-            inner.clock += 1;
-            let now = inner.clock;
-            if let Some(e) = inner
-                .by_source
-                .get_mut(&cert.identity)
-                .and_then(|m| m.get_mut(expected))
-                .filter(|e| same_certificate(&e.cert, cert))
-            {
-                e.used = now;
-                return Ok(e.config.clone());
-            }
+            return Ok(e.config.clone());
         }
         // Built without the lock: it takes a while, and other dials go on meanwhile.
         let config = client_config(cert, expected.to_vec())?;
-        let mut inner = self.lock();
-        inner.clock += 1;
-        let now = inner.clock;
-        let replaces = inner
-            .by_source
-            .get(&cert.identity)
-            .is_some_and(|m| m.contains_key(expected));
-        if !replaces && inner.len >= self.limit {
-            inner.evict_least_recently_used();
-        }
-        let entry = CachedConfig {
-            cert: cert.clone(),
-            config: config.clone(),
-            used: now,
-        };
-        if inner
-            .by_source
-            .entry(cert.identity.clone())
-            .or_default()
-            .insert(expected.to_vec(), entry)
-            .is_none()
-        {
-            inner.len += 1;
-        }
+        // Replaces an entry for an older certificate; at the limit, evicts the least
+        // recently used.
+        self.lock().put(
+            key,
+            CachedConfig {
+                cert: cert.clone(),
+                config: config.clone(),
+            },
+        );
         Ok(config)
     }
 
     /// Configs held.
     pub fn len(&self) -> usize {
-        self.lock().len
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ConfigsInner> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, lru::LruCache<(Identity, Vec<Identity>), CachedConfig>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl ConfigsInner {
-    /// Drops the least recently used entry: a scan, paid only when a new entry finds the
-    /// cache full.
-    fn evict_least_recently_used(&mut self) {
-        let oldest = self
-            .by_source
-            .iter()
-            .flat_map(|(src, m)| m.iter().map(move |(exp, e)| (e.used, src, exp)))
-            .min_by_key(|(used, _, _)| *used)
-            .map(|(_, src, exp)| (src.clone(), exp.clone()));
-        let Some((src, exp)) = oldest else { return };
-        if let Some(m) = self.by_source.get_mut(&src) {
-            if m.remove(&exp).is_some() {
-                self.len -= 1;
-            }
-            if m.is_empty() {
-                self.by_source.remove(&src);
-            }
-        }
     }
 }
 
