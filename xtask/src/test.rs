@@ -122,6 +122,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             kernel: vm::EDGES.iter().map(|v| (*v).to_owned()).collect(),
             accel: vm::Accel::Tcg,
             jobs: None,
+            only: Vec::new(),
         })?;
         println!(
             "VMs ({}): {} passed, {} failed",

@@ -258,6 +258,9 @@ pub struct Options {
     /// VMs at once (default: the number of cores)
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Run only the matrix's tests whose name contains this (repeatable; default: all)
+    #[arg(long = "test", value_name = "NAME")]
+    pub only: Vec<String>,
 }
 
 /// Tests counted over the whole matrix.
@@ -290,6 +293,18 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
         })
         .collect::<anyhow::Result<_>>()?;
     ensure!(!series.is_empty(), "no kernel series given");
+    let selected: Vec<(&str, Needs)> = TESTS
+        .iter()
+        .filter(|(name, _)| {
+            options.only.is_empty() || options.only.iter().any(|f| name.contains(f.as_str()))
+        })
+        .copied()
+        .collect();
+    ensure!(
+        !selected.is_empty(),
+        "no test of the matrix matches {:?}",
+        options.only
+    );
     if options.accel == Accel::Kvm {
         ensure!(
             Path::new("/dev/kvm").exists(),
@@ -307,7 +322,7 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
     let mut vms = Vec::new();
     for s in &series {
         let kernel = fetch_kernel(s, &mirror, &dir)?;
-        let tests: Vec<&str> = TESTS
+        let tests: Vec<&str> = selected
             .iter()
             .filter(|(_, needs)| applies(s, *needs))
             .map(|(name, _)| *name)
@@ -344,7 +359,7 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
         }
     });
     let results = results.into_inner().expect("results lock");
-    Ok(report(&series, &vms, &results))
+    Ok(report(&series, &selected, &vms, &results))
 }
 
 fn applies(series: &Series, needs: Needs) -> bool {
@@ -545,15 +560,20 @@ fn parse(log: &str, elapsed: Duration, console: PathBuf, error: Option<String>) 
 
 /// Prints the kernel × test table, every failing VM's log, and returns the counts. A
 /// test the VM should have run but did not report counts as failed.
-fn report(series: &[&Series], vms: &[Vm], results: &BTreeMap<&str, Outcome>) -> Summary {
+fn report(
+    series: &[&Series],
+    tests: &[(&str, Needs)],
+    vms: &[Vm],
+    results: &BTreeMap<&str, Outcome>,
+) -> Summary {
     let mut summary = Summary::default();
-    let width = TESTS.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let width = tests.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let mut header = format!("{:width$}", "test \\ kernel");
     for s in series {
         header += &format!(" {:>6}", s.version);
     }
     println!("\n{header}");
-    for (name, needs) in TESTS {
+    for (name, needs) in tests {
         let mut row = format!("{name:width$}");
         for s in series {
             let cell = if !applies(s, *needs) {
@@ -604,7 +624,7 @@ fn report(series: &[&Series], vms: &[Vm], results: &BTreeMap<&str, Outcome>) -> 
         let Some(o) = results.get(vm.series) else {
             continue;
         };
-        let missing = TESTS.iter().any(|(n, needs)| {
+        let missing = tests.iter().any(|(n, needs)| {
             applies(find(series, vm.series), *needs) && !o.tests.contains_key(*n)
         });
         if o.exit != Some(0) || o.tests.values().any(|ok| !ok) || missing {

