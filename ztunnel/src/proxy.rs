@@ -999,6 +999,15 @@ impl Proxy {
                             set_ipv6_transparent(&s)?;
                         }
                     }
+                    // The port is picked at connect, by the whole 4-tuple, not here: a
+                    // port bound with no destination yet is the namespace's to give once
+                    // (until its TIME_WAIT ends) for every destination together, so a
+                    // busy client would run a pod out of ports its own kernel still has.
+                    nix::sys::socket::setsockopt(
+                        &s,
+                        nix::sys::socket::sockopt::IpBindAddressNoPort,
+                        &true,
+                    )?;
                     s.bind(&SocketAddr::new(ip, 0).into())?;
                 }
                 s.set_nonblocking(true)?;

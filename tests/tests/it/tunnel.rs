@@ -41,6 +41,38 @@ fn two_nodes() -> anyhow::Result<(Topology, ztunnel_tests::Pod, ztunnel_tests::P
     Ok((t, a, b))
 }
 
+/// B's ztunnel dials B's app from A's address (transparently). The source port is picked
+/// at connect, by the whole 4-tuple, as A's own kernel picks it: A's connections to other
+/// ports of B reuse source ports still held (in TIME_WAIT) by earlier ones. Picked at
+/// bind, each port would be B's to give once per TIME_WAIT (60 s) for all of A's
+/// connections together: with two ports, the third connection would fail.
+#[test]
+fn inbound_dials_pick_the_source_port_by_the_whole_4_tuple() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.netns, "sysctl", "-qw"])
+        .arg("net.ipv4.ip_local_port_range=40000 40001")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sysctl in {}: {}",
+        b.netns,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ports = 8080..8084u16;
+    let _servers = ports
+        .clone()
+        .map(|p| t.serve(&b, b.addr(p)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let _z1 = t.start_ztunnel_on("node1", false)?;
+    let _z2 = t.start_ztunnel_on("node2", false)?;
+    for p in ports {
+        let out = t.call(&a, b.addr(p), &["--bytes", "100"])?;
+        assert!(out.contains("match=true"), "connection to port {p}: {out}");
+    }
+    Ok(())
+}
+
 #[test]
 fn pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities() -> anyhow::Result<()> {
     let (mut t, a, b) = two_nodes()?;
