@@ -88,11 +88,22 @@ impl LogQueue {
     }
 }
 
-/// The writer thread: writes lines in order, flushes whenever the queue runs empty.
-/// A failed write loses that line, as `tracing-appender` did (there is nowhere to
-/// report it).
-fn write_lines<W: Write>(mut out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
+/// How long the writer thread, woken by a line, lets more arrive before writing. A line
+/// sent while it is not waiting costs its sender no wakeup, so under a burst of
+/// connections (one access line each) the thread wakes and writes once per batch instead
+/// of once per line; a lone line reaches the output this much later.
+const GATHER: Duration = Duration::from_millis(1);
+
+/// What the writer thread buffers before writing (more goes out at once).
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// The writer thread: writes lines in order, in batches (see [`GATHER`]), and flushes
+/// whenever the queue runs empty. A failed write loses those lines, as
+/// `tracing-appender` did (there is nowhere to report it).
+fn write_lines<W: Write>(out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
+    let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, out);
     let mut next = rx.recv();
+    thread::sleep(GATHER);
     loop {
         match next {
             Ok(Msg::Line(line)) => {
@@ -117,7 +128,9 @@ fn write_lines<W: Write>(mut out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
             Ok(m) => Ok(m),
             Err(mpsc::TryRecvError::Empty) => {
                 let _ = out.flush();
-                rx.recv()
+                let next = rx.recv();
+                thread::sleep(GATHER);
+                next
             }
             Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
         };
@@ -216,6 +229,34 @@ mod tests {
         // The queue has room again once written out... but the writer has stopped.
         (&q).write_all(b"late\n").expect("write");
         assert_eq!(q.dropped_lines(), 4, "a line after the flush is dropped");
+    }
+
+    #[test]
+    fn lines_queued_while_the_output_is_busy_go_out_in_one_write() {
+        let (gate, written, entered, open) = gated();
+        let (q, flush) = LogQueue::start(gate, 100, "test-log").expect("start");
+        (&q).write_all(b"first\n").expect("write");
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer took the first line");
+        // Queued while the first write is under way.
+        for i in 0..10 {
+            (&q).write_all(format!("{i}\n").as_bytes()).expect("write");
+        }
+        open.send(()).expect("open");
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a second write");
+        open.send(()).expect("open");
+        drop(flush);
+        assert_eq!(
+            *written.lock().expect("written"),
+            b"first\n0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n"
+        );
+        assert!(
+            entered.try_recv().is_err(),
+            "the ten queued lines took more than one write"
+        );
     }
 
     #[test]
