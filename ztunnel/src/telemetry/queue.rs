@@ -208,15 +208,30 @@ mod tests {
         (gate, written, entered_rx, open_tx)
     }
 
-    #[test]
-    fn a_full_queue_drops_and_counts_and_the_rest_is_written_in_order() {
+    /// A queue, its flush guard, and what [`gated`] gives but the gate.
+    type Blocked = (
+        LogQueue,
+        Flush,
+        Arc<Mutex<Vec<u8>>>,
+        Receiver<()>,
+        mpsc::Sender<()>,
+    );
+
+    /// A queue of at most `limit` lines whose writer has taken `first` and is blocked
+    /// writing it (so the queue is empty).
+    fn blocked_on(first: &[u8], limit: usize) -> Blocked {
         let (gate, written, entered, open) = gated();
-        let (q, flush) = LogQueue::start(gate, 4, "test-log").expect("start");
-        // The writer takes the first line and blocks on it: the queue is then empty.
-        (&q).write_all(b"0\n").expect("write");
+        let (q, flush) = LogQueue::start(gate, limit, "test-log").expect("start");
+        (&q).write_all(first).expect("write");
         entered
             .recv_timeout(Duration::from_secs(10))
             .expect("the writer took the first line");
+        (q, flush, written, entered, open)
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_the_rest_is_written_in_order() {
+        let (q, flush, written, _entered, open) = blocked_on(b"0\n", 4);
         for i in 1..=7 {
             (&q).write_all(format!("{i}\n").as_bytes()).expect("write");
         }
@@ -233,12 +248,7 @@ mod tests {
 
     #[test]
     fn lines_queued_while_the_output_is_busy_go_out_in_one_write() {
-        let (gate, written, entered, open) = gated();
-        let (q, flush) = LogQueue::start(gate, 100, "test-log").expect("start");
-        (&q).write_all(b"first\n").expect("write");
-        entered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the writer took the first line");
+        let (q, flush, written, entered, open) = blocked_on(b"first\n", 100);
         // Queued while the first write is under way.
         for i in 0..10 {
             (&q).write_all(format!("{i}\n").as_bytes()).expect("write");
@@ -261,12 +271,7 @@ mod tests {
 
     #[test]
     fn dropping_the_guard_waits_for_a_stuck_writer_at_most_the_timeout() {
-        let (gate, written, entered, _open) = gated();
-        let (q, flush) = LogQueue::start(gate, 4, "test-log").expect("start");
-        (&q).write_all(b"stuck\n").expect("write");
-        entered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("entered");
+        let (_q, flush, written, _entered, _open) = blocked_on(b"stuck\n", 4);
         let t = Instant::now();
         drop(flush);
         let waited = t.elapsed();
