@@ -88,22 +88,16 @@ impl LogQueue {
     }
 }
 
-/// How long the writer thread, woken by a line, lets more arrive before writing. A line
-/// sent while it is not waiting costs its sender no wakeup, so under a burst of
-/// connections (one access line each) the thread wakes and writes once per batch instead
-/// of once per line; a lone line reaches the output this much later.
-const GATHER: Duration = Duration::from_millis(1);
-
 /// What the writer thread buffers before writing (more goes out at once).
 const WRITE_BUFFER: usize = 16 * 1024;
 
-/// The writer thread: writes lines in order, in batches (see [`GATHER`]), and flushes
-/// whenever the queue runs empty. A failed write loses those lines, as
-/// `tracing-appender` did (there is nowhere to report it).
+/// The writer thread: writes lines in order, and flushes whenever the queue runs empty,
+/// so what queued up while a write was under way goes out in one write, and a lone line
+/// at once (tests and operators read the log right after what it reports). A failed
+/// write loses those lines, as `tracing-appender` did (there is nowhere to report it).
 fn write_lines<W: Write>(out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
     let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, out);
     let mut next = rx.recv();
-    thread::sleep(GATHER);
     loop {
         match next {
             Ok(Msg::Line(line)) => {
@@ -128,9 +122,7 @@ fn write_lines<W: Write>(out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
             Ok(m) => Ok(m),
             Err(mpsc::TryRecvError::Empty) => {
                 let _ = out.flush();
-                let next = rx.recv();
-                thread::sleep(GATHER);
-                next
+                rx.recv()
             }
             Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
         };
