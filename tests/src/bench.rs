@@ -472,6 +472,8 @@ pub struct Options {
     pub upgrade_only: bool,
     /// Measure only request/response latency and the proxies' costs per request.
     pub latency_only: bool,
+    /// Measure only memory: idle RSS and what idle connections add, in full rounds.
+    pub memory_only: bool,
 }
 
 impl Options {
@@ -516,7 +518,7 @@ impl Options {
 
     /// Every figure, or the upgrade alone; not with a scenario subset (profiling).
     fn run_upgrade(&self) -> bool {
-        self.upgrade_only || (self.only.is_empty() && !self.latency_only)
+        self.upgrade_only || (self.only.is_empty() && !self.latency_only && !self.memory_only)
     }
 }
 
@@ -715,6 +717,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             );
             let id = format!("{ID_PREFIX}{round}{}", s as u8);
             let subnet = subnet(round, s);
+            for bin in std::iter::once(crate::ztunnel_bin()).chain(opts.istio_ztunnel.clone()) {
+                evict_from_page_cache(&bin)?;
+            }
             let figures = run_scenario(opts, s, &id, subnet).with_context(|| {
                 format!("scenario {s:?} ({}) round {}", s.describe(), round + 1)
             })?;
@@ -742,6 +747,72 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     write_outputs(&report, &opts.out_dir)?;
     eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(report)
+}
+
+/// Drops a proxy binary's pages from the page cache, so that every scenario's proxies
+/// read their code from disk as a node's do, and not from whatever folios the linker's
+/// writes or the last run left: how many of the binary's pages an idle proxy has resident
+/// (its idle RSS) depends on how large those folios are (ARCHITECTURE.md, Performance,
+/// "Idle memory, by code layout"). Only pages no process maps can go; what stays cached
+/// is printed.
+fn evict_from_page_cache(bin: &Path) -> anyhow::Result<()> {
+    let f =
+        std::fs::File::open(bin).with_context(|| format!("failed to open {}", bin.display()))?;
+    // Dirty pages are not dropped: write them first.
+    f.sync_all()
+        .with_context(|| format!("failed to sync {}", bin.display()))?;
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .with_context(|| format!("failed to drop {} from the page cache", bin.display()))?;
+    let cached = cached_bytes(&f)?;
+    if cached > 0 {
+        eprintln!(
+            "bench: {} KiB of {} still in the page cache (mapped by a running process)",
+            cached / 1024,
+            bin.display()
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of a file in the page cache (`mincore` over a mapping of it).
+fn cached_bytes(f: &std::fs::File) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let len = usize::try_from(f.metadata()?.len())?;
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a private read-only mapping of a file we hold open, unmapped below; only
+    // its residency is read, never its bytes.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).context("mmap for mincore");
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping, which is live until munmap.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the mapping made above, of `len` bytes.
+    unsafe { libc::munmap(addr, len) };
+    if rc != 0 {
+        return Err(err).context("mincore");
+    }
+    Ok(vec.iter().filter(|b| *b & 1 == 1).count() as u64 * page as u64)
 }
 
 /// The address block `10.<subnet>.0.0/16` of a round's scenario: distinct for every round
@@ -991,6 +1062,14 @@ fn run_scenario(
     } else {
         None
     };
+    if opts.memory_only {
+        if s.proxied() {
+            memory_figures(opts, idle, with_conns, kib_per_plain, &proxies, &mut f)?;
+        }
+        drop(upstream);
+        drop((ztunnels, istio));
+        return Ok(f);
+    }
     let iperf = Path::new("iperf3");
     let port = IPERF_PORT.to_string();
     let mut iperf_server = topo.spawn_program(&server, iperf, &["-s", "-p", &port])?;
@@ -1157,20 +1236,34 @@ fn run_scenario(
             f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
         }
         f.insert("cpu_s_per_1k_conn", cpu_conns / (conns / 1000.0));
-        let mib = |kib: u64| kib as f64 / 1024.0;
-        f.insert("rss_idle_mib", mib(idle));
-        f.insert("rss_idle_conns_mib", mib(with_conns));
-        f.insert(
-            "kib_per_idle_conn",
-            with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
-        );
-        if let Some(kib) = kib_per_plain {
-            f.insert("kib_per_idle_plain_conn", kib);
-        }
-        f.insert("rss_peak_mib", mib(max_status(&proxies, "VmHWM")?));
+        memory_figures(opts, idle, with_conns, kib_per_plain, &proxies, &mut f)?;
     }
     drop((ztunnels, istio));
     Ok(f)
+}
+
+/// The memory figures of a proxied scenario: idle RSS (KiB) with and without the idle
+/// tunnelled connections, what each plain one added, and the proxies' peak.
+fn memory_figures(
+    opts: &Options,
+    idle: u64,
+    with_conns: u64,
+    kib_per_plain: Option<f64>,
+    proxies: &[u32],
+    f: &mut BTreeMap<&'static str, f64>,
+) -> anyhow::Result<()> {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    f.insert("rss_idle_mib", mib(idle));
+    f.insert("rss_idle_conns_mib", mib(with_conns));
+    f.insert(
+        "kib_per_idle_conn",
+        with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
+    );
+    if let Some(kib) = kib_per_plain {
+        f.insert("kib_per_idle_plain_conn", kib);
+    }
+    f.insert("rss_peak_mib", mib(max_status(proxies, "VmHWM")?));
+    Ok(())
 }
 
 /// `podapp http-serve` on the server pod's [`HTTP_PORT`], listening.
@@ -1999,7 +2092,8 @@ fn targets_against_istio(r: &Report) -> Vec<Target> {
     ] {
         let (ours, theirs) = (g(S2, key), g(I, key));
         if ours.is_nan() || theirs.is_nan() {
-            // A run of part of the figures (`--latency-only`, or without S2 or I).
+            // A run of part of the figures (`--latency-only`, `--memory-only`, or
+            // without S2 or I).
             t.push(Target {
                 name: name.to_owned(),
                 target: format!("{} {factor}× I", if higher { "≥" } else { "≤" }),
@@ -2562,6 +2656,7 @@ idle
             istio_ztunnel: istio.map(PathBuf::from),
             upgrade_only: false,
             latency_only: false,
+            memory_only: false,
         }
     }
 

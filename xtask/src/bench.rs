@@ -35,6 +35,10 @@ pub struct Options {
     /// syscalls and CPU per request (a short loop while working on latency)
     #[arg(long, conflicts_with = "upgrade_only")]
     pub latency_only: bool,
+    /// Measure only memory: idle RSS and what 1,000 idle connections add (a loop of a
+    /// few minutes while working on memory)
+    #[arg(long, conflicts_with_all = ["upgrade_only", "latency_only"])]
+    pub memory_only: bool,
 }
 
 /// The Istio ztunnel binary as an absolute path (the harness runs it inside pods), or a
@@ -100,6 +104,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     if options.latency_only {
         cmd.arg("--latency-only");
+    }
+    if options.memory_only {
+        cmd.arg("--memory-only");
     }
     for s in &options.scenarios {
         cmd.arg("--scenario").arg(s);

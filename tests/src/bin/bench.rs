@@ -23,6 +23,10 @@ struct Cli {
     /// syscalls and CPU per request.
     #[arg(long, conflicts_with = "upgrade_only")]
     latency_only: bool,
+    /// Measure only memory: idle RSS and what 1,000 idle connections (tunnelled, and
+    /// plain outside the mesh) add, in full rounds.
+    #[arg(long, conflicts_with_all = ["upgrade_only", "latency_only"])]
+    memory_only: bool,
     /// Sample the ztunnels with perf and draw flame graphs (perturbs the figures).
     #[arg(long)]
     profile: bool,
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         istio_ztunnel: cli.istio_ztunnel,
         upgrade_only: cli.upgrade_only,
         latency_only: cli.latency_only,
+        memory_only: cli.memory_only,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(

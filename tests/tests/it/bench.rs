@@ -19,6 +19,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         istio_ztunnel,
         upgrade_only: false,
         latency_only: false,
+        memory_only: false,
     })?;
     let ran: Vec<Scenario> = Scenario::ALL
         .into_iter()
@@ -128,6 +129,51 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         ran.len()
     );
     assert_eq!(svg.matches("<rect").count(), bars + ran.len());
+    assert!(
+        bench::leftovers_gone()?,
+        "the bench left namespaces, cgroups or pins"
+    );
+    Ok(())
+}
+
+/// `--memory-only`: the memory figures of the proxied scenario, and nothing else (no
+/// throughput, latency or connection rate, no upgrade).
+#[test]
+fn memory_only_bench_reports_only_the_memory_figures() -> anyhow::Result<()> {
+    ztunnel_tests::require_root();
+    let dir = tempfile::tempdir()?;
+    let report = bench::run(&bench::Options {
+        quick: true,
+        only: vec![Scenario::S2],
+        profile: false,
+        out_dir: dir.path().to_owned(),
+        istio_ztunnel: None,
+        upgrade_only: false,
+        latency_only: false,
+        memory_only: true,
+    })?;
+    let memory = [
+        "rss_idle_mib",
+        "rss_idle_conns_mib",
+        "kib_per_idle_conn",
+        "kib_per_idle_plain_conn",
+        "rss_peak_mib",
+    ];
+    for f in FIGURES {
+        let v = report.get(Scenario::S2, f.key);
+        if memory.contains(&f.key) {
+            let v = v.unwrap_or_else(|| panic!("S2 lacks {}", f.key));
+            assert!(v.is_finite() && v >= 0.0, "{}: {v}", f.key);
+        } else {
+            assert_eq!(v, None, "a memory-only run measured {}", f.key);
+        }
+    }
+    let idle = report.get(Scenario::S2, "rss_idle_mib").expect("idle RSS");
+    let with_conns = report
+        .get(Scenario::S2, "rss_idle_conns_mib")
+        .expect("RSS with connections");
+    assert!(idle > 1.0 && with_conns >= idle, "{idle} {with_conns}");
+    assert!(report.upgrade.is_none());
     assert!(
         bench::leftovers_gone()?,
         "the bench left namespaces, cgroups or pins"
