@@ -7,8 +7,8 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     compile_protos()?;
     // Relative relocations packed as DT_RELR (glibc 2.36, the image's Debian 12): the
-    // dynamic loader reads ~15 KB at start instead of 690 KB of `.rela.dyn`, which stayed
-    // resident (ARCHITECTURE.md, Performance, "Idle memory").
+    // dynamic loader reads ~12 KB at start instead of 686 KB of `.rela.dyn`, which stayed
+    // resident (ARCHITECTURE.md, Performance, "Idle memory, measured again").
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     let ebpf = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-ebpf");
     let common = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-common");
