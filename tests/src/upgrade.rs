@@ -18,11 +18,13 @@ use crate::{Pod, PodProcess, Topology, Ztunnel};
 /// minutes) and within the VM matrix's 30-minute timeout.
 const MAX_SECS: &str = "1500";
 
-/// How long one of [`rate`]'s connections may take before it counts as failed. On one
-/// CPU (the kernel-matrix VMs, emulated) a minute: there loading a second ztunnel's eBPF
-/// programs or a bulk transfer starves every process for more than the usual ten
-/// seconds (read timeouts seen on 7.3 before any handover began), which says nothing
-/// about the upgrade; a refused, reset or garbled connection still fails at once.
+/// How long one of [`rate`]'s connections, or one of [`hold`]'s pings, may take before it
+/// counts as failed. On one CPU (the kernel-matrix VMs, emulated) a minute: there loading
+/// a second ztunnel's eBPF programs or a bulk transfer starves every process for more
+/// than the usual ten seconds (read timeouts seen on 7.3 before any handover began, and
+/// once a held connection's ping echoed after more than ten seconds while the old
+/// ztunnel drained), which says nothing about the upgrade; a refused, reset or garbled
+/// connection still fails at once.
 fn call_timeout_secs() -> &'static str {
     match std::thread::available_parallelism().map(usize::from) {
         Ok(1) => "60",
@@ -105,7 +107,16 @@ pub fn hold(
     let stop = stop.display().to_string();
     let mut p = t.spawn(
         from,
-        &["hold", &dst, "--secs", MAX_SECS, "--stop-file", &stop],
+        &[
+            "hold",
+            &dst,
+            "--secs",
+            MAX_SECS,
+            "--stop-file",
+            &stop,
+            "--timeout-secs",
+            call_timeout_secs(),
+        ],
     )?;
     let line = p.read_line()?;
     ensure!(

@@ -76,6 +76,9 @@ enum Cmd {
         secs: u64,
         #[arg(long)]
         stop_file: Option<std::path::PathBuf>,
+        /// A ping whose echo takes longer fails the hold.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
     },
     /// New connections at a steady rate: one every 1/`per_sec` s, each sending
     /// `bytes` and checking the echo, for `secs` seconds or until `--stop-file` exists.
@@ -247,7 +250,13 @@ fn main() -> anyhow::Result<()> {
             addr,
             secs,
             stop_file,
-        } => hold(addr, secs, stop_file.as_deref()),
+            timeout_secs,
+        } => hold(
+            addr,
+            secs,
+            stop_file.as_deref(),
+            Duration::from_secs(timeout_secs),
+        ),
         Cmd::Rate {
             addr,
             per_sec,
@@ -932,9 +941,15 @@ fn call_event_loop(addr: SocketAddr, bytes: usize, chunk: usize, seed: u64) -> a
     })
 }
 
-fn hold(addr: SocketAddr, secs: u64, stop_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn hold(
+    addr: SocketAddr,
+    secs: u64,
+    stop_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("failed to connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     println!("connected peer={}", s.peer_addr()?);
     std::io::stdout().flush()?;
     let end = Instant::now() + Duration::from_secs(secs);
@@ -944,7 +959,7 @@ fn hold(addr: SocketAddr, secs: u64, stop_file: Option<&std::path::Path>) -> any
         s.write_all(msg.as_bytes())?;
         let mut back = vec![0u8; msg.len()];
         s.read_exact(&mut back)
-            .with_context(|| format!("ping {pings} got no echo"))?;
+            .with_context(|| format!("ping {pings} got no echo within {timeout:?}"))?;
         if back != msg.as_bytes() {
             bail!("ping {pings}: wrong echo");
         }
