@@ -267,7 +267,17 @@ impl Ztunnel {
         what: &str,
         cond: impl Fn(&ConfigDump) -> bool,
     ) -> anyhow::Result<ConfigDump> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        self.wait_for_within(what, Duration::from_secs(60), cond)
+    }
+
+    /// [`Self::wait_for`] with its own limit.
+    pub fn wait_for_within(
+        &self,
+        what: &str,
+        limit: Duration,
+        cond: impl Fn(&ConfigDump) -> bool,
+    ) -> anyhow::Result<ConfigDump> {
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(d) = self.dump()
                 && cond(&d)

@@ -319,29 +319,51 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
     build_common(&bins, &dir.join("common"), &common)?;
 
     let mirror = mirror()?;
-    let mut vms = Vec::new();
-    for s in &series {
-        let kernel = fetch_kernel(s, &mirror, &dir)?;
-        let tests: Vec<&str> = selected
-            .iter()
-            .filter(|(_, needs)| applies(s, *needs))
-            .map(|(name, _)| *name)
-            .collect();
-        let vm_dir = dir.join(format!("run-{}", s.version));
-        let initrd = build_initrd(&kernel, &common, &tests, &vm_dir)?;
-        vms.push(Vm {
-            series: s.version,
-            kernel,
-            initrd,
-            dir: vm_dir,
-        });
-    }
-
     let jobs = options
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let queue = Mutex::new(vms.iter().collect::<Vec<_>>());
+    let per_series: Vec<Vec<&str>> = series
+        .iter()
+        .map(|s| {
+            selected
+                .iter()
+                .filter(|(_, needs)| applies(s, *needs))
+                .map(|(name, _)| *name)
+                .collect()
+        })
+        .collect();
+    let cap = per_vm_cap(per_series.iter().flatten().map(|t| weight(t)).sum(), jobs);
+    let mut vms = Vec::new();
+    for (s, tests) in series.iter().zip(&per_series) {
+        let kernel = fetch_kernel(s, &mirror, &dir)?;
+        let parts = split(tests, cap);
+        let count = parts.len();
+        for (i, tests) in parts.into_iter().enumerate() {
+            let (name, vm_dir) = if count == 1 {
+                (s.version.to_owned(), dir.join(format!("run-{}", s.version)))
+            } else {
+                (
+                    format!("{} #{}", s.version, i + 1),
+                    dir.join(format!("run-{}-{}", s.version, i + 1)),
+                )
+            };
+            let initrd = build_initrd(&kernel, &common, &tests, &vm_dir)?;
+            vms.push(Vm {
+                series: s.version,
+                name,
+                kernel: kernel.clone(),
+                tests,
+                initrd,
+                dir: vm_dir,
+            });
+        }
+    }
+
+    // The VMs with the most tests first (the queue pops from its end).
+    let mut queue: Vec<&Vm> = vms.iter().collect();
+    queue.sort_by_key(|vm| vm.tests.iter().map(|t| weight(t)).sum::<usize>());
+    let queue = Mutex::new(queue);
     let results = Mutex::new(BTreeMap::new());
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(vms.len()) {
@@ -353,13 +375,55 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
                     results
                         .lock()
                         .expect("results lock")
-                        .insert(vm.series, outcome);
+                        .insert(vm.name.clone(), outcome);
                 }
             });
         }
     });
     let results = results.into_inner().expect("results lock");
     Ok(report(&series, &selected, &vms, &results))
+}
+
+/// A test's share of a VM's time under TCG, in units of an ordinary test (~10 s on 7.3):
+/// an upgrade test starts a second ztunnel, moves traffic and drains, ~15 times as long.
+fn weight(test: &str) -> usize {
+    if test.starts_with("upgrade::") { 15 } else { 1 }
+}
+
+/// Least work worth a VM of its own: under TCG a boot costs about as much as a test.
+const MIN_WEIGHT_PER_VM: usize = 8;
+
+/// The most work (in [`weight`]s) one VM takes when work `total` goes to `jobs` VMs at
+/// once, so that the jobs finish together: a series with more than this (7.3 in `cargo
+/// xtask test`, 94 against 5.10's 10) is split over several VMs instead of leaving the
+/// other jobs idle while it runs.
+fn per_vm_cap(total: usize, jobs: usize) -> usize {
+    total.div_ceil(jobs.max(1)).max(MIN_WEIGHT_PER_VM)
+}
+
+/// One series' tests split into VMs of at most `cap` work: full VMs and one holding the
+/// rest. The heaviest tests are dealt first, each to the VM least full for its size, so
+/// the upgrade tests spread evenly. No tests, no VM (an `/init` naming no test would run
+/// them all).
+fn split<'a>(tests: &[&'a str], cap: usize) -> Vec<Vec<&'a str>> {
+    let cap = cap.max(1);
+    let total: usize = tests.iter().map(|t| weight(t)).sum();
+    let count = total.div_ceil(cap);
+    let sizes: Vec<usize> = (0..count).map(|i| cap.min(total - i * cap)).collect();
+    let mut parts: Vec<Vec<&str>> = vec![Vec::new(); count];
+    let mut loads = vec![0usize; count];
+    let mut order = tests.to_vec();
+    order.sort_by_key(|t| std::cmp::Reverse(weight(t)));
+    for test in order {
+        let Some(part) = (0..count)
+            .min_by(|a, b| (loads[*a] * sizes[*b]).cmp(&(loads[*b] * sizes[*a])))
+        else {
+            break;
+        };
+        loads[part] += weight(test);
+        parts[part].push(test);
+    }
+    parts
 }
 
 fn applies(series: &Series, needs: Needs) -> bool {
@@ -414,7 +478,10 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 
 struct Vm {
     series: &'static str,
+    /// The series, or `<series> #<n>` when its tests are split over several VMs.
+    name: String,
     kernel: Kernel,
+    tests: Vec<&'static str>,
     initrd: PathBuf,
     dir: PathBuf,
 }
@@ -438,7 +505,12 @@ impl Vm {
         let started = Instant::now();
         let console = self.dir.join("console.log");
         let tests_log = self.dir.join("tests.log");
-        eprintln!("vm-test: {}: booting {}", self.series, self.kernel.package);
+        eprintln!(
+            "vm-test: {}: booting {} ({} tests)",
+            self.name,
+            self.kernel.package,
+            self.tests.len()
+        );
         let error = self
             .qemu(accel, &console, &tests_log)
             .err()
@@ -447,7 +519,7 @@ impl Vm {
         let outcome = parse(&log, started.elapsed(), console, error);
         eprintln!(
             "vm-test: {}: done in {:.0?} ({} passed, {} failed)",
-            self.series,
+            self.name,
             outcome.elapsed,
             outcome.tests.values().filter(|ok| **ok).count(),
             outcome.tests.values().filter(|ok| !**ok).count()
@@ -564,7 +636,7 @@ fn report(
     series: &[&Series],
     tests: &[(&str, Needs)],
     vms: &[Vm],
-    results: &BTreeMap<&str, Outcome>,
+    results: &BTreeMap<String, Outcome>,
 ) -> Summary {
     let mut summary = Summary::default();
     let width = tests.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
@@ -579,7 +651,12 @@ fn report(
             let cell = if !applies(s, *needs) {
                 "n/a"
             } else {
-                match results.get(s.version).and_then(|o| o.tests.get(*name)) {
+                let outcome = vms
+                    .iter()
+                    .find(|vm| vm.series == s.version && vm.tests.contains(name))
+                    .and_then(|vm| results.get(&vm.name))
+                    .and_then(|o| o.tests.get(*name));
+                match outcome {
                     Some(true) => {
                         summary.passed += 1;
                         "ok"
@@ -604,15 +681,16 @@ fn report(
     );
     println!("-: not reported (the VM failed before the test finished)");
     for vm in vms {
-        let Some(o) = results.get(vm.series) else {
+        let Some(o) = results.get(&vm.name) else {
             continue;
         };
         println!(
-            "{:>5}: {} ({}), {}, {:.0?}{}",
-            vm.series,
+            "{:>7}: {} ({}), {}, {} tests, {:.0?}{}",
+            vm.name,
             o.release.as_deref().unwrap_or("did not boot"),
             vm.kernel.package,
             capture_path(version(vm.series)),
+            vm.tests.len(),
             o.elapsed,
             o.error
                 .as_deref()
@@ -621,22 +699,20 @@ fn report(
         );
     }
     for vm in vms {
-        let Some(o) = results.get(vm.series) else {
+        let Some(o) = results.get(&vm.name) else {
             continue;
         };
-        let missing = tests.iter().any(|(n, needs)| {
-            applies(find(series, vm.series), *needs) && !o.tests.contains_key(*n)
-        });
+        let missing = vm.tests.iter().any(|n| !o.tests.contains_key(*n));
         if o.exit != Some(0) || o.tests.values().any(|ok| !ok) || missing {
             println!(
                 "\n==== {} ({}): test output ====\n{}",
-                vm.series, vm.kernel.package, o.log
+                vm.name, vm.kernel.package, o.log
             );
             let console = fs::read_to_string(&o.console).unwrap_or_default();
             let tail: Vec<&str> = console.lines().rev().take(40).collect();
             println!(
                 "==== {}: last lines of the console ({}) ====",
-                vm.series,
+                vm.name,
                 o.console.display()
             );
             for l in tail.iter().rev() {
@@ -661,14 +737,6 @@ fn capture_path(kernel: (u32, u32)) -> &'static str {
     }
 }
 
-fn find<'a>(series: &[&'a Series], version: &str) -> &'a Series {
-    series
-        .iter()
-        .find(|s| s.version == version)
-        .copied()
-        .expect("every VM comes from a series")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,6 +749,46 @@ mod tests {
         assert_eq!(o.exit, Some(101));
         assert_eq!(o.tests.get("a::b"), Some(&true));
         assert_eq!(o.tests.get("a::c"), Some(&false));
+    }
+
+    #[test]
+    fn the_edges_split_so_both_jobs_do_the_same_work() {
+        let old: Vec<&str> = TESTS
+            .iter()
+            .filter(|(_, needs)| *needs == Needs::Any)
+            .map(|(n, _)| *n)
+            .collect();
+        let new: Vec<&str> = TESTS.iter().map(|(n, _)| *n).collect();
+        let work = |tests: &[&str]| tests.iter().map(|t| weight(t)).sum::<usize>();
+        let cap = per_vm_cap(work(&old) + work(&new), 2);
+        assert_eq!(split(&old, cap).len(), 1);
+        let parts = split(&new, cap);
+        assert_eq!(parts.len(), 2);
+        // Every test once; two upgrade tests each; the smaller VM and the old kernel's
+        // together about as much work as the larger.
+        let mut all: Vec<&str> = parts.concat();
+        all.sort_unstable();
+        let mut want = new.clone();
+        want.sort_unstable();
+        assert_eq!(all, want);
+        for p in &parts {
+            assert_eq!(p.iter().filter(|n| n.starts_with("upgrade::")).count(), 2);
+        }
+        let (a, b) = (work(&parts[0]), work(&parts[1]) + work(&old));
+        assert!(a.abs_diff(b) <= 2, "{a} against {b}");
+    }
+
+    #[test]
+    fn a_matrix_with_a_vm_per_job_or_little_work_is_not_split() {
+        let tests: Vec<&str> = (0..38).map(|_| "t").collect();
+        // Five series on two cores: far more work than one series a VM.
+        assert_eq!(split(&tests, per_vm_cap(5 * 38, 2)).len(), 1);
+        // Many cores: never less than MIN_WEIGHT_PER_VM a VM but the last.
+        let parts = split(&tests, per_vm_cap(48, 64));
+        assert_eq!(parts.len(), 5);
+        assert!(parts.iter().all(|p| p.len() >= 6), "{parts:?}");
+        assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 38);
+        assert_eq!(split(&[], per_vm_cap(0, 2)), Vec::<Vec<&str>>::new());
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn mirror_in(text: &str) -> Option<String> {
 }
 
 /// A kernel unpacked from its .debs.
+#[derive(Clone)]
 pub(super) struct Kernel {
     pub(super) package: String,
     pub(super) vmlinuz: PathBuf,
