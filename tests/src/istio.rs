@@ -85,7 +85,7 @@ pub fn local_xds_yaml(pods: &[Pod]) -> anyhow::Result<String> {
         policies: Vec::new(),
         services: Vec::new(),
     };
-    serde_yaml::to_string(&cfg).context("failed to write Istio's local workload file")
+    serde_norway::to_string(&cfg).context("failed to write Istio's local workload file")
 }
 
 /// The environment of the instance in `pod` (Istio's `src/config.rs` names): dedicated mode
@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn local_workload_file_lists_each_pod_as_an_hbone_workload_on_its_node() -> anyhow::Result<()> {
         let yaml = local_xds_yaml(&[pod("client", 1, 10), pod("server", 2, 11)])?;
-        let v: serde_yaml::Value = serde_yaml::from_str(&yaml)?;
+        let v: serde_norway::Value = serde_norway::from_str(&yaml)?;
         let w = v["workloads"].as_sequence().expect("workloads");
         assert_eq!(w.len(), 2, "{yaml}");
         let server = &w[1];

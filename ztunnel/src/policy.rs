@@ -1104,11 +1104,11 @@ pub(crate) mod tests {
     }
 
     fn policies(yaml: &str) -> Vec<Authorization> {
-        serde_yaml::from_str(yaml).expect("valid policies")
+        serde_norway::from_str(yaml).expect("valid policies")
     }
 
     fn policy(yaml: &str) -> Authorization {
-        serde_yaml::from_str(yaml).expect("valid policy")
+        serde_norway::from_str(yaml).expect("valid policy")
     }
 
     /// An ALLOW policy whose only rule has one `from` entry.
@@ -1679,7 +1679,7 @@ pub(crate) mod tests {
         ];
         for (name, yaml, expected) in cases {
             let peer_auths: Vec<PeerAuthentication> =
-                serde_yaml::from_str(yaml).expect("valid peer authentications");
+                serde_norway::from_str(yaml).expect("valid peer authentications");
             assert_eq!(
                 requires_mtls(&peer_auths, ROOT, "shop", &web),
                 expected,
@@ -1693,7 +1693,7 @@ pub(crate) mod tests {
         }
         // In the root namespace itself, the mesh policy is the namespace policy.
         let mesh: Vec<PeerAuthentication> =
-            serde_yaml::from_str("[{name: m, namespace: istio-system, mode: STRICT}]")
+            serde_norway::from_str("[{name: m, namespace: istio-system, mode: STRICT}]")
                 .expect("valid peer authentications");
         assert!(requires_mtls(&mesh, ROOT, ROOT, &web));
         assert!(MtlsIndex::new(&mesh, ROOT).requires_mtls(&mesh, ROOT, &web));
@@ -1960,7 +1960,7 @@ pub(crate) mod tests {
         ];
         for (name, authz, peer_auths, expected) in cases {
             let peer_auths: Vec<PeerAuthentication> =
-                serde_yaml::from_str(peer_auths).expect("valid peer authentications");
+                serde_norway::from_str(peer_auths).expect("valid peer authentications");
             match (validate_all(&policies(authz), &peer_auths, ROOT), expected) {
                 (Ok(()), None) => {}
                 (Err(err), Some(message)) => {
@@ -1990,7 +1990,7 @@ pub(crate) mod tests {
         ];
         for (fields, message) in cases {
             let yaml = format!("{{{base}, {fields}}}");
-            let err = serde_yaml::from_str::<Authorization>(&yaml)
+            let err = serde_norway::from_str::<Authorization>(&yaml)
                 .expect_err("malformed policy")
                 .to_string();
             assert!(err.contains(message), "{fields}: {err}");
@@ -2005,7 +2005,7 @@ pub(crate) mod tests {
                 "missing field `action`",
             ),
         ] {
-            let err = serde_yaml::from_str::<Authorization>(yaml)
+            let err = serde_norway::from_str::<Authorization>(yaml)
                 .expect_err("malformed policy")
                 .to_string();
             assert!(err.contains(message), "{yaml}: {err}");
@@ -2039,7 +2039,7 @@ pub(crate) mod tests {
         for p in &parsed {
             p.validate().expect("example policies are valid");
         }
-        let dumped = serde_yaml::to_string(&parsed).expect("serialize");
+        let dumped = serde_norway::to_string(&parsed).expect("serialize");
         assert!(dumped.contains("WORKLOAD_SELECTOR"), "{dumped}");
         assert!(dumped.contains("10.9.0.0/16"), "{dumped}");
         assert_eq!(policies(&dumped), parsed, "{dumped}");

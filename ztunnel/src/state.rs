@@ -33,7 +33,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid workload file {path}: {location}field `{field}`: {message}")]
+    /// `field` is `` field `workloads[0].addresses[0]`: ``, or empty when the error is
+    /// the document's own (a second document, say).
+    #[error("invalid workload file {path}: {location}{field}{message}")]
     Parse {
         path: PathBuf,
         location: String,
@@ -416,16 +418,19 @@ impl LocalConfig {
     /// blank or only comments) is [`Error::Empty`], never a config with no workloads.
     pub fn parse(path: &Path, text: &str, node: &str) -> Result<Self, Error> {
         if matches!(
-            serde_yaml::from_str::<serde_yaml::Value>(text),
-            Ok(serde_yaml::Value::Null)
+            serde_norway::from_str::<serde_norway::Value>(text),
+            Ok(serde_norway::Value::Null)
         ) {
             return Err(Error::Empty {
                 path: path.to_owned(),
             });
         }
-        let de = serde_yaml::Deserializer::from_str(text);
+        let de = serde_norway::Deserializer::from_str(text);
         let cfg: LocalConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            let field = match e.path().to_string() {
+                root if root == "." => String::new(),
+                path => format!("field `{path}`: "),
+            };
             let inner = e.into_inner();
             let location = inner
                 .location()
@@ -1707,6 +1712,34 @@ workloads:
         assert!(err.contains("w.yaml"), "{err}");
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("workloads[0].addresses"), "{err}");
+    }
+
+    #[test]
+    fn a_second_document_duplicate_keys_and_alias_bombs_are_errors_naming_the_line() {
+        let mut bomb = String::from("workloads:\n  - &a0 {name: a, namespace: x, node: n, addresses: []}\n");
+        // Nine levels of ten aliases each, a billion workloads once expanded: refused at
+        // the first element that is not a workload, line 3, nothing expanded.
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            bomb += &format!("  - &a{i} [{refs}]\n");
+        }
+        for (text, want) in [
+            ("workloads: []\n---\nworkloads: []\n", "more than one document"),
+            (
+                "workloads:\n  - name: a\n    name: b\n    namespace: x\n    node: n\n    addresses: []\n",
+                "duplicate field `name`",
+            ),
+            ("workloads: [\n", "line 2"),
+            (&bomb, "line 3"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(matches!(err, Error::Parse { .. }), "{text:?}: {err}");
+            let msg = err.to_string();
+            assert!(msg.contains("w.yaml") && msg.contains(want), "{msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+        assert!(matches!(parse("~\n"), Err(Error::Empty { .. })));
+        assert!(matches!(parse("null\n"), Err(Error::Empty { .. })));
     }
 
     #[test]

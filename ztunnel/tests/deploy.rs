@@ -22,9 +22,9 @@ fn deploy() -> PathBuf {
 fn yaml_docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("failed to read {}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|doc| {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc)
+            let v: serde_norway::Value = serde::Deserialize::deserialize(doc)
                 .unwrap_or_else(|e| panic!("{}: invalid yaml: {e}", path.display()));
             serde_json::to_value(v)
                 .unwrap_or_else(|e| panic!("{}: not json-compatible: {e}", path.display()))
@@ -124,7 +124,7 @@ fn assert_valid_kubernetes(docs: &[&Value], what: &str) {
     let file = dir.path().join("rendered.yaml");
     let text: String = docs
         .iter()
-        .map(|d| format!("---\n{}", serde_yaml::to_string(d).expect("yaml")))
+        .map(|d| format!("---\n{}", serde_norway::to_string(d).expect("yaml")))
         .collect();
     std::fs::write(&file, text).expect("write rendered manifests");
     let out = Command::new(validator())

@@ -451,7 +451,7 @@ peerAuthentications:
         );
         // Not valid as a file (a local pod needs both), but a Kubernetes version looks
         // like this while discovery misses the pod.
-        let v: LocalConfig = serde_yaml::from_str(&unplaced).expect("yaml");
+        let v: LocalConfig = serde_norway::from_str(&unplaced).expect("yaml");
         s.update(v, t0);
         assert_eq!(enrolled(&s), ["mesh/a", "other/b"]);
         s.update(cfg(FULL), t0 + Duration::from_secs(1));

@@ -1276,7 +1276,7 @@ mod tests {
     };
 
     fn decide(policies: &str, service: Option<(&str, &str)>, req: &Req) -> Decision {
-        let policies: Vec<WaypointPolicy> = serde_yaml::from_str(policies).expect("yaml");
+        let policies: Vec<WaypointPolicy> = serde_norway::from_str(policies).expect("yaml");
         validate_all_in_root(&policies, "istio-system").expect("valid");
         let index = PolicyIndex::new(&policies, "istio-system");
         let method = http::Method::from_bytes(req.method.as_bytes()).expect("method");
@@ -1615,7 +1615,7 @@ mod tests {
             ("duplicate", format!("{base}{base}"), "waypointPolicies[1] (shop/p): duplicate policy"),
         ];
         for (name, yaml, want) in cases {
-            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(yaml).expect(name);
+            let policies: Vec<WaypointPolicy> = serde_norway::from_str(yaml).expect(name);
             let err = validate_all_in_root(&policies, "istio-system").expect_err(name);
             assert!(err.contains("waypointPolicies["), "{name}: {err}");
             assert!(err.contains(want), "{name}: {err}");
@@ -1624,7 +1624,7 @@ mod tests {
 
     #[test]
     fn unsupported_actions_and_unknown_fields_fail_to_parse_with_the_reason() {
-        let parse = |yaml: &str| serde_yaml::from_str::<Vec<WaypointPolicy>>(yaml).map(|_| ());
+        let parse = |yaml: &str| serde_norway::from_str::<Vec<WaypointPolicy>>(yaml).map(|_| ());
         let head = "- name: p\n  namespace: shop\n  targetRefs: [{kind: Service, name: db}]\n";
         for (action, want) in [
             ("CUSTOM", "no external authorizer"),
@@ -1641,7 +1641,7 @@ mod tests {
         ))
         .expect_err("typo");
         assert!(err.to_string().contains("method"), "{err}");
-        let p: Vec<WaypointPolicy> = serde_yaml::from_str(head).expect("default action");
+        let p: Vec<WaypointPolicy> = serde_norway::from_str(head).expect("default action");
         assert_eq!(p[0].action, Action::Allow);
     }
 
@@ -1651,7 +1651,7 @@ mod tests {
             let yaml = format!(
                 "- name: p\n  namespace: shop\n  targetRefs: [{{kind: Service, name: db}}]\n  action: {action}\n  rules:\n  - to: [{{operation: {{ports: [http]}}}}]\n"
             );
-            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("yaml");
+            let policies: Vec<WaypointPolicy> = serde_norway::from_str(&yaml).expect("yaml");
             assert!(validate_all(&policies).is_err());
             PolicyIndex::new(&policies, "istio-system")
         };
@@ -1683,7 +1683,7 @@ mod tests {
     #[test]
     fn tcp_connections_are_policed_as_istio_network_rbac_does() {
         let decide_tcp = |policies: &str, port: u16| {
-            let policies: Vec<WaypointPolicy> = serde_yaml::from_str(policies).expect("yaml");
+            let policies: Vec<WaypointPolicy> = serde_norway::from_str(policies).expect("yaml");
             validate_all_in_root(&policies, "istio-system").expect("valid");
             let conn = ConnectionAttrs {
                 port,
@@ -1738,10 +1738,10 @@ mod tests {
                 )
             })
             .collect();
-        let policies: Vec<WaypointPolicy> = serde_yaml::from_str(&yaml).expect("doc example");
+        let policies: Vec<WaypointPolicy> = serde_norway::from_str(&yaml).expect("doc example");
         assert_eq!(policies.len(), 1);
-        let dumped = serde_yaml::to_string(&policies).expect("dump");
-        let again: Vec<WaypointPolicy> = serde_yaml::from_str(&dumped).expect("read the dump");
+        let dumped = serde_norway::to_string(&policies).expect("dump");
+        let again: Vec<WaypointPolicy> = serde_norway::from_str(&dumped).expect("read the dump");
         assert_eq!(again, policies);
         assert_eq!(policies[0].target_refs.len(), 2);
         let tenant = Req {

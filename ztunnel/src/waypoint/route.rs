@@ -1084,7 +1084,7 @@ mod tests {
     }
 
     fn table(yaml: &str) -> RouteTable {
-        let routes: Vec<HttpRoute> = serde_yaml::from_str(yaml).expect("yaml");
+        let routes: Vec<HttpRoute> = serde_norway::from_str(yaml).expect("yaml");
         validate_all(&routes).expect("valid");
         RouteTable::new(&routes)
     }
@@ -1335,7 +1335,7 @@ mod tests {
         assert_eq!(err.route, "shop/z");
 
         // A backend that skipped validation keeps its turns and answers 500 for them.
-        let routes: Vec<HttpRoute> = serde_yaml::from_str(
+        let routes: Vec<HttpRoute> = serde_norway::from_str(
             "- name: bad\n  namespace: shop\n  parentRefs: [{kind: Service, name: db, group: ''}]\n  rules:\n  - backendRefs:\n    - {name: v1, port: 8080}\n    - {kind: ConfigMap, name: v2, port: 8080}\n",
         )
         .expect("yaml");
@@ -1466,7 +1466,7 @@ mod tests {
             ("duplicate", format!("{head}{head}"), "httpRoutes[1] (shop/r): duplicate route"),
         ];
         for (name, yaml, want) in cases {
-            let routes: Vec<HttpRoute> = serde_yaml::from_str(yaml).expect(name);
+            let routes: Vec<HttpRoute> = serde_norway::from_str(yaml).expect(name);
             let err = validate_all(&routes).expect_err(name);
             assert!(err.contains("httpRoutes["), "{name}: {err}");
             assert!(err.contains(want), "{name}: {err}");
@@ -1483,7 +1483,7 @@ mod tests {
                 format!("{head}  rules: [{{matches: [{{path: {{type: Prefix, value: /}}}}]}}]\n"),
             ),
         ] {
-            let err = serde_yaml::from_str::<Vec<HttpRoute>>(&yaml).expect_err(field);
+            let err = serde_norway::from_str::<Vec<HttpRoute>>(&yaml).expect_err(field);
             assert!(
                 err.to_string().contains(field) || err.to_string().contains("Prefix"),
                 "{field}: {err}"
@@ -1507,11 +1507,11 @@ mod tests {
                 )
             })
             .collect();
-        let routes: Vec<HttpRoute> = serde_yaml::from_str(&yaml).expect("doc example");
+        let routes: Vec<HttpRoute> = serde_norway::from_str(&yaml).expect("doc example");
         assert_eq!(routes[0].rules[0].backend_refs.len(), 2);
         // The admin port dumps what it read; it reads back the same.
-        let dumped = serde_yaml::to_string(&routes).expect("dump");
-        let again: Vec<HttpRoute> = serde_yaml::from_str(&dumped).expect("read the dump");
+        let dumped = serde_norway::to_string(&routes).expect("dump");
+        let again: Vec<HttpRoute> = serde_norway::from_str(&dumped).expect("read the dump");
         assert_eq!(again, routes);
         let t = table(&yaml);
         let req = request(
