@@ -26,10 +26,13 @@ const MAX_SECS: &str = "1500";
 /// ztunnel drained), which says nothing about the upgrade; a refused, reset or garbled
 /// connection still fails at once.
 fn call_timeout_secs() -> &'static str {
-    match std::thread::available_parallelism().map(usize::from) {
-        Ok(1) => "60",
-        _ => "10",
-    }
+    if one_cpu() { "60" } else { "10" }
+}
+
+/// One CPU: the kernel-matrix VMs (one vCPU, emulated), where the upgrade tests take
+/// longer limits and lighter loads.
+pub fn one_cpu() -> bool {
+    matches!(std::thread::available_parallelism().map(usize::from), Ok(1))
 }
 
 /// A steady stream of new connections from `from` to `dst`, `per_sec` a second, each
@@ -42,31 +45,41 @@ pub fn rate(
     per_sec: u32,
     stop: &Path,
 ) -> anyhow::Result<PodProcess> {
-    let dst = dst.to_string();
     let per_sec = per_sec.to_string();
-    let stop = stop.display().to_string();
-    let mut p = t.spawn(
-        from,
-        &[
-            "rate",
-            &dst,
-            "--per-sec",
-            &per_sec,
-            "--secs",
-            MAX_SECS,
-            "--stop-file",
-            &stop,
-            "--timeout-secs",
-            call_timeout_secs(),
-        ],
-    )?;
-    let line = p.read_line()?;
+    let (p, line) = client(t, from, "rate", dst, &["--per-sec", &per_sec], stop)?;
     ensure!(
         line == "started",
         "rate client from {}: {line:?}",
         from.name
     );
     Ok(p)
+}
+
+/// Starts podapp's `cmd` client from `from` to `dst` with `args`, the common limits and
+/// `stop`; returns it with its first line.
+fn client(
+    t: &mut Topology,
+    from: &Pod,
+    cmd: &str,
+    dst: SocketAddr,
+    args: &[&str],
+    stop: &Path,
+) -> anyhow::Result<(PodProcess, String)> {
+    let dst = dst.to_string();
+    let stop = stop.display().to_string();
+    let mut all = vec![cmd, &dst];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--secs",
+        MAX_SECS,
+        "--stop-file",
+        &stop,
+        "--timeout-secs",
+        call_timeout_secs(),
+    ]);
+    let mut p = t.spawn(from, &all)?;
+    let line = p.read_line()?;
+    Ok((p, line))
 }
 
 /// A rate client's counts, once it has stopped.
@@ -103,22 +116,7 @@ pub fn hold(
     dst: SocketAddr,
     stop: &Path,
 ) -> anyhow::Result<PodProcess> {
-    let dst = dst.to_string();
-    let stop = stop.display().to_string();
-    let mut p = t.spawn(
-        from,
-        &[
-            "hold",
-            &dst,
-            "--secs",
-            MAX_SECS,
-            "--stop-file",
-            &stop,
-            "--timeout-secs",
-            call_timeout_secs(),
-        ],
-    )?;
-    let line = p.read_line()?;
+    let (p, line) = client(t, from, "hold", dst, &[], stop)?;
     ensure!(
         line.starts_with("connected"),
         "hold from {}: {line}",
@@ -142,10 +140,7 @@ pub fn pings(p: PodProcess) -> anyhow::Result<u64> {
 /// one CPU, where a successor starting beside the running ztunnel, its clients and a
 /// bulk transfer took 56 s to load its eBPF programs once (emulated 7.3, a busy host).
 pub fn wait_handover(z: &Ztunnel, state: &str) -> anyhow::Result<ConfigDump> {
-    let limit = match std::thread::available_parallelism().map(usize::from) {
-        Ok(1) => Duration::from_secs(300),
-        _ => Duration::from_secs(60),
-    };
+    let limit = Duration::from_secs(if one_cpu() { 300 } else { 60 });
     z.wait_for_within(&format!("handover state {state}"), limit, |d| {
         d.handover.state == state
     })

@@ -384,10 +384,20 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
     Ok(report(&series, &selected, &vms, &results))
 }
 
-/// A test's share of a VM's time under TCG, in units of an ordinary test (~10 s on 7.3):
-/// an upgrade test starts a second ztunnel, moves traffic and drains, ~15 times as long.
+/// A test's share of a VM's time under TCG, in units of an ordinary test (13–22 s on
+/// 7.3 with two VMs at once). The upgrade under load (a steady stream of calls, two held
+/// connections and a 4 MiB transfer across the handover, then the drain) took ~300 s and
+/// the other upgrade tests, a second ztunnel started and stopped, ~90 s each; with these
+/// weights `cargo xtask test`'s two cores finish within 20 s of each other (7.3 #1 635 s,
+/// 7.3 #2 483 s then 5.10 172 s).
 fn weight(test: &str) -> usize {
-    if test.starts_with("upgrade::") { 15 } else { 1 }
+    if test == "upgrade::upgrade_takes_every_pod_over_without_a_failed_connection" {
+        35
+    } else if test.starts_with("upgrade::") {
+        7
+    } else {
+        1
+    }
 }
 
 /// Least work worth a VM of its own: under TCG a boot costs about as much as a test.
@@ -395,7 +405,7 @@ const MIN_WEIGHT_PER_VM: usize = 8;
 
 /// The most work (in [`weight`]s) one VM takes when work `total` goes to `jobs` VMs at
 /// once, so that the jobs finish together: a series with more than this (7.3 in `cargo
-/// xtask test`, 94 against 5.10's 10) is split over several VMs instead of leaving the
+/// xtask test`, 90 against 5.10's 10) is split over several VMs instead of leaving the
 /// other jobs idle while it runs.
 fn per_vm_cap(total: usize, jobs: usize) -> usize {
     total.div_ceil(jobs.max(1)).max(MIN_WEIGHT_PER_VM)
@@ -415,8 +425,8 @@ fn split<'a>(tests: &[&'a str], cap: usize) -> Vec<Vec<&'a str>> {
     let mut order = tests.to_vec();
     order.sort_by_key(|t| std::cmp::Reverse(weight(t)));
     for test in order {
-        let Some(part) = (0..count)
-            .min_by(|a, b| (loads[*a] * sizes[*b]).cmp(&(loads[*b] * sizes[*a])))
+        let Some(part) =
+            (0..count).min_by(|a, b| (loads[*a] * sizes[*b]).cmp(&(loads[*b] * sizes[*a])))
         else {
             break;
         };
@@ -764,16 +774,19 @@ mod tests {
         assert_eq!(split(&old, cap).len(), 1);
         let parts = split(&new, cap);
         assert_eq!(parts.len(), 2);
-        // Every test once; two upgrade tests each; the smaller VM and the old kernel's
+        // Every test once; the smaller VM and the old kernel's
         // together about as much work as the larger.
         let mut all: Vec<&str> = parts.concat();
         all.sort_unstable();
         let mut want = new.clone();
         want.sort_unstable();
         assert_eq!(all, want);
-        for p in &parts {
-            assert_eq!(p.iter().filter(|n| n.starts_with("upgrade::")).count(), 2);
-        }
+        // The upgrade under load in one VM, the three other upgrade tests in the other.
+        let upgrades: Vec<usize> = parts
+            .iter()
+            .map(|p| p.iter().filter(|n| n.starts_with("upgrade::")).count())
+            .collect();
+        assert_eq!(upgrades, [1, 3]);
         let (a, b) = (work(&parts[0]), work(&parts[1]) + work(&old));
         assert!(a.abs_diff(b) <= 2, "{a} against {b}");
     }

@@ -1716,7 +1716,8 @@ workloads:
 
     #[test]
     fn a_second_document_duplicate_keys_and_alias_bombs_are_errors_naming_the_line() {
-        let mut bomb = String::from("workloads:\n  - &a0 {name: a, namespace: x, node: n, addresses: []}\n");
+        let mut bomb =
+            String::from("workloads:\n  - &a0 {name: a, namespace: x, node: n, addresses: []}\n");
         // Nine levels of ten aliases each, a billion workloads once expanded: refused at
         // the first element that is not a workload, line 3, nothing expanded.
         for i in 1..10 {
@@ -1724,7 +1725,10 @@ workloads:
             bomb += &format!("  - &a{i} [{refs}]\n");
         }
         for (text, want) in [
-            ("workloads: []\n---\nworkloads: []\n", "more than one document"),
+            (
+                "workloads: []\n---\nworkloads: []\n",
+                "more than one document",
+            ),
             (
                 "workloads:\n  - name: a\n    name: b\n    namespace: x\n    node: n\n    addresses: []\n",
                 "duplicate field `name`",
