@@ -360,7 +360,7 @@ pub fn run_matrix(options: &Options) -> anyhow::Result<Summary> {
         }
     }
 
-    // The VMs with the most tests first (the queue pops from its end).
+    // The VMs with the most work first (the queue pops from its end).
     let mut queue: Vec<&Vm> = vms.iter().collect();
     queue.sort_by_key(|vm| vm.tests.iter().map(|t| weight(t)).sum::<usize>());
     let queue = Mutex::new(queue);
@@ -413,8 +413,8 @@ fn per_vm_cap(total: usize, jobs: usize) -> usize {
 
 /// One series' tests split into VMs of at most `cap` work: full VMs and one holding the
 /// rest. The heaviest tests are dealt first, each to the VM least full for its size, so
-/// the upgrade tests spread evenly. No tests, no VM (an `/init` naming no test would run
-/// them all).
+/// that the long upgrade tests do not pile up in one VM. No tests, no VM (an `/init`
+/// naming no test would run them all).
 fn split<'a>(tests: &[&'a str], cap: usize) -> Vec<Vec<&'a str>> {
     let cap = cap.max(1);
     let total: usize = tests.iter().map(|t| weight(t)).sum();
