@@ -425,11 +425,10 @@ fn split<'a>(tests: &[&'a str], cap: usize) -> Vec<Vec<&'a str>> {
     let mut order = tests.to_vec();
     order.sort_by_key(|t| std::cmp::Reverse(weight(t)));
     for test in order {
-        let Some(part) =
-            (0..count).min_by(|a, b| (loads[*a] * sizes[*b]).cmp(&(loads[*b] * sizes[*a])))
-        else {
-            break;
-        };
+        // Every test weighs at least 1, so a test means at least one VM.
+        let part = (0..count)
+            .min_by(|a, b| (loads[*a] * sizes[*b]).cmp(&(loads[*b] * sizes[*a])))
+            .expect("tests make at least one VM");
         loads[part] += weight(test);
         parts[part].push(test);
     }
