@@ -448,9 +448,11 @@ fn version(v: &str) -> (u32, u32) {
 }
 
 fn build() -> anyhow::Result<Bins> {
-    exec(cargo().args(["build", "-p", "ztunnel", "-p", "ztunnel-tests", "--bins"]))?;
-    let mut cmd = cargo();
-    cmd.args(["test", "-p", "ztunnel-tests", "--test", "it", "--no-run"])
+    // As `cargo xtask test` builds them, so that after it this compiles nothing: the
+    // daemon with its own features, podapp with the tests (`workspace::cargo_test`).
+    exec(cargo().args(["build", "-p", "ztunnel", "--bins"]))?;
+    let mut cmd = workspace::cargo_test();
+    cmd.args(["--test", "it", "--no-run"])
         .args(["--message-format", "json-render-diagnostics"]);
     eprintln!("$ {}", command_line(&cmd));
     let out = capture(&mut cmd)?;

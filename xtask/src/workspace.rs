@@ -27,6 +27,17 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// `cargo test` over every crate that runs on the host. Whatever builds test binaries
+/// uses this one selection: cargo unifies features over the packages selected, so
+/// another selection (`-p ztunnel-tests`) compiles ztunnel and half its dependencies
+/// again, with other features.
+pub fn cargo_test() -> Command {
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", EBPF_CRATE])
+        .args(["--exclude", FUZZ_CRATE]);
+    cmd
+}
+
 /// Cargo's target directory as cargo itself resolves it (`CARGO_TARGET_DIR`, config, default).
 pub fn target_dir() -> anyhow::Result<PathBuf> {
     let metadata = capture(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
