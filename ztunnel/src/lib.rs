@@ -22,6 +22,7 @@ pub mod kube;
 pub mod limits;
 pub mod metrics;
 pub mod netns;
+pub mod opening;
 pub mod policy;
 pub mod probes;
 pub mod proxy;

@@ -200,11 +200,12 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
 }
 
 /// One CONNECT stream: opened, then copied until both sides are done. The opening (the
-/// request's headers, policy, the upstream dial: kilobytes) is boxed and freed once
-/// answered, and this is a plain function returning a future that captures only that
-/// box: an `async fn` keeps its arguments (the request alone is hundreds of bytes) in its
-/// state for as long as it runs, and an inline `Box::pin(open_stream(..)).await` kept room
-/// for the unboxed opening too. A long-lived stream's task holds only what the copy needs.
+/// request's headers, policy, the upstream dial: kilobytes) is boxed in the openings' pool
+/// (`opening.rs`) and freed once answered. This is a plain function returning a future
+/// that captures only that box: an `async fn` keeps its arguments (the request alone is
+/// hundreds of bytes) in its state for as long as it runs, and an inline
+/// `Box::pin(open_stream(..)).await` kept room for the unboxed opening too. A long-lived
+/// stream's task holds only what the copy needs.
 fn handle_stream<P, H, F, U>(
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -217,7 +218,8 @@ where
     F: Future<Output = Result<Accepted<U>, Rejection>>,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let opening = Box::pin(open_stream(req, respond, arrived_on, peer, handler));
+    let opening =
+        crate::opening::OPENINGS.boxed(open_stream(req, respond, arrived_on, peer, handler));
     async move {
         let Some((mut tunnel, upstream, dst)) = opening.await else {
             return;

@@ -21,12 +21,14 @@ use crate::{
 
 /// One captured connection's task: opened, then copied for the rest of its life. The
 /// opening (finding the original destination, routing, the HBONE dial, a TLS handshake,
-/// waiting for the CONNECT answer: kilobytes of state) is boxed and freed once the
-/// connection is open, and this is a plain function returning a future that captures only
-/// that box and the proxy: an `async fn` keeps its arguments in its state for as long as
-/// it runs, and an inline `Box::pin(open(..)).await` kept room for the unboxed opening too
-/// (the task was 2,560 bytes, of which the opening 2,400). A long-lived connection's task
-/// holds only the sockets, the tunnel and the copy (`hbone/copy.rs`).
+/// waiting for the CONNECT answer: kilobytes of state) is boxed in a pool of its own
+/// (`opening.rs`: where many open at once, freed boxes would otherwise leave holes among
+/// long-lived objects) and freed once the connection is open. This is a plain function
+/// returning a future that captures only that box and the proxy: an `async fn` keeps its
+/// arguments in its state for as long as it runs, and an inline `Box::pin(open(..)).await`
+/// kept room for the unboxed opening too (the task was 2,560 bytes, of which the opening
+/// 2,400). A long-lived connection's task holds only the sockets, the tunnel and the copy
+/// (`hbone/copy.rs`).
 pub(super) fn accept(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
@@ -34,7 +36,7 @@ pub(super) fn accept(
     src: SocketAddr,
 ) -> impl Future<Output = ()> + Send + 'static {
     let closer = proxy.clone();
-    let opening = Box::pin(async move {
+    let opening = crate::opening::OPENINGS.boxed(async move {
         let (src, dst) = destination(&proxy, &pod, &stream, src)?;
         let span = tracing::info_span!("outbound", pod = %pod.name, %src, %dst);
         open(&proxy, &pod, stream, src, dst).instrument(span).await
