@@ -130,8 +130,23 @@ async fn copy(proxy: &Proxy, opened: Opened) {
             started,
             stream,
             upstream,
-        } => relay(proxy, id, started, stream, upstream).await,
+        } => boxed_relay(proxy, id, started, stream, upstream).await,
     }
+}
+
+/// [`relay`], boxed. The relay's state (two sockets' readiness and what each has not
+/// taken yet) is larger than a tunnel's copy, and a connection's task is sized for the
+/// larger of the two: unboxed, every idle tunnel kept room for a relay. A plain function,
+/// so that `copy` keeps only the box (an inline `Box::pin(relay(..))` also keeps room for
+/// the unboxed future).
+fn boxed_relay(
+    proxy: &Proxy,
+    id: u64,
+    started: Instant,
+    stream: TcpStream,
+    upstream: TcpStream,
+) -> std::pin::Pin<Box<impl Future<Output = ()> + Send + '_>> {
+    Box::pin(relay(proxy, id, started, stream, upstream))
 }
 
 async fn open(
