@@ -50,6 +50,8 @@ struct Regions {
     all: BTreeMap<usize, Region>,
     /// Base addresses of the regions with a free block, the one to take from last.
     with_room: Vec<usize>,
+    /// How many regions have all their blocks free.
+    empty: usize,
 }
 
 struct Region {
@@ -67,6 +69,7 @@ impl Pool {
             regions: Mutex::new(Regions {
                 all: BTreeMap::new(),
                 with_room: Vec::new(),
+                empty: 0,
             }),
         }
     }
@@ -118,13 +121,18 @@ impl Pool {
                     },
                 );
                 regions.with_room.push(key);
+                regions.empty += 1;
                 key
             }
         };
+        let regions = &mut *regions;
         let region = regions
             .all
             .get_mut(&key)
             .expect("a region with room is in the map");
+        if region.free == ALL_FREE {
+            regions.empty -= 1;
+        }
         let i = region.free.trailing_zeros() as usize;
         region.free &= !(1 << i);
         // SAFETY: block `i` lies within the region's allocation.
@@ -153,11 +161,12 @@ impl Pool {
         if region.free != ALL_FREE {
             return;
         }
+        regions.empty += 1;
         // Keep one empty region; free the others whole.
-        let empty = regions.all.values().filter(|r| r.free == ALL_FREE).count();
-        if empty > 1
+        if regions.empty > 1
             && let Some(region) = regions.all.remove(&key)
         {
+            regions.empty -= 1;
             regions.with_room.retain(|&k| k != key);
             // SAFETY: the region came from `alloc(REGION)` and none of its blocks is in use.
             unsafe { dealloc(region.base.as_ptr(), REGION) };
@@ -263,6 +272,7 @@ mod tests {
         });
         assert_eq!(drops.load(Ordering::SeqCst), 50);
         assert_eq!(POOL.regions(), 7);
+        assert_eq!(POOL.lock().empty, 0);
         // Freed blocks are taken again before a new region.
         let again: Vec<_> = (0..50).map(|i| POOL.boxed(probe(i, &drops))).collect();
         assert_eq!(POOL.regions(), 7);
@@ -273,10 +283,13 @@ mod tests {
         assert_eq!(sum, (1..100).step_by(2).sum::<u64>() + (0..50).sum::<u64>());
         assert_eq!(drops.load(Ordering::SeqCst), 150);
         assert_eq!(POOL.regions(), 1, "all but one empty region went back");
+        assert_eq!(POOL.lock().empty, 1);
         // One at a time uses the spare.
         for i in 0..20 {
-            assert_eq!(POOL.boxed(probe(i, &drops)).await, i);
-            assert_eq!(POOL.regions(), 1);
+            let o = POOL.boxed(probe(i, &drops));
+            assert_eq!(POOL.lock().empty, 0);
+            assert_eq!(o.await, i);
+            assert_eq!((POOL.regions(), POOL.lock().empty), (1, 1));
         }
     }
 
