@@ -22,7 +22,7 @@ pub mod kube;
 pub mod limits;
 pub mod metrics;
 pub mod netns;
-pub mod opening;
+mod opening;
 pub mod policy;
 pub mod probes;
 pub mod proxy;

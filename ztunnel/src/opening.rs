@@ -93,7 +93,8 @@ impl Pool {
     }
 
     /// How many regions the pool holds (with the spare).
-    pub fn regions(&self) -> usize {
+    #[cfg(test)]
+    fn regions(&self) -> usize {
         self.lock().all.len()
     }
 
@@ -171,12 +172,6 @@ impl Pool {
             // SAFETY: the region came from `alloc(REGION)` and none of its blocks is in use.
             unsafe { dealloc(region.base.as_ptr(), REGION) };
         }
-    }
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
