@@ -1114,6 +1114,22 @@ fn release_free_heap() {
     }
 }
 
+/// Once start-up is over (the first reconcile, with the pods known), the executable's
+/// code and read-only data that only start-up used go (`code_pages`): an idle ztunnel
+/// keeps resident only what it runs from then on. A failure only leaves more resident.
+async fn release_startup_code() {
+    match tokio::task::spawn_blocking(crate::code_pages::release_startup_code).await {
+        Ok(Ok(r)) => tracing::info!(
+            segments_kib = r.segment_bytes / 1024,
+            rss_kib_before = r.rss_kib_before,
+            rss_kib_after = r.rss_kib_after,
+            "released start-up code"
+        ),
+        Ok(Err(e)) => tracing::warn!(error = %e, "failed to release start-up code"),
+        Err(e) => tracing::warn!(error = %e, "failed to release start-up code"),
+    }
+}
+
 /// Keeps the node's addresses among the kubelet probe sources current (a node's
 /// addresses rarely change; 30 s bounds how long a new one is not recognised).
 async fn follow_node_addresses(probes: Arc<crate::probes::ProbeSources>) {
@@ -1390,6 +1406,8 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let mut retry = tokio::time::interval(Duration::from_secs(2));
     tracing::info!(admin = %cfg.admin_addr, drain_timeout = %humantime::format_duration(drain_timeout), "ztunnel ready");
     let mut first = true;
+    // Start-up's code is resident until the first reconcile is through.
+    let mut code_held = true;
     // The handover waits for this view to cover the predecessor's pods.
     let mut waiting = false;
     // istiod's and istio-cni's removals are explicit and final (a ZDS `del` waits for the
@@ -1471,6 +1489,10 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
             waiting = tokio::task::spawn_blocking(move || s.advance_handover(all_ok)).await?;
         }
         release_free_heap();
+        if code_held && !first {
+            code_held = false;
+            release_startup_code().await;
+        }
         let settled = settler.next_deadline();
         tokio::select! {
             changed = rx.changed() => if changed.is_err() {

@@ -5,6 +5,7 @@ pub mod app;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
+mod code_pages;
 pub mod config;
 pub mod diagnostics;
 pub mod dns;

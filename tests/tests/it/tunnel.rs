@@ -312,3 +312,76 @@ fn malformed_connect_requests_get_their_codes_without_disturbing_other_streams()
         anyhow::Ok(())
     })
 }
+
+/// Once up, each ztunnel lets go of its start-up code: its executable's read-only
+/// mappings are unmapped and marked for no read-ahead (`rr`), its resident memory drops,
+/// and the code that runs afterwards (a tunnelled connection through both) comes back as
+/// it is used.
+#[test]
+fn ztunnels_release_start_up_code_and_keep_tunnelling() -> anyhow::Result<()> {
+    let (mut t, a, b) = two_nodes()?;
+    let _srv = t.serve(&b, b.addr(8080))?;
+    let z1 = t.start_ztunnel_on("node1", false)?;
+    let z2 = t.start_ztunnel_on("node2", false)?;
+    for z in [&z1, &z2] {
+        let line = wait_log_line(z, "\treleased start-up code\t")?;
+        let field = |name: &str| -> u64 {
+            line.split(['\t', ' '])
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        };
+        let (before, after) = (field("rss_kib_before"), field("rss_kib_after"));
+        assert!(after < before, "{line}");
+        assert!(field("segments_kib") > 0, "{line}");
+        // Every read-only mapping of the executable is marked; the writable ones are not.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", z.pid()))?;
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", z.pid()))?;
+        let mut readonly = 0;
+        let mut mapping = String::new();
+        for l in smaps.lines() {
+            if let Some(flags) = l.strip_prefix("VmFlags:") {
+                if !mapping.ends_with(exe.to_str().unwrap_or("?")) {
+                    continue;
+                }
+                let perms = mapping.split_whitespace().nth(1).unwrap_or("");
+                let random = flags.split_whitespace().any(|f| f == "rr");
+                if perms.contains('w') || flags.split_whitespace().any(|f| f == "ac") {
+                    assert!(!random, "a writable mapping marked: {mapping}");
+                } else {
+                    assert!(
+                        random,
+                        "a read-only mapping not marked: {mapping} ({flags})"
+                    );
+                    readonly += 1;
+                }
+            } else if l.split_whitespace().next().is_some_and(|f| f.contains('-')) {
+                mapping = l.to_string();
+            }
+        }
+        assert!(
+            readonly >= 2,
+            "code and read-only data: {readonly} mappings\n{smaps}"
+        );
+    }
+    // The data path's code comes back as it runs.
+    let out = t.call(&a, b.addr(8080), &["--bytes", "20000", "--pattern", MARKER])?;
+    assert!(out.contains("match=true"), "{out}");
+    Ok(())
+}
+
+/// The first log line of `z` containing `needle` (60 s at most: never a speed test).
+fn wait_log_line(z: &ztunnel_tests::Ztunnel, needle: &str) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(l) = z.log_text().lines().find(|l| l.contains(needle)) {
+            return Ok(l.to_string());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline && z.alive(),
+            "no {needle:?} in the log:\n{}",
+            z.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
