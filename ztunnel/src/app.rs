@@ -1121,6 +1121,7 @@ async fn release_startup_code() {
     match tokio::task::spawn_blocking(crate::code_pages::release_startup_code).await {
         Ok(Ok(r)) => tracing::info!(
             segments_kib = r.segment_bytes / 1024,
+            kept_pages = r.kept_pages,
             rss_kib_before = r.rss_kib_before,
             rss_kib_after = r.rss_kib_after,
             "released start-up code"

@@ -14,7 +14,9 @@
 //! whatever the advice, and maps the cached pages around it (fault-around).
 //!
 //! Writable segments (data, the relocated read-only-after-relocation part) are never
-//! touched: their pages may differ from the file's.
+//! touched: their pages may differ from the file's. Nor is a page of code that differs
+//! from the file's (a debugger's breakpoint, a uprobe: written into a private copy of
+//! the page): `/proc/self/pagemap` tells which, and unmapping it would undo the patch.
 
 use std::io;
 use std::ops::Range;
@@ -24,6 +26,9 @@ use std::ops::Range;
 pub struct Released {
     /// Bytes of the executable's read-only segments (what was unmapped).
     pub segment_bytes: usize,
+    /// Pages of them kept because they are no longer the file's (a debugger's
+    /// breakpoint, a uprobe): unmapping them would undo the patch.
+    pub kept_pages: usize,
     /// The process's resident memory before and after, in KiB (`VmRSS`).
     pub rss_kib_before: u64,
     pub rss_kib_after: u64,
@@ -109,6 +114,57 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// # Safety
+///
+/// `r` is whole pages of mappings this process does not rely on the contents of beyond
+/// what the advice keeps: for `MADV_DONTNEED` on a private file mapping, pages that are
+/// the file's unmodified (the next access maps the file's page again).
+unsafe fn madvise(r: &Range<usize>, advice: libc::c_int, name: &str) -> io::Result<()> {
+    let len = r.end - r.start;
+    // SAFETY: the caller's contract above.
+    if unsafe { libc::madvise(r.start as *mut libc::c_void, len, advice) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("madvise {name} on {:#x}+{len:#x}: {e}", r.start),
+        ));
+    }
+    Ok(())
+}
+
+/// The runs of `range`'s pages that are the file's as mapped (or not mapped at all), and
+/// how many pages are not: present but anonymous, or swapped out, means written since
+/// the mapping was made, as a debugger's breakpoint or a uprobe does to code
+/// (`/proc/self/pagemap`: bit 63 present, 62 swapped, 61 file page).
+fn file_page_runs(
+    pagemap: &std::fs::File,
+    range: &Range<usize>,
+) -> io::Result<(Vec<Range<usize>>, usize)> {
+    use std::os::unix::fs::FileExt as _;
+    let page = page_size();
+    let pages = (range.end - range.start) / page;
+    let mut entries = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut entries, (range.start / page * 8) as u64)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading /proc/self/pagemap: {e}")))?;
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    let mut kept = 0;
+    for (i, e) in entries.chunks_exact(8).enumerate() {
+        let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+        let (present, swapped, file) = (e >> 63 & 1 == 1, e >> 62 & 1 == 1, e >> 61 & 1 == 1);
+        if swapped || (present && !file) {
+            kept += 1;
+            continue;
+        }
+        let at = range.start + i * page;
+        match runs.last_mut() {
+            Some(r) if r.end == at => r.end += page,
+            _ => runs.push(at..at + page),
+        }
+    }
+    Ok((runs, kept))
+}
+
 /// Unmaps the executable's read-only segments, asks for no read-ahead on them and drops
 /// the executable's unmapped pages from the page cache (see the module's comment).
 /// Nothing breaks if it fails half-way: every page is still in the file and comes back
@@ -121,25 +177,21 @@ pub fn release_startup_code() -> io::Result<Released> {
         ));
     }
     let rss_kib_before = rss_kib();
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let mut segment_bytes = 0;
+    let mut kept_pages = 0;
     for s in &segments {
         let len = s.end - s.start;
         segment_bytes += len;
-        for (advice, name) in [
-            (libc::MADV_RANDOM, "MADV_RANDOM"),
-            (libc::MADV_DONTNEED, "MADV_DONTNEED"),
-        ] {
-            // SAFETY: the range is whole pages of a loaded segment that is not writable,
-            // so its pages are the file's, unmodified: MADV_DONTNEED drops the mapping
-            // and the next access maps the file's page again, with the same contents.
-            // MADV_RANDOM only changes read-ahead.
-            if unsafe { libc::madvise(s.start as *mut libc::c_void, len, advice) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("madvise {name} on {:#x}+{len:#x}: {e}", s.start),
-                ));
-            }
+        // SAFETY: MADV_RANDOM only changes read-ahead.
+        unsafe { madvise(s, libc::MADV_RANDOM, "MADV_RANDOM")? };
+        let (runs, kept) = file_page_runs(&pagemap, s)?;
+        kept_pages += kept;
+        for r in runs {
+            // SAFETY: `r` holds only pages of a read-only segment that are the file's,
+            // unmodified, or not mapped (`file_page_runs`); a page written since
+            // (a breakpoint) is left out.
+            unsafe { madvise(&r, libc::MADV_DONTNEED, "MADV_DONTNEED")? };
         }
     }
     // Pages still mapped (by this process's threads since, or by other processes) stay.
@@ -158,6 +210,7 @@ pub fn release_startup_code() -> io::Result<Released> {
     .map_err(|e| dropped(&format!("posix_fadvise DONTNEED: {e}")))?;
     Ok(Released {
         segment_bytes,
+        kept_pages,
         rss_kib_before,
         rss_kib_after: rss_kib(),
     })
@@ -172,6 +225,42 @@ mod tests {
 
     fn within(segments: &[Range<usize>], addr: usize) -> bool {
         segments.iter().any(|s| s.contains(&addr))
+    }
+
+    /// A private mapping of a three-page file: page 0 read (the file's), page 1
+    /// written (a private copy, as a breakpoint makes), page 2 never touched.
+    #[test]
+    fn pages_written_since_mapping_are_kept() -> io::Result<()> {
+        let page = page_size();
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 3 * page])?;
+        let f = std::fs::File::open(&path)?;
+        // SAFETY: a fresh private mapping of a file held open, unmapped below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                3 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let at = base as usize;
+        // SAFETY: all three pages are mapped readable and writable.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(at as *const u8), 7);
+            std::ptr::write_volatile((at + page) as *mut u8, 9);
+        }
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let (runs, kept) = file_page_runs(&pagemap, &(at..at + 3 * page))?;
+        assert_eq!(kept, 1);
+        assert_eq!(runs, vec![at..at + page, at + 2 * page..at + 3 * page]);
+        // SAFETY: the mapping made above, no longer used.
+        assert_eq!(unsafe { libc::munmap(base, 3 * page) }, 0);
+        Ok(())
     }
 
     #[test]
