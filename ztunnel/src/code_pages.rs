@@ -37,8 +37,7 @@ pub struct Released {
 /// The executable's loaded segments without write permission, as the pages they are
 /// mapped on: code and read-only data. A page any writable segment shares is left out,
 /// and with it the part made read-only after relocation (it lies inside a writable load
-/// segment). Every page of a read-only segment is covered, its first and last too: a
-/// fault on a page without `MADV_RANDOM` reads megabytes around it.
+/// segment). Every page of a read-only segment is covered, its first and last too.
 pub fn readonly_segments() -> Vec<Range<usize>> {
     struct Found {
         readonly: Vec<Range<usize>>,
@@ -177,7 +176,8 @@ pub fn release_startup_code() -> io::Result<Released> {
         ));
     }
     let rss_kib_before = rss_kib();
-    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| io::Error::new(e.kind(), format!("opening /proc/self/pagemap: {e}")))?;
     let mut segment_bytes = 0;
     let mut kept_pages = 0;
     for s in &segments {
