@@ -261,6 +261,21 @@ impl Ztunnel {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first log line containing `needle`, waiting for it (60 s at most: never a
+    /// speed test); fails at once if the ztunnel exits first.
+    pub fn wait_log_line(&self, needle: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log_text();
+            if let Some(l) = log.lines().find(|l| l.contains(needle)) {
+                return Ok(l.to_string());
+            }
+            anyhow::ensure!(self.alive(), "the ztunnel exited\n{log}");
+            anyhow::ensure!(Instant::now() < deadline, "no log line {needle:?}\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Polls the admin API until `cond` holds (generous timeout: never a speed test).
     pub fn wait_for(
         &self,

@@ -324,7 +324,7 @@ fn ztunnels_release_start_up_code_and_keep_tunnelling() -> anyhow::Result<()> {
     let z1 = t.start_ztunnel_on("node1", false)?;
     let z2 = t.start_ztunnel_on("node2", false)?;
     for z in [&z1, &z2] {
-        let line = wait_log_line(z, "\treleased start-up code\t")?;
+        let line = z.wait_log_line("\treleased start-up code\t")?;
         let field = |name: &str| -> u64 {
             line.split(['\t', ' '])
                 .find_map(|f| f.strip_prefix(&format!("{name}=")))
@@ -368,20 +368,4 @@ fn ztunnels_release_start_up_code_and_keep_tunnelling() -> anyhow::Result<()> {
     let out = t.call(&a, b.addr(8080), &["--bytes", "20000", "--pattern", MARKER])?;
     assert!(out.contains("match=true"), "{out}");
     Ok(())
-}
-
-/// The first log line of `z` containing `needle` (60 s at most: never a speed test).
-fn wait_log_line(z: &ztunnel_tests::Ztunnel, needle: &str) -> anyhow::Result<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Some(l) = z.log_text().lines().find(|l| l.contains(needle)) {
-            return Ok(l.to_string());
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline && z.alive(),
-            "no {needle:?} in the log:\n{}",
-            z.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }

@@ -512,17 +512,7 @@ const UNCOVERED: &str = "the predecessor serves pods this ztunnel's view does no
 
 /// Waits (generously) for `line` in a ztunnel's log.
 fn wait_log(z: &Ztunnel, line: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !z.log_text().contains(line) {
-        anyhow::ensure!(z.alive(), "the ztunnel exited\n{}", z.log_text());
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no log line {line:?}\n{}",
-            z.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+    z.wait_log_line(line).map(drop)
 }
 
 /// A successor whose view lags (its file does not place a here yet, as a relist or a
