@@ -410,6 +410,7 @@ pub struct Metrics {
     certificate_expiry: Family<IdentityLabels, Gauge>,
     control_plane_up: Family<ComponentLabels, Gauge>,
     timeouts: Family<StepLabels, Counter>,
+    dial_ports_skipped: Counter,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_saturated: Family<ListenerLabels, Counter>,
     accept_errors: Family<AcceptErrorLabels, Counter>,
@@ -704,6 +705,15 @@ impl Metrics {
                 })
                 .inc_by(0);
         }
+        let dial_ports_skipped = Counter::default();
+        registry.register(
+            "ztunnel_inbound_dial_ports_skipped",
+            "Source ports the kernel gave an inbound dial to the app that a client \
+             connection ztunnel holds has too (the app's socket would need the tuple of \
+             ztunnel's own accepted one, and the dial's SYN would reach ztunnel's socket); \
+             each dial then took another port",
+            dial_ports_skipped.clone(),
+        );
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "ztunnel_listener_connections",
@@ -761,6 +771,7 @@ impl Metrics {
             certificate_expiry,
             control_plane_up,
             timeouts,
+            dial_ports_skipped,
             listener_connections,
             listener_saturated,
             accept_errors,
@@ -838,6 +849,11 @@ impl Metrics {
                 step: step.as_str().to_owned(),
             })
             .inc();
+    }
+
+    /// Counts a source port an inbound dial gave up (see [`crate::proxy`]'s client tuples).
+    pub fn dial_port_skipped(&self) {
+        self.dial_ports_skipped.inc();
     }
 
     /// Sets how many removed objects are held in force while their removal settles.

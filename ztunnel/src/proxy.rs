@@ -23,7 +23,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use ztunnel_common::{ZTUNNEL_MARK, ports};
 
 use crate::{
@@ -158,6 +158,9 @@ pub struct Proxy {
     inbound_redirected: std::sync::atomic::AtomicBool,
     /// Every pod netns's return path, shared by its listeners and inbound connections.
     return_paths: Arc<return_path::Registry>,
+    /// The client tuples of the plaintext inbound connections held: no dial to an app
+    /// takes one (see [`inbound::ClientTuples`]).
+    client_tuples: inbound::ClientTuples,
     /// The original-destination map, read directly when no `getsockopt` program answers
     /// (eBPF capture; see [`crate::ebpf::OrigDstTable`]).
     orig_dst_table: std::sync::OnceLock<crate::ebpf::OrigDstTable>,
@@ -605,6 +608,7 @@ impl Proxy {
                 inherited_accepting: tokio::sync::watch::Sender::new(true),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
+                client_tuples: inbound::ClientTuples::default(),
                 orig_dst_table: std::sync::OnceLock::new(),
                 dns: std::sync::OnceLock::new(),
                 probes,
@@ -975,7 +979,11 @@ impl Proxy {
 
     /// A TCP connection to `dst` from inside the pod's netns with `mark`. With `src` it
     /// is bound to that address first; an address that is not the pod's own (the
-    /// original client's, for source preservation) needs `IP_TRANSPARENT`.
+    /// original client's, for source preservation) needs `IP_TRANSPARENT`, and the port
+    /// the kernel picks must not be one a client connection from that address to `dst`
+    /// holds in the pod (see [`inbound::ClientTuples`]): such a dial is kept open until
+    /// the next one has its port, so the kernel cannot offer it again, then dropped
+    /// (a socket still in `SYN_SENT` closes without a packet).
     async fn connect_from_pod(
         &self,
         pod: &PodNet,
@@ -984,40 +992,94 @@ impl Proxy {
         mark: u32,
     ) -> io::Result<TcpStream> {
         let transparent = src.is_some_and(|ip| !pod.addrs.contains(&ip));
-        let sock = pod
-            .netns
-            .run(&self.home, || -> io::Result<Socket> {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-                s.set_mark(mark)?;
-                s.set_tcp_nodelay(true)?;
-                s.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(180)))?;
-                if let Some(ip) = src {
-                    if transparent {
-                        if ip.is_ipv4() {
-                            s.set_ip_transparent_v4(true)?;
-                        } else {
-                            set_ipv6_transparent(&s)?;
+        let mut skipped = Vec::new();
+        let mut local = None;
+        let sock = loop {
+            let sock = pod
+                .netns
+                .run(&self.home, || -> io::Result<Socket> {
+                    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+                    s.set_mark(mark)?;
+                    s.set_tcp_nodelay(true)?;
+                    s.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(180)))?;
+                    if let Some(ip) = src {
+                        if transparent {
+                            if ip.is_ipv4() {
+                                s.set_ip_transparent_v4(true)?;
+                            } else {
+                                set_ipv6_transparent(&s)?;
+                            }
                         }
+                        // The port is picked at connect, by the whole 4-tuple, not here:
+                        // a port bound with no destination yet is the namespace's to give
+                        // once (until its TIME_WAIT ends) for every destination together,
+                        // so a busy client would run a pod out of ports its own kernel
+                        // still has.
+                        nix::sys::socket::setsockopt(
+                            &s,
+                            nix::sys::socket::sockopt::IpBindAddressNoPort,
+                            &true,
+                        )?;
+                        s.bind(&SocketAddr::new(ip, 0).into())?;
                     }
-                    // The port is picked at connect, by the whole 4-tuple, not here: a
-                    // port bound with no destination yet is the namespace's to give once
-                    // (until its TIME_WAIT ends) for every destination together, so a
-                    // busy client would run a pod out of ports its own kernel still has.
-                    nix::sys::socket::setsockopt(
-                        &s,
-                        nix::sys::socket::sockopt::IpBindAddressNoPort,
-                        &true,
-                    )?;
-                    s.bind(&SocketAddr::new(ip, 0).into())?;
-                }
-                s.set_nonblocking(true)?;
-                Ok(s)
-            })
-            .map_err(io::Error::other)??;
-        let connect = TcpSocket::from_std_stream(sock.into()).connect(dst);
-        self.step(Step::TcpConnect, connect).await
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+                .map_err(io::Error::other)??;
+            match sock.connect(&dst.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            if !transparent {
+                break sock;
+            }
+            let Some(from) = sock.local_addr()?.as_socket() else {
+                break sock;
+            };
+            local = Some(from);
+            if !self.client_tuples.contains(dst, from) {
+                break sock;
+            }
+            self.metrics.dial_port_skipped();
+            skipped.push(sock);
+            if skipped.len() == MAX_DIAL_PORTS_SKIPPED {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "no source port for {dst} from {}: the kernel offered {} ports in a \
+                         row that client connections of that address hold",
+                        from.ip(),
+                        skipped.len()
+                    ),
+                ));
+            }
+            tracing::debug!(%dst, %from, "a client connection holds the dial's port; dialling from another");
+        };
+        drop(skipped);
+        // The connect is under way: the stream is writable once it is established, and
+        // its error tells why not (what tokio's own connect does).
+        let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+        self.step(Step::TcpConnect, async {
+            stream.writable().await?;
+            match stream.take_error()? {
+                Some(e) => Err(e),
+                None => Ok(stream),
+            }
+        })
+        .await
+        // A dial from the client's address names its port: the access log then shows
+        // both ends of the tuple that failed.
+        .map_err(|e| match local {
+            Some(from) => io::Error::new(e.kind(), format!("{e} (dialled from {from})")),
+            None => e,
+        })
     }
 }
+
+/// How many source ports one dial gives up, each held by a client connection, before it
+/// fails (each try gets a port no earlier try had: those are still open).
+const MAX_DIAL_PORTS_SKIPPED: usize = 8;
 
 /// The pod listeners' accept queue (`listen()` backlog).
 const LISTEN_BACKLOG: i32 = 1024;

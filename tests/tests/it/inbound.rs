@@ -48,3 +48,74 @@ fn hbone_port_is_not_captured() -> anyhow::Result<()> {
     assert_eq!(d.connections.opened_total, 0);
     Ok(())
 }
+
+/// Sets `net.ipv4.ip_local_port_range` in `pod`'s netns (its connects pick from it).
+fn port_range(pod: &ztunnel_tests::Pod, range: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "sysctl", "-qw"])
+        .arg(format!("net.ipv4.ip_local_port_range={range}"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sysctl in {}: {}",
+        pod.netns,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// ztunnel dials the app from the client's address, with a port the pod's kernel picks
+/// by the dial's own tuple. In the pod's netns the client's connection, which ztunnel
+/// accepted, holds the tuple (pod:8080, client:port) already: a dial that got that port
+/// would send its SYN to ztunnel's accepted socket instead of the app, and hang until the
+/// connect timeout. The port ranges make the kernel pick exactly that port (connects try
+/// the range's even ports first): first the client's own, then one that another of the
+/// client's open connections has.
+#[test]
+fn inbound_dials_never_take_the_tuple_of_a_client_connection() -> anyhow::Result<()> {
+    let mut t = Topology::new()?;
+    let a = t.add_pod("a", true, false)?;
+    let c = t.add_pod("c", false, false)?;
+    let _srv = t.serve(&a, "0.0.0.0:8080".parse()?)?;
+    let z = t.start_ztunnel(false)?;
+    let c_ip = c.addr(0).ip();
+
+    // The client's own port.
+    port_range(&a, "40000 40001")?;
+    let bind = std::net::SocketAddr::new(c_ip, 40000).to_string();
+    let out = t.call(&c, a.addr(8080), &["--bind", &bind, "--bytes", "100"])?;
+    assert!(out.contains("match=true"), "{out}");
+
+    // The port of another connection of the client's, still open.
+    port_range(&c, "40004 40004")?;
+    port_range(&a, "40010 40011")?;
+    let dst = a.addr(8080).to_string();
+    let mut hold = t.spawn(&c, &["hold", &dst, "--secs", "4"])?;
+    let first = hold.read_line()?;
+    assert!(first.starts_with("connected"), "{first}");
+    port_range(&a, "40004 40005")?;
+    let bind = std::net::SocketAddr::new(c_ip, 40006).to_string();
+    let out = t.call(&c, a.addr(8080), &["--bind", &bind, "--bytes", "100"])?;
+    assert!(out.contains("match=true"), "{out}");
+    let held = hold.wait_ok()?;
+    assert!(held.contains("pings="), "{held}");
+
+    // Both dials went to the app, from ports other than the client connections'.
+    let d = z.wait_for("three closed connections", |d| {
+        d.connections
+            .list
+            .iter()
+            .filter(|r| r.outcome.is_some())
+            .count()
+            == 3
+    })?;
+    for r in &d.connections.list {
+        assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
+    }
+    // Each of the two calls' dials got the held port first, and took another.
+    assert_eq!(
+        z.metric("ztunnel_inbound_dial_ports_skipped_total", &[])?,
+        2
+    );
+    Ok(())
+}
