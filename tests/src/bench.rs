@@ -1789,26 +1789,16 @@ fn static_key(prefix: &str, q: &str) -> &'static str {
 
 /// A wide port range and TIME_WAIT reuse, so that the connection-rate test measures the
 /// proxy, not ephemeral-port exhaustion; the servers' ports are kept out of that range:
-/// a proxy that dials the app from the client's address and port (ours) holds that port in
-/// the server pod, and a client port of 5201 would keep iperf3 from listening there.
+/// a proxy that dials the app from the client's address (ours) holds the port the server
+/// pod's kernel picks for the dial, and a dial on 5201 would keep iperf3 from listening
+/// there.
 fn tune_pod(p: &Pod) -> anyhow::Result<()> {
     let reserved = format!("net.ipv4.ip_local_reserved_ports={ECHO_PORT},{IPERF_PORT}");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &p.netns, "sysctl", "-qw"])
-        .args([
-            "net.ipv4.ip_local_port_range=1024 65000",
-            "net.ipv4.tcp_tw_reuse=1",
-            &reserved,
-        ])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "sysctl in {}: {}",
-            p.netns,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    p.sysctl(&[
+        "net.ipv4.ip_local_port_range=1024 65000",
+        "net.ipv4.tcp_tw_reuse=1",
+        &reserved,
+    ])
 }
 
 /// Waits until `server` (running in `p`) listens on `port`; generous, as the machine may

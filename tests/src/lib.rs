@@ -144,6 +144,15 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("default/{}", self.name)
     }
+
+    /// Sets each `key=value` in the pod's netns (`sysctl -w`), failing with sysctl's
+    /// error and the netns.
+    pub fn sysctl(&self, settings: &[&str]) -> anyhow::Result<()> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.netns, "sysctl", "-qw"])
+            .args(settings))
+        .map(drop)
+    }
 }
 
 /// A running process in a pod; killed on drop.

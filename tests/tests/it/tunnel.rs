@@ -49,16 +49,7 @@ fn two_nodes() -> anyhow::Result<(Topology, ztunnel_tests::Pod, ztunnel_tests::P
 #[test]
 fn inbound_dials_pick_the_source_port_by_the_whole_4_tuple() -> anyhow::Result<()> {
     let (mut t, a, b) = two_nodes()?;
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &b.netns, "sysctl", "-qw"])
-        .arg("net.ipv4.ip_local_port_range=40000 40001")
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "sysctl in {}: {}",
-        b.netns,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    b.sysctl(&["net.ipv4.ip_local_port_range=40000 40001"])?;
     let ports = 8080..8084u16;
     let _servers = ports
         .clone()
