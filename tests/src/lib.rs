@@ -294,6 +294,18 @@ impl Ztunnel {
         self.wait_for_within(what, Duration::from_secs(60), cond)
     }
 
+    /// Polls the admin API until `n` of the connections listed have ended.
+    pub fn wait_closed(&self, n: usize) -> anyhow::Result<ConfigDump> {
+        self.wait_for(&format!("{n} closed connections"), |d| {
+            d.connections
+                .list
+                .iter()
+                .filter(|r| r.outcome.is_some())
+                .count()
+                == n
+        })
+    }
+
     /// [`Self::wait_for`] with its own limit.
     pub fn wait_for_within(
         &self,

@@ -86,14 +86,7 @@ fn inbound_dials_never_take_the_tuple_of_a_client_connection() -> anyhow::Result
     assert!(held.contains("pings="), "{held}");
 
     // Both dials went to the app, from ports other than the client connections'.
-    let d = z.wait_for("three closed connections", |d| {
-        d.connections
-            .list
-            .iter()
-            .filter(|r| r.outcome.is_some())
-            .count()
-            == 3
-    })?;
+    let d = z.wait_closed(3)?;
     for r in &d.connections.list {
         assert_eq!(r.outcome.as_deref(), Some("ok"), "{r:?}");
     }

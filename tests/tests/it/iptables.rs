@@ -33,14 +33,7 @@ fn iptables_capture_carries_outbound_inbound_and_hbone() -> anyhow::Result<()> {
     let out = t.call(&c, a.addr(8080), &[])?;
     assert!(out.contains("match=true"), "{out}");
 
-    let d = z1.wait_for("three closed connections", |d| {
-        d.connections
-            .list
-            .iter()
-            .filter(|r| r.outcome.is_some())
-            .count()
-            == 3
-    })?;
+    let d = z1.wait_closed(3)?;
     let find = |dir: Direction, dst| {
         d.connections
             .list
