@@ -1523,9 +1523,8 @@ impl Drop for PodListeners {
 }
 
 /// Copies both ways until both sides are done, half-closing each direction as its
-/// reader finishes, and records the outcome.
-/// Relays until both sides end; returns whether ztunnel closed `downstream` first (its
-/// socket then keeps the tuple in TIME_WAIT).
+/// reader finishes, and records the outcome. Returns whether ztunnel closed `downstream`
+/// first (its socket then keeps the tuple in TIME_WAIT).
 async fn relay(
     proxy: &Proxy,
     id: u64,
