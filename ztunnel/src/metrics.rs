@@ -411,7 +411,6 @@ pub struct Metrics {
     control_plane_up: Family<ComponentLabels, Gauge>,
     timeouts: Family<StepLabels, Counter>,
     dial_ports_skipped: Counter,
-    time_wait_tuples: Gauge,
     listener_connections: Family<ListenerLabels, Gauge>,
     listener_saturated: Family<ListenerLabels, Counter>,
     accept_errors: Family<AcceptErrorLabels, Counter>,
@@ -715,14 +714,6 @@ impl Metrics {
              each dial then took another port",
             dial_ports_skipped.clone(),
         );
-        let time_wait_tuples = Gauge::default();
-        registry.register(
-            "ztunnel_inbound_time_wait_tuples",
-            "Tuples of plaintext inbound connections ztunnel closed first, kept for their \
-             60 s of TIME_WAIT so that no dial to the app takes one (at most 65,536, the \
-             oldest let go first)",
-            time_wait_tuples.clone(),
-        );
         let listener_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "ztunnel_listener_connections",
@@ -781,7 +772,6 @@ impl Metrics {
             control_plane_up,
             timeouts,
             dial_ports_skipped,
-            time_wait_tuples,
             listener_connections,
             listener_saturated,
             accept_errors,
@@ -864,11 +854,6 @@ impl Metrics {
     /// Counts a source port an inbound dial gave up (see [`crate::proxy`]'s client tuples).
     pub fn dial_port_skipped(&self) {
         self.dial_ports_skipped.inc();
-    }
-
-    /// The gauge of closed client tuples kept (see [`crate::proxy`]'s client tuples).
-    pub fn time_wait_tuples(&self) -> Gauge {
-        self.time_wait_tuples.clone()
     }
 
     /// Sets how many removed objects are held in force while their removal settles.

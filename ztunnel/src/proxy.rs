@@ -595,7 +595,6 @@ impl Proxy {
                     proxy.count_timeout(step, limits.timeout(step));
                 }
             });
-            let client_tuples = inbound::ClientTuples::counted(metrics.time_wait_tuples());
             Self {
                 home,
                 connections: ConnectionLog::new(metrics.clone(), store.clone()),
@@ -609,7 +608,7 @@ impl Proxy {
                 inherited_accepting: tokio::sync::watch::Sender::new(true),
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
-                client_tuples,
+                client_tuples: inbound::ClientTuples::default(),
                 orig_dst_table: std::sync::OnceLock::new(),
                 dns: std::sync::OnceLock::new(),
                 probes,
@@ -1523,15 +1522,14 @@ impl Drop for PodListeners {
 }
 
 /// Copies both ways until both sides are done, half-closing each direction as its
-/// reader finishes, and records the outcome. Returns whether ztunnel closed `downstream`
-/// first (its socket then keeps the tuple in TIME_WAIT).
+/// reader finishes, and records the outcome.
 async fn relay(
     proxy: &Proxy,
     id: u64,
     started: Instant,
     downstream: TcpStream,
     upstream: TcpStream,
-) -> bool {
+) {
     let _ = downstream.set_nodelay(true);
     {
         use std::os::fd::AsRawFd as _;
@@ -1540,14 +1538,13 @@ async fn relay(
             .attach(id, &[downstream.as_raw_fd(), upstream.as_raw_fd()]);
     }
     let result = relay::relay(&downstream, &upstream).await;
-    let (sent, received, outcome, closed_first) = match result {
-        Ok(r) => (r.from_a, r.from_b, "ok".to_owned(), r.a_closed_first),
-        Err(e) => (0, 0, format!("error: {e}"), false),
+    let (sent, received, outcome) = match result {
+        Ok((from_down, from_up)) => (from_down, from_up, "ok".to_owned()),
+        Err(e) => (0, 0, format!("error: {e}")),
     };
     proxy
         .connections
         .close(id, sent, received, started.elapsed(), outcome);
-    closed_first
 }
 
 #[cfg(test)]

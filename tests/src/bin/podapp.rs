@@ -32,13 +32,7 @@ enum Cmd {
         /// server taking many short connections does.
         #[arg(long, conflicts_with_all = ["log_peers", "discard"])]
         event_loop: bool,
-        /// Write `hello` and half-close at once, then read until the client closes: a
-        /// server that ends its side first (as an HTTP server closing a connection).
-        #[arg(long, conflicts_with_all = ["discard", "event_loop"])]
-        greet: bool,
     },
-    /// Connect, read until the server half-closes, then close. Prints `received=<text>`.
-    Read { addr: SocketAddr },
     /// Send `bytes` zero bytes, half-close, read whatever comes back until EOF. Prints
     /// `sent=… received=…`.
     Upload {
@@ -229,9 +223,7 @@ fn main() -> anyhow::Result<()> {
             log_peers,
             discard,
             event_loop: false,
-            greet,
-        } => serve(addr, log_peers, discard, greet),
-        Cmd::Read { addr } => read_to_close(addr),
+        } => serve(addr, log_peers, discard),
         Cmd::Upload { addr, bytes } => upload(addr, bytes),
         Cmd::Parallel { addr, count, secs } => parallel(addr, count, secs),
         Cmd::Call {
@@ -687,7 +679,7 @@ fn upload(addr: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(addr: SocketAddr, log_peers: bool, discard: bool, greet: bool) -> anyhow::Result<()> {
+fn serve(addr: SocketAddr, log_peers: bool, discard: bool) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr).with_context(|| format!("failed to bind {addr}"))?;
     println!("ready {addr}");
     std::io::stdout().flush()?;
@@ -699,13 +691,10 @@ fn serve(addr: SocketAddr, log_peers: bool, discard: bool, greet: bool) -> anyho
         }
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
-            if greet && (s.write_all(b"hello").is_err() || s.shutdown(Shutdown::Write).is_err()) {
-                return;
-            }
             loop {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) if discard || greet => {}
+                    Ok(_) if discard => {}
                     Ok(n) => {
                         if s.write_all(&buf[..n]).is_err() {
                             return;
@@ -716,18 +705,6 @@ fn serve(addr: SocketAddr, log_peers: bool, discard: bool, greet: bool) -> anyho
             let _ = s.shutdown(Shutdown::Write);
         });
     }
-    Ok(())
-}
-
-/// [`Cmd::Read`].
-fn read_to_close(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .with_context(|| format!("connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut got = Vec::new();
-    s.read_to_end(&mut got)
-        .context("read until the server's close")?;
-    println!("received={}", String::from_utf8_lossy(&got));
     Ok(())
 }
 

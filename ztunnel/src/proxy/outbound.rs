@@ -130,11 +130,7 @@ async fn copy(proxy: &Proxy, opened: Opened) {
             started,
             stream,
             upstream,
-        } => {
-            // Outbound, the accepted socket is the app's connection to :15001, whose tuple
-            // no dial can take: how it ended is not needed.
-            boxed_relay(proxy, id, started, stream, upstream).await;
-        }
+        } => boxed_relay(proxy, id, started, stream, upstream).await,
     }
 }
 
@@ -149,7 +145,7 @@ fn boxed_relay(
     started: Instant,
     stream: TcpStream,
     upstream: TcpStream,
-) -> std::pin::Pin<Box<impl Future<Output = bool> + Send + '_>> {
+) -> std::pin::Pin<Box<impl Future<Output = ()> + Send + '_>> {
     Box::pin(relay(proxy, id, started, stream, upstream))
 }
 
