@@ -61,7 +61,7 @@ fn inbound_dials_never_take_the_tuple_of_a_client_connection() -> anyhow::Result
     let mut t = Topology::new()?;
     let a = t.add_pod("a", true, false)?;
     let c = t.add_pod("c", false, false)?;
-    let _srv = t.serve(&a, "0.0.0.0:8080".parse()?)?;
+    let srv = t.serve(&a, "0.0.0.0:8080".parse()?)?;
     let z = t.start_ztunnel(false)?;
     let c_ip = c.addr(0).ip();
 
@@ -79,28 +79,20 @@ fn inbound_dials_never_take_the_tuple_of_a_client_connection() -> anyhow::Result
     let first = hold.read_line()?;
     assert!(first.starts_with("connected"), "{first}");
     // The client is connected once ztunnel accepted; its dial to the app (from
-    // c:40010) must have its port before the range changes.
-    let dialled = format!("{c_ip}:40010");
+    // c:40010) must have its port before the range changes. The server runs in a's
+    // netns, so its /proc/<pid>/net/tcp lists a's sockets: addresses in hex, the IPv4
+    // address as the kernel's u32 (byte-reversed here), then the port.
+    let std::net::IpAddr::V4(ip) = c_ip else {
+        anyhow::bail!("c has no IPv4 address: {c_ip}");
+    };
+    let [o1, o2, o3, o4] = ip.octets();
+    let dialled = format!("{o4:02X}{o3:02X}{o2:02X}{o1:02X}:{:04X}", 40010);
+    let table = format!("/proc/{}/net/tcp", srv.pid());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &a.netns,
-                "ss",
-                "-Htn",
-                "state",
-                "established",
-            ])
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout).contains(&dialled) {
-            break;
-        }
+    while !std::fs::read_to_string(&table)?.contains(&dialled) {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "no dial from {dialled} in {}",
-            a.netns
+            "no socket of {c_ip}:40010 in {table} ({dialled})"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
