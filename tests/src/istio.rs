@@ -172,12 +172,7 @@ impl IstioZtunnel {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let log = topo
-            .dir
-            .path()
-            .join(format!("istio-ztunnel-{}.log", pod.name));
-        let logf =
-            File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
+        let (log, logf) = topo.log_file(&format!("istio-ztunnel-{}.log", pod.name))?;
         let mut cmd = Command::new(bin);
         cmd.envs(env(pod, xds_file))
             .stdout(logf.try_clone()?)

@@ -1,6 +1,5 @@
 //! `ztunnel waypoint` run as a waypoint pod's process (tests and the demo).
 use std::{
-    fs::File,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -61,7 +60,7 @@ impl Waypoint {
         gateway: &str,
         source: Command,
     ) -> anyhow::Result<Waypoint> {
-        let log = t.dir.path().join(format!("waypoint-{}.log", pod.name));
+        let (log, logf) = t.log_file(&format!("waypoint-{}.log", pod.name))?;
         let mut cmd = Command::new(ztunnel_bin());
         cmd.args(["waypoint", "--gateway", gateway, "--namespace", "default"])
             .args(["--service-account", &pod.service_account]);
@@ -71,7 +70,7 @@ impl Waypoint {
         }
         cmd.args(source.get_args())
             .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
+            .stderr(logf);
         for (k, v) in source.get_envs() {
             match v {
                 Some(v) => cmd.env(k, v),
