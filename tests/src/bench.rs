@@ -200,11 +200,15 @@ impl Scenario {
                 ("rr_syscalls_per_req", HTTP_ONLY),
                 ("rr_cpu_us_per_req", HTTP_ONLY),
                 ("conn_per_sec", HTTP_ONLY),
+                ("conn_cs_per_conn", HTTP_ONLY),
+                ("conn_syscalls_per_conn", HTTP_ONLY),
+                ("conn_cpu_us_per_conn", HTTP_ONLY),
                 ("cpu_s_per_gb", HTTP_ONLY),
                 ("cpu_s_per_1k_conn", HTTP_ONLY),
                 ("rss_idle_mib", HTTP_ONLY),
                 ("rss_idle_conns_mib", HTTP_ONLY),
                 ("kib_per_idle_conn", HTTP_ONLY),
+                ("kib_per_more_idle_conn", HTTP_ONLY),
                 ("kib_per_idle_plain_conn", HTTP_ONLY),
                 ("rss_peak_mib", HTTP_ONLY),
                 ("dns_local_per_sec", HTTP_ONLY),
@@ -327,6 +331,27 @@ pub const FIGURES: &[Figure] = &[
     ),
     fig("conn_per_sec", "new connections", "conn/s", true, false),
     fig(
+        "conn_cs_per_conn",
+        "proxies' context switches per new connection (perf stat, a run of its own)",
+        "switches",
+        false,
+        true,
+    ),
+    fig(
+        "conn_syscalls_per_conn",
+        "proxies' syscalls per new connection",
+        "syscalls",
+        false,
+        true,
+    ),
+    fig(
+        "conn_cpu_us_per_conn",
+        "proxies' CPU per new connection (under perf stat)",
+        "µs",
+        false,
+        true,
+    ),
+    fig(
         "cpu_s_per_gb",
         "ztunnel CPU per GB moved",
         "CPU s/GB",
@@ -351,6 +376,13 @@ pub const FIGURES: &[Figure] = &[
     fig(
         "kib_per_idle_conn",
         "ztunnel memory per idle connection",
+        "KiB",
+        false,
+        true,
+    ),
+    fig(
+        "kib_per_more_idle_conn",
+        "ztunnel memory per idle connection, as many again on top (what one more costs)",
         "KiB",
         false,
         true,
@@ -1041,10 +1073,7 @@ fn run_scenario(
         // What the tunnels just closed freed goes back first (as above), or these
         // connections would reuse it and read as nearly free.
         std::thread::sleep(opts.idle_settle());
-        let before: Vec<u64> = proxies
-            .iter()
-            .map(|p| status_kib(*p, "VmRSS"))
-            .collect::<anyhow::Result<_>>()?;
+        let before = rss_each(&proxies)?;
         let holder = hold_idle(
             &mut topo,
             &client,
@@ -1053,18 +1082,40 @@ fn run_scenario(
             "idle connections outside the mesh",
         )?;
         std::thread::sleep(opts.idle_settle());
-        let mut grew = 0;
-        for (p, b) in proxies.iter().zip(before) {
-            grew = grew.max(status_kib(*p, "VmRSS")?.saturating_sub(b));
-        }
+        let grew = grew_most(&proxies, &before)?;
         drop(holder);
+        Some(grew as f64 / opts.idle_conns() as f64)
+    } else {
+        None
+    };
+    // What one more idle tunnelled connection costs once others have paid what is paid
+    // once (the data path's code paged in, the allocator's arenas grown): as many
+    // connections again, opened while a first batch is open. The first batch refills what
+    // the tunnels above left free, so the second reads only its own; its HBONE
+    // connections are its own too. Per proxy, the one that grew most. After the plain
+    // connections, which would otherwise find the holes of twice as many closed tunnels.
+    let kib_per_more = if s.proxied() {
+        let first = hold_idle(&mut topo, &client, &echo, &count, "idle connections again")?;
+        std::thread::sleep(opts.idle_settle());
+        let before = rss_each(&proxies)?;
+        let more = hold_idle(&mut topo, &client, &echo, &count, "more idle connections")?;
+        std::thread::sleep(opts.idle_settle());
+        let grew = grew_most(&proxies, &before)?;
+        drop((more, first));
         Some(grew as f64 / opts.idle_conns() as f64)
     } else {
         None
     };
     if opts.memory_only {
         if s.proxied() {
-            memory_figures(opts, idle, with_conns, kib_per_plain, &proxies, &mut f)?;
+            memory_figures(
+                opts,
+                idle,
+                with_conns,
+                [kib_per_more, kib_per_plain],
+                &proxies,
+                &mut f,
+            )?;
         }
         drop(upstream);
         drop((ztunnels, istio));
@@ -1159,6 +1210,27 @@ fn run_scenario(
     }
     let conns = num(&v, "connections")?;
     f.insert("conn_per_sec", num(&v, "per_sec")?);
+    if !proxies.is_empty() {
+        // What a connection costs the proxies, in a run of its own (perf slows syscalls).
+        let dir = topo.dir.path().to_owned();
+        let (counts, out) = perf_stat_during(&dir, &proxies, "conns", || {
+            topo.spawn(
+                &client,
+                &[
+                    "conns",
+                    &echo,
+                    "--secs",
+                    &secs_s,
+                    "--concurrency",
+                    &concurrency,
+                ],
+            )?
+            .wait_ok()
+        })?;
+        let counted = num(&json_line(&out)?, "connections")?;
+        eprintln!("bench:   per connection over {counted} connections: {counts:?}");
+        per_unit(&counts, counted, "conn", "conn", &mut f)?;
+    }
     // Istio's ztunnel measured only counts if it tunnelled: the server's instance must
     // have accepted the client's connections over mutual TLS.
     if let Some(server_side) = istio.last() {
@@ -1236,7 +1308,14 @@ fn run_scenario(
             f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
         }
         f.insert("cpu_s_per_1k_conn", cpu_conns / (conns / 1000.0));
-        memory_figures(opts, idle, with_conns, kib_per_plain, &proxies, &mut f)?;
+        memory_figures(
+            opts,
+            idle,
+            with_conns,
+            [kib_per_more, kib_per_plain],
+            &proxies,
+            &mut f,
+        )?;
     }
     drop((ztunnels, istio));
     Ok(f)
@@ -1248,7 +1327,7 @@ fn memory_figures(
     opts: &Options,
     idle: u64,
     with_conns: u64,
-    kib_per_plain: Option<f64>,
+    [kib_per_more, kib_per_plain]: [Option<f64>; 2],
     proxies: &[u32],
     f: &mut BTreeMap<&'static str, f64>,
 ) -> anyhow::Result<()> {
@@ -1259,6 +1338,9 @@ fn memory_figures(
         "kib_per_idle_conn",
         with_conns.saturating_sub(idle) as f64 / opts.idle_conns() as f64,
     );
+    if let Some(kib) = kib_per_more {
+        f.insert("kib_per_more_idle_conn", kib);
+    }
     if let Some(kib) = kib_per_plain {
         f.insert("kib_per_idle_plain_conn", kib);
     }
@@ -1414,7 +1496,64 @@ fn rr_phases(
     if proxies.is_empty() {
         return Ok(());
     }
-    let out = topo.dir.path().join("rr-perf-stat.csv");
+    let dir = topo.dir.path().to_owned();
+    let (counts, out) = perf_stat_during(&dir, proxies, "rr", || {
+        topo.spawn(
+            client,
+            &[
+                "rr", echo, "--size", "1024", "--secs", &secs_s, "--rate", "1000",
+            ],
+        )?
+        .wait_ok()
+    })?;
+    let requests = num(&json_line(&out)?, "requests")?;
+    eprintln!("bench:   per request over {requests} requests: {counts:?}");
+    per_unit(&counts, requests, "rr", "req", f)
+}
+
+/// The per-unit figures (`<prefix>_cs_per_<unit>`, `<prefix>_syscalls_per_<unit>`,
+/// `<prefix>_cpu_us_per_<unit>`) from `perf stat`'s counts over `units` requests or
+/// connections.
+fn per_unit(
+    counts: &BTreeMap<String, f64>,
+    units: f64,
+    prefix: &str,
+    unit: &str,
+    f: &mut BTreeMap<&'static str, f64>,
+) -> anyhow::Result<()> {
+    let per = |event: &str| -> anyhow::Result<f64> {
+        let n = counts
+            .get(event)
+            .with_context(|| format!("perf stat counted no {event}: {counts:?}"))?;
+        Ok(n / units.max(1.0))
+    };
+    f.insert(
+        static_key(prefix, &format!("cs_per_{unit}")),
+        per("context-switches")?,
+    );
+    f.insert(
+        static_key(prefix, &format!("syscalls_per_{unit}")),
+        per("raw_syscalls:sys_enter")?,
+    );
+    // task-clock is in milliseconds.
+    f.insert(
+        static_key(prefix, &format!("cpu_us_per_{unit}")),
+        per("task-clock")? * 1000.0,
+    );
+    Ok(())
+}
+
+/// Runs `run` (a client in a pod; it returns the client's output) under `perf stat` on
+/// the proxies, counting their context switches, syscalls and CPU (task-clock), and
+/// returns the counts with the client's output. A run of its own: counting syscalls
+/// slows each one.
+fn perf_stat_during(
+    dir: &Path,
+    proxies: &[u32],
+    name: &str,
+    run: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<(BTreeMap<String, f64>, String)> {
+    let out = dir.join(format!("{name}-perf-stat.csv"));
     let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
     let mut perf = Command::new("perf")
         .args([
@@ -1434,34 +1573,14 @@ fn rr_phases(
         .context("failed to start perf (Debian's linux-perf; `cargo xtask setup` installs it)")?;
     // perf attaches within a moment; the run starts after that.
     std::thread::sleep(Duration::from_millis(300));
-    let run = topo
-        .spawn(
-            client,
-            &[
-                "rr", echo, "--size", "1024", "--secs", &secs_s, "--rate", "1000",
-            ],
-        )
-        .and_then(|p| p.wait_ok());
+    let output = run();
     // SAFETY: signalling our own child; SIGINT makes perf stat write its counts and exit.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     let status = perf.wait().context("perf stat did not exit")?;
-    let v = json_line(&run?)?;
-    let requests = num(&v, "requests")?;
+    let output = output?;
     let csv = std::fs::read_to_string(&out)
         .with_context(|| format!("perf stat ({status}) wrote no {}", out.display()))?;
-    let counts = perf_stat_counts(&csv);
-    let per_req = |event: &str| -> anyhow::Result<f64> {
-        let n = counts
-            .get(event)
-            .with_context(|| format!("perf stat counted no {event}: {csv}"))?;
-        Ok(n / requests.max(1.0))
-    };
-    eprintln!("bench:   per request over {requests} requests: {counts:?}");
-    f.insert("rr_cs_per_req", per_req("context-switches")?);
-    f.insert("rr_syscalls_per_req", per_req("raw_syscalls:sys_enter")?);
-    // task-clock is in milliseconds.
-    f.insert("rr_cpu_us_per_req", per_req("task-clock")? * 1000.0);
-    Ok(())
+    Ok((perf_stat_counts(&csv), output))
 }
 
 /// `perf stat -x,` output: event name → count (lines `value,unit,event,...`; comments,
@@ -1784,7 +1903,7 @@ fn static_key(prefix: &str, q: &str) -> &'static str {
         .iter()
         .map(|f| f.key)
         .find(|k| k.starts_with(prefix) && k.contains(q))
-        .expect("every RR quantile has a figure")
+        .expect("every RR quantile and per-unit count has a figure")
 }
 
 /// A wide port range and TIME_WAIT reuse, so that the connection-rate test measures the
@@ -1887,6 +2006,20 @@ fn max_status(pids: &[u32], field: &str) -> anyhow::Result<u64> {
         m = m.max(status_kib(*pid, field)?);
     }
     Ok(m)
+}
+
+/// Each process's RSS, KiB.
+fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<u64>> {
+    pids.iter().map(|p| status_kib(*p, "VmRSS")).collect()
+}
+
+/// How much the process that grew most grew since `before` (KiB, [`rss_each`]'s order).
+fn grew_most(pids: &[u32], before: &[u64]) -> anyhow::Result<u64> {
+    let mut grew = 0;
+    for (p, b) in pids.iter().zip(before) {
+        grew = grew.max(status_kib(*p, "VmRSS")?.saturating_sub(*b));
+    }
+    Ok(grew)
 }
 
 fn max_rss(pids: &[u32]) -> anyhow::Result<u64> {
