@@ -998,7 +998,9 @@ impl Proxy {
             let sock = pod
                 .netns
                 .run(&self.home, || -> io::Result<Socket> {
-                    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+                    // Non-blocking from the start: no fcntl pair per dial.
+                    let s =
+                        Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), None)?;
                     s.set_mark(mark)?;
                     s.set_tcp_nodelay(true)?;
                     s.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(180)))?;
@@ -1022,7 +1024,6 @@ impl Proxy {
                         )?;
                         s.bind(&SocketAddr::new(ip, 0).into())?;
                     }
-                    s.set_nonblocking(true)?;
                     Ok(s)
                 })
                 .map_err(io::Error::other)??;
