@@ -13,15 +13,14 @@
 
 use std::{
     cell::RefCell,
-    future::poll_fn,
+    future::Future,
     io,
     pin::Pin,
-    sync::atomic::{AtomicBool, Ordering::Relaxed},
     task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use bytes::{Buf as _, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::stream::H2Stream;
 
@@ -62,126 +61,178 @@ const SHRINK_AFTER: u8 = 4;
 /// that is, after every message it sends: a second, useless wakeup of this task per
 /// message that also pushed it onto tokio's shared run queue, waking the other worker
 /// thread to steal it (ARCHITECTURE.md, "Performance": "Latency").
-pub async fn copy_bidirectional<S>(tunnel: &mut H2Stream, socket: S) -> io::Result<Transferred>
+///
+/// A hand-written future, not two `async` blocks joined: every idle tunnel's task holds
+/// it for the connection's life, and the joined blocks kept room for each of their
+/// awaits (560 bytes, and a heap-allocated lock to split the socket in two); this holds
+/// the two directions' states side by side and uses the socket in turn.
+pub fn copy_bidirectional<S>(tunnel: &mut H2Stream, socket: S) -> CopyBidirectional<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut socket_read, mut socket_write) = tokio::io::split(socket);
-    let (recv, send) = tunnel.split_mut();
-    // Whether the tunnel → socket direction is not waiting on h2 (so a reset would not
-    // reach it): then the other direction watches for one. Both directions run in this
-    // one task: an atomic only because the future must be `Send`.
-    let watch_reset = AtomicBool::new(false);
+    CopyBidirectional {
+        tunnel,
+        socket,
+        down: TunnelToSocket::Receiving,
+        up: SocketToTunnel::Reading,
+        buf: ReadBuffer::default(),
+        moved: Transferred::default(),
+        watch_reset: false,
+    }
+}
 
-    let tunnel_to_socket = async {
-        let mut total = 0u64;
-        while let Some(chunk) = recv.chunk().await? {
-            total += chunk.len() as u64;
-            write_all_watching(&mut socket_write, &chunk, &watch_reset).await?;
+/// The future [`copy_bidirectional`] returns.
+pub struct CopyBidirectional<'a, S> {
+    tunnel: &'a mut H2Stream,
+    socket: S,
+    down: TunnelToSocket,
+    up: SocketToTunnel,
+    buf: ReadBuffer,
+    moved: Transferred,
+    /// The tunnel → socket direction is not waiting on h2, so a reset would not reach
+    /// it: the other direction watches for one.
+    watch_reset: bool,
+}
+
+/// Tunnel → socket.
+enum TunnelToSocket {
+    /// Waiting on h2 for the next chunk.
+    Receiving,
+    /// Writing a chunk (what is left of it), then flushing.
+    Writing {
+        rest: Bytes,
+        flushed: bool,
+    },
+    /// The peer's END_STREAM arrived: shutting down the socket's write side.
+    Shutdown,
+    Done,
+}
+
+/// Socket → tunnel.
+enum SocketToTunnel {
+    Reading,
+    /// Sending a chunk (what is left of it) as flow control allows.
+    Sending(Bytes),
+    /// The socket's EOF: sending END_STREAM.
+    Ending,
+    Done,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for CopyBidirectional<'_, S> {
+    type Output = io::Result<Transferred>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Tunnel → socket first: where it stops tells the other direction whether to
+        // watch for a reset, in this same poll.
+        this.poll_down(cx)?;
+        this.poll_up(cx)?;
+        if matches!(
+            (&this.down, &this.up),
+            (TunnelToSocket::Done, SocketToTunnel::Done)
+        ) {
+            Poll::Ready(Ok(this.moved))
+        } else {
+            Poll::Pending
         }
-        // The tunnel's receiving side is done: a reset can only come through the send
-        // half from now on. Polled again at once so that the other direction starts
-        // watching.
-        watch_from_now(&watch_reset).await;
-        socket_write.shutdown().await?;
-        Ok::<_, io::Error>(total)
-    };
+    }
+}
 
-    let socket_to_tunnel = async {
-        let mut total = 0u64;
-        let mut buf = ReadBuffer::default();
+impl<S: AsyncRead + AsyncWrite + Unpin> CopyBidirectional<'_, S> {
+    /// Moves the tunnel → socket direction on as far as it goes; an error ends the copy.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         loop {
-            let chunk = poll_fn(|cx| {
-                if let Poll::Ready(read) = buf.poll_read(Pin::new(&mut socket_read), cx) {
-                    return Poll::Ready(read.map(Some));
+            match &mut self.down {
+                TunnelToSocket::Receiving => match self.tunnel.split_mut().0.poll_chunk(cx)? {
+                    Poll::Ready(Some(chunk)) => {
+                        self.moved.tunnel_to_socket += chunk.len() as u64;
+                        self.down = TunnelToSocket::Writing {
+                            rest: chunk,
+                            flushed: false,
+                        };
+                    }
+                    Poll::Ready(None) => {
+                        // The tunnel's receiving side is done: a reset can only come
+                        // through the send half from now on.
+                        self.watch_reset = true;
+                        self.down = TunnelToSocket::Shutdown;
+                    }
+                    Poll::Pending => return Ok(()),
+                },
+                // While the socket does not take the data, a reset would not reach this
+                // direction: the other one watches for it.
+                TunnelToSocket::Writing { rest, flushed } => {
+                    let socket = Pin::new(&mut self.socket);
+                    if !rest.is_empty() {
+                        match socket.poll_write(cx, rest) {
+                            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                            Poll::Ready(Ok(n)) => rest.advance(n),
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => {
+                                self.watch_reset = true;
+                                return Ok(());
+                            }
+                        }
+                    } else if !*flushed {
+                        // A no-op for TCP; pushes out records when the socket is TLS.
+                        match socket.poll_flush(cx) {
+                            Poll::Ready(Ok(())) => *flushed = true,
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => {
+                                self.watch_reset = true;
+                                return Ok(());
+                            }
+                        }
+                    } else {
+                        self.watch_reset = false;
+                        self.down = TunnelToSocket::Receiving;
+                    }
                 }
-                if watch_reset.load(Relaxed) {
-                    return send.poll_peer_reset(cx).map_ok(|()| None);
-                }
-                Poll::Pending
-            })
-            .await?;
-            let Some(chunk) = chunk else {
-                // Reset by the peer as a normal end.
-                return Ok(total);
-            };
-            if chunk.is_empty() {
-                break;
-            }
-            total += chunk.len() as u64;
-            send.send_bytes(chunk).await?;
-        }
-        send.end().await?;
-        Ok(total)
-    };
-
-    let (tunnel_to_socket, socket_to_tunnel) =
-        tokio::try_join!(tunnel_to_socket, socket_to_tunnel)?;
-    Ok(Transferred {
-        tunnel_to_socket,
-        socket_to_tunnel,
-    })
-}
-
-/// Writes (and flushes) `data`; while the socket does not take it, `watch_reset` is set
-/// and the task polled again at once, so that the other direction watches for the
-/// peer's reset (see [`copy_bidirectional`]).
-async fn write_all_watching<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    data: &[u8],
-    watch_reset: &AtomicBool,
-) -> io::Result<()> {
-    let mut rest = data;
-    let mut flushed = false;
-    poll_fn(|cx| {
-        let step = loop {
-            if !rest.is_empty() {
-                match Pin::new(&mut *w).poll_write(cx, rest) {
-                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => rest = &rest[n..],
-                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                    Poll::Pending => break Poll::Pending,
-                }
-            } else if !flushed {
-                // A no-op for TCP; pushes out records when the socket is TLS.
-                match Pin::new(&mut *w).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => flushed = true,
-                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                    Poll::Pending => break Poll::Pending,
-                }
-            } else {
-                break Poll::Ready(Ok(()));
-            }
-        };
-        match step {
-            Poll::Pending => {
-                if !watch_reset.swap(true, Relaxed) {
-                    cx.waker().wake_by_ref();
-                }
-                Poll::Pending
-            }
-            done => {
-                watch_reset.store(false, Relaxed);
-                done
+                TunnelToSocket::Shutdown => match Pin::new(&mut self.socket).poll_shutdown(cx) {
+                    Poll::Ready(Ok(())) => self.down = TunnelToSocket::Done,
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Ok(()),
+                },
+                TunnelToSocket::Done => return Ok(()),
             }
         }
-    })
-    .await
-}
+    }
 
-/// Sets `watch_reset` and has the task polled again once (see [`copy_bidirectional`]).
-async fn watch_from_now(watch_reset: &AtomicBool) {
-    watch_reset.store(true, Relaxed);
-    let mut woken = false;
-    poll_fn(|cx| {
-        if woken {
-            return Poll::Ready(());
+    /// Moves the socket → tunnel direction on as far as it goes; an error ends the copy.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        loop {
+            match &mut self.up {
+                SocketToTunnel::Reading => {
+                    match self.buf.poll_read(Pin::new(&mut self.socket), cx)? {
+                        Poll::Ready(chunk) if chunk.is_empty() => self.up = SocketToTunnel::Ending,
+                        Poll::Ready(chunk) => {
+                            self.moved.socket_to_tunnel += chunk.len() as u64;
+                            self.up = SocketToTunnel::Sending(chunk);
+                        }
+                        Poll::Pending if self.watch_reset => {
+                            match self.tunnel.split_mut().1.poll_peer_reset(cx)? {
+                                // Reset by the peer as a normal end.
+                                Poll::Ready(()) => self.up = SocketToTunnel::Done,
+                                Poll::Pending => return Ok(()),
+                            }
+                        }
+                        Poll::Pending => return Ok(()),
+                    }
+                }
+                SocketToTunnel::Sending(rest) => {
+                    match self.tunnel.split_mut().1.poll_send(cx, rest)? {
+                        Poll::Ready(()) => self.up = SocketToTunnel::Reading,
+                        Poll::Pending => return Ok(()),
+                    }
+                }
+                SocketToTunnel::Ending => match self.tunnel.split_mut().1.poll_end(cx)? {
+                    Poll::Ready(()) => self.up = SocketToTunnel::Done,
+                    Poll::Pending => return Ok(()),
+                },
+                SocketToTunnel::Done => return Ok(()),
+            }
         }
-        woken = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await;
+    }
 }
 
 /// The socket → tunnel read buffer and its sizing policy.
@@ -268,8 +319,10 @@ mod tests {
     };
     use std::time::Duration;
 
+    use std::future::poll_fn;
+
     use h2::Reason;
-    use tokio::io::{AsyncReadExt as _, DuplexStream};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
     use super::*;
     use crate::hbone::test_wire::stream_pair;

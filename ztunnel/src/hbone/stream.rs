@@ -198,15 +198,16 @@ impl SendHalf {
         }
     }
 
-    /// Sends `data` without copying it, in pieces as large as flow control allows.
-    pub async fn send_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+    /// Sends `data` without copying it, in pieces as large as flow control allows (taking
+    /// them off its front); ready once all of it is sent.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
         while !data.is_empty() {
-            let n = poll_fn(|cx| self.poll_capacity(cx, data.len())).await?;
+            let n = ready!(self.poll_capacity(cx, data.len()))?;
             self.send
                 .send_data(data.split_to(n), false)
                 .map_err(h2_to_io)?;
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Sends END_STREAM: we will write no more, the peer may still send.
@@ -226,11 +227,6 @@ impl SendHalf {
             Poll::Ready(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
             Poll::Pending => Poll::Ready(Err(h2_to_io(e))),
         }
-    }
-
-    /// See [`SendHalf::poll_end`].
-    pub async fn end(&mut self) -> io::Result<()> {
-        poll_fn(|cx| self.poll_end(cx)).await
     }
 
     /// Resolves when the peer resets the stream; never while it is open. Lets a copy
