@@ -1106,16 +1106,15 @@ fn run_scenario(
     } else {
         None
     };
+    let memory = Memory {
+        idle,
+        with_conns,
+        kib_per_more,
+        kib_per_plain,
+    };
     if opts.memory_only {
         if s.proxied() {
-            memory_figures(
-                opts,
-                idle,
-                with_conns,
-                [kib_per_more, kib_per_plain],
-                &proxies,
-                &mut f,
-            )?;
+            memory_figures(opts, &memory, &proxies, &mut f)?;
         }
         drop(upstream);
         drop((ztunnels, istio));
@@ -1308,26 +1307,30 @@ fn run_scenario(
             f.insert("cpu_s_per_gb", cpu_tput / (bytes / 1e9));
         }
         f.insert("cpu_s_per_1k_conn", cpu_conns / (conns / 1000.0));
-        memory_figures(
-            opts,
-            idle,
-            with_conns,
-            [kib_per_more, kib_per_plain],
-            &proxies,
-            &mut f,
-        )?;
+        memory_figures(opts, &memory, &proxies, &mut f)?;
     }
     drop((ztunnels, istio));
     Ok(f)
 }
 
-/// The memory figures of a proxied scenario: idle RSS (KiB) with and without the idle
-/// tunnelled connections, what each plain one added, and the proxies' peak.
-fn memory_figures(
-    opts: &Options,
+/// What a scenario's memory phases read (KiB; the per-connection figures per connection).
+struct Memory {
     idle: u64,
     with_conns: u64,
-    [kib_per_more, kib_per_plain]: [Option<f64>; 2],
+    kib_per_more: Option<f64>,
+    kib_per_plain: Option<f64>,
+}
+
+/// The memory figures of a proxied scenario: idle RSS (KiB) with and without the idle
+/// tunnelled connections, what one more and each plain one added, and the proxies' peak.
+fn memory_figures(
+    opts: &Options,
+    &Memory {
+        idle,
+        with_conns,
+        kib_per_more,
+        kib_per_plain,
+    }: &Memory,
     proxies: &[u32],
     f: &mut BTreeMap<&'static str, f64>,
 ) -> anyhow::Result<()> {
