@@ -1188,21 +1188,15 @@ fn run_scenario(
     let cpu0 = cpu_seconds(&proxies)?;
     let perf = Profiler::start(opts, s, "connections", &proxies)?;
     let concurrency = CONN_CONCURRENCY.to_string();
-    let v = json_line(
-        &topo
-            .spawn(
-                &client,
-                &[
-                    "conns",
-                    &echo,
-                    "--secs",
-                    &secs_s,
-                    "--concurrency",
-                    &concurrency,
-                ],
-            )?
-            .wait_ok()?,
-    )?;
+    let conns_args = [
+        "conns",
+        &echo,
+        "--secs",
+        &secs_s,
+        "--concurrency",
+        &concurrency,
+    ];
+    let v = json_line(&topo.spawn(&client, &conns_args)?.wait_ok()?)?;
     let cpu_conns = cpu_seconds(&proxies)? - cpu0;
     if let Some(p) = perf {
         p.finish()?;
@@ -1213,18 +1207,7 @@ fn run_scenario(
         // What a connection costs the proxies, in a run of its own (perf slows syscalls).
         let dir = topo.dir.path().to_owned();
         let (counts, out) = perf_stat_during(&dir, &proxies, "conns", || {
-            topo.spawn(
-                &client,
-                &[
-                    "conns",
-                    &echo,
-                    "--secs",
-                    &secs_s,
-                    "--concurrency",
-                    &concurrency,
-                ],
-            )?
-            .wait_ok()
+            topo.spawn(&client, &conns_args)?.wait_ok()
         })?;
         let counted = num(&json_line(&out)?, "connections")?;
         eprintln!("bench:   per connection over {counted} connections: {counts:?}");
