@@ -156,6 +156,7 @@ fn memory_only_bench_reports_only_the_memory_figures() -> anyhow::Result<()> {
         "rss_idle_mib",
         "rss_idle_conns_mib",
         "kib_per_idle_conn",
+        "kib_per_more_idle_conn",
         "kib_per_idle_plain_conn",
         "rss_peak_mib",
     ];
