@@ -137,11 +137,6 @@ impl RecvHalf {
         self.release(chunk.len())?;
         Poll::Ready(Ok(Some(chunk)))
     }
-
-    /// See [`RecvHalf::poll_chunk`].
-    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
-        poll_fn(|cx| self.poll_chunk(cx)).await
-    }
 }
 
 impl AsyncRead for RecvHalf {
