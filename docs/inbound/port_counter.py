@@ -1,6 +1,7 @@
 # Which source ports the kernel gives a client's connects and ztunnel's dials from that
-# client's address to the same app (ARCHITECTURE.md, HBONE: "A dial never takes a client
-# connection's tuple"). Two network namespaces joined by a veth: in "psc" the client
+# client's address to the same app, when the kernel picks the dial's port at connect as
+# ztunnel let it until stop 32 (ARCHITECTURE.md, HBONE: "A dial and a client connection
+# never take each other's tuple"). Two network namespaces joined by a veth: in "psc" the client
 # connects to 10.77.0.1:9000; in "psa" a dial as ztunnel makes it (IP_TRANSPARENT, bound
 # to the client's address with IP_BIND_ADDRESS_NO_PORT, non-blocking connect) to the
 # same address. Prints the first ports of each and how many dial ports a client

@@ -390,6 +390,7 @@ impl Shared {
             identity,
             return_path: Mutex::default(),
             server_tls: Mutex::default(),
+            dial_ports: Default::default(),
         });
         // Listeners first: a connect captured before they exist would be refused.
         let listeners = match self.proxy.start_pod(pod.clone(), inherited) {
@@ -451,6 +452,7 @@ impl Shared {
                 identity,
                 return_path: Mutex::default(),
                 server_tls: Mutex::default(),
+                dial_ports: Default::default(),
             });
             let own = old
                 .listeners

@@ -2,6 +2,7 @@
 //! (outbound, captured connects), :15006 (inbound plaintext, steered by tc) and :15008
 //! (HBONE), the HBONE client pool, and the copy between a captured connection and its
 //! destination.
+mod dial_port;
 mod hbone_inbound;
 mod inbound;
 mod outbound;
@@ -79,6 +80,8 @@ pub struct PodNet {
             Arc<rustls::ServerConfig>,
         )>,
     >,
+    /// The pod's local port range, for dials to its apps from their clients' addresses.
+    pub dial_ports: dial_port::PodPorts,
 }
 
 impl PodNet {
@@ -161,6 +164,8 @@ pub struct Proxy {
     /// The client tuples of the plaintext inbound connections held: no dial to an app
     /// takes one (see [`inbound::ClientTuples`]).
     client_tuples: inbound::ClientTuples,
+    /// Where the next dial from a client's address looks for its port.
+    dial_port_cursor: dial_port::Cursor,
     /// The original-destination map, read directly when no `getsockopt` program answers
     /// (eBPF capture; see [`crate::ebpf::OrigDstTable`]).
     orig_dst_table: std::sync::OnceLock<crate::ebpf::OrigDstTable>,
@@ -609,6 +614,7 @@ impl Proxy {
                 inbound_redirected: std::sync::atomic::AtomicBool::new(false),
                 return_paths: Arc::default(),
                 client_tuples: inbound::ClientTuples::default(),
+                dial_port_cursor: dial_port::Cursor::default(),
                 orig_dst_table: std::sync::OnceLock::new(),
                 dns: std::sync::OnceLock::new(),
                 probes,
@@ -979,11 +985,8 @@ impl Proxy {
 
     /// A TCP connection to `dst` from inside the pod's netns with `mark`. With `src` it
     /// is bound to that address first; an address that is not the pod's own (the
-    /// original client's, for source preservation) needs `IP_TRANSPARENT`, and the port
-    /// the kernel picks must not be one a client connection from that address to `dst`
-    /// holds in the pod (see [`inbound::ClientTuples`]): such a dial is kept open until
-    /// the next one has its port, so the kernel cannot offer it again, then dropped
-    /// (a socket still in `SYN_SENT` closes without a packet).
+    /// original client's, for source preservation) needs `IP_TRANSPARENT` and gets its
+    /// port from [`Proxy::dial_from_client`].
     async fn connect_from_pod(
         &self,
         pod: &PodNet,
@@ -991,32 +994,35 @@ impl Proxy {
         dst: SocketAddr,
         mark: u32,
     ) -> io::Result<TcpStream> {
-        let transparent = src.is_some_and(|ip| !pod.addrs.contains(&ip));
-        let mut skipped = Vec::new();
-        let mut local = None;
-        let sock = loop {
-            let sock = pod
-                .netns
-                .run(&self.home, || -> io::Result<Socket> {
-                    // Non-blocking from the start: no fcntl pair per dial.
-                    let s =
-                        Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), None)?;
-                    s.set_mark(mark)?;
-                    s.set_tcp_nodelay(true)?;
-                    s.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(180)))?;
+        let transparent = src.filter(|ip| !pod.addrs.contains(ip));
+        let (sock, local) = pod
+            .netns
+            .run(
+                &self.home,
+                || -> io::Result<(Socket, Option<SocketAddr>)> {
+                    let socket = || -> io::Result<Socket> {
+                        // Non-blocking from the start: no fcntl pair per dial.
+                        let s = Socket::new(
+                            Domain::for_address(dst),
+                            Type::STREAM.nonblocking(),
+                            None,
+                        )?;
+                        s.set_mark(mark)?;
+                        s.set_tcp_nodelay(true)?;
+                        s.set_tcp_keepalive(
+                            &TcpKeepalive::new().with_time(Duration::from_secs(180)),
+                        )?;
+                        Ok(s)
+                    };
+                    if let Some(ip) = transparent {
+                        let (s, from) = self.dial_from_client(pod, ip, dst, socket)?;
+                        return Ok((s, Some(from)));
+                    }
+                    let s = socket()?;
                     if let Some(ip) = src {
-                        if transparent {
-                            if ip.is_ipv4() {
-                                s.set_ip_transparent_v4(true)?;
-                            } else {
-                                set_ipv6_transparent(&s)?;
-                            }
-                        }
-                        // The port is picked at connect, by the whole 4-tuple, not here:
-                        // a port bound with no destination yet is the namespace's to give
-                        // once (until its TIME_WAIT ends) for every destination together,
-                        // so a busy client would run a pod out of ports its own kernel
-                        // still has.
+                        // The pod's own address: the port is picked at connect, by the whole
+                        // 4-tuple (a port bound with no destination yet is the namespace's
+                        // to give once, until its TIME_WAIT ends, for every destination).
                         nix::sys::socket::setsockopt(
                             &s,
                             nix::sys::socket::sockopt::IpBindAddressNoPort,
@@ -1024,40 +1030,11 @@ impl Proxy {
                         )?;
                         s.bind(&SocketAddr::new(ip, 0).into())?;
                     }
-                    Ok(s)
-                })
-                .map_err(io::Error::other)??;
-            match sock.connect(&dst.into()) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                Err(e) => return Err(e),
-            }
-            if !transparent {
-                break sock;
-            }
-            let Some(from) = sock.local_addr()?.as_socket() else {
-                break sock;
-            };
-            local = Some(from);
-            if !self.client_tuples.contains(dst, from) {
-                break sock;
-            }
-            self.metrics.dial_port_skipped();
-            skipped.push(sock);
-            if skipped.len() == MAX_DIAL_PORTS_SKIPPED {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "no source port for {dst} from {}: the kernel offered {} ports in a \
-                         row that client connections of that address hold",
-                        from.ip(),
-                        skipped.len()
-                    ),
-                ));
-            }
-            tracing::debug!(%dst, %from, "a client connection holds the dial's port; dialling from another");
-        };
-        drop(skipped);
+                    connect_started(&s, dst)?;
+                    Ok((s, None))
+                },
+            )
+            .map_err(io::Error::other)??;
         // The connect is under way: the stream is writable once it is established, and
         // its error tells why not (what tokio's own connect does).
         let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
@@ -1076,11 +1053,68 @@ impl Proxy {
             None => e,
         })
     }
+
+    /// Starts a dial to `dst` from the client's address `ip` (transparent), from a port
+    /// ztunnel chooses before the SYN (see [`dial_port`]): odd ports of the pod's range
+    /// first, never one whose tuple a client connection ztunnel holds
+    /// ([`inbound::ClientTuples`]) or the kernel has in use. Runs in the pod's netns.
+    fn dial_from_client(
+        &self,
+        pod: &PodNet,
+        ip: IpAddr,
+        dst: SocketAddr,
+        socket: impl Fn() -> io::Result<Socket>,
+    ) -> io::Result<(Socket, SocketAddr)> {
+        let range = pod.dial_ports.current()?;
+        let mut tried = 0;
+        for port in range.candidates(&self.dial_port_cursor) {
+            let from = SocketAddr::new(ip, port);
+            if self.client_tuples.contains(dst, from) {
+                self.metrics.dial_port_skipped();
+                continue;
+            }
+            tried += 1;
+            let s = socket()?;
+            if ip.is_ipv4() {
+                s.set_ip_transparent_v4(true)?;
+            } else {
+                set_ipv6_transparent(&s)?;
+            }
+            // Other destinations may still use the port (as with a port picked at
+            // connect); `connect` refuses it only where this tuple is in use.
+            s.set_reuse_address(true)?;
+            let taken = |e: &io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                )
+            };
+            match s.bind(&from.into()).and_then(|()| connect_started(&s, dst)) {
+                Ok(()) => return Ok((s, from)),
+                Err(e) if taken(&e) => {
+                    tracing::debug!(%dst, %from, "the dial's port is in use; dialling from another");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "no source port for {dst} from {ip}: the {tried} ports of the pod's range \
+                 {range} tried were in use (ports of client connections and reserved \
+                 ports passed over)"
+            ),
+        ))
+    }
 }
 
-/// How many source ports one dial gives up, each held by a client connection, before it
-/// fails (each try gets a port no earlier try had: those are still open).
-const MAX_DIAL_PORTS_SKIPPED: usize = 8;
+/// Starts a non-blocking connect: `EINPROGRESS` is the connect under way.
+fn connect_started(s: &Socket, dst: SocketAddr) -> io::Result<()> {
+    match s.connect(&dst.into()) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => Err(e),
+        _ => Ok(()),
+    }
+}
 
 /// The pod listeners' accept queue (`listen()` backlog).
 const LISTEN_BACKLOG: i32 = 1024;

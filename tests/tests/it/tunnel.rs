@@ -41,11 +41,11 @@ fn two_nodes() -> anyhow::Result<(Topology, ztunnel_tests::Pod, ztunnel_tests::P
     Ok((t, a, b))
 }
 
-/// B's ztunnel dials B's app from A's address (transparently). The source port is picked
-/// at connect, by the whole 4-tuple, as A's own kernel picks it: A's connections to other
-/// ports of B reuse source ports still held (in TIME_WAIT) by earlier ones. Picked at
-/// bind, each port would be B's to give once per TIME_WAIT (60 s) for all of A's
-/// connections together: with two ports, the third connection would fail.
+/// B's ztunnel dials B's app from A's address (transparently). A source port is refused
+/// only where the whole 4-tuple is in use, as A's own kernel refuses it: A's connections
+/// to other ports of B reuse source ports still held (in TIME_WAIT) by earlier ones.
+/// Picked by the kernel at bind, each port would be B's to give once per TIME_WAIT (60 s)
+/// for all of A's connections together: with two ports, the third connection would fail.
 #[test]
 fn inbound_dials_pick_the_source_port_by_the_whole_4_tuple() -> anyhow::Result<()> {
     let (mut t, a, b) = two_nodes()?;
