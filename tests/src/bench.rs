@@ -1102,6 +1102,10 @@ fn run_scenario(
         std::thread::sleep(opts.idle_settle());
         let grew = grew_most(&proxies, &before)?;
         drop((more, first));
+        // Closing 2,000 connections at once keeps both proxies busy for a while (S3's
+        // first request/response phase, which comes next, met it as a single stall of
+        // 80–190 ms); the next phase starts once they are quiet again.
+        wait_quiet(&proxies)?;
         Some(grew as f64 / opts.idle_conns() as f64)
     } else {
         None
@@ -1959,6 +1963,34 @@ fn num(v: &serde_json::Value, key: &str) -> anyhow::Result<f64> {
 }
 
 /// User + system CPU seconds of the proxies so far.
+/// Waits until `pids` spent at most one clock tick of CPU over [`QUIET_SAMPLE`], for at
+/// most [`QUIET_LIMIT`] (then says so and goes on).
+fn wait_quiet(pids: &[u32]) -> anyhow::Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let tick = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let deadline = Instant::now() + QUIET_LIMIT;
+    let mut last = cpu_seconds(pids)?;
+    loop {
+        std::thread::sleep(QUIET_SAMPLE);
+        let now = cpu_seconds(pids)?;
+        if now - last <= tick * 1.5 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "bench:   the proxies were still busy {QUIET_LIMIT:?} after the last phase ({:.0} ms of CPU in the last {QUIET_SAMPLE:?}); going on",
+                (now - last) * 1e3
+            );
+            return Ok(());
+        }
+        last = now;
+    }
+}
+
+/// How long [`wait_quiet`] watches the proxies' CPU at a time, and at most in all.
+const QUIET_SAMPLE: Duration = Duration::from_millis(250);
+const QUIET_LIMIT: Duration = Duration::from_secs(10);
+
 fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
