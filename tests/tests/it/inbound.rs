@@ -110,7 +110,7 @@ fn inbound_dials_and_client_connections_never_take_each_others_tuples() -> anyho
     let second = peer(&mut srv)?;
     let mut dials = [held, second];
     dials.sort_unstable();
-    assert_eq!(dials, [40011, 40013], "the dials' ports, held one first");
+    assert_eq!(dials, [40011, 40013], "the dials' ports");
     let out = hold.wait_ok()?;
     assert!(out.contains("pings="), "{out}");
 
