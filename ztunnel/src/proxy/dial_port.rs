@@ -84,8 +84,12 @@ impl PortRange {
 
     /// Reads the current netns's range.
     fn read() -> io::Result<Self> {
-        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
-        let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")?;
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{path} in the pod's netns: {e}")))
+        };
+        let range = read("/proc/sys/net/ipv4/ip_local_port_range")?;
+        let reserved = read("/proc/sys/net/ipv4/ip_local_reserved_ports")?;
         Self::parse(&range, &reserved).map_err(io::Error::other)
     }
 
