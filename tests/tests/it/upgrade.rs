@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use ztunnel_tests::{
     Pod, PodProcess, Topology, Ztunnel, cgroup_programs,
-    upgrade::{self, counts, hold, one_cpu, pings, stop_drained, wait_handover},
+    upgrade::{self, counts, hold, one_cpu, pings, stop_drained, wait_handover, wait_limit},
 };
 
 /// New connections per second per client: steady, and enough that a gap of a few
@@ -392,7 +392,7 @@ fn a_ztunnel_that_cannot_take_over_never_cleans_up_after_the_running_one() -> an
     let file = t.workloads_path();
     let second = t.spawn_ztunnel("node1", false, &file)?;
     // Its first reconcile and two retries.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(60));
     while second.log_text().matches("failed to enrol pod").count() < 6 {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -607,7 +607,7 @@ fn a_pod_the_old_ztunnel_drops_after_its_successor_took_it_stays_the_successors(
     let yaml = t.workloads_yaml();
     t.write_workloads_text(&a_elsewhere(&yaml)?)?;
     // Once the removal is due (after the settle period, 3 s) the old ztunnel acts on it.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(60));
     while !["left to the successor", "pod unenrolled"]
         .iter()
         .any(|l| old.log_text().contains(l))
@@ -756,7 +756,7 @@ fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -
     let mut old = t.start_ztunnel(false)?;
     let file = t.workloads_path();
     let new = t.spawn_ztunnel("node1", false, &file)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(60));
     while !new.log_text().contains("handover complete") {
         anyhow::ensure!(new.alive(), "the successor exited\n{}", new.log_text());
         anyhow::ensure!(Instant::now() < deadline, "no handover\n{}", new.log_text());
@@ -830,7 +830,7 @@ fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> an
     // its return path goes with it, a's stays.
     assert_eq!(cni.del(&zds_uid(&b))?, "", "delete b");
     new.wait_enrolled(&[&a])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(60));
     while return_path_rule(&b)? {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -841,7 +841,7 @@ fn istio_cni_hands_every_pod_to_the_new_ztunnel_while_the_old_one_serves() -> an
     }
     assert!(return_path_rule(&a)?);
     stop_drained(&mut old)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(30));
     while cni.connected() != 1 {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -882,7 +882,7 @@ fn a_pod_leaving_the_mesh_while_the_old_ztunnel_lingers_is_not_captured_by_it() 
     let file = t.workloads_path();
     let new = t.spawn_ztunnel("node1", false, &file)?;
     wait_handover(&new, "complete")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + wait_limit(Duration::from_secs(60));
     while !old.log_text().contains("handed over and drained") {
         anyhow::ensure!(
             Instant::now() < deadline,
