@@ -1083,15 +1083,9 @@ impl Proxy {
             // Other destinations may still use the port (as with a port picked at
             // connect); `connect` refuses it only where this tuple is in use.
             s.set_reuse_address(true)?;
-            let taken = |e: &io::Error| {
-                matches!(
-                    e.raw_os_error(),
-                    Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
-                )
-            };
             match s.bind(&from.into()).and_then(|()| connect_started(&s, dst)) {
                 Ok(()) => return Ok((s, from)),
-                Err(e) if taken(&e) => {
+                Err(e) if port_taken(&e) => {
                     tracing::debug!(%dst, %from, "the dial's port is in use; dialling from another");
                 }
                 Err(e) => return Err(e),
@@ -1106,6 +1100,15 @@ impl Proxy {
             ),
         ))
     }
+}
+
+/// Whether `bind` or `connect` refused a dial's port because its tuple is in use (a
+/// listener on it, or this tuple open or in TIME_WAIT).
+fn port_taken(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Starts a non-blocking connect: `EINPROGRESS` is the connect under way.
