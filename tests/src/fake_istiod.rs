@@ -288,6 +288,7 @@ impl FakeIstiod {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
         let identity = tonic::transport::Identity::from_pem(&self.serving.0, &self.serving.1);
+        ztunnel::tls::install_default_provider();
         let svc = Svc(self.state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let router = tonic::transport::Server::builder()

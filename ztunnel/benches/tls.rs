@@ -1,6 +1,8 @@
 //! What TLS costs per byte on an established HBONE connection, for each cipher suite
-//! ztunnel offers (`cargo bench -p ztunnel --bench tls`). A client and a server session
-//! (the server with ztunnel's own `tls::server_config`) hand 16 KiB writes to each other
+//! ztunnel offers (`cargo bench -p ztunnel --bench tls`), and for the same suites with
+//! aws-lc-rs' record layer (what Istio's ztunnel's default build seals with) beside them.
+//! A client and a server session (ztunnel's own configs, both ends with the one suite
+//! measured) hand 16 KiB writes to each other
 //! in memory: the client encrypts, the server decrypts — what the two ztunnels on a
 //! tunnel's path do to each byte. No sockets, so the figures are the crypto and rustls'
 //! record layer alone, free of the bench topology's noise.
@@ -107,12 +109,13 @@ fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConn
     let client_cert = ca
         .issue(&Identity::new(TD, "bench", "client"))
         .expect("client cert");
-    let server_config = tls::server_config(&server_cert).expect("server config");
-
+    // Both ends with the one suite, so both seal and open with the backend measured.
     let provider = Arc::new(CryptoProvider {
         cipher_suites: vec![suite],
         ..(*tls::provider()).clone()
     });
+    let server_config =
+        tls::server_config_with(&server_cert, provider.clone()).expect("server config");
     let client_config =
         tls::client_config_with(&client_cert, vec![server_cert.identity.clone()], provider)
             .expect("client config");
@@ -139,12 +142,17 @@ fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConn
 fn suites(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("tls/record");
     group.throughput(Throughput::Bytes(PER_ITER as u64));
-    for suite in tls::provider().cipher_suites.iter().copied() {
+    // ztunnel's suites (ring's record layer), then aws-lc-rs' own, for comparison.
+    let provider = tls::provider();
+    let offered = provider.cipher_suites.iter().copied().map(|s| ("", s));
+    let aws_lc = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
+    let aws_lc_128 = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    for (backend, suite) in offered.chain([("aws-lc-rs ", aws_lc), ("aws-lc-rs ", aws_lc_128)]) {
         let (mut client, mut server) = session(suite);
         let chunk = vec![0x5au8; CHUNK];
         let mut wire = Vec::with_capacity(2 * CHUNK);
         let mut out = vec![0u8; CHUNK];
-        let name = format!("{:?}", suite.suite());
+        let name = format!("{backend}{:?}", suite.suite());
         group.bench_function(name, |b| {
             b.iter(|| {
                 // Record by record: rustls buffers a limited amount of plaintext each way.

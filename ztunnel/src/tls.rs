@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::aws_lc_rs::{self, cipher_suite, kx_group};
+use rustls::crypto::aws_lc_rs::{self, kx_group};
+use rustls::crypto::ring::cipher_suite;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
@@ -93,9 +94,13 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
     out
 }
 
-/// The aws-lc-rs provider narrowed to what Istio's ztunnel offers, in its order (AES-256-GCM
-/// first: AES-128-GCM was measured and not kept, ARCHITECTURE.md "Cipher suite"). Built
-/// explicitly so nothing depends on a process-wide default provider being installed.
+/// What HBONE's TLS uses: Istio's ztunnel's suites and groups in its order (AES-256-GCM
+/// first: AES-128-GCM was measured and not kept, ARCHITECTURE.md "Cipher suite"). The key
+/// exchange, signatures and randomness are aws-lc-rs' (X25519MLKEM768 is there only); the
+/// record layer's AES-GCM and the key schedule are ring's, whose VAES-AVX2 code seals and
+/// opens records about twice as fast on CPUs that have it (ARCHITECTURE.md "Record
+/// encryption"). The same bytes on the wire either way. Built explicitly so nothing
+/// depends on a process-wide default provider being installed.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
@@ -119,6 +124,18 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Installs aws-lc-rs' provider as the process default, once, for the libraries that build
+/// their own TLS configs from it (kube's client, tonic's server): with both of rustls'
+/// backends compiled in, rustls cannot pick one for them. They get what they had when
+/// aws-lc-rs was the only backend.
+pub fn install_default_provider() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        // Err: another default is installed already; that one stays.
+        let _ = aws_lc_rs::default_provider().install_default();
+    });
+}
+
 fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, Error> {
     if cert.roots.is_empty() {
         return Err(Error::NoRoots {
@@ -138,7 +155,15 @@ fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, Error> {
 /// The config for accepting HBONE connections as `cert`'s workload: clients must present a
 /// certificate chaining to `cert`'s roots with an identity in `cert`'s trust domain.
 pub fn server_config(cert: &WorkloadCertificate) -> Result<Arc<ServerConfig>, Error> {
-    let provider = provider();
+    server_config_with(cert, provider())
+}
+
+/// [`server_config`] with another provider than [`provider`]: a server with another
+/// backend's record layer (`cargo bench -p ztunnel --bench tls`).
+pub fn server_config_with(
+    cert: &WorkloadCertificate,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<ServerConfig>, Error> {
     let config_error = |source| Error::Config {
         side: "server",
         identity: Box::new(cert.identity.clone()),
@@ -744,6 +769,96 @@ mod tests {
                 NamedGroup::X25519MLKEM768
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn records_are_sealed_by_ring_and_an_aws_lc_peer_reads_them() {
+        // The record layer is ring's, suite for suite (its VAES-AVX2 AES-GCM, where the
+        // CPU has it).
+        let p = provider();
+        let rings = [
+            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ];
+        assert_eq!(p.cipher_suites.len(), rings.len());
+        for (ours, ring) in p.cipher_suites.iter().zip(rings) {
+            let (
+                rustls::SupportedCipherSuite::Tls13(ours),
+                rustls::SupportedCipherSuite::Tls13(ring),
+            ) = (ours, ring)
+            else {
+                panic!("TLS 1.3 suites only");
+            };
+            assert!(
+                std::ptr::eq(*ours, ring),
+                "{:?} is ring's",
+                ours.common.suite
+            );
+        }
+        // A peer whose whole TLS is aws-lc-rs' (Istio's ztunnel's default build), as
+        // client and as server, with each suite: the same bytes on the wire.
+        let pki = pki();
+        let server_cert = issue(&pki.ca, TD, "server");
+        let client_cert = issue(&pki.ca, TD, "client");
+        for suite in [
+            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ] {
+            let aws_lc = Arc::new(CryptoProvider {
+                cipher_suites: vec![suite],
+                ..aws_lc_rs::default_provider()
+            });
+            let pairs = [
+                (
+                    server_config(&server_cert).expect("server config"),
+                    client_config_with(&client_cert, vec![id(TD, "server")], aws_lc.clone())
+                        .expect("aws-lc client config"),
+                ),
+                (
+                    server_config_with(&server_cert, aws_lc).expect("aws-lc server config"),
+                    client_config(&client_cert, vec![id(TD, "server")]).expect("client config"),
+                ),
+            ];
+            for (server_cfg, client_cfg) in pairs {
+                let (server, client) = handshake(server_cfg, client_cfg).await;
+                let mut server = server.expect("server handshake");
+                let mut client = client.expect("client handshake");
+                assert_eq!(
+                    client
+                        .get_ref()
+                        .1
+                        .negotiated_cipher_suite()
+                        .map(|s| s.suite()),
+                    Some(suite.suite())
+                );
+                // Full records both ways (the bulk AES-GCM code), then small ones.
+                let sent: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+                let mut got = vec![0u8; sent.len()];
+                let (w, r) = tokio::join!(
+                    async {
+                        client.write_all(&sent).await?;
+                        client.flush().await
+                    },
+                    async { server.read_exact(&mut got).await }
+                );
+                w.expect("client write");
+                r.expect("server read");
+                assert!(got == sent, "the server read what the client wrote");
+                let (w, r) = tokio::join!(
+                    async {
+                        server.write_all(&sent).await?;
+                        server.flush().await
+                    },
+                    async { client.read_exact(&mut got).await }
+                );
+                w.expect("server write");
+                r.expect("client read");
+                assert!(got == sent, "the client read what the server wrote");
+                round_trip(&mut server, &mut client)
+                    .await
+                    .expect("round trip");
+            }
+        }
     }
 
     #[tokio::test]
