@@ -644,7 +644,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use rustls::{CipherSuite, NamedGroup, ProtocolVersion};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
     use tokio::time::timeout;
     use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
@@ -771,6 +771,25 @@ mod tests {
         );
     }
 
+    /// Writes `data` on `from` while reading as much from `to`; what `to` read.
+    async fn copy_across(
+        from: &mut (impl AsyncWrite + Unpin),
+        to: &mut (impl AsyncRead + Unpin),
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut got = vec![0u8; data.len()];
+        let (w, r) = tokio::join!(
+            async {
+                from.write_all(data).await?;
+                from.flush().await
+            },
+            to.read_exact(&mut got)
+        );
+        w.expect("write");
+        r.expect("read");
+        got
+    }
+
     #[tokio::test]
     async fn records_are_sealed_by_ring_and_an_aws_lc_peer_reads_them() {
         // The record layer is ring's, suite for suite (its VAES-AVX2 AES-GCM, where the
@@ -833,27 +852,14 @@ mod tests {
                 );
                 // Full records both ways (the bulk AES-GCM code), then small ones.
                 let sent: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
-                let mut got = vec![0u8; sent.len()];
-                let (w, r) = tokio::join!(
-                    async {
-                        client.write_all(&sent).await?;
-                        client.flush().await
-                    },
-                    async { server.read_exact(&mut got).await }
+                assert!(
+                    copy_across(&mut client, &mut server, &sent).await == sent,
+                    "the server read what the client wrote"
                 );
-                w.expect("client write");
-                r.expect("server read");
-                assert!(got == sent, "the server read what the client wrote");
-                let (w, r) = tokio::join!(
-                    async {
-                        server.write_all(&sent).await?;
-                        server.flush().await
-                    },
-                    async { client.read_exact(&mut got).await }
+                assert!(
+                    copy_across(&mut server, &mut client, &sent).await == sent,
+                    "the client read what the server wrote"
                 );
-                w.expect("server write");
-                r.expect("client read");
-                assert!(got == sent, "the client read what the server wrote");
                 round_trip(&mut server, &mut client)
                     .await
                     .expect("round trip");
