@@ -182,7 +182,6 @@ impl Options {
 /// Connects (in-cluster config, else KUBECONFIG), starts the watchers and returns once each
 /// has listed its objects, so the first configuration is complete.
 pub async fn start(opts: Options) -> Result<Kube, Error> {
-    crate::tls::install_default_provider();
     let client = Client::try_default()
         .await
         .map_err(|source| Error::Client { source })?;

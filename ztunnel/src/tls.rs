@@ -124,18 +124,6 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// Installs aws-lc-rs' provider as the process default, once, for the libraries that build
-/// their own TLS configs from it (kube's client, tonic's server): with both of rustls'
-/// backends compiled in, rustls cannot pick one for them. They get what they had when
-/// aws-lc-rs was the only backend.
-pub fn install_default_provider() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        // Err: another default is installed already; that one stays.
-        let _ = aws_lc_rs::default_provider().install_default();
-    });
-}
-
 fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, Error> {
     if cert.roots.is_empty() {
         return Err(Error::NoRoots {

@@ -144,9 +144,6 @@ impl FakeApi {
 
     pub fn client(&self) -> kube::Client {
         let url = format!("http://{}", self.addr).parse().expect("url");
-        // kube builds its TLS config from the process default provider (see
-        // `ztunnel::tls::install_default_provider`; this file is also compiled into the tests).
-        let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
         kube::Client::try_from(kube::Config::new(url)).expect("client for the fake api")
     }
 
