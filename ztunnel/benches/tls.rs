@@ -144,7 +144,7 @@ fn suites(c: &mut Criterion<ThreadCpu>) {
     group.throughput(Throughput::Bytes(PER_ITER as u64));
     // ztunnel's suites (ring's record layer), then aws-lc-rs' own, for comparison.
     let provider = tls::provider();
-    let offered = provider.cipher_suites.iter().copied().map(|s| ("", s));
+    let offered = provider.cipher_suites.iter().copied().map(|s| ("ring ", s));
     let aws_lc = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
     let aws_lc_128 = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
     for (backend, suite) in offered.chain([("aws-lc-rs ", aws_lc), ("aws-lc-rs ", aws_lc_128)]) {
