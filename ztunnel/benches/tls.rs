@@ -142,12 +142,15 @@ fn session(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConn
 fn suites(c: &mut Criterion<ThreadCpu>) {
     let mut group = c.benchmark_group("tls/record");
     group.throughput(Throughput::Bytes(PER_ITER as u64));
-    // ztunnel's suites (ring's record layer), then aws-lc-rs' own, for comparison.
-    let provider = tls::provider();
-    let offered = provider.cipher_suites.iter().copied().map(|s| ("ring ", s));
-    let aws_lc = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
-    let aws_lc_128 = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
-    for (backend, suite) in offered.chain([("aws-lc-rs ", aws_lc), ("aws-lc-rs ", aws_lc_128)]) {
+    // Both record layers ztunnel picks between (`tls::record_layer`), suite for suite.
+    let mut measured = Vec::new();
+    for layer in [tls::RecordLayer::Ring, tls::RecordLayer::AwsLc] {
+        for suite in tls::provider_with(layer).cipher_suites {
+            measured.push((layer, suite));
+        }
+    }
+    for (layer, suite) in measured {
+        let backend = format!("{} ", layer.name());
         let (mut client, mut server) = session(suite);
         let chunk = vec![0x5au8; CHUNK];
         let mut wire = Vec::with_capacity(2 * CHUNK);

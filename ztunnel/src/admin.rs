@@ -389,7 +389,7 @@ impl VersionDump {
             }
             .to_owned(),
             istio_version: env!("CARGO_PKG_VERSION").to_owned(),
-            crypto_provider: "aws-lc-rs".to_owned(),
+            crypto_provider: crate::tls::crypto_provider_name(),
         }
     }
 }

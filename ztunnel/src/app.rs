@@ -1165,6 +1165,11 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     let started = Instant::now();
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
+    tracing::info!(
+        record_layer = crate::tls::record_layer().name(),
+        cpu = ?crate::tls::AesGcmCpu::detect(),
+        "HBONE's TLS records are sealed by the AES-GCM that is faster on this CPU"
+    );
     match crate::limits::raise_open_files_limit() {
         Ok((from, to)) => tracing::info!(
             from,

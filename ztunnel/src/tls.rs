@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::{self, kx_group};
-use rustls::crypto::ring::cipher_suite;
+use rustls::crypto::ring;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
@@ -94,35 +94,120 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
     out
 }
 
+/// Whose AES-GCM seals and opens HBONE's TLS records (ARCHITECTURE.md "Record
+/// encryption"). The same bytes on the wire either way; only the speed differs, by CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordLayer {
+    /// aws-lc-rs' (what Istio's ztunnel uses).
+    AwsLc,
+    /// ring's, for its VAES-AVX2 AES-GCM.
+    Ring,
+}
+
+impl RecordLayer {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordLayer::AwsLc => "aws-lc-rs",
+            RecordLayer::Ring => "ring",
+        }
+    }
+}
+
+/// The CPU features the choice of [`RecordLayer`] depends on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AesGcmCpu {
+    /// VAES and VPCLMULQDQ: AES and GHASH on 256-bit (and 512-bit) vectors.
+    pub vaes: bool,
+    pub avx2: bool,
+    /// AVX-512 F, DQ, IFMA, BW and VL, all five: what aws-lc's VAES AES-GCM requires
+    /// besides VAES (its `crypto_gcm_avx512_enabled`).
+    pub avx512: bool,
+}
+
+impl AesGcmCpu {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            AesGcmCpu {
+                vaes: has!("vaes") && has!("vpclmulqdq"),
+                avx2: has!("avx2"),
+                avx512: has!("avx512f")
+                    && has!("avx512dq")
+                    && has!("avx512ifma")
+                    && has!("avx512bw")
+                    && has!("avx512vl"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        AesGcmCpu::default()
+    }
+
+    /// ring's where it is the faster one, measured (a 16 KiB seal, one thread): VAES
+    /// with AVX2 but not aws-lc's AVX-512 (ring 5.0–5.5 GB/s, aws-lc 2.4–2.6 on an AMD
+    /// EPYC without AVX-512). aws-lc's where it has its VAES code (AVX-512: aws-lc 10.0,
+    /// ring 8.5–8.7 GB/s for AES-256-GCM on an AMD EPYC with it), and where neither has
+    /// VAES: both then run the same AES-NI code, and aws-lc is Istio's.
+    pub fn record_layer(self) -> RecordLayer {
+        if self.vaes && self.avx2 && !self.avx512 {
+            RecordLayer::Ring
+        } else {
+            RecordLayer::AwsLc
+        }
+    }
+}
+
+/// This CPU's record layer (detected once).
+pub fn record_layer() -> RecordLayer {
+    static LAYER: OnceLock<RecordLayer> = OnceLock::new();
+    *LAYER.get_or_init(|| AesGcmCpu::detect().record_layer())
+}
+
 /// What HBONE's TLS uses: Istio's ztunnel's suites and groups in its order (AES-256-GCM
 /// first: AES-128-GCM was measured and not kept, ARCHITECTURE.md "Cipher suite"). The key
 /// exchange, signatures and randomness are aws-lc-rs' (X25519MLKEM768 is there only); the
-/// record layer's AES-GCM and the key schedule are ring's, which has a VAES-AVX2 AES-GCM
-/// (aws-lc's VAES code needs AVX-512): on the bench's AMD EPYC (VAES, AVX2, no AVX-512)
-/// it seals twice as fast (ARCHITECTURE.md "Record encryption"). The same bytes on the
-/// wire either way. Built explicitly so nothing depends on a process-wide default provider
-/// being installed.
+/// record layer's AES-GCM and the key schedule are [`record_layer`]'s. Built explicitly so
+/// nothing depends on a process-wide default provider being installed.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| {
-            Arc::new(CryptoProvider {
-                cipher_suites: vec![
-                    cipher_suite::TLS13_AES_256_GCM_SHA384,
-                    cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ],
-                // x25519 first: the client sends a key share for the first group only, and
-                // this is the share Istio's ztunnel sends.
-                kx_groups: vec![
-                    kx_group::X25519,
-                    kx_group::SECP256R1,
-                    kx_group::SECP384R1,
-                    kx_group::X25519MLKEM768,
-                ],
-                ..aws_lc_rs::default_provider()
-            })
-        })
+        .get_or_init(|| Arc::new(provider_with(record_layer())))
         .clone()
+}
+
+/// [`provider`] with the given record layer.
+pub fn provider_with(layer: RecordLayer) -> CryptoProvider {
+    let cipher_suites = match layer {
+        RecordLayer::AwsLc => vec![
+            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        RecordLayer::Ring => vec![
+            ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+    };
+    CryptoProvider {
+        cipher_suites,
+        // x25519 first: the client sends a key share for the first group only, and this
+        // is the share Istio's ztunnel sends.
+        kx_groups: vec![
+            kx_group::X25519,
+            kx_group::SECP256R1,
+            kx_group::SECP384R1,
+            kx_group::X25519MLKEM768,
+        ],
+        ..aws_lc_rs::default_provider()
+    }
+}
+
+/// The crypto shown in `/config_dump`'s version: aws-lc-rs, and the record layer's
+/// backend where it is another.
+pub fn crypto_provider_name() -> String {
+    match record_layer() {
+        RecordLayer::AwsLc => "aws-lc-rs".to_owned(),
+        other => format!("aws-lc-rs, records sealed by {}", other.name()),
+    }
 }
 
 fn root_store(cert: &WorkloadCertificate) -> Result<Arc<RootCertStore>, Error> {
@@ -794,48 +879,88 @@ mod tests {
         }
     }
 
+    #[test]
+    fn record_layer_is_ring_only_where_vaes_runs_without_aws_lcs_avx512_code() {
+        let cpu = |vaes, avx2, avx512| AesGcmCpu { vaes, avx2, avx512 };
+        // VAES with AVX2 only: ring's VAES-AVX2 code (aws-lc's needs AVX-512).
+        assert_eq!(cpu(true, true, false).record_layer(), RecordLayer::Ring);
+        // aws-lc's VAES AVX-512 code runs: aws-lc.
+        assert_eq!(cpu(true, true, true).record_layer(), RecordLayer::AwsLc);
+        // No VAES (AES-NI only, or nothing): the same code in both; Istio's backend.
+        assert_eq!(cpu(false, true, false).record_layer(), RecordLayer::AwsLc);
+        assert_eq!(cpu(false, true, true).record_layer(), RecordLayer::AwsLc);
+        assert_eq!(cpu(false, false, false).record_layer(), RecordLayer::AwsLc);
+        assert_eq!(cpu(true, false, false).record_layer(), RecordLayer::AwsLc);
+    }
+
+    /// Which backend `provider` must have picked on this CPU, asked here the way aws-lc
+    /// (`crypto_gcm_avx512_enabled`) and ring ask, not through `AesGcmCpu::detect`.
+    fn expected_record_layer() -> RecordLayer {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let vaes = has!("vaes") && has!("vpclmulqdq");
+            let aws_lc_avx512 = vaes
+                && has!("avx512f")
+                && has!("avx512dq")
+                && has!("avx512ifma")
+                && has!("avx512bw")
+                && has!("avx512vl");
+            if vaes && has!("avx2") && !aws_lc_avx512 {
+                return RecordLayer::Ring;
+            }
+        }
+        RecordLayer::AwsLc
+    }
+
     #[tokio::test]
-    async fn records_are_sealed_by_ring_and_an_aws_lc_peer_reads_them() {
-        // The record layer is ring's, suite for suite (its VAES-AVX2 AES-GCM, where the
-        // CPU has it).
-        let p = provider();
-        // Named in full, not through the module's import, so the test does not follow it.
+    async fn records_are_sealed_by_this_cpus_faster_backend_and_the_other_reads_them() {
+        // Named in full, not through the module's imports, so the test does not follow them.
         let rings = [
             rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
             rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
         ];
-        assert_eq!(p.cipher_suites.len(), rings.len());
-        for (ours, ring) in p.cipher_suites.iter().zip(rings) {
-            assert!(same_impl(Some(*ours), ring), "{:?} is ring's", ours.suite());
+        let aws_lcs = [
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ];
+        let (ours, theirs) = match expected_record_layer() {
+            RecordLayer::Ring => (rings, aws_lcs),
+            RecordLayer::AwsLc => (aws_lcs, rings),
+        };
+        assert_eq!(record_layer(), expected_record_layer());
+        let p = provider();
+        assert_eq!(p.cipher_suites.len(), ours.len());
+        for (suite, expected) in p.cipher_suites.iter().zip(ours) {
+            assert!(
+                same_impl(Some(*suite), expected),
+                "{:?} is {}'s",
+                suite.suite(),
+                record_layer().name()
+            );
         }
-        // A peer whose record layer is aws-lc-rs' (Istio's ztunnel's default build; the
-        // same groups, x25519 first), as client and as server, with each suite: the same
-        // bytes on the wire.
+        // A peer whose record layer is the other backend (aws-lc's is Istio's ztunnel's
+        // default build; the same groups, x25519 first), as client and as server, with
+        // each suite: the same bytes on the wire.
         let pki = pki();
         let server_cert = issue(&pki.ca, TD, "server");
         let client_cert = issue(&pki.ca, TD, "client");
-        for (suite, ring) in [
-            aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ]
-        .into_iter()
-        .zip(rings)
-        {
-            let aws_lc = Arc::new(CryptoProvider {
-                cipher_suites: vec![suite],
+        for (mine, other) in ours.into_iter().zip(theirs) {
+            let peer = Arc::new(CryptoProvider {
+                cipher_suites: vec![other],
                 ..(*p).clone()
             });
             let pairs = [
                 (
                     server_config(&server_cert).expect("server config"),
-                    client_config_with(&client_cert, vec![id(TD, "server")], aws_lc.clone())
-                        .expect("aws-lc client config"),
-                    (ring, suite),
+                    client_config_with(&client_cert, vec![id(TD, "server")], peer.clone())
+                        .expect("peer's client config"),
+                    (mine, other),
                 ),
                 (
-                    server_config_with(&server_cert, aws_lc).expect("aws-lc server config"),
+                    server_config_with(&server_cert, peer).expect("peer's server config"),
                     client_config(&client_cert, vec![id(TD, "server")]).expect("client config"),
-                    (suite, ring),
+                    (other, mine),
                 ),
             ];
             for (server_cfg, client_cfg, (server_suite, client_suite)) in pairs {
