@@ -290,7 +290,8 @@ impl FakeIstiod {
         let identity = tonic::transport::Identity::from_pem(&self.serving.0, &self.serving.1);
         // tonic's server builds its TLS config from rustls' process default, which rustls
         // cannot pick by itself with both of its backends compiled in (ztunnel's records
-        // are ring's, the rest aws-lc-rs'); kube's client installs aws-lc-rs' the same way.
+        // are ring's on some CPUs, the rest aws-lc-rs'); kube's client installs aws-lc-rs'
+        // the same way.
         let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
         let svc = Svc(self.state.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();

@@ -37,7 +37,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // rustls has both backends compiled in (HBONE's records are ring's, `tls::provider`),
+    // rustls has both backends compiled in (HBONE's records may be ring's, `tls::provider`),
     // so it cannot pick a process default by itself: a library building a config without
     // a provider gets aws-lc-rs', as before. Err: one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
