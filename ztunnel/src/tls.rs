@@ -145,8 +145,8 @@ impl AesGcmCpu {
 
     /// ring's where it is the faster one, measured (a 16 KiB seal, one thread): VAES
     /// with AVX2 but not aws-lc's AVX-512 (ring 5.0–5.5 GB/s, aws-lc 2.4–2.6 on an AMD
-    /// EPYC without AVX-512). aws-lc's where it has its VAES code (AVX-512: aws-lc 10.0,
-    /// ring 8.5–8.7 GB/s for AES-256-GCM on an AMD EPYC with it), and where neither has
+    /// EPYC without AVX-512). aws-lc's where it has its VAES code (AVX-512: aws-lc 8.7–10.1,
+    /// ring 6.8–8.7 GB/s for AES-256-GCM on an AMD EPYC with it), and where neither has
     /// VAES: both then run the same AES-NI code, and aws-lc is Istio's.
     pub fn record_layer(self) -> RecordLayer {
         if self.vaes && self.avx2 && !self.avx512 {
