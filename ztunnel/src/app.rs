@@ -1167,7 +1167,7 @@ pub async fn run(cfg: Config, log: crate::telemetry::LogControl) -> anyhow::Resu
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     tracing::info!(
         record_layer = crate::tls::record_layer().name(),
-        cpu = ?crate::tls::AesGcmCpu::detect(),
+        cpu = ?crate::tls::aes_gcm_cpu(),
         "HBONE's TLS records are sealed by the AES-GCM that is faster on this CPU"
     );
     match crate::limits::raise_open_files_limit() {

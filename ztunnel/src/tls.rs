@@ -157,10 +157,15 @@ impl AesGcmCpu {
     }
 }
 
-/// This CPU's record layer (detected once).
+/// This CPU's features (detected once).
+pub fn aes_gcm_cpu() -> AesGcmCpu {
+    static CPU: OnceLock<AesGcmCpu> = OnceLock::new();
+    *CPU.get_or_init(AesGcmCpu::detect)
+}
+
+/// This CPU's record layer.
 pub fn record_layer() -> RecordLayer {
-    static LAYER: OnceLock<RecordLayer> = OnceLock::new();
-    *LAYER.get_or_init(|| AesGcmCpu::detect().record_layer())
+    aes_gcm_cpu().record_layer()
 }
 
 /// What HBONE's TLS uses: Istio's ztunnel's suites and groups in its order (AES-256-GCM

@@ -118,13 +118,12 @@ fn write_lines<W: Write>(out: W, rx: mpsc::Receiver<Msg>, counts: &Counts) {
                 return;
             }
         }
-        next = match rx.try_recv() {
-            Ok(m) => Ok(m),
-            Err(mpsc::TryRecvError::Empty) => {
+        next = match try_take(&rx) {
+            Some(m) => m,
+            None => {
                 let _ = out.flush();
                 wait_briefly(&rx).unwrap_or_else(|| rx.recv())
             }
-            Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvError),
         };
     }
 }
@@ -144,13 +143,20 @@ fn wait_briefly(rx: &mpsc::Receiver<Msg>) -> Option<Result<Msg, mpsc::RecvError>
         } else {
             thread::yield_now();
         }
-        match rx.try_recv() {
-            Ok(m) => return Some(Ok(m)),
-            Err(mpsc::TryRecvError::Empty) => {}
-            Err(mpsc::TryRecvError::Disconnected) => return Some(Err(mpsc::RecvError)),
+        if let Some(m) = try_take(rx) {
+            return Some(m);
         }
     }
     None
+}
+
+/// What `recv` would return, if it would not block (`None`: the queue is empty).
+fn try_take(rx: &mpsc::Receiver<Msg>) -> Option<Result<Msg, mpsc::RecvError>> {
+    match rx.try_recv() {
+        Ok(m) => Some(Ok(m)),
+        Err(mpsc::TryRecvError::Empty) => None,
+        Err(mpsc::TryRecvError::Disconnected) => Some(Err(mpsc::RecvError)),
+    }
 }
 
 impl Write for &LogQueue {
