@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure};
 
 use crate::exec::exec;
+use crate::pgo;
 use crate::workspace::{self, cargo};
 
 #[derive(clap::Args, Default)]
@@ -68,23 +69,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .as_deref()
         .map(istio_binary)
         .transpose()?;
-    exec(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "ztunnel",
-        "-p",
-        "ztunnel-tests",
-        "--bins",
-    ]))?;
+    // The shipped binary, as `cargo xtask build` makes it (profile-guided); the bench and
+    // its pods' app are plain release builds.
+    let ztunnel = pgo::build_ztunnel()?;
+    exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
     let target = workspace::target_dir()?;
     let release = target.join("release");
-    let (ztunnel, podapp, bench) = (
-        release.join("ztunnel"),
-        release.join("podapp"),
-        release.join("bench"),
-    );
-    for bin in [&ztunnel, &podapp, &bench] {
+    let (podapp, bench) = (release.join("podapp"), release.join("bench"));
+    for bin in [&podapp, &bench] {
         ensure!(bin.is_file(), "{} was not built", bin.display());
     }
     let out = options.out.clone().unwrap_or_else(|| target.join("bench"));

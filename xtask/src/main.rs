@@ -8,6 +8,7 @@ mod demo;
 mod exec;
 mod fuzz;
 mod lint;
+mod pgo;
 mod setup;
 mod test;
 mod vm;
@@ -34,6 +35,10 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run the whole system on this machine: two nodes, four pods, mTLS, a policy, an upgrade
     Demo(demo::Options),
+    /// Build the release ztunnel, optimised with the committed profile (ztunnel/pgo/)
+    Build(pgo::BuildOptions),
+    /// Take the profile again: an instrumented ztunnel through the quick bench's S2 (root)
+    Pgo,
     /// Measure no mesh vs iptables vs eBPF capture vs fast path, and an upgrade under load
     Bench(bench::Options),
     /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
@@ -59,13 +64,17 @@ fn run() -> anyhow::Result<()> {
     if let Command::Setup(options) = &cli.command {
         return setup::run(options);
     }
-    setup::run(&setup::Options::default())?;
+    // A build (an image's too) needs only the toolchain pieces.
+    let build_only = matches!(cli.command, Command::Build(_));
+    setup::run(&setup::Options { build_only })?;
     match &cli.command {
         Command::Setup(_) => Ok(()),
         Command::Lint(options) => lint::run(options),
         Command::Test(options) => test::run(options),
         Command::BuildEbpf(options) => build_ebpf::run(options),
         Command::Demo(options) => demo::run(options),
+        Command::Build(options) => pgo::run_build(options),
+        Command::Pgo => pgo::run_profile(),
         Command::Bench(options) => bench::run(options),
         Command::VmTest(options) => vm::run(options),
         Command::Fuzz(options) => fuzz::run(options),

@@ -42,6 +42,8 @@ const PACKAGES: &[&str] = &[
 const KUBERNETES_VALIDATE: &str = "1.37.0";
 /// Installed when the release ships it; only debugging aids depend on it.
 const OPTIONAL_PACKAGES: &[&str] = &["bpftool"];
+/// The pinned stable toolchain's components (rust-toolchain.toml lists the same).
+const STABLE_COMPONENTS: &[&str] = &["rustfmt", "clippy", "llvm-tools"];
 /// Nightly components: rust-src for `-Z build-std=core`, clippy for the eBPF lint.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 /// cargo-fuzz, for `cargo xtask fuzz` and the fuzzing in `cargo xtask test`. Pinned; it
@@ -177,23 +179,34 @@ fn has_component(installed: &str, name: &str) -> bool {
         .any(|line| line == name || line.starts_with(&format!("{name}-")))
 }
 
-/// rustfmt and clippy for the toolchain pinned in rust-toolchain.toml (cargo runs in the
-/// workspace root, so the pin applies).
+/// rustfmt, clippy and llvm-tools (`llvm-profdata`, for the profile-guided release
+/// build) for the toolchain pinned in rust-toolchain.toml (cargo runs in the workspace
+/// root, so the pin applies). rustup adds a pinned toolchain's components when it
+/// installs the toolchain, not when the pin gains one later: so this checks each.
 fn stable_components() -> anyhow::Result<()> {
-    let step = "stable rustfmt, clippy";
-    if succeeds(cargo().args(["fmt", "--version"]))
-        && succeeds(cargo().args(["clippy", "--version"]))
-    {
+    let step = "stable rustfmt, clippy, llvm-tools";
+    let installed = capture(Command::new("rustup").current_dir(workspace::root()).args([
+        "component",
+        "list",
+        "--installed",
+    ]))
+    .context("failed to list the pinned toolchain's components")?;
+    let missing: Vec<&str> = STABLE_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|name| !has_component(&installed, name))
+        .collect();
+    if missing.is_empty() {
         report(step, "ok");
         return Ok(());
     }
-    exec(Command::new("rustup").current_dir(workspace::root()).args([
-        "component",
-        "add",
-        "rustfmt",
-        "clippy",
-    ]))?;
-    report(step, "installed");
+    exec(
+        Command::new("rustup")
+            .current_dir(workspace::root())
+            .args(["component", "add"])
+            .args(&missing),
+    )?;
+    report(step, &format!("installed {}", missing.join(", ")));
     Ok(())
 }
 

@@ -1,0 +1,329 @@
+//! The shipped binary is compiled with profile-guided optimisation. `cargo xtask build`
+//! compiles ztunnel in release with `-Cprofile-use` and the profile committed in
+//! `ztunnel/pgo/`. `cargo xtask pgo` takes that profile again: it builds an instrumented
+//! ztunnel, runs the quick bench's S2 scenario with it, and merges what the two nodes'
+//! ztunnels counted.
+//!
+//! The profile is kept in LLVM's text format, gzipped. The text format does not change
+//! between LLVM versions. The build converts it with the pinned toolchain's own
+//! `llvm-profdata` (rust-toolchain.toml lists llvm-tools), so it always matches rustc's
+//! LLVM. A function whose code has changed since the profile was taken no longer matches
+//! its record, and LLVM compiles it as it would without a profile.
+//!
+//! The build and the instrumented build both name the host as `--target`. Then
+//! RUSTFLAGS reach only the target's crates, not build scripts and proc-macros. So the
+//! instrumented build's build scripts write no profiles, and the two builds name the same
+//! functions alike. Both select only `-p ztunnel --bin ztunnel`: with other packages
+//! selected, cargo unifies other features into the dependencies, and their symbols change.
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::exec::{capture, exec};
+use crate::workspace::{self, cargo};
+
+/// The committed profile, relative to the workspace root.
+pub const PROFILE: &str = "ztunnel/pgo/ztunnel.proftext.gz";
+
+#[derive(clap::Args, Default)]
+pub struct BuildOptions {
+    /// Also copy the binary here (for image builds)
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `cargo xtask build`.
+pub fn run_build(options: &BuildOptions) -> anyhow::Result<()> {
+    let bin = build_ztunnel()?;
+    if let Some(out) = &options.out {
+        if let Some(dir) = out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
+        }
+        fs::copy(&bin, out)
+            .with_context(|| format!("failed to copy {} to {}", bin.display(), out.display()))?;
+        eprintln!("ztunnel: {} (copied to {})", bin.display(), out.display());
+    } else {
+        eprintln!("ztunnel: {}", bin.display());
+    }
+    Ok(())
+}
+
+/// Builds the release ztunnel with the committed profile; returns the binary's path.
+pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
+    let target = workspace::target_dir()?;
+    let host = host_triple()?;
+    let profile = indexed_profile(&workspace::root().join(PROFILE), &target.join("pgo"))?;
+    exec(release_build(&host).env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        encoded_flags(&[
+            format!("-Cprofile-use={}", profile.display()),
+            // The profile also sorts the code: LLVM names what ran hot `.text.hot.*` and what
+            // never ran `.text.unlikely.*`; this keeps them in their own output sections, so
+            // the code that runs lies together (fewer pages resident).
+            "-Clink-arg=-Wl,-z,keep-text-section-prefix".to_owned(),
+        ]),
+    ))?;
+    let bin = target.join(&host).join("release").join("ztunnel");
+    ensure!(bin.is_file(), "{} was not built", bin.display());
+    Ok(bin)
+}
+
+/// `cargo xtask pgo`: takes the profile again and writes it to [`PROFILE`].
+pub fn run_profile() -> anyhow::Result<()> {
+    if !workspace::is_root()? {
+        bail!(
+            "the profile is taken in the bench, which creates network namespaces: run it as root"
+        );
+    }
+    let target = workspace::target_dir()?;
+    let host = host_triple()?;
+    let dir = target.join("pgo");
+    let raw = dir.join("raw");
+    if raw.exists() {
+        fs::remove_dir_all(&raw).with_context(|| format!("failed to remove {}", raw.display()))?;
+    }
+    fs::create_dir_all(&raw).with_context(|| format!("failed to create {}", raw.display()))?;
+    // The bench and its pods' app, plain release builds.
+    exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
+    // Its own target directory: the instrumented binary must not take the place of the
+    // shipped one in target/.
+    let instrumented_dir = dir.join("instrumented");
+    exec(
+        release_build(&host)
+            .arg("--target-dir")
+            .arg(&instrumented_dir)
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                encoded_flags(&[format!("-Cprofile-generate={}", raw.display())]),
+            ),
+    )?;
+    let instrumented = instrumented_dir.join(&host).join("release").join("ztunnel");
+    let release = target.join("release");
+    exec(
+        Command::new(release.join("bench"))
+            .env("ZTUNNEL_BIN", &instrumented)
+            .env("PODAPP_BIN", release.join("podapp"))
+            .args(["--quick", "--scenario", "s2", "--out"])
+            .arg(dir.join("bench")),
+    )?;
+    let mut raws = Vec::new();
+    for entry in fs::read_dir(&raw).with_context(|| format!("failed to read {}", raw.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "profraw") {
+            raws.push(path);
+        }
+    }
+    ensure!(
+        !raws.is_empty(),
+        "the instrumented ztunnels wrote no profile to {} (a profile is written when the process exits)",
+        raw.display()
+    );
+    let text = dir.join("ztunnel.proftext");
+    exec(
+        Command::new(llvm_profdata()?)
+            .args(["merge", "--text", "-o"])
+            .arg(&text)
+            .args(&raws),
+    )?;
+    let out = workspace::root().join(PROFILE);
+    gzip(&text, &out)?;
+    eprintln!(
+        "profile: {} ({} raw profiles merged, {} KiB)",
+        out.display(),
+        raws.len(),
+        fs::metadata(&out)?.len() / 1024
+    );
+    Ok(())
+}
+
+/// `cargo build --release -p ztunnel --bin ztunnel --target <host>`: what both the
+/// instrumented and the optimised build compile.
+fn release_build(host: &str) -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "ztunnel",
+        "--bin",
+        "ztunnel",
+    ])
+    .args(["--target", host]);
+    cmd
+}
+
+/// Flags for `CARGO_ENCODED_RUSTFLAGS` (which a path with spaces survives).
+fn encoded_flags(flags: &[String]) -> String {
+    flags.join("\x1f")
+}
+
+/// The pinned toolchain's host, from `rustc -vV`.
+fn host_triple() -> anyhow::Result<String> {
+    let version = capture(
+        Command::new("rustc")
+            .current_dir(workspace::root())
+            .arg("-vV"),
+    )?;
+    parse_host(&version).context("`rustc -vV` printed no host line")
+}
+
+fn parse_host(version: &str) -> Option<String> {
+    version
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .map(|host| host.trim().to_owned())
+}
+
+/// The pinned toolchain's `llvm-profdata` (the llvm-tools component).
+fn llvm_profdata() -> anyhow::Result<PathBuf> {
+    let sysroot = capture(
+        Command::new("rustc")
+            .current_dir(workspace::root())
+            .args(["--print", "sysroot"]),
+    )?;
+    let bin = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host_triple()?)
+        .join("bin/llvm-profdata");
+    ensure!(
+        bin.is_file(),
+        "{} is missing: the llvm-tools component is (rust-toolchain.toml lists it; `cargo xtask setup` adds it)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Converts the gzipped text profile `text_gz` into LLVM's indexed format in `dir` and
+/// returns that file's path. The file is replaced only when its content changes: rustc
+/// records the profile as an input, so a new modification time alone would compile
+/// everything again.
+fn indexed_profile(text_gz: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let text = dir.join("profile.proftext");
+    gunzip(text_gz, &text)?;
+    let fresh = dir.join("profile.profdata.new");
+    exec(
+        Command::new(llvm_profdata()?)
+            .args(["merge", "-o"])
+            .arg(&fresh)
+            .arg(&text),
+    )
+    .with_context(|| format!("the profile {} does not convert", text_gz.display()))?;
+    let indexed = dir.join("profile.profdata");
+    let new = fs::read(&fresh)?;
+    if fs::read(&indexed).ok().as_deref() == Some(new.as_slice()) {
+        fs::remove_file(&fresh)?;
+    } else {
+        fs::rename(&fresh, &indexed)?;
+    }
+    Ok(indexed)
+}
+
+fn gunzip(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let file =
+        fs::File::open(from).with_context(|| format!("failed to open {}", from.display()))?;
+    let mut text = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_end(&mut text)
+        .with_context(|| format!("{} is not a gzip file", from.display()))?;
+    fs::write(to, text).with_context(|| format!("failed to write {}", to.display()))
+}
+
+fn gzip(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let text = fs::read(from).with_context(|| format!("failed to read {}", from.display()))?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&text)?;
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let partial = to.with_extension("gz.partial");
+    fs::write(&partial, gz.finish()?)
+        .with_context(|| format!("failed to write {}", partial.display()))?;
+    fs::rename(&partial, to).with_context(|| format!("failed to write {}", to.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_comes_from_rustcs_version_output() {
+        let version = "rustc 1.95.0 (59807616e 2026-04-14)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.95.0\n";
+        assert_eq!(
+            parse_host(version).as_deref(),
+            Some("x86_64-unknown-linux-gnu")
+        );
+        assert_eq!(parse_host("rustc 1.95.0\n"), None);
+    }
+
+    /// Text records: name, then `# Func Hash:`, `# Num Counters:` and `# Counter Values:`,
+    /// each followed by its value(s), then value profiles (`# Num Value Kinds:` …) up to
+    /// an empty line. Returns each function with the sum of its counters.
+    fn counted_functions(text: &str) -> Vec<(&str, u64)> {
+        let mut out = Vec::new();
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            if lines.peek() != Some(&"# Func Hash:") {
+                continue;
+            }
+            let mut total = 0u64;
+            let mut in_values = false;
+            for l in lines.by_ref() {
+                if l.is_empty() {
+                    break;
+                }
+                if l == "# Counter Values:" {
+                    in_values = true;
+                } else if l.starts_with('#') {
+                    in_values = false;
+                } else if in_values {
+                    total = total.saturating_add(l.parse().unwrap_or(0));
+                }
+            }
+            out.push((line, total));
+        }
+        out
+    }
+
+    #[test]
+    fn the_committed_profile_converts_and_counts_the_data_path() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let indexed = indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
+        assert!(fs::metadata(&indexed)?.len() > 0);
+        let modified = fs::metadata(&indexed)?.modified()?;
+        // Converting the same profile again leaves the file as it was.
+        indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
+        assert_eq!(fs::metadata(&indexed)?.modified()?, modified);
+
+        let text = fs::read_to_string(dir.path().join("profile.proftext"))?;
+        let functions = counted_functions(&text);
+        // A profile of the quick bench, not of a start and stop: ztunnel's HBONE data
+        // path, TLS records and the tunnel copy ran thousands of times.
+        // Legacy-mangled names carry each path segment's length: `5hbone`, `2h2`.
+        for part in ["5hbone", "6rustls", "2h2"] {
+            let counted: u64 = functions
+                .iter()
+                .filter(|(name, _)| name.contains(part))
+                .map(|(_, count)| count)
+                .sum();
+            assert!(
+                counted > 100_000,
+                "functions named *{part}* counted {counted} times in all"
+            );
+        }
+        // Code that never ran is in the profile too (with zero counts): LLVM puts it
+        // apart, in `.text.unlikely`.
+        let never = functions.iter().filter(|(_, count)| *count == 0).count();
+        assert!(
+            never * 4 > functions.len(),
+            "{never} of {} functions never ran",
+            functions.len()
+        );
+        Ok(())
+    }
+}
