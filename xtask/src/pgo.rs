@@ -201,19 +201,27 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
 /// Converts the gzipped text profile `text_gz` into LLVM's indexed format in `dir` and
 /// returns that file's path. The file is replaced only when its content changes: rustc
 /// records the profile as an input, so a new modification time alone would compile
-/// everything again.
+/// everything again. The intermediate files carry the process id, and the result is
+/// renamed into place, so two builds at once do not read each other's half-written files.
 fn indexed_profile(text_gz: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let text = dir.join("profile.proftext");
-    gunzip(text_gz, &text)?;
-    let fresh = dir.join("profile.profdata.new");
-    exec(
-        Command::new(llvm_profdata()?)
-            .args(["merge", "-o"])
-            .arg(&fresh)
-            .arg(&text),
-    )
-    .with_context(|| format!("the profile {} does not convert", text_gz.display()))?;
+    let pid = std::process::id();
+    let text = dir.join(format!("profile.proftext.{pid}"));
+    let fresh = dir.join(format!("profile.profdata.{pid}"));
+    let converted = gunzip(text_gz, &text).and_then(|()| {
+        exec(
+            Command::new(llvm_profdata()?)
+                .args(["merge", "-o"])
+                .arg(&fresh)
+                .arg(&text),
+        )
+        .with_context(|| format!("the profile {} does not convert", text_gz.display()))
+    });
+    let _ = fs::remove_file(&text);
+    if let Err(e) = converted {
+        let _ = fs::remove_file(&fresh);
+        return Err(e);
+    }
     let indexed = dir.join("profile.profdata");
     let new = fs::read(&fresh)?;
     if fs::read(&indexed).ok().as_deref() == Some(new.as_slice()) {
@@ -296,11 +304,18 @@ mod tests {
         let indexed = indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
         assert!(fs::metadata(&indexed)?.len() > 0);
         let modified = fs::metadata(&indexed)?.modified()?;
-        // Converting the same profile again leaves the file as it was.
+        // Converting the same profile again leaves the file as it was, and leaves no
+        // intermediate files behind.
         indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
         assert_eq!(fs::metadata(&indexed)?.modified()?, modified);
+        let left: Vec<_> = fs::read_dir(dir.path())?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(left, ["profile.profdata"]);
 
-        let text = fs::read_to_string(dir.path().join("profile.proftext"))?;
+        let text = dir.path().join("profile.proftext");
+        gunzip(&workspace::root().join(PROFILE), &text)?;
+        let text = fs::read_to_string(&text)?;
         let functions = counted_functions(&text);
         // A profile of the quick bench, not of a start and stop: ztunnel's HBONE data
         // path, TLS records and the tunnel copy ran thousands of times.

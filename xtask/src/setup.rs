@@ -143,16 +143,42 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 }
 
 fn nightly_components() -> anyhow::Result<()> {
-    let step = "nightly rust-src, clippy";
-    let installed = capture(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))
-    .context("failed to list the nightly toolchain's components; install it with `rustup toolchain install nightly`")?;
-    let missing: Vec<&str> = NIGHTLY_COMPONENTS
+    components(
+        "nightly rust-src, clippy",
+        Some("nightly"),
+        NIGHTLY_COMPONENTS,
+    )
+}
+
+/// rustfmt, clippy and llvm-tools (`llvm-profdata`, for the profile-guided release
+/// build) for the toolchain pinned in rust-toolchain.toml (rustup runs in the workspace
+/// root, so the pin applies). rustup adds a pinned toolchain's components when it
+/// installs the toolchain, not when the pin gains one later: so this checks each.
+fn stable_components() -> anyhow::Result<()> {
+    components(
+        "stable rustfmt, clippy, llvm-tools",
+        None,
+        STABLE_COMPONENTS,
+    )
+}
+
+/// Adds those of `wanted` that `toolchain` (None: the pinned one) lacks.
+fn components(step: &str, toolchain: Option<&str>, wanted: &[&str]) -> anyhow::Result<()> {
+    let rustup = |args: &[&str]| {
+        let mut cmd = Command::new("rustup");
+        cmd.current_dir(workspace::root()).args(args);
+        if let Some(toolchain) = toolchain {
+            cmd.args(["--toolchain", toolchain]);
+        }
+        cmd
+    };
+    let installed = capture(&mut rustup(&["component", "list", "--installed"])).with_context(|| {
+        match toolchain {
+            Some(t) => format!("failed to list the {t} toolchain's components; install it with `rustup toolchain install {t}`"),
+            None => "failed to list the pinned toolchain's components".to_owned(),
+        }
+    })?;
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|name| !has_component(&installed, name))
@@ -161,12 +187,7 @@ fn nightly_components() -> anyhow::Result<()> {
         report(step, "ok");
         return Ok(());
     }
-    exec(
-        Command::new("rustup")
-            .args(["component", "add"])
-            .args(&missing)
-            .args(["--toolchain", "nightly"]),
-    )?;
+    exec(rustup(&["component", "add"]).args(&missing))?;
     report(step, &format!("installed {}", missing.join(", ")));
     Ok(())
 }
@@ -177,37 +198,6 @@ fn has_component(installed: &str, name: &str) -> bool {
         .lines()
         .map(str::trim)
         .any(|line| line == name || line.starts_with(&format!("{name}-")))
-}
-
-/// rustfmt, clippy and llvm-tools (`llvm-profdata`, for the profile-guided release
-/// build) for the toolchain pinned in rust-toolchain.toml (cargo runs in the workspace
-/// root, so the pin applies). rustup adds a pinned toolchain's components when it
-/// installs the toolchain, not when the pin gains one later: so this checks each.
-fn stable_components() -> anyhow::Result<()> {
-    let step = "stable rustfmt, clippy, llvm-tools";
-    let installed = capture(Command::new("rustup").current_dir(workspace::root()).args([
-        "component",
-        "list",
-        "--installed",
-    ]))
-    .context("failed to list the pinned toolchain's components")?;
-    let missing: Vec<&str> = STABLE_COMPONENTS
-        .iter()
-        .copied()
-        .filter(|name| !has_component(&installed, name))
-        .collect();
-    if missing.is_empty() {
-        report(step, "ok");
-        return Ok(());
-    }
-    exec(
-        Command::new("rustup")
-            .current_dir(workspace::root())
-            .args(["component", "add"])
-            .args(&missing),
-    )?;
-    report(step, &format!("installed {}", missing.join(", ")));
-    Ok(())
 }
 
 fn cargo_home() -> anyhow::Result<PathBuf> {
