@@ -56,7 +56,11 @@ pub fn run_build(options: &BuildOptions) -> anyhow::Result<()> {
 pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
     let target = workspace::target_dir()?;
     let host = host_triple()?;
-    let profile = indexed_profile(&workspace::root().join(PROFILE), &target.join("pgo"))?;
+    let profile = indexed_profile(
+        &llvm_profdata(&host)?,
+        &workspace::root().join(PROFILE),
+        &target.join("pgo"),
+    )?;
     exec(release_build(&host).env(
         "CARGO_ENCODED_RUSTFLAGS",
         encoded_flags(&[
@@ -124,7 +128,7 @@ pub fn run_profile() -> anyhow::Result<()> {
     );
     let text = dir.join("ztunnel.proftext");
     exec(
-        Command::new(llvm_profdata()?)
+        Command::new(llvm_profdata(&host)?)
             .args(["merge", "--text", "-o"])
             .arg(&text)
             .args(&raws),
@@ -179,8 +183,8 @@ fn parse_host(version: &str) -> Option<String> {
         .map(|host| host.trim().to_owned())
 }
 
-/// The pinned toolchain's `llvm-profdata` (the llvm-tools component).
-fn llvm_profdata() -> anyhow::Result<PathBuf> {
+/// The pinned toolchain's `llvm-profdata` (the llvm-tools component) on `host`.
+fn llvm_profdata(host: &str) -> anyhow::Result<PathBuf> {
     let sysroot = capture(
         Command::new("rustc")
             .current_dir(workspace::root())
@@ -188,7 +192,7 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
     )?;
     let bin = Path::new(sysroot.trim())
         .join("lib/rustlib")
-        .join(host_triple()?)
+        .join(host)
         .join("bin/llvm-profdata");
     ensure!(
         bin.is_file(),
@@ -203,14 +207,14 @@ fn llvm_profdata() -> anyhow::Result<PathBuf> {
 /// records the profile as an input, so a new modification time alone would compile
 /// everything again. The intermediate files carry the process id, and the result is
 /// renamed into place, so two builds at once do not read each other's half-written files.
-fn indexed_profile(text_gz: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+fn indexed_profile(profdata: &Path, text_gz: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let pid = std::process::id();
     let text = dir.join(format!("profile.proftext.{pid}"));
     let fresh = dir.join(format!("profile.profdata.{pid}"));
     let converted = gunzip(text_gz, &text).and_then(|()| {
         exec(
-            Command::new(llvm_profdata()?)
+            Command::new(profdata)
                 .args(["merge", "-o"])
                 .arg(&fresh)
                 .arg(&text),
@@ -301,12 +305,13 @@ mod tests {
     #[test]
     fn the_committed_profile_converts_and_counts_the_data_path() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let indexed = indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
+        let profdata = llvm_profdata(&host_triple()?)?;
+        let indexed = indexed_profile(&profdata, &workspace::root().join(PROFILE), dir.path())?;
         assert!(fs::metadata(&indexed)?.len() > 0);
         let modified = fs::metadata(&indexed)?.modified()?;
         // Converting the same profile again leaves the file as it was, and leaves no
         // intermediate files behind.
-        indexed_profile(&workspace::root().join(PROFILE), dir.path())?;
+        indexed_profile(&profdata, &workspace::root().join(PROFILE), dir.path())?;
         assert_eq!(fs::metadata(&indexed)?.modified()?, modified);
         let left: Vec<_> = fs::read_dir(dir.path())?
             .map(|entry| entry.map(|e| e.file_name()))
