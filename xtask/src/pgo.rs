@@ -61,7 +61,7 @@ pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
         &workspace::root().join(PROFILE),
         &target.join("pgo"),
     )?;
-    exec(release_build(&host).env(
+    let unprofiled = build_counting_unprofiled(release_build(&host).env(
         "CARGO_ENCODED_RUSTFLAGS",
         encoded_flags(&[
             format!("-Cprofile-use={}", profile.display()),
@@ -69,11 +69,89 @@ pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
             // never ran `.text.unlikely.*`; this keeps them in their own output sections, so
             // the code that runs lies together (fewer pages resident).
             "-Clink-arg=-Wl,-z,keep-text-section-prefix".to_owned(),
+            // A warning for each function the profile holds no record of, counted below.
+            "-Cllvm-args=-pgo-warn-missing-function".to_owned(),
         ]),
     ))?;
+    let recorded = recorded_functions(&workspace::root().join(PROFILE))?;
+    eprintln!(
+        "profile: {unprofiled} of ztunnel's own functions have no record in it (it holds {recorded})"
+    );
+    if let Some(why) = stale_at(unprofiled, recorded) {
+        bail!(why);
+    }
     let bin = target.join(&host).join("release").join("ztunnel");
     ensure!(bin.is_file(), "{} was not built", bin.display());
     Ok(bin)
+}
+
+/// The start of the warning `-pgo-warn-missing-function` gives a function the profile
+/// holds no record of (rustc passes LLVM's warnings on; cargo replays them on a build with
+/// nothing to compile), and the start of ztunnel's own functions' (legacy-mangled) names.
+const UNPROFILED: &str = "no profile data available for function ";
+const OURS: &str = "_ZN7ztunnel";
+
+/// Whether a line of the build's output is the warning for one of ztunnel's own functions
+/// without a record in the profile.
+fn is_ours_unprofiled(line: &str) -> bool {
+    line.split_once(UNPROFILED)
+        .is_some_and(|(_, name)| name.starts_with(OURS))
+}
+
+/// Runs the optimised build, passing its output on but the per-function warnings, and
+/// returns how many of ztunnel's own functions had no record in the profile.
+fn build_counting_unprofiled(cmd: &mut Command) -> anyhow::Result<usize> {
+    use std::io::BufRead as _;
+    let line = crate::exec::command_line(cmd);
+    eprintln!("$ {line}");
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    let stderr = child.stderr.take().context("the build's stderr")?;
+    let mut unprofiled = 0;
+    for l in std::io::BufReader::new(stderr).lines() {
+        let l = l.context("reading the build's output")?;
+        if l.contains(UNPROFILED) {
+            unprofiled += usize::from(is_ours_unprofiled(&l));
+        } else {
+            eprintln!("{l}");
+        }
+    }
+    let status = child.wait()?;
+    ensure!(status.success(), "command failed ({status}): {line}");
+    Ok(unprofiled)
+}
+
+/// How many of ztunnel's own functions the gzipped text profile holds a record of.
+fn recorded_functions(text_gz: &Path) -> anyhow::Result<usize> {
+    let text = String::from_utf8(decompressed(text_gz)?)
+        .with_context(|| format!("{} is not text", text_gz.display()))?;
+    Ok(text.lines().filter(|l| is_ours_recorded(l)).count())
+}
+
+/// Whether a line of the text profile names one of ztunnel's own functions. A function
+/// local to its object file is recorded as `<file>;<symbol>`.
+fn is_ours_recorded(line: &str) -> bool {
+    line.rsplit_once(';')
+        .map_or(line, |(_, symbol)| symbol)
+        .starts_with(OURS)
+}
+
+/// Why the profile no longer fits ztunnel's code, if it does not: more of ztunnel's
+/// functions found no record than half of those the profile holds. Code changed since the
+/// profile was taken leaves a few without; a new dependency, a feature change or a new
+/// toolchain changes ztunnel's crate hash and with it every function's name, and none
+/// matches. The binary would then be built as without a profile while the bench and
+/// ARCHITECTURE.md describe the profile-guided one.
+fn stale_at(unprofiled: usize, recorded: usize) -> Option<String> {
+    (unprofiled > recorded / 2).then(|| {
+        format!(
+            "the profile {PROFILE} no longer fits ztunnel's code: {unprofiled} of its functions \
+             have no record in it (it holds {recorded}); a dependency, feature or toolchain \
+             change renames every function. Take it again (as root): cargo xtask pgo"
+        )
+    })
 }
 
 /// `cargo xtask pgo`: takes the profile again and writes it to [`PROFILE`].
@@ -237,13 +315,16 @@ fn indexed_profile(profdata: &Path, text_gz: &Path, dir: &Path) -> anyhow::Resul
 }
 
 fn gunzip(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let file =
-        fs::File::open(from).with_context(|| format!("failed to open {}", from.display()))?;
-    let mut text = Vec::new();
+    fs::write(to, decompressed(from)?).with_context(|| format!("failed to write {}", to.display()))
+}
+
+fn decompressed(gz: &Path) -> anyhow::Result<Vec<u8>> {
+    let file = fs::File::open(gz).with_context(|| format!("failed to open {}", gz.display()))?;
+    let mut out = Vec::new();
     flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut text)
-        .with_context(|| format!("{} is not a gzip file", from.display()))?;
-    fs::write(to, text).with_context(|| format!("failed to write {}", to.display()))
+        .read_to_end(&mut out)
+        .with_context(|| format!("{} is not a gzip file", gz.display()))?;
+    Ok(out)
 }
 
 fn gzip(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -262,6 +343,40 @@ fn gzip(from: &Path, to: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ztunnels_own_unprofiled_functions_are_counted() {
+        let ours = "warning: ztunnel.6f2c1a-cgu.0: no profile data available for function _ZN7ztunnel5proxy4copy17h0123456789abcdefE Hash = 742261418966908927 up to 0 count discarded";
+        let theirs = "warning: h2.4e1b-cgu.0: no profile data available for function _ZN2h25proto4ping17h0123456789abcdefE Hash = 1 up to 0 count discarded";
+        // Another crate whose name begins with ours: the length before it tells them apart.
+        let prefix_only = "warning: x-cgu.0: no profile data available for function _ZN13ztunnel_tests3run17h0123456789abcdefE Hash = 1";
+        assert!(is_ours_unprofiled(ours));
+        assert!(!is_ours_unprofiled(theirs));
+        assert!(!is_ours_unprofiled(prefix_only));
+        assert!(!is_ours_unprofiled("warning: unused variable: `x`"));
+    }
+
+    #[test]
+    fn ztunnels_records_are_found_with_and_without_a_file_prefix() {
+        assert!(is_ours_recorded(
+            "_ZN7ztunnel5proxy4copy17h0123456789abcdefE"
+        ));
+        assert!(is_ours_recorded(
+            "ztunnel.6f2c1a-cgu.0;_ZN7ztunnel5proxy4copy17h0123456789abcdefE"
+        ));
+        assert!(!is_ours_recorded("_ZN2h25proto4ping17h0123456789abcdefE"));
+        assert!(!is_ours_recorded("# Func Hash:"));
+        assert!(!is_ours_recorded("742261418966908927"));
+    }
+
+    #[test]
+    fn a_profile_matching_under_half_of_ztunnels_functions_is_stale() {
+        assert_eq!(stale_at(0, 4511), None);
+        assert_eq!(stale_at(2255, 4511), None);
+        let why = stale_at(2256, 4511).expect("more than half without a record");
+        assert!(why.contains("cargo xtask pgo"), "{why}");
+        assert!(why.contains("2256 of its functions"), "{why}");
+    }
 
     #[test]
     fn host_comes_from_rustcs_version_output() {
