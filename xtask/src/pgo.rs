@@ -8,7 +8,10 @@
 //! between LLVM versions. The build converts it with the pinned toolchain's own
 //! `llvm-profdata` (rust-toolchain.toml lists llvm-tools), so it always matches rustc's
 //! LLVM. A function whose code has changed since the profile was taken no longer matches
-//! its record, and LLVM compiles it as it would without a profile.
+//! its record, and LLVM compiles it as it would without a profile. A dependency, feature
+//! or toolchain change renames every function (the crate's hash is in each symbol name):
+//! the build counts ztunnel's functions without a record and fails when that is more than
+//! half of those the profile holds ([`stale_at`]).
 //!
 //! The build and the instrumented build both name the host as `--target`. Then
 //! RUSTFLAGS reach only the target's crates, not build scripts and proc-macros. So the
