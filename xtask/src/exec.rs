@@ -18,6 +18,26 @@ pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`exec`], but each line `cmd` writes to stderr goes to `line` instead of to ours.
+pub fn exec_with_stderr(cmd: &mut Command, mut line: impl FnMut(String)) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let shown = command_line(cmd);
+    eprintln!("$ {shown}");
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{shown}`"))?;
+    let stderr = child.stderr.take().context("the command's stderr")?;
+    for l in std::io::BufReader::new(stderr).lines() {
+        line(l.with_context(|| format!("reading the output of `{shown}`"))?);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("command failed ({status}): {shown}");
+    }
+    Ok(())
+}
+
 /// Runs `cmd` quietly and returns its stdout; fails unless it exits 0, quoting its stderr.
 pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
     let line = command_line(cmd);
@@ -82,6 +102,20 @@ mod tests {
             command_line(&cmd),
             r#"CARGO_ENCODED_RUSTFLAGS='--cfg=bpf_target_arch="x86_64"' cargo clippy -- -D warnings 'it'\''s' ''"#
         );
+    }
+
+    #[test]
+    fn exec_with_stderr_hands_over_each_line_and_names_a_failed_command() -> anyhow::Result<()> {
+        let mut lines = Vec::new();
+        exec_with_stderr(
+            Command::new("sh").args(["-c", "echo one >&2; echo two >&2"]),
+            |l| lines.push(l),
+        )?;
+        assert_eq!(lines, ["one", "two"]);
+        let err =
+            exec_with_stderr(Command::new("false").arg("y"), |_| {}).expect_err("`false` exits 1");
+        assert!(err.to_string().contains("false y"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::exec::{capture, exec};
+use crate::exec::{capture, exec, exec_with_stderr};
 use crate::workspace::{self, cargo};
 
 /// The committed profile, relative to the workspace root.
@@ -59,12 +59,13 @@ pub fn run_build(options: &BuildOptions) -> anyhow::Result<()> {
 pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
     let target = workspace::target_dir()?;
     let host = host_triple()?;
-    let profile = indexed_profile(
-        &llvm_profdata(&host)?,
-        &workspace::root().join(PROFILE),
-        &target.join("pgo"),
-    )?;
-    let unprofiled = build_counting_unprofiled(release_build(&host).env(
+    let text_gz = workspace::root().join(PROFILE);
+    let text = decompressed(&text_gz)?;
+    let profile = indexed_profile(&llvm_profdata(&host)?, &text, &text_gz, &target.join("pgo"))?;
+    let recorded = recorded_functions(&text);
+    let mut unprofiled = 0;
+    let mut build = release_build(&host);
+    build.env(
         "CARGO_ENCODED_RUSTFLAGS",
         encoded_flags(&[
             format!("-Cprofile-use={}", profile.display()),
@@ -75,8 +76,15 @@ pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
             // A warning for each function the profile holds no record of, counted below.
             "-Cllvm-args=-pgo-warn-missing-function".to_owned(),
         ]),
-    ))?;
-    let recorded = recorded_functions(&workspace::root().join(PROFILE))?;
+    );
+    // The output passes on, but the per-function warnings, which are counted.
+    exec_with_stderr(&mut build, |l| {
+        if l.contains(UNPROFILED) {
+            unprofiled += usize::from(is_ours_unprofiled(&l));
+        } else {
+            eprintln!("{l}");
+        }
+    })?;
     eprintln!(
         "profile: {unprofiled} of ztunnel's own functions have no record in it (it holds {recorded})"
     );
@@ -101,36 +109,11 @@ fn is_ours_unprofiled(line: &str) -> bool {
         .is_some_and(|(_, name)| name.starts_with(OURS))
 }
 
-/// Runs the optimised build, passing its output on but the per-function warnings, and
-/// returns how many of ztunnel's own functions had no record in the profile.
-fn build_counting_unprofiled(cmd: &mut Command) -> anyhow::Result<usize> {
-    use std::io::BufRead as _;
-    let line = crate::exec::command_line(cmd);
-    eprintln!("$ {line}");
-    let mut child = cmd
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start `{line}`"))?;
-    let stderr = child.stderr.take().context("the build's stderr")?;
-    let mut unprofiled = 0;
-    for l in std::io::BufReader::new(stderr).lines() {
-        let l = l.context("reading the build's output")?;
-        if l.contains(UNPROFILED) {
-            unprofiled += usize::from(is_ours_unprofiled(&l));
-        } else {
-            eprintln!("{l}");
-        }
-    }
-    let status = child.wait()?;
-    ensure!(status.success(), "command failed ({status}): {line}");
-    Ok(unprofiled)
-}
-
-/// How many of ztunnel's own functions the gzipped text profile holds a record of.
-fn recorded_functions(text_gz: &Path) -> anyhow::Result<usize> {
-    let text = String::from_utf8(decompressed(text_gz)?)
-        .with_context(|| format!("{} is not text", text_gz.display()))?;
-    Ok(text.lines().filter(|l| is_ours_recorded(l)).count())
+/// How many of ztunnel's own functions the text profile holds a record of.
+fn recorded_functions(text: &[u8]) -> usize {
+    text.split(|b| *b == b'\n')
+        .filter(|l| std::str::from_utf8(l).is_ok_and(is_ours_recorded))
+        .count()
 }
 
 /// Whether a line of the text profile names one of ztunnel's own functions. A function
@@ -283,26 +266,33 @@ fn llvm_profdata(host: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// Converts the gzipped text profile `text_gz` into LLVM's indexed format in `dir` and
-/// returns that file's path. The file is replaced only when its content changes: rustc
+/// Converts the text profile `text` (decompressed from `text_gz`) into LLVM's indexed
+/// format in `dir` and returns that file's path. The file is replaced only when its content changes: rustc
 /// records the profile as an input, so a new modification time alone would compile
 /// everything again. The intermediate files carry the process id, and the result is
 /// renamed into place, so two builds at once do not read each other's half-written files.
-fn indexed_profile(profdata: &Path, text_gz: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+fn indexed_profile(
+    profdata: &Path,
+    text: &[u8],
+    text_gz: &Path,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let pid = std::process::id();
-    let text = dir.join(format!("profile.proftext.{pid}"));
+    let plain = dir.join(format!("profile.proftext.{pid}"));
     let fresh = dir.join(format!("profile.profdata.{pid}"));
-    let converted = gunzip(text_gz, &text).and_then(|()| {
-        exec(
-            Command::new(profdata)
-                .args(["merge", "-o"])
-                .arg(&fresh)
-                .arg(&text),
-        )
-        .with_context(|| format!("the profile {} does not convert", text_gz.display()))
-    });
-    let _ = fs::remove_file(&text);
+    let converted = fs::write(&plain, text)
+        .with_context(|| format!("failed to write {}", plain.display()))
+        .and_then(|()| {
+            exec(
+                Command::new(profdata)
+                    .args(["merge", "-o"])
+                    .arg(&fresh)
+                    .arg(&plain),
+            )
+            .with_context(|| format!("the profile {} does not convert", text_gz.display()))
+        });
+    let _ = fs::remove_file(&plain);
     if let Err(e) = converted {
         let _ = fs::remove_file(&fresh);
         return Err(e);
@@ -315,10 +305,6 @@ fn indexed_profile(profdata: &Path, text_gz: &Path, dir: &Path) -> anyhow::Resul
         fs::rename(&fresh, &indexed)?;
     }
     Ok(indexed)
-}
-
-fn gunzip(from: &Path, to: &Path) -> anyhow::Result<()> {
-    fs::write(to, decompressed(from)?).with_context(|| format!("failed to write {}", to.display()))
 }
 
 fn decompressed(gz: &Path) -> anyhow::Result<Vec<u8>> {
@@ -424,21 +410,21 @@ mod tests {
     fn the_committed_profile_converts_and_counts_the_data_path() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let profdata = llvm_profdata(&host_triple()?)?;
-        let indexed = indexed_profile(&profdata, &workspace::root().join(PROFILE), dir.path())?;
+        let text_gz = workspace::root().join(PROFILE);
+        let plain = decompressed(&text_gz)?;
+        let indexed = indexed_profile(&profdata, &plain, &text_gz, dir.path())?;
         assert!(fs::metadata(&indexed)?.len() > 0);
         let modified = fs::metadata(&indexed)?.modified()?;
         // Converting the same profile again leaves the file as it was, and leaves no
         // intermediate files behind.
-        indexed_profile(&profdata, &workspace::root().join(PROFILE), dir.path())?;
+        indexed_profile(&profdata, &plain, &text_gz, dir.path())?;
         assert_eq!(fs::metadata(&indexed)?.modified()?, modified);
         let left: Vec<_> = fs::read_dir(dir.path())?
             .map(|entry| entry.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         assert_eq!(left, ["profile.profdata"]);
 
-        let text = dir.path().join("profile.proftext");
-        gunzip(&workspace::root().join(PROFILE), &text)?;
-        let text = fs::read_to_string(&text)?;
+        let text = String::from_utf8(plain)?;
         let functions = counted_functions(&text);
         // A profile of the quick bench, not of a start and stop: ztunnel's HBONE data
         // path, TLS records and the tunnel copy ran thousands of times.
