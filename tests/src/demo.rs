@@ -323,9 +323,20 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let log = z2.log_text();
-    report.policy_refused =
-        log.contains("connection denied by policy") && log.contains("default/db-only-from-backend");
+    // The refusal reaches the caller before the access line reaches the log (the log is
+    // written asynchronously): wait for the line, as for the identities above.
+    let denied = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("connection denied by policy") && l.contains("default/db-only-from-backend")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = z2.log_text();
+    while !denied(&log) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        log = z2.log_text();
+    }
+    report.policy_refused = denied(&log);
     ensure!(
         report.policy_refused,
         "no denial in db's ztunnel log:\n{log}"

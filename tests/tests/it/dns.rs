@@ -345,6 +345,8 @@ fn upstream_down_answers_servfail_within_the_timeout_and_the_next_query_works() 
         )?,
         2
     );
+    // The log is written by a thread of its own: wait for the (rate-limited) line.
+    z.wait_log_line("DNS query answered SERVFAIL")?;
     let log = z.log_text();
     assert!(
         log.contains("DNS query answered SERVFAIL") && log.contains("no answer within"),

@@ -501,6 +501,9 @@ fn peer_gets_goaway_and_opens_new_streams_on_the_successor() -> anyhow::Result<(
     // and with nothing listening on b's :15008 (no successor yet) the call fails closed.
     let refused = t.call(&c, b.addr(8080), &[]);
     assert!(refused.is_err(), "no listener, yet the call went through");
+    // The log is written by a thread of its own: the lines may follow the refusal.
+    wait_log(&z2, "failed to connect to the hbone peer")?;
+    wait_log(&z2, "Connection refused")?;
     let z2_log = z2.log_text();
     assert!(
         z2_log.contains("failed to connect to the hbone peer")

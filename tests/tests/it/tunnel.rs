@@ -98,11 +98,8 @@ fn pod_to_pod_across_nodes_is_mtls_on_the_wire_with_both_identities() -> anyhow:
         assert_eq!(rec.dst_identity.as_deref(), Some(idb), "{rec:?}");
         assert_eq!(rec.security_policy, "mutual_tls");
         assert_eq!(rec.dst, b.addr(8080));
-        let log = z.log_text();
-        let line = log
-            .lines()
-            .find(|l| l.contains("\taccess\tconnection complete\t"))
-            .unwrap_or_default();
+        // The log is written by a thread of its own: the line may follow the record.
+        let line = z.wait_log_line("\taccess\tconnection complete\t")?;
         assert!(
             line.contains(ida) && line.contains(idb),
             "access log: {line}"

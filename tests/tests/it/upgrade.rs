@@ -305,12 +305,8 @@ fn a_successor_crashing_during_the_overlap_leaves_the_old_ztunnel_serving() -> a
     finish_without_failures(&stop, [("a → b", ab), ("c → a", ca)])?;
     old.ready()
         .map_err(|e| anyhow::anyhow!("the old ztunnel is no longer ready: {e:#}"))?;
-    assert!(
-        old.log_text()
-            .contains("the successor went away before taking over"),
-        "{}",
-        old.log_text()
-    );
+    // The log is written by a thread of its own: wait for the line.
+    wait_log(&old, "the successor went away before taking over")?;
     let d = old.dump()?;
     assert_eq!(d.enrolled_pods.len(), 2);
     assert_eq!(d.capture.occupancy.pod_addrs, 2, "a's and b's addresses");
@@ -470,12 +466,8 @@ fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Re
         "a is not served while the successor waits"
     );
     wait_handover(&new, "complete")?;
-    assert!(
-        new.log_text()
-            .contains("taking over although the predecessor serves pods"),
-        "{}",
-        new.log_text()
-    );
+    // Logged just before the state changes, by a thread of its own: wait for the line.
+    wait_log(&new, "taking over although the predecessor serves pods")?;
     stop_drained(&mut old)?;
     old.terminate();
     upgrade::wait_exit(&mut old, "the old ztunnel")?;
@@ -496,12 +488,10 @@ fn a_successor_missing_a_pod_leaves_it_captured_not_in_plaintext() -> anyhow::Re
         before,
         "b's ztunnel carried a's call"
     );
-    assert!(
-        new.log_text()
-            .contains("capture pinned for pods outside this ztunnel's view stays"),
-        "{}",
-        new.log_text()
-    );
+    wait_log(
+        &new,
+        "capture pinned for pods outside this ztunnel's view stays",
+    )?;
     // b is served by the successor as usual.
     assert!(call_ok(&mut t, &c, b.addr(8080)));
     Ok(())
@@ -547,7 +537,7 @@ fn a_successor_whose_view_lags_takes_over_only_once_it_serves_every_pod() -> any
         "took over from a predecessor still serving a:\n{}",
         new.log_text()
     );
-    assert!(new.log_text().contains(UNCOVERED), "{}", new.log_text());
+    wait_log(&new, UNCOVERED)?;
 
     // The view catches up (written whole, then renamed into place).
     let tmp = t.dir.path().join(".lagging.yaml.tmp");
@@ -725,6 +715,8 @@ fn a_refused_ztunnel_releases_nothing_and_leaves_the_handover_socket_alone() -> 
         &[("role", "predecessor"), ("result", "refused")],
     )?;
     assert!(refused >= 2, "refusals counted: {refused}");
+    // The log is written by a thread of its own: wait for the first line.
+    wait_log(&new, "refused a successor")?;
     let lines = new
         .log_text()
         .lines()
@@ -969,8 +961,7 @@ fn a_predecessor_frozen_for_a_while_is_waited_for_not_taken_for_gone() -> anyhow
     let state = new.dump()?.handover.state;
     assert_eq!(state, "taking_over", "{}", new.log_text());
     assert!(old.alive(), "{}", old.log_text());
-    let log = new.log_text();
-    assert!(log.contains("the predecessor is slow to answer"), "{log}");
+    wait_log(&new, "the predecessor is slow to answer")?;
 
     // The view completes: the handover finishes as usual.
     std::fs::write(&tmp, t.workloads_yaml())?;
