@@ -330,12 +330,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             l.contains("connection denied by policy") && l.contains("default/db-only-from-backend")
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = z2.log_text();
-    while !denied(&log) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        log = z2.log_text();
-    }
+    let log = z2.log_when(denied);
     report.policy_refused = denied(&log);
     ensure!(
         report.policy_refused,

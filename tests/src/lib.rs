@@ -270,6 +270,11 @@ impl Ztunnel {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `cond` holds for it, or as it is after 30 s ([`log_when`]).
+    pub fn log_when(&self, cond: impl Fn(&str) -> bool) -> String {
+        log_when(|| self.log_text(), cond)
+    }
+
     /// The first log line containing `needle`, waiting for it (60 s at most: never a
     /// speed test); fails at once if the ztunnel exits first.
     pub fn wait_log_line(&self, needle: &str) -> anyhow::Result<String> {
@@ -1259,5 +1264,19 @@ impl FilledOrigDstMap {
             self.map.remove(&(Self::FILLER + k))?;
         }
         Ok(())
+    }
+}
+
+/// A log as `read` gives it, once `cond` holds for it, or as it is after 30 s (never a
+/// speed test): ztunnel and the waypoint write their logs from a thread of their own, so
+/// a line can land after the client has seen what it describes. The caller asserts.
+pub fn log_when(read: impl Fn() -> String, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = read();
+        if cond(&log) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

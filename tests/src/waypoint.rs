@@ -121,6 +121,11 @@ impl Waypoint {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `cond` holds for it, or as it is after 30 s ([`crate::log_when`]).
+    pub fn log_when(&self, cond: impl Fn(&str) -> bool) -> String {
+        crate::log_when(|| self.log_text(), cond)
+    }
+
     /// `/metrics` of the waypoint (:15020), read from inside its pod.
     pub fn metrics(&self) -> anyhow::Result<String> {
         let ns = Netns::open(&self.pod.netns_path)?;

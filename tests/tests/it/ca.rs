@@ -28,12 +28,7 @@ fn ten_ztunnels_racing_on_an_empty_ca_dir_all_start_with_the_same_root() -> anyh
     for z in &zs {
         z.wait_for("the admin api", |_| true)?;
         // The log is written by a thread of its own: the line may follow the admin api.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let mut log = z.log_text();
-        while root_serial(&log).is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            log = z.log_text();
-        }
+        let log = z.log_when(|l| root_serial(l).is_some());
         let (serial, generated) = root_serial(&log)
             .ok_or_else(|| anyhow::anyhow!("no built-in ca root line in:\n{log}"))?;
         serials.push((serial, generated));

@@ -154,19 +154,6 @@ fn summary(out: &str) -> anyhow::Result<std::collections::BTreeMap<String, usize
     Ok(serde_json::from_str(line)?)
 }
 
-/// The waypoint's log once `cond` holds for it, or as it is after 30 s: the log is
-/// written by a thread of its own, so a line may land after the client saw its effect.
-fn log_when(w: &Waypoint, cond: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = w.log_text();
-        if cond(&log) || std::time::Instant::now() > deadline {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn l7_policy_allows_get_refuses_post_with_403_and_the_route_splits_90_10() -> anyhow::Result<()> {
     let Running { mut m, w, z1, z2 } = running(L7, &[], &[])?;
@@ -436,7 +423,7 @@ fn the_waypoint_closes_connections_over_its_limit_and_counts_them() -> anyhow::R
         Some(1),
         "{text}"
     );
-    let log = log_when(&w, |l| l.contains("waypoint at its connection limit"));
+    let log = w.log_when(|l| l.contains("waypoint at its connection limit"));
     assert!(log.contains("waypoint at its connection limit"), "{log}");
     let out = m.get(&a, &["--path", "/orders/2"])?;
     assert!(
@@ -461,7 +448,7 @@ fn a_waypoint_that_does_not_know_its_own_pod_refuses_rather_than_loops() -> anyh
     let a = m.a.clone();
     let out = m.get(&a, &["--path", "/orders/1"])?;
     assert!(out.contains("status=503"), "{out}\n{}", w.log_text());
-    let log = log_when(&w, |l| {
+    let log = w.log_when(|l| {
         l.contains("not through a waypoint again") && l.contains("default/not-in-the-config")
     });
     assert!(
