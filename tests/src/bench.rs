@@ -506,6 +506,11 @@ pub struct Options {
     pub latency_only: bool,
     /// Measure only memory: idle RSS and what idle connections add, in full rounds.
     pub memory_only: bool,
+    /// Run as `PROGRAM idle PID…` once the proxies' idle memory is read, and as `PROGRAM
+    /// conns PID…` once the first idle connections' is, waiting for it each time: the
+    /// proxies' pids, for a tool that looks at what ran in between (`cargo xtask pgo`'s
+    /// link order).
+    pub memory_hook: Option<PathBuf>,
 }
 
 impl Options {
@@ -1046,6 +1051,7 @@ fn run_scenario(
     // Let start-up settle before the idle reading.
     std::thread::sleep(Duration::from_millis(500));
     let idle = max_rss(&proxies)?;
+    memory_hook(opts, "idle", &proxies)?;
 
     let echo_threads = topo.serve(&server, server.addr(ECHO_PORT))?;
     let echo = server.addr(ECHO_PORT).to_string();
@@ -1064,6 +1070,7 @@ fn run_scenario(
     // later, a quick one at once.
     std::thread::sleep(opts.idle_settle());
     let with_conns = max_rss(&proxies)?;
+    memory_hook(opts, "conns", &proxies)?;
     drop(holder);
     // The same to a destination outside the mesh (the cluster DNS pod's echo): relayed
     // as plain TCP by the client's proxy. Per proxy, the one that grew most.
@@ -1310,6 +1317,24 @@ struct Memory {
 
 /// The memory figures of a proxied scenario: idle RSS (KiB) with and without the idle
 /// tunnelled connections, what one more and each plain one added, and the proxies' peak.
+/// Runs [`Options::memory_hook`], if any, for `phase` and waits for it.
+fn memory_hook(opts: &Options, phase: &str, proxies: &[u32]) -> anyhow::Result<()> {
+    let Some(hook) = &opts.memory_hook else {
+        return Ok(());
+    };
+    let status = Command::new(hook)
+        .arg(phase)
+        .args(proxies.iter().map(u32::to_string))
+        .status()
+        .with_context(|| format!("failed to run the memory hook {}", hook.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "the memory hook {} failed for {phase}: {status}",
+        hook.display()
+    );
+    Ok(())
+}
+
 fn memory_figures(
     opts: &Options,
     &Memory {
@@ -2798,6 +2823,7 @@ idle
             upgrade_only: false,
             latency_only: false,
             memory_only: false,
+            memory_hook: None,
         }
     }
 

@@ -40,6 +40,11 @@ struct Cli {
     /// (docs/bench/README.md says how to build it).
     #[arg(long, value_name = "PATH")]
     istio_ztunnel: Option<PathBuf>,
+    /// Run as `PROGRAM idle PID…` once the proxies' idle memory is read and as `PROGRAM
+    /// conns PID…` once the first idle connections' is, and wait for it (`cargo xtask
+    /// pgo` takes the data path's link order this way).
+    #[arg(long, value_name = "PROGRAM")]
+    memory_hook: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         upgrade_only: cli.upgrade_only,
         latency_only: cli.latency_only,
         memory_only: cli.memory_only,
+        memory_hook: cli.memory_hook,
     })?;
     print!("{}", ztunnel_tests::bench::markdown(&report));
     println!(

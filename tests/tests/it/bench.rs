@@ -20,6 +20,7 @@ fn quick_bench_reports_every_figure_for_every_scenario() -> anyhow::Result<()> {
         upgrade_only: false,
         latency_only: false,
         memory_only: false,
+        memory_hook: None,
     })?;
     let ran: Vec<Scenario> = Scenario::ALL
         .into_iter()
@@ -151,6 +152,7 @@ fn memory_only_bench_reports_only_the_memory_figures() -> anyhow::Result<()> {
         upgrade_only: false,
         latency_only: false,
         memory_only: true,
+        memory_hook: None,
     })?;
     let memory = [
         "rss_idle_mib",
