@@ -10,6 +10,12 @@ fn main() -> anyhow::Result<()> {
     // dynamic loader reads ~12 KB at start instead of 686 KB of `.rela.dyn`, which stayed
     // resident (ARCHITECTURE.md, Performance, "Idle memory, measured again").
     println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    // `cargo xtask build` links with this file (lld's `--symbol-ordering-file`), which
+    // rustc does not track as an input: a new order must link the binary again.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/pgo/ztunnel.order")
+    );
     let ebpf = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-ebpf");
     let common = concat!(env!("CARGO_MANIFEST_DIR"), "/../ztunnel-common");
     println!("cargo:rerun-if-changed={common}");

@@ -35,10 +35,10 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Run the whole system on this machine: two nodes, four pods, mTLS, a policy, an upgrade
     Demo(demo::Options),
-    /// Build the release ztunnel, optimised with the committed profile (ztunnel/pgo/)
+    /// Build the release ztunnel, optimised and laid out with ztunnel/pgo/'s profile and link order
     Build(pgo::BuildOptions),
-    /// Take the profile again: an instrumented ztunnel through the quick bench's S2 (root)
-    Pgo,
+    /// Take the profile again (an instrumented ztunnel through the quick bench's S2), then the link order (callgrind, the bench's memory phase); root
+    Pgo(pgo::PgoOptions),
     /// Measure no mesh vs iptables vs eBPF capture vs fast path, and an upgrade under load
     Bench(bench::Options),
     /// Run the capture-relevant integration tests in qemu VMs, one per kernel version
@@ -74,7 +74,7 @@ fn run() -> anyhow::Result<()> {
         Command::BuildEbpf(options) => build_ebpf::run(options),
         Command::Demo(options) => demo::run(options),
         Command::Build(options) => pgo::run_build(options),
-        Command::Pgo => pgo::run_profile(),
+        Command::Pgo(options) => pgo::run_profile(options),
         Command::Bench(options) => bench::run(options),
         Command::VmTest(options) => vm::run(options),
         Command::Fuzz(options) => fuzz::run(options),

@@ -18,6 +18,19 @@
 //! instrumented build's build scripts write no profiles, and the two builds name the same
 //! functions alike. Both select only `-p ztunnel --bin ztunnel`: with other packages
 //! selected, cargo unifies other features into the dependencies, and their symbols change.
+//!
+//! The build also lays out first, in each of its output sections, the functions that ran
+//! while the first idle connections were opened ([`ORDER`], lld's
+//! `--symbol-ordering-file`): the kernel maps code 64 KiB around each page fault, and
+//! those functions lay in 69 windows across the binary. `cargo xtask pgo` takes that list
+//! after the profile: it builds the optimised binary, runs the bench's memory phase (full
+//! rounds) with both nodes' ztunnels under callgrind, zeroes callgrind's counts once the
+//! ztunnels are idle and writes them out once the connections are open (the bench's
+//! `--memory-hook`), and keeps the binary's functions with a count, most counted first.
+//! Its names carry the same hashes as the profile's, so it goes stale with it: the build
+//! counts how many of the listed functions the binary has and fails under half
+//! ([`order_stale_at`]).
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -30,6 +43,10 @@ use crate::workspace::{self, cargo};
 
 /// The committed profile, relative to the workspace root.
 pub const PROFILE: &str = "ztunnel/pgo/ztunnel.proftext.gz";
+
+/// The committed link order, relative to the workspace root: one symbol per line
+/// ([`link_order`]).
+pub const ORDER: &str = "ztunnel/pgo/ztunnel.order";
 
 #[derive(clap::Args, Default)]
 pub struct BuildOptions {
@@ -57,6 +74,16 @@ pub fn run_build(options: &BuildOptions) -> anyhow::Result<()> {
 
 /// Builds the release ztunnel with the committed profile; returns the binary's path.
 pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
+    build(OrderCheck::Fail)
+}
+
+/// Whether a link order that no longer fits the binary fails the build.
+enum OrderCheck {
+    Fail,
+    Skip,
+}
+
+fn build(order_check: OrderCheck) -> anyhow::Result<PathBuf> {
     let target = workspace::target_dir()?;
     let host = host_triple()?;
     let text_gz = workspace::root().join(PROFILE);
@@ -73,6 +100,14 @@ pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
             // never ran `.text.unlikely.*`; this keeps them in their own output sections, so
             // the code that runs lies together (fewer pages resident).
             "-Clink-arg=-Wl,-z,keep-text-section-prefix".to_owned(),
+            // The functions that ran while the first connections opened, first in their
+            // output section: they then share fewer 64 KiB windows (the module's comment).
+            format!(
+                "-Clink-arg=-Wl,--symbol-ordering-file={}",
+                workspace::root().join(ORDER).display()
+            ),
+            // Counted below instead of one warning per missing symbol.
+            "-Clink-arg=-Wl,--no-warn-symbol-ordering".to_owned(),
             // A warning for each function the profile holds no record of, counted below.
             "-Cllvm-args=-pgo-warn-missing-function".to_owned(),
         ]),
@@ -93,7 +128,49 @@ pub fn build_ztunnel() -> anyhow::Result<PathBuf> {
     }
     let bin = target.join(&host).join("release").join("ztunnel");
     ensure!(bin.is_file(), "{} was not built", bin.display());
+    let order = read_order()?;
+    let symbols = function_symbols(&bin)?;
+    let found = order.lines().filter(|l| symbols.contains(*l)).count();
+    let listed = order.lines().count();
+    eprintln!("link order: {found} of the {listed} functions it lists are in the binary");
+    if let (OrderCheck::Fail, Some(why)) = (order_check, order_stale_at(found, listed)) {
+        bail!(why);
+    }
     Ok(bin)
+}
+
+fn read_order() -> anyhow::Result<String> {
+    let path = workspace::root().join(ORDER);
+    fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
+}
+
+/// The names of the functions `bin` defines (`nm`).
+fn function_symbols(bin: &Path) -> anyhow::Result<HashSet<String>> {
+    let out = capture(Command::new("nm").arg("--defined-only").arg(bin))?;
+    Ok(parse_function_symbols(&out))
+}
+
+fn parse_function_symbols(nm: &str) -> HashSet<String> {
+    nm.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_addr, kind, name) = (f.next()?, f.next()?, f.next()?);
+            matches!(kind, "t" | "T" | "w" | "W").then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// Why the link order no longer fits the binary, if it does not: under half of the
+/// functions it lists are in it (names change as the profile's do, see [`stale_at`]). The
+/// build would then lay the code out as without an order, silently.
+fn order_stale_at(found: usize, listed: usize) -> Option<String> {
+    (found * 2 < listed).then(|| {
+        format!(
+            "the link order {ORDER} no longer fits ztunnel's code: {found} of the {listed} \
+             functions it lists are in the binary; a dependency, feature or toolchain change \
+             renames every function. Take it again (as root): cargo xtask pgo"
+        )
+    })
 }
 
 /// The start of the warning `-pgo-warn-missing-function` gives a function the profile
@@ -140,8 +217,16 @@ fn stale_at(unprofiled: usize, recorded: usize) -> Option<String> {
     })
 }
 
-/// `cargo xtask pgo`: takes the profile again and writes it to [`PROFILE`].
-pub fn run_profile() -> anyhow::Result<()> {
+#[derive(clap::Args, Default)]
+pub struct PgoOptions {
+    /// Take only the link order (for the committed profile), not the profile
+    #[arg(long)]
+    pub order_only: bool,
+}
+
+/// `cargo xtask pgo`: takes the profile again and writes it to [`PROFILE`], then the link
+/// order to [`ORDER`].
+pub fn run_profile(options: &PgoOptions) -> anyhow::Result<()> {
     if !workspace::is_root()? {
         bail!(
             "the profile is taken in the bench, which creates network namespaces: run it as root"
@@ -150,6 +235,11 @@ pub fn run_profile() -> anyhow::Result<()> {
     let target = workspace::target_dir()?;
     let host = host_triple()?;
     let dir = target.join("pgo");
+    let release = target.join("release");
+    if options.order_only {
+        exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
+        return take_link_order(&release, &dir);
+    }
     let raw = dir.join("raw");
     if raw.exists() {
         fs::remove_dir_all(&raw).with_context(|| format!("failed to remove {}", raw.display()))?;
@@ -170,7 +260,6 @@ pub fn run_profile() -> anyhow::Result<()> {
             ),
     )?;
     let instrumented = instrumented_dir.join(&host).join("release").join("ztunnel");
-    let release = target.join("release");
     exec(
         Command::new(release.join("bench"))
             .env("ZTUNNEL_BIN", &instrumented)
@@ -205,7 +294,163 @@ pub fn run_profile() -> anyhow::Result<()> {
         raws.len(),
         fs::metadata(&out)?.len() / 1024
     );
+    take_link_order(&release, &dir)
+}
+
+/// Writes [`ORDER`] from the optimised binary's run of the bench's memory phase under
+/// callgrind (the module's comment).
+fn take_link_order(release: &Path, dir: &Path) -> anyhow::Result<()> {
+    let order = counted_run(release, dir)?;
+    let path = workspace::root().join(ORDER);
+    fs::write(&path, &order).with_context(|| format!("failed to write {}", path.display()))?;
+    eprintln!(
+        "link order: {} ({} functions)",
+        path.display(),
+        order.lines().count()
+    );
     Ok(())
+}
+
+/// Builds the binary, runs the bench's memory phase with its ztunnels under callgrind and
+/// returns the link order from their counts.
+fn counted_run(release: &Path, dir: &Path) -> anyhow::Result<String> {
+    // With the order there is, even one that no longer fits (which this replaces): the
+    // functions' names do not depend on where they lie.
+    let bin = build(OrderCheck::Skip)?;
+    let runs = dir.join("callgrind");
+    if runs.exists() {
+        fs::remove_dir_all(&runs)
+            .with_context(|| format!("failed to remove {}", runs.display()))?;
+    }
+    fs::create_dir_all(&runs).with_context(|| format!("failed to create {}", runs.display()))?;
+    let wrapper = runs.join("ztunnel");
+    write_script(
+        &wrapper,
+        &format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            runs.display(),
+            bin.display()
+        ),
+    )?;
+    // `-z` zeroes the counts, `-d` writes them to `callgrind.<pid>.1`; both wait for the
+    // process to answer.
+    let hook = runs.join("hook");
+    write_script(
+        &hook,
+        "#!/bin/sh\ncase $1 in idle) op=-z ;; conns) op=-d ;; *) exit 1 ;; esac\nshift\nfor pid in \"$@\"; do callgrind_control $op $pid > /dev/null || exit 1; done\n",
+    )?;
+    exec(
+        Command::new(release.join("bench"))
+            .env("ZTUNNEL_BIN", &wrapper)
+            .env("PODAPP_BIN", release.join("podapp"))
+            // Full rounds: 1,000 connections at once run code that 100 do not (tables
+            // and slabs growing).
+            .args(["--memory-only", "--scenario", "s2", "--memory-hook"])
+            .arg(&hook)
+            .arg("--out")
+            .arg(runs.join("bench")),
+    )?;
+    let mut dumps = Vec::new();
+    for entry in
+        fs::read_dir(&runs).with_context(|| format!("failed to read {}", runs.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "1") {
+            dumps.push(
+                fs::read_to_string(&path)
+                    .with_context(|| format!("failed to read {}", path.display()))?,
+            );
+        }
+    }
+    // Both nodes' ztunnels, in each round.
+    ensure!(
+        dumps.len() >= 2 && dumps.len() % 2 == 0,
+        "expected callgrind's counts from both nodes' ztunnels in {}, found {}",
+        runs.display(),
+        dumps.len()
+    );
+    let order = link_order(&dumps, &function_symbols(&bin)?);
+    let listed = order.lines().count();
+    ensure!(
+        listed > 100,
+        "only {listed} of ztunnel's functions ran while the connections opened"
+    );
+    Ok(order)
+}
+
+fn write_script(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("failed to make {} executable", path.display()))
+}
+
+/// The functions of `symbols` that callgrind counted in any of `dumps`, most counted first
+/// (then by name), one per line.
+fn link_order(dumps: &[String], symbols: &HashSet<String>) -> String {
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for dump in dumps {
+        for (name, count) in counted(dump) {
+            if symbols.contains(&name) {
+                *counts.entry(name).or_default() += count;
+            }
+        }
+    }
+    let mut order: Vec<(String, u64)> = counts.into_iter().collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    order.into_iter().map(|(name, _)| name + "\n").collect()
+}
+
+/// Each function's own instruction count in a callgrind dump (its first event), for the
+/// functions with one. The format compresses names: `fn=(7) name` defines id 7, later
+/// `fn=(7)` refers to it (`cfn=` too); a cost line follows `calls=` for the call's
+/// inclusive cost, which is the callee's, not this function's; a recursion depth is
+/// appended to a name as `'2`.
+fn counted(dump: &str) -> HashMap<String, u64> {
+    let mut names: HashMap<&str, &str> = HashMap::new();
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    let mut current: Option<&str> = None;
+    let mut call_cost = false;
+    for line in dump.lines() {
+        if let Some(rest) = line
+            .strip_prefix("fn=")
+            .or_else(|| line.strip_prefix("cfn="))
+        {
+            let name = match rest.split_once(' ') {
+                Some((id, name)) => {
+                    names.insert(id, name);
+                    Some(name)
+                }
+                None => names.get(rest).copied(),
+            };
+            if line.starts_with("fn=") {
+                current = name.map(|n| n.split('\'').next().unwrap_or(n));
+            }
+            continue;
+        }
+        if line.starts_with("calls=") {
+            call_cost = true;
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let is_cost =
+            line.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '*'));
+        if !is_cost {
+            continue;
+        }
+        if std::mem::take(&mut call_cost) {
+            continue;
+        }
+        let (Some(_position), Some(cost)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if let (Some(name), Ok(cost)) = (current, cost.parse::<u64>())
+            && cost > 0
+        {
+            *counts.entry(name.to_owned()).or_default() += cost;
+        }
+    }
+    counts
 }
 
 /// `cargo build --release -p ztunnel --bin ztunnel --target <host>`: what both the
@@ -365,6 +610,90 @@ mod tests {
         let why = stale_at(2256, 4511).expect("more than half without a record");
         assert!(why.contains("cargo xtask pgo"), "{why}");
         assert!(why.contains("2256 of its functions"), "{why}");
+    }
+
+    /// A callgrind dump as `callgrind_control -d` writes it, trimmed (positions: line,
+    /// events: Ir).
+    const DUMP: &str = "# callgrind format
+version: 1
+positions: line
+events: Ir
+summary: 1700
+
+ob=(1) /t/ztunnel
+fl=(1) ???
+fn=(1) _ZN7ztunnel5proxy4open17h0000000000000001E
+0 1000
+cfn=(2) _ZN2h26client4send17h0000000000000002E
+calls=3 0
+0 500
++2 100
+fn=(2)
+0 500
+fn=(3) _ZN7ztunnel5proxy5never17h0000000000000003E
+fn=(4) _ZN7ztunnel5proxy4copy17h0000000000000004E'2
+* 100
+fn=(5) memcpy
+0 40
+";
+
+    #[test]
+    fn callgrind_counts_each_functions_own_instructions() {
+        let counts = counted(DUMP);
+        // `open` ran 1,100 instructions itself; the 500 after `calls=` are `send`'s.
+        assert_eq!(counts["_ZN7ztunnel5proxy4open17h0000000000000001E"], 1100);
+        assert_eq!(counts["_ZN2h26client4send17h0000000000000002E"], 500);
+        // A recursion depth is not part of the name.
+        assert_eq!(counts["_ZN7ztunnel5proxy4copy17h0000000000000004E"], 100);
+        // Named but never counted: not in the list.
+        assert!(!counts.contains_key("_ZN7ztunnel5proxy5never17h0000000000000003E"));
+        assert_eq!(counts.len(), 4);
+    }
+
+    #[test]
+    fn the_link_order_is_the_binarys_counted_functions_most_counted_first() {
+        let symbols: HashSet<String> = [
+            "_ZN7ztunnel5proxy4open17h0000000000000001E",
+            "_ZN2h26client4send17h0000000000000002E",
+            "_ZN7ztunnel5proxy4copy17h0000000000000004E",
+        ]
+        .map(str::to_owned)
+        .into();
+        // The second node's counts add up with the first's; `memcpy` is libc's.
+        let other = "fn=(9) _ZN7ztunnel5proxy4copy17h0000000000000004E\n0 2000\n".to_owned();
+        assert_eq!(
+            link_order(&[DUMP.to_owned(), other], &symbols),
+            "_ZN7ztunnel5proxy4copy17h0000000000000004E\n\
+             _ZN7ztunnel5proxy4open17h0000000000000001E\n\
+             _ZN2h26client4send17h0000000000000002E\n"
+        );
+        assert_eq!(link_order(&[], &symbols), "");
+    }
+
+    #[test]
+    fn the_binarys_functions_are_its_text_symbols() {
+        let nm = "00000000003d8580 T _ZN7ztunnel4main17h0000000000000001E
+0000000000842330 t aws_lc_0_47_0_sha256_block_data_order
+0000000000095000 r _ZN7ztunnel5CONST17h0000000000000002E
+0000000001245170 W memcpy
+                 U malloc
+";
+        let symbols = parse_function_symbols(nm);
+        assert!(symbols.contains("_ZN7ztunnel4main17h0000000000000001E"));
+        assert!(symbols.contains("aws_lc_0_47_0_sha256_block_data_order"));
+        assert!(symbols.contains("memcpy"));
+        assert_eq!(symbols.len(), 3);
+    }
+
+    #[test]
+    fn a_link_order_with_under_half_of_its_functions_in_the_binary_is_stale() {
+        assert_eq!(order_stale_at(952, 952), None);
+        assert_eq!(order_stale_at(476, 952), None);
+        let why = order_stale_at(475, 952).expect("under half found");
+        assert!(why.contains("cargo xtask pgo"), "{why}");
+        assert!(why.contains("475 of the 952"), "{why}");
+        // No order at all (while `cargo xtask pgo` takes one) is not stale.
+        assert_eq!(order_stale_at(0, 0), None);
     }
 
     #[test]

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "linux-perf",
     // The bench's HTTP load at max rate (S0, S2 and S4, the waypoint).
     "wrk",
+    // `cargo xtask pgo`'s link order: callgrind lists the functions that ran.
+    "valgrind",
 ];
 /// PyPI's kubernetes-validate: the Kubernetes OpenAPI schemas bundled, so the deploy/
 /// manifest test checks them offline. Pinned; installed into a venv under the target dir.
