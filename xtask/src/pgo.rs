@@ -236,8 +236,9 @@ pub fn run_profile(options: &PgoOptions) -> anyhow::Result<()> {
     let host = host_triple()?;
     let dir = target.join("pgo");
     let release = target.join("release");
+    // The bench and its pods' app, plain release builds.
+    exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
     if options.order_only {
-        exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
         return take_link_order(&release, &dir);
     }
     let raw = dir.join("raw");
@@ -245,8 +246,6 @@ pub fn run_profile(options: &PgoOptions) -> anyhow::Result<()> {
         fs::remove_dir_all(&raw).with_context(|| format!("failed to remove {}", raw.display()))?;
     }
     fs::create_dir_all(&raw).with_context(|| format!("failed to create {}", raw.display()))?;
-    // The bench and its pods' app, plain release builds.
-    exec(cargo().args(["build", "--release", "-p", "ztunnel-tests", "--bins"]))?;
     // Its own target directory: the instrumented binary must not take the place of the
     // shipped one in target/.
     let instrumented_dir = dir.join("instrumented");
@@ -302,7 +301,7 @@ pub fn run_profile(options: &PgoOptions) -> anyhow::Result<()> {
 fn take_link_order(release: &Path, dir: &Path) -> anyhow::Result<()> {
     let order = counted_run(release, dir)?;
     let path = workspace::root().join(ORDER);
-    fs::write(&path, &order).with_context(|| format!("failed to write {}", path.display()))?;
+    write_whole(&path, order.as_bytes())?;
     eprintln!(
         "link order: {} ({} functions)",
         path.display(),
@@ -327,7 +326,7 @@ fn counted_run(release: &Path, dir: &Path) -> anyhow::Result<String> {
     write_script(
         &wrapper,
         &format!(
-            "#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --callgrind-out-file={}/callgrind.%p {} \"$@\"\n",
+            "#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no '--callgrind-out-file={}/callgrind.%p' '{}' \"$@\"\n",
             runs.display(),
             bin.display()
         ),
@@ -432,7 +431,6 @@ fn counted(dump: &str) -> HashMap<String, u64> {
             call_cost = true;
             continue;
         }
-        let mut fields = line.split_whitespace();
         let is_cost =
             line.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '*'));
         if !is_cost {
@@ -441,6 +439,7 @@ fn counted(dump: &str) -> HashMap<String, u64> {
         if std::mem::take(&mut call_cost) {
             continue;
         }
+        let mut fields = line.split_whitespace();
         let (Some(_position), Some(cost)) = (fields.next(), fields.next()) else {
             continue;
         };
@@ -568,9 +567,17 @@ fn gzip(from: &Path, to: &Path) -> anyhow::Result<()> {
     if let Some(dir) = to.parent() {
         fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     }
-    let partial = to.with_extension("gz.partial");
-    fs::write(&partial, gz.finish()?)
-        .with_context(|| format!("failed to write {}", partial.display()))?;
+    write_whole(to, &gz.finish()?)
+}
+
+/// Writes `bytes` to `to` through a `.partial` file renamed into place, so an interrupted
+/// run leaves the committed file whole (a cut-short link order could pass the build's
+/// check and lay the code out worse, silently).
+fn write_whole(to: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut partial = to.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    fs::write(&partial, bytes).with_context(|| format!("failed to write {}", partial.display()))?;
     fs::rename(&partial, to).with_context(|| format!("failed to write {}", to.display()))
 }
 
@@ -692,7 +699,7 @@ fn=(5) memcpy
         let why = order_stale_at(475, 952).expect("under half found");
         assert!(why.contains("cargo xtask pgo"), "{why}");
         assert!(why.contains("475 of the 952"), "{why}");
-        // No order at all (while `cargo xtask pgo` takes one) is not stale.
+        // An empty order (none taken yet) lays nothing out and is not stale.
         assert_eq!(order_stale_at(0, 0), None);
     }
 
