@@ -471,6 +471,23 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<String
     })
 }
 
+/// `N` different loopback ports free right now (other test runs on the machine use
+/// others). All are held until all are picked: the kernel may hand a port that was just
+/// let go to the next bind, and two of ztunnel's servers given one port cannot both
+/// serve it.
+pub fn free_local_ports<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = held
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{N} listeners gave another count of addresses"))
+}
+
 /// How long [`http`] waits for ztunnel's admin, metrics or readiness port.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -925,13 +942,9 @@ impl Topology {
         fast_path: bool,
         source: &Command,
     ) -> anyhow::Result<Ztunnel> {
-        // Ports free right now; other test runs on the machine use others.
-        let free = || -> anyhow::Result<SocketAddr> {
-            Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
-        };
-        let (admin, metrics, readiness) = match self.ports {
-            Some([a, m, r]) => (a, m, r),
-            None => (free()?, free()?, free()?),
+        let [admin, metrics, readiness] = match self.ports {
+            Some(ports) => ports,
+            None => free_local_ports()?,
         };
         let pin_dir = self.pin_dir(node);
         // Each ztunnel in a cgroup of its own, as each ztunnel pod has in Kubernetes: an

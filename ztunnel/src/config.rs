@@ -409,6 +409,25 @@ pub enum Error {
     Invalid { problems: Vec<String> },
 }
 
+/// The pairs of `ports` that one process cannot listen on together: the same port on
+/// the same address, or on any address where one of them is the unspecified one (which
+/// takes the port on every address of the host). The second would wait forever for a
+/// "predecessor" to free the port while its clients reached the first one's server.
+fn port_clashes(ports: &[(&str, SocketAddr)]) -> Vec<String> {
+    let mut clashes = Vec::new();
+    for (i, (a_flag, a)) in ports.iter().enumerate() {
+        for (b_flag, b) in &ports[i + 1..] {
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() != 0 && a.port() == b.port() && overlap {
+                clashes.push(format!(
+                    "{a_flag} {a} and {b_flag} {b}: the same port; each needs its own"
+                ));
+            }
+        }
+    }
+    clashes
+}
+
 impl Config {
     /// The CA in use (`--ca`, or the source's default).
     pub fn ca(&self) -> Ca {
@@ -446,6 +465,11 @@ impl Config {
                 self.admin_addr
             ));
         }
+        problems.extend(port_clashes(&[
+            ("--admin-addr", self.admin_addr),
+            ("--metrics-addr", self.metrics_addr),
+            ("--readiness-addr", self.readiness_addr),
+        ]));
         if self.source == Source::File && self.workloads.is_none() {
             problems.push("--workloads: required with --source file".to_owned());
         }
@@ -572,6 +596,52 @@ mod tests {
         assert_eq!(c.source, Source::File);
         assert_eq!(c.ca(), Ca::Builtin);
         assert_eq!(c.config_settle, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn two_servers_on_one_port_are_refused() {
+        let base = ["--workloads", "/w.yaml", "--node", "n1"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).validate()
+        };
+        let err = with(&["--metrics-addr", "127.0.0.1:15000"])
+            .expect_err("admin and metrics on one port")
+            .to_string();
+        assert!(
+            err.contains(
+                "--admin-addr 127.0.0.1:15000 and --metrics-addr 127.0.0.1:15000: the same port"
+            ),
+            "{err}"
+        );
+        // 0.0.0.0 takes the port on loopback too.
+        let err = with(&["--readiness-addr", "0.0.0.0:15000"])
+            .expect_err("readiness on every address of admin's port")
+            .to_string();
+        assert!(
+            err.contains("--admin-addr 127.0.0.1:15000 and --readiness-addr 0.0.0.0:15000"),
+            "{err}"
+        );
+        let err = with(&["--readiness-addr", "[::]:15020"])
+            .expect_err("[::] takes the v4 port too")
+            .to_string();
+        assert!(
+            err.contains("--metrics-addr 0.0.0.0:15020 and --readiness-addr [::]:15020"),
+            "{err}"
+        );
+        // Different addresses on one port, and ports the kernel picks, are fine.
+        with(&["--metrics-addr", "127.0.0.2:15000"]).expect("another address");
+        with(&["--metrics-addr", "[::1]:15000"]).expect("another family's loopback");
+        with(&[
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--readiness-addr",
+            "127.0.0.1:0",
+        ])
+        .expect("port 0 is any port");
     }
 
     #[test]

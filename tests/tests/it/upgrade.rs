@@ -741,10 +741,7 @@ fn a_successor_on_the_same_host_ports_serves_them_once_the_predecessor_exits() -
     let a = t.add_pod("a", true, false)?;
     let b = t.add_pod("b", true, false)?;
     let _sb = t.serve(&b, b.addr(8080))?;
-    let free = || -> anyhow::Result<SocketAddr> {
-        Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?)
-    };
-    t.ports = Some([free()?, free()?, free()?]);
+    t.ports = Some(ztunnel_tests::free_local_ports()?);
     let mut old = t.start_ztunnel(false)?;
     let file = t.workloads_path();
     let new = t.spawn_ztunnel("node1", false, &file)?;
