@@ -12,6 +12,7 @@ pub mod return_path;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     future::Future,
+    hash::BuildHasher as _,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
@@ -181,7 +182,7 @@ pub struct Proxy {
 }
 
 /// Direction of a proxied connection, from the pod's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -270,8 +271,9 @@ pub struct ConnectionLog {
     next: AtomicU64,
     inner: Mutex<ConnState>,
     metrics: Arc<crate::metrics::Metrics>,
-    /// The store the labels are computed from (the proxy's current one).
-    store: RwLock<Arc<Store>>,
+    /// The store the labels are computed from (the proxy's current one), and its
+    /// generation (see [`ConnState::by_inputs`]).
+    store: RwLock<(Arc<Store>, u64)>,
 }
 
 #[derive(Default)]
@@ -287,6 +289,50 @@ struct ConnState {
     /// set leaves with the last connection holding it, so there are never more sets
     /// than active connections.
     tags: HashSet<Arc<Tags>>,
+    /// The label set of each distinct [`TagsInputs`] among the active connections opened
+    /// under the current store (generation `generation`), so that a connection like one
+    /// already open is labelled without building its set: 27 strings made, hashed and
+    /// freed per connection, whose holes between the live connections' objects stayed
+    /// resident. By the inputs' hash (`hasher`), the entries with that hash. Emptied
+    /// when the store changes; an entry leaves with the last connection counted in it.
+    by_inputs: HashMap<u64, Vec<Labelled>>,
+    hasher: std::hash::RandomState,
+    generation: u64,
+}
+
+/// What a connection's label set is computed from besides the store (the record's fields
+/// that [`metric_labels`] reads), borrowed from a record.
+#[derive(PartialEq, Eq, Hash)]
+struct TagsInputs<'a> {
+    direction: Direction,
+    pod: &'a str,
+    src: IpAddr,
+    dst: IpAddr,
+    hbone: Option<IpAddr>,
+    src_identity: Option<&'a str>,
+    dst_identity: Option<&'a str>,
+}
+
+impl<'a> TagsInputs<'a> {
+    fn of(rec: &'a ConnectionRecord) -> Self {
+        Self {
+            direction: rec.direction,
+            pod: &rec.pod,
+            src: rec.src.ip(),
+            dst: rec.dst.ip(),
+            hbone: rec.hbone_addr.map(|a| a.ip()),
+            src_identity: rec.src_identity.as_deref(),
+            dst_identity: rec.dst_identity.as_deref(),
+        }
+    }
+}
+
+/// An entry of [`ConnState::by_inputs`]: the inputs (the record of the connection that
+/// made it), the set, and how many active connections were labelled through it.
+struct Labelled {
+    rec: Arc<ConnectionRecord>,
+    tags: Arc<Tags>,
+    users: usize,
 }
 
 /// What a connection is counted and logged as, fixed when it opens (see
@@ -311,6 +357,48 @@ impl ConnState {
         shared
     }
 
+    /// The label set made for a connection with `rec`'s inputs under the current store,
+    /// counting one more user of it; the generation the user is counted under.
+    fn labelled_like(&mut self, rec: &ConnectionRecord) -> Option<(Arc<Tags>, u64)> {
+        let inputs = TagsInputs::of(rec);
+        let hash = self.hasher.hash_one(&inputs);
+        let found = self
+            .by_inputs
+            .get_mut(&hash)?
+            .iter_mut()
+            .find(|e| TagsInputs::of(&e.rec) == inputs)?;
+        found.users += 1;
+        Some((found.tags.clone(), self.generation))
+    }
+
+    /// Keeps `tags` as the label set of connections with `rec`'s inputs, made under the
+    /// store of `generation`, with `rec`'s connection as its first user. Returns whether
+    /// it was kept: not when the store has changed since.
+    fn remember(&mut self, rec: &Arc<ConnectionRecord>, tags: &Arc<Tags>, generation: u64) -> bool {
+        if generation != self.generation {
+            return false;
+        }
+        let inputs = TagsInputs::of(rec);
+        let hash = self.hasher.hash_one(&inputs);
+        let same = self.by_inputs.entry(hash).or_default();
+        match same.iter_mut().find(|e| TagsInputs::of(&e.rec) == inputs) {
+            // Made meanwhile by another connection like it: counted there instead.
+            Some(e) => e.users += 1,
+            None => same.push(Labelled {
+                rec: rec.clone(),
+                tags: tags.clone(),
+                users: 1,
+            }),
+        }
+        true
+    }
+
+    /// A new store: label sets are made afresh from it.
+    fn new_generation(&mut self, generation: u64) {
+        self.generation = generation;
+        self.by_inputs.clear();
+    }
+
     fn insert(&mut self, a: Active) {
         if a.rec.direction == Direction::Outbound {
             self.outbound += 1;
@@ -324,7 +412,23 @@ impl ConnState {
         if a.rec.direction == Direction::Outbound {
             self.outbound -= 1;
         }
-        // Held by `tags` and this entry only, both under the lock: its last user.
+        if a.labelled_in == Some(self.generation) {
+            let inputs = TagsInputs::of(&a.rec);
+            let hash = self.hasher.hash_one(&inputs);
+            if let Some(same) = self.by_inputs.get_mut(&hash)
+                && let Some(i) = same.iter().position(|e| TagsInputs::of(&e.rec) == inputs)
+            {
+                same[i].users -= 1;
+                if same[i].users == 0 {
+                    same.swap_remove(i);
+                    if same.is_empty() {
+                        self.by_inputs.remove(&hash);
+                    }
+                }
+            }
+        }
+        // Held by `tags` and this entry only (an entry of `by_inputs` has users, which
+        // hold it too), all under the lock: its last user.
         if Arc::strong_count(&a.tags) == 2 {
             self.tags.remove(&*a.tags);
         }
@@ -347,6 +451,9 @@ struct Active {
     /// Its labels and peers, shared with the other active connections that have the same
     /// (see [`ConnState::tags`]).
     tags: Arc<Tags>,
+    /// The store generation under which it is counted as a user of an entry of
+    /// [`ConnState::by_inputs`], if it is.
+    labelled_in: Option<u64>,
 }
 
 /// The pod names of a connection's two ends, when they are workloads ztunnel knows.
@@ -362,8 +469,17 @@ impl ConnectionLog {
             next: AtomicU64::new(0),
             inner: Mutex::default(),
             metrics,
-            store: RwLock::new(store),
+            store: RwLock::new((store, 0)),
         }
+    }
+
+    /// Labels the connections opened from now on from `store`.
+    fn set_store(&self, store: Arc<Store>) {
+        let mut current = self.store.write().unwrap_or_else(|p| p.into_inner());
+        let generation = current.1 + 1;
+        *current = (store, generation);
+        // Under the store's lock: generations reach the state in order.
+        self.lock().new_generation(generation);
     }
 
     /// Active connections by direction (`outbound`, `inbound`).
@@ -419,21 +535,32 @@ impl ConnectionLog {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let rec = ConnectionRecord { id, ..rec };
         let probe = rec.probe;
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let (labels, peers) = metric_labels(&store, &rec);
-        drop(store);
+        let rec = Arc::new(rec);
+        let found = self.lock().labelled_like(&rec);
+        let (tags, labelled_in) = match found {
+            Some((tags, generation)) => (tags, Some(generation)),
+            None => {
+                let (store, generation) =
+                    self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let (labels, peers) = metric_labels(&store, &rec);
+                drop(store);
+                let mut st = self.lock();
+                let tags = st.intern(Tags { labels, peers });
+                let kept = st.remember(&rec, &tags, generation);
+                (tags, kept.then_some(generation))
+            }
+        };
         // Counted before the entry exists: its close (which needs the id returned below)
         // cannot be counted first.
         if !probe {
-            self.metrics.connection_opened(&labels);
+            self.metrics.connection_opened(&tags.labels);
         }
-        let mut st = self.lock();
-        let tags = st.intern(Tags { labels, peers });
-        st.insert(Active {
-            rec: Arc::new(rec),
+        self.lock().insert(Active {
+            rec,
             fds: Vec::new(),
             closing: None,
             tags,
+            labelled_in,
         });
         id
     }
@@ -634,11 +761,7 @@ impl Proxy {
     pub fn set_store(&self, store: Store) {
         let store = Arc::new(store);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = store.clone();
-        *self
-            .connections
-            .store
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = store.clone();
+        self.connections.set_store(store.clone());
         let closed = self.connections.terminate(|rec| {
             // A pod gone from the config is unenrolled; its connections run until they
             // close, as after any unenrolment.
@@ -1712,6 +1835,71 @@ mod tests {
             "no active connection, no label set"
         );
         assert_eq!(log.snapshot().1.len(), 4, "every close still recorded");
+    }
+
+    #[test]
+    fn like_connections_reuse_a_label_set_until_the_store_changes() {
+        let store = |name: &str| {
+            let yaml = format!(
+                "namespaces:\n  - name: mesh\nworkloads:\n  - name: {name}\n    namespace: mesh\n    node: node2\n    addresses: [10.0.0.9]\n"
+            );
+            let cfg =
+                crate::state::LocalConfig::parse(std::path::Path::new("w.yaml"), &yaml, "node1")
+                    .expect("valid workload file");
+            Arc::new(Store::new(cfg))
+        };
+        let log = ConnectionLog::new(crate::metrics::Metrics::new(), store("old"));
+        let to = SocketAddr::from(([10, 0, 0, 9], 80));
+        let dst_of = |id: u64| {
+            log.lock()
+                .active
+                .get(&id)
+                .map(|a| a.tags.labels.destination_workload.clone())
+        };
+        let users = |log: &ConnectionLog| -> Vec<usize> {
+            log.lock()
+                .by_inputs
+                .values()
+                .flatten()
+                .map(|e| e.users)
+                .collect()
+        };
+        // Two connections from one pod to one address (other source ports): one entry.
+        let a = log.open(Direction::Outbound, "ns/a", addr(1), to);
+        let b = log.open(Direction::Outbound, "ns/a", addr(2), to);
+        assert_eq!(users(&log), [2]);
+        assert_eq!(dst_of(a).as_deref(), Some("old"));
+        assert_eq!(dst_of(b).as_deref(), Some("old"));
+
+        // The destination's workload is now called "new": the next connection says so.
+        log.set_store(store("new"));
+        assert!(
+            users(&log).is_empty(),
+            "sets of the old store are not reused"
+        );
+        let c = log.open(Direction::Outbound, "ns/a", addr(3), to);
+        assert_eq!(dst_of(c).as_deref(), Some("new"));
+        assert_eq!(
+            dst_of(a).as_deref(),
+            Some("old"),
+            "an open connection keeps its labels"
+        );
+        assert_eq!(users(&log), [1]);
+        assert_eq!(log.lock().tags.len(), 2);
+
+        // The old store's connections closing leave the new entry's count alone.
+        for id in [a, b] {
+            log.close(id, 0, 0, Duration::ZERO, "done".into());
+        }
+        assert_eq!(users(&log), [1]);
+        assert_eq!(log.lock().tags.len(), 1);
+        let d = log.open(Direction::Outbound, "ns/a", addr(4), to);
+        assert_eq!(users(&log), [2]);
+        for id in [c, d] {
+            log.close(id, 0, 0, Duration::ZERO, "done".into());
+        }
+        assert!(users(&log).is_empty(), "the entry left with its last user");
+        assert!(log.lock().tags.is_empty());
     }
 
     #[test]
