@@ -68,8 +68,10 @@ pub struct PodNet {
     pub name: String,
     pub netns: Netns,
     pub addrs: Vec<IpAddr>,
-    /// The pod's SPIFFE identity (its certificate's).
-    pub identity: Identity,
+    /// The pod's SPIFFE identity (its certificate's), shared with the HBONE pool's keys.
+    pub identity: Arc<Identity>,
+    /// [`Self::identity`] as its URI, for the connection records.
+    pub spiffe: String,
     /// The pod's return path while it is enrolled (`None` once its listeners are gone):
     /// each inbound connection takes a lease and keeps it until it closes.
     pub return_path: Mutex<Option<return_path::Lease>>,
@@ -130,8 +132,12 @@ impl PodNet {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src_pod: String,
-    pub src_identity: Identity,
-    pub dst_identities: Vec<Identity>,
+    /// The source pod's (its [`PodNet::identity`], shared).
+    pub src_identity: Arc<Identity>,
+    /// The identities the destination may present, as the route gives them; parsed by
+    /// the dial (once per connection to the peer, not per stream), where one that does
+    /// not parse is not accepted.
+    pub dst_identities: Vec<String>,
     pub next_hop: SocketAddr,
     pub src_ip: IpAddr,
 }
@@ -940,9 +946,14 @@ impl Proxy {
             .get(&key.src_identity)
             .await
             .map_err(io::Error::other)?;
+        let expected: Vec<Identity> = key
+            .dst_identities
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .collect();
         let config = self
             .client_configs
-            .get(&cert, &key.dst_identities)
+            .get(&cert, &expected)
             .map_err(io::Error::other)?;
         let tcp = self
             .connect_from_pod(&pod, Some(key.src_ip), key.next_hop, ZTUNNEL_MARK)

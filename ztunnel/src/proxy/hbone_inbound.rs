@@ -90,8 +90,12 @@ async fn serve(
     arrived_on: IpAddr,
     peer: SocketAddr,
 ) -> io::Result<()> {
-    let client = tls::peer_identity(tls.get_ref().1)
+    let identity = tls::peer_identity(tls.get_ref().1)
         .ok_or_else(|| io::Error::other("client certificate has no SPIFFE identity"))?;
+    let client = Arc::new(Client {
+        spiffe: identity.to_string(),
+        identity,
+    });
     // Authenticated: now the connection gets its read buffer.
     tls.get_mut().0.authenticated();
     let drain = proxy.drain.subscribe();
@@ -106,7 +110,7 @@ async fn serve(
         arrived_on,
         (client, peer, arrived_on),
         drain,
-        move |target: Target, (client, peer, arrived_on): (Identity, SocketAddr, IpAddr)| {
+        move |target: Target, (client, peer, arrived_on): (Arc<Client>, SocketAddr, IpAddr)| {
             let (proxy, pod) = (handler_proxy.clone(), pod.clone());
             async move { open_stream(proxy, pod, target, client, peer, arrived_on).await }
         },
@@ -118,11 +122,18 @@ async fn serve(
     served.map_err(io::Error::other)
 }
 
+/// The authenticated client of an HBONE connection, shared by its streams.
+struct Client {
+    identity: Identity,
+    /// [`Self::identity`] as its URI, for the streams' records.
+    spiffe: String,
+}
+
 async fn open_stream(
     proxy: Arc<Proxy>,
     pod: Arc<PodNet>,
     target: Target,
-    client: Identity,
+    client: Arc<Client>,
     peer: SocketAddr,
     arrived_on: IpAddr,
 ) -> Result<Accepted<Counted>, Rejection> {
@@ -160,10 +171,10 @@ async fn open_stream(
         src,
         dst,
         dst,
-        Some(client.to_string()),
-        Some(pod.identity.to_string()),
+        Some(client.spiffe.clone()),
+        Some(pod.spiffe.clone()),
     );
-    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, Some(&client), dst) {
+    if let Err(reason) = proxy.authorize_inbound(&pod.name, src, Some(&client.identity), dst) {
         proxy
             .connections
             .close(id, 0, 0, started.elapsed(), format!("denied: {reason}"));

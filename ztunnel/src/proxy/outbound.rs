@@ -15,7 +15,6 @@ use tracing::Instrument as _;
 use super::{Direction, PodNet, PoolKey, Proxy, relay};
 use crate::{
     hbone::{self, ConnectRequest},
-    identity::Identity,
     state::Route,
 };
 
@@ -238,8 +237,6 @@ async fn open(
             service,
             waypoint,
         } => {
-            let dst_identities: Vec<Identity> =
-                identities.iter().filter_map(|i| i.parse().ok()).collect();
             let Some(src_ip) = pod.addr_for(next_hop.ip()) else {
                 tracing::warn!(%next_hop, "pod has no address of the next hop's family");
                 return None;
@@ -258,13 +255,13 @@ async fn open(
                 src,
                 dst,
                 upstream,
-                Some(pod.identity.to_string()),
+                Some(pod.spiffe.clone()),
                 identities.first().cloned(),
             );
             let key = PoolKey {
                 src_pod: pod.name.clone(),
                 src_identity: pod.identity.clone(),
-                dst_identities,
+                dst_identities: identities,
                 next_hop,
                 src_ip,
             };
