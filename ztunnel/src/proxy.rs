@@ -297,10 +297,10 @@ struct ConnState {
     tags: HashSet<Arc<Tags>>,
     /// The label set of each distinct [`TagsInputs`] among the active connections opened
     /// under the current store (generation `generation`), so that a connection like one
-    /// already open is labelled without building its set: 27 strings made, hashed and
-    /// freed per connection, whose holes between the live connections' objects stayed
-    /// resident. By the inputs' hash (`hasher`), the entries with that hash. Emptied
-    /// when the store changes; an entry leaves with the last connection counted in it.
+    /// already open is labelled without building its set (27 strings made, hashed and
+    /// freed per connection, only to find the set shared). By the inputs' hash
+    /// (`hasher`), the entries with that hash. Emptied when the store changes; an entry
+    /// leaves with the last connection counted in it.
     by_inputs: HashMap<u64, Vec<Labelled>>,
     hasher: std::hash::RandomState,
     generation: u64,
