@@ -280,6 +280,8 @@ pub struct ConnectionLog {
     /// The store the labels are computed from (the proxy's current one), and its
     /// generation (see [`ConnState::by_inputs`]).
     store: RwLock<(Arc<Store>, u64)>,
+    /// Hashes a connection's [`TagsInputs`], once per connection, outside the lock.
+    hasher: std::hash::RandomState,
 }
 
 #[derive(Default)]
@@ -299,10 +301,9 @@ struct ConnState {
     /// under the current store (generation `generation`), so that a connection like one
     /// already open is labelled without building its set (27 strings made, hashed and
     /// freed per connection, only to find the set shared). By the inputs' hash
-    /// (`hasher`), the entries with that hash. Emptied when the store changes; an entry
+    /// ([`ConnectionLog::hasher`]), the entries with that hash. Emptied when the store changes; an entry
     /// leaves with the last connection counted in it.
     by_inputs: HashMap<u64, Vec<Labelled>>,
-    hasher: std::hash::RandomState,
     generation: u64,
 }
 
@@ -363,11 +364,11 @@ impl ConnState {
         shared
     }
 
-    /// The label set made for a connection with `rec`'s inputs under the current store,
-    /// counting one more user of it; the generation the user is counted under.
-    fn labelled_like(&mut self, rec: &ConnectionRecord) -> Option<(Arc<Tags>, u64)> {
+    /// The label set made for a connection with `rec`'s inputs (whose hash is `hash`)
+    /// under the current store, counting one more user of it; the generation the user is
+    /// counted under.
+    fn labelled_like(&mut self, rec: &ConnectionRecord, hash: u64) -> Option<(Arc<Tags>, u64)> {
         let inputs = TagsInputs::of(rec);
-        let hash = self.hasher.hash_one(&inputs);
         let found = self
             .by_inputs
             .get_mut(&hash)?
@@ -380,12 +381,17 @@ impl ConnState {
     /// Keeps `tags` as the label set of connections with `rec`'s inputs, made under the
     /// store of `generation`, with `rec`'s connection as its first user. Returns whether
     /// it was kept: not when the store has changed since.
-    fn remember(&mut self, rec: &Arc<ConnectionRecord>, tags: &Arc<Tags>, generation: u64) -> bool {
+    fn remember(
+        &mut self,
+        rec: &Arc<ConnectionRecord>,
+        hash: u64,
+        tags: &Arc<Tags>,
+        generation: u64,
+    ) -> bool {
         if generation != self.generation {
             return false;
         }
         let inputs = TagsInputs::of(rec);
-        let hash = self.hasher.hash_one(&inputs);
         let same = self.by_inputs.entry(hash).or_default();
         match same.iter_mut().find(|e| TagsInputs::of(&e.rec) == inputs) {
             // Made meanwhile by another connection like it: counted there instead.
@@ -418,9 +424,10 @@ impl ConnState {
         if a.rec.direction == Direction::Outbound {
             self.outbound -= 1;
         }
-        if a.labelled_in == Some(self.generation) {
+        if let Some((generation, hash)) = a.labelled_in
+            && generation == self.generation
+        {
             let inputs = TagsInputs::of(&a.rec);
-            let hash = self.hasher.hash_one(&inputs);
             if let Some(same) = self.by_inputs.get_mut(&hash)
                 && let Some(i) = same.iter().position(|e| TagsInputs::of(&e.rec) == inputs)
             {
@@ -458,8 +465,8 @@ struct Active {
     /// (see [`ConnState::tags`]).
     tags: Arc<Tags>,
     /// The store generation under which it is counted as a user of an entry of
-    /// [`ConnState::by_inputs`], if it is.
-    labelled_in: Option<u64>,
+    /// [`ConnState::by_inputs`], if it is, and its inputs' hash there.
+    labelled_in: Option<(u64, u64)>,
 }
 
 /// The pod names of a connection's two ends, when they are workloads ztunnel knows.
@@ -476,6 +483,7 @@ impl ConnectionLog {
             inner: Mutex::default(),
             metrics,
             store: RwLock::new((store, 0)),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
@@ -542,9 +550,10 @@ impl ConnectionLog {
         let rec = ConnectionRecord { id, ..rec };
         let probe = rec.probe;
         let rec = Arc::new(rec);
-        let found = self.lock().labelled_like(&rec);
+        let hash = self.hasher.hash_one(TagsInputs::of(&rec));
+        let found = self.lock().labelled_like(&rec, hash);
         let (tags, labelled_in) = match found {
-            Some((tags, generation)) => (tags, Some(generation)),
+            Some((tags, generation)) => (tags, Some((generation, hash))),
             None => {
                 let (store, generation) =
                     self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -552,8 +561,8 @@ impl ConnectionLog {
                 drop(store);
                 let mut st = self.lock();
                 let tags = st.intern(Tags { labels, peers });
-                let kept = st.remember(&rec, &tags, generation);
-                (tags, kept.then_some(generation))
+                let kept = st.remember(&rec, hash, &tags, generation);
+                (tags, kept.then_some((generation, hash)))
             }
         };
         // Counted before the entry exists: its close (which needs the id returned below)
@@ -653,7 +662,9 @@ impl ConnectionLog {
         else {
             return;
         };
-        // Not shared any more but for a moment by a `terminate` pass: then a copy.
+        // Not shared any more but for a moment by a `terminate` pass, or as the inputs of
+        // its label set's entry while connections like it are open (`by_inputs`): then a
+        // copy.
         let mut rec = Arc::unwrap_or_clone(rec);
         rec.bytes_sent = sent;
         rec.bytes_received = received;
